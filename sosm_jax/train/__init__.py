@@ -1,0 +1,1 @@
+"""sosm_jax: long-context hybrid language models in JAX."""
