@@ -1,1 +1,10 @@
-"""sosm_jax: long-context hybrid language models in JAX."""
+"""Device meshes, logical-axis sharding rules and multi-host start-up."""
+from sosm_jax.parallel.distributed import maybe_initialize_distributed
+from sosm_jax.parallel.mesh import MESH_AXES, make_mesh, data_parallel_size
+from sosm_jax.parallel.rules import (LOGICAL_AXIS_RULES, batch_sharding, logical_shardings,
+                                     replicated_sharding)
+
+__all__ = [
+    "MESH_AXES", "make_mesh", "data_parallel_size", "LOGICAL_AXIS_RULES", "batch_sharding",
+    "logical_shardings", "replicated_sharding", "maybe_initialize_distributed",
+]

@@ -1,0 +1,56 @@
+"""The main recipe: a 3:1 HGRN-2 hybrid trained through context lengths 4K -> 100K.
+
+Usage: python launch/train.py --config=configs/curriculum.py[:VARIANT] [--config.a.b=value]
+Variants:
+  (none)  the full recipe for accelerators: ~150M parameters (hidden 768, 12 layers, attention at
+          layers 3, 7, 11, vocabulary 32000), stages 4K, 8K, 16K, 32K, 64K, 100K (102,400 tokens)
+          at 524,288 tokens per step (4 x 102,400 in the last stage).
+  smoke   a small hybrid on the CPU in a few minutes: 256 -> 512 -> 1024 tokens, byte-level data.
+  tiny    the smallest runnable model, for tests.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sosm_jax.train.config import base_config  # pylint: disable=g-import-not-at-top
+
+
+def get_config(arg: str | None = None):
+  variant = arg or "full"
+  c = base_config()
+  c.workdir = f"workdir/curriculum-{variant}"
+  if variant == "full":
+    c.model.update(num_layers=12, d_model=768, mlp_dim=2048, vocab_size=32000,
+                   attn_num_heads=12, attn_num_kv_heads=4, attn_head_dim=64,
+                   pattern=("hgrn2", "hgrn2", "hgrn2", "attn"), dtype="bfloat16")
+    c.curriculum.update(
+        seq_lens=(4096, 8192, 16384, 32768, 65536, 102400),
+        steps=(3000, 2000, 1200, 800, 400, 300),
+        tokens_per_step=524288,
+        global_batch=(0, 0, 0, 0, 0, 4),        # 102,400 does not divide 524,288: 4 sequences
+        grad_accum=(8, 8, 8, 8, 8, 4),          # micro-batches of 64K-100K tokens
+        remat=("dots", "dots", "dots", "dots", "full", "full"),
+        rope_base=(10000.0, 20000.0, 40000.0, 80000.0, 160000.0, 250000.0))
+    c.optimizer.update(learning_rate=1e-3, warmup_steps=500)
+    c.train.update(log_every=20, checkpoint_every=250)
+  elif variant == "smoke":
+    c.model.update(num_layers=4, d_model=128, mlp_dim=384, vocab_size=260,
+                   attn_num_heads=4, attn_num_kv_heads=2, attn_head_dim=32, hgrn2_head_dim=32,
+                   pattern=("hgrn2", "hgrn2", "hgrn2", "attn"), dtype="float32")
+    c.curriculum.update(seq_lens=(256, 512, 1024), steps=(60, 30, 15), tokens_per_step=4096)
+    c.optimizer.update(learning_rate=3e-3, warmup_steps=10)
+    c.train.update(log_every=5, checkpoint_every=25, eval_batches=2, passkey_examples=4)
+  elif variant == "tiny":
+    c.model.update(num_layers=4, d_model=32, mlp_dim=64, vocab_size=260,
+                   attn_num_heads=2, attn_num_kv_heads=1, attn_head_dim=16, hgrn2_head_dim=16,
+                   gdn_num_heads=2, gdn_head_dim=16, chunk_size=16,
+                   pattern=("hgrn2", "hgrn2", "hgrn2", "attn"), dtype="float32")
+    c.curriculum.update(seq_lens=(32, 64), steps=(6, 4), tokens_per_step=256)
+    c.optimizer.update(learning_rate=3e-3, warmup_steps=2)
+    c.train.update(log_every=2, checkpoint_every=0, eval_batches=1, eval_batch_size=2,
+                   passkey_examples=2)
+  else:
+    raise ValueError(f"unknown variant {variant!r} of configs/curriculum.py: use one of "
+                     f"'' (full), 'smoke', 'tiny'")
+  return c

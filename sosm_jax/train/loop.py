@@ -1,0 +1,291 @@
+"""The training loop: curriculum stages, one compiled step each, checkpoints, metrics, resume."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from sosm_jax import data as data_lib
+from sosm_jax import models
+from sosm_jax.parallel import (LOGICAL_AXIS_RULES, batch_sharding, data_parallel_size, make_mesh,
+                               maybe_initialize_distributed, replicated_sharding)
+from sosm_jax.train import checkpoint as ckpt_lib
+from sosm_jax.train import config as config_lib
+from sosm_jax.train import curriculum as curriculum_lib
+from sosm_jax.train import metrics as metrics_lib
+from sosm_jax.train import optimizer as optimizer_lib
+from sosm_jax.train import state as state_lib
+from sosm_jax.train import step as step_lib
+
+
+class StageDoesNotFit(RuntimeError):
+  """The compiled step of a stage needs more device memory than there is."""
+
+
+class NonFiniteLoss(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  step: int
+  status: str                 # 'finished' | 'interrupted'
+  last_metrics: dict[str, Any]
+  workdir: str
+
+
+class _StopSignal:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (then it checkpoints)."""
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _stage_model_config(config, stage: curriculum_lib.Stage) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(config.model.to_dict())
+  cfg.remat = stage.remat
+  cfg.rope_base = stage.rope_base
+  return cfg
+
+
+def _global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  """Assembles the global batch from this process's rows."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def _abstract_batch(stage: curriculum_lib.Stage, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  shape = (stage.global_batch, stage.seq_len)
+  dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
+            "segment_ids": jnp.int32, "positions": jnp.int32}
+  return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
+
+
+def compile_stage_step(model, optimizer, schedule, stage, abstract_state, state_sh, mesh,
+                       memory_limit_bytes: int | None):
+  """Compiles the stage's train step ahead of time and checks its memory analysis fits."""
+  train_step = step_lib.make_train_step(model.loss, optimizer, schedule, stage.grad_accum)
+  batch_sh = batch_sharding(mesh)
+  jitted = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, replicated_sharding(mesh)), donate_argnums=0)
+  start = time.time()
+  compiled = jitted.lower(abstract_state, _abstract_batch(stage, batch_sh)).compile()
+  info = {"compile_seconds": time.time() - start}
+  analysis = compiled.memory_analysis()
+  if analysis is not None:
+    need = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+            - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+    info.update(compiled_memory_gib=need / 2**30, temp_memory_gib=analysis.temp_size_in_bytes / 2**30)
+    if memory_limit_bytes and need > memory_limit_bytes:
+      raise StageDoesNotFit(
+          f"{stage.name} needs {need / 2**30:.2f} GiB per device by its compiled memory analysis "
+          f"but only {memory_limit_bytes / 2**30:.2f} GiB are available. Use a lighter remat policy "
+          f"(--config.curriculum.remat, e.g. 'full' for this stage) or more gradient accumulation "
+          f"(--config.curriculum.grad_accum) for it.")
+  logging.info("%s compiled in %.1fs: %s", stage.name, info["compile_seconds"], info)
+  return compiled, info
+
+
+def evaluate_stage(model, params, config, tokenizer, stage, mesh) -> dict[str, float]:
+  """Validation loss at the stage's length, and the passkey check at that length."""
+  out = {}
+  eval_step = jax.jit(step_lib.make_eval_step(model.loss))
+  batch_size = max(data_parallel_size(mesh), min(stage.global_batch, config.train.eval_batch_size))
+  batch_size -= batch_size % data_parallel_size(mesh)
+  if config.train.eval_batches > 0:
+    pipeline = data_lib.make_pipeline(
+        config.data, tokenizer, seq_len=stage.seq_len,
+        batch_size=batch_size // jax.process_count(), seed=config.seed, split="validation",
+        process_index=jax.process_index(), process_count=jax.process_count())
+    sums = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+    for _, batch in zip(range(config.train.eval_batches), pipeline):
+      result = jax.device_get(eval_step(params, _global_batch(batch, batch_sharding(mesh))))
+      sums = {k: sums[k] + float(result[k]) for k in sums}
+    if sums["tokens"]:
+      out["val_loss"] = sums["loss_sum"] / sums["tokens"]
+      out["val_accuracy"] = sums["correct"] / sums["tokens"]
+  if config.train.passkey_examples > 0:
+    out["passkey_accuracy"] = passkey_accuracy(model, params, tokenizer, stage.seq_len,
+                                               config.train.passkey_examples, config.seed)
+  return out
+
+
+def passkey_accuracy(model, params, tokenizer, seq_len: int, num_examples: int, seed: int) -> float:
+  """Fraction of passkey prompts whose answer digits are all predicted (teacher-forced argmax)."""
+  batch = data_lib.tasks.passkey_eval_batch(tokenizer, seq_len=seq_len, num_examples=num_examples,
+                                            seed=seed)
+  logits_fn = jax.jit(lambda p, b: model.module.apply(
+      {"params": p}, b["inputs"], positions=b["positions"], segment_ids=b["segment_ids"]))
+  logits = logits_fn(params, {k: jnp.asarray(v) for k, v in batch.items()})
+  correct = (jnp.argmax(logits, -1) == batch["targets"]) | (batch["loss_mask"] == 0)
+  return float(jnp.mean(jnp.all(correct, axis=-1)))
+
+
+def _log_line(step: int, rec: dict[str, Any]) -> str:
+  keys = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu")
+  return f"step {step}: " + ", ".join(f"{k}={rec[k]:.4g}" for k in keys if rec.get(k) is not None)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
+  """Runs (or resumes) the curriculum in `config`, writing everything under `workdir`."""
+  config_lib.validate_config(config)
+  maybe_initialize_distributed(config.distributed)
+  is_writer = jax.process_index() == 0
+  mesh = make_mesh(config.mesh)
+  stages = curriculum_lib.build_stages(
+      config.curriculum, data_parallel=data_parallel_size(mesh),
+      default_remat=config.model.remat, default_rope_base=config.model.rope_base)
+  n_steps = curriculum_lib.total_steps(stages)
+  tokenizer = data_lib.make_tokenizer(config.data)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+                     f"vocabulary ({tokenizer.vocab_size}); set --config.model.vocab_size="
+                     f"{tokenizer.vocab_size} or larger")
+  optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, n_steps)
+  base_model = models.build_model(config.model)
+  init_params = lambda: base_model.init(jax.random.key(config.seed), 1, config.model.chunk_size)
+
+  if is_writer:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       keep=config.train.keep_checkpoints)
+  memory_limit = (int(config.train.memory_limit_gib * 2**30) if config.train.memory_limit_gib > 0
+                  else metrics_lib.device_memory_limit_bytes())
+  peak_flops = metrics_lib.peak_flops_per_device()
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES), _StopSignal() as stop:
+    state_sh = state_lib.state_shardings(init_params, optimizer, mesh)
+    abstract_state = state_lib.abstract_train_state(state_sh, init_params, optimizer)
+    restored = checkpointer.restore_latest(abstract_state)
+    if restored is not None:
+      state, meta, saved_step = restored
+      data_lib.check_tokenizer_identity(meta["tokenizer"], tokenizer.identity())
+      data_state = meta.get("data_state")
+      logging.info("resumed from checkpoint %d in %s", saved_step, checkpointer.directory)
+      print(f"Resuming from step {saved_step} ({checkpointer.directory})", flush=True)
+    else:
+      state, data_state = state_lib.create_train_state(init_params, optimizer, state_sh), None
+    step = int(jax.device_get(state.step))
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    writer.write(step, {"num_params": num_params, "devices": jax.device_count()}, kind="run")
+
+    def meta_for(data_state_now, stage_index):
+      return {"data_state": data_state_now, "stage": stage_index,
+              "tokenizer": tokenizer.identity(), "config": config.to_dict()}
+
+    bar = tqdm(total=n_steps, initial=step, disable=not (is_writer and sys.stderr.isatty()),
+               unit="step", dynamic_ncols=True)
+    last: dict[str, Any] = {}
+    status = "finished"
+    for stage in stages:
+      if step >= stage.end_step:
+        continue
+      model = models.build_model(_stage_model_config(config, stage))
+      compiled, compile_info = compile_stage_step(model, optimizer, schedule, stage,
+                                                  abstract_state, state_sh, mesh, memory_limit)
+      writer.write(step, {"stage": stage.index, "seq_len": stage.seq_len,
+                          "global_batch": stage.global_batch, **compile_info}, kind="stage")
+      bar.set_description(f"stage {stage.index} · {stage.seq_len} tokens")
+      pipeline = data_lib.make_pipeline(
+          config.data, tokenizer, seq_len=stage.seq_len,
+          batch_size=stage.global_batch // jax.process_count(), seed=config.seed,
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          start_state=data_state)
+      flops_per_step = model.flops_per_token(stage.seq_len) * stage.tokens_per_step
+      # Metrics are read one step late so the host never waits for the step it just dispatched.
+      pending, streak = None, 0
+      window_start, window_steps = time.perf_counter(), 0
+      while step < stage.end_step:
+        batch = _global_batch(next(pipeline), batch_sharding(mesh))
+        data_state = pipeline.get_state()
+        state, metrics = compiled(state, batch)
+        step += 1
+        window_steps += 1
+        if pending is not None:
+          last, streak = _consume(pending, streak, step - 1, writer, bar, stage)
+        pending = metrics
+        if streak >= config.train.max_nonfinite_steps:
+          checkpointer.save(step, state, meta_for(data_state, stage.index), wait=True)
+          raise NonFiniteLoss(
+              f"{streak} consecutive steps had a non-finite loss or gradient (last at step "
+              f"{step - 1}); parameters from before them are saved as checkpoint {step} in "
+              f"{checkpointer.directory}. Lower optimizer.learning_rate or raise "
+              f"optimizer.warmup_steps, then resume.")
+        if step % config.train.log_every == 0 or step == stage.end_step:
+          jax.block_until_ready(metrics)
+          elapsed = time.perf_counter() - window_start
+          rate = {"step_time": elapsed / window_steps,
+                  "tokens_per_second": window_steps * stage.tokens_per_step / elapsed}
+          if peak_flops:
+            rate["mfu"] = flops_per_step * window_steps / elapsed / (peak_flops * jax.device_count())
+          rate.update(metrics_lib.device_memory())
+          last, streak = _consume(pending, streak, step, writer, bar, stage, rate=rate)
+          pending = None
+          window_start, window_steps = time.perf_counter(), 0
+        if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
+          checkpointer.save(step, state, meta_for(data_state, stage.index))
+        if stop.received is not None:
+          checkpointer.save(step, state, meta_for(data_state, stage.index), wait=True)
+          status = "interrupted"
+          break
+      if pending is not None:
+        last, streak = _consume(pending, streak, step, writer, bar, stage)
+      if status == "interrupted":
+        break
+      checkpointer.save(step, state, meta_for(data_state, stage.index))
+      evals = evaluate_stage(model, state.params, config, tokenizer, stage, mesh)
+      writer.write(step, {"stage": stage.index, "seq_len": stage.seq_len, **evals}, kind="eval")
+      last.update(evals)
+      bar.write(f"{stage.name} done at step {step}: " +
+                ", ".join(f"{k}={v:.4g}" for k, v in evals.items()))
+    bar.close()
+    checkpointer.close()
+  writer.close()
+  if status == "interrupted":
+    print(f"Stopped by signal at step {step}; checkpoint saved. Run the same command to resume.",
+          flush=True)
+  return RunResult(step=step, status=status, last_metrics=last, workdir=workdir)
+
+
+def _consume(metrics, streak: int, step: int, writer, bar, stage, rate=None):
+  """Writes one step's metrics; returns them and the updated non-finite streak."""
+  rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  streak = 0 if rec.pop("finite") else streak + 1
+  rec.update(rate or {}, stage=stage.index)
+  writer.write(step, rec)
+  bar.update(step - bar.n)
+  bar.set_postfix(loss=f"{rec['loss']:.3f}", refresh=False)
+  if rate is not None and bar.disable:  # no terminal: a plain log line at each logging step
+    print(_log_line(step, rec), flush=True)
+  return rec, streak

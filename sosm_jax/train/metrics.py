@@ -1,0 +1,86 @@
+"""Metrics: JSONL and TensorBoard files in the work directory, MFU and device memory."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip, for MFU. Unknown devices (CPU) report no MFU.
+_PEAK_FLOPS = (
+    ("h200", 989e12), ("h100", 989e12), ("h800", 989e12), ("a100", 312e12), ("l4", 121e12),
+    ("tpu v6", 918e12), ("tpu v5p", 459e12), ("tpu v5 lite", 197e12), ("tpu v5e", 197e12),
+    ("tpu v4", 275e12),
+)
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+  kind = (device or jax.devices()[0]).device_kind.lower()
+  for name, flops in _PEAK_FLOPS:
+    if name in kind:
+      return flops
+  return None
+
+
+def device_memory() -> dict[str, float]:
+  """Peak and limit of device memory in GiB (first local device), where the platform reports it."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  out = {}
+  if "peak_bytes_in_use" in stats:
+    out["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30
+  if "bytes_limit" in stats:
+    out["memory_limit_gib"] = stats["bytes_limit"] / 2**30
+  return out
+
+
+def device_memory_limit_bytes() -> int | None:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
+def _scalar(value: Any):
+  value = np.asarray(value)
+  return value.item() if value.size == 1 else value.tolist()
+
+
+class MetricsWriter:
+  """Appends one JSON object per record to `metrics.jsonl` and mirrors scalars to TensorBoard.
+
+  Only the writing process (process 0) creates files; the others get a writer that does nothing.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled
+    self._jsonl = None
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._jsonl = open(self.path, "a", encoding="utf-8")
+    try:
+      from tensorboardX import SummaryWriter  # no TensorFlow needed
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:
+      self._tb = None
+
+  def write(self, step: int, record: dict[str, Any], *, kind: str = "train") -> None:
+    if not self.enabled:
+      return
+    clean = {k: _scalar(v) for k, v in record.items() if v is not None}
+    self._jsonl.write(json.dumps({"step": int(step), "kind": kind, "time": time.time(), **clean})
+                      + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for key, value in clean.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+          self._tb.add_scalar(f"{kind}/{key}", value, int(step))
+
+  def close(self) -> None:
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()

@@ -1,0 +1,93 @@
+"""The train step (gradient accumulation, non-finite guard) and the eval step, as pure functions."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sosm_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[[Any, Batch], tuple[jax.Array, dict]]
+
+
+def split_micro_batches(batch: Batch, grad_accum: int) -> Batch:
+  """`[batch, ...]` -> `[grad_accum, batch/grad_accum, ...]`, row r going to micro-batch r % accum.
+
+  Interleaving keeps each micro-batch spread over the same devices as the full batch (a plain
+  reshape would put whole micro-batches on a subset of the data-parallel devices).
+  """
+  def split(x):
+    x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def _loss_and_grads(loss_fn: LossFn, params, batch: Batch, grad_accum: int):
+  """Token-weighted mean loss and its gradients, summed over micro-batches in a scan."""
+  if grad_accum == 1:
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    return loss, metrics, grads
+
+  micro = split_micro_batches(batch, grad_accum)
+  total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+
+  def weighted(p, mb):
+    loss, metrics = loss_fn(p, mb)
+    weight = jnp.sum(mb["loss_mask"]) / total_tokens
+    return loss * weight, (metrics, weight)
+
+  def body(carry, mb):
+    grads_acc, loss_acc, acc_acc = carry
+    (loss, (metrics, weight)), grads = jax.value_and_grad(weighted, has_aux=True)(params, mb)
+    grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+    return (grads_acc, loss_acc + loss, acc_acc + metrics["accuracy"] * weight), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  (grads, loss, accuracy), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+  return loss, {"loss": loss, "accuracy": accuracy, "tokens": total_tokens}, grads
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum: int = 1):
+  """Returns `train_step(state, batch) -> (state, metrics)`.
+
+  A step whose loss or gradient norm is not finite leaves parameters and optimizer state unchanged
+  (the step counter still advances: its batch was consumed) and increments the non-finite streak.
+  """
+
+  def train_step(state: TrainState, batch: Batch):
+    loss, metrics, grads = _loss_and_grads(loss_fn, state.params, batch, grad_accum)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        nonfinite_streak=streak.astype(jnp.int32),
+        nonfinite_total=(state.nonfinite_total + (~finite).astype(jnp.int32)),
+    )
+    out = {"loss": loss, "accuracy": metrics["accuracy"], "grad_norm": grad_norm,
+           "learning_rate": schedule(state.step), "finite": finite,
+           "loss_tokens": metrics["tokens"]}
+    return new_state, out
+
+  return train_step
+
+
+def make_eval_step(loss_fn: LossFn):
+  """Returns `eval_step(params, batch) -> metrics` with summed loss and token counts."""
+
+  def eval_step(params, batch: Batch):
+    loss, metrics = loss_fn(params, batch)
+    tokens = metrics["tokens"]
+    return {"loss_sum": loss * tokens, "correct": metrics["accuracy"] * tokens, "tokens": tokens}
+
+  return eval_step
