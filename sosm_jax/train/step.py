@@ -61,7 +61,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
   def train_step(state: TrainState, batch: Batch):
     loss, metrics, grads = _loss_and_grads(loss_fn, state.params, batch, grad_accum)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,199 @@
+"""Unit tests of the trainer's pieces that need no model: stages, schedule, step, mesh, checkpoints."""
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from sosm_jax.parallel import mesh as mesh_lib
+from sosm_jax.parallel import rules as rules_lib
+from sosm_jax.train import checkpoint as ckpt_lib
+from sosm_jax.train import curriculum
+from sosm_jax.train import optimizer as optimizer_lib
+from sosm_jax.train import step as step_lib
+from sosm_jax.train.state import TrainState
+
+
+def _cur(**kw):
+  base = dict(seq_lens=(256, 512, 1024), steps=(10, 5, 3), steps_per_stage=0, tokens_per_step=4096,
+              global_batch=(), grad_accum=(), remat=(), rope_base=())
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+def _stages(cur, dp=1):
+  return curriculum.build_stages(cur, data_parallel=dp, default_remat="none",
+                                 default_rope_base=1e4)
+
+
+def test_stages_keep_tokens_per_step_constant_and_chain_steps():
+  stages = _stages(_cur())
+  assert [s.global_batch for s in stages] == [16, 8, 4]
+  assert [s.tokens_per_step for s in stages] == [4096] * 3
+  assert [(s.first_step, s.end_step) for s in stages] == [(0, 10), (10, 15), (15, 18)]
+  assert curriculum.total_steps(stages) == 18
+  assert curriculum.stage_at_step(stages, 9).index == 0
+  assert curriculum.stage_at_step(stages, 10).index == 1
+  assert curriculum.stage_at_step(stages, 18) is None
+
+
+def test_stage_overrides_expand_per_stage():
+  stages = _stages(_cur(grad_accum=(1, 2, 4), remat=("full",), rope_base=(1e4, 2e4, 4e4),
+                        steps_per_stage=7, global_batch=(0, 0, 8)))
+  assert [s.grad_accum for s in stages] == [1, 2, 4]
+  assert [s.remat for s in stages] == ["full"] * 3
+  assert [s.rope_base for s in stages] == [1e4, 2e4, 4e4]
+  assert [s.steps for s in stages] == [7, 7, 7]
+  assert stages[2].global_batch == 8
+
+
+@pytest.mark.parametrize("cur, dp, message", [
+    (_cur(tokens_per_step=1000), 1, "stage 0 (seq_len 256): tokens_per_step 1000 is not a multiple"),
+    (_cur(), 8, "stage 2 (seq_len 1024): micro-batch 4"),
+    (_cur(grad_accum=(1, 3, 1)), 1, "stage 1 (seq_len 512): global batch 8 does not split"),
+    (_cur(steps=(1, 2)), 1, "curriculum.steps has 2 entries but there are 3 stages"),
+    (_cur(steps=(1, 0, 1)), 1, "stage 1 (seq_len 512): steps must be positive"),
+])
+def test_stage_errors_name_the_stage(cur, dp, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    _stages(cur, dp)
+
+
+def _opt_cfg(**kw):
+  base = dict(learning_rate=1e-3, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1,
+              decay_fraction=0.2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+              decay_embeddings=False, clip_norm=1.0)
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_learning_rate_is_continuous_across_stage_boundaries(schedule):
+  stages = _stages(_cur(steps=(40, 30, 30)))
+  lr = optimizer_lib.learning_rate_schedule(_opt_cfg(schedule=schedule), 100)
+  values = np.array([float(lr(s)) for s in range(100)])
+  assert values[10] == pytest.approx(1e-3, rel=1e-5)          # warmup reaches the peak
+  steps_per_change = np.abs(np.diff(values[10:]))
+  for stage in stages[1:]:  # no jump at a boundary larger than the largest jump elsewhere
+    jump = abs(values[stage.first_step] - values[stage.first_step - 1])
+    assert jump <= steps_per_change.max() + 1e-12
+  if schedule != "constant":
+    assert values[-1] < values[50]
+    assert values[-1] >= 1e-4 * (1 - 1e-4)
+
+
+def test_weight_decay_mask_spares_norms_biases_and_embeddings():
+  params = {"embed": {"embedding": 1}, "layer": {"norm": {"scale": 1}, "dense": {"kernel": 1,
+                                                                                  "bias": 1}}}
+  mask = optimizer_lib.weight_decay_mask(params, decay_embeddings=False)
+  assert mask == {"embed": {"embedding": False},
+                  "layer": {"norm": {"scale": False}, "dense": {"kernel": True, "bias": False}}}
+  assert optimizer_lib.weight_decay_mask(params, True)["embed"]["embedding"] is True
+
+
+def _toy_loss(params, batch):
+  pred = batch["inputs"].astype(jnp.float32) * params["w"]
+  err = (pred - batch["targets"].astype(jnp.float32)) ** 2 * batch["loss_mask"]
+  tokens = jnp.sum(batch["loss_mask"])
+  loss = jnp.sum(err) / tokens
+  return loss, {"loss": loss, "accuracy": jnp.float32(0.5), "tokens": tokens}
+
+
+def _toy_state(optimizer):
+  params = {"w": jnp.ones((3,), jnp.float32)}
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+                    nonfinite_streak=zero, nonfinite_total=zero)
+
+
+def _toy_batch(rng, n=8):
+  x = rng.integers(1, 5, size=(n, 3)).astype(np.int32)
+  mask = (rng.random((n, 3)) > 0.3).astype(np.float32)
+  return {"inputs": jnp.asarray(x), "targets": jnp.asarray(2 * x), "loss_mask": jnp.asarray(mask)}
+
+
+def test_grad_accumulation_equals_one_big_batch():
+  optimizer = optax.sgd(0.01)
+  batch = _toy_batch(np.random.default_rng(0))
+  one = step_lib.make_train_step(_toy_loss, optimizer, lambda s: 0.01, grad_accum=1)
+  four = step_lib.make_train_step(_toy_loss, optimizer, lambda s: 0.01, grad_accum=4)
+  s1, m1 = jax.jit(one)(_toy_state(optimizer), batch)
+  s4, m4 = jax.jit(four)(_toy_state(optimizer), batch)
+  np.testing.assert_allclose(s1.params["w"], s4.params["w"], rtol=1e-6)
+  np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+  assert not np.allclose(s1.params["w"], 1.0)
+
+
+def test_micro_batches_interleave_rows():
+  batch = {"x": jnp.arange(8)}
+  np.testing.assert_array_equal(step_lib.split_micro_batches(batch, 2)["x"],
+                                [[0, 2, 4, 6], [1, 3, 5, 7]])
+
+
+def test_non_finite_step_skips_update_and_counts():
+  optimizer = optax.adam(0.1)
+  step = jax.jit(step_lib.make_train_step(_toy_loss, optimizer, lambda s: 0.1))
+  state = _toy_state(optimizer)
+  good = _toy_batch(np.random.default_rng(1))
+  bad = dict(good, targets=good["targets"], loss_mask=good["loss_mask"] * jnp.nan)
+  state, m = step(state, good)
+  assert bool(m["finite"]) and int(state.nonfinite_streak) == 0
+  before = state
+  for i in range(2):
+    state, m = step(state, bad)
+    assert not bool(m["finite"])
+    assert int(state.nonfinite_streak) == i + 1
+    np.testing.assert_array_equal(state.params["w"], before.params["w"])
+  assert int(state.step) == 3 and int(state.nonfinite_total) == 2
+  state, m = step(state, good)
+  assert int(state.nonfinite_streak) == 0 and int(state.nonfinite_total) == 2
+
+
+def test_mesh_shape_resolution_and_errors():
+  assert mesh_lib.resolve_mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
+  assert mesh_lib.resolve_mesh_shape((2, 2, 2), 8) == (2, 2, 2)
+  with pytest.raises(ValueError, match="has 6 devices but 8 are present"):
+    mesh_lib.resolve_mesh_shape((3, 2, 1), 8)
+  with pytest.raises(ValueError, match="multiply to 3, which does not divide the 8 devices"):
+    mesh_lib.resolve_mesh_shape((-1, 3, 1), 8)
+  with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
+    mesh_lib.resolve_mesh_shape((-1, -1, 1), 8)
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=-1, tensor=2)))
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert mesh_lib.data_parallel_size(mesh) == 4
+
+
+def test_logical_shardings_follow_rules_and_replicate_odd_dims():
+  import flax.linen as nn
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=4, tensor=2)))
+  tree = {"kernel": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((64, 32), jnp.float32),
+                                            ("embed", "mlp")),
+          "odd": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((6, 3), jnp.float32),
+                                         ("embed", "mlp")),
+          "plain": jax.ShapeDtypeStruct((5,), jnp.float32)}
+  sh = rules_lib.logical_shardings(tree, mesh)
+  assert tuple(sh["kernel"].spec) == ("fsdp", "tensor")
+  assert tuple(sh["odd"].spec) == (None, None)
+  assert all(axis is None for axis in sh["plain"].spec)
+
+
+def test_checkpoint_falls_back_past_a_corrupt_latest(tmp_path):
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=3, async_save=False)
+  tree = {"w": jnp.arange(4.0)}
+  ckpt.save(1, tree, {"data_state": {"i": 1}})
+  ckpt.save(2, {"w": jnp.arange(4.0) * 2}, {"data_state": {"i": 2}})
+  target = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  state, meta, step = ckpt.restore_latest(target)
+  assert step == 2 and meta["data_state"] == {"i": 2}
+  np.testing.assert_array_equal(state["w"], np.arange(4.0) * 2)
+  # Damage checkpoint 2: remove its array data.
+  for root, _, files in os.walk(tmp_path / "2" / "state"):
+    for f in files:
+      os.remove(os.path.join(root, f))
+  state, meta, step = ckpt.restore_latest(target)
+  assert step == 1 and meta["data_state"] == {"i": 1}
+  np.testing.assert_array_equal(state["w"], np.arange(4.0))
+  ckpt.close()
