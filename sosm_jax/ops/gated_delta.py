@@ -23,6 +23,8 @@ _HIGHEST = lax.Precision.HIGHEST
 
 
 # --------------------------------------------------------------------------- checks and helpers
+# (pad_time, to_chunks, from_chunks, matmul_dtype, dot_f32, select_implementation are shared
+# with hgrn2.py)
 
 
 def _check_inputs(q, k, v, g, beta, initial_state):
@@ -56,12 +58,12 @@ def _zero_state(q, v):
   return jnp.zeros((b, h, dk, v.shape[-1]), _F32)
 
 
-def _matmul_dtype(*xs):
+def matmul_dtype(*xs):
   """bf16 operands stay bf16 (fp32 accumulation); anything else computes in fp32."""
   return jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in xs) else _F32
 
 
-def _dot(eq, a, b, dtype):
+def dot_f32(eq, a, b, dtype):
   """einsum with operands cast to `dtype`, fp32 accumulation and full fp32 precision."""
   return jnp.einsum(eq, a.astype(dtype), b.astype(dtype), precision=_HIGHEST,
                     preferred_element_type=_F32)
@@ -143,7 +145,7 @@ def gated_delta_rule_reference(q, k, v, g, beta, *, scale=None, initial_state=No
 # All decay factors used are exp of non-positive numbers (<= 1): no overflow is possible.
 
 
-def _pad_time(x, pad):
+def pad_time(x, pad):
   if pad == 0:
     return x
   widths = [(0, 0)] * x.ndim
@@ -151,14 +153,14 @@ def _pad_time(x, pad):
   return jnp.pad(x, widths)
 
 
-def _to_chunks(x, chunk):
+def to_chunks(x, chunk):
   """[B, T, H, ...] -> [B, H, N, C, ...] with T = N * C."""
   b, t, h = x.shape[:3]
   x = x.reshape((b, t // chunk, chunk, h) + x.shape[3:])
   return jnp.moveaxis(x, 3, 1)
 
 
-def _from_chunks(x):
+def from_chunks(x):
   """[B, H, N, C, ...] -> [B, N*C, H, ...]."""
   b, h, n, c = x.shape[:4]
   x = jnp.moveaxis(x, 1, 3)
@@ -180,11 +182,11 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, scale=None, initial_state=None
   dv = v.shape[-1]
   scale = _default_scale(scale, dk)
   state = _zero_state(q, v) if initial_state is None else initial_state.astype(_F32)
-  mm = _matmul_dtype(q, k, v)
+  mm = matmul_dtype(q, k, v)
   pad = (-t) % chunk_size
 
-  qc, kc, vc = (_to_chunks(_pad_time(x, pad), chunk_size) for x in (q, k, v))  # [B,H,N,C,*]
-  gc, bc = (_to_chunks(_pad_time(x.astype(_F32), pad), chunk_size) for x in (g, beta))  # [B,H,N,C]
+  qc, kc, vc = (to_chunks(pad_time(x, pad), chunk_size) for x in (q, k, v))  # [B,H,N,C,*]
+  gc, bc = (to_chunks(pad_time(x.astype(_F32), pad), chunk_size) for x in (g, beta))  # [B,H,N,C]
 
   gamma = jnp.cumsum(gc, axis=-1)                                   # [B,H,N,C], non-increasing
   diff = gamma[..., :, None] - gamma[..., None, :]                  # gamma_t - gamma_i
@@ -194,7 +196,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, scale=None, initial_state=None
   # mask before exp: the upper triangle has positive exponents that could overflow
   decay_causal = jnp.exp(jnp.where(causal, diff, -jnp.inf))        # [B,H,N,C,C]
 
-  kk = _dot("bhnck,bhndk->bhncd", kc, kc, mm)
+  kk = dot_f32("bhnck,bhndk->bhncd", kc, kc, mm)
   a = jnp.where(strict, kk * decay_causal, 0.0) * bc[..., :, None]
   rhs = jnp.concatenate(
       [bc[..., None] * vc.astype(_F32),
@@ -203,14 +205,14 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, scale=None, initial_state=None
   sol = lax.linalg.triangular_solve(eye + a, rhs, left_side=True, lower=True, unit_diagonal=True)
   u, w = sol[..., :dv], sol[..., dv:]                               # [B,H,N,C,V], [B,H,N,C,K]
 
-  qk = _dot("bhnck,bhndk->bhncd", qc, kc, mm) * decay_causal        # causal incl. diagonal
+  qk = dot_f32("bhnck,bhndk->bhncd", qc, kc, mm) * decay_causal        # causal incl. diagonal
   k_to_end = kc.astype(_F32) * jnp.exp(gamma[..., -1:] - gamma)[..., None]  # [B,H,N,C,K]
   chunk_decay = jnp.exp(gamma[..., -1])                              # [B,H,N]
 
   def body(s, xs):
     w_n, u_n, kend_n, dec_n = xs
-    delta = u_n - _dot("bhck,bhkv->bhcv", w_n, s, mm)
-    s_next = dec_n[..., None, None] * s + _dot("bhck,bhcv->bhkv", kend_n, delta, mm)
+    delta = u_n - dot_f32("bhck,bhkv->bhcv", w_n, s, mm)
+    s_next = dec_n[..., None, None] * s + dot_f32("bhck,bhcv->bhkv", kend_n, delta, mm)
     return s_next, (s, delta)
 
   chunk_major = lambda x: jnp.moveaxis(x, 2, 0)
@@ -220,15 +222,15 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, scale=None, initial_state=None
   delta = jnp.moveaxis(delta, 0, 2)                                  # [B,H,N,C,V]
 
   q_decayed = qc.astype(_F32) * jnp.exp(gamma)[..., None]
-  o = _dot("bhnck,bhnkv->bhncv", q_decayed, s_in, mm) + _dot("bhncd,bhndv->bhncv", qk, delta, mm)
-  o = scale * _from_chunks(o)[:, :t]
+  o = dot_f32("bhnck,bhnkv->bhncv", q_decayed, s_in, mm) + dot_f32("bhncd,bhndv->bhncv", qk, delta, mm)
+  o = scale * from_chunks(o)[:, :t]
   return o.astype(v.dtype), final_state
 
 
 # --------------------------------------------------------------------------- dispatcher
 
 
-def _kernel_impl(name):
+def kernel_impl(name):
   """The GPU fast path registered in `sosm_jax.ops.kernels` under `name`, or None."""
   try:
     from sosm_jax.ops import kernels  # pylint: disable=import-outside-toplevel
@@ -252,24 +254,24 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_
   one, else 'xla'), 'xla' (chunked), 'reference' (sequential) or 'kernel' (error if absent).
   A kernel is called with the same arguments as `gated_delta_rule_chunked`.
   """
-  fn = _select("gated_delta_rule", implementation, gated_delta_rule_chunked,
+  fn = select_implementation("gated_delta_rule", implementation, gated_delta_rule_chunked,
                gated_delta_rule_reference)
   if fn is gated_delta_rule_reference:
     return fn(q, k, v, g, beta, scale=scale, initial_state=initial_state)
   return fn(q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
 
 
-def _select(name, implementation, chunked, reference):
+def select_implementation(name, implementation, chunked, reference):
   """Shared dispatch logic for the linear-attention ops."""
   if implementation in (None, ""):
-    kernel = _kernel_impl(name) if jax.default_backend() == "gpu" else None
+    kernel = kernel_impl(name) if jax.default_backend() == "gpu" else None
     return kernel if kernel is not None else chunked
   if implementation == "xla":
     return chunked
   if implementation == "reference":
     return reference
   if implementation == "kernel":
-    kernel = _kernel_impl(name)
+    kernel = kernel_impl(name)
     if kernel is None:
       raise ValueError(
           f"{name}: implementation='kernel' but sosm_jax.ops.kernels registers no '{name}' for "
