@@ -105,9 +105,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
            "train.passkey_examples": 0}
   straight = str(tmp_path / "straight")
   loop.train(_tiny(**steps), straight)
-  # Resumed: first a run that stops at step 7 (inside the second stage), then the full run.
+  # Resumed: first a run that stops at step 7 (inside the second stage), then the rest.
   pieces = str(tmp_path / "pieces")
-  loop.train(_tiny(**{**steps, "curriculum.steps": (5, 2)}), pieces)
+  first = loop.train(_tiny(**{**steps, "train.stop_at_step": 7}), pieces)
+  assert first.status == "interrupted" and first.step == 7
   result = loop.train(_tiny(**steps), pieces)
   assert result.step == 9
   step_a, params_a = _final_params(straight, None)
@@ -140,6 +141,6 @@ def test_sigterm_leaves_a_checkpoint_that_restores(tmp_path):
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out
-  assert "Stopped by signal" in out
+  assert "Stopped at step" in out and "(signal)" in out
   step, params = _final_params(workdir, None)
   assert step >= 3 and all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))

@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=10, checkpoint_every=500, keep_checkpoints=3, max_nonfinite_steps=5,
       eval_batches=4, eval_batch_size=8, passkey_examples=8,
       memory_limit_gib=0.0,  # 0 = the device's own limit (where it reports one)
+      stop_at_step=0,        # >0: checkpoint and stop at this global step, as on SIGTERM
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

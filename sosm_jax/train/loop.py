@@ -255,7 +255,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
           window_start, window_steps = time.perf_counter(), 0
         if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
           checkpointer.save(step, state, meta_for(data_state, stage.index))
-        if stop.received is not None:
+        if stop.received is not None or step == config.train.stop_at_step:
           checkpointer.save(step, state, meta_for(data_state, stage.index), wait=True)
           status = "interrupted"
           break
@@ -273,8 +273,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     checkpointer.close()
   writer.close()
   if status == "interrupted":
-    print(f"Stopped by signal at step {step}; checkpoint saved. Run the same command to resume.",
-          flush=True)
+    print(f"Stopped at step {step} ({'signal' if stop.received else 'train.stop_at_step'}); "
+          f"checkpoint saved. Run the same command to resume.", flush=True)
   return RunResult(step=step, status=status, last_metrics=last, workdir=workdir)
 
 
