@@ -1,0 +1,225 @@
+"""Causal softmax attention: RoPE, grouped KV heads, sliding window, packed documents, KV cache.
+
+Layout everywhere: `[batch, time, heads, head_dim]`. Query heads `H` are a multiple of key/value
+heads `K` (grouped-query attention); query head `h` reads key/value head `h // (H // K)`.
+
+Forms with one meaning:
+- `attention_reference`: explicit softmax over an explicit boolean mask (float32). Ground truth.
+- `causal_attention`: training / prefill self-attention through `jax.nn.dot_product_attention`,
+  implementation picked per platform (`select_implementation`).
+- `cached_attention` + `update_kv_cache`: queries at absolute positions `index .. index+T-1`
+  against a fixed-size KV cache (decode; jit-able, static shapes).
+
+Masks: token t sees token s when s <= t, (window > 0) t - s < window, and (segment ids given)
+segment_ids[s] == segment_ids[t]. Padding (segment id 0) only sees other padding, so its rows stay
+finite; the loss masks them out.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_F32 = jnp.float32
+IMPLEMENTATIONS = ("xla", "cudnn", "reference")
+
+
+# --------------------------------------------------------------------------- RoPE
+
+
+def rope_inverse_frequencies(head_dim: int, base: float = 10000.0) -> jax.Array:
+  """`[head_dim // 2]` float32 inverse frequencies base**(-2i/head_dim)."""
+  if head_dim % 2:
+    raise ValueError(f"RoPE needs an even head_dim, got {head_dim}; set an even attn_head_dim.")
+  return base ** (-jnp.arange(0, head_dim, 2, dtype=_F32) / head_dim)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+  """Rotary position embedding (rotate-half form), computed in float32.
+
+  Args:
+    x: `[batch, time, heads, head_dim]`.
+    positions: `[batch, time]` int positions (restart at 0 in each packed document).
+    base: RoPE base; larger bases suit longer contexts.
+  Returns:
+    `[batch, time, heads, head_dim]` in x's dtype.
+  """
+  inv = rope_inverse_frequencies(x.shape[-1], base)
+  angles = positions.astype(_F32)[..., None] * inv                  # [B, T, D/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(_F32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- masks and reference
+
+
+def attention_mask(q_index: jax.Array, k_index: jax.Array, *, window: int = 0,
+                   q_segment_ids: jax.Array | None = None,
+                   k_segment_ids: jax.Array | None = None,
+                   k_valid: jax.Array | None = None) -> jax.Array:
+  """Boolean mask `[batch, 1, Tq, Tk]` (True = may attend).
+
+  Args:
+    q_index: `[batch, Tq]` absolute index of each query in the stream.
+    k_index: `[batch, Tk]` absolute index of each key.
+    window: >0 keeps only keys with q_index - k_index < window.
+    q_segment_ids, k_segment_ids: `[batch, Tq]`, `[batch, Tk]` or None.
+    k_valid: `[batch, Tk]` bool or None (e.g. filled cache slots).
+  """
+  qi = q_index[:, :, None]
+  ki = k_index[:, None, :]
+  mask = ki <= qi
+  if window > 0:
+    mask &= (qi - ki) < window
+  if q_segment_ids is not None:
+    mask &= q_segment_ids[:, :, None] == k_segment_ids[:, None, :]
+  if k_valid is not None:
+    mask &= k_valid[:, None, :]
+  return mask[:, None]
+
+
+def _check_qkv(q, k, v):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"attention: q, k, v must be [batch, time, heads, head_dim]; got "
+                     f"{q.shape}, {k.shape}, {v.shape}.")
+  if k.shape != v.shape:
+    raise ValueError(f"attention: k shape {k.shape} must equal v shape {v.shape}.")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"attention: query heads {q.shape[2]} must be a multiple of key/value heads "
+                     f"{k.shape[2]}; fix attn_num_heads / attn_num_kv_heads.")
+
+
+def masked_attention_reference(q, k, v, mask, *, scale=None):
+  """Explicit softmax attention in float32.
+
+  Args:
+    q: `[batch, Tq, heads, head_dim]`; k, v: `[batch, Tk, kv_heads, head_dim]`.
+    mask: `[batch, 1, Tq, Tk]` bool.
+    scale: logit scale, default head_dim**-0.5.
+  Returns:
+    `[batch, Tq, heads, head_dim]` in q's dtype.
+  """
+  _check_qkv(q, k, v)
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  groups = q.shape[2] // k.shape[2]
+  kf = jnp.repeat(k.astype(_F32), groups, axis=2)
+  vf = jnp.repeat(v.astype(_F32), groups, axis=2)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(_F32), kf,
+                      precision=jax.lax.Precision.HIGHEST) * scale
+  logits = jnp.where(mask, logits, -1e30)
+  weights = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bhqk,bkhd->bqhd", weights, vf, precision=jax.lax.Precision.HIGHEST)
+  return out.astype(q.dtype)
+
+
+def attention_reference(q, k, v, *, segment_ids=None, window=0, scale=None):
+  """Causal self-attention by explicit softmax (the test ground truth).
+
+  q `[batch, time, heads, head_dim]`, k, v `[batch, time, kv_heads, head_dim]`,
+  segment_ids `[batch, time]` or None. Returns `[batch, time, heads, head_dim]`.
+  """
+  b, t = q.shape[:2]
+  idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+  mask = attention_mask(idx, idx, window=window, q_segment_ids=segment_ids,
+                        k_segment_ids=segment_ids)
+  return masked_attention_reference(q, k, v, mask, scale=scale)
+
+
+# --------------------------------------------------------------------------- fast self-attention
+
+
+def select_implementation(implementation: str | None, dtype, has_segments: bool) -> str:
+  """Which backend `causal_attention` uses.
+
+  '' / None: cuDNN flash attention on GPU for bf16/fp16 inputs without packed-document
+  segment ids (cuDNN through `jax.nn.dot_product_attention` takes only causal, window and
+  sequence-length masks; an arbitrary segment mask would be materialised as a T x T bias),
+  else XLA. 'cudnn' forces cuDNN (segment ids then raise), 'xla' and 'reference' force those.
+  """
+  if implementation in (None, ""):
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if jax.default_backend() == "gpu" and half and not has_segments:
+      return "cudnn"
+    return "xla"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention: unknown implementation {implementation!r}; choose '' (auto) or "
+                     f"one of {IMPLEMENTATIONS} (model config key attn_impl).")
+  if implementation == "cudnn" and has_segments:
+    raise ValueError("attention: implementation 'cudnn' cannot take segment_ids (packed "
+                     "documents); use attn_impl='' or 'xla', or pass segment_ids=None.")
+  return implementation
+
+
+def causal_attention(q, k, v, *, segment_ids=None, window=0, scale=None, implementation=None):
+  """Causal self-attention (training, prefill).
+
+  Args:
+    q: `[batch, time, heads, head_dim]`; k, v: `[batch, time, kv_heads, head_dim]`.
+    segment_ids: `[batch, time]` int (packed documents; 0 = padding) or None.
+    window: >0 = sliding window of this many tokens (the token itself included).
+    scale: logit scale, default head_dim**-0.5.
+    implementation: None/'' (auto, see `select_implementation`), 'xla', 'cudnn', 'reference'.
+  Returns:
+    `[batch, time, heads, head_dim]` in q's dtype.
+  """
+  _check_qkv(q, k, v)
+  impl = select_implementation(implementation, q.dtype, segment_ids is not None)
+  if impl == "reference":
+    return attention_reference(q, k, v, segment_ids=segment_ids, window=window, scale=scale)
+  # jax's local_window_size=(left, right) counts neighbours excluding the token itself.
+  local = (window - 1, 0) if window > 0 else None
+  if impl == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                        local_window_size=local, implementation="cudnn")
+  mask = None
+  if segment_ids is not None:
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+                                      local_window_size=local, implementation="xla")
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+def init_kv_cache(batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
+                  dtype=jnp.float32) -> dict:
+  """Empty cache: {'k','v': `[batch, max_len, kv_heads, head_dim]`, 'index': int32 scalar}."""
+  shape = (batch_size, max_len, num_kv_heads, head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "index": jnp.zeros((), jnp.int32)}
+
+
+def update_kv_cache(cache: dict, k: jax.Array, v: jax.Array) -> dict:
+  """Writes k, v `[batch, T, kv_heads, head_dim]` at slots index..index+T-1; advances index.
+
+  Writing past max_len is clamped by `dynamic_update_slice` (callers size the cache).
+  """
+  i = cache["index"]
+  zero = jnp.zeros((), jnp.int32)
+  new_k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (zero, i, zero, zero))
+  new_v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (zero, i, zero, zero))
+  return {"k": new_k, "v": new_v, "index": i + k.shape[1]}
+
+
+def cached_attention(q, cache, *, window=0, scale=None):
+  """Queries at absolute indices cache['index'] - Tq .. cache['index'] - 1 over the cache.
+
+  Call after `update_kv_cache` has written this step's keys. XLA path with an explicit mask
+  (a decode step has Tq = 1, where flash kernels gain nothing).
+
+  Args:
+    q: `[batch, Tq, heads, head_dim]`.
+    cache: as `init_kv_cache`, already holding this step's keys.
+  Returns:
+    `[batch, Tq, heads, head_dim]` in q's dtype.
+  """
+  b, tq = q.shape[:2]
+  max_len = cache["k"].shape[1]
+  q_index = cache["index"] - tq + jnp.broadcast_to(jnp.arange(tq), (b, tq))
+  k_index = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
+  mask = attention_mask(q_index, k_index, window=window)
+  k = cache["k"].astype(q.dtype)
+  v = cache["v"].astype(q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
