@@ -1,0 +1,79 @@
+"""The data section of the config (`config.data`): defaults, meaning of each key, validation."""
+from __future__ import annotations
+
+import ml_collections
+
+from sosm_jax.data import sources
+
+_TASKS = ("mqar", "passkey", "copy")
+_RECORD_FORMATS = ("text", "int32", "uint16")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Every key the data pipeline reads, with defaults."""
+  return ml_collections.ConfigDict(dict(
+      # What to read. '' or 'stdlib' = this Python's standard library source (no download);
+      # 'text:<dir|glob|file>'; 'tfds:<name>[/<config>][:<version>][:<split>]';
+      # 'array_record:<glob>'; 'synthetic:mqar|passkey|copy';
+      # 'mix:<source>=<weight>,<source>=<weight>' (e.g. 'mix:stdlib=0.9,synthetic:passkey=0.1').
+      source="",
+      eval_source="",         # split='validation' reads this instead; '' = held-out part of source
+      tokenizer="byte",       # 'byte' | 'sentencepiece:<path to .model>'
+      data_dir="",            # tfds data_dir ('' = tfds default; gs:// works on Cloud TPU)
+      text_field="text",      # field holding the text in .jsonl lines and tfds examples
+      record_format="text",   # array_record records: 'text' (UTF-8) | 'int32' | 'uint16' token ids
+      val_fraction=0.02,      # held-out fraction of documents (text/stdlib/array_record)
+      separate_documents=True,  # True: segment ids per document (no attention across documents)
+      shuffle=True,           # seeded global shuffle of documents, reshuffled every epoch (train)
+      num_workers=0,          # >0: grain worker processes build batches; 0: threads in-process
+      read_threads=2,         # threads reading and tokenizing documents
+      prefetch=4,             # batches prepared ahead of the consumer
+      # Synthetic tasks (alone or inside mix:).
+      task_length=0,          # tokens per task example; 0 = seq_len (one example fills a row)
+      task_vocab_size=256,    # ordinary ids the tasks draw from (mqar: half keys, half values)
+      mqar_num_pairs=32,      # key-value pairs in the context
+      mqar_num_queries=0,     # queries after the context; 0 = one per pair
+      passkey_digits=5,       # digits of the hidden number
+      passkey_depth=-1.0,     # where the needle sits in [0, 1]; <0 = uniformly random per example
+      eval_examples=256,      # size of a synthetic validation set
+  ))
+
+
+def _require(ok: bool, key: str, problem: str, fix: str) -> None:
+  if not ok:
+    raise ValueError(f"config.data.{key}: {problem}; {fix}")
+
+
+def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad key; file existence is checked by make_pipeline."""
+  for key in ("source", "eval_source"):
+    if cfg[key]:
+      try:
+        comps = sources.parse_source(cfg[key])
+      except ValueError as e:
+        raise ValueError(f"config.data.{key}: {e}") from None
+      for comp in comps:
+        if comp.kind == "synthetic":
+          _require(comp.arg in _TASKS, key, f"unknown synthetic task {comp.arg!r}",
+                   f"use one of {_TASKS}")
+  tok = cfg.tokenizer
+  _require(tok == "byte" or (tok.startswith("sentencepiece:") and len(tok) > 14), "tokenizer",
+           f"{tok!r} is unknown", "use 'byte' or 'sentencepiece:<path to .model>'")
+  _require(cfg.record_format in _RECORD_FORMATS, "record_format",
+           f"{cfg.record_format!r} is unknown", f"use one of {_RECORD_FORMATS}")
+  _require(0.0 < cfg.val_fraction < 1.0, "val_fraction", f"{cfg.val_fraction} is outside (0, 1)",
+           "use e.g. 0.02")
+  _require(cfg.num_workers >= 0, "num_workers", "is negative", "use 0 (threads) or more")
+  _require(cfg.read_threads >= 0, "read_threads", "is negative", "use e.g. 2")
+  _require(cfg.prefetch >= 0, "prefetch", "is negative", "use e.g. 4")
+  _require(cfg.task_length >= 0, "task_length", "is negative", "use 0 (= seq_len) or a length")
+  _require(cfg.task_vocab_size >= 2, "task_vocab_size", f"{cfg.task_vocab_size} < 2",
+           "use e.g. 256")
+  _require(cfg.mqar_num_pairs >= 1, "mqar_num_pairs", "must be positive", "use e.g. 32")
+  _require(cfg.mqar_num_queries >= 0, "mqar_num_queries", "is negative",
+           "use 0 (one per pair) or a count")
+  _require(1 <= cfg.passkey_digits <= 18, "passkey_digits", f"{cfg.passkey_digits} outside 1..18",
+           "use e.g. 5")
+  _require(cfg.passkey_depth <= 1.0, "passkey_depth", f"{cfg.passkey_depth} > 1",
+           "use a depth in [0, 1], or <0 for random depths")
+  _require(cfg.eval_examples >= 1, "eval_examples", "must be positive", "use e.g. 256")

@@ -1,0 +1,180 @@
+"""Synthetic long-context tasks with known answers: MQAR, passkey retrieval, copy.
+
+Every example is a token sequence that starts with BOS and whose answer tokens are marked:
+`answer_mask[i] = 1` means token i is an answer, scored when predicted from position i-1.
+The same functions make training documents (inside `synthetic:` and `mix:` sources) and single
+evaluation examples, so training and evaluation see one format.
+
+- mqar (multi-query associative recall, Zoology style): `k1 v1 k2 v2 ... kN vN`, then a query
+  region filled with SEP where Q queries `k v` sit at random even offsets; keys are distinct and
+  drawn from the first half of the task vocabulary, values from the second half; each queried
+  value is the answer, and is the value paired with that key in the context.
+- passkey: a header, filler text with a sentence "The pass key is NNNNN." at a chosen depth,
+  then "What is the pass key? The pass key is " and the digits as the answer.
+- copy: random tokens, SEP, the same tokens again (the second copy is the answer).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+TASKS = ("mqar", "passkey", "copy")
+
+_HEADER = "A pass key is hidden somewhere in the long text below. Find it and remember it.\n"
+_FILLER = ("Rivers run to the sea. Leaves turn in autumn. Clocks tick and the day goes on. "
+           "Nothing important is said here. ")
+_NEEDLE = " The pass key is {key}. Remember it: {key} is the pass key. "
+_QUESTION = "\nWhat is the pass key? The pass key is "
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskExample:
+  """One example; `length` = len(tokens).
+
+  tokens: int32 `[length]`, tokens[0] = BOS.
+  answer_mask: float32 `[length]`, 1 at answer tokens.
+  answer_positions: int32 `[num_answers]`, indices of the answer tokens.
+  answer: int32 `[num_answers]` = tokens[answer_positions].
+  answer_text: the passkey digits ('' for other tasks).
+  prompt_length: number of tokens before the first answer token.
+  """
+  tokens: np.ndarray
+  answer_mask: np.ndarray
+  answer_positions: np.ndarray
+  answer: np.ndarray
+  answer_text: str
+  prompt_length: int
+
+
+def _rng(seed) -> np.random.Generator:
+  return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
+def _example(tokens: np.ndarray, mask: np.ndarray, answer_text: str = "") -> TaskExample:
+  positions = np.flatnonzero(mask).astype(np.int32)
+  return TaskExample(tokens=tokens.astype(np.int32), answer_mask=mask.astype(np.float32),
+                     answer_positions=positions, answer=tokens[positions].astype(np.int32),
+                     answer_text=answer_text, prompt_length=int(positions[0]))
+
+
+def mqar_example(tokenizer, length: int, *, num_pairs: int, seed, num_queries: int = 0,
+                 vocab_size: int = 256) -> TaskExample:
+  """Multi-query associative recall of `num_pairs` pairs, `num_queries` (0 = num_pairs) queries."""
+  num_queries = num_queries or num_pairs
+  ids = tokenizer.task_ids(vocab_size)
+  keys_pool, values_pool = ids[:vocab_size // 2], ids[vocab_size // 2:]
+  if num_pairs > len(keys_pool):
+    raise ValueError(f"mqar: {num_pairs} pairs need {num_pairs} distinct keys but the task "
+                     f"vocabulary {vocab_size} has {len(keys_pool)}; raise data.task_vocab_size "
+                     f"or lower data.mqar_num_pairs")
+  slots = (length - 1 - 2 * num_pairs) // 2
+  if slots < num_queries:
+    raise ValueError(f"mqar: length {length} cannot hold {num_pairs} pairs and {num_queries} "
+                     f"queries (needs at least {1 + 2 * num_pairs + 2 * num_queries}); lower "
+                     f"data.mqar_num_pairs or raise the length")
+  rng = _rng(seed)
+  keys = rng.choice(keys_pool, num_pairs, replace=False)
+  values = rng.choice(values_pool, num_pairs, replace=True)
+  tokens = np.full(length, tokenizer.sep_id, np.int32)
+  mask = np.zeros(length, np.float32)
+  tokens[0] = tokenizer.bos_id
+  tokens[1:1 + 2 * num_pairs:2] = keys
+  tokens[2:2 + 2 * num_pairs:2] = values
+  which = (rng.permutation(num_pairs)[:num_queries] if num_queries <= num_pairs
+           else rng.integers(0, num_pairs, num_queries))
+  starts = 1 + 2 * num_pairs + 2 * np.sort(rng.choice(slots, num_queries, replace=False))
+  tokens[starts] = keys[which]
+  tokens[starts + 1] = values[which]
+  mask[starts + 1] = 1.0
+  return _example(tokens, mask)
+
+
+def passkey_example(tokenizer, length: int, *, seed, depth: float | None = None,
+                    digits: int = 5) -> TaskExample:
+  """A `digits`-digit number hidden at relative `depth` in [0, 1] (None: random) of the filler."""
+  rng = _rng(seed)
+  key = str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
+  depth = float(rng.uniform()) if depth is None or depth < 0 else float(depth)
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f"passkey: depth {depth} is outside [0, 1]")
+  enc = tokenizer.encode_array
+  header, needle = enc(_HEADER), enc(_NEEDLE.format(key=key))
+  question, answer = enc(_QUESTION), enc(key)
+  fixed = 1 + len(header) + len(needle) + len(question) + len(answer)
+  fill = length - fixed
+  if fill < 0:
+    raise ValueError(f"passkey: length {length} is shorter than the {fixed} tokens of the prompt "
+                     f"and answer; use a longer length")
+  filler = np.resize(enc(_FILLER), fill)
+  before = int(round(depth * fill))
+  tokens = np.concatenate([[tokenizer.bos_id], header, filler[:before], needle, filler[before:],
+                           question, answer]).astype(np.int32)
+  mask = np.zeros(length, np.float32)
+  mask[length - len(answer):] = 1.0
+  return _example(tokens, mask, answer_text=key)
+
+
+def copy_example(tokenizer, length: int, *, seed, vocab_size: int = 256) -> TaskExample:
+  """BOS, n random tokens, SEP, the same n tokens (n = (length - 2) // 2; odd leftover is SEP)."""
+  n = (length - 2) // 2
+  if n < 1:
+    raise ValueError(f"copy: length {length} is too short; use at least 4")
+  ids = tokenizer.task_ids(vocab_size)
+  seq = _rng(seed).choice(ids, n, replace=True)
+  tokens = np.full(length, tokenizer.sep_id, np.int32)
+  tokens[0] = tokenizer.bos_id
+  tokens[1:1 + n] = seq
+  tokens[2 + n:2 + 2 * n] = seq
+  mask = np.zeros(length, np.float32)
+  mask[2 + n:2 + 2 * n] = 1.0
+  return _example(tokens, mask)
+
+
+def make_example(task: str, tokenizer, length: int, seed, data_cfg) -> TaskExample:
+  """The example of `task` configured by data_cfg's task keys (see config.py)."""
+  if task == "mqar":
+    return mqar_example(tokenizer, length, num_pairs=data_cfg.mqar_num_pairs, seed=seed,
+                        num_queries=data_cfg.mqar_num_queries, vocab_size=data_cfg.task_vocab_size)
+  if task == "passkey":
+    depth = data_cfg.passkey_depth if data_cfg.passkey_depth >= 0 else None
+    return passkey_example(tokenizer, length, seed=seed, depth=depth,
+                           digits=data_cfg.passkey_digits)
+  if task == "copy":
+    return copy_example(tokenizer, length, seed=seed, vocab_size=data_cfg.task_vocab_size)
+  raise ValueError(f"unknown synthetic task {task!r}; use one of {TASKS}")
+
+
+def example_batch(examples: list[TaskExample], pad_id: int) -> dict[str, np.ndarray]:
+  """Examples (equal lengths L) -> a model batch of `[num_examples, L]` arrays.
+
+  inputs = tokens; targets = tokens shifted left (last = pad); loss_mask = answer_mask shifted
+  left, so the loss and accuracy count exactly the answer tokens; one segment per row.
+  """
+  tokens = np.stack([e.tokens for e in examples]).astype(np.int32)
+  mask = np.stack([e.answer_mask for e in examples]).astype(np.float32)
+  b, length = tokens.shape
+  targets = np.concatenate([tokens[:, 1:], np.full((b, 1), pad_id, np.int32)], axis=1)
+  loss_mask = np.concatenate([mask[:, 1:], np.zeros((b, 1), np.float32)], axis=1)
+  return {"inputs": tokens, "targets": targets, "loss_mask": loss_mask,
+          "segment_ids": np.ones((b, length), np.int32),
+          "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy()}
+
+
+def passkey_eval_batch(tokenizer, *, seq_len: int, num_examples: int, seed: int,
+                       depths=None, digits: int = 5) -> dict[str, np.ndarray]:
+  """`num_examples` passkey rows of length seq_len at evenly spread depths (or `depths`)."""
+  if depths is None:
+    depths = np.linspace(0.0, 1.0, num_examples) if num_examples > 1 else [0.5]
+  examples = [passkey_example(tokenizer, seq_len, seed=np.random.default_rng([seed, i]),
+                              depth=float(d), digits=digits) for i, d in enumerate(depths)]
+  return example_batch(examples, tokenizer.pad_id)
+
+
+def mqar_eval_batch(tokenizer, *, seq_len: int, num_examples: int, seed: int, num_pairs: int,
+                    num_queries: int = 0, vocab_size: int = 256) -> dict[str, np.ndarray]:
+  """`num_examples` MQAR rows of length seq_len; accuracy over loss_mask is the MQAR score."""
+  examples = [mqar_example(tokenizer, seq_len, num_pairs=num_pairs, num_queries=num_queries,
+                           vocab_size=vocab_size, seed=np.random.default_rng([seed, i]))
+              for i in range(num_examples)]
+  return example_batch(examples, tokenizer.pad_id)
