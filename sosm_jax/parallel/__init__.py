@@ -1,5 +1,6 @@
 """Device meshes, logical-axis sharding rules and multi-host start-up."""
-from sosm_jax.parallel.distributed import maybe_initialize_distributed
+from sosm_jax.parallel.distributed import (distributed_init_args, maybe_initialize_distributed,
+                                           process_batch_shard)
 from sosm_jax.parallel.mesh import MESH_AXES, make_mesh, data_parallel_size
 from sosm_jax.parallel.rules import (LOGICAL_AXIS_RULES, batch_sharding, logical_shardings,
                                      replicated_sharding)
@@ -7,4 +8,5 @@ from sosm_jax.parallel.rules import (LOGICAL_AXIS_RULES, batch_sharding, logical
 __all__ = [
     "MESH_AXES", "make_mesh", "data_parallel_size", "LOGICAL_AXIS_RULES", "batch_sharding",
     "logical_shardings", "replicated_sharding", "maybe_initialize_distributed",
+    "distributed_init_args", "process_batch_shard",
 ]

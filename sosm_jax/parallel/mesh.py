@@ -6,9 +6,14 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# Every axis is 'Auto': the compiler propagates shardings from the ones we give (parameters, batch,
+# logical constraints). jax.make_mesh would default to 'Explicit' axes, where every reshape of a
+# sharded dimension needs an explicit out_sharding.
+_AXIS_TYPES = (AxisType.Auto,) * len(MESH_AXES)
 
 
 def resolve_mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -36,14 +41,44 @@ def resolve_mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...
   return tuple(sizes)
 
 
+def split_over_slices(shape: Sequence[int], num_slices: int) -> tuple[tuple[int, ...],
+                                                                      tuple[int, ...]]:
+  """Splits a mesh shape into (within-slice, across-slices) shapes for a multi-slice TPU job.
+
+  Only the 'data' axis crosses slices (its gradient all-reduce is the one collective per step that
+  tolerates the slow data-centre network); 'fsdp' and 'tensor' stay on the fast chip interconnect.
+  """
+  data, fsdp, tensor = shape
+  if data % num_slices:
+    raise ValueError(
+        f"the job spans {num_slices} TPU slices but mesh.data={data} is not a multiple of it: "
+        f"only the 'data' axis may cross slices; set --config.mesh.data to a multiple of "
+        f"{num_slices} (e.g. -1 with fsdp*tensor no larger than one slice)")
+  return (data // num_slices, fsdp, tensor), (num_slices, 1, 1)
+
+
+def _num_slices(devices: Sequence[jax.Device]) -> int:
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Returns a Mesh with axes ('data', 'fsdp', 'tensor') over `devices` (default: all)."""
-  devices = list(jax.devices() if devices is None else devices)
+  """Returns a Mesh with axes ('data', 'fsdp', 'tensor') over `devices` (default: all).
+
+  `mesh_cfg` has integer fields `data`, `fsdp`, `tensor` (-1 = the remaining devices). With all
+  devices the placement follows the hardware topology (ICI rings on TPU, NVLink islands on GPU,
+  the data axis across slices on a multi-slice TPU job); a given device list is used in its order.
+  """
+  all_devices = list(jax.devices())
+  devices = list(all_devices if devices is None else devices)
   shape = resolve_mesh_shape((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), len(devices))
-  if devices == list(jax.devices()):
-    # Topology-aware placement (ICI rings on TPU, NVLink islands on GPU).
-    return jax.make_mesh(shape, MESH_AXES, devices=devices)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  if devices != all_devices:
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=_AXIS_TYPES)
+  slices = _num_slices(devices)
+  if slices > 1:
+    within, across = split_over_slices(shape, slices)
+    grid = mesh_utils.create_hybrid_device_mesh(within, across, devices)
+    return Mesh(grid, MESH_AXES, axis_types=_AXIS_TYPES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=_AXIS_TYPES, devices=devices)
 
 
 def data_parallel_size(mesh: Mesh) -> int:
