@@ -257,6 +257,9 @@ def make_pipeline(data_cfg, tokenizer, *, seq_len: int, batch_size: int, seed: i
   ds = ds.batch(batch_size, drop_remainder=False)
   ds = ds.map(_RowsToBatch(batch_size, data_cfg.separate_documents, tokenizer.pad_id))
   if data_cfg.num_workers > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside app.run
+      flags.FLAGS.mark_as_parsed()   # (tests, notebooks) their defaults are what we want
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data_cfg.num_workers, per_worker_buffer_size=max(1, data_cfg.prefetch)))
   elif data_cfg.prefetch > 0:

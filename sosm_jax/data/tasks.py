@@ -10,7 +10,9 @@ evaluation examples, so training and evaluation see one format.
   drawn from the first half of the task vocabulary, values from the second half; each queried
   value is the answer, and is the value paired with that key in the context.
 - passkey: a header, filler text with a sentence "The pass key is NNNNN." at a chosen depth,
-  then "What is the pass key? The pass key is " and the digits as the answer.
+  then "What is the pass key? The pass key is " and the digits as the answer. Lengths too short
+  for these sentences (under ~200 bytes) use a terse form: filler, "#NNNNN" at the depth, filler,
+  "#" and the digits.
 - copy: random tokens, SEP, the same tokens again (the second copy is the answer).
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ _FILLER = ("Rivers run to the sea. Leaves turn in autumn. Clocks tick and the da
            "Nothing important is said here. ")
 _NEEDLE = " The pass key is {key}. Remember it: {key} is the pass key. "
 _QUESTION = "\nWhat is the pass key? The pass key is "
+_TERSE_NEEDLE, _TERSE_QUESTION = "#{key}", "#"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +102,16 @@ def passkey_example(tokenizer, length: int, *, seed, depth: float | None = None,
   if not 0.0 <= depth <= 1.0:
     raise ValueError(f"passkey: depth {depth} is outside [0, 1]")
   enc = tokenizer.encode_array
-  header, needle = enc(_HEADER), enc(_NEEDLE.format(key=key))
-  question, answer = enc(_QUESTION), enc(key)
-  fixed = 1 + len(header) + len(needle) + len(question) + len(answer)
-  fill = length - fixed
+  answer = enc(key)
+  header, needle, question = enc(_HEADER), enc(_NEEDLE.format(key=key)), enc(_QUESTION)
+  fill = length - (1 + len(header) + len(needle) + len(question) + len(answer))
+  if fill < 0:  # the terse form for short lengths
+    header, needle = np.zeros(0, np.int32), enc(_TERSE_NEEDLE.format(key=key))
+    question = enc(_TERSE_QUESTION)
+    fill = length - (1 + len(needle) + len(question) + len(answer))
   if fill < 0:
-    raise ValueError(f"passkey: length {length} is shorter than the {fixed} tokens of the prompt "
-                     f"and answer; use a longer length")
+    raise ValueError(f"passkey: length {length} is shorter than the {length - fill} tokens of "
+                     f"even the terse prompt and answer; use a longer length or fewer digits")
   filler = np.resize(enc(_FILLER), fill)
   before = int(round(depth * fill))
   tokens = np.concatenate([[tokenizer.bos_id], header, filler[:before], needle, filler[before:],

@@ -92,8 +92,9 @@ class SentencePieceTokenizer:
   def task_ids(self, n: int) -> np.ndarray:
     """The first n ids that are ordinary pieces (not control, unknown, unused or byte)."""
     sp = self._sp
-    ok = [i for i in range(self.vocab_size)
-          if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i))]
+    special = {self.pad_id, self.bos_id, self.eos_id, self.sep_id}
+    ok = [i for i in range(self.vocab_size) if i not in special and
+          not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i))]
     if n > len(ok) or n < 1:
       raise ValueError(f"the SentencePiece model has {len(ok)} ordinary pieces; a task vocabulary "
                        f"of {n} does not fit: set data.task_vocab_size to at most {len(ok)}")
@@ -143,8 +144,9 @@ def train_sentencepiece(texts: Iterator[str], output_prefix: str, *, vocab_size:
                         character_coverage: float = 0.9995) -> str:
   """Trains a SentencePiece model on `texts` (lines are its sentences); returns the .model path.
 
-  Ids: pad 0, unk 1, bos 2, eos 3, then '<sep>' (used by the synthetic tasks) as piece 4. Byte
-  fallback is on so any text (code included) round-trips.
+  Ids: pad 0, unk 1, bos 2, eos 3, then '<sep>' (used by the synthetic tasks) as piece 4. No
+  normalisation and byte fallback, so any text (code, its indentation and newlines included)
+  round-trips exactly through encode/decode.
   """
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
@@ -152,8 +154,7 @@ def train_sentencepiece(texts: Iterator[str], output_prefix: str, *, vocab_size:
     seen = 0
     for text in texts:
       for line in text.splitlines():
-        line = line.strip()
-        if line:
+        if line.strip():
           seen += len(line)
           yield line[:4096]
         if seen >= max_bytes:
@@ -164,5 +165,7 @@ def train_sentencepiece(texts: Iterator[str], output_prefix: str, *, vocab_size:
       sentence_iterator=lines(), model_prefix=output_prefix, vocab_size=vocab_size,
       model_type=model_type, character_coverage=character_coverage, byte_fallback=True,
       pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=["<sep>"],
+      normalization_rule_name="identity", remove_extra_whitespaces=False,
+      allow_whitespace_only_pieces=True, split_digits=True, add_dummy_prefix=False,
       hard_vocab_limit=False, max_sentence_length=4096, minloglevel=2)
   return output_prefix + ".model"
