@@ -1,0 +1,136 @@
+"""Evaluation reports: JSON, a Markdown summary with tables, and PNG plots.
+
+The report is a dict with optional sections 'perplexity' (from `loss_by_position`), 'mqar'
+(from `mqar_grid`), 'passkey' (from `passkey_grid`) and free-form 'meta'. `write_report` puts
+`report.json`, `report.md`, `loss_by_position.png`, `passkey_heatmap.png` and `mqar_heatmap.png`
+(for the sections present) in a directory and returns their paths.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from sosm_jax.eval.recall import grid_matrix
+
+
+def _fmt(x, pct: bool = False) -> str:
+  if x is None or (isinstance(x, float) and math.isnan(x)):
+    return "–"
+  return f"{100 * x:.1f}" if pct else f"{x:.4g}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _grid_table(cells, row_key, col_key, row_name, col_fmt) -> str:
+  rows, cols, matrix = grid_matrix(cells, row_key, col_key)
+  header = [row_name] + [col_fmt(c) for c in cols]
+  body = [[str(r)] + [_fmt(v, pct=True) for v in matrix[i]] for i, r in enumerate(rows)]
+  return markdown_table(header, body)
+
+
+def to_markdown(report: dict) -> str:
+  """The report as Markdown: a summary line per task, then one table per task."""
+  out = ["# Evaluation report", ""]
+  meta = report.get("meta", {})
+  if meta:
+    out += [", ".join(f"{k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))), ""]
+  ppl = report.get("perplexity")
+  if ppl:
+    out += [f"## Loss by position (held-out text, {ppl['tokens']} tokens)", "",
+            f"Overall loss {_fmt(ppl['loss'])}, perplexity {_fmt(ppl['perplexity'])}.", ""]
+    out.append(markdown_table(
+        ["positions", "tokens", "loss", "perplexity", "accuracy %"],
+        [[f"{b['start']}–{b['end'] - 1}", str(b["tokens"]), _fmt(b["loss"]), _fmt(b["perplexity"]),
+          _fmt(b["accuracy"], pct=True)] for b in ppl["buckets"]]))
+    out.append("")
+  mqar = report.get("mqar")
+  if mqar:
+    out += [f"## MQAR accuracy % (rows: length, columns: key-value pairs; "
+            f"{mqar['num_examples']} examples per cell, chance {_fmt(mqar['chance'], pct=True)}%)",
+            "", f"Mean over cells: {_fmt(mqar['mean_accuracy'], pct=True)}%.", "",
+            _grid_table(mqar["cells"], "length", "num_pairs", "length", str), ""]
+  pk = report.get("passkey")
+  if pk:
+    out += [f"## Passkey accuracy % (rows: length, columns: depth; {pk['num_examples']} "
+            f"examples per cell, exact match of {pk['digits']} digits)", "",
+            f"Mean over cells: {_fmt(pk['mean_accuracy'], pct=True)}%.", "",
+            _grid_table(pk["cells"], "length", "depth", "length", lambda d: f"{d:.2f}"), ""]
+  if "average_recall" in report:
+    out += [f"Average recall (mean of the MQAR and passkey means): "
+            f"{_fmt(report['average_recall'], pct=True)}%", ""]
+  return "\n".join(out)
+
+
+def _heatmap(path: str, matrix: np.ndarray, rows, cols, xlabel: str, ylabel: str, title: str,
+             col_fmt=str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2.5, 0.55 * len(rows) + 1.8))
+  masked = np.ma.masked_invalid(100 * matrix)
+  cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd")
+  im = ax.imshow(masked, cmap=cmap, vmin=0, vmax=100, aspect="auto", origin="lower")
+  ax.set_xticks(range(len(cols)), [col_fmt(c) for c in cols])
+  ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+  for i in range(len(rows)):
+    for j in range(len(cols)):
+      text = "n/a" if np.isnan(matrix[i, j]) else f"{100 * matrix[i, j]:.0f}"
+      ax.text(j, i, text, ha="center", va="center", fontsize=8)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  fig.colorbar(im, ax=ax, label="accuracy %")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_loss_by_position(path: str, ppl: dict, title: str = "Loss by position") -> None:
+  """Mean loss per bucket against the bucket's centre position (log x axis)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  pts = [(max(1.0, 0.5 * (b["start"] + b["end"] - 1)), b["loss"]) for b in ppl["buckets"]
+         if b["loss"] is not None]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  if pts:
+    x, y = zip(*pts)
+    ax.plot(x, y, marker="o")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("position in document (bucket centre)")
+  ax.set_ylabel("loss (nats / token)")
+  ax.set_title(title)
+  ax.grid(True, alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_report(report: dict, out_dir: str) -> dict[str, str]:
+  """Writes report.json, report.md and the plots of the sections present; returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {"json": os.path.join(out_dir, "report.json"), "markdown": os.path.join(out_dir, "report.md")}
+  with open(paths["json"], "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2, default=str)
+  with open(paths["markdown"], "w", encoding="utf-8") as f:
+    f.write(to_markdown(report))
+  if report.get("perplexity"):
+    paths["loss_plot"] = os.path.join(out_dir, "loss_by_position.png")
+    plot_loss_by_position(paths["loss_plot"], report["perplexity"])
+  if report.get("passkey"):
+    rows, cols, matrix = grid_matrix(report["passkey"]["cells"], "length", "depth")
+    paths["passkey_heatmap"] = os.path.join(out_dir, "passkey_heatmap.png")
+    _heatmap(paths["passkey_heatmap"], matrix, rows, cols, "needle depth", "context length",
+             "Passkey accuracy (%)", col_fmt=lambda d: f"{d:.2f}")
+  if report.get("mqar"):
+    rows, cols, matrix = grid_matrix(report["mqar"]["cells"], "length", "num_pairs")
+    paths["mqar_heatmap"] = os.path.join(out_dir, "mqar_heatmap.png")
+    _heatmap(paths["mqar_heatmap"], matrix, rows, cols, "key-value pairs", "sequence length",
+             "MQAR accuracy (%)")
+  return paths

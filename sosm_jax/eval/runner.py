@@ -1,0 +1,142 @@
+"""Runs the evaluation tasks on one scorer and assembles the report (with a progress bar).
+
+  from sosm_jax.eval import runner
+  loaded = loading.load_for_eval(workdir)
+  scorer = scoring.model_scorer(loaded.model, loaded.params, batch_size=8)
+  report = runner.run_tasks(scorer, loaded.tokenizer, loaded.config, runner.EvalOptions())
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+from typing import Iterable
+
+import ml_collections
+from tqdm.auto import tqdm
+
+from sosm_jax import data as data_lib
+from sosm_jax.eval import perplexity, recall
+from sosm_jax.eval.scoring import Batch, Scorer
+
+TASKS = ("ppl", "mqar", "passkey")
+
+
+@dataclasses.dataclass
+class EvalOptions:
+  """What to evaluate and how much. Lengths of () are derived from the trained length."""
+  tasks: tuple[str, ...] = TASKS
+  seed: int = 1234
+  # perplexity by position
+  ppl_seq_len: int = 0                 # 0 = the longest trained length
+  ppl_batches: int = 8
+  ppl_batch_size: int = 4
+  ppl_first_edge: int = 16             # buckets [0, 16), [16, 32), [32, 64), ...
+  ppl_source: str = ""                 # '' = config.data's held-out split (or data.eval_source)
+  # MQAR (Zoology style: trained up to (256, 64), tested up to (1024, 256))
+  mqar_lengths: tuple[int, ...] = (64, 128, 256, 512, 1024)
+  mqar_pairs: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
+  mqar_examples: int = 16
+  # passkey
+  passkey_lengths: tuple[int, ...] = ()
+  passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+  passkey_examples: int = 4
+  passkey_digits: int = 5
+
+  def check(self) -> None:
+    unknown = [t for t in self.tasks if t not in TASKS]
+    if unknown or not self.tasks:
+      raise ValueError(f"unknown tasks {unknown or '(none given)'}; use a comma-separated subset "
+                       f"of {TASKS}")
+    for name in ("ppl_batches", "ppl_batch_size", "mqar_examples", "passkey_examples"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if any(not 0.0 <= d <= 1.0 for d in self.passkey_depths):
+      raise ValueError(f"passkey depths must lie in [0, 1], got {self.passkey_depths}")
+
+
+def trained_length(config: ml_collections.ConfigDict) -> int:
+  """The longest sequence length of the config's curriculum."""
+  return int(max(config.curriculum.seq_lens))
+
+
+def default_passkey_lengths(trained: int, minimum: int = 32) -> tuple[int, ...]:
+  """trained/8, /4, /2, trained and 2x trained (the last beyond training), at least `minimum`.
+
+  Below ~190 tokens (byte tokenizer) the generator uses its terse prompt ('#12345' ... '#').
+  """
+  lengths = sorted({max(minimum, trained * k // 8) for k in (1, 2, 4, 8, 16)})
+  return tuple(lengths)
+
+
+def text_batches(config, tokenizer, *, seq_len: int, batch_size: int, num_batches: int,
+                 seed: int, source: str = "") -> Iterable[Batch]:
+  """Up to `num_batches` held-out batches `[batch_size, seq_len]` from the config's data."""
+  data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+  if source:
+    data_cfg.eval_source = source
+  data_cfg.num_workers = 0
+  pipeline = data_lib.make_pipeline(data_cfg, tokenizer, seq_len=seq_len, batch_size=batch_size,
+                                    seed=seed, split="validation", process_index=0,
+                                    process_count=1)
+  return itertools.islice(pipeline, num_batches)
+
+
+def count_units(options: EvalOptions, passkey_lengths) -> int:
+  """Progress-bar units: one per perplexity batch and one per grid cell."""
+  n = 0
+  if "ppl" in options.tasks:
+    n += options.ppl_batches
+  if "mqar" in options.tasks:
+    n += len(options.mqar_lengths) * len(options.mqar_pairs)
+  if "passkey" in options.tasks:
+    n += len(passkey_lengths) * len(options.passkey_depths)
+  return n
+
+
+def run_tasks(scorer: Scorer, tokenizer, config: ml_collections.ConfigDict,
+              options: EvalOptions, *, batches: Iterable[Batch] | None = None,
+              show_progress: bool | None = None) -> dict:
+  """Evaluates `scorer` on options.tasks; returns the report dict (see report.py).
+
+  `batches` replaces the held-out text of the perplexity task (tests pass their own).
+  """
+  options.check()
+  trained = trained_length(config)
+  pk_lengths = tuple(options.passkey_lengths) or default_passkey_lengths(trained)
+  disable = (not sys.stderr.isatty()) if show_progress is None else not show_progress
+  bar = tqdm(total=count_units(options, pk_lengths), unit="cell", dynamic_ncols=True,
+             disable=disable)
+  step = lambda n=1: bar.update(n)
+  report = {"meta": {"trained_length": trained, "tasks": ",".join(options.tasks),
+                     "scoring": "teacher-forced argmax; passkey exact match of all digits"},
+            "options": dataclasses.asdict(options)}
+  try:
+    if "ppl" in options.tasks:
+      bar.set_description("perplexity")
+      seq_len = options.ppl_seq_len or trained
+      if batches is None:
+        batches = text_batches(config, tokenizer, seq_len=seq_len,
+                               batch_size=options.ppl_batch_size, num_batches=options.ppl_batches,
+                               seed=options.seed, source=options.ppl_source)
+      edges = perplexity.position_bucket_edges(seq_len, options.ppl_first_edge)
+      report["perplexity"] = perplexity.loss_by_position(scorer, batches, edges, progress=step)
+    if "mqar" in options.tasks:
+      bar.set_description("mqar")
+      report["mqar"] = recall.mqar_grid(
+          scorer, tokenizer, lengths=options.mqar_lengths, num_pairs=options.mqar_pairs,
+          num_examples=options.mqar_examples, seed=options.seed,
+          vocab_size=config.data.task_vocab_size, progress=step)
+    if "passkey" in options.tasks:
+      bar.set_description("passkey")
+      report["passkey"] = recall.passkey_grid(
+          scorer, tokenizer, lengths=pk_lengths, depths=options.passkey_depths,
+          num_examples=options.passkey_examples, seed=options.seed + 1,
+          digits=options.passkey_digits, progress=step)
+  finally:
+    bar.close()
+  means = [report[t]["mean_accuracy"] for t in ("mqar", "passkey")
+           if t in report and report[t]["mean_accuracy"] is not None]
+  if means:
+    report["average_recall"] = sum(means) / len(means)
+  return report
