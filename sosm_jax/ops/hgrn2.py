@@ -130,55 +130,61 @@ def gla_chunked(q, k, v, log_f, *, scale=1.0, initial_state=None, chunk_size=64,
   if not isinstance(sub, int) or sub < 1 or chunk_size % sub:
     raise ValueError(
         f"gla_chunked: sub_chunk_size={sub!r} must be a positive int dividing chunk_size={chunk_size}.")
-  b_, t, h, dk = q.shape
-  state = _init_state(q, v, initial_state)
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
   mm = matmul_dtype(q, k, v)
   pad = (-t) % chunk_size
   m_sub = chunk_size // sub
 
-  chunks = lambda x: to_chunks(pad_time(x, pad), chunk_size)
-  qc, kc, vc = chunks(q), chunks(k), chunks(v)                     # [B,H,N,C,*]
-  bcum = jnp.cumsum(chunks(log_f.astype(_F32)), axis=-2)           # [B,H,N,C,K]
-  qf, kf = qc.astype(_F32), kc.astype(_F32)
+  # Batch and heads are merged (G = B*H) to keep array ranks low: XLA:CPU (jaxlib 0.10.2)
+  # crashed inside a YNNPACK transpose in the backward pass of a rank-7 pairwise form.
+  def chunks(x):  # [B,T,H,D] -> [G,N,C,D]
+    x = to_chunks(pad_time(x, pad), chunk_size)
+    return x.reshape((b * h,) + x.shape[2:])
 
-  # Inter-chunk pieces (all exponents <= 0).
-  b_last = bcum[..., -1, :]                                        # [B,H,N,K]
-  k_to_end = kf * jnp.exp(b_last[..., None, :] - bcum)
-  chunk_kv = dot_f32("bhnck,bhncv->bhnkv", k_to_end, vc, mm)           # [B,H,N,K,V]
+  qc, kc, vc = chunks(q), chunks(k), chunks(v)
+  qf, kf = qc.astype(_F32), kc.astype(_F32)
+  bcum = jnp.cumsum(chunks(log_f.astype(_F32)), axis=-2)           # [G,N,C,K]
+  n = bcum.shape[1]
+
+  # Inter-chunk: states entering each chunk (all exponents <= 0).
+  b_last = bcum[:, :, -1, :]                                       # [G,N,K]
+  k_to_end = kf * jnp.exp(b_last[:, :, None, :] - bcum)
+  chunk_kv = dot_f32("gnck,gncv->gnkv", k_to_end, vc, mm)          # [G,N,K,V]
 
   def body(s, xs):
     dec_n, kv_n = xs
     return jnp.exp(dec_n)[..., None] * s + kv_n, s
 
-  chunk_major = lambda x: jnp.moveaxis(x, 2, 0)
-  final_state, s_in = lax.scan(body, state, (chunk_major(b_last), chunk_major(chunk_kv)))
-  s_in = jnp.moveaxis(s_in, 0, 2)                                  # [B,H,N,K,V]
-  o = dot_f32("bhnck,bhnkv->bhncv", qf * jnp.exp(bcum), s_in, mm)
+  state = _init_state(q, v, initial_state).reshape((b * h, dk, dv))
+  final_state, s_in = lax.scan(body, state, (jnp.moveaxis(b_last, 1, 0),
+                                              jnp.moveaxis(chunk_kv, 1, 0)))
+  s_in = jnp.moveaxis(s_in, 0, 1)                                  # [G,N,K,V]
+  o = dot_f32("gnck,gnkv->gncv", qf * jnp.exp(bcum), s_in, mm)     # [G,N,C,V]
 
-  # Intra-chunk, earlier sub-chunks: factor through r_m.
-  sub_shape = bcum.shape[:3] + (m_sub, sub, dk)
-  bsub = bcum.reshape(sub_shape)                                   # [B,H,N,M,S,K]
+  # Intra-chunk, keys in earlier sub-chunks: factor through r_m.
+  bsub = bcum.reshape((b * h, n, m_sub, sub, dk))                  # [G,N,M,S,K]
   ref = jnp.concatenate(
-      [jnp.zeros_like(bsub[..., :1, 0, :]), bsub[..., :-1, -1, :]], axis=-2)  # [B,H,N,M,K]
-  q_rel = qf.reshape(sub_shape) * jnp.exp(bsub - ref[..., None, :])
-  before = jnp.arange(chunk_size)[None, :] < (jnp.arange(m_sub) * sub)[:, None]  # [M, C]
-  k_exp = jnp.where(before[..., None], ref[..., :, None, :] - bcum[..., None, :, :], -jnp.inf)
-  k_rel = kf[..., None, :, :] * jnp.exp(k_exp)                     # [B,H,N,M,C,K]
-  a_off = dot_f32("bhnmsk,bhnmck->bhnmsc", q_rel, k_rel, mm)           # [B,H,N,M,S,C]
-  o = o + dot_f32("bhnmsc,bhncv->bhnmsv", a_off, vc, mm).reshape(o.shape)
+      [jnp.zeros_like(bsub[:, :, :1, 0, :]), bsub[:, :, :-1, -1, :]], axis=2)  # [G,N,M,K]
+  q_rel = qf.reshape(bsub.shape) * jnp.exp(bsub - ref[:, :, :, None, :])
+  before = jnp.arange(chunk_size)[None, :] < (jnp.arange(m_sub) * sub)[:, None]  # [M,C]
+  k_exp = jnp.where(before[..., None], ref[:, :, :, None, :] - bcum[:, :, None, :, :], -jnp.inf)
+  k_rel = kf[:, :, None, :, :] * jnp.exp(k_exp)                    # [G,N,M,C,K]
+  a_off = dot_f32("gnmsk,gnmck->gnmsc", q_rel, k_rel, mm)          # [G,N,M,S,C]
+  o = o + dot_f32("gnmsc,gncv->gnmsv", a_off, vc, mm).reshape(o.shape)
 
-  # Intra-chunk, diagonal sub-chunks: exact pairwise decays.
+  # Intra-chunk, diagonal sub-chunks: exact pairwise decays, flattened to [G*N*M, S, ...].
+  flat = lambda x: x.reshape((-1, sub, x.shape[-1]))
+  bflat = flat(bcum)
   idx = jnp.arange(sub)
-  causal = (idx[:, None] >= idx[None, :])[..., None]               # [S, S, 1]
-  pair = jnp.where(causal, bsub[..., :, None, :] - bsub[..., None, :, :], -jnp.inf)
-  ksub = kf.reshape(sub_shape)
-  a_diag = jnp.sum(qf.reshape(sub_shape)[..., :, None, :] * ksub[..., None, :, :] * jnp.exp(pair),
-                   axis=-1)                                         # [B,H,N,M,S,S]
-  vsub = vc.reshape(sub_shape[:-1] + (vc.shape[-1],))
-  o = o + dot_f32("bhnmst,bhnmtv->bhnmsv", a_diag, vsub, mm).reshape(o.shape)
+  causal = (idx[:, None] >= idx[None, :])[..., None]               # [S,S,1]
+  pair = jnp.where(causal, bflat[:, :, None, :] - bflat[:, None, :, :], -jnp.inf)
+  a_diag = jnp.sum(flat(qf)[:, :, None, :] * flat(kf)[:, None, :, :] * jnp.exp(pair),
+                   axis=-1)                                         # [G*N*M,S,S]
+  o = o + dot_f32("gst,gtv->gsv", a_diag, flat(vc), mm).reshape(o.shape)
 
-  o = scale * from_chunks(o)[:, :t]
-  return o.astype(v.dtype), final_state
+  o = from_chunks(o.reshape((b, h) + o.shape[1:]))[:, :t]
+  return (scale * o).astype(v.dtype), final_state.reshape((b, h, dk, dv))
 
 
 def gla(q, k, v, log_f, *, scale=1.0, initial_state=None, chunk_size=64, implementation=None):
