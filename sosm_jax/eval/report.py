@@ -15,6 +15,9 @@ import numpy as np
 
 from sosm_jax.eval.recall import grid_matrix
 
+_PLOTS = {"loss_plot": "loss_by_position.png", "passkey_heatmap": "passkey_heatmap.png",
+          "mqar_heatmap": "mqar_heatmap.png"}
+
 
 def _fmt(x, pct: bool = False) -> str:
   if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -62,7 +65,8 @@ def to_markdown(report: dict) -> str:
             f"Mean over cells: {_fmt(pk['mean_accuracy'], pct=True)}%.", "",
             _grid_table(pk["cells"], "length", "depth", "length", lambda d: f"{d:.2f}"), ""]
   if "average_recall" in report:
-    out += [f"Average recall (mean of the MQAR and passkey means): "
+    tasks = " and ".join(t for t in ("MQAR", "passkey") if report.get(t.lower()))
+    out += [f"Average recall (mean of the {tasks} means): "
             f"{_fmt(report['average_recall'], pct=True)}%", ""]
   return "\n".join(out)
 
@@ -120,17 +124,20 @@ def write_report(report: dict, out_dir: str) -> dict[str, str]:
     json.dump(report, f, indent=2, default=str)
   with open(paths["markdown"], "w", encoding="utf-8") as f:
     f.write(to_markdown(report))
+  for name in _PLOTS.values():  # plots of an earlier run with other tasks would mislead
+    if os.path.exists(os.path.join(out_dir, name)):
+      os.remove(os.path.join(out_dir, name))
   if report.get("perplexity"):
-    paths["loss_plot"] = os.path.join(out_dir, "loss_by_position.png")
+    paths["loss_plot"] = os.path.join(out_dir, _PLOTS["loss_plot"])
     plot_loss_by_position(paths["loss_plot"], report["perplexity"])
   if report.get("passkey"):
     rows, cols, matrix = grid_matrix(report["passkey"]["cells"], "length", "depth")
-    paths["passkey_heatmap"] = os.path.join(out_dir, "passkey_heatmap.png")
+    paths["passkey_heatmap"] = os.path.join(out_dir, _PLOTS["passkey_heatmap"])
     _heatmap(paths["passkey_heatmap"], matrix, rows, cols, "needle depth", "context length",
              "Passkey accuracy (%)", col_fmt=lambda d: f"{d:.2f}")
   if report.get("mqar"):
     rows, cols, matrix = grid_matrix(report["mqar"]["cells"], "length", "num_pairs")
-    paths["mqar_heatmap"] = os.path.join(out_dir, "mqar_heatmap.png")
+    paths["mqar_heatmap"] = os.path.join(out_dir, _PLOTS["mqar_heatmap"])
     _heatmap(paths["mqar_heatmap"], matrix, rows, cols, "key-value pairs", "sequence length",
              "MQAR accuracy (%)")
   return paths

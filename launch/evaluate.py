@@ -1,0 +1,104 @@
+"""Evaluate a checkpoint: python launch/evaluate.py --workdir=DIR [--tasks=ppl,mqar,passkey].
+
+Reads the newest (or --step) checkpoint of a training run with its own config, evaluates
+  ppl      loss / perplexity by position bucket on held-out text (does loss fall with context?)
+  mqar     MQAR accuracy over lengths x key-value pairs
+  passkey  passkey accuracy over lengths x needle depths, up to 2x the trained length
+and writes report.json, report.md, loss_by_position.png, mqar_heatmap.png, passkey_heatmap.png
+to DIR/eval/<step>/ (or --out). Scoring is teacher-forced argmax (see sosm_jax/eval/scoring.py).
+
+  python launch/evaluate.py --workdir=workdir/curriculum-smoke --tasks=ppl,passkey \
+      --passkey_lengths=256,512,1024,2048 --passkey_depths=0,0.5,1
+  python launch/evaluate.py --workdir=DIR --predictor=oracle   # checks the evaluator: ~100%
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags
+
+from sosm_jax.eval import loading, report as report_lib, runner, scoring, standins
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of a training run.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Optional config replacing the checkpoint's own (its model must describe the "
+    "same parameters; e.g. to change model.rope_base or model.linear_impl for evaluation).")
+_TASKS = flags.DEFINE_list("tasks", list(runner.TASKS), f"Subset of {runner.TASKS}.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_OUT = flags.DEFINE_string("out", "", "Output directory (default: WORKDIR/eval/<step>).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per forward pass of the grids.")
+_SEED = flags.DEFINE_integer("seed", 1234, "Seed of the generated examples.")
+_PREDICTOR = flags.DEFINE_enum("predictor", "model", ["model", "oracle", "random"],
+                               "'oracle'/'random': stand-ins that check the evaluator itself.")
+_PPL_LEN = flags.DEFINE_integer("ppl_seq_len", 0, "Perplexity sequence length (0: trained).")
+_PPL_BATCHES = flags.DEFINE_integer("ppl_batches", 8, "Held-out batches for perplexity.")
+_PPL_BS = flags.DEFINE_integer("ppl_batch_size", 4, "Rows per perplexity batch.")
+_PPL_SOURCE = flags.DEFINE_string("ppl_source", "", "Held-out text source (default: the "
+                                  "config's validation split), e.g. 'text:/data/books/*.txt'.")
+_MQAR_LENS = flags.DEFINE_list("mqar_lengths", ["64", "128", "256", "512", "1024"], "")
+_MQAR_PAIRS = flags.DEFINE_list("mqar_pairs", ["4", "8", "16", "32", "64", "128", "256"], "")
+_MQAR_N = flags.DEFINE_integer("mqar_examples", 16, "Examples per MQAR cell.")
+_PK_LENS = flags.DEFINE_list("passkey_lengths", [], "Default: trained/8 .. 2x trained.")
+_PK_DEPTHS = flags.DEFINE_list("passkey_depths", ["0", "0.25", "0.5", "0.75", "1"], "")
+_PK_N = flags.DEFINE_integer("passkey_examples", 4, "Examples per passkey cell.")
+_PK_DIGITS = flags.DEFINE_integer("passkey_digits", 5, "Digits of the passkey.")
+
+
+def _ints(values, name):
+  try:
+    return tuple(int(v) for v in values)
+  except ValueError:
+    raise app.UsageError(f"--{name} takes comma-separated integers, got {','.join(values)}")
+
+
+def options_from_flags() -> runner.EvalOptions:
+  try:
+    depths = tuple(float(v) for v in _PK_DEPTHS.value)
+  except ValueError:
+    raise app.UsageError(f"--passkey_depths takes numbers in [0, 1], got {_PK_DEPTHS.value}")
+  return runner.EvalOptions(
+      tasks=tuple(_TASKS.value), seed=_SEED.value, ppl_seq_len=_PPL_LEN.value,
+      ppl_batches=_PPL_BATCHES.value, ppl_batch_size=_PPL_BS.value, ppl_source=_PPL_SOURCE.value,
+      mqar_lengths=_ints(_MQAR_LENS.value, "mqar_lengths"),
+      mqar_pairs=_ints(_MQAR_PAIRS.value, "mqar_pairs"), mqar_examples=_MQAR_N.value,
+      passkey_lengths=_ints(_PK_LENS.value, "passkey_lengths"), passkey_depths=depths,
+      passkey_examples=_PK_N.value, passkey_digits=_PK_DIGITS.value)
+
+
+def make_scorer(kind: str, loaded, batch_size: int):
+  if kind == "model":
+    return scoring.model_scorer(loaded.model, loaded.params, batch_size=batch_size)
+  if kind == "oracle":
+    return scoring.scorer_from_answers(standins.induction_oracle())
+  return scoring.scorer_from_logits(standins.random_logits(loaded.config.model.vocab_size))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every restore at INFO
+    logging.set_verbosity(logging.WARNING)
+  options = options_from_flags()
+  if _PREDICTOR.value == "oracle" and "ppl" in options.tasks:
+    print("note: the oracle gives answers, not likelihoods: skipping the 'ppl' task", flush=True)
+    options.tasks = tuple(t for t in options.tasks if t != "ppl") or ("mqar", "passkey")
+  options.check()
+  loaded = loading.load_for_eval(_WORKDIR.value, step=_STEP.value, config=_CONFIG.value)
+  print(f"Evaluating {loaded.workdir} checkpoint {loaded.step} ({_PREDICTOR.value}): "
+        f"{', '.join(options.tasks)}", flush=True)
+  scorer = make_scorer(_PREDICTOR.value, loaded, _BATCH.value)
+  result = runner.run_tasks(scorer, loaded.tokenizer, loaded.config, options)
+  result["meta"].update(workdir=loaded.workdir, step=loaded.step, predictor=_PREDICTOR.value,
+                        architecture=loaded.config.model.architecture)
+  out = _OUT.value or os.path.join(loaded.workdir, "eval", str(loaded.step))
+  paths = report_lib.write_report(result, out)
+  print(report_lib.to_markdown(result), flush=True)
+  print(json.dumps(paths, indent=2), flush=True)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
