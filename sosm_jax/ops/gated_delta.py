@@ -177,7 +177,8 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, scale=None, initial_state=None
   """
   _check_inputs(q, k, v, g, beta, initial_state)
   if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"gated_delta_rule_chunked: chunk_size must be a positive int, got {chunk_size!r}.")
+    raise ValueError(
+        f"gated_delta_rule_chunked: chunk_size must be a positive int, got {chunk_size!r}.")
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   scale = _default_scale(scale, dk)
@@ -222,7 +223,8 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, scale=None, initial_state=None
   delta = jnp.moveaxis(delta, 0, 2)                                  # [B,H,N,C,V]
 
   q_decayed = qc.astype(_F32) * jnp.exp(gamma)[..., None]
-  o = dot_f32("bhnck,bhnkv->bhncv", q_decayed, s_in, mm) + dot_f32("bhncd,bhndv->bhncv", qk, delta, mm)
+  o = (dot_f32("bhnck,bhnkv->bhncv", q_decayed, s_in, mm)
+       + dot_f32("bhncd,bhndv->bhncv", qk, delta, mm))
   o = scale * from_chunks(o)[:, :t]
   return o.astype(v.dtype), final_state
 
