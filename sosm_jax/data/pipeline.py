@@ -253,7 +253,10 @@ def make_pipeline(data_cfg, tokenizer, *, seq_len: int, batch_size: int, seed: i
   docs = docs[process_index::process_count]
   read = grain.ReadOptions(num_threads=data_cfg.read_threads,
                            prefetch_buffer_size=4 * data_cfg.read_threads + 4)
-  ds = PackIterDataset(docs.to_iter_dataset(read), seq_len=seq_len, pad_id=tokenizer.pad_id)
+  # A run of empty documents longer than two passes over the source means it has no text.
+  listed = sum(int(s.get("documents", 0)) for s in summaries)
+  ds = PackIterDataset(docs.to_iter_dataset(read), seq_len=seq_len, pad_id=tokenizer.pad_id,
+                       max_empty_run=min(10_000, 2 * listed + 10))
   ds = ds.batch(batch_size, drop_remainder=False)
   ds = ds.map(_RowsToBatch(batch_size, data_cfg.separate_documents, tokenizer.pad_id))
   if data_cfg.num_workers > 0:

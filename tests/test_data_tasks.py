@@ -1,0 +1,144 @@
+"""Synthetic tasks (answers follow from prompts) and tokenizers (round trip, identity checks)."""
+import re
+
+import numpy as np
+import pytest
+
+from sosm_jax import data
+from sosm_jax.data import tasks, tokenizers
+
+BYTE = tokenizers.ByteTokenizer()
+
+
+@pytest.mark.parametrize("length, pairs, queries", [(64, 8, 0), (200, 20, 5), (41, 10, 10)])
+def test_mqar_answer_is_the_value_paired_with_the_queried_key(length, pairs, queries):
+  for seed in range(5):
+    ex = tasks.mqar_example(BYTE, length, num_pairs=pairs, num_queries=queries, seed=seed,
+                            vocab_size=64)
+    t = ex.tokens
+    assert t.shape == (length,) and t[0] == BYTE.bos_id
+    keys, values = t[1:1 + 2 * pairs:2], t[2:2 + 2 * pairs:2]
+    assert len(set(keys.tolist())) == pairs and keys.max() < 32 <= values.min()
+    table = dict(zip(keys.tolist(), values.tolist()))
+    assert len(ex.answer_positions) == (queries or pairs)
+    assert ex.answer_positions.min() > 2 * pairs  # every answer is asked after the context
+    for p in ex.answer_positions:
+      assert table[int(t[p - 1])] == t[p]  # the key just before the answer decides it
+    np.testing.assert_array_equal(np.flatnonzero(ex.answer_mask), ex.answer_positions)
+    np.testing.assert_array_equal(ex.answer, t[ex.answer_positions])
+
+
+@pytest.mark.parametrize("length", [30, 300, 2000])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_passkey_answer_is_the_number_hidden_at_the_depth(length, depth):
+  ex = tasks.passkey_example(BYTE, length, seed=11, depth=depth)
+  assert ex.tokens.shape == (length,) and ex.tokens[0] == BYTE.bos_id
+  prompt = BYTE.decode(ex.tokens[:ex.prompt_length])
+  answer = BYTE.decode(ex.answer)
+  assert answer == ex.answer_text and len(answer) == 5
+  assert ex.prompt_length + len(ex.answer) == length  # the answer ends the example
+  needles = list(re.finditer(r" The pass key is (\d{5})\. Remember it: \1 is the pass key\. |"
+                             r"#(\d{5})(?!$)", prompt))
+  assert len(needles) == 1 and answer in needles[0].groups()  # hidden once, asked for at the end
+  # The needle sits at `depth` of the filler between the header and the question.
+  header = len(tasks._HEADER) if length > 200 else 0
+  question = len(tasks._QUESTION) if length > 200 else len(tasks._TERSE_QUESTION)
+  m = needles[0]
+  filler = len(prompt) - header - question - (m.end() - m.start())  # (decode drops the BOS)
+  assert abs((m.start() - header) - depth * filler) <= 0.5
+
+
+def test_copy_answer_repeats_the_prompt():
+  ex = tasks.copy_example(BYTE, 51, seed=3, vocab_size=16)
+  n = (51 - 2) // 2
+  np.testing.assert_array_equal(ex.answer, ex.tokens[1:1 + n])
+  assert ex.tokens[1 + n] == BYTE.sep_id and ex.answer.max() < 16
+
+
+def test_examples_are_deterministic_in_the_seed():
+  a = tasks.mqar_example(BYTE, 128, num_pairs=16, seed=5)
+  b = tasks.mqar_example(BYTE, 128, num_pairs=16, seed=5)
+  c = tasks.mqar_example(BYTE, 128, num_pairs=16, seed=6)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert not np.array_equal(a.tokens, c.tokens)
+
+
+def test_task_settings_that_cannot_fit_are_errors():
+  with pytest.raises(ValueError, match="mqar_num_pairs"):
+    tasks.mqar_example(BYTE, 1000, num_pairs=200, seed=0, vocab_size=256)
+  with pytest.raises(ValueError, match="cannot hold"):
+    tasks.mqar_example(BYTE, 20, num_pairs=8, seed=0)
+  with pytest.raises(ValueError, match="shorter"):
+    tasks.passkey_example(BYTE, 10, seed=0)
+
+
+def test_eval_batches_score_exactly_the_answer_tokens():
+  batch = tasks.passkey_eval_batch(BYTE, seq_len=256, num_examples=4, seed=0)
+  assert batch["inputs"].shape == (4, 256)
+  for row in range(4):
+    scored = batch["targets"][row][batch["loss_mask"][row] > 0]
+    assert len(scored) == 5 and BYTE.decode(scored).isdigit()
+    prompt = BYTE.decode(batch["inputs"][row][:256 - 5])
+    assert BYTE.decode(scored) in prompt
+  mqar = tasks.mqar_eval_batch(BYTE, seq_len=128, num_examples=2, seed=0, num_pairs=8)
+  assert mqar["loss_mask"].sum() == 16
+
+
+def test_task_pipeline_fills_each_row_with_one_example_scoring_answers_only():
+  cfg = data.default_data_config()
+  cfg.source, cfg.mqar_num_pairs, cfg.mqar_num_queries = "synthetic:mqar", 6, 4
+  p = data.make_pipeline(cfg, BYTE, seq_len=48, batch_size=3, seed=0, process_index=0,
+                         process_count=1)
+  batch = next(p)
+  assert (batch["segment_ids"] == 1).all() and (batch["inputs"][:, 0] == BYTE.bos_id).all()
+  np.testing.assert_array_equal(batch["loss_mask"].sum(axis=1), [4, 4, 4])
+  for row in range(3):
+    inputs, targets = batch["inputs"][row], batch["targets"][row]
+    table = dict(zip(inputs[1:13:2].tolist(), inputs[2:13:2].tolist()))
+    for pos in np.flatnonzero(batch["loss_mask"][row]):
+      assert table[int(inputs[pos])] == targets[pos]
+  p.close()
+
+
+def test_byte_tokenizer_round_trips_and_marks_specials():
+  text = "héllo\n\tworld ✓"
+  ids = BYTE.encode(text)
+  assert BYTE.decode(ids) == text and max(ids) < 256
+  assert BYTE.decode([BYTE.bos_id] + ids + [BYTE.eos_id, BYTE.pad_id]) == text
+  assert BYTE.vocab_size == 260
+
+
+def test_sentencepiece_training_round_trip_and_identity(tmp_path):
+  texts = [f"def function_{i}(x):\n    return x * {i}  # héllo\n" for i in range(300)]
+  path = tokenizers.train_sentencepiece(iter(texts), str(tmp_path / "sp"), vocab_size=320)
+  cfg = data.default_data_config()
+  cfg.tokenizer = f"sentencepiece:{path}"
+  tok = data.make_tokenizer(cfg)
+  sample = "def function_7(x):\n    return x * 7  # héllo ✓\n"
+  assert tok.decode(tok.encode(sample)) == sample
+  ident = tok.identity()
+  assert ident["kind"] == "sentencepiece" and ident["vocab_size"] == tok.vocab_size
+  data.check_tokenizer_identity(ident, dict(ident, path="/elsewhere/sp.model"))  # moved: fine
+  with pytest.raises(ValueError, match="different tokenizer"):
+    data.check_tokenizer_identity(ident, BYTE.identity())
+  ids = tok.task_ids(8)
+  assert len(set(ids.tolist())) == 8 and not {tok.pad_id, tok.bos_id, tok.eos_id} & set(ids)
+  ex = tasks.mqar_example(tok, 64, num_pairs=4, seed=0, vocab_size=8)
+  assert ex.tokens.max() < tok.vocab_size
+
+
+def test_tokenizer_mismatch_and_missing_model_are_errors(tmp_path):
+  with pytest.raises(ValueError, match="different tokenizer"):
+    data.check_tokenizer_identity(BYTE.identity(), dict(BYTE.identity(), vocab_size=300))
+  cfg = data.default_data_config()
+  cfg.tokenizer = f"sentencepiece:{tmp_path}/missing.model"
+  with pytest.raises(ValueError, match="does not exist"):
+    data.make_tokenizer(cfg)
+  # A saved data state carries the tokenizer; resuming it with another one is refused.
+  p = data.make_pipeline(data.default_data_config(), BYTE, seq_len=16, batch_size=1, seed=0,
+                         process_index=0, process_count=1)
+  state = p.get_state()
+  state["meta"]["tokenizer"] = dict(state["meta"]["tokenizer"], vocab_size=999)
+  with pytest.raises(ValueError, match="different tokenizer"):
+    p.set_state(state)
+  p.close()
