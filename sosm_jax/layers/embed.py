@@ -1,0 +1,87 @@
+"""Token embeddings (standard or factorized ALBERT-style) and the output head (tied or untied).
+
+Standard: table `[vocab, d_model]`. Factorized (embed_dim > 0): table `[vocab, embed_dim]` then a
+projection `[embed_dim, d_model]`; fewer parameters for large vocabularies. The tied head reuses
+the same matrices transposed (factorized: d_model -> embed_dim -> vocab); an untied head is one
+`[d_model, vocab]` matrix in both cases.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sosm_jax.layers.common import compute_dtype, constrain, fan_in_init, param_dtype
+
+_F32 = jnp.float32
+
+
+class Embedder(nn.Module):
+  """`encode(tokens [B,T]) -> [B,T,D]` and `logits(h [B,T,D]) -> [B,T,V]` float32."""
+  cfg: Any
+
+  def setup(self):
+    cfg = self.cfg
+    pd = param_dtype(cfg)
+    width = cfg.embed_dim if cfg.embed_dim > 0 else cfg.d_model
+    # std 1/sqrt(width): unit-scale logits at init with a tied head after the final RMSNorm
+    table_axes = ("vocab", "embed") if cfg.embed_dim <= 0 else ("vocab", None)
+    self.table = self.param(
+        "embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(width ** -0.5), table_axes),
+        (cfg.vocab_size, width), pd)
+    if cfg.embed_dim > 0:
+      self.project = self.param("embed_proj",
+                                nn.with_logical_partitioning(fan_in_init(1), (None, "embed")),
+                                (cfg.embed_dim, cfg.d_model), pd)
+    if not cfg.tie_embeddings:
+      self.head = self.param("head", nn.with_logical_partitioning(fan_in_init(1), ("embed", "vocab")),
+                             (cfg.d_model, cfg.vocab_size), pd)
+
+  def encode(self, tokens: jax.Array) -> jax.Array:
+    """tokens `[batch, time]` int -> `[batch, time, d_model]` in the compute dtype."""
+    dt = compute_dtype(self.cfg)
+    x = jnp.take(jnp.asarray(self.table), tokens, axis=0).astype(dt)
+    if self.cfg.embed_dim > 0:
+      x = jnp.einsum("bte,ed->btd", x, jnp.asarray(self.project, dt))
+    return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """h `[batch, time, d_model]` -> logits `[batch, time, vocab]` float32.
+
+    Matmuls in the compute dtype with float32 accumulation.
+    """
+    dt = compute_dtype(self.cfg)
+    h = h.astype(dt)
+    mm = lambda eq, a, b: jnp.einsum(eq, a, jnp.asarray(b, dt), preferred_element_type=_F32)
+    if not self.cfg.tie_embeddings:
+      out = mm("btd,dv->btv", h, self.head)
+    elif self.cfg.embed_dim > 0:
+      e = mm("btd,ed->bte", h, self.project).astype(dt)
+      out = mm("bte,ve->btv", e, self.table)
+    else:
+      out = mm("btd,vd->btv", h, self.table)
+    return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    return self.encode(tokens)
+
+  @staticmethod
+  def param_count(cfg) -> int:
+    v, d, e = cfg.vocab_size, cfg.d_model, cfg.embed_dim
+    n = v * e + e * d if e > 0 else v * d
+    return n + (0 if cfg.tie_embeddings else d * v)
+
+  @staticmethod
+  def head_flops_per_token(cfg) -> float:
+    """Forward FLOPs of the output head (the embedding lookup is free)."""
+    v, d, e = cfg.vocab_size, cfg.d_model, cfg.embed_dim
+    if cfg.tie_embeddings and e > 0:
+      return 2.0 * (d * e + e * v)
+    return 2.0 * d * v
+
+  @staticmethod
+  def input_flops_per_token(cfg) -> float:
+    return 2.0 * cfg.embed_dim * cfg.d_model if cfg.embed_dim > 0 else 0.0

@@ -1,0 +1,170 @@
+"""HybridLM: embeddings, pre-norm blocks with the mixer pattern over depth, final norm, head.
+
+Block: x + mixer(norm(x)), then x + mlp(norm(x)). The pattern (e.g. hgrn2,hgrn2,hgrn2,attn) is one
+"group"; num_layers // len(pattern) groups. With scan_layers the groups run under `nn.scan`
+(params stacked on a leading 'layers' axis, compile time flat in depth, caches stacked the same
+way); without it each layer is its own module. Remat wraps each block.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sosm_jax.layers import MIXERS
+from sosm_jax.layers.common import BATCH_LENGTH_EMBED, MLP, RMSNorm, compute_dtype, constrain, param_dtype
+from sosm_jax.layers.embed import Embedder
+from sosm_jax.layers.hgrn2 import cumulative_lower_bounds
+from sosm_jax.models.config import layer_mixers, resolved_pattern
+
+
+def mixer_class(name: str):
+  if name not in MIXERS:
+    raise ValueError(f"model.pattern: mixer {name!r} is not available (registered: "
+                     f"{sorted(MIXERS)}); for 'graph', sosm_jax/layers/graph.py must exist.")
+  return MIXERS[name]
+
+
+def _remat(cls, policy: str):
+  if policy == "none":
+    return cls
+  if policy == "full":
+    return nn.remat(cls, prevent_cse=False)
+  # 'dots': keep projection matmul outputs (no batch dims), recompute the rest
+  return nn.remat(cls, prevent_cse=False,
+                  policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+class Block(nn.Module):
+  """One pre-norm residual block around mixer `mixer_name`. x `[B, T, D]` -> (x, cache)."""
+  cfg: Any
+  mixer_name: str
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, cache, lower_bound, layer_index):
+    cfg = self.cfg
+    norm = lambda name: RMSNorm(cfg.norm_eps, ("norm",), compute_dtype(cfg), param_dtype(cfg),
+                                name=name)
+    extra = {"lower_bound": lower_bound} if self.mixer_name == "hgrn2" else {}
+    mixer = mixer_class(self.mixer_name)(cfg=cfg, layer_index=layer_index, name="mixer")
+    y, cache = mixer(norm("mixer_norm")(x), positions=positions, segment_ids=segment_ids,
+                     cache=cache, decode=self.decode, **extra)
+    x = constrain(x + y.astype(x.dtype), BATCH_LENGTH_EMBED)
+    x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x)).astype(x.dtype)
+    return constrain(x, BATCH_LENGTH_EMBED), cache
+
+
+class BlockGroup(nn.Module):
+  """One repetition of the pattern; the body of the layer scan.
+
+  (x, (caches, lower_bounds, group_index)) -> (x, caches); caches and lower_bounds are per
+  pattern position (tuples, entries may be None).
+  """
+  cfg: Any
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, caches, lower_bounds, group_index):
+    pattern = resolved_pattern(self.cfg)
+    block_cls = _remat(Block, self.cfg.remat)
+    new_caches = []
+    for p, name in enumerate(pattern):
+      x, c = block_cls(self.cfg, name, self.decode, name=f"block_{p}")(
+          x, positions, segment_ids, None if caches is None else caches[p],
+          None if lower_bounds is None else lower_bounds[p], group_index * len(pattern) + p)
+      new_caches.append(c)
+    return x, (None if caches is None else tuple(new_caches))
+
+
+def _uses_lower_bounds(cfg) -> bool:
+  return "hgrn2" in resolved_pattern(cfg)
+
+
+class HybridLM(nn.Module):
+  """The language model. tokens `[B, T]` -> logits `[B, T, V]` float32 (and cache if given).
+
+  positions `[B, T]` default 0..T-1; segment_ids `[B, T]` or None; cache from `init_cache`.
+  """
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, decode=False):
+    cfg = self.cfg
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if not cfg.document_masking:
+      segment_ids = None
+    embedder = Embedder(cfg, name="embed")
+    x = embedder.encode(tokens)
+
+    lower_bounds = None
+    if _uses_lower_bounds(cfg):
+      width = cfg.d_model // cfg.hgrn2_head_dim * cfg.hgrn2_head_dim
+      table = self.param("hgrn2_lower_bounds",
+                         nn.with_logical_partitioning(nn.initializers.zeros, ("layers", "heads")),
+                         (cfg.num_layers, width), param_dtype(cfg))
+      lower_bounds = cumulative_lower_bounds(jnp.asarray(table))   # [L, width]
+
+    layer_caches = None if cache is None else cache["layers"]
+    if cfg.scan_layers:
+      x, layer_caches = self._scan(x, positions, segment_ids, layer_caches, lower_bounds, decode)
+    else:
+      x, layer_caches = self._loop(x, positions, segment_ids, layer_caches, lower_bounds, decode)
+
+    x = RMSNorm(cfg.norm_eps, ("norm",), compute_dtype(cfg), param_dtype(cfg), name="final_norm")(x)
+    logits = embedder.logits(x)
+    if cache is None:
+      return logits
+    return logits, {"index": cache["index"] + t, "layers": layer_caches}
+
+  def _scan(self, x, positions, segment_ids, caches, lower_bounds, decode):
+    cfg = self.cfg
+    p = len(resolved_pattern(cfg))
+    groups = cfg.num_layers // p
+    lb = None
+    if lower_bounds is not None:
+      lb = tuple(lower_bounds.reshape(groups, p, -1)[:, i] for i in range(p))
+    scanned = nn.scan(
+        BlockGroup,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0, 0, 0),
+        length=groups,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(cfg, decode, name="layers")(
+        x, positions, segment_ids, caches, lb, jnp.arange(groups, dtype=jnp.int32))
+
+  def _loop(self, x, positions, segment_ids, caches, lower_bounds, decode):
+    cfg = self.cfg
+    new = []
+    block_cls = _remat(Block, cfg.remat)
+    for i, name in enumerate(layer_mixers(cfg)):
+      x, c = block_cls(cfg, name, decode, name=f"layer_{i}")(
+          x, positions, segment_ids, None if caches is None else caches[i],
+          None if lower_bounds is None else lower_bounds[i], i)
+      new.append(c)
+    return x, (None if caches is None else tuple(new))
+
+
+def init_cache(cfg, batch_size: int, max_len: int) -> dict:
+  """Zero cache for `HybridLM`: {'index': int32 scalar, 'layers': per-layer caches}.
+
+  scan_layers: a tuple over pattern positions of caches stacked `[groups, ...]`; otherwise a
+  tuple over layers.
+  """
+  def one(name, i):
+    return mixer_class(name)(cfg=cfg, layer_index=i).init_cache(batch_size, max_len)
+
+  if cfg.scan_layers:
+    pattern = resolved_pattern(cfg)
+    groups = cfg.num_layers // len(pattern)
+    layers = tuple(jax.tree.map(lambda a: jnp.broadcast_to(a, (groups,) + a.shape), one(name, p))
+                   for p, name in enumerate(pattern))
+  else:
+    layers = tuple(one(name, i) for i, name in enumerate(layer_mixers(cfg)))
+  return {"index": jnp.zeros((), jnp.int32), "layers": layers}
