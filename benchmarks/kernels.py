@@ -1,0 +1,376 @@
+"""Times the linear-attention ops (ours, and fla / MaxText / cuDNN attention when importable).
+
+For each `T x B` row (16 heads, head dim 128, bf16 by default) and each op ('gdn' gated delta rule,
+'gla' HGRN-2 kernel) it times forward and forward+backward (median ms), prints the relative error
+of every implementation's output against a float32 chunked reference on the same inputs, and
+writes JSON (device, versions, shapes, medians, errors). Decode: one-step latency of the gated
+delta rule at batch 1..64 against fla's `fused_recurrent_gated_delta_rule`.
+
+Peers are never part of this repository: fla comes from its wheels installed on the GPU machine,
+MaxText's `jax_chunk_gated_delta_rule` is read from its wheel (`--maxtext-wheel`, the function
+alone is compiled; MaxText is not imported).
+
+  python benchmarks/kernels.py --rows 4096x16,16384x4,65536x1 --out /tmp/kernels.json
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import statistics
+import sys
+import time
+import zipfile
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch (fla)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from sosm_jax.ops import gated_delta, hgrn2, kernels  # pylint: disable=wrong-import-position
+
+# --------------------------------------------------------------------------- inputs and timing
+
+
+def make_inputs(op, t, b, h, d, dtype, seed=0):
+  """Random inputs like a real layer: unit-norm q, k; mild decays; sigmoid betas."""
+  ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  q = unit(jax.random.normal(ks[0], (b, t, h, d))).astype(dtype)
+  k = unit(jax.random.normal(ks[1], (b, t, h, d))).astype(dtype)
+  v = jax.random.normal(ks[2], (b, t, h, d)).astype(dtype)
+  do = jax.random.normal(ks[5], (b, t, h, d)).astype(dtype)
+  if op == "gdn":
+    g = jax.nn.log_sigmoid(2.0 + jax.random.normal(ks[3], (b, t, h)))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h)))
+    return (q, k, v, g, beta), do
+  log_f = jax.nn.log_sigmoid(2.0 + jax.random.normal(ks[3], (b, t, h, d)))
+  return (q, k, v, log_f), do
+
+
+def _median_ms(fn, args, iters, warmup=2):
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times)
+
+
+def _rel(a, b):
+  a = jnp.asarray(a, jnp.float32)
+  b = jnp.asarray(b, jnp.float32)
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+# --------------------------------------------------------------------------- JAX implementations
+
+
+def load_maxtext_gdn(wheel):
+  """MaxText's `jax_chunk_gated_delta_rule`, compiled alone from its wheel (no MaxText import)."""
+  with zipfile.ZipFile(wheel) as z:
+    src = z.read("maxtext/models/qwen3.py").decode()
+  tree = ast.parse(src)
+  fn = next(n for n in tree.body
+            if isinstance(n, ast.FunctionDef) and n.name == "jax_chunk_gated_delta_rule")
+  module = ast.Module(body=[fn], type_ignores=[])
+  namespace = {"jax": jax, "jnp": jnp, "lax": jax.lax, "Array": jax.Array, "math": __import__("math"),
+               "l2norm": None, "gdn_cp": None}
+  exec(compile(module, wheel + ":qwen3.py", "exec"), namespace)  # pylint: disable=exec-used
+  return namespace["jax_chunk_gated_delta_rule"]
+
+
+def jax_impls(op, maxtext_wheel):
+  """name -> f(*inputs) -> o, for the JAX implementations available for `op`."""
+  if op == "gdn":
+    impls = {
+        "ours_pallas": kernels.fast_path("gated_delta_rule", "pallas"),
+        "ours_xla": kernels.fast_path("gated_delta_rule", "xla"),
+        "ops_chunked": gated_delta.gated_delta_rule_chunked,
+    }
+    impls = {k: (lambda f: lambda *a: f(*a)[0])(f) for k, f in impls.items()}
+    if maxtext_wheel and os.path.exists(maxtext_wheel):
+      mt = load_maxtext_gdn(maxtext_wheel)
+      impls["maxtext"] = lambda q, k, v, g, beta: mt(q, k, v, g, beta, chunk_size=64)[0]
+    return impls
+  impls = {
+      "ours_pallas": kernels.fast_path("gla", "pallas"),
+      "ours_xla": kernels.fast_path("gla", "xla"),
+      "ops_chunked": hgrn2.gla_chunked,
+  }
+  return {k: (lambda f: lambda *a: f(*a)[0])(f) for k, f in impls.items()}
+
+
+def time_jax(fn, inputs, do, modes, iters):
+  fwd = jax.jit(fn)
+
+  @jax.jit
+  def fwdbwd(*args):
+    o, vjp = jax.vjp(fn, *args[:-1])
+    return vjp(args[-1])
+
+  out = {}
+  o = fwd(*inputs)
+  if "fwd" in modes:
+    out["fwd"] = _median_ms(fwd, inputs, iters)
+  if "fwdbwd" in modes:
+    out["fwdbwd"] = _median_ms(fwdbwd, tuple(inputs) + (do,), iters)
+  return out, o
+
+
+def time_cudnn_attention(t, b, h, d, iters):
+  ks = jax.random.split(jax.random.PRNGKey(1), 4)
+  q, k, v, do = (jax.random.normal(x, (b, t, h, d), jnp.bfloat16) for x in ks)
+  attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                      implementation="cudnn")
+  res, _ = time_jax(attn, (q, k, v), do, ("fwd", "fwdbwd"), iters)
+  return res
+
+
+# --------------------------------------------------------------------------- fla (torch)
+
+
+def fla_available():
+  try:
+    import fla  # pylint: disable=import-outside-toplevel,unused-import
+    import torch  # pylint: disable=import-outside-toplevel
+    return torch.cuda.is_available()
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def time_fla(op, inputs, do, modes, iters):
+  """fla's chunk kernels on the same inputs (via dlpack). Returns (times, output as jax)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import triton  # pylint: disable=import-outside-toplevel
+  from fla.ops.common import chunk_o  # pylint: disable=import-outside-toplevel
+  # fla 0.6 refuses the gated backward on Hopper with triton < 3.7.1 (its issue #640);
+  # force it for timing only, as the issue's table did.
+  chunk_o.TRITON_ABOVE_3_7_1 = True
+  tt = [torch.from_dlpack(x) for x in inputs]
+  tdo = torch.from_dlpack(do)
+  if op == "gdn":
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as f  # pylint: disable=import-outside-toplevel
+    scale = inputs[0].shape[-1] ** -0.5
+    call = lambda *a: f(*a, scale=scale, output_final_state=False)[0]
+  else:
+    from fla.ops.gla import chunk_gla as f  # pylint: disable=import-outside-toplevel
+    call = lambda *a: f(*a, scale=1.0, output_final_state=False)[0]
+  out = {}
+  o = call(*tt)
+  if "fwd" in modes:
+    out["fwd"] = triton.testing.do_bench(lambda: call(*tt), warmup=25, rep=max(iters * 10, 100),
+                                         return_mode="median")
+  if "fwdbwd" in modes:
+    tg = [x.detach().clone().requires_grad_(True) for x in tt]
+
+    def step():
+      call(*tg).backward(tdo)
+    out["fwdbwd"] = triton.testing.do_bench(step, warmup=25, rep=max(iters * 10, 100),
+                                            grad_to_none=tg, return_mode="median")
+  o_jax = jnp.asarray(o.float().cpu().numpy())
+  return out, o_jax
+
+
+def time_fla_decode(b, h, d, iters):
+  import torch  # pylint: disable=import-outside-toplevel
+  import triton  # pylint: disable=import-outside-toplevel
+  from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as f  # pylint: disable=import-outside-toplevel
+  dev = "cuda"
+  q = torch.nn.functional.normalize(torch.randn(b, 1, h, d, device=dev), dim=-1).bfloat16()
+  k = torch.nn.functional.normalize(torch.randn(b, 1, h, d, device=dev), dim=-1).bfloat16()
+  v = torch.randn(b, 1, h, d, device=dev).bfloat16()
+  g = torch.nn.functional.logsigmoid(torch.randn(b, 1, h, device=dev) + 2)
+  beta = torch.rand(b, 1, h, device=dev)
+  s = torch.randn(b, h, d, d, device=dev)
+  return triton.testing.do_bench(
+      lambda: f(q, k, v, g=g, beta=beta, initial_state=s, output_final_state=True),
+      warmup=25, rep=100, return_mode="median")
+
+
+def time_ours_decode(b, h, d, iters, steps=200):
+  """Device time per decode step: `steps` steps inside one jitted loop (no host round trips)."""
+  ks = jax.random.split(jax.random.PRNGKey(2), 6)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  q = unit(jax.random.normal(ks[0], (b, h, d))).astype(jnp.bfloat16)
+  k = unit(jax.random.normal(ks[1], (b, h, d))).astype(jnp.bfloat16)
+  v = jax.random.normal(ks[2], (b, h, d)).astype(jnp.bfloat16)
+  g = jax.nn.log_sigmoid(2.0 + jax.random.normal(ks[3], (b, h)))
+  beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, h)))
+  state = jax.random.normal(ks[5], (b, h, d, d))
+
+  @jax.jit
+  def run(state, n):
+    def body(_, carry):
+      s, acc = carry
+      o, s = gated_delta.gated_delta_rule_step(q, k, v, g, beta, s)
+      return s, acc + o[0, 0, 0].astype(jnp.float32)
+    return jax.lax.fori_loop(0, n, body, (state, 0.0))
+
+  one = _median_ms(run, (state, 1), iters)
+  many = _median_ms(run, (state, steps + 1), iters)
+  return (many - one) / steps
+
+
+def sweep_recurrence(rows, h, d, iters):
+  """gdn fwd+bwd of ours_pallas under several recurrence launch settings."""
+  from sosm_jax.ops.kernels import pallas_recurrence as pr  # pylint: disable=import-outside-toplevel
+  configs = [(None, 4, 2), (None, 4, 3), (None, 8, 2), (None, 4, 1), (32, 4, 2), (64, 4, 2),
+             (64, 8, 3)]
+  out = []
+  for row in rows:
+    t, b = (int(x) for x in row.split("x"))
+    inputs, do = make_inputs("gdn", t, b, h, d, jnp.bfloat16)
+    for bv, nw, ns in configs:
+      pr.TUNING.update(num_warps=nw, num_stages=ns)
+      jax.clear_caches()
+      fn = kernels.fast_path("gated_delta_rule", "pallas", block_v=bv)
+      times, _ = time_jax(lambda *a: fn(*a)[0], inputs, do, ("fwd", "fwdbwd"), iters)
+      entry = {"T": t, "B": b, "block_v": bv, "num_warps": nw, "num_stages": ns, **times}
+      print("sweep", json.dumps(entry), flush=True)
+      out.append(entry)
+  pr.TUNING.update(num_warps=4, num_stages=2)
+  jax.clear_caches()
+  return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def profile_kernels(op, fn, inputs, do, top=30, hlo_path=None):
+  """Per-kernel GPU time of one forward+backward (CUPTI through torch.profiler sees XLA's kernels)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from torch.profiler import ProfilerActivity, profile  # pylint: disable=import-outside-toplevel
+
+  @jax.jit
+  def fwdbwd(*args):
+    o, vjp = jax.vjp(fn, *args[:-1])
+    return vjp(args[-1])
+  jax.block_until_ready(fwdbwd(*inputs, do))
+  if hlo_path:
+    with open(hlo_path, "w") as f:
+      f.write(fwdbwd.lower(*inputs, do).compile().as_text())
+  with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for _ in range(3):
+      jax.block_until_ready(fwdbwd(*inputs, do))
+    torch.cuda.synchronize()
+  rows = []
+  for e in prof.key_averages():
+    dev = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+    if dev:
+      rows.append((dev / 3e3, e.count // 3, e.key[:90]))
+  rows.sort(reverse=True)
+  print(f"--- {op}: per-call GPU ms by kernel (total {sum(r[0] for r in rows):.2f} ms)")
+  for ms, n, name in rows[:top]:
+    print(f"{ms:8.3f} ms  x{n:<3d} {name}")
+  return rows
+
+
+def reference_output(op, inputs):
+  """float32 chunked reference (OPS helper's form, tested against the sequential recurrence)."""
+  f32 = [x.astype(jnp.float32) for x in inputs]
+  if op == "gdn":
+    return jax.jit(gated_delta.gated_delta_rule_chunked)(*f32)[0]
+  return jax.jit(hgrn2.gla_chunked)(*f32)[0]
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--rows", default="4096x16,16384x4,65536x1", help="TxB,TxB,...")
+  p.add_argument("--ops", default="gdn,gla")
+  p.add_argument("--impls", default="ours_pallas,ours_xla,ops_chunked,maxtext,fla,cudnn")
+  p.add_argument("--modes", default="fwd,fwdbwd")
+  p.add_argument("--heads", type=int, default=16)
+  p.add_argument("--dim", type=int, default=128)
+  p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--decode", default="1,4,16,64", help="decode batch sizes ('' to skip)")
+  p.add_argument("--maxtext-wheel", default=".whl/maxtext-0.2.5-py3-none-any.whl")
+  p.add_argument("--no-error", action="store_true", help="skip the fp32 reference")
+  p.add_argument("--out", default="kernels.json")
+  p.add_argument("--profile", default="", help="impl name: print its per-kernel GPU times")
+  p.add_argument("--sweep", default="", help="rows for the recurrence launch-settings sweep")
+  p.add_argument("--error-rows", type=int, default=1, help="rows that get the fp32 reference")
+  args = p.parse_args(argv)
+  wanted = set(args.impls.split(","))
+  modes = tuple(args.modes.split(","))
+  h, d = args.heads, args.dim
+  have_fla = "fla" in wanted and fla_available()
+  report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "heads": h, "dim": d,
+            "dtype": "bfloat16", "results": [], "decode": []}
+
+  if args.sweep:
+    report["sweep"] = sweep_recurrence(args.sweep.split(","), h, d, args.iters)
+
+  def record(entry):
+    report["results"].append(entry)
+    print(json.dumps(entry), flush=True)
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=1)
+
+  for i, row in enumerate(r for r in args.rows.split(",") if r):
+    t, b = (int(x) for x in row.split("x"))
+    for op in args.ops.split(","):
+      inputs, do = make_inputs(op, t, b, h, d, jnp.bfloat16)
+      ref = None if args.no_error or i >= args.error_rows else reference_output(op, inputs)
+      impls = {k: f for k, f in jax_impls(op, args.maxtext_wheel).items() if k in wanted}
+      if args.profile in impls:
+        hlo = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"hlo_{op}_{t}x{b}.txt")
+        profile_kernels(op, jax_impls(op, "")[args.profile], inputs, do, hlo_path=hlo)
+      for name, fn in impls.items():
+        try:
+          times, o = time_jax(fn, inputs, do, modes, args.iters)
+          err = None if ref is None else _rel(o, ref)
+          del o
+          record({"op": op, "impl": name, "T": t, "B": b, **times, "rel_err": err})
+        except Exception as e:  # pylint: disable=broad-except
+          record({"op": op, "impl": name, "T": t, "B": b, "error": repr(e)[:500]})
+      if have_fla:
+        try:
+          times, o = time_fla(op, inputs, do, modes, args.iters)
+          err = None if ref is None else _rel(o, ref)
+          record({"op": op, "impl": "fla", "T": t, "B": b, **times, "rel_err": err})
+        except Exception as e:  # pylint: disable=broad-except
+          record({"op": op, "impl": "fla", "T": t, "B": b, "error": repr(e)[:500]})
+      del inputs, do, ref
+    if "cudnn" in wanted and jax.default_backend() == "gpu":
+      try:
+        record({"op": "attn", "impl": "cudnn", "T": t, "B": b,
+                **time_cudnn_attention(t, b, h, d, args.iters)})
+      except Exception as e:  # pylint: disable=broad-except
+        record({"op": "attn", "impl": "cudnn", "T": t, "B": b, "error": repr(e)[:500]})
+
+  for b in [int(x) for x in args.decode.split(",") if x]:
+    entry = {"B": b, "ours_step_ms": time_ours_decode(b, h, d, args.iters)}
+    if have_fla:
+      entry["fla_fused_recurrent_ms"] = time_fla_decode(b, h, d, args.iters)
+    report["decode"].append(entry)
+    print(json.dumps(entry), flush=True)
+  with open(args.out, "w") as f:
+    json.dump(report, f, indent=1)
+  print_table(report)
+
+
+def print_table(report):
+  rows = {}
+  for r in report["results"]:
+    rows.setdefault((r["op"], r["T"], r["B"]), []).append(r)
+  for (op, t, b), rs in rows.items():
+    cells = []
+    for r in rs:
+      if "error" in r:
+        cells.append(f"{r['impl']}=ERR")
+      else:
+        err = "" if r.get("rel_err") is None else f" e={r['rel_err']:.1e}"
+        cells.append(f"{r['impl']}={r.get('fwd', float('nan')):.2f}/{r.get('fwdbwd', float('nan')):.2f}{err}")
+    print(f"{op} {t}x{b}: " + "  ".join(cells))
+  for r in report["decode"]:
+    print("decode", r)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,165 @@
+"""Pallas (Triton backend) kernels for the chunk-state recurrence of `recurrence.py`.
+
+One program per (batch*head, V block) walks all chunks in order and keeps its `[K, BV]` slice of
+the state in registers, so each chunk costs two small matmuls on chip instead of several XLA
+launches. The math (and the XLA twin these kernels are tested against) is in `recurrence.py`.
+`interpret=True` runs the same kernel code on CPU (tests).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+_F32 = jnp.float32
+# Launch settings used when a call names none (benchmarks/kernels.py --sweep measures others;
+# change them before the first trace or call jax.clear_caches()).
+TUNING = {"num_warps": 4, "num_stages": 2}
+
+
+def _compiler_params(num_warps, num_stages):
+  from jax.experimental.pallas import triton as plt  # pylint: disable=import-outside-toplevel
+  return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _dot(a, b, *, ta=False, tb=False):
+  """2-D matmul with fp32 accumulation; a^T b when ta; fp32 operands at full precision."""
+  dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+  prec = (lax.Precision.HIGHEST, lax.Precision.HIGHEST) if a.dtype == _F32 else None
+  return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=_F32)
+
+
+def _pick_block_v(bh, v, block_v):
+  """V block: enough programs to fill the GPU (~132 SMs) without starving each of work."""
+  if block_v is not None:
+    if v % block_v:
+      raise ValueError(f"pallas recurrence: block_v={block_v} must divide value_dim={v}.")
+    return block_v
+  bv = min(v, 64)
+  while bv > 16 and bh * (v // bv) < 128:
+    bv //= 2
+  return bv if v % bv == 0 else v
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(*refs, n_chunks, chunk, key_dim, has_w):
+  if has_w:
+    w_ref, u_ref, kd_ref, a_ref, h0_ref, hin_ref, vn_ref, hl_ref = refs
+  else:
+    u_ref, kd_ref, a_ref, h0_ref, hin_ref, hl_ref = refs
+  dt = u_ref.dtype
+
+  def body(n, h):
+    rows = pl.ds(n * chunk, chunk)
+    hb = h.astype(dt)
+    hin_ref[pl.ds(n * key_dim, key_dim), :] = hb
+    vn = u_ref[rows, :].astype(_F32)
+    if has_w:
+      vn = vn - _dot(w_ref[rows, :], hb)
+      vn_ref[rows, :] = vn.astype(dt)
+    a = a_ref[n, :]                                                  # [K]
+    return a[:, None] * h + _dot(kd_ref[rows, :], vn.astype(dt), ta=True)
+
+  h = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(_F32))
+  hl_ref[...] = h
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_v", "num_warps", "num_stages"))
+def forward(w, u, kd, a, h0, *, interpret=False, block_v=None, num_warps=None, num_stages=None):
+  """Forward recurrence; arguments and results as `recurrence.scan_forward`."""
+  num_warps = num_warps or TUNING["num_warps"]
+  num_stages = num_stages or TUNING["num_stages"]
+  bh, n, c, kdim = kd.shape
+  v = u.shape[-1]
+  bv = _pick_block_v(bh, v, block_v)
+  has_w = w is not None
+  flat = lambda x: x.reshape(bh, n * c, x.shape[-1])
+  seq_k = pl.BlockSpec((None, n * c, kdim), lambda i, j: (i, 0, 0))
+  seq_v = pl.BlockSpec((None, n * c, bv), lambda i, j: (i, 0, j))
+  vec_a = pl.BlockSpec((None, n, kdim), lambda i, j: (i, 0, 0))
+  state = pl.BlockSpec((None, kdim, bv), lambda i, j: (i, 0, j))
+  all_states = pl.BlockSpec((None, n * kdim, bv), lambda i, j: (i, 0, j))
+  in_specs = ([seq_k] if has_w else []) + [seq_v, seq_k, vec_a, state]
+  args = ([flat(w)] if has_w else []) + [flat(u), flat(kd), a.astype(_F32), h0.astype(_F32)]
+  out_shape = [jax.ShapeDtypeStruct((bh, n * kdim, v), u.dtype)]
+  out_specs = [all_states]
+  if has_w:
+    out_shape.append(jax.ShapeDtypeStruct((bh, n * c, v), u.dtype))
+    out_specs.append(seq_v)
+  out_shape.append(jax.ShapeDtypeStruct((bh, kdim, v), _F32))
+  out_specs.append(state)
+  kernel = functools.partial(_fwd_kernel, n_chunks=n, chunk=c, key_dim=kdim, has_w=has_w)
+  outs = pl.pallas_call(
+      kernel, grid=(bh, v // bv), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      interpret=interpret,
+      compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
+      name="chunk_recurrence_fwd")(*args)
+  h_in = outs[0].reshape(bh, n, kdim, v)
+  vn = outs[1].reshape(bh, n, c, v) if has_w else u
+  return h_in, vn, outs[-1]
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def _bwd_kernel(*refs, n_chunks, chunk, key_dim, has_w):
+  if has_w:
+    w_ref, kd_ref, a_ref, dhin_ref, dvn_ref, dhl_ref, dvo_ref, lam_ref, lam0_ref = refs
+  else:
+    kd_ref, a_ref, dhin_ref, dvn_ref, dhl_ref, dvo_ref, lam_ref, lam0_ref = refs
+  dt = kd_ref.dtype
+
+  def body(i, lam):
+    n = n_chunks - 1 - i
+    rows = pl.ds(n * chunk, chunk)
+    states = pl.ds(n * key_dim, key_dim)
+    lb = lam.astype(dt)
+    lam_ref[states, :] = lb
+    dvn = dvn_ref[rows, :].astype(_F32) + _dot(kd_ref[rows, :], lb)
+    dvo_ref[rows, :] = dvn.astype(dt)
+    a = a_ref[n, :]
+    lam_prev = dhin_ref[states, :].astype(_F32) + a[:, None] * lam
+    if has_w:
+      lam_prev = lam_prev - _dot(w_ref[rows, :], dvn.astype(dt), ta=True)
+    return lam_prev
+
+  lam = lax.fori_loop(0, n_chunks, body, dhl_ref[...].astype(_F32))
+  lam0_ref[...] = lam
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_v", "num_warps", "num_stages"))
+def backward(w, kd, a, d_h_in, d_vn, d_h_last, *, interpret=False, block_v=None, num_warps=None,
+             num_stages=None):
+  """Reverse recurrence; arguments and results as `recurrence.scan_backward`."""
+  num_warps = num_warps or TUNING["num_warps"]
+  num_stages = num_stages or TUNING["num_stages"]
+  bh, n, c, kdim = kd.shape
+  v = d_vn.shape[-1]
+  bv = _pick_block_v(bh, v, block_v)
+  has_w = w is not None
+  dt = kd.dtype
+  flat = lambda x: x.reshape(bh, -1, x.shape[-1])
+  seq_k = pl.BlockSpec((None, n * c, kdim), lambda i, j: (i, 0, 0))
+  seq_v = pl.BlockSpec((None, n * c, bv), lambda i, j: (i, 0, j))
+  vec_a = pl.BlockSpec((None, n, kdim), lambda i, j: (i, 0, 0))
+  state = pl.BlockSpec((None, kdim, bv), lambda i, j: (i, 0, j))
+  all_states = pl.BlockSpec((None, n * kdim, bv), lambda i, j: (i, 0, j))
+  in_specs = ([seq_k] if has_w else []) + [seq_k, vec_a, all_states, seq_v, state]
+  args = (([flat(w)] if has_w else [])
+          + [flat(kd), a.astype(_F32), flat(d_h_in.astype(dt)), flat(d_vn.astype(dt)),
+             d_h_last.astype(_F32)])
+  out_shape = [jax.ShapeDtypeStruct((bh, n * c, v), dt),
+               jax.ShapeDtypeStruct((bh, n * kdim, v), dt),
+               jax.ShapeDtypeStruct((bh, kdim, v), _F32)]
+  kernel = functools.partial(_bwd_kernel, n_chunks=n, chunk=c, key_dim=kdim, has_w=has_w)
+  dvn, lam_next, lam0 = pl.pallas_call(
+      kernel, grid=(bh, v // bv), in_specs=in_specs, out_specs=[seq_v, all_states, state],
+      out_shape=out_shape, interpret=interpret,
+      compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
+      name="chunk_recurrence_bwd")(*args)
+  return dvn.reshape(bh, n, c, v), lam_next.reshape(bh, n, kdim, v), lam0
