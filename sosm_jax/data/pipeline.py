@@ -177,7 +177,12 @@ class Pipeline:
     return self._iter
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._live())
+    batch = next(self._live())
+    if self.meta["num_workers"]:
+      # Worker outputs live in shared memory until their finaliser runs; plain copies free it now
+      # (and keep batches held at interpreter exit from outliving grain's modules).
+      batch = {k: np.array(v, copy=True) for k, v in batch.items()}
+    return batch
 
   def get_state(self) -> dict[str, Any]:
     """JSON-able position: restoring it (here or in a rebuilt pipeline) yields the next batch."""

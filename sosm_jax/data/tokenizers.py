@@ -71,6 +71,7 @@ class SentencePieceTokenizer:
     sep = sp.piece_to_id("<sep>")
     self.sep_id = int(sep) if sep != sp.unk_id() else self.eos_id
     self.sha256 = hashlib.sha256(self._proto).hexdigest()
+    self._ordinary = None
 
   def __getstate__(self):  # the C++ processor does not pickle; worker processes rebuild it
     return {"proto": self._proto, "path": self.path}
@@ -91,10 +92,11 @@ class SentencePieceTokenizer:
 
   def task_ids(self, n: int) -> np.ndarray:
     """The first n ids that are ordinary pieces (not control, unknown, unused or byte)."""
-    sp = self._sp
-    special = {self.pad_id, self.bos_id, self.eos_id, self.sep_id}
-    ok = [i for i in range(self.vocab_size) if i not in special and
-          not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i))]
+    if self._ordinary is None:  # computed once: a scan of the whole vocabulary
+      sp, special = self._sp, {self.pad_id, self.bos_id, self.eos_id, self.sep_id}
+      self._ordinary = [i for i in range(self.vocab_size) if i not in special and not (
+          sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i))]
+    ok = self._ordinary
     if n > len(ok) or n < 1:
       raise ValueError(f"the SentencePiece model has {len(ok)} ordinary pieces; a task vocabulary "
                        f"of {n} does not fit: set data.task_vocab_size to at most {len(ok)}")
