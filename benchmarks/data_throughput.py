@@ -37,7 +37,8 @@ def run(args) -> dict:
   cfg = data.default_data_config()
   cfg.source = args.source
   cfg.tokenizer = args.tokenizer
-  cfg.read_threads, cfg.prefetch, cfg.num_workers = args.read_threads, args.prefetch, args.num_workers
+  cfg.read_threads, cfg.prefetch = args.read_threads, args.prefetch
+  cfg.num_workers = args.num_workers
   cfg.separate_documents = not args.no_separate_documents
   tokenizer = data.make_tokenizer(cfg)
   start = time.perf_counter()

@@ -120,7 +120,8 @@ def test_tfds_source_through_a_locally_prepared_dataset(tmp_path):
   names = {d.split(":")[0] for d in train_docs}
   assert {f"tfds document {i}" for i in range(12)} <= names
   val_docs = _documents(_pipe(cfg), tok)  # validation: the dataset's 'test' split
-  assert sorted(d.split(":")[0] for d in val_docs) == [f"tfds document {i}" for i in (100, 101, 102)]
+  assert sorted(d.split(":")[0] for d in val_docs) == [f"tfds document {i}" for i in (100, 101,
+                                                                                     102)]
 
 
 def test_tfds_dataset_that_is_not_prepared_says_how_to_prepare_it(tmp_path):

@@ -160,7 +160,11 @@ def list_text_files(pattern: str) -> tuple[str, list[str]]:
   """'dir' | 'glob' | 'file' -> (root for relative paths, sorted file paths)."""
   pattern = os.path.expanduser(pattern)
   if os.path.isdir(pattern):
-    return pattern, _walk(pattern, TEXT_EXTENSIONS)
+    files = _walk(pattern, TEXT_EXTENSIONS)
+    if not files:
+      raise ValueError(f"text source directory {pattern!r} holds no {'/'.join(TEXT_EXTENSIONS)} "
+                       f"files; give a glob for other names (e.g. '{pattern}/**/*.log')")
+    return pattern, files
   if glob.has_magic(pattern):
     files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     root = pattern
@@ -221,7 +225,8 @@ class TextDocuments:
     try:
       record = json.loads(text)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: byte {start}: line is not valid JSON ({e}); fix or remove it") from None
+      raise ValueError(f"{path}: byte {start}: line is not valid JSON ({e}); fix or remove "
+                       f"it") from None
     value = record.get(self.text_field) if isinstance(record, dict) else None
     if not isinstance(value, str):
       raise ValueError(f"{path}: byte {start}: no string field {self.text_field!r} in this JSON "
@@ -311,11 +316,11 @@ class TfdsDocuments:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     name, given_split = parse_tfds(arg)
     data_dir = data_dir or None
-    how = (f"prepare it first, without TensorFlow: build its GeneratorBasedBuilder with "
-           f"`builder = tfds.builder({name!r}, data_dir={data_dir!r}); builder.download_and_prepare("
-           f"file_format='array_record')` or run `tfds build {name.split(':')[0]} "
-           f"--file_format=array_record{' --data_dir=' + data_dir if data_dir else ''}`, then set "
-           f"data.data_dir to that directory")
+    how = (f"prepare it as ArrayRecord first (no TensorFlow needed): `tfds.builder({name!r}, "
+           f"data_dir={data_dir!r}, file_format='array_record').download_and_prepare()` in "
+           f"Python, or `tfds build {name.split(':')[0]} --file_format=array_record"
+           f"{' --data_dir=' + data_dir if data_dir else ''}`; then set data.data_dir to that "
+           f"directory")
     try:
       builder = tfds.builder(name, data_dir=data_dir)
       splits = list(builder.info.splits.keys())
@@ -407,7 +412,8 @@ class ArrayRecordDocuments:
 
 def write_array_record(path: str, documents, record_format: str = "text") -> int:
   """Writes documents (str, or int arrays for 'int32'/'uint16') as ArrayRecord; returns count."""
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from array_record.python.array_record_module import ArrayRecordWriter
   writer = ArrayRecordWriter(path, "group_size:1")
   n = 0
   for doc in documents:
@@ -441,7 +447,8 @@ def open_documents(comp: Component, data_cfg, split: str):
 def iter_texts(source: str, data_cfg, split: str = "train") -> Iterator[str]:
   """Raw texts of every text-bearing component of `source`, in order (for tokenizer training)."""
   for comp in parse_source(source):
-    if comp.kind == "synthetic" or (comp.kind == "array_record" and data_cfg.record_format != "text"):
+    tokens_only = comp.kind == "array_record" and data_cfg.record_format != "text"
+    if comp.kind == "synthetic" or tokens_only:
       raise ValueError(f"source component {comp.kind}:{comp.arg} holds no text to train a "
                        f"tokenizer on; use a text, stdlib, tfds or text array_record source")
     docs = open_documents(comp, data_cfg, split)

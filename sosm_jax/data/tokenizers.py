@@ -37,8 +37,8 @@ class ByteTokenizer:
   def task_ids(self, n: int) -> np.ndarray:
     """n distinct ordinary ids `[n]` for synthetic tasks (bytes 0..n-1)."""
     if not 1 <= n <= 256:
-      raise ValueError(f"the byte tokenizer has 256 ordinary ids; a task vocabulary of {n} does not "
-                       f"fit: set data.task_vocab_size to at most 256")
+      raise ValueError(f"the byte tokenizer has 256 ordinary ids; a task vocabulary of {n} does "
+                       f"not fit: set data.task_vocab_size to at most 256")
     return np.arange(n, dtype=np.int32)
 
   def identity(self) -> dict[str, Any]:
@@ -137,8 +137,8 @@ def check_tokenizer_identity(saved: dict[str, Any], current: dict[str, Any]) -> 
   if diffs:
     hint = (f"saved at {saved['path']!r}" if saved.get("path") else f"kind {saved.get('kind')!r}")
     raise ValueError("the checkpoint was trained with a different tokenizer (" + "; ".join(diffs)
-                     + f"). Resume with the original tokenizer ({hint}) via --config.data.tokenizer,"
-                     " or start a new workdir.")
+                     + f"). Resume with the original tokenizer ({hint}) via "
+                     "--config.data.tokenizer, or start a new workdir.")
 
 
 def train_sentencepiece(texts: Iterator[str], output_prefix: str, *, vocab_size: int,
