@@ -244,14 +244,15 @@ def make_pipeline(data_cfg, tokenizer, *, seq_len: int, batch_size: int, seed: i
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
-  task_length = data_cfg.task_length or seq_len
-  if task_length > seq_len:
-    raise ValueError(f"config.data.task_length={task_length} exceeds seq_len={seq_len}; a task "
-                     f"example must fit one row: use 0 (= seq_len) or a smaller length")
   training = split == "train"
   source, source_split = data_cfg.source, split
   if not training and data_cfg.eval_source:
     source, source_split = data_cfg.eval_source, "all"
+  task_length = data_cfg.task_length or seq_len
+  has_tasks = any(c.kind == "synthetic" for c in sources.parse_source(source))
+  if has_tasks and task_length > seq_len:
+    raise ValueError(f"config.data.task_length={task_length} exceeds seq_len={seq_len}; a task "
+                     f"example must fit one row: use 0 (= seq_len) or a smaller length")
 
   docs, summaries = build_documents(source, data_cfg, tokenizer, split=source_split,
                                     training=training, seed=seed, task_length=task_length)
