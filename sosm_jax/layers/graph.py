@@ -33,26 +33,29 @@ from sosm_jax.ops import graph_build as gb
 _ROADMAP_WEIGHTS = (0.5, 0.0, 0.0, 0.3, 0.0, 0.2) + (0.0,) * 10  # blocks I, R2, K of 16
 
 
+GRAPH_DEFAULTS = dict(
+    num_heads=0, num_kv_heads=0, head_dim=0,   # 0: model's attn_num_heads/kv_heads/head_dim
+    rope=True,                                 # RoPE on q/k (positions within the document)
+    semantic_dim=64, semantic_block_size=4, temporal_dim=32,
+    similarity="blockwise",                    # 'full' | 'blockwise' | 'projection'
+    block_weights=_ROADMAP_WEIGHTS,            # one per semantic block ('blockwise')
+    proj_dim=16, proj_seed=0,                  # fixed random orthonormal ('projection')
+    mode="block",                              # 'block' (fast, NSA/MoBA-like) | 'token' (exact)
+    window=64,                                 # local window; graph edges start beyond it
+    k_max=12, k_min=3, k_base=5.0, k_alpha=1.5, adaptive_k=True,
+    mutual_knn=False,
+    temporal_gate=True, tau_mu=0.15, tau_temp=0.3, tau_high=0.6,
+    num_shortcuts=2, hub_threshold=0.5,
+    select_block_size=64, select_num_blocks=8,   # block mode
+    query_chunk=4096, key_chunk=256,             # memory bounds of the builders
+    edge_bias=True,
+)
+
+
 def default_graph_config():
-  """The graph mixer's keys (merged into `config.model.graph`)."""
-  import ml_collections  # pylint: disable=import-outside-toplevel  (not needed to run the layer)
-  return ml_collections.ConfigDict(dict(
-      num_heads=0, num_kv_heads=0, head_dim=0,   # 0: model's attn_num_heads/kv_heads/head_dim
-      rope=True,                                 # RoPE on q/k (positions within the document)
-      semantic_dim=64, semantic_block_size=4, temporal_dim=32,
-      similarity="blockwise",                    # 'full' | 'blockwise' | 'projection'
-      block_weights=_ROADMAP_WEIGHTS,            # one per semantic block ('blockwise')
-      proj_dim=16, proj_seed=0,                  # fixed random orthonormal ('projection')
-      mode="block",                              # 'block' (fast, NSA/MoBA-like) | 'token' (exact)
-      window=64,                                 # local window; graph edges start beyond it
-      k_max=12, k_min=3, k_base=5.0, k_alpha=1.5, adaptive_k=True,
-      mutual_knn=False,
-      temporal_gate=True, tau_mu=0.15, tau_temp=0.3, tau_high=0.6,
-      num_shortcuts=2, hub_threshold=0.5,
-      select_block_size=64, select_num_blocks=8,   # block mode
-      query_chunk=2048, key_chunk=256,             # memory bounds of the builders
-      edge_bias=True,
-  ))
+  """The graph mixer's keys (merged into `config.model.graph`); values in `GRAPH_DEFAULTS`."""
+  import ml_collections  # pylint: disable=import-outside-toplevel  (the layer itself runs without it)
+  return ml_collections.ConfigDict(dict(GRAPH_DEFAULTS))
 
 
 def graph_opts(g) -> dict:

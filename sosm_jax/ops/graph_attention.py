@@ -55,12 +55,56 @@ def _split_heads(q, num_kv):
   return q.reshape(q.shape[:-2] + (num_kv, h // num_kv, d))
 
 
+@jax.custom_vjp
+def gather_rows_f32grad(x, idx):
+  """x `[batch, L, c]`, idx `[batch, ...]` -> `[batch, ..., c]`; its gradient is summed in float32.
+
+  The backward is a scatter-add; doing it in float32 avoids bf16 atomics and rounding when many
+  edges share a target.
+  """
+  return jax.vmap(lambda a, i: a[i])(x, idx)
+
+
+def _gather_fwd(x, idx):
+  return gather_rows_f32grad(x, idx), (x, idx)
+
+
+def _gather_bwd(res, g):
+  x, idx = res
+  zeros = jnp.zeros(x.shape, jnp.float32)
+  dx = jax.vmap(lambda z, i, gg: z.at[i].add(gg))(zeros, idx, g.astype(jnp.float32))
+  return dx.astype(x.dtype), None
+
+
+gather_rows_f32grad.defvjp(_gather_fwd, _gather_bwd)
+
+
 def gather_kv(x, idx):
   """x `[batch, L, kv_heads, d]`, idx `[batch, ..., k]` -> `[batch, ..., k, kv_heads, d]` (row gather)."""
   b, length, hk, d = x.shape
-  flat = x.reshape(b, length, hk * d)
-  g = jax.vmap(lambda a, i: a[i])(flat, idx)
+  g = gather_rows_f32grad(x.reshape(b, length, hk * d), idx)
   return g.reshape(idx.shape + (hk, d))
+
+
+# How per-edge logits/outputs are contracted: 'multiply' (broadcast multiply + reduce: one fused
+# loop, good for the tiny per-token matrices) or 'einsum' (batched dot). Benchmarks flip it.
+EDGE_CONTRACTION = "multiply"
+
+
+def _edge_logits(qg, kg):
+  """qg `[b, t, hk, g, d]`, kg `[b, t, k, hk, d]` -> `[b, t, hk, g, k]` float32."""
+  if EDGE_CONTRACTION == "einsum":
+    return jnp.einsum("btxgd,btkxd->btxgk", qg, kg, preferred_element_type=jnp.float32)
+  kt = jnp.swapaxes(kg, 2, 3)[:, :, :, None]  # [b, t, hk, 1, k, d]
+  return jnp.sum(qg.astype(jnp.float32)[..., None, :] * kt.astype(jnp.float32), -1)
+
+
+def _edge_values(p, vg):
+  """p `[b, t, hk, g, k]` f32, vg `[b, t, k, hk, d]` -> `[b, t, hk, g, d]` float32."""
+  if EDGE_CONTRACTION == "einsum":
+    return jnp.einsum("btxgk,btkxd->btxgd", p.astype(vg.dtype), vg, preferred_element_type=jnp.float32)
+  vt = jnp.swapaxes(vg, 2, 3)[:, :, :, None]  # [b, t, hk, 1, k, d]
+  return jnp.sum(p.astype(vg.dtype).astype(jnp.float32)[..., None] * vt.astype(jnp.float32), -2)
 
 
 def _memory_part(qg, memory_keys, memory_values, memory_mask, scale, heads_axis_kv):
@@ -130,9 +174,11 @@ def graph_attention(q, k, v, idx, mask, *, window, edge_bias=None, segment_ids=N
   loc_logit = loc_logit.reshape(b, n * w, hk, g, 2 * w)[:, :t]
   loc_mask = loc_mask.reshape(b, n * w, 2 * w)[:, :t, None, None, :]
 
-  # Graph edges: gather whole rows of k/v (the graph is shared by all heads).
+  # Graph edges: gather whole rows of k/v (the graph is shared by all heads). Empty slots point
+  # at the query itself, so their (zero) gradients do not all pile onto one row.
+  idx = jnp.where(mask, idx, jnp.arange(t, dtype=idx.dtype)[None, :, None])
   kg, vg = gather_kv(k, idx), gather_kv(v, idx)  # [b, t, k, hk, d]
-  g_logit = jnp.einsum("btxgd,btkxd->btxgk", qg, kg, preferred_element_type=jnp.float32) * scale
+  g_logit = _edge_logits(qg, kg) * scale
   if edge_bias is not None:
     eb = edge_bias.astype(jnp.float32)
     eb = eb[:, :, None, None, :] if eb.ndim == 3 else eb.reshape(b, t, hk, g, -1)
@@ -142,7 +188,7 @@ def graph_attention(q, k, v, idx, mask, *, window, edge_bias=None, segment_ids=N
   p_loc = jnp.pad(p_loc, [(0, 0), (0, pad)] + [(0, 0)] * 3).reshape(b, n, w, hk, g, 2 * w)
   o = jnp.einsum("bnqxgk,bnkxd->bnqxgd", p_loc.astype(v.dtype), vl, preferred_element_type=jnp.float32)
   o = o.reshape(b, n * w, hk, g, d)[:, :t]
-  o = o + jnp.einsum("btxgk,btkxd->btxgd", p_g.astype(v.dtype), vg, preferred_element_type=jnp.float32)
+  o = o + _edge_values(p_g, vg)
 
   if _check_memory(memory_keys, memory_values, memory_mask):
     o_m, lse_m = _memory_part(qg, memory_keys, memory_values, memory_mask, scale, hk)

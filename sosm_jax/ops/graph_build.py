@@ -7,7 +7,8 @@ shared by all attention heads. Selection is discrete: callers wrap the inputs in
 `jax.lax.stop_gradient` (no gradient flows through which edges are chosen).
 
 Layout: features `[batch, time, feat]`, edge lists `[batch, time, slots]` (int32 indices of earlier
-tokens, bool masks). Similarities are float32. Invalid slots hold index 0, similarity -inf.
+tokens, bool masks). Similarities are float32. Empty top-K slots hold index 0 and similarity -inf;
+in a finished graph (`build_graph`) empty slots hold the query's own index (masked off).
 """
 from typing import NamedTuple, Optional, Sequence
 
@@ -173,7 +174,7 @@ def topk_streaming(fq, fk, *, k, exclude, q_pos=None, q_seg=None, k_seg=None, ke
 
 
 def topk_block_select(fq, fk, *, k, exclude, block_size=64, num_blocks=8, q_pos=None, q_seg=None,
-                      k_seg=None, query_chunk=2048):
+                      k_seg=None, query_chunk=4096):
   """Two-stage top-k: pick blocks by pooled keys, then the top-k tokens inside them (NSA/MoBA style).
 
   Keys are split into blocks of `block_size`. A query at p with c = (p - exclude) // block_size
@@ -361,7 +362,9 @@ def select_edges(sims, idx, valid, k_t, *, target_kth, gq, gk, is_hub, q_pos, se
   sc_idx, sc_mask = shortcut_edges(is_hub, q_pos, seg_start, last_hub_at, window=opts["window"],
                                    num_shortcuts=opts["num_shortcuts"], sem_idx=idx, sem_mask=valid)
   stages["shortcut"] = sc_mask
-  idx = jnp.where(valid, idx, 0)
+  # Empty slots point at the query itself: gathers stay spread out (no hot row in backward).
+  idx = jnp.where(valid, idx, q_pos[..., None])
+  sc_idx = jnp.where(sc_mask, sc_idx, q_pos[..., None])
   return (jnp.concatenate([idx, sc_idx], -1), jnp.concatenate([valid, sc_mask], -1),
           jnp.where(valid, sims, NEG_INF), stages)
 
@@ -449,7 +452,7 @@ def default_opts(**overrides):
   opts = dict(k_max=12, k_min=3, k_base=5.0, k_alpha=1.5, adaptive_k=True, mutual_knn=False,
               temporal_gate=True, tau_mu=0.15, tau_temp=0.3, tau_high=0.6, hub_threshold=0.5,
               num_shortcuts=2, window=64, mode="block", key_chunk=256, select_block_size=64,
-              select_num_blocks=8, query_chunk=2048, semantic_block_size=4)
+              select_num_blocks=8, query_chunk=4096, semantic_block_size=4)
   unknown = set(overrides) - set(opts)
   if unknown:
     raise ValueError(f"unknown graph option(s) {sorted(unknown)}; known: {sorted(opts)}.")
