@@ -43,6 +43,17 @@ def _fit_spec_to_shape(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   return P(*fitted)
 
 
+def unbox_values(tree):
+  """Strips `nn.LogicallyPartitioned` boxes without sharding constraints.
+
+  `nn.unbox` constrains each value to its sharding when a mesh is set, which fails on the
+  ShapeDtypeStructs of `jax.eval_shape` (and is only wanted inside a jitted function).
+  """
+  return nn.meta.map_axis_meta(lambda box: unbox_values(box.unbox(apply_constraint=False))
+                               if isinstance(box, nn.Partitioned) else
+                               unbox_values(box.unbox()), tree)
+
+
 def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
   """NamedShardings for a tree whose leaves may be boxed with logical axis names.
 
@@ -51,7 +62,7 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
   """
   specs = nn.get_partition_spec(abstract_tree)
   mesh_specs = nn.logical_to_mesh(specs, rules)
-  shapes = nn.unbox(abstract_tree)
+  shapes = unbox_values(abstract_tree)
   return jax.tree.map(
       lambda spec, leaf: NamedSharding(mesh, _fit_spec_to_shape(spec, leaf.shape, mesh)),
       mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))

@@ -286,6 +286,6 @@ def _consume(metrics, streak: int, step: int, writer, bar, stage, rate=None):
   writer.write(step, rec)
   bar.update(step - bar.n)
   bar.set_postfix(loss=f"{rec['loss']:.3f}", refresh=False)
-  if rate is not None and bar.disable:  # no terminal: a plain log line at each logging step
+  if rate is not None and bar.disable and writer.enabled:  # no terminal: a plain log line
     print(_log_line(step, rec), flush=True)
   return rec, streak

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from sosm_jax.parallel import logical_shardings, replicated_sharding
+from sosm_jax.parallel import logical_shardings, replicated_sharding, unbox_values
 
 
 @flax.struct.dataclass
@@ -32,7 +32,7 @@ def state_shardings(init_params: Callable[[], Any], optimizer: optax.GradientTra
   """
   boxed = jax.eval_shape(init_params)
   param_sh = logical_shardings(boxed, mesh)
-  abstract_opt = jax.eval_shape(optimizer.init, nn.unbox(boxed))
+  abstract_opt = jax.eval_shape(optimizer.init, unbox_values(boxed))
   replicated = replicated_sharding(mesh)
   opt_sh = optax.tree_utils.tree_map_params(
       optimizer, lambda _, sharding: sharding, abstract_opt, param_sh,
@@ -57,7 +57,7 @@ def create_train_state(init_params: Callable[[], Any], optimizer: optax.Gradient
 def abstract_train_state(shardings: TrainState, init_params: Callable[[], Any],
                          optimizer: optax.GradientTransformation) -> TrainState:
   """ShapeDtypeStructs with shardings: the target a checkpoint is restored onto (any mesh)."""
-  params = nn.unbox(jax.eval_shape(init_params))
+  params = unbox_values(jax.eval_shape(init_params))
   zero = jax.ShapeDtypeStruct((), jnp.int32)
   abstract = TrainState(step=zero, params=params, opt_state=jax.eval_shape(optimizer.init, params),
                         nonfinite_streak=zero, nonfinite_total=zero)
