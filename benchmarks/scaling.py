@@ -1,0 +1,153 @@
+"""Multi-device scaling of the train step: tokens/s per device on 1 device and on N, per mesh.
+
+Weak scaling: every mesh gets the same batch per data-parallel device (`--per_device_batch` rows of
+`--seq_len` tokens), so perfect scaling keeps tokens/s per device constant; the efficiency of a
+mesh is its tokens/s per device over that of one device. Runs the trainer's own compiled step
+(jit with explicit shardings, donated state, AdamW) on random tokens. Writes JSON: device, jax
+version, model, and per mesh the compile time, median step time, tokens/s (total and per device),
+efficiency, MFU and peak memory.
+
+  python benchmarks/scaling.py --config=configs/curriculum.py --seq_len=4096 \
+      --per_device_batch=4 --meshes=1x1x1,2x1x1,1x2x1 --steps=10 --out=/tmp/scaling.json
+Meshes are DATAxFSDPxTENSOR over the first DATA*FSDP*TENSOR devices; '' = 1 device, then data=N,
+fsdp=N and (N >= 4) data=N/2 x fsdp=2 over all N devices.
+"""
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (shared GPUs)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # pylint: disable=g-import-not-at-top
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from sosm_jax import models
+from sosm_jax.parallel import LOGICAL_AXIS_RULES, batch_sharding, make_mesh
+from sosm_jax.train import curriculum, loop, metrics, optimizer as optimizer_lib, state as state_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "tokens per row")
+_PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 4, "rows per data-parallel device")
+_MESHES = flags.DEFINE_string("meshes", "", "comma-separated DATAxFSDPxTENSOR ('' = default set)")
+_STEPS = flags.DEFINE_integer("steps", 10, "timed steps per mesh (after 3 warm-up steps)")
+_REMAT = flags.DEFINE_string("remat", "", "remat policy ('' = the config's model.remat)")
+_OUT = flags.DEFINE_string("out", "", "JSON output path")
+_WARMUP = 3
+
+
+def default_meshes(n: int) -> list[tuple[int, int, int]]:
+  meshes = [(1, 1, 1)]
+  if n > 1:
+    meshes += [(n, 1, 1), (1, n, 1)]
+  if n >= 4 and n % 2 == 0:
+    meshes.append((n // 2, 2, 1))
+  return meshes
+
+
+def parse_meshes(text: str, n: int) -> list[tuple[int, int, int]]:
+  if not text:
+    return default_meshes(n)
+  meshes = []
+  for spec in text.split(","):
+    shape = tuple(int(x) for x in spec.lower().split("x"))
+    if len(shape) != 3 or math.prod(shape) > n or min(shape) < 1:
+      raise ValueError(f"--meshes entry {spec!r}: use DATAxFSDPxTENSOR with a product of at most "
+                       f"the {n} devices, e.g. 2x1x1")
+    meshes.append(shape)
+  return meshes
+
+
+def random_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """`[rows, seq_len]` random tokens, one document per row, every target counted."""
+  tokens = np.random.default_rng(seed).integers(0, vocab, size=(rows, seq_len + 1), dtype=np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "loss_mask": np.ones((rows, seq_len), np.float32),
+          "segment_ids": np.ones((rows, seq_len), np.int32),
+          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len))}
+
+
+def measure(config, shape: tuple[int, int, int], seq_len: int, per_device_batch: int,
+            steps: int, remat: str) -> dict:
+  """Compiles and times the train step on a mesh of shape (data, fsdp, tensor)."""
+  devices = jax.devices()[:math.prod(shape)]
+  mesh = make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), shape))),
+                   devices)
+  batch = per_device_batch * shape[0] * shape[1]
+  model_cfg = ml_collections.ConfigDict(config.model.to_dict())
+  model_cfg.remat = remat
+  model = models.build_model(model_cfg)
+  stage = curriculum.Stage(0, seq_len, steps + _WARMUP, batch, 1, remat, model_cfg.rope_base, 0)
+  optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, 1000)
+  init_params = lambda: model.init(jax.random.key(0), 1, model_cfg.chunk_size)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    state_sh = state_lib.state_shardings(init_params, optimizer, mesh)
+    abstract = state_lib.abstract_train_state(state_sh, init_params, optimizer)
+    compiled, info = loop.compile_stage_step(model, optimizer, schedule, stage, abstract, state_sh,
+                                             mesh, None)
+    state = state_lib.create_train_state(init_params, optimizer, state_sh)
+    host = random_batch(batch, seq_len, model_cfg.vocab_size)
+    arrays = {k: jax.make_array_from_process_local_data(batch_sharding(mesh), v)
+              for k, v in host.items()}
+    times = []
+    for i in range(steps + _WARMUP):
+      start = time.perf_counter()
+      state, out = compiled(state, arrays)
+      jax.block_until_ready(out)
+      if i >= _WARMUP:
+        times.append(time.perf_counter() - start)
+    loss = float(out["loss"])
+    del state
+  median = statistics.median(times)
+  tokens = batch * seq_len
+  peak = metrics.peak_flops_per_device(devices[0])
+  flops = model.flops_per_token(seq_len) * tokens
+  result = {"mesh": dict(zip(("data", "fsdp", "tensor"), shape)), "devices": len(devices),
+            "global_batch": batch, "seq_len": seq_len, "median_step_s": median,
+            "min_step_s": min(times), "tokens_per_second": tokens / median,
+            "tokens_per_second_per_device": tokens / median / len(devices),
+            "mfu": flops / median / (peak * len(devices)) if peak else None, "loss_last": loss,
+            **info, **metrics.device_memory()}
+  print(json.dumps(result), flush=True)
+  return result
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  remat = _REMAT.value or config.model.remat
+  results = [measure(config, shape, _SEQ_LEN.value, _PER_DEVICE_BATCH.value, _STEPS.value, remat)
+             for shape in parse_meshes(_MESHES.value, jax.device_count())]
+  single = next((r for r in results if r["devices"] == 1), None)
+  for r in results:
+    r["scaling_efficiency"] = (r["tokens_per_second_per_device"]
+                               / single["tokens_per_second_per_device"] if single else None)
+  model = models.build_model(config.model)
+  report = {"benchmark": "scaling", "device": jax.devices()[0].device_kind,
+            "num_devices": jax.device_count(), "platform": jax.default_backend(),
+            "jax": jax.__version__, "num_params": model.num_params_formula(),
+            "model": {k: config.model[k] for k in ("architecture", "pattern", "num_layers",
+                                                     "d_model", "vocab_size", "dtype")},
+            "remat": remat, "per_device_batch": _PER_DEVICE_BATCH.value,
+            "steps": _STEPS.value, "command": " ".join(sys.argv),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "results": results}
+  for r in results:
+    print(f"mesh {r['mesh']}: {r['tokens_per_second_per_device']:.0f} tokens/s per device, "
+          f"efficiency {r['scaling_efficiency'] or float('nan'):.3f}, "
+          f"step {r['median_step_s'] * 1e3:.1f} ms", flush=True)
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)
