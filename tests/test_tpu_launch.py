@@ -35,11 +35,18 @@ def _flag(argv, name):
   return values[0]
 
 
-def _train_part(remote):
-  """The `... launch/train.py ...` argv inside a remote shell command."""
-  words = shlex.split(remote.replace(";", " ; ").replace("&&", " && "))
-  start = next(i for i, w in enumerate(words) if w.endswith("/python") or w == "python3")
-  stop = next((i for i in range(start, len(words)) if words[i] in (">", "&&", "2>&1", "|")),
+def _job(remote):
+  """The words of the job a remote command starts: inside `bash -c '...'` when detached."""
+  words = shlex.split(remote.replace(";", " ; "))
+  if "nohup" in words:
+    return shlex.split(words[words.index("-c") + 1])
+  return shlex.split(remote.replace("(", "( ").replace(")", " )"))
+
+
+def _train_part(words):
+  """The `python launch/train.py ...` argv that the job execs."""
+  start = words.index("exec") + 1
+  stop = next((i for i in range(start, len(words)) if words[i] in (")", "&&", "|", ">", "2>&1")),
               len(words))
   return words[start:stop]
 
@@ -53,19 +60,41 @@ def test_train_runs_the_same_command_on_every_worker():
   assert _flag(cmd, "zone") == "us-east5-a" and _flag(cmd, "project") == "proj"
   remote = _flag(cmd, "command")
   subprocess.run(["bash", "-n", "-c", remote], check=True)  # valid shell on the worker
-  train = _train_part(remote)
+  train = _train_part(_job(remote))
   assert train[0] == "~/sosm_venv/bin/python" and train[1] == "launch/train.py"
   assert train[2:] == ["--config=configs/curriculum.py:smoke", "--workdir=gs://bkt/runs/r1",
                        "--config.distributed.num_processes=-1", "--config.mesh.fsdp=4", GLOB_FLAG]
   assert "setsid nohup" in remote and "> ~/sosm_train.log" in remote  # detached, logged
   assert "kill -0" in remote  # refuses to start twice
+  assert "copy_data.py" not in remote
+
+
+def test_copy_data_runs_on_every_worker_before_training():
+  (cmd,) = _commands(TPU_VM, "train", *WHERE, "--workdir=gs://bkt/r", "--copy-data=gs://bkt/data",
+                     "--", "--config.data.source=array_record:/tmp/sosm_data/*.array_record")
+  remote = _flag(cmd, "command")
+  subprocess.run(["bash", "-n", "-c", remote], check=True)
+  job = _job(remote)
+  assert job[:4] == ["~/sosm_venv/bin/python", "launch/tpu/copy_data.py", "gs://bkt/data",
+                     "/tmp/sosm_data"] and job[4] == "&&"
+  assert _train_part(job)[-1] == "--config.data.source=array_record:/tmp/sosm_data/*.array_record"
 
 
 def test_foreground_train_streams_instead_of_detaching():
   (cmd,) = _commands(TPU_VM, "train", *WHERE, "--workdir=gs://bkt/r", "--foreground")
   remote = _flag(cmd, "command")
   assert "nohup" not in remote and "| tee ~/sosm_train.log" in remote
-  assert _train_part(remote)[2:4] == ["--config=configs/curriculum.py", "--workdir=gs://bkt/r"]
+  subprocess.run(["bash", "-n", "-c", remote], check=True)
+  assert _train_part(_job(remote))[2:4] == ["--config=configs/curriculum.py",
+                                            "--workdir=gs://bkt/r"]
+
+
+def test_tpu_hosts_get_the_tpu_runtime_and_gs_access():
+  for path in ("setup_worker.sh", "Dockerfile"):
+    with open(os.path.join(ROOT, "launch", "tpu", path)) as f:
+      text = f.read()
+    assert all(p in text for p in ('"jax[tpu]"', "gcsfs", "google-cloud-storage",
+                                   "requirements.txt")), path
 
 
 def test_setup_ships_the_committed_code_and_installs_on_all_workers():
@@ -156,6 +185,31 @@ def test_xpk_workload_runs_the_train_command_on_every_host():
                                  GLOB_FLAG]
 
 
+def test_xpk_copy_data_comes_before_training():
+  (cmd,) = _commands(XPK, "create", *XPK_WHERE, "--workload=r1", "--tpu-type=v5p-8",
+                     "--image=img", "--workdir=gs://bkt/r", "--copy-data=gs://bkt/data")
+  steps = _flag(cmd, "command").split(" && ")
+  assert steps[:2] == ["cd /app", "python3 launch/tpu/copy_data.py gs://bkt/data /tmp/sosm_data"]
+  assert steps[2].startswith("python3 launch/train.py")
+
+
+def test_copy_data_copies_a_folder_and_skips_what_is_there(tmp_path):
+  src = tmp_path / "bucket" / "data"
+  (src / "sub").mkdir(parents=True)
+  (src / "a.txt").write_text("alpha")
+  (src / "sub" / "b.txt").write_text("beta beta")
+  dst = tmp_path / "local"
+  script = os.path.join(ROOT, "launch", "tpu", "copy_data.py")
+  out = _launch(script, f"file://{src}", str(dst)).stdout
+  assert "copied 2 files, 0 already present" in out
+  assert (dst / "a.txt").read_text() == "alpha" and (dst / "sub" / "b.txt").read_text() == (
+      "beta beta")
+  (src / "c.txt").write_text("gamma")
+  assert "copied 1 files, 2 already present" in _launch(script, f"file://{src}", str(dst)).stdout
+  proc = _launch(script, f"file://{tmp_path}/missing", str(dst), check=False)
+  assert proc.returncode != 0
+
+
 def test_xpk_base_image_installs_at_start_and_build_pushes():
   (cmd,) = _commands(XPK, "create", *XPK_WHERE, "--workload=r2", "--tpu-type=v6e-256",
                      "--base-image=python:3.12-slim", "--workdir=gs://bkt/r2")
@@ -179,6 +233,7 @@ def test_xpk_base_image_installs_at_start_and_build_pushes():
     (["--workload=r1", "--workdir=gs://b/r"], "exactly one of --image"),
     (["--workload=r1", "--image=i", "--base-image=j", "--workdir=gs://b/r"], "exactly one of"),
     (["--workload=r1", "--image=i", "--workdir=/local"], "is a local path"),
+    (["--workload=r1", "--image=i", "--workdir=gs://b/r", "--copy-data=/data"], "gs://BUCKET"),
 ])
 def test_xpk_bad_arguments_are_named(args, message):
   proc = _launch(XPK, "create", *XPK_WHERE, "--tpu-type=v5p-8", *args, "--dry-run", check=False)

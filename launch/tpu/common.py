@@ -13,9 +13,8 @@ from typing import Sequence, TextIO
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = "configs/curriculum.py"
-# Extra packages a TPU host needs beyond requirements.txt: the TPU runtime and a gs:// filesystem
-# (tfds and etils read gs:// through gcsfs; orbax writes checkpoints to gs:// itself).
-TPU_EXTRAS = ("jax[tpu]", "gcsfs")
+# Where --copy-data puts a bucket's data folder on every host (the sources read local paths).
+LOCAL_DATA = "/tmp/sosm_data"
 
 Command = list[str]
 
@@ -28,6 +27,13 @@ def train_argv(python: str, config: str, workdir: str, extra: Sequence[str]) -> 
   """
   return [python, "launch/train.py", f"--config={config}", f"--workdir={workdir}",
           "--config.distributed.num_processes=-1", *extra]
+
+
+def copy_data_command(python: str, src: str, dst: str = LOCAL_DATA) -> str:
+  """Shell command that copies gs:// data to this host's disk (skipping files already there)."""
+  if not src.startswith("gs://"):
+    raise SystemExit(f"error: --copy-data={src}: give a gs://BUCKET/PATH folder")
+  return f"{python} launch/tpu/copy_data.py {shlex.quote(src)} {shlex.quote(dst)}"
 
 
 def check_workdir(workdir: str, *, allow_local: bool) -> None:

@@ -6,7 +6,9 @@
 # TPU VM images ship Python 3.10, older than jax needs, hence uv for a newer interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-EXTRAS=("jax[tpu]" gcsfs)
+# The TPU runtime, and gs:// access: gcsfs for tfds/etils paths, google-cloud-storage for
+# TensorBoard files (orbax writes checkpoints to gs:// by itself).
+EXTRAS=("jax[tpu]" gcsfs google-cloud-storage)
 if [[ "${1:-}" == "--system" ]]; then
   python3 -m pip install --no-cache-dir -r requirements.txt "${EXTRAS[@]}"
   exit 0

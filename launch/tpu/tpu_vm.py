@@ -4,7 +4,8 @@ Usage (from the repository root; `--dry-run` prints every command instead of run
   python launch/tpu/tpu_vm.py create --tpu=NAME --zone=ZONE --accelerator=v5p-32
   python launch/tpu/tpu_vm.py setup  --tpu=NAME --zone=ZONE        # code + environment, all workers
   python launch/tpu/tpu_vm.py train  --tpu=NAME --zone=ZONE --workdir=gs://BUCKET/runs/r1 \
-      [--config=configs/curriculum.py] -- --config.data.source=... [more --config.* flags]
+      [--config=configs/curriculum.py] [--copy-data=gs://BUCKET/data] \
+      -- --config.data.source=... [more --config.* flags]
   python launch/tpu/tpu_vm.py logs   --tpu=NAME --zone=ZONE [--follow]
   python launch/tpu/tpu_vm.py stop   --tpu=NAME --zone=ZONE        # SIGTERM: checkpoint, then exit
   python launch/tpu/tpu_vm.py delete --tpu=NAME --zone=ZONE
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -78,14 +80,17 @@ def plan_train(args) -> list[common.Command]:
   python, *rest = common.train_argv(f"{_VENV}/bin/python", args.config, args.workdir,
                                     common.strip_separator(args.train_args))
   train = f"{python} {common.shell_join(rest)}"  # `~` left unquoted: it expands on the worker
+  job = f"exec {train}"  # exec: the pid file names the trainer itself, which SIGTERM must reach
+  if args.copy_data:
+    job = f"{common.copy_data_command(python, args.copy_data)} && {job}"
   env = "export PYTHONUNBUFFERED=1"
   if args.foreground:
-    remote = f"cd {_REMOTE_DIR} && {env} && {train} 2>&1 | tee {_LOG}"
+    remote = f"cd {_REMOTE_DIR} && {env} && ({job}) 2>&1 | tee {_LOG}"
   else:
     remote = (f"if [ -f {_PID} ] && kill -0 $(cat {_PID}) 2>/dev/null; then echo 'training is "
               f"already running on this worker (pid '$(cat {_PID})'); stop it first' >&2; exit 1; "
-              f"fi; cd {_REMOTE_DIR} && {env} && setsid nohup {train} > {_LOG} 2>&1 < /dev/null "
-              f"& echo $! > {_PID}")
+              f"fi; cd {_REMOTE_DIR} && {env} && setsid nohup bash -c {shlex.quote(job)} > {_LOG} "
+              f"2>&1 < /dev/null & echo $! > {_PID}")
   return [_ssh(args, remote)]
 
 
@@ -126,6 +131,8 @@ def parse_args(argv):
   train.add_argument("--workdir", default="", help="gs://BUCKET/PATH shared by all workers")
   train.add_argument("--config", default=common.DEFAULT_CONFIG, help="config[:variant]")
   train.add_argument("--foreground", action="store_true", help="stream output; stops with ssh")
+  train.add_argument("--copy-data", default="", metavar="gs://BUCKET/PATH",
+                     help=f"first copy this folder to {common.LOCAL_DATA} on every worker")
   train.add_argument("--allow-local-workdir", action="store_true",
                      help="accept a local --workdir (single-host slices only)")
   train.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then --config.* flags")

@@ -49,9 +49,10 @@ def workload_command(args, *, install: bool) -> str:
   common.check_workdir(args.workdir, allow_local=False)
   train = common.shell_join(common.train_argv("python3", args.config, args.workdir,
                                               common.strip_separator(args.train_args)))
-  if install:
-    return f"bash launch/tpu/setup_worker.sh --system && {train}"
-  return f"cd /app && {train}"
+  steps = ["bash launch/tpu/setup_worker.sh --system"] if install else ["cd /app"]
+  if args.copy_data:
+    steps.append(common.copy_data_command("python3", args.copy_data))
+  return " && ".join(steps + [train])
 
 
 def plan_create(args) -> list[common.Command]:
@@ -103,6 +104,8 @@ def parse_args(argv):
   create.add_argument("--base-image", default="", help="xpk copies this directory into it")
   create.add_argument("--workdir", default="", help="gs://BUCKET/PATH")
   create.add_argument("--config", default=common.DEFAULT_CONFIG, help="config[:variant]")
+  create.add_argument("--copy-data", default="", metavar="gs://BUCKET/PATH",
+                      help=f"first copy this folder to {common.LOCAL_DATA} on every host")
   create.add_argument("--max-restarts", type=int, default=0,
                       help="restarts after a failure or preemption (each resumes)")
   create.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then --config.* flags")
