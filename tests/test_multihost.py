@@ -1,4 +1,4 @@
-"""Two CPU processes on localhost train together through jax.distributed, as the hosts of a slice do.
+"""Two CPU processes on localhost train together through jax.distributed, as a slice's hosts do.
 
 Each process (2 simulated devices, mesh data=2 x fsdp=2 over all 4) runs `launch/train.py` for 5
 steps. The test checks that they end with identical parameters, read different data, that only
@@ -191,13 +191,13 @@ def test_only_process_zero_logs_and_writes_metrics(two_process_run):
 def test_one_device_on_the_same_global_batches_matches(two_process_run):
   """The reference: test_sharding's one-device trainer fed process 0's rows then process 1's."""
   workdir, _, files = two_process_run
-  cfg = test_sharding._config()  # pylint: disable=protected-access
+  cfg = test_sharding.tiny_config()
   with test_sharding.quick_compile_context():
     trainer = test_sharding.trainer_for(cfg, (1, 1, 1), devices=jax.devices()[:1])
     initial = jax.device_get(trainer.init())
     global_batches = [{k: np.concatenate([b0[k], b1[k]]) for k in b0}
                       for b0, b1 in zip(_batches(files[0][1]), _batches(files[1][1]))]
-    state, losses = test_sharding._run(trainer, initial, global_batches)  # pylint: disable=protected-access
+    state, losses = test_sharding.run_steps(trainer, initial, global_batches)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     logged = [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]
   np.testing.assert_allclose(logged, losses, rtol=1e-5)

@@ -1,8 +1,9 @@
 """The sharded train step on 8 simulated CPU devices equals one device; restore onto other meshes.
 
-The tiny hybrid model (d_model 32, so 'fsdp'=8 really splits it) takes the trainer's own compiled
-step (`loop.compile_stage_step`: jit with explicit in/out shardings, donated state) on each mesh,
-over the same fixed random batches; losses and parameters must match the single-device run.
+A two-layer version of the tiny hybrid (one HGRN-2 and one attention layer; d_model 32, so
+'fsdp'=8 really splits it) takes the trainer's own compiled step (`loop.compile_stage_step`: jit
+with explicit in/out shardings, donated state) on each mesh, over the same fixed random batches;
+losses and parameters must match the single-device run.
 """
 import contextlib
 import os
@@ -27,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN, BATCH, STEPS = 32, 8, 2
 
 
-def _config():
+def tiny_config():
   """The tiny config with two layers (one HGRN-2, one attention) to keep compilation short."""
   from configs.curriculum import get_config  # pylint: disable=g-import-not-at-top
   cfg = get_config("tiny")
@@ -114,7 +115,7 @@ def trainer_for(cfg, shape, grad_accum=1, devices=None):
   return _TRAINERS[key]
 
 
-def _run(trainer, initial, batches):
+def run_steps(trainer, initial, batches):
   """STEPS steps from the host copy `initial` of the state, placed with the trainer's shardings."""
   state = jax.device_put(initial, trainer.state_sh)
   losses = []
@@ -143,7 +144,7 @@ def quick_compiles():
 
 @pytest.fixture(scope="module")
 def cfg():
-  return _config()
+  return tiny_config()
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +157,7 @@ def reference(cfg, batches):
   """One device: its trainer, the initial state (host), and (params, losses) after STEPS steps."""
   trainer = trainer_for(cfg, (1, 1, 1), devices=jax.devices()[:1])
   initial = jax.device_get(trainer.init())
-  state, losses = _run(trainer, initial, batches[:STEPS])
+  state, losses = run_steps(trainer, initial, batches[:STEPS])
   return trainer, initial, jax.device_get(state.params), losses
 
 
@@ -174,7 +175,7 @@ def _shard_shape(array):
                          ids=["data8", "fsdp8", "fsdp4xtensor2", "data2xfsdp2xtensor2_accum2"])
 def test_sharded_step_equals_one_device(cfg, batches, reference, shape, grad_accum):
   _, initial, ref_params, ref_losses = reference
-  state, losses = _run(trainer_for(cfg, shape, grad_accum), initial, batches[:STEPS])
+  state, losses = run_steps(trainer_for(cfg, shape, grad_accum), initial, batches[:STEPS])
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   _close(jax.device_get(state.params), ref_params, f"mesh {shape}")
   # The parameters, and their Adam moments alike, really are split as the rules say.
@@ -195,7 +196,7 @@ def test_restore_onto_other_meshes(cfg, batches, reference, tmp_path):
   step continues exactly as it would have on 8."""
   ref_trainer, initial = reference[:2]
   trainer8 = trainer_for(cfg, (1, 8, 1))
-  state8, _ = _run(trainer8, initial, batches[:STEPS])
+  state8, _ = run_steps(trainer8, initial, batches[:STEPS])
   saved = jax.device_get(state8)
   ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
   ckpt.save(STEPS, state8, {"note": "fsdp=8"}, wait=True)

@@ -1,4 +1,4 @@
-"""The Cloud TPU launchers (launch/tpu): what their --dry-run prints, and that a real run runs it."""
+"""The Cloud TPU launchers (launch/tpu): what their --dry-run prints; a real run runs just that."""
 import json
 import os
 import shlex

@@ -1,4 +1,4 @@
-"""Multi-host start-up (`jax.distributed.initialize()`) and which part of the data each process reads."""
+"""Multi-host start-up (jax.distributed) and the part of the batch each process reads."""
 from __future__ import annotations
 
 import os
@@ -53,7 +53,7 @@ def distributed_init_args(dist_cfg, environ=None) -> dict | None:
 
 
 def maybe_initialize_distributed(dist_cfg) -> bool:
-  """Starts the JAX distributed runtime when the config or the environment asks for several processes.
+  """Starts the JAX distributed runtime when the config or environment asks for several processes.
 
   Must run before anything touches the devices. Returns True when it initialized. On a Cloud TPU
   slice every host runs the same command (with `--config.distributed.num_processes=-1`) and JAX
@@ -63,8 +63,8 @@ def maybe_initialize_distributed(dist_cfg) -> bool:
   if args is None:
     return False
   if args.get("coordinator_address"):
-    # Cross-process collectives for CPU devices (tests, CPU clusters); no effect on GPU/TPU. Asking
-    # for the backend here would start it before the distributed runtime, so the flag is set blindly.
+    # Cross-process collectives for CPU devices (tests, CPU clusters); no effect on GPU/TPU.
+    # Asking for the backend here would start it before the distributed runtime: set it blindly.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**args)
   logging.info("distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
@@ -73,7 +73,7 @@ def maybe_initialize_distributed(dist_cfg) -> bool:
 
 
 def process_batch_shard(mesh: Mesh, global_batch: int) -> tuple[int, int]:
-  """(shard index, shard count) of the rows of a `[global_batch, ...]` batch that this process feeds.
+  """(shard index, shard count) of the rows of a `[global_batch, ...]` batch this process feeds.
 
   The batch is split over ('data', 'fsdp'); processes whose devices hold the same rows (a 'tensor'
   axis spanning hosts) must read the same data, so they get the same index. With one process per

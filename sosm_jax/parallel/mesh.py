@@ -32,7 +32,8 @@ def resolve_mesh_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...
     if num_devices % known:
       raise ValueError(
           f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes multiply to {known}, which does not "
-          f"divide the {num_devices} devices; set --config.mesh.* so that the product is {num_devices}")
+          f"divide the {num_devices} devices; set --config.mesh.* so that the product is "
+          f"{num_devices}")
     sizes[unknown[0]] = num_devices // known
   elif known != num_devices:
     raise ValueError(
