@@ -46,7 +46,7 @@ def get_config(arg: str | None = None):
                    attn_num_heads=2, attn_num_kv_heads=1, attn_head_dim=16, hgrn2_head_dim=16,
                    gdn_num_heads=2, gdn_head_dim=16, chunk_size=16,
                    pattern=("hgrn2", "hgrn2", "hgrn2", "attn"), dtype="float32")
-    c.curriculum.update(seq_lens=(32, 64), steps=(6, 4), tokens_per_step=256)
+    c.curriculum.update(seq_lens=(32, 64), steps=(6, 4), tokens_per_step=512)
     c.optimizer.update(learning_rate=3e-3, warmup_steps=2)
     c.train.update(log_every=2, checkpoint_every=0, eval_batches=1, eval_batch_size=2,
                    passkey_examples=2)

@@ -5,6 +5,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
+import jax
 from ml_collections import config_flags
 
 from sosm_jax.train import loop
@@ -19,10 +20,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  workdir = os.path.abspath(_WORKDIR.value or config.workdir or "workdir/run")
+  workdir = _WORKDIR.value or config.workdir or "workdir/run"
+  if "://" not in workdir:  # a bucket (gs://BUCKET/PATH) is used as given
+    workdir = os.path.abspath(workdir)
   print(f"Work directory: {workdir}", flush=True)
   result = loop.train(config, workdir)
-  print(f"{result.status} at step {result.step}; checkpoints and metrics in {workdir}", flush=True)
+  if jax.process_index() == 0:
+    print(f"{result.status} at step {result.step}; checkpoints and metrics in {workdir}", flush=True)
 
 
 if __name__ == "__main__":

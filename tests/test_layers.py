@@ -155,12 +155,13 @@ def test_forget_gate_and_lower_bounds():
 
 def test_rmsnorm_per_head_and_vector():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 5)) * 3
-  for axes in (("norm",), ("heads", "head_dim")):
-    v = RMSNorm(1e-6, axes).init(jax.random.PRNGKey(0), x)
-    scale = jax.random.normal(jax.random.PRNGKey(1), nn.unbox(v)["params"]["scale"].shape)
+  for axes, shape in ((("norm",), (5,)), (("heads", "head_dim"), (4, 5))):
+    scale = jax.random.normal(jax.random.PRNGKey(1), shape)
     y = RMSNorm(1e-6, axes).apply({"params": {"scale": scale}}, x)
     xn = np.asarray(x, np.float64)
     np.testing.assert_allclose(y, _rms(xn, np.asarray(scale), 1e-6), rtol=1e-5, atol=1e-5)
+  params = jax.eval_shape(RMSNorm(1e-6, ("heads", "head_dim")).init, jax.random.PRNGKey(0), x)
+  assert nn.unbox(params)["params"]["scale"].shape == (4, 5)
 
 
 @pytest.mark.parametrize("embed_dim,tie", [(0, True), (8, True), (0, False), (8, False)])

@@ -18,20 +18,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "curriculum.py")
 
 
-def _parse(*overrides):
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+  """These tests check the trainer's behaviour, not XLA's optimisations: compile ~3x faster."""
+  before = jax.config.values.get("jax_disable_most_optimizations", False)
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
+
+
+def _parse(*overrides, variant="tiny"):
+  argv = ["train.py", f"--config={CONFIG}:{variant}", *overrides]
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
-  fv(["train.py", f"--config={CONFIG}:tiny", *overrides])
+  # sys_argv: config_flags registers the --config.* override flags from the command line it sees.
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
   return fv.config
 
 
 def _tiny(**updates):
-  cfg = _parse()
-  cfg.mesh.data = 1  # one device: tests of the sharded step live in test_sharding
+  cfg = _parse()  # data-parallel over the 8 simulated devices
   for key, value in updates.items():
     section, name = key.split(".")
     cfg[section][name] = value
   return cfg
+
+
+# One curriculum for every in-process run, so that identical step programs come from the cache.
+_RUN = {"curriculum.steps": (16, 6), "train.log_every": 2, "train.checkpoint_every": 9}
 
 
 def _read_metrics(workdir, kind="train"):
@@ -70,14 +85,11 @@ def test_impossible_values_fail_at_start_naming_the_key(tmp_path, key, value, me
 
 def test_unknown_variant_is_named():
   with pytest.raises(Exception, match="unknown variant 'huge'"):
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
-    fv(["train.py", f"--config={CONFIG}:huge"])
-    _ = fv.config
+    _parse(variant="huge")
 
 
 def test_tiny_run_loss_falls_and_writes_metrics_and_checkpoints(tmp_path):
-  cfg = _tiny(**{"curriculum.steps": (16, 6), "train.log_every": 2})
+  cfg = _tiny(**_RUN)
   result = loop.train(cfg, str(tmp_path))
   assert result.status == "finished" and result.step == 22
   records = _read_metrics(tmp_path)
@@ -101,25 +113,25 @@ def _final_params(workdir, cfg):
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
-  steps = {"curriculum.steps": (5, 4), "train.checkpoint_every": 3, "train.eval_batches": 0,
-           "train.passkey_examples": 0}
+  steps = {**_RUN, "train.eval_batches": 0, "train.passkey_examples": 0}
   straight = str(tmp_path / "straight")
   loop.train(_tiny(**steps), straight)
-  # Resumed: first a run that stops at step 7 (inside the second stage), then the rest.
+  # Resumed: a run that stops at step 19 (inside the second stage; its last checkpoint from the
+  # interval is step 18), then the rest from the checkpoint the stop wrote.
   pieces = str(tmp_path / "pieces")
-  first = loop.train(_tiny(**{**steps, "train.stop_at_step": 7}), pieces)
-  assert first.status == "interrupted" and first.step == 7
+  first = loop.train(_tiny(**{**steps, "train.stop_at_step": 19}), pieces)
+  assert first.status == "interrupted" and first.step == 19
   result = loop.train(_tiny(**steps), pieces)
-  assert result.step == 9
+  assert result.step == 22
   step_a, params_a = _final_params(straight, None)
   step_b, params_b = _final_params(pieces, None)
-  assert step_a == step_b == 9
+  assert step_a == step_b == 22
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params_a,
                params_b)
 
 
 def test_refused_stage_names_stage_and_fix(tmp_path):
-  cfg = _tiny(**{"train.memory_limit_gib": 1e-6})
+  cfg = _tiny(**_RUN, **{"train.memory_limit_gib": 1e-6})
   with pytest.raises(loop.StageDoesNotFit, match=r"stage 0 \(seq_len 32\).*remat.*grad_accum"):
     loop.train(cfg, str(tmp_path))
 
@@ -127,9 +139,9 @@ def test_refused_stage_names_stage_and_fix(tmp_path):
 def test_sigterm_leaves_a_checkpoint_that_restores(tmp_path):
   workdir = str(tmp_path / "run")
   cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={CONFIG}:tiny",
-         f"--workdir={workdir}", "--config.mesh.data=1", "--config.curriculum.steps=(100000,)",
+         f"--workdir={workdir}", "--config.curriculum.steps=(100000,)",
          "--config.curriculum.seq_lens=(32,)", "--config.train.log_every=1"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 240

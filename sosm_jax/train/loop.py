@@ -14,12 +14,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from tqdm.auto import tqdm
 
 from sosm_jax import data as data_lib
 from sosm_jax import models
 from sosm_jax.parallel import (LOGICAL_AXIS_RULES, batch_sharding, data_parallel_size, make_mesh,
-                               maybe_initialize_distributed, replicated_sharding)
+                               maybe_initialize_distributed, process_batch_shard,
+                               replicated_sharding)
 from sosm_jax.train import checkpoint as ckpt_lib
 from sosm_jax.train import config as config_lib
 from sosm_jax.train import curriculum as curriculum_lib
@@ -114,6 +116,15 @@ def compile_stage_step(model, optimizer, schedule, stage, abstract_state, state_
   return compiled, info
 
 
+def _make_pipeline(config, tokenizer, mesh, seq_len: int, global_batch: int, split: str,
+                   start_state=None):
+  """This process's share of `[global_batch, seq_len]` batches (see process_batch_shard)."""
+  shard, shards = process_batch_shard(mesh, global_batch)
+  return data_lib.make_pipeline(config.data, tokenizer, seq_len=seq_len,
+                                batch_size=global_batch // shards, seed=config.seed, split=split,
+                                process_index=shard, process_count=shards, start_state=start_state)
+
+
 def evaluate_stage(model, params, config, tokenizer, stage, mesh) -> dict[str, float]:
   """Validation loss at the stage's length, and the passkey check at that length."""
   out = {}
@@ -121,14 +132,12 @@ def evaluate_stage(model, params, config, tokenizer, stage, mesh) -> dict[str, f
   batch_size = max(data_parallel_size(mesh), min(stage.global_batch, config.train.eval_batch_size))
   batch_size -= batch_size % data_parallel_size(mesh)
   if config.train.eval_batches > 0:
-    pipeline = data_lib.make_pipeline(
-        config.data, tokenizer, seq_len=stage.seq_len,
-        batch_size=batch_size // jax.process_count(), seed=config.seed, split="validation",
-        process_index=jax.process_index(), process_count=jax.process_count())
+    pipeline = _make_pipeline(config, tokenizer, mesh, stage.seq_len, batch_size, "validation")
     sums = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
     for _, batch in zip(range(config.train.eval_batches), pipeline):
       result = jax.device_get(eval_step(params, _global_batch(batch, batch_sharding(mesh))))
       sums = {k: sums[k] + float(result[k]) for k in sums}
+    pipeline.close()
     if sums["tokens"]:
       out["val_loss"] = sums["loss_sum"] / sums["tokens"]
       out["val_accuracy"] = sums["correct"] / sums["tokens"]
@@ -174,9 +183,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   init_params = lambda: base_model.init(jax.random.key(config.seed), 1, config.model.chunk_size)
 
   if is_writer:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local folder or gs://BUCKET/PATH
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.train.keep_checkpoints)
@@ -217,11 +225,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
       writer.write(step, {"stage": stage.index, "seq_len": stage.seq_len,
                           "global_batch": stage.global_batch, **compile_info}, kind="stage")
       bar.set_description(f"stage {stage.index} · {stage.seq_len} tokens")
-      pipeline = data_lib.make_pipeline(
-          config.data, tokenizer, seq_len=stage.seq_len,
-          batch_size=stage.global_batch // jax.process_count(), seed=config.seed,
-          process_index=jax.process_index(), process_count=jax.process_count(),
-          start_state=data_state)
+      pipeline = _make_pipeline(config, tokenizer, mesh, stage.seq_len, stage.global_batch, "train",
+                                start_state=data_state)
       flops_per_step = model.flops_per_token(stage.seq_len) * stage.tokens_per_step
       # Metrics are read one step late so the host never waits for the step it just dispatched.
       pending, streak = None, 0
@@ -261,14 +266,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
           break
       if pending is not None:
         last, streak = _consume(pending, streak, step, writer, bar, stage)
+      writer.write(step, {"stage": stage.index, **pipeline.stats()}, kind="data")
+      pipeline.close()
       if status == "interrupted":
         break
       checkpointer.save(step, state, meta_for(data_state, stage.index))
       evals = evaluate_stage(model, state.params, config, tokenizer, stage, mesh)
       writer.write(step, {"stage": stage.index, "seq_len": stage.seq_len, **evals}, kind="eval")
       last.update(evals)
-      bar.write(f"{stage.name} done at step {step}: " +
-                ", ".join(f"{k}={v:.4g}" for k, v in evals.items()))
+      if is_writer:
+        bar.write(f"{stage.name} done at step {step}: " +
+                  ", ".join(f"{k}={v:.4g}" for k, v in evals.items()))
     bar.close()
     checkpointer.close()
   writer.close()

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 # Dense bf16 peak FLOP/s per chip, for MFU. Unknown devices (CPU) report no MFU.
 _PEAK_FLOPS = (
@@ -50,19 +51,27 @@ class MetricsWriter:
   """Appends one JSON object per record to `metrics.jsonl` and mirrors scalars to TensorBoard.
 
   Only the writing process (process 0) creates files; the others get a writer that does nothing.
+  In a bucket (gs://...), where an object cannot be appended to, the lines are kept and the
+  object is rewritten at most every `remote_flush_seconds` and at close.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, remote_flush_seconds: float = 60.0):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
+    self._lines: list[str] | None = None
+    self._flushed_at = time.time()
+    self._flush_every = remote_flush_seconds
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._jsonl = open(self.path, "a", encoding="utf-8")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    if "://" in str(workdir):
+      self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+    else:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(self.path, "a", encoding="utf-8")
     try:
-      from tensorboardX import SummaryWriter  # no TensorFlow needed
+      from tensorboardX import SummaryWriter  # no TensorFlow needed; gs:// via google-cloud-storage
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     except ImportError:
       self._tb = None
@@ -71,16 +80,27 @@ class MetricsWriter:
     if not self.enabled:
       return
     clean = {k: _scalar(v) for k, v in record.items() if v is not None}
-    self._jsonl.write(json.dumps({"step": int(step), "kind": kind, "time": time.time(), **clean})
-                      + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": int(step), "kind": kind, "time": time.time(), **clean}) + "\n"
+    if self._lines is not None:
+      self._lines.append(line)
+      if kind != "train" or time.time() - self._flushed_at > self._flush_every:
+        self._flush_remote()
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     if self._tb is not None:
       for key, value in clean.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
           self._tb.add_scalar(f"{kind}/{key}", value, int(step))
 
+  def _flush_remote(self) -> None:
+    self.path.write_text("".join(self._lines))
+    self._flushed_at = time.time()
+
   def close(self) -> None:
     if self._jsonl:
       self._jsonl.close()
+    if self._lines is not None:
+      self._flush_remote()
     if self._tb is not None:
       self._tb.close()

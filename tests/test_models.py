@@ -1,0 +1,259 @@
+"""Tests for sosm_jax/models: decode == full forward per architecture, causality, documents,
+parameter counts, FLOPs, config validation, overfitting, generation.
+
+Compiled functions are shared through one cached setup per architecture (tiny dims, fp32).
+"""
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sosm_jax.layers import MIXERS
+from sosm_jax.models import build_model, default_model_config, model_config_for
+from sosm_jax.models.config import validate_model_config
+from sosm_jax.models.sampling import sample_token, top_p_filter
+
+B, T, V, PROMPT = 2, 16, 64, 5
+TINY = dict(num_layers=2, d_model=32, vocab_size=V, mlp_dim=64, attn_num_heads=4,
+            attn_num_kv_heads=2, attn_head_dim=8, hgrn2_head_dim=8, gdn_num_heads=2,
+            gdn_head_dim=8, conv_width=3, chunk_size=8, dtype="float32")
+GRAPH_TINY = dict(window=4, k_max=3, k_min=1, semantic_dim=16, semantic_block_size=4,
+                  block_weights=(0.5, 0.3, 0.2, 0.0), temporal_dim=8, select_block_size=4,
+                  select_num_blocks=2)
+ARCHS = {
+    # no layer scan, factorized untied embeddings, sliding-window attention
+    "transformer": dict(architecture="transformer", scan_layers=False, embed_dim=16,
+                        tie_embeddings=False, attn_window=6),
+    # both linear mixers, layer scan over two repetitions of the pattern
+    "hybrid": dict(pattern=("hgrn2", "gdn", "attn"), num_layers=6),
+}
+HAS_GRAPH = "graph" in MIXERS
+if HAS_GRAPH:   # runs as soon as sosm_jax/layers/graph.py registers the 'graph' mixer
+  ARCHS["sosm"] = dict(architecture="sosm", pattern=("hgrn2", "graph"))
+
+
+def _key(seed):
+  # unsafe_rbg: the same statistics for tests, a third of threefry's XLA:CPU compile time
+  return jax.random.key(seed, impl="unsafe_rbg")
+
+
+def tiny_config(arch="hybrid", **kw):
+  cfg = default_model_config(ARCHS[arch].get("architecture", "hybrid"))
+  cfg.update(TINY)
+  cfg.update(ARCHS[arch])
+  if "graph" in cfg.pattern:
+    cfg.graph.update(GRAPH_TINY)
+  cfg.update(kw)
+  return cfg
+
+
+class Setup:
+  """One model, its params and jitted functions, shared by the tests of an architecture."""
+
+  def __init__(self, arch):
+    self.model = build_model(tiny_config(arch))
+    self.params = nn.unbox(jax.jit(self.model.init, static_argnums=(1, 2))(_key(0), B, T))
+    self.full = jax.jit(self.model.apply)
+    self.tokens = jax.random.randint(jax.random.PRNGKey(1), (B, T), 0, V)
+
+
+@functools.lru_cache(maxsize=None)
+def setup(arch) -> Setup:
+  return Setup(arch)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_prefill_then_decode_matches_full_forward(arch):
+  s = setup(arch)
+  full = s.full(s.params, s.tokens)
+  logits, cache = s.model._jit_prefill(s.params, s.tokens[:, :PROMPT], T)
+  steps = [logits]
+  for t in range(PROMPT, T):
+    step_logits, cache = s.model._jit_decode(s.params, s.tokens[:, t], cache)
+    steps.append(step_logits[:, None])
+  assert int(cache["index"]) == T
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_future_tokens_do_not_change_past_logits(arch):
+  s = setup(arch)
+  cut = 9
+  other = s.tokens.at[:, cut:].set((s.tokens[:, cut:] + 7) % V)
+  a, b = s.full(s.params, s.tokens), s.full(s.params, other)
+  np.testing.assert_allclose(a[:, :cut], b[:, :cut], rtol=1e-6, atol=1e-6)
+  assert float(jnp.max(jnp.abs(a[:, cut:] - b[:, cut:]))) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["transformer"] + (["sosm"] if HAS_GRAPH else []))
+def test_packed_documents_do_not_see_each_other(arch):
+  """A document packed after another gives the logits it gives alone at the start of a row.
+
+  (Not for 'gdn' mixers: their short convs reach conv_width-1 tokens back across a boundary.)
+  """
+  s = setup(arch)
+  split = 7
+  doc_b = s.tokens[0, split:]
+  tokens = jnp.stack([s.tokens[0], jnp.concatenate([doc_b, jnp.zeros(split, jnp.int32)])])
+  seg = jnp.array([[1] * split + [2] * (T - split), [1] * (T - split) + [0] * split])
+  pos = jnp.array([list(range(split)) + list(range(T - split)), list(range(T))])
+  logits = jax.jit(s.model.apply)(s.params, tokens, positions=pos, segment_ids=seg)
+  np.testing.assert_allclose(logits[0, split:], logits[1, :T - split], rtol=1e-4, atol=1e-4)
+
+
+PARAM_CONFIGS = {
+    "transformer": dict(arch="transformer"),
+    "transformer_tied_scan": dict(arch="transformer", scan_layers=True, tie_embeddings=True),
+    "hybrid": dict(arch="hybrid"),
+    "hybrid_factorized_untied": dict(arch="hybrid", embed_dim=12, tie_embeddings=False),
+    "gdn_noscan_factorized_tied": dict(arch="hybrid", pattern=("gdn", "attn"), num_layers=2,
+                                       scan_layers=False, embed_dim=8),
+}
+if HAS_GRAPH:
+  PARAM_CONFIGS["sosm"] = dict(arch="sosm")
+
+
+@pytest.mark.parametrize("name", list(PARAM_CONFIGS))
+def test_param_count_matches_formula(name):
+  kw = dict(PARAM_CONFIGS[name])
+  model = build_model(tiny_config(kw.pop("arch"), **kw))
+  shapes = jax.eval_shape(functools.partial(model.init, batch_size=1, seq_len=8), _key(0))
+  counted = sum(math.prod(a.shape) for a in jax.tree.leaves(nn.unbox(shapes)))
+  assert counted == model.num_params_formula()
+
+
+def test_presets_size():
+  n = build_model(model_config_for("150m")).num_params_formula()
+  assert 120e6 < n < 180e6
+  assert build_model(model_config_for("tiny")).num_params_formula() < 1e6
+
+
+def test_flops_per_token():
+  cfg = tiny_config("transformer", num_layers=4, embed_dim=0, tie_embeddings=True,
+                    attn_window=0)
+  model = build_model(cfg)
+  d, m, h, kv, dh, L = 32, 64, 4, 2, 8, 4
+  matmul = L * (3 * d * m + 2 * d * h * dh + 2 * d * kv * dh) + d * V
+  for t in (16, 256):
+    attn = L * 4 * h * dh * (t + 1) / 2      # causal: on average (T+1)/2 keys per query
+    assert model.flops_per_token(t) == pytest.approx(3 * (2 * matmul + attn), rel=1e-9)
+  # linear-attention layers cost the same per token at any length beyond a chunk
+  lin = build_model(tiny_config("hybrid", pattern=("hgrn2", "gdn"), num_layers=2))
+  assert lin.flops_per_token(1024) == lin.flops_per_token(8192)
+  assert lin.flops_per_token(4) < lin.flops_per_token(1024)
+
+
+@pytest.mark.parametrize("override,key", [
+    (dict(architecture="rnn"), "architecture"),
+    (dict(num_layers=4), "num_layers"),
+    (dict(pattern=("hgrn2", "mamba")), "pattern"),
+    (dict(architecture="sosm", pattern=("hgrn2", "attn")), "pattern"),
+    (dict(attn_num_kv_heads=3), "attn_num_kv_heads"),
+    (dict(attn_head_dim=7), "attn_head_dim"),
+    (dict(hgrn2_head_dim=12), "hgrn2_head_dim"),
+    (dict(d_model=0), "d_model"),
+    (dict(remat="some"), "remat"),
+    (dict(dtype="fp8"), "dtype"),
+    (dict(embed_dim=-1), "embed_dim"),
+    (dict(attn_impl="flash"), "attn_impl"),
+])
+def test_config_errors_name_the_key(override, key):
+  cfg = tiny_config("hybrid")
+  cfg.update(override)
+  with pytest.raises(ValueError, match=f"model.{key}"):
+    validate_model_config(cfg)
+  with pytest.raises(ValueError, match=f"model.{key}"):
+    build_model(cfg)
+  with pytest.raises(ValueError, match="model size"):
+    model_config_for("huge")
+
+
+def _batch(tokens):
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "loss_mask": jnp.ones((tokens.shape[0], tokens.shape[1] - 1), jnp.float32)}
+
+
+def test_tiny_hybrid_overfits_one_batch_with_remat_under_scan():
+  s = setup("hybrid")
+  batch = _batch(s.tokens)
+  model = build_model(tiny_config("hybrid", remat="dots"))   # same params as s.model
+  opt = optax.adam(3e-3)
+
+  @jax.jit
+  def step(params, opt_state):
+    (_, metrics), grads = jax.value_and_grad(model.loss, has_aux=True)(params, batch)
+    updates, opt_state = opt.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+  params, opt_state = s.params, opt.init(s.params)
+  losses = []
+  for _ in range(50):
+    params, opt_state, metrics = step(params, opt_state)
+    losses.append(float(metrics["loss"]))
+  assert metrics["tokens"] == B * (T - 1)
+  assert losses[-1] < 0.3 * losses[0], losses
+  assert float(metrics["accuracy"]) > 0.8
+
+
+def test_remat_changes_memory_not_gradients():
+  s = setup("transformer")
+  batch = _batch(s.tokens)
+  grad = lambda m: jax.jit(jax.value_and_grad(m.loss, has_aux=True))(s.params, batch)
+  (l0, _), g0 = grad(s.model)
+  (l1, _), g1 = grad(build_model(tiny_config("transformer", remat="dots")))
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), g0, g1)
+
+
+def test_bf16_compute_is_close_to_fp32():
+  s = setup("hybrid")
+  model = build_model(tiny_config("hybrid", dtype="bfloat16"))
+  logits = jax.jit(model.apply)(s.params, s.tokens)
+  assert logits.dtype == jnp.float32
+  ref = s.full(s.params, s.tokens)
+  assert float(jnp.max(jnp.abs(logits - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
+
+
+@pytest.mark.parametrize("arch", ["transformer"])
+def test_greedy_generate_is_deterministic_argmax_decoding(arch):
+  s = setup(arch)
+  prompt = s.tokens[:, :PROMPT]
+  new = T - PROMPT
+  out = s.model.generate(s.params, prompt, jax.random.PRNGKey(0), new)
+  again = s.model.generate(s.params, prompt, jax.random.PRNGKey(5), new)
+  assert out.shape == (B, T)
+  np.testing.assert_array_equal(out, again)
+  np.testing.assert_array_equal(out[:, :PROMPT], prompt)
+  # by hand: prefill, argmax, decode_step
+  logits, cache = s.model._jit_prefill(s.params, prompt, T)
+  token = jnp.argmax(logits[:, -1], -1)
+  by_hand = [token]
+  for _ in range(new - 1):
+    step_logits, cache = s.model._jit_decode(s.params, token, cache)
+    token = jnp.argmax(step_logits, -1)
+    by_hand.append(token)
+  np.testing.assert_array_equal(out[:, PROMPT:], jnp.stack(by_hand, 1))
+  # and each generated token is the argmax of the full forward over the generated sequence
+  full = s.full(s.params, out)
+  np.testing.assert_array_equal(jnp.argmax(full[:, PROMPT - 1:-1], -1), out[:, PROMPT:])
+
+
+def test_sampling_temperature_and_top_p():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  kept = np.isfinite(np.asarray(top_p_filter(logits, 0.7)))
+  np.testing.assert_array_equal(kept, [[True, True, False, False]])
+  assert np.isfinite(np.asarray(top_p_filter(logits, 1.0))).all()
+  assert int(sample_token(logits, None, 0.0, 1.0)[0]) == 0
+  keys = jax.random.split(jax.random.PRNGKey(0), 400)
+  draw = jax.jit(jax.vmap(lambda k, t: sample_token(logits, k, t, 0.7)[0], (0, None)),
+                 static_argnums=1)
+  draws = np.asarray(draw(keys, 1.0))
+  assert set(draws.tolist()) == {0, 1}
+  assert 0.5 < np.mean(draws == 0) < 0.75        # 0.5 / 0.8 = 0.625 after renormalising
+  hot = np.asarray(draw(keys, 100.0))           # flat distribution, still only the top-p set
+  assert set(hot.tolist()) == {0, 1, 2}   # temperature first, then top-p: a flatter set
