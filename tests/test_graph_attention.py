@@ -58,20 +58,23 @@ def test_forward_and_gradients_match_dense_reference(inputs):
 
 def test_memory_absent_or_all_masked_is_exactly_memory_free(inputs):
   x = inputs
-  base = ga.graph_attention(x["q"], x["k"], x["v"], x["idx"], x["mask"], window=W,
-                            edge_bias=x["bias"], segment_ids=x["seg"])
-  masked = ga.graph_attention(x["q"], x["k"], x["v"], x["idx"], x["mask"], window=W,
-                              edge_bias=x["bias"], segment_ids=x["seg"], memory_keys=x["mk"],
-                              memory_values=x["mv"], memory_mask=jnp.zeros_like(x["mm"]),
-                              memory_bias=x["mb"])
+
+  @jax.jit
+  def run(mm):
+    common = (x["q"], x["k"], x["v"], x["idx"], x["mask"])
+    base = ga.graph_attention(*common, window=W, edge_bias=x["bias"], segment_ids=x["seg"])
+    masked = ga.graph_attention(*common, window=W, edge_bias=x["bias"], segment_ids=x["seg"],
+                                memory_keys=x["mk"], memory_values=x["mv"],
+                                memory_mask=jnp.zeros_like(mm), memory_bias=x["mb"])
+    # memory with the kv-head count (grouped) against the reference
+    kw = dict(window=W, segment_ids=x["seg"], memory_keys=x["mk"][:, :, :, :HK],
+              memory_values=x["mv"][:, :, :, :HK], memory_mask=mm, memory_bias=x["mb"])
+    return base, masked, ga.graph_attention(*common, **kw), ga.graph_attention_reference(*common, **kw)
+
+  base, masked, grouped, grouped_ref = run(x["mm"])
   np.testing.assert_array_equal(np.asarray(base), np.asarray(masked))
-  # memory with kv-head count (grouped) also matches the reference
-  mk, mv = x["mk"][:, :, :, :HK], x["mv"][:, :, :, :HK]
-  kw = dict(window=W, segment_ids=x["seg"], memory_keys=mk, memory_values=mv, memory_mask=x["mm"],
-            memory_bias=x["mb"])
-  np.testing.assert_allclose(ga.graph_attention(x["q"], x["k"], x["v"], x["idx"], x["mask"], **kw),
-                             ga.graph_attention_reference(x["q"], x["k"], x["v"], x["idx"], x["mask"], **kw),
-                             atol=2e-5)
+  np.testing.assert_allclose(grouped, grouped_ref, atol=2e-5)
+  mk = x["mk"][:, :, :, :HK]
   with pytest.raises(ValueError, match="together"):
     ga.graph_attention(x["q"], x["k"], x["v"], x["idx"], x["mask"], window=W, memory_keys=mk)
 
@@ -82,8 +85,9 @@ def test_decode_step_matches_full_sequence(inputs):
   q, k, v = x["q"][b:b + 1], x["k"][b:b + 1], x["v"][b:b + 1]
   idx, mask, bias = x["idx"][b:b + 1], x["mask"][b:b + 1], x["bias"][b:b + 1]
   mk, mv, mm = x["mk"][b:b + 1], x["mv"][b:b + 1], x["mm"][b:b + 1]
-  full = ga.graph_attention(q, k, v, idx, mask, window=W, edge_bias=bias, memory_keys=mk,
-                            memory_values=mv, memory_mask=mm, memory_bias=x["mb"])
+  full = jax.jit(lambda *a: ga.graph_attention(*a, window=W, edge_bias=bias, memory_keys=mk,
+                                               memory_values=mv, memory_mask=mm,
+                                               memory_bias=x["mb"]))(q, k, v, idx, mask)
   step = jax.jit(lambda pos, *a: ga.graph_attention_step(
       *a[:3], pos, a[3], a[4], edge_bias=a[5], window=W, seg_start=jnp.zeros((1,), jnp.int32), memory_keys=a[6],
       memory_values=a[7], memory_mask=a[8], memory_bias=x["mb"]))

@@ -33,12 +33,19 @@ def test_streaming_and_full_block_topk_match_dense(segmented):
   b, t = 2, 70
   fq, fk = gb.similarity_features(_feats(0, b, t, 16), similarity="full")
   seg = _segments(b, t) if segmented else None
-  ref = gb.topk_dense_reference(fq, fk, k=5, exclude=3, segment_ids=seg)
+
+  @jax.jit
+  def all_three(fq, fk):
+    return (gb.topk_dense_reference(fq, fk, k=5, exclude=3, segment_ids=seg),
+            gb.topk_streaming(fq, fk, k=5, exclude=3, q_seg=seg, k_seg=seg, key_chunk=16),
+            # every block selectable: exact too (query chunks and padding exercised)
+            gb.topk_block_select(fq, fk, k=5, exclude=3, block_size=8, num_blocks=16, q_seg=seg,
+                                 k_seg=seg, query_chunk=32))
+
+  ref, streamed, blocked = all_three(fq, fk)
   assert bool(ref[2][:, 10:].all()) or segmented  # enough candidates: the test compares real lists
-  _assert_same_topk(gb.topk_streaming(fq, fk, k=5, exclude=3, q_seg=seg, k_seg=seg, key_chunk=16), ref)
-  # block selection with every block selectable is exact too (query chunks + padding exercised)
-  _assert_same_topk(gb.topk_block_select(fq, fk, k=5, exclude=3, block_size=8, num_blocks=16,
-                                         q_seg=seg, k_seg=seg, query_chunk=32), ref)
+  _assert_same_topk(streamed, ref)
+  _assert_same_topk(blocked, ref)
 
 
 def _block_select_numpy(fq, fk, *, k, exclude, bs, nsel):
@@ -68,8 +75,8 @@ def _block_select_numpy(fq, fk, *, k, exclude, bs, nsel):
 def test_block_select_matches_its_definition():
   b, t, bs = 2, 72, 8
   fq, fk = gb.similarity_features(_feats(1, b, t, 12), similarity="projection", proj_dim=6)
-  sims, idx, valid = gb.topk_block_select(fq, fk, k=4, exclude=2, block_size=bs, num_blocks=2,
-                                          query_chunk=24)
+  sims, idx, valid = jax.jit(lambda fq, fk: gb.topk_block_select(
+      fq, fk, k=4, exclude=2, block_size=bs, num_blocks=2, query_chunk=24))(fq, fk)
   rs, ri = _block_select_numpy(fq, fk, k=4, exclude=2, bs=bs, nsel=2)
   np.testing.assert_array_equal(np.asarray(valid), np.isfinite(rs))
   np.testing.assert_array_equal(np.where(valid, idx, 0), np.where(np.isfinite(rs), ri, 0))
@@ -217,39 +224,6 @@ def test_hub_flags_causal_centroid():
   c = np.cumsum(s, 0)
   cos = (s * c).sum(-1) / np.linalg.norm(s, axis=-1) / np.linalg.norm(c, axis=-1)
   np.testing.assert_array_equal(np.asarray(hub[0]), cos >= 0.5)
-
-
-@pytest.mark.parametrize("mode", ["token", "block"])
-def test_build_graph_has_no_future_leakage(mode):
-  b, t, cut = 2, 64, 37
-  sem = _feats(7, b, t, 16)
-  gfeat = _feats(8, b, t, 4)
-  seg = _segments(b, t)
-  opts = gb.default_opts(window=3, k_max=4, k_min=1, k_base=2.0, mutual_knn=True, num_shortcuts=2,
-                         hub_threshold=0.3, mode=mode, select_block_size=8, select_num_blocks=2,
-                         query_chunk=16, key_chunk=16)
-
-  @jax.jit
-  def build(sem, gfeat):
-    fq, fk = gb.similarity_features(sem, similarity="full")
-    g = gb.build_graph(fq, fk, gfeat, sem, segment_ids=seg, opts=opts)
-    return g.idx, g.mask
-
-  idx, mask = build(sem, gfeat)
-  idx2, mask2 = build(sem.at[:, cut:].set(_feats(9, b, t - cut, 16)), gfeat.at[:, cut:].set(0.0))
-  np.testing.assert_array_equal(np.asarray(idx[:, :cut]), np.asarray(idx2[:, :cut]))
-  np.testing.assert_array_equal(np.asarray(mask[:, :cut]), np.asarray(mask2[:, :cut]))
-  assert not np.array_equal(np.asarray(idx[:, cut:]), np.asarray(idx2[:, cut:]))
-  # causal and within the segment, outside the window, no duplicates
-  pos = np.arange(t)[None, :, None]
-  m, i = np.asarray(mask), np.asarray(idx)
-  assert (i[m] <= np.broadcast_to(pos - 3, i.shape)[m]).all()
-  s = np.asarray(seg)
-  assert (np.take_along_axis(s, i.reshape(b, -1), 1).reshape(i.shape)[m]
-          == np.broadcast_to(s[..., None], i.shape)[m]).all()
-  for bi, p in zip(*np.nonzero(m.any(-1))):
-    kept = i[bi, p][m[bi, p]]
-    assert len(set(kept.tolist())) == len(kept)
 
 
 def _temp_bytes(fn, *shapes):

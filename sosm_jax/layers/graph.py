@@ -286,7 +286,8 @@ def graph_provenance(graph, sem, g, *, segment_ids=None, memory_mask=None) -> di
   """Edge provenance and graph statistics (auxiliary; for logging).
 
   graph: a `gb.Graph` of `[b, t, k_max + num_shortcuts]` slots; sem `[b, t, sem_dim]`.
-  Returns float32 arrays: 'block_contrib' `[b, t, slots, num_blocks]` (each block's share of an
+  Returns 'edge_index' / 'edge_mask' `[b, t, slots]` and float32 arrays: 'block_contrib'
+  `[b, t, slots, num_blocks]` (each block's share of an
   edge's similarity: w_b·cos_b for 'blockwise', <s_t,b, s_j,b>/(|s_t||s_j|) otherwise, which sums
   to the cosine), 'dominant_block_counts' `[num_blocks]`, and scalars 'edges/semantic',
   'edges/shortcut', 'edges/local', 'edges/memory', 'degree/out_mean|out_min|out_max|in_max',
@@ -313,6 +314,7 @@ def graph_provenance(graph, sem, g, *, segment_ids=None, memory_mask=None) -> di
   local = jnp.minimum(pos[None] - graph.seg_start + 1, _get(g, "window")).astype(f32)
   found = jnp.maximum(graph.stages["topk"].sum(), 1).astype(f32)
   out = {
+      "edge_index": graph.idx, "edge_mask": graph.mask,
       "block_contrib": contrib,
       "dominant_block_counts": dominant.sum((0, 1, 2)),
       "edges/semantic": graph.mask[..., :kmax].sum().astype(f32),
