@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from sosm_jax.ops import attention as att
+from sosm_jax.ops.blockwise_attention import blockwise_attention
 
 B, T, H, KV, D = 2, 24, 4, 2, 8
 
@@ -52,27 +53,29 @@ def test_reference_matches_naive(window, use_seg):
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("window,use_seg", [(0, False), (5, False), (6, True)])
-def test_xla_matches_reference_forward_and_grad(window, use_seg):
-  q, k, v = _qkv(1)
-  seg = _segments() if use_seg else None
-
-  def loss(fn, q, k, v):
-    o = fn(q, k, v)
-    return jnp.sum(o * jnp.cos(jnp.arange(o.size).reshape(o.shape)))
-
+@pytest.mark.parametrize("impl,window,use_seg", [("xla", 0, False), ("xla", 6, True),
+                                                   ("blockwise", 0, True), ("blockwise", 5, False)])
+def test_fast_paths_match_reference_forward_and_grad(impl, window, use_seg):
+  """XLA (explicit mask) and blockwise (custom VJP, 8-token blocks) against the explicit
+  softmax, forward and gradients."""
+  t = 27 if impl == "blockwise" else T      # 27: the blockwise path pads to 32 inside
+  q, k, v = _qkv(1, t)
+  seg = _segments()[:, :t] if t <= T else jnp.concatenate(
+      [_segments(), jnp.array([[3] * 3, [0] * 3])], 1)
+  seg = seg if use_seg else None
+  w = jnp.cos(jnp.arange(B * t * H * D, dtype=jnp.float32)).reshape(B, t, H, D)
   fast = lambda q, k, v: att.causal_attention(q, k, v, segment_ids=seg, window=window,
-                                              implementation="xla")
+                                              implementation=impl, block_size=8)
   ref = lambda q, k, v: att.attention_reference(q, k, v, segment_ids=seg, window=window)
   np.testing.assert_allclose(jax.jit(fast)(q, k, v), jax.jit(ref)(q, k, v), rtol=1e-5, atol=1e-5)
-  g_fast = jax.jit(jax.grad(lambda *a: loss(fast, *a), argnums=(0, 1, 2)))(q, k, v)
-  g_ref = jax.jit(jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2)))(q, k, v)
-  for a, b in zip(g_fast, g_ref):
+  grads = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+  for a, b in zip(grads(fast), grads(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_auto_implementation_on_cpu_is_xla():
-  assert att.select_implementation(None, jnp.bfloat16, False) == "xla"
+def test_auto_implementation_on_cpu():
+  assert att.select_implementation(None, jnp.bfloat16, False, 1024) == "xla"
+  assert att.select_implementation(None, jnp.bfloat16, True, 8192) == "blockwise"
   with pytest.raises(ValueError, match="segment_ids"):
     att.select_implementation("cudnn", jnp.bfloat16, True)
   with pytest.raises(ValueError, match="attn_impl"):

@@ -2,7 +2,7 @@
 
 The math (masks, RoPE, backends) is in `sosm_jax/ops/attention.py`; this module holds parameters
 and the cache. Config keys: attn_num_heads, attn_num_kv_heads, attn_head_dim, rope_base,
-attn_window (0 = full causal), attn_impl ('' auto).
+attn_window (0 = full causal), attn_impl ('' auto), attn_block_size (blockwise implementation).
 """
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ class Attention(nn.Module):
       o = attn_ops.cached_attention(q, cache, window=cfg.attn_window)
     else:
       o = attn_ops.causal_attention(q, k, v, segment_ids=segment_ids, window=cfg.attn_window,
-                                    implementation=cfg.attn_impl or None)
+                                    implementation=cfg.attn_impl or None,
+                                    block_size=cfg.attn_block_size)
       if cache is not None:
         cache = attn_ops.update_kv_cache(cache, k, v)
     o = constrain(o, BATCH_LENGTH_HEADS)

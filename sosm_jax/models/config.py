@@ -6,8 +6,10 @@ Keys (config.model, an ml_collections ConfigDict):
   num_layers, d_model, vocab_size, mlp_dim (SwiGLU hidden width)
   attn_num_heads, attn_num_kv_heads, attn_head_dim, rope_base
   attn_window       0 = full causal attention; >0 = sliding window of that many tokens
-  attn_impl         '' auto ('cudnn' on GPU for bf16 without segment ids, else 'xla') | 'xla' |
-                    'cudnn' | 'reference'                                    (added)
+  attn_impl         '' auto ('cudnn' on GPU for bf16 without segment ids, else 'xla' up to
+                    2048 tokens and 'blockwise' beyond) | 'xla' | 'cudnn' | 'blockwise' |
+                    'reference'                                              (added)
+  attn_block_size   block length of the 'blockwise' (O(T)-memory) attention  (added)
   hgrn2_head_dim    HGRN-2 key (state-expansion) dim per head; heads = d_model // hgrn2_head_dim
   gdn_num_heads, gdn_head_dim (key = value dim), conv_width (Gated DeltaNet short conv)
   chunk_size        chunk of the chunked linear-attention algorithms
@@ -64,6 +66,7 @@ def default_model_config(architecture: str = "hybrid") -> ml_collections.ConfigD
   c.rope_base = 10000.0
   c.attn_window = 0
   c.attn_impl = ""
+  c.attn_block_size = 512
   c.hgrn2_head_dim = 128
   c.gdn_num_heads = 6
   c.gdn_head_dim = 128
@@ -163,8 +166,10 @@ def validate_model_config(cfg) -> None:
       _fail("attn_head_dim", f"{cfg.attn_head_dim} is odd (RoPE rotates pairs)", "use an even value")
     if cfg.attn_window < 0:
       _fail("attn_window", f"{cfg.attn_window} < 0", "use 0 (full causal) or a positive window")
-    if cfg.attn_impl not in ("", "xla", "cudnn", "reference"):
-      _fail("attn_impl", f"unknown value {cfg.attn_impl!r}", "use '', 'xla', 'cudnn' or 'reference'")
+    if cfg.attn_impl not in ("", "xla", "cudnn", "blockwise", "reference"):
+      _fail("attn_impl", f"unknown value {cfg.attn_impl!r}",
+            "use '', 'xla', 'cudnn', 'blockwise' or 'reference'")
+    _positive(cfg, "attn_block_size")
   if "hgrn2" in pattern:
     _positive(cfg, "hgrn2_head_dim")
     if cfg.d_model % cfg.hgrn2_head_dim:
@@ -186,8 +191,11 @@ def validate_model_config(cfg) -> None:
 
 
 def freeze(cfg) -> ml_collections.FrozenConfigDict:
-  """Validated, hashable, immutable copy (what modules hold as their `cfg` field)."""
-  if isinstance(cfg, ml_collections.FrozenConfigDict):
-    return cfg
-  validate_model_config(cfg)
-  return ml_collections.FrozenConfigDict(cfg)
+  """Validated, hashable, immutable copy (what modules hold as their `cfg` field).
+
+  Keys missing from `cfg` (e.g. a config saved before a key was added) take their defaults.
+  """
+  full = default_model_config(cfg.get("architecture", "hybrid"))
+  full.update(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+  validate_model_config(full)
+  return ml_collections.FrozenConfigDict(full)

@@ -5,8 +5,9 @@ heads `K` (grouped-query attention); query head `h` reads key/value head `h // (
 
 Forms with one meaning:
 - `attention_reference`: explicit softmax over an explicit boolean mask (float32). Ground truth.
-- `causal_attention`: training / prefill self-attention through `jax.nn.dot_product_attention`,
-  implementation picked per platform (`select_implementation`).
+- `causal_attention`: training / prefill self-attention, implementation picked per platform and
+  length (`select_implementation`): `jax.nn.dot_product_attention` (cuDNN flash attention or
+  XLA) or the O(T)-memory `blockwise_attention.blockwise_attention`.
 - `cached_attention` + `update_kv_cache`: queries at absolute positions `index .. index+T-1`
   against a fixed-size KV cache (decode; jit-able, static shapes).
 
@@ -19,8 +20,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sosm_jax.ops.blockwise_attention import blockwise_attention
+
 _F32 = jnp.float32
-IMPLEMENTATIONS = ("xla", "cudnn", "reference")
+IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "reference")
+# Above this length the auto choice avoids XLA's T x T logits (blockwise, or cuDNN on GPU).
+XLA_MAX_LEN = 2048
 
 
 # --------------------------------------------------------------------------- RoPE
@@ -130,29 +135,32 @@ def attention_reference(q, k, v, *, segment_ids=None, window=0, scale=None):
 # --------------------------------------------------------------------------- fast self-attention
 
 
-def select_implementation(implementation: str | None, dtype, has_segments: bool) -> str:
+def select_implementation(implementation: str | None, dtype, has_segments: bool,
+                          seq_len: int = 0) -> str:
   """Which backend `causal_attention` uses.
 
-  '' / None: cuDNN flash attention on GPU for bf16/fp16 inputs without packed-document
+  '' / None (auto): cuDNN flash attention on GPU for bf16/fp16 inputs without packed-document
   segment ids (cuDNN through `jax.nn.dot_product_attention` takes only causal, window and
-  sequence-length masks; an arbitrary segment mask would be materialised as a T x T bias),
-  else XLA. 'cudnn' forces cuDNN (segment ids then raise), 'xla' and 'reference' force those.
+  sequence-length masks; a segment mask would be materialised as a T x T bias); otherwise XLA
+  up to XLA_MAX_LEN tokens and 'blockwise' (O(T) memory, any mask) beyond. 'cudnn' forces cuDNN
+  (segment ids then raise); 'xla', 'blockwise' and 'reference' force those.
   """
   if implementation in (None, ""):
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if jax.default_backend() == "gpu" and half and not has_segments:
       return "cudnn"
-    return "xla"
+    return "blockwise" if seq_len > XLA_MAX_LEN else "xla"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention: unknown implementation {implementation!r}; choose '' (auto) or "
                      f"one of {IMPLEMENTATIONS} (model config key attn_impl).")
   if implementation == "cudnn" and has_segments:
     raise ValueError("attention: implementation 'cudnn' cannot take segment_ids (packed "
-                     "documents); use attn_impl='' or 'xla', or pass segment_ids=None.")
+                     "documents); use attn_impl='' or 'blockwise', or model.document_masking=False.")
   return implementation
 
 
-def causal_attention(q, k, v, *, segment_ids=None, window=0, scale=None, implementation=None):
+def causal_attention(q, k, v, *, segment_ids=None, window=0, scale=None, implementation=None,
+                     block_size=512):
   """Causal self-attention (training, prefill).
 
   Args:
@@ -160,14 +168,19 @@ def causal_attention(q, k, v, *, segment_ids=None, window=0, scale=None, impleme
     segment_ids: `[batch, time]` int (packed documents; 0 = padding) or None.
     window: >0 = sliding window of this many tokens (the token itself included).
     scale: logit scale, default head_dim**-0.5.
-    implementation: None/'' (auto, see `select_implementation`), 'xla', 'cudnn', 'reference'.
+    implementation: None/'' (auto, see `select_implementation`), 'xla', 'cudnn', 'blockwise',
+      'reference'.
+    block_size: block length of the 'blockwise' implementation.
   Returns:
     `[batch, time, heads, head_dim]` in q's dtype.
   """
   _check_qkv(q, k, v)
-  impl = select_implementation(implementation, q.dtype, segment_ids is not None)
+  impl = select_implementation(implementation, q.dtype, segment_ids is not None, q.shape[1])
   if impl == "reference":
     return attention_reference(q, k, v, segment_ids=segment_ids, window=window, scale=scale)
+  if impl == "blockwise":
+    return blockwise_attention(q, k, v, segment_ids=segment_ids, window=window, scale=scale,
+                               block_size=block_size)
   # jax's local_window_size=(left, right) counts neighbours excluding the token itself.
   local = (window - 1, 0) if window > 0 else None
   if impl == "cudnn":
