@@ -257,8 +257,8 @@ class GraphMixer(nn.Module):
     else:
       nblk = -(-seq_len // _get(g, "select_block_size"))
       build = 2.0 * f * (nblk + (_get(g, "select_num_blocks") + 1) * _get(g, "select_block_size"))
-    # blockwise local window scores 2w keys per query; edges one each
-    return proj + build + 4.0 * h * dh * (2 * w + edges)
+    # useful attention work: w window keys + the edges (the blockwise window computes 2w)
+    return proj + build + 4.0 * h * dh * (w + edges)
 
 
 MIXER = GraphMixer

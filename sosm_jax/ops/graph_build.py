@@ -193,16 +193,16 @@ def topk_block_select(fq, fk, *, k, exclude, block_size=64, num_blocks=8, q_pos=
   fk_p = _pad_time(fk, bs)
   nb_total = fk_p.shape[1] // bs
   fk_blocks = fk_p.reshape(b, nb_total, bs, f)
-  seg_blocks = None if k_seg is None else _pad_time(k_seg, bs, -1).reshape(b, nb_total, bs)
-  if seg_blocks is None:
-    pooled = jnp.mean(fk_blocks, axis=2)  # [b, nb_total, f]
-  else:
-    # A block belongs to the segment of its last token and pools only that segment's tokens, so
-    # a block's score never depends on another document.
-    blk_seg = seg_blocks[..., -1]
-    member = (seg_blocks == blk_seg[..., None]).astype(fk_blocks.dtype)
-    pooled = jnp.einsum("bmkf,bmk->bmf", fk_blocks, member) / jnp.maximum(
-        member.sum(-1), 1.0)[..., None]
+  if k_seg is None:  # one segment; same arithmetic as with segments (decode passes them)
+    k_seg = jnp.zeros((b, length), jnp.int32)
+    q_seg = jnp.zeros((b, tq), jnp.int32)
+  seg_blocks = _pad_time(k_seg, bs, -1).reshape(b, nb_total, bs)
+  # A block belongs to the segment of its last token and pools only that segment's tokens, so
+  # a block's score never depends on another document.
+  blk_seg = seg_blocks[..., -1]
+  member = (seg_blocks == blk_seg[..., None]).astype(fk_blocks.dtype)
+  pooled = jnp.einsum("bmkf,bmk->bmf", fk_blocks, member) / jnp.maximum(
+      member.sum(-1), 1.0)[..., None]  # [b, nb_total, f]
   nsel = min(num_blocks, nb_total)
 
   def one_chunk(args):
@@ -210,9 +210,7 @@ def topk_block_select(fq, fk, *, k, exclude, block_size=64, num_blocks=8, q_pos=
     cur = jnp.floor_divide(pc - exclude, bs)  # block holding the last candidate (may be < 0)
     sc = jnp.einsum("bqf,bmf->bqm", fqc, pooled, preferred_element_type=jnp.float32)
     m = jnp.arange(nb_total, dtype=jnp.int32)
-    eligible = m[None, None] < cur[..., None]
-    if seg_blocks is not None:
-      eligible &= blk_seg[:, None, :] == segc[..., None]
+    eligible = (m[None, None] < cur[..., None]) & (blk_seg[:, None, :] == segc[..., None])
     sc = jnp.where(eligible, sc, NEG_INF)
     bval, bidx = jax.lax.top_k(sc, nsel)
     blk = jnp.concatenate([bidx, jnp.maximum(cur, 0)[..., None]], -1)  # [b, c, nsel+1]
@@ -222,8 +220,7 @@ def topk_block_select(fq, fk, *, k, exclude, block_size=64, num_blocks=8, q_pos=
     s = jnp.einsum("bqf,bqnkf->bqnk", fqc, cand_f, preferred_element_type=jnp.float32)
     j = blk[..., None] * bs + jnp.arange(bs, dtype=jnp.int32)  # [b, c, nsel+1, bs]
     ok = blk_ok[..., None] & _candidate_ok(j, pc[..., None], None, None, exclude, length)
-    if seg_blocks is not None:
-      ok &= gather(seg_blocks, blk) == segc[..., None, None]
+    ok &= gather(seg_blocks, blk) == segc[..., None, None]
     s = jnp.where(ok, s, NEG_INF).reshape(s.shape[:2] + (-1,))
     top, pos = jax.lax.top_k(s, k)
     return top, jnp.take_along_axis(j.reshape(s.shape), pos, -1)
