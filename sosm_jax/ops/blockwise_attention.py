@@ -1,10 +1,13 @@
 """Memory-efficient causal attention in plain JAX (FlashAttention-2 algorithm, custom VJP).
 
 For long sequences where the XLA path would materialise `[batch, heads, T, T]` logits and cuDNN
-cannot take the mask (packed documents): queries and keys are cut into blocks of `block` tokens;
-each query block visits only the key blocks the causal (and sliding-window) mask can reach, with
-an online softmax; the backward pass recomputes the block logits from the saved log-sum-exp.
-Memory is O(T) per head, work is the causal (or banded) part of the T x T square.
+cannot take the mask (packed documents). The sequence is cut into n blocks of `block` tokens and
+the work is organised by block diagonals: step d pairs every query block i with key block i - d,
+all n pairs at once (one batched matmul per step, parallel enough for accelerators), with an
+online softmax over the steps. Full causal attention takes n steps (half the pairs of the last
+steps are empty), a sliding window only the ~window/block diagonals it reaches. The backward
+pass walks the same diagonals, recomputing block logits from the saved log-sum-exp.
+Memory: O(T * block) per head for the block logits of one step, no T x T array.
 
 Layout `[batch, time, heads, head_dim]`, grouped KV heads, segment ids `[batch, time]`: the same
 masks as `attention.attention_reference` (which the tests hold this against).
@@ -29,112 +32,96 @@ def _pad_time(x, pad, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _key_block_range(i, block, window, num_blocks):
-  """Key blocks [lo, i] that query block i can see."""
+def _to_blocks(x, block):
+  """[B, n*block, ...] -> [n, B, block, ...]."""
+  b, t = x.shape[:2]
+  return jnp.moveaxis(x.reshape((b, t // block, block) + x.shape[2:]), 1, 0)
+
+
+def _from_blocks(x):
+  """[n, B, block, ...] -> [B, n*block, ...]."""
+  n, b, blk = x.shape[:3]
+  return jnp.moveaxis(x, 0, 1).reshape((b, n * blk) + x.shape[3:])
+
+
+def num_diagonals(num_blocks: int, block: int, window: int) -> int:
+  """Block diagonals that hold any visible (query, key) pair."""
   if window <= 0:
-    return 0, i + 1
-  lo = jnp.maximum(0, (i * block - window + 1) // block)
-  return lo, i + 1
+    return num_blocks
+  return min(num_blocks, -(-(window - 1) // block) + 1)
 
 
-def _query_block_range(j, block, window, num_blocks):
-  """Query blocks [j, hi) that see key block j."""
-  if window <= 0:
-    return j, num_blocks
-  hi = jnp.minimum(num_blocks, (j * block + block - 1 + window - 1) // block + 1)
-  return j, hi
-
-
-def _mask(i, j, block, window, seg_q, seg_k):
-  """`[batch, 1, 1, block_q, block_k]` bool for query block i, key block j."""
-  qi = i * block + jnp.arange(block)
-  kj = j * block + jnp.arange(block)
-  m = kj[None, :] <= qi[:, None]
+def _pair_mask(q_block, d, block, window, seg_q, seg_k, valid):
+  """`[n, B, 1, 1, bq, bk]` mask for query blocks q_block `[n]` against key blocks q_block - d."""
+  qpos = q_block[:, None] * block + jnp.arange(block)            # [n, bq]
+  kpos = qpos - d * block                                        # [n, bk]
+  m = kpos[:, None, :] <= qpos[:, :, None]
   if window > 0:
-    m &= (qi[:, None] - kj[None, :]) < window
-  m = m[None] & (seg_q[:, :, None] == seg_k[:, None, :])
-  return m[:, None, None]
+    m &= (qpos[:, :, None] - kpos[:, None, :]) < window
+  m = m[:, None] & (seg_q[..., :, None] == seg_k[..., None, :]) & valid[:, None, None, None]
+  return m[:, :, None, None]
 
 
-def _slice(x, i, block):
-  return lax.dynamic_slice_in_dim(x, i * block, block, axis=1)
-
-
-def _logits(q_blk, k_blk, scale):
-  """q `[B,bq,K,G,D]`, k `[B,bk,K,D]` -> `[B,K,G,bq,bk]` float32."""
-  return jnp.einsum("bqkgd,bskd->bkgqs", q_blk, k_blk, preferred_element_type=_F32) * scale
+def _logits(q, k, scale):
+  """q `[n,B,bq,K,G,D]`, k `[n,B,bk,K,D]` -> `[n,B,K,G,bq,bk]` float32."""
+  return jnp.einsum("nbqkgd,nbskd->nbkgqs", q, k, preferred_element_type=_F32) * scale
 
 
 def _forward(q, k, v, seg, *, block, window, scale):
-  """q `[B,T,K,G,D]` (T a multiple of block) -> (o like q, lse `[B,K,G,T]` float32)."""
-  b, t, kh, g, d = q.shape
-  n = t // block
+  """q `[B,T,K,G,D]` (T a multiple of block) -> (o like q, lse `[n,B,K,G,block]` float32)."""
+  qb, kb, vb, sb = (_to_blocks(x, block) for x in (q, k, v, seg))
+  n, b, _, kh, g, dh = qb.shape
+  idx = jnp.arange(n)
 
-  def query_block(i):
-    q_blk = _slice(q, i, block)
-    seg_q = _slice(seg, i, block)
+  def step(d, carry):
+    m, l, acc = carry
+    src = jnp.maximum(idx - d, 0)                                # key block of each query block
+    s = _logits(qb, kb[src], scale)
+    mask = _pair_mask(idx, d, block, window, sb, sb[src], idx >= d)
+    s = jnp.where(mask, s, _NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    pv = jnp.einsum("nbkgqs,nbskd->nbkgqd", p.astype(v.dtype), vb[src],
+                    preferred_element_type=_F32)
+    return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
 
-    def body(j, carry):
-      m, l, acc = carry
-      s = _logits(q_blk, _slice(k, j, block), scale)
-      mask = _mask(i, j, block, window, seg_q, _slice(seg, j, block))
-      s = jnp.where(mask, s, _NEG)
-      m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-      corr = jnp.exp(m - m_new)
-      l = l * corr + jnp.sum(p, axis=-1)
-      pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), _slice(v, j, block),
-                      preferred_element_type=_F32)
-      return m_new, l, acc * corr[..., None] + pv
-
-    init = (jnp.full((b, kh, g, block), _NEG, _F32), jnp.zeros((b, kh, g, block), _F32),
-            jnp.zeros((b, kh, g, block, d), _F32))
-    lo, hi = _key_block_range(i, block, window, n)
-    m, l, acc = lax.fori_loop(lo, hi, body, init)
-    o = acc / l[..., None]                                     # every row sees itself: l > 0
-    return jnp.moveaxis(o, 3, 1).astype(q.dtype), m + jnp.log(l)   # [B,bq,K,G,D], [B,K,G,bq]
-
-  o, lse = lax.map(query_block, jnp.arange(n))                 # [n,B,bq,K,G,D], [n,B,K,G,bq]
-  o = jnp.moveaxis(o, 0, 1).reshape(q.shape)
-  lse = jnp.moveaxis(lse, 0, 3).reshape(b, kh, g, t)
-  return o, lse
+  shape = (n, b, kh, g, block)
+  init = (jnp.full(shape, _NEG, _F32), jnp.zeros(shape, _F32), jnp.zeros(shape + (dh,), _F32))
+  m, l, acc = lax.fori_loop(0, num_diagonals(n, block, window), step, init)
+  o = acc / l[..., None]                                        # the diagonal is always visible
+  o = _from_blocks(jnp.moveaxis(o, 4, 2)).astype(q.dtype)       # [B,T,K,G,D]
+  return o, m + jnp.log(l)
 
 
 def _backward(q, k, v, seg, o, lse, do, *, block, window, scale):
-  """Gradients (dq, dk, dv) by recomputing block logits from lse (FlashAttention-2)."""
-  b, t, kh, g, d = q.shape
-  n = t // block
-  delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(_F32), o.astype(_F32))   # [B,K,G,T]
+  """Gradients (dq, dk, dv) walking the same diagonals, vectorised over key blocks."""
+  qb, kb, vb, sb, dob = (_to_blocks(x, block) for x in (q, k, v, seg, do))
+  n = qb.shape[0]
+  delta = jnp.einsum("bqkgd,bqkgd->bkgq", do.astype(_F32), o.astype(_F32))
+  delta = jnp.moveaxis(delta.reshape(delta.shape[:3] + (n, block)), 3, 0)   # [n,B,K,G,bq]
+  idx = jnp.arange(n)
 
-  def key_block(dq, j):
-    k_blk, v_blk, seg_k = _slice(k, j, block), _slice(v, j, block), _slice(seg, j, block)
+  def step(d, carry):
+    dq, dk, dv = carry
+    src = jnp.minimum(idx + d, n - 1)                            # query block of each key block
+    valid = idx + d < n
+    q_d, do_d = qb[src], dob[src]
+    mask = _pair_mask(src, d, block, window, sb[src], sb, valid)
+    p = jnp.where(mask, jnp.exp(_logits(q_d, kb, scale) - lse[src][..., None]), 0.0)
+    dv = dv + jnp.einsum("nbkgqs,nbqkgd->nbskd", p.astype(do.dtype), do_d,
+                         preferred_element_type=_F32)
+    dp = jnp.einsum("nbqkgd,nbskd->nbkgqs", do_d, vb, preferred_element_type=_F32)
+    ds = (p * (dp - delta[src][..., None]) * scale).astype(q.dtype)
+    dk = dk + jnp.einsum("nbkgqs,nbqkgd->nbskd", ds, q_d, preferred_element_type=_F32)
+    dq_d = jnp.einsum("nbkgqs,nbskd->nbqkgd", ds, kb, preferred_element_type=_F32)
+    dq = dq.at[src].add(jnp.where(valid[:, None, None, None, None, None], dq_d, 0.0))
+    return dq, dk, dv
 
-    def body(i, carry):
-      dk, dv, dq = carry
-      q_blk, do_blk = _slice(q, i, block), _slice(do, i, block)
-      lse_blk = lax.dynamic_slice_in_dim(lse, i * block, block, axis=3)
-      delta_blk = lax.dynamic_slice_in_dim(delta, i * block, block, axis=3)
-      mask = _mask(i, j, block, window, _slice(seg, i, block), seg_k)
-      s = _logits(q_blk, k_blk, scale)
-      p = jnp.where(mask, jnp.exp(s - lse_blk[..., None]), 0.0)                # [B,K,G,bq,bk]
-      dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do.dtype), do_blk,
-                           preferred_element_type=_F32)
-      dp = jnp.einsum("bqkgd,bskd->bkgqs", do_blk, v_blk, preferred_element_type=_F32)
-      ds = (p * (dp - delta_blk[..., None]) * scale).astype(q.dtype)
-      dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, q_blk, preferred_element_type=_F32)
-      dq_blk = jnp.einsum("bkgqs,bskd->bqkgd", ds, k_blk, preferred_element_type=_F32)
-      dq = lax.dynamic_update_slice_in_dim(dq, _slice(dq, i, block) + dq_blk, i * block, axis=1)
-      return dk, dv, dq
-
-    zeros = jnp.zeros((b, block, kh, d), _F32)
-    lo, hi = _query_block_range(j, block, window, n)
-    dk, dv, dq = lax.fori_loop(lo, hi, body, (zeros, zeros, dq))
-    return dq, (dk, dv)
-
-  dq, (dk, dv) = lax.scan(key_block, jnp.zeros(q.shape, _F32), jnp.arange(n))
-  dk = jnp.moveaxis(dk, 0, 1).reshape(k.shape)
-  dv = jnp.moveaxis(dv, 0, 1).reshape(v.shape)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  init = (jnp.zeros(qb.shape, _F32), jnp.zeros(kb.shape, _F32), jnp.zeros(vb.shape, _F32))
+  dq, dk, dv = lax.fori_loop(0, num_diagonals(n, block, window), step, init)
+  return (_from_blocks(dq).astype(q.dtype), _from_blocks(dk).astype(k.dtype),
+          _from_blocks(dv).astype(v.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
