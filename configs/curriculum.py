@@ -38,9 +38,9 @@ def get_config(arg: str | None = None):
     c.model.update(num_layers=4, d_model=128, mlp_dim=384, vocab_size=260,
                    attn_num_heads=4, attn_num_kv_heads=2, attn_head_dim=32, hgrn2_head_dim=32,
                    pattern=("hgrn2", "hgrn2", "hgrn2", "attn"), dtype="float32")
-    c.curriculum.update(seq_lens=(256, 512, 1024), steps=(60, 30, 15), tokens_per_step=4096)
+    c.curriculum.update(seq_lens=(256, 512, 1024), steps=(40, 20, 10), tokens_per_step=4096)
     c.optimizer.update(learning_rate=3e-3, warmup_steps=10)
-    c.train.update(log_every=5, checkpoint_every=25, eval_batches=2, passkey_examples=4)
+    c.train.update(log_every=5, checkpoint_every=20, eval_batches=2, passkey_examples=4)
   elif variant == "tiny":
     c.model.update(num_layers=4, d_model=32, mlp_dim=64, vocab_size=260,
                    attn_num_heads=2, attn_num_kv_heads=1, attn_head_dim=16, hgrn2_head_dim=16,

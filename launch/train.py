@@ -4,7 +4,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # pylint: disable=g-import-not-at-top
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import jax
 from ml_collections import config_flags
 
@@ -19,6 +19,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (checkpoints, me
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # library INFO logs (orbax, grain) only when asked for
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   workdir = _WORKDIR.value or config.workdir or "workdir/run"
   if "://" not in workdir:  # a bucket (gs://BUCKET/PATH) is used as given

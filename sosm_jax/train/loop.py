@@ -224,6 +224,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
                                                   abstract_state, state_sh, mesh, memory_limit)
       writer.write(step, {"stage": stage.index, "seq_len": stage.seq_len,
                           "global_batch": stage.global_batch, **compile_info}, kind="stage")
+      if is_writer:
+        bar.write(f"{stage.name}: {stage.global_batch} sequences per step in {stage.grad_accum} "
+                  f"micro-batch(es), remat '{stage.remat}'; compiled in "
+                  f"{compile_info['compile_seconds']:.1f}s" +
+                  (f", {compile_info['compiled_memory_gib']:.2f} GiB per device"
+                   if "compiled_memory_gib" in compile_info else ""))
       bar.set_description(f"stage {stage.index} · {stage.seq_len} tokens")
       pipeline = _make_pipeline(config, tokenizer, mesh, stage.seq_len, stage.global_batch, "train",
                                 start_state=data_state)
