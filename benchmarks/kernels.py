@@ -217,6 +217,40 @@ def time_ours_decode(b, h, d, iters, steps=200):
   return (many - one) / steps
 
 
+def sweep_gdn_stages(rows, h, d, iters):
+  """gdn fwd+bwd of ours_pallas: WY-preparation backward in XLA or Pallas, stage-kernel warps."""
+  from sosm_jax.ops.kernels import pallas_gdn  # pylint: disable=import-outside-toplevel
+  out = []
+  for row in rows:
+    t, b = (int(x) for x in row.split("x"))
+    inputs, do = make_inputs("gdn", t, b, h, d, jnp.bfloat16)
+    for prep_bwd, warps in (("xla", 8), ("xla", 4), ("pallas", 8), ("pallas", 4)):
+      pallas_gdn.PREP_BACKWARD = prep_bwd
+      pallas_gdn.TUNING["num_warps"] = warps
+      jax.clear_caches()
+      fn = kernels.fast_path("gated_delta_rule", "pallas")
+      times, _ = time_jax(lambda *a: fn(*a)[0], inputs, do, ("fwd", "fwdbwd"), iters)
+      entry = {"T": t, "B": b, "prep_backward": prep_bwd, "num_warps": warps, **times}
+      print("stages", json.dumps(entry), flush=True)
+      out.append(entry)
+  pallas_gdn.PREP_BACKWARD, pallas_gdn.TUNING["num_warps"] = "xla", 4
+  from sosm_jax.ops.kernels import pallas_gla  # pylint: disable=import-outside-toplevel
+  for row in rows:
+    t, b = (int(x) for x in row.split("x"))
+    inputs, do = make_inputs("gla", t, b, h, d, jnp.bfloat16)
+    for unroll in (True, False):
+      pallas_gla.UNROLL = unroll
+      jax.clear_caches()
+      fn = kernels.fast_path("gla", "pallas")
+      times, _ = time_jax(lambda *a: fn(*a)[0], inputs, do, ("fwd", "fwdbwd"), iters)
+      entry = {"op": "gla", "T": t, "B": b, "unroll": unroll, **times}
+      print("stages", json.dumps(entry), flush=True)
+      out.append(entry)
+  pallas_gla.UNROLL = False
+  jax.clear_caches()
+  return out
+
+
 def sweep_recurrence(rows, h, d, iters):
   """gdn fwd+bwd of ours_pallas under several recurrence launch settings."""
   from sosm_jax.ops.kernels import pallas_recurrence as pr  # pylint: disable=import-outside-toplevel
@@ -294,6 +328,7 @@ def main(argv=None):
   p.add_argument("--out", default="kernels.json")
   p.add_argument("--profile", default="", help="impl name: print its per-kernel GPU times")
   p.add_argument("--sweep", default="", help="rows for the recurrence launch-settings sweep")
+  p.add_argument("--stage-sweep", default="", help="rows for the gdn stage-kernel sweep")
   p.add_argument("--error-rows", type=int, default=1, help="rows that get the fp32 reference")
   args = p.parse_args(argv)
   wanted = set(args.impls.split(","))
@@ -305,6 +340,8 @@ def main(argv=None):
 
   if args.sweep:
     report["sweep"] = sweep_recurrence(args.sweep.split(","), h, d, args.iters)
+  if args.stage_sweep:
+    report["stage_sweep"] = sweep_gdn_stages(args.stage_sweep.split(","), h, d, args.iters)
 
   def record(entry):
     report["results"].append(entry)

@@ -15,7 +15,7 @@ import pytest
 from sosm_jax.ops import kernels
 from sosm_jax.ops.gated_delta import gated_delta_rule_reference
 from sosm_jax.ops.hgrn2 import gla_reference
-from sosm_jax.ops.kernels import recurrence, xla_fast
+from sosm_jax.ops.kernels import xla_fast
 
 ON_GPU = jax.default_backend() == "gpu"
 BACKENDS = ("xla", "pallas")
@@ -47,15 +47,22 @@ def _inputs(op, seed, b=2, t=45, h=2, dk=16, dv=32, with_state=True):
   return arrays, (None if h0 is None else jnp.asarray(h0, jnp.float32))
 
 
-def _loss_fn(fn, seed):
-  """sum(o * R1) + sum(state * R2) with fixed random cotangents: exercises every output."""
+def _outputs_and_grads(fn, seed):
+  """jit(args, h0 -> ((o, state), (d args, d h0))) for loss sum(o * R1) + sum(state * R2).
+
+  Fixed random cotangents exercise every output; one compilation gives values and gradients.
+  """
   def loss(args, h0):
     o, s = fn(*args, initial_state=h0)
     r = np.random.default_rng(seed + 1)
     r1 = jnp.asarray(r.normal(size=o.shape), jnp.float32)
     r2 = jnp.asarray(r.normal(size=s.shape), jnp.float32)
-    return jnp.sum(o.astype(jnp.float32) * r1) + jnp.sum(s * r2)
-  return loss
+    return jnp.sum(o.astype(jnp.float32) * r1) + jnp.sum(s * r2), (o, s)
+
+  def run(args, h0):
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(args, h0)
+    return out, grads
+  return jax.jit(run)
 
 
 def _reference(op):
@@ -70,9 +77,7 @@ def _fast(op, backend, chunk):
 @functools.lru_cache(maxsize=None)
 def _ref_results(op, seed, with_state):
   args, h0 = _inputs(op, seed, with_state=with_state)
-  ref = _reference(op)
-  out = jax.jit(ref)(*args, initial_state=h0)
-  grads = jax.jit(jax.grad(_loss_fn(ref, seed), argnums=(0, 1)))(args, h0)
+  out, grads = _outputs_and_grads(_reference(op), seed)(args, h0)
   return args, h0, out, grads
 
 
@@ -82,11 +87,9 @@ def _ref_results(op, seed, with_state):
 def test_fast_path_matches_reference_fp32(op, backend, with_state):
   seed = 3 if with_state else 4
   args, h0, (ro, rs), (rga, rgh) = _ref_results(op, seed, with_state)
-  fn = _fast(op, backend, chunk=16)
-  o, s = jax.jit(fn)(*args, initial_state=h0)
+  (o, s), (ga, gh) = _outputs_and_grads(_fast(op, backend, chunk=16), seed)(args, h0)
   assert o.shape == ro.shape and s.shape == rs.shape
   assert _rel(o, ro) < 2e-4 and _rel(s, rs) < 2e-4
-  ga, gh = jax.jit(jax.grad(_loss_fn(fn, seed), argnums=(0, 1)))(args, h0)
   for name, x, y in zip("qkvgb", ga, rga):
     assert _rel(x, y) < 5e-4, f"d{name}"
   if with_state:
@@ -99,45 +102,23 @@ def test_fast_path_matches_reference_fp32(op, backend, with_state):
 def test_fast_path_bf16(op):
   """bf16 inputs: bf16 matmul operands with fp32 accumulation; error at bf16 level."""
   args, h0, (ro, rs), (rga, _) = _ref_results(op, 3, True)
-  fn = _fast(op, "pallas", chunk=32)
   bf = [x.astype(jnp.bfloat16) for x in args[:3]] + list(args[3:])
-  o, s = jax.jit(fn)(*bf, initial_state=h0)
+  (o, s), (ga, _) = _outputs_and_grads(_fast(op, "pallas", chunk=32), 3)(bf, h0)
   assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
   assert _rel(o, ro) < 3e-2 and _rel(s, rs) < 3e-2
-  ga, _ = jax.jit(jax.grad(_loss_fn(fn, 3), argnums=(0, 1)))(bf, h0)
   for name, x, y in zip("qkvgb", ga, rga):
     assert _rel(x, y) < 5e-2, f"d{name}"
 
 
-def test_pallas_recurrence_matches_scan_both_directions():
-  """Kernel vs lax.scan twin on the raw recurrence, including the W (delta) term and V blocks."""
-  rng = np.random.default_rng(7)
-  bh, n, c, dk, dv = 3, 5, 16, 16, 64
-  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
-  w, u, kd, dh_in, dvn = f(bh, n, c, dk), f(bh, n, c, dv), f(bh, n, c, dk), f(bh, n, dk, dv), f(
-      bh, n, c, dv)
-  a = jnp.asarray(rng.uniform(0.3, 1.0, size=(bh, n, dk)), jnp.float32)
-  h0, dh_last = f(bh, dk, dv), f(bh, dk, dv)
-  from sosm_jax.ops.kernels import pallas_recurrence as pr  # pylint: disable=import-outside-toplevel
-  for ww in (w, None):
-    want = recurrence.scan_forward(ww, u, kd, a, h0)
-    got = pr.forward(ww, u, kd, a, h0, interpret=not ON_GPU, block_v=32)
-    for x, y in zip(got, want):
-      assert _rel(x, y) < 1e-5
-    want = recurrence.scan_backward(ww, kd, a, dh_in, dvn, dh_last)
-    got = pr.backward(ww, kd, a, dh_in, dvn, dh_last, interpret=not ON_GPU, block_v=32)
-    for x, y in zip(got, want):
-      assert _rel(x, y) < 1e-5
-
-
 def test_unit_lower_inverse_and_its_gradient():
   rng = np.random.default_rng(11)
-  lower = np.tril(rng.normal(size=(3, 64, 64)) * 0.2, -1)
+  n = 32  # two 16-blocks and one merge
+  lower = np.tril(rng.normal(size=(2, n, n)) * 0.2, -1)
   t = xla_fast.unit_lower_inverse(jnp.asarray(lower, jnp.float32))
-  want = np.linalg.inv(np.eye(64) + lower)
+  want = np.linalg.inv(np.eye(n) + lower)
   assert _rel(t, want) < 1e-5
   cot = jnp.asarray(rng.normal(size=lower.shape), jnp.float32)
-  solve = lambda l: jnp.linalg.inv(jnp.eye(64) + l)
+  solve = lambda l: jnp.linalg.inv(jnp.eye(n) + l)
   g = jax.grad(lambda l: jnp.sum(xla_fast.unit_lower_inverse(l) * cot))(jnp.asarray(lower))
   g_ref = jax.grad(lambda l: jnp.sum(solve(l) * cot))(jnp.asarray(lower, jnp.float32))
   assert _rel(g, np.tril(np.asarray(g_ref), -1)) < 1e-4
@@ -161,3 +142,21 @@ def test_bad_shapes_raise():
     fn(*args, initial_state=h0[:, :1], chunk_size=8)
   with pytest.raises(ValueError, match="beta"):
     fn(*args[:4], args[4][:, :4], initial_state=h0, chunk_size=8)
+
+
+def test_gdn_prep_backward_kernel_matches_xla_form():
+  """Both backward forms of the WY preparation (Pallas kernel and batched XLA) agree."""
+  from sosm_jax.ops.kernels import pallas_gdn  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(5)
+  b, t, h, dk, dv, c = 1, 32, 2, 16, 16, 16
+  k = jnp.asarray(_unit(rng.normal(size=(b, t, h, dk))), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, t, h, dv)), jnp.float32)
+  beta = jnp.asarray(rng.uniform(0.1, 0.9, size=(b * h, t)), jnp.float32)
+  gam = jnp.asarray(np.cumsum(-rng.uniform(0, 0.3, size=(b * h, t // c, c)), -1).reshape(b * h, t),
+                    jnp.float32)
+  *_, tmat = pallas_gdn.prep_forward(k, v, beta, gam, chunk=c, interpret=not ON_GPU)
+  cts = [jnp.asarray(rng.normal(size=(b * h, t, d)), jnp.float32) for d in (dk, dv, dk)]
+  want = pallas_gdn.prep_backward_xla(k, v, beta, gam, tmat, *cts, chunk=c)
+  got = pallas_gdn.prep_backward(k, v, beta, gam, tmat, *cts, chunk=c, interpret=not ON_GPU)
+  for x, y in zip(got, want):
+    assert _rel(x, y) < 1e-4

@@ -30,11 +30,36 @@ def _sub(c):
   return s
 
 
+_LOG2E = 1.4426950408889634
+UNROLL = False  # unroll the 16-step diagonal loops on the GPU (benchmarks/kernels.py sweeps it)
+
+
+def _exp(x, fast):
+  """exp; on the GPU one ex2.approx instruction (libdevice expf is several): exp(-inf) = 0."""
+  if not fast:
+    return jnp.exp(x)
+  from jax.experimental.pallas import triton as plt  # pylint: disable=import-outside-toplevel
+  [y] = plt.elementwise_inline_asm(
+      "ex2.approx.ftz.f32 $0, $1;", args=[x * _LOG2E], constraints="=f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, _F32)])
+  return y
+
+
+def _loop(n, body, init, unroll):
+  """fori_loop(0, n, body, init); unrolled in Python (static index) when compiling for the GPU,
+  where the Pallas Triton lowering has no unroll option and straight-line code hides load latency."""
+  if not unroll:
+    return lax.fori_loop(0, n, body, init)
+  for j in range(n):
+    init = body(j, init)
+  return init
+
+
 def _load_rows(ref, row0, s):
   return ref[pl.ds(row0, s), :]
 
 
-def _fwd_kernel(q_ref, k_ref, g_ref, a_ref, *, chunk, sub):
+def _fwd_kernel(q_ref, k_ref, g_ref, a_ref, *, chunk, sub, unroll):
   """Row block p (= program 2) of the chunk's scores: [sub, chunk]."""
   dt = q_ref.dtype
   nb = chunk // sub
@@ -59,20 +84,19 @@ def _fwd_kernel(q_ref, k_ref, g_ref, a_ref, *, chunk, sub):
 
   lax.fori_loop(p + 1, nb, future, 0)
 
-  cols = lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
   trow = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
 
-  def diag(j, acc):
+  def diag(j, carry):                     # column j of the diagonal block, stored directly
     kj = k_ref[row0 + j, :].astype(_F32)
     gj = g_ref[row0 + j, :]
-    e = jnp.exp(jnp.where(trow >= j, g - gj[None, :], -jnp.inf))
-    col = jnp.sum(q * kj[None, :] * e, axis=1)
-    return jnp.where(cols == j, col[:, None], acc)
+    e = _exp(jnp.where(trow >= j, g - gj[None, :], -jnp.inf), unroll)
+    a_ref[:, row0 + j] = jnp.sum(q * kj[None, :] * e, axis=1)
+    return carry
 
-  a_ref[:, pl.ds(row0, sub)] = lax.fori_loop(0, sub, diag, jnp.zeros((sub, sub), _F32))
+  _loop(sub, diag, 0, unroll and UNROLL)
 
 
-def _bwd_kernel(q_ref, k_ref, g_ref, da_ref, dq_ref, dk_ref, *, chunk, sub):
+def _bwd_kernel(q_ref, k_ref, g_ref, da_ref, dq_ref, dk_ref, *, chunk, sub, unroll):
   """dq, dk of sub-chunk p (= program 2) from the chunk's score cotangent [chunk, chunk]."""
   dt = q_ref.dtype
   nb = chunk // sub
@@ -100,25 +124,25 @@ def _bwd_kernel(q_ref, k_ref, g_ref, da_ref, dq_ref, dk_ref, *, chunk, sub):
 
   dk = lax.fori_loop(p + 1, nb, later, jnp.zeros((sub, kdim), _F32))
 
-  rows = lax.broadcasted_iota(jnp.int32, (sub, sub), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
   trow = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
-  da = jnp.where(rows >= cols, da_ref[pl.ds(row0, sub), pl.ds(row0, sub)], 0.0)
 
-  def diag(j, carry):
-    dq, dk = carry
+  def diag_dq(j, dq):                     # dq[t] += dA[t, j] k_j exp(G_t - G_j), t >= j
     kj = k_ref[row0 + j, :].astype(_F32)
     gj = g_ref[row0 + j, :]
-    e = jnp.exp(jnp.where(trow >= j, g - gj[None, :], -jnp.inf))
-    dcol = jnp.sum(jnp.where(cols == j, da, 0.0), axis=1)[:, None]   # dA[:, j]
-    dq = dq + dcol * kj[None, :] * e
-    dkj = jnp.sum(dcol * q * e, axis=0)
-    return dq, dk + jnp.where(trow == j, dkj[None, :], 0.0)
+    e = _exp(jnp.where(trow >= j, g - gj[None, :], -jnp.inf), unroll)
+    dcol = da_ref[pl.ds(row0, sub), row0 + j]
+    return dq + dcol[:, None] * kj[None, :] * e
 
-  dq, dk = lax.fori_loop(0, sub, diag, (dq, dk))
+  def diag_dk(t, dk):                     # dk[i] += dA[t, i] q_t exp(G_t - G_i), i <= t
+    qt = q_ref[row0 + t, :].astype(_F32)
+    gt = g_ref[row0 + t, :]
+    e = _exp(jnp.where(trow <= t, gt[None, :] - g, -jnp.inf), unroll)
+    drow = da_ref[row0 + t, pl.ds(row0, sub)]
+    return dk + drow[:, None] * qt[None, :] * e
+
+  dq_ref[...] = _loop(sub, diag_dq, dq, unroll and UNROLL)
+  dk_ref[...] = _loop(sub, diag_dk, dk, unroll and UNROLL)
   del k
-  dq_ref[...] = dq
-  dk_ref[...] = dk
 
 
 def _chunk_spec(c, width):
@@ -136,7 +160,7 @@ def scores_forward(q, k, g, *, chunk, interpret=False, num_warps=4, num_stages=1
   sub = _sub(chunk)
   spec = _chunk_spec(chunk, kdim)
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, chunk=chunk, sub=sub), grid=(bh, t // chunk, chunk // sub),
+      functools.partial(_fwd_kernel, chunk=chunk, sub=sub, unroll=not interpret), grid=(bh, t // chunk, chunk // sub),
       in_specs=[spec, spec, spec], out_specs=_row_spec(chunk, sub, chunk),
       out_shape=jax.ShapeDtypeStruct((bh, t, chunk), _F32), interpret=interpret,
       compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
@@ -152,7 +176,7 @@ def scores_backward(q, k, g, da, *, chunk, interpret=False, num_warps=4, num_sta
   out = jax.ShapeDtypeStruct((bh, t, kdim), _F32)
   rows = _row_spec(chunk, sub, kdim)
   return pl.pallas_call(
-      functools.partial(_bwd_kernel, chunk=chunk, sub=sub), grid=(bh, t // chunk, chunk // sub),
+      functools.partial(_bwd_kernel, chunk=chunk, sub=sub, unroll=not interpret), grid=(bh, t // chunk, chunk // sub),
       in_specs=[spec, spec, spec, _chunk_spec(chunk, chunk)],
       out_specs=[rows, rows], out_shape=[out, out], interpret=interpret,
       compiler_params=None if interpret else _compiler_params(num_warps, num_stages),

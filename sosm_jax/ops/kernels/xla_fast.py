@@ -152,10 +152,16 @@ def gated_delta_rule_fast(q, k, v, g, beta, *, scale=None, initial_state=None, c
   scale = dk ** -0.5 if scale is None else scale
   dt = _compute_dtype(q, k, v)
   pad = (-t) % c
-  qc, kc, vc = (_chunked(x.astype(dt), c, pad) for x in (q, k, v))  # [B,H,N,C,D]
   gam = jnp.cumsum(_chunked(g.astype(_F32), c, pad), axis=-1)       # [B,H,N,C]
   bc = _chunked(beta.astype(_F32), c, pad)
   n = gam.shape[2]
+  bh = lambda x: x.reshape((b * h,) + x.shape[2:])
+  h0 = (jnp.zeros((b, h, dk, dv), _F32) if initial_state is None
+        else initial_state.astype(_F32))
+  a = jnp.broadcast_to(jnp.exp(gam[..., -1])[..., None], (b, h, n, dk))
+  if backend == "pallas":
+    return _gated_delta_pallas(q, k, v, gam, bc, a, h0, scale, c, pad, dt, interpret, block_v)
+  qc, kc, vc = (_chunked(x.astype(dt), c, pad) for x in (q, k, v))  # [B,H,N,C,D]
 
   idx = jnp.arange(c)
   causal = idx[:, None] >= idx[None, :]
@@ -168,11 +174,6 @@ def gated_delta_rule_fast(q, k, v, g, beta, *, scale=None, initial_state=None, c
   w = _mm("bhncm,bhnmk->bhnck", tinv,
           (kc * (bc * jnp.exp(gam))[..., None]).astype(dt)).astype(dt)
   kd = (kc * jnp.exp(gam[..., -1:] - gam)[..., None]).astype(dt)
-  a = jnp.broadcast_to(jnp.exp(gam[..., -1])[..., None], (b, h, n, dk))
-
-  bh = lambda x: x.reshape((b * h,) + x.shape[2:])
-  h0 = (jnp.zeros((b, h, dk, dv), _F32) if initial_state is None
-        else initial_state.astype(_F32))
   h_in, vn, h_last = chunk_recurrence(bh(w), bh(u), bh(kd), bh(a), bh(h0), backend, interpret,
                                       block_v)
   h_in = h_in.reshape(b, h, n, dk, dv)
@@ -183,6 +184,24 @@ def gated_delta_rule_fast(q, k, v, g, beta, *, scale=None, initial_state=None, c
   o = _mm("bhnck,bhnkv->bhncv", qg, h_in) + _mm("bhncm,bhnmv->bhncv", qk, vn)
   o = _unchunked(o * scale, t)
   return o.astype(v.dtype), h_last.reshape(b, h, dk, dv)
+
+
+def _gated_delta_pallas(q, k, v, gam, bc, a, h0, scale, c, pad, dt, interpret, block_v):
+  """Pallas path: WY preparation, recurrence and output stage as kernels on [B, T, H, D] data."""
+  from sosm_jax.ops.kernels import pallas_gdn  # pylint: disable=import-outside-toplevel
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  n = gam.shape[2]
+  pad_t = lambda x: jnp.pad(x.astype(dt), [(0, 0), (0, pad), (0, 0), (0, 0)]) if pad else x.astype(dt)
+  qp, kp, vp = pad_t(q), pad_t(k), pad_t(v)
+  gam_bh = gam.reshape(b * h, n * c)
+  w, u, kd = pallas_gdn.wy_prep(kp, vp, bc.reshape(b * h, n * c), gam_bh, c, interpret)
+  per_chunk = lambda x: x.reshape(b * h, n, c, x.shape[-1])
+  h_in, vn, h_last = chunk_recurrence(per_chunk(w), per_chunk(u), per_chunk(kd),
+                                      a.reshape(b * h, n, dk), h0.reshape(b * h, dk, dv),
+                                      "pallas", interpret, block_v)
+  o = pallas_gdn.chunk_output(qp, kp, gam_bh, h_in, vn, float(scale), interpret)
+  return o[:, :t].astype(v.dtype), h_last.reshape(b, h, dk, dv)
 
 
 # --------------------------------------------------------------------------- GLA (HGRN-2)
