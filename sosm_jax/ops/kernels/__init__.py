@@ -6,9 +6,13 @@ the chunked form, `(q, k, v, g[, beta], *, scale, initial_state, chunk_size) -> 
 the kernel (not a GPU, no Pallas Triton backend) or when `SOSM_DISABLE_KERNELS=1`; callers then
 use the portable XLA chunked form.
 
-Fast paths (`xla_fast.py`): the intra-chunk work batched over all chunks in XLA, the sequential
-chunk-state recurrence in a Pallas (Triton backend) kernel (`pallas_recurrence.py`) on GPU. With
-`backend='xla'` the same code is a pure-XLA formulation for any platform.
+Fast paths (`xla_fast.py`), chunked like the portable form but arranged for speed. On GPU
+(backend 'pallas', Pallas Triton kernels): gated delta rule = WY preparation kernel (in-kernel
+blocked (I+L)^-1), chunk-state recurrence kernel (`pallas_recurrence.py`, state kept on chip),
+output-stage kernel (`pallas_gdn.py`), each with a hand-written VJP; GLA = recurrence kernel plus
+intra-chunk score kernels (`pallas_gla.py`), the rest in XLA. With backend 'xla' the same module
+is a pure-XLA formulation for any platform (intra-chunk work batched, recurrence by lax.scan).
+Speeds and what bounds them: `NOTES.md` beside this file; `benchmarks/kernels.py` measures.
 """
 from __future__ import annotations
 

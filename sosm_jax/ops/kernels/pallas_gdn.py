@@ -1,4 +1,4 @@
-"""Pallas (Triton backend) kernels for the output stage of the chunked gated delta rule.
+"""Pallas (Triton backend) kernels for the chunked gated delta rule: output stage, WY preparation.
 
 Per chunk (q, k `[C, K]`, cumulative log-decay gam `[C]`, entering state h `[K, V]`, corrected
 values vn `[C, V]` from the recurrence):

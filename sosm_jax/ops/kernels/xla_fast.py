@@ -7,13 +7,15 @@ Same math as `sosm_jax/ops/gated_delta.py` / `hgrn2.py` chunked forms, arranged 
   pairwise merges) with a two-matmul VJP instead of a batched triangular solve;
 - the only sequential work, the chunk-to-chunk state recurrence, is `recurrence.chunk_recurrence`
   with a hand-written VJP, run by lax.scan ('xla') or a Pallas kernel ('pallas');
+- with backend='pallas' the gated delta rule's WY preparation and output stage are Pallas kernels
+  too (`pallas_gdn.py`, reading q/k/v in their [B, T, H, D] layout), and GLA's intra-chunk scores
+  are a Pallas kernel (`pallas_gla.py`);
 - GLA's intra-chunk scores use 16-token sub-chunks: exact per-channel decays inside a sub-chunk
   (a fused reduction with a hand-written VJP), a shared reference point between sub-chunks, so
   every exponent is <= 0 and nothing can overflow.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -302,8 +304,3 @@ def gla_fast(q, k, v, log_f, *, scale=1.0, initial_state=None, chunk_size=64, ba
   o = _mm("bhnck,bhnkv->bhncv", qg, h_in) + _mm("bhncm,bhnmv->bhncv", scores, vc)
   o = _unchunked(o * scale, t)
   return o.astype(v.dtype), h_last.reshape(b, h, dk, dv)
-
-
-def with_backend(fn, **options):
-  """`fn` with its recurrence backend options bound, keeping the contract signature."""
-  return functools.wraps(fn)(functools.partial(fn, **options))
