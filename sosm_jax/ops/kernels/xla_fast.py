@@ -53,6 +53,11 @@ def _unchunked(x, t):
   return jnp.moveaxis(x, 1, 3).reshape(b, n * c, h, d)[:, :t]
 
 
+def _pallas_shapes_ok(chunk, key_dim, value_dim):
+  """Triton tiles need power-of-two sizes >= 16; other shapes take the XLA recurrence path."""
+  return all(x >= 16 and x & (x - 1) == 0 for x in (chunk, key_dim, value_dim))
+
+
 def _check(name, q, k, v, gate, gate_shape, initial_state, chunk_size):
   if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
     raise ValueError(f"{name}: q, k must be [batch, time, heads, key_dim] with v "
@@ -161,6 +166,8 @@ def gated_delta_rule_fast(q, k, v, g, beta, *, scale=None, initial_state=None, c
   h0 = (jnp.zeros((b, h, dk, dv), _F32) if initial_state is None
         else initial_state.astype(_F32))
   a = jnp.broadcast_to(jnp.exp(gam[..., -1])[..., None], (b, h, n, dk))
+  if backend == "pallas" and not _pallas_shapes_ok(c, dk, dv):
+    backend = "xla"
   if backend == "pallas":
     return _gated_delta_pallas(q, k, v, gam, bc, a, h0, scale, c, pad, dt, interpret, block_v)
   qc, kc, vc = (_chunked(x.astype(dt), c, pad) for x in (q, k, v))  # [B,H,N,C,D]
@@ -278,6 +285,9 @@ def gla_fast(q, k, v, log_f, *, scale=1.0, initial_state=None, chunk_size=64, ba
   _check("gla", q, k, v, log_f, q.shape, initial_state, chunk_size)
   dv = v.shape[-1]
   c = chunk_size
+  scale = 1.0 if scale is None else scale
+  if backend == "pallas" and not _pallas_shapes_ok(c, dk, dv):
+    backend = "xla"
   dt = _compute_dtype(q, k, v)
   pad = (-t) % c
   qc, kc, vc = (_chunked(x.astype(dt), c, pad) for x in (q, k, v))
