@@ -1,1 +1,6 @@
-"""sosm_jax: long-context hybrid language models in JAX."""
+"""sosm_jax.memory: host memory (FAISS) beyond the window and the segment-by-segment driver."""
+from sosm_jax.memory.store import (MEMORY_DEFAULTS, HostMemory, MemoryBank, default_memory_config,
+                                   l2_normalize, resolve_config, validate_memory_config)
+
+__all__ = ["MEMORY_DEFAULTS", "HostMemory", "MemoryBank", "default_memory_config", "l2_normalize",
+           "resolve_config", "validate_memory_config"]
