@@ -27,13 +27,16 @@ def mixer_class(name: str):
   return MIXERS[name]
 
 
-def _remat(cls, policy: str):
+def _remat(cls, policy: str, static_layer_index: bool = False):
+  """`cls` wrapped in nn.remat by policy; a Python-int layer index stays static (no scan)."""
   if policy == "none":
     return cls
+  # Block.__call__(self, x, positions, segment_ids, cache, lower_bound, layer_index): self is 0
+  static = (6,) if static_layer_index else ()
   if policy == "full":
-    return nn.remat(cls, prevent_cse=False)
+    return nn.remat(cls, prevent_cse=False, static_argnums=static)
   # 'dots': keep projection matmul outputs (no batch dims), recompute the rest
-  return nn.remat(cls, prevent_cse=False,
+  return nn.remat(cls, prevent_cse=False, static_argnums=static,
                   policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
 
@@ -142,7 +145,7 @@ class HybridLM(nn.Module):
   def _loop(self, x, positions, segment_ids, caches, lower_bounds, decode):
     cfg = self.cfg
     new = []
-    block_cls = _remat(Block, cfg.remat)
+    block_cls = _remat(Block, cfg.remat, static_layer_index=True)
     for i, name in enumerate(layer_mixers(cfg)):
       x, c = block_cls(cfg, name, decode, name=f"layer_{i}")(
           x, positions, segment_ids, None if caches is None else caches[i],
