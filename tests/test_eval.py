@@ -177,5 +177,6 @@ def test_run_tasks_writes_json_markdown_and_plots(tmp_path):
     assert json.load(f)["mqar"]["mean_accuracy"] == 1.0
   md = open(paths["markdown"]).read()
   assert "| length | 4 | 8 | 64 |" in md and "| 64 | 100.0 | 100.0 | – |" in md
-  assert "| length | 0.00 | 0.50 | 1.00 |" in md and "| 128 | 100.0 | 100.0 | 100.0 |" in md and "Average recall" in md
+  assert "| length | 0.00 | 0.50 | 1.00 |" in md and "| 128 | 100.0 | 100.0 | 100.0 |" in md
+  assert "Average recall" in md
   assert "positions" in report.to_markdown({"perplexity": result["perplexity"]})

@@ -1,4 +1,4 @@
-"""The evaluation benchmarks' pieces: equal-size configs, prefill/decode timing, tables and plots."""
+"""The evaluation benchmarks' pieces: equal sizes, prefill/decode timing, tables and plots."""
 import importlib.util
 import os
 
@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _script(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+  path = os.path.join(ROOT, "benchmarks", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

@@ -1,4 +1,4 @@
-"""Evaluating checkpoints: loading with checks, the model scorer, and launch/evaluate.py end to end."""
+"""Evaluating checkpoints: loading with checks, the model scorer, launch/evaluate.py end to end."""
 import json
 import os
 import subprocess

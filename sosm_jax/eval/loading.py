@@ -54,7 +54,8 @@ def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
 
   def merge(into, values, prefix):
     for key, value in values.items():
-      if isinstance(value, dict) and key in into and isinstance(into[key], ml_collections.ConfigDict):
+      nested = key in into and isinstance(into[key], ml_collections.ConfigDict)
+      if isinstance(value, dict) and nested:
         merge(into[key], value, f"{prefix}{key}.")
       else:
         try:
@@ -87,8 +88,8 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 @contextlib.contextmanager
 def _manager(workdir: str):
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir),
-                                  options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
   try:
     yield manager
   finally:

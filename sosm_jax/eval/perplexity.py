@@ -15,7 +15,7 @@ from sosm_jax.eval.scoring import Batch, Scorer, check_batch
 
 
 def position_bucket_edges(seq_len: int, first: int = 16) -> list[int]:
-  """[0, first, 2·first, 4·first, …, seq_len]: geometric buckets (the last one may be shorter)."""
+  """[0, first, 2·first, 4·first, …, seq_len]: geometric buckets (the last may be shorter)."""
   if seq_len < 1 or first < 1:
     raise ValueError(f"seq_len ({seq_len}) and first ({first}) must be positive")
   edges, edge = [0], min(first, seq_len)

@@ -1,4 +1,4 @@
-"""Recall grids: MQAR accuracy over lengths x key-value pairs, passkey accuracy over lengths x depths.
+"""Recall grids: MQAR accuracy over lengths x key-value pairs, passkey over lengths x depths.
 
 Examples come from the DATA helper's generators (`sosm_jax.data.tasks`), the same format the
 model trains on. Scoring is teacher-forced argmax (see `scoring.py`):
@@ -63,7 +63,8 @@ def mqar_grid(scorer: Scorer, tokenizer, *, lengths: Sequence[int], num_pairs: S
       cell = {"length": int(length), "num_pairs": int(pairs), "num_queries": int(queries)}
       reason = None
       if pairs > vocab_size // 2:
-        reason = f"{pairs} pairs need {pairs} distinct keys; the task vocabulary has {vocab_size // 2}"
+        reason = (f"{pairs} pairs need {pairs} distinct keys; the task vocabulary has "
+                  f"{vocab_size // 2}")
       elif queries < 1:
         reason = f"length {length} cannot hold {pairs} pairs and a query"
       if reason:

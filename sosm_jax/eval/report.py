@@ -19,7 +19,8 @@ _PLOTS = {"loss_plot": "loss_by_position.png", "passkey_heatmap": "passkey_heatm
           "mqar_heatmap": "mqar_heatmap.png"}
 
 
-def _fmt(x, pct: bool = False) -> str:
+def fmt(x, pct: bool = False) -> str:
+  """A number for a table: 4 significant digits, or a percentage with one decimal; – if absent."""
   if x is None or (isinstance(x, float) and math.isnan(x)):
     return "–"
   return f"{100 * x:.1f}" if pct else f"{x:.4g}"
@@ -33,7 +34,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def _grid_table(cells, row_key, col_key, row_name, col_fmt) -> str:
   rows, cols, matrix = grid_matrix(cells, row_key, col_key)
   header = [row_name] + [col_fmt(c) for c in cols]
-  body = [[str(r)] + [_fmt(v, pct=True) for v in matrix[i]] for i, r in enumerate(rows)]
+  body = [[str(r)] + [fmt(v, pct=True) for v in matrix[i]] for i, r in enumerate(rows)]
   return markdown_table(header, body)
 
 
@@ -46,28 +47,28 @@ def to_markdown(report: dict) -> str:
   ppl = report.get("perplexity")
   if ppl:
     out += [f"## Loss by position (held-out text, {ppl['tokens']} tokens)", "",
-            f"Overall loss {_fmt(ppl['loss'])}, perplexity {_fmt(ppl['perplexity'])}.", ""]
+            f"Overall loss {fmt(ppl['loss'])}, perplexity {fmt(ppl['perplexity'])}.", ""]
     out.append(markdown_table(
         ["positions", "tokens", "loss", "perplexity", "accuracy %"],
-        [[f"{b['start']}–{b['end'] - 1}", str(b["tokens"]), _fmt(b["loss"]), _fmt(b["perplexity"]),
-          _fmt(b["accuracy"], pct=True)] for b in ppl["buckets"]]))
+        [[f"{b['start']}–{b['end'] - 1}", str(b["tokens"]), fmt(b["loss"]),
+          fmt(b["perplexity"]), fmt(b["accuracy"], pct=True)] for b in ppl["buckets"]]))
     out.append("")
   mqar = report.get("mqar")
   if mqar:
     out += [f"## MQAR accuracy % (rows: length, columns: key-value pairs; "
-            f"{mqar['num_examples']} examples per cell, chance {_fmt(mqar['chance'], pct=True)}%)",
-            "", f"Mean over cells: {_fmt(mqar['mean_accuracy'], pct=True)}%.", "",
+            f"{mqar['num_examples']} examples per cell, chance {fmt(mqar['chance'], pct=True)}%)",
+            "", f"Mean over cells: {fmt(mqar['mean_accuracy'], pct=True)}%.", "",
             _grid_table(mqar["cells"], "length", "num_pairs", "length", str), ""]
   pk = report.get("passkey")
   if pk:
     out += [f"## Passkey accuracy % (rows: length, columns: depth; {pk['num_examples']} "
             f"examples per cell, exact match of {pk['digits']} digits)", "",
-            f"Mean over cells: {_fmt(pk['mean_accuracy'], pct=True)}%.", "",
+            f"Mean over cells: {fmt(pk['mean_accuracy'], pct=True)}%.", "",
             _grid_table(pk["cells"], "length", "depth", "length", lambda d: f"{d:.2f}"), ""]
   if "average_recall" in report:
     tasks = " and ".join(t for t in ("MQAR", "passkey") if report.get(t.lower()))
     out += [f"Average recall (mean of the {tasks} means): "
-            f"{_fmt(report['average_recall'], pct=True)}%", ""]
+            f"{fmt(report['average_recall'], pct=True)}%", ""]
   return "\n".join(out)
 
 
@@ -119,7 +120,8 @@ def plot_loss_by_position(path: str, ppl: dict, title: str = "Loss by position")
 def write_report(report: dict, out_dir: str) -> dict[str, str]:
   """Writes report.json, report.md and the plots of the sections present; returns their paths."""
   os.makedirs(out_dir, exist_ok=True)
-  paths = {"json": os.path.join(out_dir, "report.json"), "markdown": os.path.join(out_dir, "report.md")}
+  paths = {"json": os.path.join(out_dir, "report.json"),
+           "markdown": os.path.join(out_dir, "report.md")}
   with open(paths["json"], "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2, default=str)
   with open(paths["markdown"], "w", encoding="utf-8") as f:
