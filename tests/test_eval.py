@@ -180,3 +180,13 @@ def test_run_tasks_writes_json_markdown_and_plots(tmp_path):
   assert "| length | 0.00 | 0.50 | 1.00 |" in md and "| 128 | 100.0 | 100.0 | 100.0 |" in md
   assert "Average recall" in md
   assert "positions" in report.to_markdown({"perplexity": result["perplexity"]})
+
+
+def test_perplexity_text_of_a_task_only_model_is_stdlib():
+  from sosm_jax.train.config import base_config
+  config = base_config()
+  config.data.source = "mix:synthetic:mqar=0.6,synthetic:passkey=0.4"
+  assert runner.text_source(config) == "stdlib"  # answer-only loss masks say nothing of text
+  assert runner.text_source(config, "text:/data/*.txt") == "text:/data/*.txt"
+  config.data.source = "mix:stdlib=0.9,synthetic:passkey=0.1"
+  assert runner.text_source(config) == ""  # the config's own held-out split

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from sosm_jax import models
 from sosm_jax.data import tasks
@@ -50,12 +51,21 @@ def _save(workdir, config, params, step=5, meta_config=None, tokenizer=None):
     f.write(config.to_json_best_effort())
 
 
+def _sharded(params):
+  """The parameters spread over all (8 simulated) devices, as a multi-device run saves them."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+  def put(a):
+    spec = P(*([None] * (a.ndim - 1)), "x") if a.shape[-1] % len(jax.devices()) == 0 else P()
+    return jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
+  return jax.tree.map(put, params)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("evalrun"))
   config = _config()
   params = _random_params(config)
-  _save(workdir, config, params)
+  _save(workdir, config, _sharded(params))
   return workdir, config, params
 
 
@@ -65,6 +75,8 @@ def test_load_restores_the_saved_parameters(run):
   assert loaded.step == 5 and loaded.config.model.d_model == 32
   assert tuple(loaded.config.model.pattern) == ("attn",)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), loaded.params, params)
+  # Saved across 8 devices, restored onto one: evaluation runs anywhere.
+  assert all(len(a.sharding.device_set) == 1 for a in jax.tree.leaves(loaded.params))
 
 
 def test_model_scorer_matches_the_model_loss(run):

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 from sosm_jax import data as data_lib
 from sosm_jax import models
@@ -88,7 +89,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 @contextlib.contextmanager
 def _manager(workdir: str):
-  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+  options = ocp.CheckpointManagerOptions(create=False)  # nothing is saved through it
   manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
   try:
     yield manager
@@ -105,9 +106,8 @@ def read_meta(workdir: str, step: int) -> dict:
 def saved_param_shapes(workdir: str, step: int) -> dict[str, tuple]:
   """{'path/to/param': shape} of the parameters stored in checkpoint `step`."""
   path = os.path.join(checkpoint_dir(workdir), str(step), "state")
-  metadata = ocp.PyTreeCheckpointer().metadata(path)
-  tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree)
+  metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
+  tree = getattr(metadata, "tree", metadata)
   if "params" not in tree:
     raise ValueError(f"checkpoint {path} has no 'params' in its state; it was not written by "
                      f"sosm_jax.train (keys: {sorted(tree)})")
@@ -191,7 +191,9 @@ def load_for_eval(workdir: str, *, step: int | None = None,
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
   with _manager(workdir) as m:
-    restored = m.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True)))
+    # Explicit restore args put every array on this device, whatever mesh the run trained on.
+    restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": target}, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}))))
   return LoadedModel(config=config, model=model, params=restored.state["params"],
                      tokenizer=tokenizer, step=step, meta=meta, workdir=os.path.abspath(workdir))

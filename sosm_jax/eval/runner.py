@@ -16,6 +16,7 @@ import ml_collections
 from tqdm.auto import tqdm
 
 from sosm_jax import data as data_lib
+from sosm_jax.data import sources
 from sosm_jax.eval import perplexity, recall
 from sosm_jax.eval.scoring import Batch, Scorer
 
@@ -69,9 +70,20 @@ def default_passkey_lengths(trained: int, minimum: int = 32) -> tuple[int, ...]:
   return tuple(lengths)
 
 
+def text_source(config, source: str = "") -> str:
+  """The held-out text of the perplexity task: `source`, else the config's validation data,
+  else (a model trained on synthetic tasks alone) the standard-library text source."""
+  if source:
+    return source
+  comps = sources.parse_source(config.data.eval_source or config.data.source)
+  if all(c.kind == "synthetic" for c in comps):
+    return "stdlib"
+  return ""  # the config's own validation split
+
+
 def text_batches(config, tokenizer, *, seq_len: int, batch_size: int, num_batches: int,
                  seed: int, source: str = "") -> Iterable[Batch]:
-  """Up to `num_batches` held-out batches `[batch_size, seq_len]` from the config's data."""
+  """Up to `num_batches` held-out batches `[batch_size, seq_len]` (see `text_source`)."""
   data_cfg = ml_collections.ConfigDict(config.data.to_dict())
   if source:
     data_cfg.eval_source = source
@@ -116,9 +128,11 @@ def run_tasks(scorer: Scorer, tokenizer, config: ml_collections.ConfigDict,
       bar.set_description("perplexity")
       seq_len = options.ppl_seq_len or trained
       if batches is None:
+        source = text_source(config, options.ppl_source)
+        report["meta"]["ppl_source"] = source or f"validation split of {config.data.source!r}"
         batches = text_batches(config, tokenizer, seq_len=seq_len,
                                batch_size=options.ppl_batch_size, num_batches=options.ppl_batches,
-                               seed=options.seed, source=options.ppl_source)
+                               seed=options.seed, source=source)
       edges = perplexity.position_bucket_edges(seq_len, options.ppl_first_edge)
       report["perplexity"] = perplexity.loss_by_position(scorer, batches, edges, progress=step)
     if "mqar" in options.tasks:
