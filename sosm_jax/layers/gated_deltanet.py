@@ -57,7 +57,8 @@ class GatedDeltaNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, positions=None, segment_ids=None, cache=None, decode=False):
-    del positions  # recurrent: order is implicit
+    # Packed documents: the short convs must not reach across a boundary (positions restart).
+    conv_positions = positions if segment_ids is not None else None
     cfg = self.cfg
     dt = compute_dtype(cfg)
     kw = dict(dtype=dt, param_dtype=param_dtype(cfg))
@@ -75,7 +76,8 @@ class GatedDeltaNet(nn.Module):
         out, c = conv_ops.causal_conv1d_step(flat[:, 0], jnp.asarray(w), None, c)
         out = out[:, None]
       else:
-        out, c = conv_ops.causal_conv1d(flat, jnp.asarray(w), None, cache=c)
+        out, c = conv_ops.causal_conv1d(flat, jnp.asarray(w), None, cache=c,
+                                        positions=conv_positions)
       return nn.silu(out).reshape(b, t, h, dk), c
 
     q = Dense((h, dk), ("embed", "heads", "head_dim"), name="q_proj", **kw)(x)

@@ -26,22 +26,36 @@ def _check(x, weight, bias, cache, time_axis):
         + (" (x is one token [batch, channels])." if not time_axis else "."))
 
 
-def _conv_valid(xp, weight, bias, out_len):
-  """Sum of W shifted copies of xp [B, out_len+W-1, C] in float32 -> [B, out_len, C]."""
+def _conv_valid(xp, weight, bias, out_len, positions=None):
+  """Sum of W shifted copies of xp [B, out_len+W-1, C] in float32 -> [B, out_len, C].
+
+  With `positions` ([B, out_len], position of each output token within its document), the tap
+  reaching s tokens back is dropped where s > position: that token belongs to an earlier document.
+  """
   w = weight.astype(_F32)
-  y = sum(xp[:, j:j + out_len].astype(_F32) * w[j] for j in range(w.shape[0]))
+  width = w.shape[0]
+
+  def tap(j):
+    term = xp[:, j:j + out_len].astype(_F32) * w[j]
+    if positions is None or j == width - 1:
+      return term
+    return jnp.where((positions >= width - 1 - j)[..., None], term, 0.0)
+
+  y = sum(tap(j) for j in range(width))
   if bias is not None:
     y = y + bias.astype(_F32)
   return y
 
 
-def causal_conv1d(x, weight, bias=None, *, cache=None):
+def causal_conv1d(x, weight, bias=None, *, cache=None, positions=None):
   """Causal depthwise conv over a sequence.
 
   Args:
     x: `[batch, time, channels]`.
     weight: `[width, channels]` (depthwise). bias: `[channels]` or None.
     cache: `[batch, width-1, channels]`, the last width-1 inputs before x; None means zeros.
+    positions: optional `[batch, time]` position of each token within its document (packed
+      sequences): taps never reach into an earlier document. None: one stream, no boundaries.
   Returns:
     (y `[batch, time, channels]` in x's dtype, new_cache `[batch, width-1, channels]` = the last
     width-1 inputs of cache ++ x, in cache's dtype if given, else x's).
@@ -55,7 +69,7 @@ def causal_conv1d(x, weight, bias=None, *, cache=None):
   if cache is None:
     cache = jnp.zeros((x.shape[0], width - 1, x.shape[-1]), x.dtype)
   xp = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
-  y = _conv_valid(xp, weight, bias, x.shape[1])
+  y = _conv_valid(xp, weight, bias, x.shape[1], positions)
   new_cache = xp[:, xp.shape[1] - (width - 1):].astype(cache_dtype)
   return y.astype(x.dtype), new_cache
 

@@ -76,3 +76,18 @@ def test_bad_shapes_raise_value_error():
     conv.causal_conv1d(x, w, b, cache=cache[:, :2])
   with pytest.raises(ValueError, match="causal_conv1d_step"):
     conv.causal_conv1d(x[:, 0], w, b)
+
+
+def test_positions_keep_packed_documents_apart():
+  """With positions restarting at each document, the conv equals running each document alone."""
+  x, w, b, _ = _data(3)
+  cuts = [0, 3, 4, 9, T]  # documents of 3, 1, 5 and 2 tokens in each row
+  positions = np.concatenate([np.arange(e - s) for s, e in zip(cuts, cuts[1:])])
+  positions = jnp.asarray(np.broadcast_to(positions, (B, T)), jnp.int32)
+  y, _ = conv.causal_conv1d(x, w, b, positions=positions)
+  for s, e in zip(cuts, cuts[1:]):
+    alone, _ = conv.causal_conv1d(x[:, s:e], w, b)
+    np.testing.assert_allclose(y[:, s:e], alone, rtol=1e-5, atol=1e-6)
+  # Without positions the second document does see the first one.
+  y_leaky, _ = conv.causal_conv1d(x, w, b)
+  assert not np.allclose(y_leaky[:, 3], y[:, 3])
