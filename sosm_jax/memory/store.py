@@ -31,8 +31,8 @@ MEMORY_DEFAULTS = dict(
     num_shards=4,          # eviction granularity: capacity // num_shards entries per shard
     # HNSW: chosen from benchmarks/memory_recall.py on keys of a trained model (128-dim search
     # vectors, 20k entries, k=16, one thread): M=32, efC=200, efS=64 gave recall@16 0.93 at 10k
-    # queries/s, 2.7x the exact flat search (3.7k/s); M=16 lost 2 points at equal speed,
-    # efC=40/80 lost 2-9 points, efS=128 gained 2 points at half the speed.
+    # queries/s, 2.7x the exact flat search (3.7k/s); M=16 was 2 points lower (1.4x faster),
+    # efC=40/80 2-8 points lower, efS=128 2 points higher at half the speed.
     hnsw_m=32,
     hnsw_ef_construction=200,
     hnsw_ef_search=64,

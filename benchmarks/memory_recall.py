@@ -1,0 +1,225 @@
+"""Memory benchmark: HNSW recall@k vs exact search on keys of a trained model, QPS, train-step overhead.
+
+1. Trains a small byte-level LM (attn + graph layer, `MemoryLM` without memory) on the stdlib text
+   source for --train_steps, so its graph-layer keys are those of a trained model.
+2. Keys: the graph layer's normalised search vectors (what the memory stores) over --num_keys
+   held-out tokens; queries: the normalised q search vectors of other held-out tokens. Ground
+   truth: exact inner-product search (IndexFlatIP). For each (M, efConstruction) an HNSW index
+   is built once and searched at several efSearch: recall@k (fraction of the exact top-k found),
+   QPS (one thread, all queries in one call, median of --repeat), build time. The same grid on
+   random Gaussian vectors of the same width (the worst case for HNSW) for comparison.
+3. Train-step overhead: tokens/s of the step with memory (probe, host retrieval, step with memory
+   edges, host add) against the plain step (no memory), same model, segments of --seq_len.
+
+  python benchmarks/memory_recall.py --output=/tmp/memory.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import faiss
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sosm_jax.data import make_pipeline, make_tokenizer
+from sosm_jax.data.config import default_data_config
+from sosm_jax.memory.segments import SegmentRunner, search_vectors
+from sosm_jax.memory.store import make_index, resolve_config
+from sosm_jax.models.config import default_model_config
+
+
+def model_cfg(seq_len):
+  c = default_model_config("sosm")
+  c.update(dict(pattern=("attn", "graph"), num_layers=2, d_model=128, vocab_size=260, mlp_dim=256,
+                attn_num_heads=4, attn_num_kv_heads=2, attn_head_dim=64, dtype="float32",
+                scan_layers=False))
+  c.graph.update(dict(window=seq_len // 2, select_block_size=16, select_num_blocks=2,
+                      query_chunk=seq_len, key_chunk=64))
+  return c
+
+
+def batches(seq_len, batch, seed, split="train"):
+  d = default_data_config()
+  tok = make_tokenizer(d)
+  return iter(make_pipeline(d, tok, seq_len=seq_len, batch_size=batch, seed=seed, split=split))
+
+
+def make_step(runner):
+  opt = optax.adam(1e-3)
+
+  def loss_fn(params, b, mem):
+    logits = runner.apply(params, b["inputs"], mem)
+    logp = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(logp, b["targets"][..., None], -1)[..., 0]
+    return jnp.sum(nll * b["loss_mask"]) / jnp.maximum(b["loss_mask"].sum(), 1.0)
+
+  @jax.jit
+  def step(params, opt_state, b, mem):
+    loss, g = jax.value_and_grad(loss_fn)(params, b, mem)
+    u, opt_state = opt.update(g, opt_state, params)
+    return optax.apply_updates(params, u), opt_state, loss
+  return opt, step
+
+
+def train(runner, args):
+  opt, step = make_step(runner)
+  params = runner.init(jax.random.PRNGKey(0), args.batch, args.seq_len)
+  opt_state = opt.init(params)
+  it = batches(args.seq_len, args.batch, 0)
+  losses = []
+  for _ in range(args.train_steps):
+    b = {k: jnp.asarray(v) for k, v in next(it).items() if k in ("inputs", "targets", "loss_mask")}
+    params, opt_state, loss = step(params, opt_state, b, None)
+    losses.append(float(loss))
+  return params, opt_state, step, losses
+
+
+def trained_vectors(runner, params, args):
+  """(keys [n, dim], queries [q, dim]) normalised search vectors from held-out text."""
+  it = batches(args.seq_len, args.batch, 1, split="validation")
+  layer = runner.layers[0]
+  keys, queries = [], []
+  while sum(len(k) for k in keys) < args.num_keys + args.num_queries:
+    probed = runner.probe(params, jnp.asarray(next(it)["inputs"]))[layer]
+    keys.append(search_vectors(probed[1], runner.kv).reshape(-1, runner.kv * runner.head_dim))
+    queries.append(search_vectors(probed[0], runner.kv).reshape(-1, runner.kv * runner.head_dim))
+  k = np.concatenate(keys)
+  q = np.concatenate(queries)
+  rng = np.random.default_rng(0)
+  # queries from tokens not in the index (the index holds the first num_keys tokens)
+  qi = args.num_keys + rng.permutation(len(q) - args.num_keys)[:args.num_queries]
+  return np.ascontiguousarray(k[:args.num_keys]), np.ascontiguousarray(q[qi])
+
+
+def recall_grid(keys, queries, args):
+  k = args.k
+  exact = faiss.IndexFlatIP(keys.shape[1])
+  exact.add(keys)
+  t = time.perf_counter()
+  _, truth = exact.search(queries, k)
+  flat_qps = len(queries) / (time.perf_counter() - t)
+  rows = []
+  for m in args.m:
+    for efc in args.ef_construction:
+      cfg = resolve_config(None, index="hnsw", hnsw_m=m, hnsw_ef_construction=efc)
+      index = make_index(keys.shape[1], cfg)
+      t = time.perf_counter()
+      index.add(keys)
+      build = time.perf_counter() - t
+      for efs in args.ef_search:
+        index.hnsw.efSearch = efs
+        times = []
+        for _ in range(args.repeat):
+          t = time.perf_counter()
+          _, got = index.search(queries, k)
+          times.append(time.perf_counter() - t)
+        recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth)])
+        rows.append(dict(M=m, efConstruction=efc, efSearch=efs, recall=float(recall),
+                         qps=float(len(queries) / np.median(times)), build_s=build))
+        print(json.dumps(rows[-1]), flush=True)
+  return dict(flat_qps=flat_qps, rows=rows)
+
+
+def overhead(runner, params, opt_state, step, args, overlap=True):
+  """Median tokens/s of the train step without memory and with the whole memory pipeline.
+
+  overlap: add this segment's entries while the step runs (else after it finished).
+  """
+  it = batches(args.seq_len, args.batch, 2)
+  data = [{k: jnp.asarray(v) for k, v in next(it).items() if k in ("inputs", "targets", "loss_mask")}
+          for _ in range(args.overhead_steps + 2)]
+  toks = args.batch * args.seq_len
+  out = {}
+  # plain step (memory=None)
+  ts = []
+  p, o = params, opt_state
+  for b in data:
+    t = time.perf_counter()
+    p, o, loss = step(p, o, b, None)
+    loss.block_until_ready()
+    ts.append(time.perf_counter() - t)
+  out["tokens_per_s_without_memory"] = toks / float(np.median(ts[2:]))
+  # with memory: consecutive batches are consecutive segments of each stream
+  runner.reset()
+  p, o = params, opt_state
+  ts, parts = [], []
+  for b in data:
+    t0 = time.perf_counter()
+    probed = runner.probe(p, b["inputs"])
+    jax.block_until_ready(probed)
+    t1 = time.perf_counter()
+    mem = runner.retrieve(probed)
+    t2 = time.perf_counter()
+    p, o, loss = step(p, o, b, mem)          # dispatched asynchronously
+    if overlap:
+      runner.add(probed)                     # host add while the device computes
+    t3 = time.perf_counter()
+    loss.block_until_ready()
+    if not overlap:
+      runner.add(probed)
+    t4 = time.perf_counter()
+    ts.append(t4 - t0)
+    parts.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
+  out["tokens_per_s_with_memory"] = toks / float(np.median(ts[2:]))
+  med = np.median(np.array(parts[2:]), 0)
+  out["median_s"] = dict(probe=med[0], retrieve=med[1], dispatch_and_add=med[2], wait_step=med[3])
+  out["memory_entries_per_stream_at_end"] = len(runner.banks[runner.layers[0]].memories[0])
+  return out
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--seq_len", type=int, default=128)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--train_steps", type=int, default=300)
+  ap.add_argument("--num_keys", type=int, default=20000)
+  ap.add_argument("--num_queries", type=int, default=1000)
+  ap.add_argument("--k", type=int, default=16)
+  ap.add_argument("--m", type=int, nargs="+", default=[16, 32])
+  ap.add_argument("--ef_construction", type=int, nargs="+", default=[40, 80])
+  ap.add_argument("--ef_search", type=int, nargs="+", default=[16, 32, 64, 128])
+  ap.add_argument("--repeat", type=int, default=3)
+  ap.add_argument("--overhead_steps", type=int, default=10)
+  ap.add_argument("--overhead_only", action="store_true", help="skip the recall grids")
+  ap.add_argument("--output", default="")
+  args = ap.parse_args(argv)
+  faiss.omp_set_num_threads(1)
+  cfg = model_cfg(args.seq_len)
+  mem_cfg = resolve_config(None)
+  runner = SegmentRunner(cfg, mem_cfg, num_streams=args.batch)
+  t = time.perf_counter()
+  params, opt_state, step, losses = train(runner, args)
+  result = dict(device=str(jax.devices()[0]), platform=platform.processor() or platform.machine(),
+                jax=jax.__version__, faiss=faiss.__version__, args=vars(args), memory_defaults=mem_cfg,
+                train=dict(seconds=time.perf_counter() - t, first_loss=losses[0],
+                           last_loss=float(np.mean(losses[-10:]))))
+  print(json.dumps(result["train"]), flush=True)
+  if not args.overhead_only:
+    keys, queries = trained_vectors(runner, params, args)
+    result["search_dim"] = int(keys.shape[1])
+    result["trained"] = recall_grid(keys, queries, args)
+    rng = np.random.default_rng(1)
+    rand = lambda n: np.ascontiguousarray(
+        (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(rng.standard_normal((n, keys.shape[1]))),
+        dtype=np.float32)
+    result["random"] = recall_grid(rand(len(keys)), rand(len(queries)), args)
+  for index in ("hnsw", "flat"):
+    for overlap in (True, False):
+      runner = SegmentRunner(cfg, resolve_config(None, index=index), num_streams=args.batch)
+      name = f"overhead_{index}_{'overlap' if overlap else 'serial'}"
+      result[name] = overhead(runner, params, opt_state, step, args, overlap)
+      print(name, json.dumps(result[name]), flush=True)
+  if args.output:
+    with open(args.output, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1, default=float)
+  return result
+
+
+if __name__ == "__main__":
+  sys.exit(main() and 0)
