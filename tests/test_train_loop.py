@@ -141,7 +141,8 @@ def test_sigterm_leaves_a_checkpoint_that_restores(tmp_path):
   cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={CONFIG}:tiny",
          f"--workdir={workdir}", "--config.curriculum.steps=(100000,)",
          "--config.curriculum.seq_lens=(32,)", "--config.train.log_every=1"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 240
