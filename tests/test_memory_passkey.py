@@ -76,16 +76,21 @@ def run(runner, step, opt, *, use_memory, steps, eval_batches, seed):
                                      jnp.asarray(answers), lr)
     if i >= steps:
       accs.append(float(acc))
-  return float(np.mean(accs))
+  return float(np.mean(accs)), params
 
 
 def test_passkey_beyond_window_needs_memory():
   t0 = time.time()
   runner = SegmentRunner(tiny_cfg(), None, num_streams=B, index="flat", top_k=8)
   opt, step = make_step(runner)
-  acc_mem = run(runner, step, opt, use_memory=True, steps=120, eval_batches=4, seed=0)
-  acc_none = run(runner, step, opt, use_memory=False, steps=40, eval_batches=4, seed=1)
-  print(f"passkey beyond the window: accuracy with memory {acc_mem:.3f}, without {acc_none:.3f} "
-        f"(chance {1 / len(KEYS):.3f}); {time.time() - t0:.1f} s")
-  assert acc_mem >= 0.9
+  acc_mem, params = run(runner, step, opt, use_memory=True, steps=120, eval_batches=4, seed=0)
+  acc_none, _ = run(runner, step, opt, use_memory=False, steps=40, eval_batches=4, seed=1)
+  # generation over a document longer than the window: the first generated token is the key
+  docs, answers = documents(np.random.default_rng(2), B)
+  out = runner.generate(params, docs, L, 2)
+  acc_gen = float(np.mean(out[:, S * L] == answers))
+  print(f"passkey beyond the window: accuracy with memory {acc_mem:.3f} (generated {acc_gen:.3f}), "
+        f"without {acc_none:.3f} (chance {1 / len(KEYS):.3f}); {time.time() - t0:.1f} s")
+  assert out.shape == (B, S * L + 2)
+  assert acc_mem >= 0.9 and acc_gen >= 0.9
   assert acc_none <= 0.5   # the key is not in the window: without memory it cannot be known

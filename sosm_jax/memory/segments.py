@@ -225,3 +225,42 @@ class SegmentRunner:
       outs.append(apply_fn(params, seg, mem))   # dispatched asynchronously
       self.add(probed, segment=s)               # host work overlaps the device call
     return jnp.concatenate(outs, axis=1)
+
+  def generate(self, params, prompt, segment_len: int, max_new_tokens: int, *, apply_fn=None):
+    """Greedy continuation of prompts `[B, N]` (N may exceed the window) -> `[B, N + new]`.
+
+    Whole segments before the last (partial or full) one only fill the memory; the current
+    segment is run padded to segment_len (causal, so padding never changes earlier positions;
+    one compiled shape) with memory retrieved for its queries. When it is full, it is added to
+    the memory and a new segment starts with the next token. Memory is reset first.
+    """
+    prompt = np.asarray(prompt)
+    b, n = prompt.shape
+    if n < 1:
+      raise ValueError("generate needs a prompt of at least one token.")
+    apply_fn = apply_fn or jax.jit(self.apply)
+    self.reset()
+    done = (n - 1) // segment_len
+    for s in range(done):
+      self.add(self.probe(params, jnp.asarray(prompt[:, s * segment_len:(s + 1) * segment_len])),
+               segment=s)
+    cur = [prompt[:, done * segment_len:]]
+    out = [prompt]
+    seg_index = done
+    for _ in range(max_new_tokens):
+      toks = np.concatenate(cur, 1)
+      length = toks.shape[1]
+      padded = np.zeros((b, segment_len), prompt.dtype)
+      padded[:, :length] = toks
+      probed = self.probe(params, jnp.asarray(padded))
+      mem = self.retrieve(probed) if seg_index else self.empty_memory(b, segment_len)
+      logits = apply_fn(params, jnp.asarray(padded), mem)
+      nxt = np.asarray(jnp.argmax(logits[:, length - 1], -1)).astype(prompt.dtype)[:, None]
+      out.append(nxt)
+      if length == segment_len:              # segment complete: it becomes memory
+        self.add(probed, segment=seg_index)
+        seg_index += 1
+        cur = [nxt]
+      else:
+        cur.append(nxt)
+    return np.concatenate(out, 1)
