@@ -201,7 +201,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
       data_lib.check_tokenizer_identity(meta["tokenizer"], tokenizer.identity())
       data_state = meta.get("data_state")
       logging.info("resumed from checkpoint %d in %s", saved_step, checkpointer.directory)
-      print(f"Resuming from step {saved_step} ({checkpointer.directory})", flush=True)
+      if is_writer:
+        print(f"Resuming from step {saved_step} ({checkpointer.directory})", flush=True)
     else:
       state, data_state = state_lib.create_train_state(init_params, optimizer, state_sh), None
     step = int(jax.device_get(state.step))
@@ -286,7 +287,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     bar.close()
     checkpointer.close()
   writer.close()
-  if status == "interrupted":
+  if status == "interrupted" and is_writer:
     print(f"Stopped at step {step} ({'signal' if stop.received else 'train.stop_at_step'}); "
           f"checkpoint saved. Run the same command to resume.", flush=True)
   return RunResult(step=step, status=status, last_metrics=last, workdir=workdir)
