@@ -25,6 +25,10 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# XLA:CPU (jax 0.10.2): the compiled Gated DeltaNet train step hangs on its second execution with
+# the multi-threaded Eigen runtime; single-threaded Eigen runs it. Only the CPU backend reads it.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_cpu_multi_thread_eigen=false").strip()
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
@@ -103,9 +107,6 @@ def variant_config(name: str, setting: dict, dtype: str, steps: int, task_mix: s
   c.train.update(log_every=25, checkpoint_every=0, keep_checkpoints=1, eval_batches=0,
                  passkey_examples=0)
   c.mesh.data = 1  # one device: equal conditions for every variant
-  # On XLA:CPU (jax 0.10.2) the backward pass of Gated DeltaNet inside a layer scan of two or more
-  # groups hangs; unrolled layers train fine. Accelerators keep the scan (faster compiles).
-  c.model.scan_layers = jax.default_backend() != "cpu"
   return c
 
 

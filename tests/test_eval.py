@@ -59,6 +59,8 @@ def test_loss_by_position_recovers_a_known_loss_curve():
   assert counts == {0: 3 * 32, 16: 3 * 24, 32: 3 * 8}
   assert out["tokens"] == 3 * 64
   assert got[32]["accuracy"] == 1.0 and got[0]["accuracy"] == 0.0
+  assert out["context_gain"] == pytest.approx(math.log(0.9 / 0.001), rel=1e-4)
+  assert out["still_falling"] is True
 
 
 def test_perplexity_oracle_is_one_and_random_is_the_vocabulary():
@@ -180,6 +182,7 @@ def test_run_tasks_writes_json_markdown_and_plots(tmp_path):
   assert "| length | 0.00 | 0.50 | 1.00 |" in md and "| 128 | 100.0 | 100.0 | 100.0 |" in md
   assert "Average recall" in md
   assert "positions" in report.to_markdown({"perplexity": result["perplexity"]})
+  assert "lower in the last bucket than in the first, and still falling" in md
 
 
 def test_perplexity_text_of_a_task_only_model_is_stdlib():

@@ -46,7 +46,8 @@ def loss_by_position(scorer: Scorer, batches: Iterable[Batch], edges: list[int],
   """Mean loss, perplexity and accuracy per position bucket over `batches` of held-out text.
 
   Returns {'edges', 'buckets': [{'start', 'end', 'tokens', 'loss', 'perplexity', 'accuracy'}],
-  'loss', 'perplexity', 'tokens'} (overall values are token-weighted over all buckets).
+  'loss', 'perplexity', 'tokens', 'context_gain', 'still_falling'} (overall values are
+  token-weighted over all buckets; the last two from `context_trend`).
   Every batch is `[batch, time]` with time <= edges[-1]. `progress` (optional) is called
   once per batch.
   """
@@ -77,7 +78,16 @@ def loss_by_position(scorer: Scorer, batches: Iterable[Batch], edges: list[int],
   total = float(count.sum())
   loss = float(nll_sum.sum() / total) if total else None
   return {"edges": [int(e) for e in edges], "buckets": buckets, "tokens": int(total),
-          "loss": loss, "perplexity": _safe_exp(loss)}
+          "loss": loss, "perplexity": _safe_exp(loss), **context_trend(buckets)}
+
+
+def context_trend(buckets: list[dict]) -> dict:
+  """'context_gain': loss of the first bucket with tokens minus that of the last (nats);
+  'still_falling': whether the last bucket's loss is below the one before it (None if < 2)."""
+  losses = [b["loss"] for b in buckets if b["loss"] is not None]
+  if len(losses) < 2:
+    return {"context_gain": None, "still_falling": None}
+  return {"context_gain": losses[0] - losses[-1], "still_falling": bool(losses[-1] < losses[-2])}
 
 
 def _safe_exp(x):

@@ -47,7 +47,8 @@ def to_markdown(report: dict) -> str:
   ppl = report.get("perplexity")
   if ppl:
     out += [f"## Loss by position (held-out text, {ppl['tokens']} tokens)", "",
-            f"Overall loss {fmt(ppl['loss'])}, perplexity {fmt(ppl['perplexity'])}.", ""]
+            f"Overall loss {fmt(ppl['loss'])}, perplexity {fmt(ppl['perplexity'])}. "
+            + _trend_sentence(ppl), ""]
     out.append(markdown_table(
         ["positions", "tokens", "loss", "perplexity", "accuracy %"],
         [[f"{b['start']}–{b['end'] - 1}", str(b["tokens"]), fmt(b["loss"]),
@@ -70,6 +71,14 @@ def to_markdown(report: dict) -> str:
     out += [f"Average recall (mean of the {tasks} means): "
             f"{fmt(report['average_recall'], pct=True)}%", ""]
   return "\n".join(out)
+
+
+def _trend_sentence(ppl: dict) -> str:
+  if ppl.get("context_gain") is None:
+    return ""
+  falling = "still falling" if ppl["still_falling"] else "no longer falling"
+  return (f"Loss is {fmt(ppl['context_gain'])} nats lower in the last bucket than in the first, "
+          f"and {falling} at the end.")
 
 
 def _heatmap(path: str, matrix: np.ndarray, rows, cols, xlabel: str, ylabel: str, title: str,
