@@ -196,20 +196,17 @@ def gated_delta_rule_fast(q, k, v, g, beta, *, scale=None, initial_state=None, c
 
 
 def _gated_delta_pallas(q, k, v, gam, bc, a, h0, scale, c, pad, dt, interpret, block_v):
-  """Pallas path: WY preparation, recurrence and output stage as kernels on [B, T, H, D] data."""
-  from sosm_jax.ops.kernels import pallas_gdn  # pylint: disable=import-outside-toplevel
+  """Pallas path: one custom VJP over the WY preparation, recurrence and output-stage kernels
+  (`pallas_gdn_core.py`), reading and writing the [B, T, H, D] layout."""
+  from sosm_jax.ops.kernels import pallas_gdn_core  # pylint: disable=import-outside-toplevel
+  del a
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   n = gam.shape[2]
   pad_t = lambda x: jnp.pad(x.astype(dt), [(0, 0), (0, pad), (0, 0), (0, 0)]) if pad else x.astype(dt)
-  qp, kp, vp = pad_t(q), pad_t(k), pad_t(v)
-  gam_bh = gam.reshape(b * h, n * c)
-  w, u, kd = pallas_gdn.wy_prep(kp, vp, bc.reshape(b * h, n * c), gam_bh, c, interpret)
-  per_chunk = lambda x: x.reshape(b * h, n, c, x.shape[-1])
-  h_in, vn, h_last = chunk_recurrence(per_chunk(w), per_chunk(u), per_chunk(kd),
-                                      a.reshape(b * h, n, dk), h0.reshape(b * h, dk, dv),
-                                      "pallas", interpret, block_v)
-  o = pallas_gdn.chunk_output(qp, kp, gam_bh, h_in, vn, float(scale), interpret)
+  o, h_last = pallas_gdn_core.gdn_core(pad_t(q), pad_t(k), pad_t(v), bc.reshape(b * h, n * c),
+                                       gam.reshape(b * h, n * c), h0.reshape(b * h, dk, dv),
+                                       float(scale), c, interpret, block_v)
   return o[:, :t].astype(v.dtype), h_last.reshape(b, h, dk, dv)
 
 

@@ -1,0 +1,195 @@
+"""The gated delta rule's Pallas path as one custom VJP: three forward kernels, three backward.
+
+Forward (`pallas_gdn.py`, `pallas_recurrence.py`): WY preparation -> chunk recurrence -> output
+stage. Backward: output-stage kernel (dq, dk, dgam, dh_in, dvn) -> reverse recurrence kernel
+(dvn, lam_{n+1}) -> one post kernel per chunk that turns (h_n, lam_{n+1}, vn, dvn) into the
+recurrence's input cotangents and runs the WY-preparation backward on them in the same pass:
+
+    dw = -dvn h^T, dkd = vn lam^T, d gam_last += e^gam_last sum(h * lam)         (recurrence)
+    x = T^T dw, y = T^T du, dT = du (b v)^T + dw (b e^gam k)^T, dL = -T^T dT T^T  (WY form)
+
+so no `[batch*heads, chunks, ...]` intermediate is transposed or re-read by XLA; dk and dv are
+written in the caller's `[B, T, H, D]` layout. `POST = 'split'` runs the same math as two kernels
+(recurrence cotangents, then `pallas_gdn.prep_backward`), for register-pressure comparisons.
+Matmul operands are in the inputs' dtype (bf16: fp32 accumulation), fp32 inputs at full precision.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from sosm_jax.ops.kernels import pallas_gdn
+from sosm_jax.ops.kernels import pallas_recurrence as pr
+from sosm_jax.ops.kernels.pallas_recurrence import _compiler_params, _dot
+
+_F32 = jnp.float32
+POST = "fused"                      # 'fused' | 'split' (benchmarks/kernels.py --stage-sweep)
+TUNING = {"post_warps": 8}
+
+
+def _strict(c):
+  return lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
+
+
+def _rec_cotangents(h_ref, lam_ref, vn_ref, dvn_ref):
+  """dw = -dvn h^T, dkd = vn lam^T `[C, K]` f32 and sum(h * lam) (scalar) of one chunk."""
+  dw = -_dot(dvn_ref[...], h_ref[...], tb=True)
+  dkd = _dot(vn_ref[...], lam_ref[...], tb=True)
+  hl = jnp.sum(jnp.sum(h_ref[...].astype(_F32) * lam_ref[...].astype(_F32), axis=1), axis=0)
+  return dw, dkd, hl
+
+
+def _post_kernel(k_ref, v_ref, b_ref, g_ref, t_ref, h_ref, lam_ref, vn_ref, dvn_ref, dko_ref,
+                 dgo_ref, dk_ref, dv_ref, db_ref, dg_ref):
+  """Fused: recurrence cotangents + WY-preparation backward + the output stage's dk, dgam."""
+  dt = k_ref.dtype
+  c = k_ref.shape[0]
+  beta, g = b_ref[...], g_ref[...]
+  kf = k_ref[...].astype(_F32)
+  eg = jnp.exp(g)[:, None]
+  glast = g_ref[c - 1]
+  to_end = jnp.exp(glast - g)[:, None]
+  tt = t_ref[...].astype(dt)
+  du = dvn_ref[...].astype(dt)
+  # value side: u = T (b v)
+  y = _dot(tt, du, ta=True)                                       # T^T du  [C, V]
+  vf = v_ref[...].astype(_F32)
+  dv_ref[...] = (beta[:, None] * y).astype(dv_ref.dtype)
+  dbeta = jnp.sum(vf * y, axis=1)
+  d_t = _dot(du, (vf * beta[:, None]).astype(dt), tb=True)        # dT  [C, C]
+  # key side: w = T (b e^gam k), with dw from the recurrence
+  dw, dkd, hl = _rec_cotangents(h_ref, lam_ref, vn_ref, dvn_ref)
+  dwb = dw.astype(dt)
+  x = _dot(tt, dwb, ta=True)                                      # T^T dw  [C, K]
+  kb = kf * (beta[:, None] * eg)
+  d_t = d_t + _dot(dwb, kb.astype(dt), tb=True)
+  dbeta = dbeta + jnp.sum(kf * eg * x, axis=1)
+  dgam = jnp.sum(kb * x, axis=1)
+  dkd_e = dkd * to_end                                            # kd = k e^(gam_C - gam)
+  dk = (beta[:, None] * eg) * x + dkd_e + dko_ref[...].astype(_F32)
+  contrib = jnp.sum(dkd_e * kf, axis=1)
+  # L = strictly_lower(b k k^T D): dL = -T^T dT T^T
+  strict = _strict(c)
+  m = _dot(tt, d_t.astype(dt), ta=True)
+  dl = jnp.where(strict, -_dot(m.astype(dt), tt, tb=True), 0.0)
+  dec = pallas_gdn._decay(g)  # pylint: disable=protected-access
+  kk = k_ref[...]
+  ld = jnp.where(strict, _dot(kk, kk, tb=True) * dec, 0.0)
+  dbeta = dbeta + jnp.sum(dl * ld, axis=1)
+  dll = dl * (beta[:, None] * ld)
+  dgam = dgam + jnp.sum(dll, axis=1) - jnp.sum(dll, axis=0)
+  ds = (dl * beta[:, None] * dec).astype(dt)
+  dk = dk + _dot(ds, kk) + _dot(ds, kk, ta=True)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  last = lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1
+  tail = jnp.sum(contrib) + jnp.exp(glast) * hl
+  db_ref[...] = dbeta
+  dg_ref[...] = dgam - contrib + jnp.where(last, tail, 0.0) + dgo_ref[...]
+
+
+def _rec_kernel(h_ref, lam_ref, vn_ref, dvn_ref, dw_ref, dkd_ref, hl_ref):
+  """Split variant, first kernel: the recurrence's cotangents of one chunk."""
+  dw, dkd, hl = _rec_cotangents(h_ref, lam_ref, vn_ref, dvn_ref)
+  dw_ref[...] = dw.astype(dw_ref.dtype)
+  dkd_ref[...] = dkd.astype(dkd_ref.dtype)
+  hl_ref[...] = jnp.zeros(hl_ref.shape, _F32) + hl
+
+
+def _specs(heads, c, kdim, vdim):
+  tok = lambda w: pl.BlockSpec((None, c, None, w), lambda i, n: (i // heads, n, i % heads, 0))
+  row = lambda w: pl.BlockSpec((None, c, w), lambda i, n: (i, n, 0))
+  state = pl.BlockSpec((None, kdim, vdim), lambda i, n: (i, n, 0))
+  scal = pl.BlockSpec((None, c), lambda i, n: (i, n))
+  return tok, row, state, scal
+
+
+def _params(interpret, warps):
+  return None if interpret else _compiler_params(warps, 1)
+
+
+def post_backward(k, v, beta, gam, tmat, h_in, lam_next, vn, dvn, dk_o, dg_o, *, interpret=False):
+  """k `[B,T,H,K]`, v `[B,T,H,V]`, beta, gam, dg_o `[B*H,T]`, tmat `[B*H,T,C]` f32, h_in,
+  lam_next `[B*H,N,K,V]`, vn, dvn `[B*H,N,C,V]`, dk_o `[B,T,H,K]` ->
+  (dk `[B,T,H,K]`, dv `[B,T,H,V]`, dbeta, dgam `[B*H,T]` f32)."""
+  b, t, heads, kdim = k.shape
+  vdim = v.shape[-1]
+  bh, n, c, _ = vn.shape
+  dt = k.dtype
+  tok, row, state, scal = _specs(heads, c, kdim, vdim)
+  flat_s = lambda x: x.reshape(bh, n * kdim, vdim)
+  flat_c = lambda x: x.reshape(bh, n * c, x.shape[-1])
+  if POST == "split":
+    hl_spec = pl.BlockSpec((None, None, 16), lambda i, j: (i, j, 0))
+    dw, dkd, hl = pl.pallas_call(
+        _rec_kernel, grid=(bh, n),
+        in_specs=[state, state, row(vdim), row(vdim)],
+        out_specs=[row(kdim), row(kdim), hl_spec],
+        out_shape=[jax.ShapeDtypeStruct((bh, t, kdim), dt)] * 2
+        + [jax.ShapeDtypeStruct((bh, n, 16), _F32)],
+        interpret=interpret, compiler_params=_params(interpret, 4), name="gdn_rec_cotangents")(
+            flat_s(h_in), flat_s(lam_next), flat_c(vn), flat_c(dvn))
+    dk, dv, dbeta, dgam = pallas_gdn.prep_backward(k, v, beta, gam, tmat, dw, dvn.reshape(bh, t, vdim),
+                                                   dkd, chunk=c, interpret=interpret)
+    glast = gam.reshape(bh, n, c)[..., -1]
+    tail = jnp.zeros((bh, n, c), _F32).at[..., -1].set(jnp.exp(glast) * hl[..., 0])
+    return dk + dk_o, dv, dbeta, dgam + dg_o + tail.reshape(bh, t)
+  out_shape = [jax.ShapeDtypeStruct(k.shape, dt), jax.ShapeDtypeStruct(v.shape, v.dtype),
+               jax.ShapeDtypeStruct((bh, t), _F32), jax.ShapeDtypeStruct((bh, t), _F32)]
+  return pl.pallas_call(
+      _post_kernel, grid=(bh, n),
+      in_specs=[tok(kdim), tok(vdim), scal, scal, row(c), state, state, row(vdim), row(vdim),
+                tok(kdim), scal],
+      out_specs=[tok(kdim), tok(vdim), scal, scal], out_shape=out_shape,
+      interpret=interpret, compiler_params=_params(interpret, TUNING["post_warps"]),
+      name="gdn_post_bwd")(
+          k, v, beta, gam, tmat, flat_s(h_in), flat_s(lam_next), flat_c(vn), flat_c(dvn),
+          dk_o, dg_o)
+
+
+# --------------------------------------------------------------------------- custom VJP
+
+
+def _forward(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v):
+  bh, t = gam.shape
+  n, c = t // chunk, chunk
+  kdim = k.shape[-1]
+  w, u, kd, tmat = pallas_gdn.prep_forward(k, v, beta, gam, chunk=c, interpret=interpret)
+  per_chunk = lambda x: x.reshape(bh, n, c, x.shape[-1])
+  a = jnp.broadcast_to(jnp.exp(gam.reshape(bh, n, c)[..., -1])[..., None], (bh, n, kdim))
+  h_in, vn, h_last = pr.forward(per_chunk(w), per_chunk(u), per_chunk(kd), a, h0,
+                                interpret=interpret, block_v=block_v)
+  o = pallas_gdn.output_forward(q, k, gam, h_in, vn, scale=scale, interpret=interpret)
+  return (o, h_last), (q, k, v, beta, gam, tmat, w, kd, a, h_in, vn)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def gdn_core(q, k, v, beta, gam, h0, scale, chunk, interpret=False, block_v=None):
+  """q, k `[B,T,H,K]`, v `[B,T,H,V]` (T a multiple of chunk, one dtype), beta, gam `[B*H,T]` f32
+  (gam: within-chunk cumulative log-decay), h0 `[B*H,K,V]` f32 ->
+  (o `[B,T,H,V]` in v's dtype, h_last `[B*H,K,V]` f32)."""
+  return _forward(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v)[0]
+
+
+def _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v):
+  return _forward(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v)
+
+
+def _core_bwd(scale, chunk, interpret, block_v, res, cts):
+  q, k, v, beta, gam, tmat, w, kd, a, h_in, vn = res
+  do, dh_last = cts
+  bh, n, c, _ = vn.shape
+  dq, dk_o, dg_o, dh_in, dvn_o = pallas_gdn.output_backward(q, k, gam, h_in, vn, do, scale=scale,
+                                                            interpret=interpret)
+  per_chunk = lambda x: x.reshape(bh, n, c, x.shape[-1])
+  dvn, lam_next, lam0 = pr.backward(per_chunk(w), per_chunk(kd), a, dh_in, dvn_o, dh_last,
+                                    interpret=interpret, block_v=block_v)
+  dk, dv, dbeta, dgam = post_backward(k, v, beta, gam, tmat, h_in, lam_next, vn, dvn, dk_o, dg_o,
+                                      interpret=interpret)
+  return dq, dk, dv, dbeta, dgam, lam0
+
+
+gdn_core.defvjp(_core_fwd, _core_bwd)
