@@ -1,13 +1,21 @@
-"""Pallas (Triton backend) kernels for GLA's intra-chunk scores with per-key-channel decay.
+"""GLA (HGRN-2) Pallas path: per-key-channel decay, four kernels under one custom VJP.
 
-    A[t, i] = sum_d q[t, d] k[i, d] exp(G[t, d] - G[i, d])   for i <= t within a chunk, else 0
+Per chunk (q, k, gam `[C, K]`, gam the within-chunk cumulative log-decay, v `[C, V]`, h the
+state entering the chunk `[K, V]`):
 
-(G is the within-chunk cumulative log-decay). One program per (batch*head, chunk) writes the
-`[C, C]` block sub-block by sub-block (16 tokens): below the diagonal through a matmul with a
-reference point (the token before the query sub-chunk), so that both factors are exp of
-non-positive numbers; on the diagonal exactly, one key column at a time, so nothing overflows
-however strong the decay. The backward kernel returns dq, dk; dG = q*dq - k*dk (A depends on G
-only through G[t] - G[i]). `interpret=True` runs on CPU (tests).
+    o = scale * ((q e^gam) h + A v),  A[t, i] = sum_d q[t,d] k[i,d] e^(gam[t,d] - gam[i,d]), i <= t
+    h_next = e^gam_C * h + (k e^(gam_C - gam))^T v
+
+Kernels, all reading q, k, v, gam in the caller's `[B, T, H, D]` layout:
+- recurrence (forward and reverse), one program per (batch*head, V block), state on chip; the
+  reverse one forms dh = scale (q e^gam)^T do itself, so no `[N, K, V]` cotangent is stored;
+- output stage: one program per chunk, 16-row sub-blocks. A never reaches memory: below the
+  diagonal sub-blocks it is a matmul with a reference point (the token before the query block)
+  so that both factors are exp of non-positive numbers; on the diagonal it is exact, one key at a
+  time, so nothing overflows however strong the decay;
+- backward post kernel: dq, dk, dv, dgam of a chunk in one pass (scores recomputed in the same
+  way), using dgam = q dq - k dk (+ the chunk-end terms of the recurrence).
+`interpret=True` runs on CPU (tests).
 """
 from __future__ import annotations
 
@@ -18,20 +26,18 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from sosm_jax.ops.kernels.pallas_recurrence import _compiler_params, _dot
+from sosm_jax.ops.kernels.pallas_recurrence import _compiler_params, _dot, _pick_block_v
 
 _F32 = jnp.float32
+_LOG2E = 1.4426950408889634
+TUNING = {"out_warps": 4, "post_warps": 4, "rec_warps": 4, "rec_stages": 2}
 
 
 def _sub(c):
   s = min(16, c)
   if c % s or s & (s - 1):
-    raise ValueError(f"pallas gla: chunk_size {c} must be a power of two >= 16 or < 16.")
+    raise ValueError(f"pallas gla: chunk_size {c} must be a power of two.")
   return s
-
-
-_LOG2E = 1.4426950408889634
-UNROLL = False  # unroll the 16-step diagonal loops on the GPU (benchmarks/kernels.py sweeps it)
 
 
 def _exp(x, fast):
@@ -45,159 +51,276 @@ def _exp(x, fast):
   return y
 
 
-def _loop(n, body, init, unroll):
-  """fori_loop(0, n, body, init); unrolled in Python (static index) when compiling for the GPU,
-  where the Pallas Triton lowering has no unroll option and straight-line code hides load latency."""
-  if not unroll:
-    return lax.fori_loop(0, n, body, init)
-  for j in range(n):
-    init = body(j, init)
-  return init
+def _iota(shape, axis):
+  return lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
-def _load_rows(ref, row0, s):
-  return ref[pl.ds(row0, s), :]
+# --------------------------------------------------------------------------- recurrence
 
 
-def _fwd_kernel(q_ref, k_ref, g_ref, a_ref, *, chunk, sub, unroll):
-  """Row block p (= program 2) of the chunk's scores: [sub, chunk]."""
+def _rec_fwd_kernel(kd_ref, v_ref, a_ref, h0_ref, hin_ref, hl_ref, *, n_chunks, chunk, key_dim):
+  dt = v_ref.dtype
+
+  def body(n, h):
+    rows = pl.ds(n * chunk, chunk)
+    hin_ref[pl.ds(n * key_dim, key_dim), :] = h.astype(dt)
+    return a_ref[n, :][:, None] * h + _dot(kd_ref[rows, :], v_ref[rows, :], ta=True)
+
+  hl_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(_F32))
+
+
+def _rec_bwd_kernel(qe_ref, do_ref, a_ref, dhl_ref, lam_ref, lam0_ref, *, n_chunks, chunk,
+                    key_dim, scale):
+  dt = qe_ref.dtype
+
+  def body(i, lam):
+    n = n_chunks - 1 - i
+    rows = pl.ds(n * chunk, chunk)
+    lam_ref[pl.ds(n * key_dim, key_dim), :] = lam.astype(dt)
+    return a_ref[n, :][:, None] * lam + scale * _dot(qe_ref[rows, :], do_ref[rows, :], ta=True)
+
+  lam0_ref[...] = lax.fori_loop(0, n_chunks, body, dhl_ref[...].astype(_F32))
+
+
+def _rec_specs(heads, t, kdim, bv, n):
+  seq = lambda w, j: pl.BlockSpec((None, t, None, w),
+                                  lambda i, jj: (i // heads, 0, i % heads, jj if j else 0))
+  return dict(k=seq(kdim, False), v=seq(bv, True),
+              a=pl.BlockSpec((None, n, kdim), lambda i, j: (i, 0, 0)),
+              state=pl.BlockSpec((None, kdim, bv), lambda i, j: (i, 0, j)),
+              states=pl.BlockSpec((None, n * kdim, bv), lambda i, j: (i, 0, j)))
+
+
+def _rec_params(interpret):
+  return None if interpret else _compiler_params(TUNING["rec_warps"], TUNING["rec_stages"])
+
+
+def rec_forward(kd, v, a, h0, *, chunk, interpret=False, block_v=None):
+  """kd `[B,T,H,K]`, v `[B,T,H,V]`, a `[B*H,N,K]` f32, h0 `[B*H,K,V]` f32 ->
+  (h_in `[B*H,N*K,V]` in v's dtype, h_last `[B*H,K,V]` f32)."""
+  b, t, heads, kdim = kd.shape
+  vdim = v.shape[-1]
+  n = t // chunk
+  bv = _pick_block_v(b * heads, vdim, block_v)
+  sp = _rec_specs(heads, t, kdim, bv, n)
+  kernel = functools.partial(_rec_fwd_kernel, n_chunks=n, chunk=chunk, key_dim=kdim)
+  return pl.pallas_call(
+      kernel, grid=(b * heads, vdim // bv), in_specs=[sp["k"], sp["v"], sp["a"], sp["state"]],
+      out_specs=[sp["states"], sp["state"]],
+      out_shape=[jax.ShapeDtypeStruct((b * heads, n * kdim, vdim), v.dtype),
+                 jax.ShapeDtypeStruct((b * heads, kdim, vdim), _F32)],
+      interpret=interpret, compiler_params=_rec_params(interpret), name="gla_recurrence_fwd")(
+          kd, v, a, h0)
+
+
+def rec_backward(qe, do, a, dh_last, *, chunk, scale, interpret=False, block_v=None):
+  """qe = q e^gam `[B,T,H,K]`, do `[B,T,H,V]`, a, dh_last as `rec_forward` ->
+  (lam_next `[B*H,N*K,V]` = dL/dh_{n+1} for every chunk n, dL/dh_0 f32)."""
+  b, t, heads, kdim = qe.shape
+  vdim = do.shape[-1]
+  n = t // chunk
+  bv = _pick_block_v(b * heads, vdim, block_v)
+  sp = _rec_specs(heads, t, kdim, bv, n)
+  kernel = functools.partial(_rec_bwd_kernel, n_chunks=n, chunk=chunk, key_dim=kdim, scale=scale)
+  return pl.pallas_call(
+      kernel, grid=(b * heads, vdim // bv), in_specs=[sp["k"], sp["v"], sp["a"], sp["state"]],
+      out_specs=[sp["states"], sp["state"]],
+      out_shape=[jax.ShapeDtypeStruct((b * heads, n * kdim, vdim), qe.dtype),
+                 jax.ShapeDtypeStruct((b * heads, kdim, vdim), _F32)],
+      interpret=interpret, compiler_params=_rec_params(interpret), name="gla_recurrence_bwd")(
+          qe, do.astype(qe.dtype), a, dh_last.astype(_F32))
+
+
+# --------------------------------------------------------------------------- output stage
+
+
+def _diag_scores(k_ref, g_ref, r0, q, g, sub, fast):
+  """Exact A of the diagonal sub-block at rows r0.. (q, g its rows, f32) -> `[sub, sub]` f32."""
+  trow, tcol = _iota((sub, 1), 0), _iota((1, sub), 1)
+
+  def body(j, acc):
+    kj = k_ref[r0 + j, :].astype(_F32)
+    e = _exp(jnp.where(trow >= j, g - g_ref[r0 + j, :][None, :], -jnp.inf), fast)
+    col = jnp.sum(q * kj[None, :] * e, axis=1)
+    return acc + jnp.where(tcol == j, col[:, None], 0.0)
+
+  return lax.fori_loop(0, sub, body, jnp.zeros((sub, sub), _F32))
+
+
+def _past_keys(k_ref, g_ref, r0, gref, c):
+  """k e^(gref - gam) for the rows before r0 (zero from r0 on, where the factor could overflow)."""
+  rows = _iota((c, 1), 0)
+  return k_ref[...].astype(_F32) * jnp.exp(jnp.where(rows < r0, gref[None, :] - g_ref[...],
+                                                     -jnp.inf))
+
+
+def _out_kernel(q_ref, k_ref, v_ref, g_ref, h_ref, o_ref, *, scale, sub, fast):
   dt = q_ref.dtype
-  nb = chunk // sub
-  p = pl.program_id(2)
-  row0 = p * sub
-  q = _load_rows(q_ref, row0, sub).astype(_F32)
-  g = _load_rows(g_ref, row0, sub)
-  gref = g_ref[jnp.maximum(row0 - 1, 0), :]
-  qg = (q * jnp.exp(g - gref[None, :])).astype(dt)
-
-  def past(r, carry):
-    kg = (_load_rows(k_ref, r * sub, sub).astype(_F32)
-          * jnp.exp(gref[None, :] - _load_rows(g_ref, r * sub, sub))).astype(dt)
-    a_ref[:, pl.ds(r * sub, sub)] = _dot(qg, kg, tb=True)
-    return carry
-
-  lax.fori_loop(0, p, past, 0)
-
-  def future(r, carry):
-    a_ref[:, pl.ds(r * sub, sub)] = jnp.zeros((sub, sub), _F32)
-    return carry
-
-  lax.fori_loop(p + 1, nb, future, 0)
-
-  trow = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
-
-  def diag(j, carry):                     # column j of the diagonal block, stored directly
-    kj = k_ref[row0 + j, :].astype(_F32)
-    gj = g_ref[row0 + j, :]
-    e = _exp(jnp.where(trow >= j, g - gj[None, :], -jnp.inf), unroll)
-    a_ref[:, row0 + j] = jnp.sum(q * kj[None, :] * e, axis=1)
-    return carry
-
-  _loop(sub, diag, 0, unroll and UNROLL)
+  c = q_ref.shape[0]
+  for s in range(c // sub):
+    r0 = s * sub
+    blk = pl.ds(r0, sub)
+    q, g = q_ref[blk, :].astype(_F32), g_ref[blk, :]
+    o = _dot((q * jnp.exp(g)).astype(dt), h_ref[...])
+    if s > 0:
+      gref = g_ref[r0 - 1, :]
+      kg = _past_keys(k_ref, g_ref, r0, gref, c).astype(dt)
+      a_past = _dot((q * jnp.exp(g - gref[None, :])).astype(dt), kg, tb=True)   # [sub, C]
+      o = o + _dot(a_past.astype(dt), v_ref[...])
+    a_diag = _diag_scores(k_ref, g_ref, r0, q, g, sub, fast)
+    o = o + _dot(a_diag.astype(dt), v_ref[blk, :])
+    o_ref[blk, :] = (o * scale).astype(o_ref.dtype)
 
 
-def _bwd_kernel(q_ref, k_ref, g_ref, da_ref, dq_ref, dk_ref, *, chunk, sub, unroll):
-  """dq, dk of sub-chunk p (= program 2) from the chunk's score cotangent [chunk, chunk]."""
-  dt = q_ref.dtype
-  nb = chunk // sub
-  p = pl.program_id(2)
-  row0 = p * sub
-  q = _load_rows(q_ref, row0, sub).astype(_F32)
-  k = _load_rows(k_ref, row0, sub).astype(_F32)
-  g = _load_rows(g_ref, row0, sub)
+def _chunk_specs(heads, c, kdim, vdim):
+  tok = lambda w: pl.BlockSpec((None, c, None, w), lambda i, n: (i // heads, n, i % heads, 0))
+  state = pl.BlockSpec((None, kdim, vdim), lambda i, n: (i, n, 0))
+  return tok(kdim), tok(vdim), state
+
+
+def output_forward(q, k, v, gam, h_in, *, chunk, scale, interpret=False):
+  """q, k `[B,T,H,K]`, v `[B,T,H,V]`, gam `[B,T,H,K]` f32, h_in `[B*H,N*K,V]` -> o `[B,T,H,V]`."""
+  b, t, heads, kdim = q.shape
+  vdim = v.shape[-1]
+  kspec, vspec, state = _chunk_specs(heads, chunk, kdim, vdim)
+  kernel = functools.partial(_out_kernel, scale=scale, sub=_sub(chunk), fast=not interpret)
+  return pl.pallas_call(
+      kernel, grid=(b * heads, t // chunk), in_specs=[kspec, kspec, vspec, kspec, state],
+      out_specs=vspec, out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype), interpret=interpret,
+      compiler_params=None if interpret else _compiler_params(TUNING["out_warps"], 1),
+      name="gla_output_fwd")(q, k, v, gam, h_in)
+
+
+# --------------------------------------------------------------------------- backward post kernel
+
+
+def _diag_grads(q_ref, k_ref, v_ref, g_ref, r0, q, g, do, sub, scale, fast):
+  """Diagonal sub-block: (dq, dk `[sub, K]`, A `[sub, sub]`) from dA = scale do v^T (exact)."""
+  trow, tcol = _iota((sub, 1), 0), _iota((1, sub), 1)
   kdim = q.shape[-1]
-  gref = g_ref[jnp.maximum(row0 - 1, 0), :]
 
-  def past(r, acc):                       # dq from keys of earlier sub-chunks
-    kg = (_load_rows(k_ref, r * sub, sub).astype(_F32)
-          * jnp.exp(gref[None, :] - _load_rows(g_ref, r * sub, sub))).astype(dt)
-    return acc + _dot(da_ref[pl.ds(row0, sub), pl.ds(r * sub, sub)].astype(dt), kg)
+  def body(j, carry):
+    dq, dk, a = carry
+    kj = k_ref[r0 + j, :].astype(_F32)
+    e = _exp(jnp.where(trow >= j, g - g_ref[r0 + j, :][None, :], -jnp.inf), fast)
+    dcol = scale * jnp.sum(do * v_ref[r0 + j, :].astype(_F32)[None, :], axis=1)  # dA[:, j]
+    dq = dq + dcol[:, None] * kj[None, :] * e
+    dk = dk + jnp.where(trow == j, jnp.sum(dcol[:, None] * q * e, axis=0)[None, :], 0.0)
+    a = a + jnp.where(tcol == j, jnp.sum(q * kj[None, :] * e, axis=1)[:, None], 0.0)
+    return dq, dk, a
 
-  dq = lax.fori_loop(0, p, past, jnp.zeros((sub, kdim), _F32)) * jnp.exp(g - gref[None, :])
-
-  def later(r, acc):                      # dk from queries of later sub-chunks
-    gr = g_ref[r * sub - 1, :]
-    qg = (_load_rows(q_ref, r * sub, sub).astype(_F32)
-          * jnp.exp(_load_rows(g_ref, r * sub, sub) - gr[None, :])).astype(dt)
-    part = _dot(da_ref[pl.ds(r * sub, sub), pl.ds(row0, sub)].astype(dt), qg, ta=True)
-    return acc + part * jnp.exp(gr[None, :] - g)
-
-  dk = lax.fori_loop(p + 1, nb, later, jnp.zeros((sub, kdim), _F32))
-
-  trow = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
-
-  def diag_dq(j, dq):                     # dq[t] += dA[t, j] k_j exp(G_t - G_j), t >= j
-    kj = k_ref[row0 + j, :].astype(_F32)
-    gj = g_ref[row0 + j, :]
-    e = _exp(jnp.where(trow >= j, g - gj[None, :], -jnp.inf), unroll)
-    dcol = da_ref[pl.ds(row0, sub), row0 + j]
-    return dq + dcol[:, None] * kj[None, :] * e
-
-  def diag_dk(t, dk):                     # dk[i] += dA[t, i] q_t exp(G_t - G_i), i <= t
-    qt = q_ref[row0 + t, :].astype(_F32)
-    gt = g_ref[row0 + t, :]
-    e = _exp(jnp.where(trow <= t, gt[None, :] - g, -jnp.inf), unroll)
-    drow = da_ref[row0 + t, pl.ds(row0, sub)]
-    return dk + drow[:, None] * qt[None, :] * e
-
-  dq_ref[...] = _loop(sub, diag_dq, dq, unroll and UNROLL)
-  dk_ref[...] = _loop(sub, diag_dk, dk, unroll and UNROLL)
-  del k
+  zeros = jnp.zeros((sub, kdim), _F32)
+  del q_ref
+  return lax.fori_loop(0, sub, body, (zeros, zeros, jnp.zeros((sub, sub), _F32)))
 
 
-def _chunk_spec(c, width):
-  return pl.BlockSpec((None, c, width), lambda i, n, p: (i, n, 0))
+def _post_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, lam_ref, dq_ref, dk_ref, dv_ref,
+                 dg_ref, *, scale, sub, fast):
+  dt = q_ref.dtype
+  c, kdim = q_ref.shape
+  nb = c // sub
+  rows, cols = _iota((c, 1), 0), _iota((1, c), 1)
+  glast = g_ref[c - 1, :]
+  hl = jnp.sum(h_ref[...].astype(_F32) * lam_ref[...].astype(_F32), axis=1)          # [K]
+  tail = jnp.exp(glast) * hl
+  for s in range(nb):
+    r0 = s * sub
+    blk = pl.ds(r0, sub)
+    q, k, g = q_ref[blk, :].astype(_F32), k_ref[blk, :].astype(_F32), g_ref[blk, :]
+    do = do_ref[blk, :]
+    # the state: o gets scale (q e^gam) h; h_next gets (k e^(gam_C - gam))^T v
+    dq = scale * _dot(do, h_ref[...], tb=True) * jnp.exp(g)
+    ed = jnp.exp(glast[None, :] - g)
+    dkd = _dot(v_ref[blk, :], lam_ref[...], tb=True) * ed
+    tail = tail + jnp.sum(k * dkd, axis=0)
+    dk = dkd
+    dv = _dot((k * ed).astype(dt), lam_ref[...])
+    if s > 0:                     # scores against earlier sub-blocks: this block's queries
+      gref = g_ref[r0 - 1, :]
+      kg = _past_keys(k_ref, g_ref, r0, gref, c).astype(dt)
+      da = jnp.where(cols < r0, scale * _dot(do, v_ref[...], tb=True), 0.0)          # [sub, C]
+      dq = dq + _dot(da.astype(dt), kg) * jnp.exp(g - gref[None, :])
+    if s < nb - 1:                # scores against later sub-blocks: this block's keys
+      r1 = r0 + sub - 1
+      gend = g_ref[r1, :]
+      later = rows > r1
+      qg = (q_ref[...].astype(_F32)
+            * jnp.exp(jnp.where(later, g_ref[...] - gend[None, :], -jnp.inf))).astype(dt)
+      back = jnp.exp(gend[None, :] - g)
+      a_col = _dot(qg, (k * back).astype(dt), tb=True)                                 # [C, sub]
+      da_col = jnp.where(later, scale * _dot(do_ref[...], v_ref[blk, :], tb=True), 0.0)
+      dk = dk + _dot(da_col.astype(dt), qg, ta=True) * back
+      dv = dv + scale * _dot(a_col.astype(dt), do_ref[...], ta=True)
+    dq_d, dk_d, a_diag = _diag_grads(q_ref, k_ref, v_ref, g_ref, r0, q, g, do.astype(_F32), sub,
+                                     scale, fast)
+    dq, dk = dq + dq_d, dk + dk_d
+    dv = dv + scale * _dot(a_diag.astype(dt), do, ta=True)
+    dg = q * dq - k * dk
+    if s == nb - 1:               # gam_C also scales the carried state and every kd row
+      dg = dg + jnp.where(_iota((sub, 1), 0) == sub - 1, tail[None, :], 0.0)
+    dq_ref[blk, :] = dq.astype(dq_ref.dtype)
+    dk_ref[blk, :] = dk.astype(dk_ref.dtype)
+    dv_ref[blk, :] = dv.astype(dv_ref.dtype)
+    dg_ref[blk, :] = dg
 
 
-def _row_spec(c, sub, width):
-  return pl.BlockSpec((None, sub, width), lambda i, n, p: (i, n * (c // sub) + p, 0))
-
-
-@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "num_warps", "num_stages"))
-def scores_forward(q, k, g, *, chunk, interpret=False, num_warps=4, num_stages=1):
-  """q, k `[BH, T, K]` (T a multiple of chunk), g `[BH, T, K]` f32 -> A `[BH, T, chunk]` f32."""
-  bh, t, kdim = q.shape
-  sub = _sub(chunk)
-  spec = _chunk_spec(chunk, kdim)
+def post_backward(q, k, v, gam, do, h_in, lam_next, *, chunk, scale, interpret=False):
+  """-> dq, dk `[B,T,H,K]` (q's dtype), dv `[B,T,H,V]`, dgam `[B,T,H,K]` f32."""
+  b, t, heads, kdim = q.shape
+  vdim = v.shape[-1]
+  kspec, vspec, state = _chunk_specs(heads, chunk, kdim, vdim)
+  kernel = functools.partial(_post_kernel, scale=scale, sub=_sub(chunk), fast=not interpret)
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, chunk=chunk, sub=sub, unroll=not interpret), grid=(bh, t // chunk, chunk // sub),
-      in_specs=[spec, spec, spec], out_specs=_row_spec(chunk, sub, chunk),
-      out_shape=jax.ShapeDtypeStruct((bh, t, chunk), _F32), interpret=interpret,
-      compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
-      name="gla_scores_fwd")(q, k, g.astype(_F32))
+      kernel, grid=(b * heads, t // chunk),
+      in_specs=[kspec, kspec, vspec, kspec, vspec, state, state],
+      out_specs=[kspec, kspec, vspec, kspec],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(gam.shape, _F32)],
+      interpret=interpret,
+      compiler_params=None if interpret else _compiler_params(TUNING["post_warps"], 1),
+      name="gla_post_bwd")(q, k, v, gam, do.astype(v.dtype), h_in, lam_next)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "num_warps", "num_stages"))
-def scores_backward(q, k, g, da, *, chunk, interpret=False, num_warps=4, num_stages=1):
-  """Cotangent da `[BH, T, chunk]` -> (dq, dk) `[BH, T, K]` f32."""
-  bh, t, kdim = q.shape
-  sub = _sub(chunk)
-  spec = _chunk_spec(chunk, kdim)
-  out = jax.ShapeDtypeStruct((bh, t, kdim), _F32)
-  rows = _row_spec(chunk, sub, kdim)
-  return pl.pallas_call(
-      functools.partial(_bwd_kernel, chunk=chunk, sub=sub, unroll=not interpret), grid=(bh, t // chunk, chunk // sub),
-      in_specs=[spec, spec, spec, _chunk_spec(chunk, chunk)],
-      out_specs=[rows, rows], out_shape=[out, out], interpret=interpret,
-      compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
-      name="gla_scores_bwd")(q, k, g.astype(_F32), da.astype(_F32))
+# --------------------------------------------------------------------------- custom VJP
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def gla_scores(q, k, g, chunk, interpret=False):
-  """Causal intra-chunk scores (module docstring). q, k, g `[BH, T, K]` -> `[BH, T, chunk]` f32."""
-  return scores_forward(q, k, g, chunk=chunk, interpret=interpret)
+def _chunk_ends(gam, chunk):
+  """a = e^gam_C `[B*H,N,K]` f32 and kd's exponent gam_C - gam `[B,T,H,K]`."""
+  b, t, heads, kdim = gam.shape
+  g5 = gam.reshape(b, t // chunk, chunk, heads, kdim)
+  a = jnp.exp(jnp.moveaxis(g5[:, :, -1], 2, 1)).reshape(b * heads, t // chunk, kdim)
+  return a, (g5[:, :, -1:] - g5).reshape(gam.shape)
 
 
-def _scores_fwd(q, k, g, chunk, interpret):
-  return scores_forward(q, k, g, chunk=chunk, interpret=interpret), (q, k, g)
+def _forward(q, k, v, gam, h0, scale, chunk, interpret, block_v):
+  a, to_end = _chunk_ends(gam, chunk)
+  kd = (k.astype(_F32) * jnp.exp(to_end)).astype(k.dtype)
+  h_in, h_last = rec_forward(kd, v, a, h0, chunk=chunk, interpret=interpret, block_v=block_v)
+  o = output_forward(q, k, v, gam, h_in, chunk=chunk, scale=scale, interpret=interpret)
+  return (o, h_last), (q, k, v, gam, a, h_in)
 
 
-def _scores_bwd(chunk, interpret, res, da):
-  q, k, g = res
-  dq, dk = scores_backward(q, k, g, da, chunk=chunk, interpret=interpret)
-  dg = q.astype(_F32) * dq - k.astype(_F32) * dk
-  return dq.astype(q.dtype), dk.astype(k.dtype), dg.astype(g.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def gla_core(q, k, v, gam, h0, scale, chunk, interpret=False, block_v=None):
+  """q, k `[B,T,H,K]`, v `[B,T,H,V]` (T a multiple of chunk, one dtype), gam `[B,T,H,K]` f32
+  (within-chunk cumulative log-decay), h0 `[B*H,K,V]` f32 ->
+  (o `[B,T,H,V]` in v's dtype, h_last `[B*H,K,V]` f32)."""
+  return _forward(q, k, v, gam, h0, scale, chunk, interpret, block_v)[0]
 
 
-gla_scores.defvjp(_scores_fwd, _scores_bwd)
+def _core_fwd(q, k, v, gam, h0, scale, chunk, interpret, block_v):
+  return _forward(q, k, v, gam, h0, scale, chunk, interpret, block_v)
+
+
+def _core_bwd(scale, chunk, interpret, block_v, res, cts):
+  q, k, v, gam, a, h_in = res
+  do, dh_last = cts
+  qe = (q.astype(_F32) * jnp.exp(gam)).astype(q.dtype)
+  lam_next, lam0 = rec_backward(qe, do, a, dh_last, chunk=chunk, scale=scale, interpret=interpret,
+                                block_v=block_v)
+  dq, dk, dv, dgam = post_backward(q, k, v, gam, do, h_in, lam_next, chunk=chunk, scale=scale,
+                                   interpret=interpret)
+  return dq, dk, dv, dgam, lam0
+
+
+gla_core.defvjp(_core_fwd, _core_bwd)

@@ -287,6 +287,8 @@ def gla_fast(q, k, v, log_f, *, scale=1.0, initial_state=None, chunk_size=64, ba
     backend = "xla"
   dt = _compute_dtype(q, k, v)
   pad = (-t) % c
+  if backend == "pallas":
+    return _gla_pallas(q, k, v, log_f, initial_state, scale, c, pad, dt, interpret, block_v)
   qc, kc, vc = (_chunked(x.astype(dt), c, pad) for x in (q, k, v))
   gam = jnp.cumsum(_chunked(log_f.astype(_F32), c, pad), axis=-2)  # [B,H,N,C,K]
   n = gam.shape[2]
@@ -301,13 +303,23 @@ def gla_fast(q, k, v, log_f, *, scale=1.0, initial_state=None, chunk_size=64, ba
   h_in = h_in.reshape(b, h, n, dk, dv)
 
   qg = (qc * jnp.exp(gam)).astype(dt)
-  if backend == "pallas":
-    from sosm_jax.ops.kernels.pallas_gla import gla_scores  # pylint: disable=import-outside-toplevel
-    flat = lambda x: x.reshape(b * h, n * c, dk)
-    scores = gla_scores(flat(qc), flat(kc), flat(gam), c, interpret)
-    scores = scores.reshape(b, h, n, c, c).astype(dt)
-  else:
-    scores = _gla_scores(qc, kc, gam, dt).astype(dt)
+  scores = _gla_scores(qc, kc, gam, dt).astype(dt)
   o = _mm("bhnck,bhnkv->bhncv", qg, h_in) + _mm("bhncm,bhnmv->bhncv", scores, vc)
   o = _unchunked(o * scale, t)
   return o.astype(v.dtype), h_last.reshape(b, h, dk, dv)
+
+
+def _gla_pallas(q, k, v, log_f, initial_state, scale, c, pad, dt, interpret, block_v):
+  """Pallas path (`pallas_gla.py`): [B, T, H, D] layout throughout, one custom VJP."""
+  from sosm_jax.ops.kernels import pallas_gla  # pylint: disable=import-outside-toplevel
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  pad_t = lambda x, d: jnp.pad(x.astype(d), [(0, 0), (0, pad), (0, 0), (0, 0)]) if pad else x.astype(d)
+  lf = pad_t(log_f, _F32)
+  tp = t + pad
+  gam = jnp.cumsum(lf.reshape(b, tp // c, c, h, dk), axis=2).reshape(lf.shape)
+  h0 = (jnp.zeros((b * h, dk, dv), _F32) if initial_state is None
+        else initial_state.astype(_F32).reshape(b * h, dk, dv))
+  o, h_last = pallas_gla.gla_core(pad_t(q, dt), pad_t(k, dt), pad_t(v, dt), gam, h0, float(scale),
+                                  c, interpret, block_v)
+  return o[:, :t].astype(v.dtype), h_last.reshape(b, h, dk, dv)
