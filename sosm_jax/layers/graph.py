@@ -10,7 +10,8 @@ and gets no gradient. q/k/v/o projections are trained by the attention. The sema
 (`sem_proj`) learns through the edge bias w_sim[h]·sim(t, j), the temporal projections
 (`temp_proj`, `gate_proj`) through w_gate[h]·log σ(gate logit(t, j)); both biases are on every
 edge's logit (`edge_bias=True`; with it off those projections get no gradient at all).
-`memory_gate` [heads] is the learned bias of memory logits (joint softmax).
+`memory_gate` [heads] is the learned per-head gate of the memory edges: a bias on their logits in
+the joint softmax with the local and graph edges (0 at init; an empty memory changes nothing).
 
 Config: `cfg.graph` (see `default_graph_config`); heads/head dims fall back to the model's
 attn_num_heads / attn_num_kv_heads / attn_head_dim when 0.
@@ -121,8 +122,10 @@ class GraphMixer(nn.Module):
   Modes as for attention: cache=None (training); cache given, decode=False (prefill from an
   empty cache); decode=True (one token `[B, 1, D]` continues the cached stream: its neighbours
   are searched among cached states, the past graph is never rebuilt). Optional memory edges:
-  memory_keys/values `[B, T, M, heads or kv_heads, head_dim]`, memory_mask `[B, T, M]` bool.
-  With `mutable=['intermediates']` it sows 'graph_stats' (edge provenance, see
+  memory_keys/values `[B, T, M, heads or kv_heads, head_dim]`, memory_mask `[B, T, M]` bool;
+  keys as stored (before RoPE: the layer rotates them to each query's position). With
+  `mutable=['memory_probe']` it sows 'qkv' = (q, k, v) before RoPE (what the memory searches
+  with and stores). With `mutable=['intermediates']` it sows 'graph_stats' (edge provenance, see
   `graph_provenance`); otherwise none of that is computed.
   """
   cfg: Any
@@ -141,12 +144,20 @@ class GraphMixer(nn.Module):
     q = Dense((h, dh), ("embed", "heads", "head_dim"), name="q_proj", **kw)(x)
     k = Dense((kv, dh), ("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)
     v = Dense((kv, dh), ("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x)
+    if self.is_mutable_collection("memory_probe") and not self.is_initializing():
+      # what the host memory searches with and stores (only when asked for: init makes every
+      # collection mutable)
+      self.sow("memory_probe", "qkv", (q, k, v))
+    if memory_keys is not None:
+      memory_keys, memory_values = memory_keys.astype(q.dtype), memory_values.astype(v.dtype)
     if _get(g, "rope"):
       if positions is None:  # default: index in the row (continuing the cache when decoding)
         start = cache["index"] if decode else 0
         positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
       q = attn_ops.apply_rope(q, positions, cfg.rope_base)
       k = attn_ops.apply_rope(k, positions, cfg.rope_base)
+      if memory_keys is not None:   # stored unrotated: a memory logit depends on content only
+        memory_keys = rotate_to_queries(memory_keys, positions, cfg.rope_base)
     q, k = constrain(q, BATCH_LENGTH_HEADS), constrain(k, BATCH_LENGTH_KV_HEADS)
     v = constrain(v, BATCH_LENGTH_KV_HEADS)
     # Graph states in float32: they are small and decide discrete selections.
@@ -262,6 +273,17 @@ class GraphMixer(nn.Module):
 
 
 MIXER = GraphMixer
+
+
+def rotate_to_queries(memory_keys, positions, base):
+  """RoPE on memory keys `[B, T, M, H, D]` at their querying token's position `[B, T]`.
+
+  Memory keys are stored before RoPE; rotating each to its query's position makes the query-key
+  product that of the unrotated vectors (a retrieved entry acts as if at distance 0).
+  """
+  b, t, m, h, d = memory_keys.shape
+  r = attn_ops.apply_rope(memory_keys.reshape(b, t, m * h, d), positions, base)
+  return r.reshape(b, t, m, h, d)
 
 
 def _edge_bias(sim, gate_dot, w_sim, w_gate, d_gate):

@@ -288,24 +288,36 @@ class MemoryBank:
     for i in (range(len(self.memories)) if streams is None else streams):
       self.memories[i].reset()
 
-  def add(self, search_keys, keys, values, metadata=None) -> None:
-    """search_keys `[streams, n, dim]`, keys/values `[streams, n, ...]`, metadata {name: `[streams, n]`}."""
-    for b, mem in enumerate(self.memories):
-      mem.add(search_keys[b], keys[b], values[b],
-              {k: np.asarray(v)[b] for k, v in (metadata or {}).items()})
+  def add(self, search_keys, keys, values, metadata=None, where=None) -> None:
+    """search_keys `[streams, n, dim]`, keys/values `[streams, n, ...]`, metadata {name: `[streams, n]`}.
 
-  def retrieve(self, queries, k: int | None = None, key_shape=None, dtype=np.float32):
+    where: optional bool `[streams, n]`: only those entries are stored (e.g. no padding).
+    """
+    for b, mem in enumerate(self.memories):
+      sel = slice(None) if where is None else np.asarray(where[b], bool)
+      if where is not None and not sel.any():
+        continue
+      mem.add(np.asarray(search_keys[b])[sel], np.asarray(keys[b])[sel], np.asarray(values[b])[sel],
+              {k: np.asarray(v)[b][sel] for k, v in (metadata or {}).items()})
+
+  def retrieve(self, queries, k: int | None = None, key_shape=None, dtype=np.float32, match=None):
     """Top-k stored entries per query.
 
     queries `[streams, q, dim]` -> keys, values `[streams, q, k, ...]`, valid `[streams, q, k]`,
     scores `[streams, q, k]`. key_shape (trailing shape of stored keys) is needed only while
-    every memory is empty.
+    every memory is empty. match: optional {metadata name: `[streams, q]`}: an entry is valid for
+    a query only where its metadata equals the query's (e.g. the same document).
     """
     out_k, out_v, out_m, out_s = [], [], [], []
     k = int(k or self.memories[0].cfg["top_k"])
     for b, mem in enumerate(self.memories):
       s, ids = mem.search(queries[b], k)
-      kk, vv, _, valid = mem.gather(ids)
+      kk, vv, meta, valid = mem.gather(ids)
+      for name, want in (match or {}).items():
+        if name in meta:
+          valid &= meta[name] == np.asarray(want)[b][:, None]
+        else:
+          valid &= False
       out_k.append(kk)
       out_v.append(vv)
       out_m.append(valid)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from sosm_jax.models import counting
-from sosm_jax.models.config import freeze, resolved_pattern
+from sosm_jax.models.config import freeze, layer_mixers, resolved_pattern
 from sosm_jax.models.hybrid import HybridLM, init_cache, mixer_class
 from sosm_jax.models.sampling import sample_token
 
@@ -56,18 +56,24 @@ class LanguageModel:
     tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
     return self.module.init(rng, tokens)["params"]
 
-  def apply(self, params, tokens, *, positions=None, segment_ids=None):
-    """logits `[B, T, V]` float32 for tokens `[B, T]`."""
+  def apply(self, params, tokens, *, positions=None, segment_ids=None, memory=None):
+    """logits `[B, T, V]` float32 for tokens `[B, T]`.
+
+    memory: None or {graph layer index: (keys, values, mask)}, keys/values
+    `[B, T, M, kv_heads, head_dim]` (as stored: before RoPE), mask `[B, T, M]` bool: entries
+    retrieved from the host memory (sosm_jax/memory) that each token also attends to.
+    """
     return self.module.apply({"params": params}, tokens, positions=positions,
-                             segment_ids=segment_ids)
+                             segment_ids=segment_ids, memory=memory)
 
   def loss(self, params, batch):
     """(mean cross-entropy over batch['loss_mask'], {'loss','accuracy','tokens'}).
 
-    batch: `[B, T]` arrays 'inputs', 'targets', 'loss_mask', optional 'positions', 'segment_ids'.
+    batch: `[B, T]` arrays 'inputs', 'targets', 'loss_mask', optional 'positions', 'segment_ids',
+    and optional 'memory' (as in `apply`).
     """
     logits = self.apply(params, batch["inputs"], positions=batch.get("positions"),
-                        segment_ids=batch.get("segment_ids"))
+                        segment_ids=batch.get("segment_ids"), memory=batch.get("memory"))
     return cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
   # ------------------------------------------------------------------ inference
@@ -75,24 +81,43 @@ class LanguageModel:
   def init_cache(self, batch_size: int, max_len: int):
     return init_cache(self.cfg, batch_size, max_len)
 
-  def prefill(self, params, tokens, max_len: int):
+  def prefill(self, params, tokens, max_len: int, memory=None):
     """Runs the prompt tokens `[B, T]` (positions 0..T-1) -> (logits `[B, T, V]`, cache).
 
-    The cache holds up to `max_len` tokens (prompt plus everything decoded later).
+    The cache holds up to `max_len` tokens (prompt plus everything decoded later). memory as in
+    `apply`.
     """
     b, t = tokens.shape
     if t > max_len:
       raise ValueError(f"prefill: prompt length {t} exceeds max_len {max_len}; raise max_len.")
     cache = self.init_cache(b, max_len)
-    return self.module.apply({"params": params}, tokens, cache=cache, decode=False)
+    return self.module.apply({"params": params}, tokens, cache=cache, decode=False, memory=memory)
 
-  def decode_step(self, params, token, cache):
-    """One token `[B]` at position cache['index'] -> (logits `[B, V]`, cache). Jit-able."""
+  def decode_step(self, params, token, cache, memory=None):
+    """One token `[B]` at position cache['index'] -> (logits `[B, V]`, cache). Jit-able.
+
+    memory as in `apply` with T = 1.
+    """
     b = token.shape[0]
     positions = jnp.broadcast_to(cache["index"], (b, 1)).astype(jnp.int32)
     logits, cache = self.module.apply({"params": params}, token[:, None], positions=positions,
-                                      cache=cache, decode=True)
+                                      cache=cache, decode=True, memory=memory)
     return logits[:, 0], cache
+
+  def memory_probe(self, params, tokens, *, positions=None, segment_ids=None, cache=None):
+    """{graph layer: (q `[B, T, heads, d]`, k, v `[B, T, kv_heads, d]`)} before RoPE.
+
+    What the host memory searches with (q) and stores (k, v) for tokens `[B, T]`, from a forward
+    pass without memory (a layer's q/k/v do not depend on memory given to it; with several
+    memory layers the deeper ones' are those of the memory-free network). With a cache, the
+    tokens continue it as one decode step (T = 1) and the cache is not advanced.
+    """
+    kw = {} if cache is None else dict(cache=cache, decode=True)
+    if cache is not None and positions is None:
+      positions = jnp.broadcast_to(cache["index"], tokens.shape).astype(jnp.int32)
+    _, state = self.module.apply({"params": params}, tokens, positions=positions,
+                                 segment_ids=segment_ids, mutable=["memory_probe"], **kw)
+    return probed_layers(self.cfg, state["memory_probe"])
 
   def generate(self, params, prompt, rng, max_new_tokens: int, temperature: float = 0.0,
                top_p: float = 1.0):
@@ -133,6 +158,22 @@ def _generate(model, params, prompt, rng, max_new_tokens, temperature, top_p):
   _, rest = jax.lax.scan(body, (first, cache, rng), None, length=max_new_tokens - 1)
   new = jnp.concatenate([first[:, None], jnp.moveaxis(rest, 0, 1)], axis=1)
   return jnp.concatenate([prompt, new.astype(prompt.dtype)], axis=1)
+
+
+def probed_layers(cfg, tree) -> dict:
+  """The sown 'memory_probe' collection -> {layer index: (q, k, v)} (unstacks the layer scan)."""
+  names = layer_mixers(cfg)
+  if not cfg.scan_layers:
+    return {i: tree[f"layer_{i}"]["mixer"]["qkv"][0] for i, n in enumerate(names) if n == "graph"}
+  pattern = resolved_pattern(cfg)
+  out = {}
+  for p, name in enumerate(pattern):
+    if name != "graph":
+      continue
+    stacked = tree["layers"][f"block_{p}"]["mixer"]["qkv"][0]   # each [groups, ...]
+    for g in range(cfg.num_layers // len(pattern)):
+      out[g * len(pattern) + p] = tuple(a[g] for a in stacked)
+  return dict(sorted(out.items()))
 
 
 def build_model(cfg) -> LanguageModel:
