@@ -218,35 +218,31 @@ def time_ours_decode(b, h, d, iters, steps=200):
 
 
 def sweep_gdn_stages(rows, h, d, iters):
-  """gdn fwd+bwd of ours_pallas: WY-preparation backward in XLA or Pallas, stage-kernel warps."""
-  from sosm_jax.ops.kernels import pallas_gdn  # pylint: disable=import-outside-toplevel
+  """Stage-kernel settings: gdn post kernel fused or split and its warps; GLA kernel warps."""
+  from sosm_jax.ops.kernels import pallas_gdn_core, pallas_gla  # pylint: disable=import-outside-toplevel
   out = []
+
+  def run(op, name, settings):
+    jax.clear_caches()
+    fn = kernels.fast_path(name, "pallas")
+    times, _ = time_jax(lambda *a: fn(*a)[0], inputs, do, ("fwd", "fwdbwd"), iters)
+    entry = {"op": op, "T": t, "B": b, **settings, **times}
+    print("stages", json.dumps(entry), flush=True)
+    out.append(entry)
+
   for row in rows:
     t, b = (int(x) for x in row.split("x"))
     inputs, do = make_inputs("gdn", t, b, h, d, jnp.bfloat16)
-    for prep_bwd, warps in (("xla", 8), ("xla", 4), ("pallas", 8), ("pallas", 4)):
-      pallas_gdn.PREP_BACKWARD = prep_bwd
-      pallas_gdn.TUNING["num_warps"] = warps
-      jax.clear_caches()
-      fn = kernels.fast_path("gated_delta_rule", "pallas")
-      times, _ = time_jax(lambda *a: fn(*a)[0], inputs, do, ("fwd", "fwdbwd"), iters)
-      entry = {"T": t, "B": b, "prep_backward": prep_bwd, "num_warps": warps, **times}
-      print("stages", json.dumps(entry), flush=True)
-      out.append(entry)
-  pallas_gdn.PREP_BACKWARD, pallas_gdn.TUNING["num_warps"] = "xla", 4
-  from sosm_jax.ops.kernels import pallas_gla  # pylint: disable=import-outside-toplevel
-  for row in rows:
-    t, b = (int(x) for x in row.split("x"))
+    for post, warps in (("fused", 8), ("fused", 4), ("split", 4)):
+      pallas_gdn_core.POST, pallas_gdn_core.TUNING["post_warps"] = post, warps
+      run("gdn", "gated_delta_rule", {"post": post, "post_warps": warps})
+    pallas_gdn_core.POST, pallas_gdn_core.TUNING["post_warps"] = "fused", 8
     inputs, do = make_inputs("gla", t, b, h, d, jnp.bfloat16)
-    for unroll in (True, False):
-      pallas_gla.UNROLL = unroll
-      jax.clear_caches()
-      fn = kernels.fast_path("gla", "pallas")
-      times, _ = time_jax(lambda *a: fn(*a)[0], inputs, do, ("fwd", "fwdbwd"), iters)
-      entry = {"op": "gla", "T": t, "B": b, "unroll": unroll, **times}
-      print("stages", json.dumps(entry), flush=True)
-      out.append(entry)
-  pallas_gla.UNROLL = False
+    default = dict(pallas_gla.TUNING)
+    for out_w, post_w in ((4, 4), (2, 4), (8, 8), (4, 8), (2, 2)):
+      pallas_gla.TUNING.update(out_warps=out_w, post_warps=post_w)
+      run("gla", "gla", {"out_warps": out_w, "post_warps": post_w})
+    pallas_gla.TUNING.update(default)
   jax.clear_caches()
   return out
 

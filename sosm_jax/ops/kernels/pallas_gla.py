@@ -30,6 +30,10 @@ from sosm_jax.ops.kernels.pallas_recurrence import _compiler_params, _dot, _pick
 
 _F32 = jnp.float32
 _LOG2E = 1.4426950408889634
+# Diagonal sub-blocks: 'exact' = one key at a time over all 16 keys; 'split' = the lower-left
+# 8 x 8 quadrant as a matmul through the block's middle token, exact only inside the two 8 x 8
+# diagonal quadrants (half the exps and half the sequential steps). Both never overflow.
+DIAG = "split"
 TUNING = {"out_warps": 4, "post_warps": 4, "rec_warps": 4, "rec_stages": 2}
 
 
@@ -131,6 +135,70 @@ def rec_backward(qe, do, a, dh_last, *, chunk, scale, interpret=False, block_v=N
           qe, do.astype(qe.dtype), a, dh_last.astype(_F32))
 
 
+# --------------------------------------------------------------------------- diagonal sub-blocks
+
+
+def _halves(g_ref, r0, q, k, g, sub, dt):
+  """Quadrant factors through the middle token m: rows >= sub/2 get e^(gam - gam_m) (queries),
+  rows < sub/2 get e^(gam_m - gam) (keys); both exponents are <= 0."""
+  hf = sub // 2
+  lo = _iota((sub, 1), 0) < hf
+  gm = g_ref[r0 + hf - 1, :][None, :]
+  qfac = jnp.exp(jnp.where(lo, -jnp.inf, g - gm))
+  kfac = jnp.exp(jnp.where(lo, gm - g, -jnp.inf))
+  return lo, qfac, kfac, (q * qfac).astype(dt), (k * kfac).astype(dt)
+
+
+def _paired_row(ref, r0, j, hf, lo):
+  """Row j of the block for the upper half, row hf + j for the lower half: `[sub, D]` f32."""
+  return jnp.where(lo, ref[r0 + j, :][None, :], ref[r0 + hf + j, :][None, :]).astype(_F32)
+
+
+def _diag_scores_split(k_ref, g_ref, r0, q, k, g, sub, fast, dt):
+  """`_diag_scores` with the off-diagonal quadrant as one matmul (DIAG = 'split')."""
+  hf = sub // 2
+  lo, _, _, qf, kf = _halves(g_ref, r0, q, k, g, sub, dt)
+  trow, tcol = _iota((sub, 1), 0), _iota((1, sub), 1)
+  within = jnp.where(lo, trow, trow - hf)
+
+  def body(j, acc):
+    kj, gj = _paired_row(k_ref, r0, j, hf, lo), _paired_row(g_ref, r0, j, hf, lo)
+    e = _exp(jnp.where(within >= j, g - gj, -jnp.inf), fast)
+    col = jnp.sum(q * kj * e, axis=1)
+    return acc + jnp.where(tcol == jnp.where(lo, j, j + hf), col[:, None], 0.0)
+
+  return lax.fori_loop(0, hf, body, _dot(qf, kf, tb=True))
+
+
+def _diag_grads_split(k_ref, v_ref, g_ref, r0, q, k, g, do, sub, scale, fast):
+  """`_diag_grads` with the off-diagonal quadrant as matmuls (DIAG = 'split'); do in its dtype."""
+  dt = do.dtype
+  hf = sub // 2
+  lo, qfac, kfac, qf, kf = _halves(g_ref, r0, q, k, g, sub, dt)
+  trow, tcol = _iota((sub, 1), 0), _iota((1, sub), 1)
+  within = jnp.where(lo, trow, trow - hf)
+  da = scale * _dot(do, v_ref[pl.ds(r0, sub), :], tb=True)
+  da_q = jnp.where(jnp.logical_not(lo) & (tcol < hf), da, 0.0).astype(dt)
+  dq = _dot(da_q, kf) * qfac
+  dk = _dot(da_q, qf, ta=True) * kfac
+  dof = do.astype(_F32)
+
+  def body(j, carry):
+    dq, dk, a = carry
+    kj, gj = _paired_row(k_ref, r0, j, hf, lo), _paired_row(g_ref, r0, j, hf, lo)
+    e = _exp(jnp.where(within >= j, g - gj, -jnp.inf), fast)
+    dcol = scale * jnp.sum(dof * _paired_row(v_ref, r0, j, hf, lo), axis=1)   # dA[t, key(t)]
+    dq = dq + dcol[:, None] * kj * e
+    part = dcol[:, None] * q * e
+    dk = (dk + jnp.where(trow == j, jnp.sum(jnp.where(lo, part, 0.0), axis=0)[None, :], 0.0)
+          + jnp.where(trow == j + hf, jnp.sum(jnp.where(lo, 0.0, part), axis=0)[None, :], 0.0))
+    col = jnp.sum(q * kj * e, axis=1)
+    a = a + jnp.where(tcol == jnp.where(lo, j, j + hf), col[:, None], 0.0)
+    return dq, dk, a
+
+  return lax.fori_loop(0, hf, body, (dq, dk, _dot(qf, kf, tb=True)))
+
+
 # --------------------------------------------------------------------------- output stage
 
 
@@ -167,7 +235,11 @@ def _out_kernel(q_ref, k_ref, v_ref, g_ref, h_ref, o_ref, *, scale, sub, fast):
       kg = _past_keys(k_ref, g_ref, r0, gref, c).astype(dt)
       a_past = _dot((q * jnp.exp(g - gref[None, :])).astype(dt), kg, tb=True)   # [sub, C]
       o = o + _dot(a_past.astype(dt), v_ref[...])
-    a_diag = _diag_scores(k_ref, g_ref, r0, q, g, sub, fast)
+    if DIAG == "split" and sub % 2 == 0:
+      a_diag = _diag_scores_split(k_ref, g_ref, r0, q, k_ref[blk, :].astype(_F32), g, sub, fast,
+                                  dt)
+    else:
+      a_diag = _diag_scores(k_ref, g_ref, r0, q, g, sub, fast)
     o = o + _dot(a_diag.astype(dt), v_ref[blk, :])
     o_ref[blk, :] = (o * scale).astype(o_ref.dtype)
 
@@ -194,7 +266,7 @@ def output_forward(q, k, v, gam, h_in, *, chunk, scale, interpret=False):
 # --------------------------------------------------------------------------- backward post kernel
 
 
-def _diag_grads(q_ref, k_ref, v_ref, g_ref, r0, q, g, do, sub, scale, fast):
+def _diag_grads(k_ref, v_ref, g_ref, r0, q, g, do, sub, scale, fast):
   """Diagonal sub-block: (dq, dk `[sub, K]`, A `[sub, sub]`) from dA = scale do v^T (exact)."""
   trow, tcol = _iota((sub, 1), 0), _iota((1, sub), 1)
   kdim = q.shape[-1]
@@ -210,7 +282,6 @@ def _diag_grads(q_ref, k_ref, v_ref, g_ref, r0, q, g, do, sub, scale, fast):
     return dq, dk, a
 
   zeros = jnp.zeros((sub, kdim), _F32)
-  del q_ref
   return lax.fori_loop(0, sub, body, (zeros, zeros, jnp.zeros((sub, sub), _F32)))
 
 
@@ -251,8 +322,12 @@ def _post_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, lam_ref, dq_ref, dk_
       da_col = jnp.where(later, scale * _dot(do_ref[...], v_ref[blk, :], tb=True), 0.0)
       dk = dk + _dot(da_col.astype(dt), qg, ta=True) * back
       dv = dv + scale * _dot(a_col.astype(dt), do_ref[...], ta=True)
-    dq_d, dk_d, a_diag = _diag_grads(q_ref, k_ref, v_ref, g_ref, r0, q, g, do.astype(_F32), sub,
-                                     scale, fast)
+    if DIAG == "split" and sub % 2 == 0:
+      dq_d, dk_d, a_diag = _diag_grads_split(k_ref, v_ref, g_ref, r0, q, k, g, do, sub, scale,
+                                             fast)
+    else:
+      dq_d, dk_d, a_diag = _diag_grads(k_ref, v_ref, g_ref, r0, q, g, do.astype(_F32), sub, scale,
+                                       fast)
     dq, dk = dq + dq_d, dk + dk_d
     dv = dv + scale * _dot(a_diag.astype(dt), do, ta=True)
     dg = q * dq - k * dk
