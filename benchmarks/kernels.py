@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import os
 import statistics
@@ -301,6 +302,38 @@ def profile_kernels(op, fn, inputs, do, top=30, hlo_path=None):
   return rows
 
 
+def check_gradients(t=200, b=2, h=2, d=128, chunk=64, seed=0):
+  """Relative errors of ours_pallas (compiled) against the sequential reference, forward and all
+  gradients (loss = <o, R1> + <final state, R2>), fp32 and bf16 inputs, with an initial state;
+  t is not a multiple of the chunk."""
+  out = []
+  for op in ("gdn", "gla"):
+    inputs, _ = make_inputs(op, t, b, h, d, jnp.float32, seed)
+    h0 = jax.random.normal(jax.random.PRNGKey(seed + 7), (b, h, d, d))
+    ref_fn = (gated_delta.gated_delta_rule_reference if op == "gdn" else hgrn2.gla_reference)
+    fast = kernels.fast_path("gated_delta_rule" if op == "gdn" else "gla", "pallas",
+                             interpret=jax.default_backend() != "gpu")
+
+    def run(fn, args, h0):
+      def loss(args, h0):
+        o, s = fn(*args, initial_state=h0)
+        r1 = jax.random.normal(jax.random.PRNGKey(1), o.shape)
+        r2 = jax.random.normal(jax.random.PRNGKey(2), s.shape)
+        return jnp.sum(o.astype(jnp.float32) * r1) + jnp.sum(s * r2), (o, s)
+      (_, res), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(args, h0)
+      return jax.tree.leaves((res, grads))
+    want = run(ref_fn, inputs, h0)
+    for dtype in (jnp.float32, jnp.bfloat16):
+      args = [x.astype(dtype) for x in inputs[:3]] + list(inputs[3:])
+      got = run(functools.partial(fast, chunk_size=chunk), args, h0)
+      errs = [_rel(x, y) for x, y in zip(got, want)]
+      entry = {"op": op, "dtype": jnp.dtype(dtype).name, "T": t, "B": b, "chunk": chunk,
+               "rel_err_o_state_grads": errs}
+      print("check", json.dumps(entry), flush=True)
+      out.append(entry)
+  return out
+
+
 def reference_output(op, inputs):
   """float32 chunked reference (OPS helper's form, tested against the sequential recurrence)."""
   f32 = [x.astype(jnp.float32) for x in inputs]
@@ -326,6 +359,8 @@ def main(argv=None):
   p.add_argument("--sweep", default="", help="rows for the recurrence launch-settings sweep")
   p.add_argument("--stage-sweep", default="", help="rows for the gdn stage-kernel sweep")
   p.add_argument("--error-rows", type=int, default=1, help="rows that get the fp32 reference")
+  p.add_argument("--check", action="store_true",
+                 help="first compare ours_pallas with the sequential reference (values, gradients)")
   args = p.parse_args(argv)
   wanted = set(args.impls.split(","))
   modes = tuple(args.modes.split(","))
@@ -334,6 +369,8 @@ def main(argv=None):
   report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "heads": h, "dim": d,
             "dtype": "bfloat16", "results": [], "decode": []}
 
+  if args.check:
+    report["check"] = check_gradients()
   if args.sweep:
     report["sweep"] = sweep_recurrence(args.sweep.split(","), h, d, args.iters)
   if args.stage_sweep:
