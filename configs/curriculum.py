@@ -7,6 +7,9 @@ Variants:
           at 524,288 tokens per step (4 x 102,400 in the last stage).
   smoke   a small hybrid on the CPU in a few minutes: 256 -> 512 -> 1024 tokens, byte-level data.
   tiny    the smallest runnable model, for tests.
+  memory  memory beyond the window on the CPU in ~1-2 minutes: a small HGRN-2 + graph model
+          trained on 64-token windows, each stream reading 4 consecutive windows of a row with
+          the earlier ones in a host FAISS memory (HNSW) attended by the graph layers.
 """
 import os
 import sys
@@ -50,7 +53,19 @@ def get_config(arg: str | None = None):
     c.optimizer.update(learning_rate=3e-3, warmup_steps=2)
     c.train.update(log_every=2, checkpoint_every=0, eval_batches=1, eval_batch_size=2,
                    passkey_examples=2)
+  elif variant == "memory":
+    c.model.update(architecture="sosm", num_layers=4, d_model=64, mlp_dim=192, vocab_size=260,
+                   attn_num_heads=4, attn_num_kv_heads=2, attn_head_dim=16, hgrn2_head_dim=16,
+                   chunk_size=16, pattern=("hgrn2", "graph"), dtype="float32")
+    c.model.graph.update(window=32, semantic_dim=32, temporal_dim=16,
+                         block_weights=(0.5, 0.0, 0.0, 0.3, 0.0, 0.2, 0.0, 0.0),
+                         select_block_size=16, select_num_blocks=2, query_chunk=64, key_chunk=64)
+    c.curriculum.update(seq_lens=(64,), steps=(80,), tokens_per_step=512)
+    c.memory.update(enabled=True, segments=4, index="hnsw", top_k=8, capacity=1024, num_shards=4)
+    c.optimizer.update(learning_rate=3e-3, warmup_steps=10)
+    c.train.update(log_every=10, checkpoint_every=40, eval_batches=2, eval_batch_size=8,
+                   passkey_examples=0)
   else:
     raise ValueError(f"unknown variant {variant!r} of configs/curriculum.py: use one of "
-                     f"'' (full), 'smoke', 'tiny'")
+                     f"'' (full), 'smoke', 'tiny', 'memory'")
   return c

@@ -1,6 +1,7 @@
 """Tests for the host memory (sosm_jax/memory): add/search/reset/save/load, eviction, streams, layer."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,3 +180,53 @@ def test_document_streams_use_only_their_own_memory():
   last = apply(params, jnp.asarray(doc[:, 2 * SEG:]), runner.empty_memory(2, SEG))
   assert np.abs(np.asarray(last) - a[:, 2 * SEG:]).max() > 1e-4
 
+
+
+def test_generate_beyond_the_window_matches_scoring_and_reads_memory():
+  """Cached decoding over 4 windows = the segment-by-segment forward on the generated text."""
+  runner, params, apply, _ = _runner()
+  rng = np.random.default_rng(8)
+  n = 2 * SEG + 3
+  prompt = rng.integers(0, 32, (2, n))
+  out = runner.generate(params, prompt, SEG, 4 * SEG - n)          # crosses a window boundary
+  assert out.shape == (2, 4 * SEG)
+  np.testing.assert_array_equal(out[:, :n], prompt)
+  scored = np.asarray(runner.run_document(params, out, SEG, apply_fn=apply))
+  agree = np.mean(np.argmax(scored[:, n - 1:-1], -1) == out[:, n:])
+  assert agree >= 0.95, agree
+  other = prompt.copy()
+  other[:, :SEG] = rng.integers(0, 32, (2, SEG))                    # only memory differs
+  assert (runner.generate(params, other, SEG, 4 * SEG - n)[:, n:] != out[:, n:]).any()
+
+
+def test_layer_scan_takes_memory_stacked_like_the_unrolled_model():
+  from sosm_jax.models import build_model  # pylint: disable=import-outside-toplevel
+  runner, params, _, _ = _runner()
+  cfg = runner.cfg.as_configdict()
+  cfg.update(dict(pattern=("graph",), num_layers=2))
+  loop_model = build_model(cfg)
+  cfg.scan_layers = True
+  scan_model = build_model(cfg)
+  p_loop = jax.tree.map(np.asarray, nn.unbox(loop_model.init(jax.random.PRNGKey(1), 2, SEG)))
+  for i in range(2):
+    p_loop[f"layer_{i}"]["mixer"]["memory_gate"] = np.full((2,), 1.0 + i, np.float32)
+  blocks = [p_loop[f"layer_{i}"] for i in range(2)]
+  p_scan = {k: v for k, v in p_loop.items() if not k.startswith("layer_")}
+  p_scan["layers"] = {"block_0": jax.tree.map(lambda *a: np.stack(a), *blocks)}
+  rng = np.random.default_rng(9)
+  tokens = jnp.asarray(rng.integers(0, 32, (2, SEG)))
+  mem = {1: (rng.standard_normal((2, SEG, 4, 1, 16)).astype(np.float32),
+             rng.standard_normal((2, SEG, 4, 1, 16)).astype(np.float32),
+             rng.random((2, SEG, 4)) < 0.7)}
+  a = np.asarray(loop_model.apply(p_loop, tokens, memory=mem))
+  b = np.asarray(scan_model.apply(p_scan, tokens, memory=mem))     # layer 0 gets an empty entry
+  np.testing.assert_allclose(a, b, atol=1e-4)
+  assert np.abs(a - np.asarray(loop_model.apply(p_loop, tokens))).max() > 1e-3
+  probe = scan_model.memory_probe(p_scan, tokens)
+  want = loop_model.memory_probe(p_loop, tokens)
+  assert sorted(probe) == [0, 1]
+  for i in (0, 1):
+    for x, y in zip(probe[i], want[i]):
+      np.testing.assert_allclose(x, y, atol=1e-5)
+  with pytest.raises(ValueError, match="only 'graph'"):
+    build_model(runner.cfg.as_configdict()).apply(params, tokens, memory={3: mem[1]})

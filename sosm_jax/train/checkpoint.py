@@ -21,6 +21,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self.on_save = []   # callables(step) run after each save starts (e.g. the host memory)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -31,6 +32,8 @@ class Checkpointer:
       return False
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      meta=ocp.args.JsonSave(meta)), force=True)
+    for hook in self.on_save:
+      hook(step)
     if wait:
       self._manager.wait_until_finished()
     return True

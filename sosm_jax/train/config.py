@@ -9,6 +9,7 @@ import ml_collections
 
 from sosm_jax.data import config as data_config
 from sosm_jax.models import config as model_config
+from sosm_jax.train import memory_train
 
 _REMATS = ("none", "full", "dots")
 
@@ -42,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
       stop_at_step=0,        # >0: checkpoint and stop at this global step, as on SIGTERM
   ))
 
+  c.memory = memory_train.default_config()  # memory beyond the window (off by default)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address="", num_processes=0, process_id=-1))
@@ -74,6 +76,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
            "use e.g. 65536")
   for remat in tuple(cur.remat):
     _require(remat in _REMATS, "curriculum.remat", f"{remat!r} is unknown", f"use one of {_REMATS}")
+  memory_train.validate_config(c)
   t = c.train
   _require(t.log_every > 0, "train.log_every", "must be positive", "use e.g. 10")
   _require(t.checkpoint_every >= 0, "train.checkpoint_every", "is negative", "use 0 (only at "

@@ -25,6 +25,7 @@ from sosm_jax.parallel import (LOGICAL_AXIS_RULES, batch_sharding, data_parallel
 from sosm_jax.train import checkpoint as ckpt_lib
 from sosm_jax.train import config as config_lib
 from sosm_jax.train import curriculum as curriculum_lib
+from sosm_jax.train import memory_train
 from sosm_jax.train import metrics as metrics_lib
 from sosm_jax.train import optimizer as optimizer_lib
 from sosm_jax.train import state as state_lib
@@ -79,9 +80,9 @@ def _stage_model_config(config, stage: curriculum_lib.Stage) -> ml_collections.C
 
 
 def _global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-  """Assembles the global batch from this process's rows."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  """Assembles the global batch from this process's rows (nested inputs such as memory too)."""
+  return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)),
+                      local_batch)
 
 
 def _abstract_batch(stage: curriculum_lib.Stage, sharding) -> dict[str, jax.ShapeDtypeStruct]:
@@ -92,14 +93,20 @@ def _abstract_batch(stage: curriculum_lib.Stage, sharding) -> dict[str, jax.Shap
 
 
 def compile_stage_step(model, optimizer, schedule, stage, abstract_state, state_sh, mesh,
-                       memory_limit_bytes: int | None):
-  """Compiles the stage's train step ahead of time and checks its memory analysis fits."""
+                       memory_limit_bytes: int | None, memory=None):
+  """Compiles the stage's train step ahead of time and checks its memory analysis fits.
+
+  memory: a `memory_train.MemoryTraining` (the batch then also holds the retrieved memory).
+  """
   train_step = step_lib.make_train_step(model.loss, optimizer, schedule, stage.grad_accum)
   batch_sh = batch_sharding(mesh)
   jitted = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, replicated_sharding(mesh)), donate_argnums=0)
   start = time.time()
-  compiled = jitted.lower(abstract_state, _abstract_batch(stage, batch_sh)).compile()
+  abstract_batch = _abstract_batch(stage, batch_sh)
+  if memory is not None:
+    abstract_batch.update(memory.abstract_inputs(model, stage, batch_sh))
+  compiled = jitted.lower(abstract_state, abstract_batch).compile()
   info = {"compile_seconds": time.time() - start}
   analysis = compiled.memory_analysis()
   if analysis is not None:
@@ -205,6 +212,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         print(f"Resuming from step {saved_step} ({checkpointer.directory})", flush=True)
     else:
       state, data_state = state_lib.create_train_state(init_params, optimizer, state_sh), None
+    memory = None
+    if config.memory.enabled:   # streams read segment by segment with a host memory
+      memory = memory_train.MemoryTraining(config, checkpointer.directory,
+                                           None if restored is None else saved_step)
+      checkpointer.on_save.append(memory.save)
     step = int(jax.device_get(state.step))
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     writer.write(step, {"num_params": num_params, "devices": jax.device_count()}, kind="run")
@@ -222,7 +234,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         continue
       model = models.build_model(_stage_model_config(config, stage))
       compiled, compile_info = compile_stage_step(model, optimizer, schedule, stage,
-                                                  abstract_state, state_sh, mesh, memory_limit)
+                                                  abstract_state, state_sh, mesh, memory_limit,
+                                                  memory)
       writer.write(step, {"stage": stage.index, "seq_len": stage.seq_len,
                           "global_batch": stage.global_batch, **compile_info}, kind="stage")
       if is_writer:
@@ -232,16 +245,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
                   (f", {compile_info['compiled_memory_gib']:.2f} GiB per device"
                    if "compiled_memory_gib" in compile_info else ""))
       bar.set_description(f"stage {stage.index} · {stage.seq_len} tokens")
-      pipeline = _make_pipeline(config, tokenizer, mesh, stage.seq_len, stage.global_batch, "train",
-                                start_state=data_state)
+      if memory is None:
+        pipeline = _make_pipeline(config, tokenizer, mesh, stage.seq_len, stage.global_batch,
+                                  "train", start_state=data_state)
+      else:
+        pipeline = memory.stage_feeder(model, stage, lambda n, b, st: _make_pipeline(
+            config, tokenizer, mesh, n, b, "train", start_state=st), data_state)
       flops_per_step = model.flops_per_token(stage.seq_len) * stage.tokens_per_step
       # Metrics are read one step late so the host never waits for the step it just dispatched.
       pending, streak = None, 0
       window_start, window_steps = time.perf_counter(), 0
       while step < stage.end_step:
-        batch = _global_batch(next(pipeline), batch_sharding(mesh))
+        local = next(pipeline) if memory is None else pipeline.next_batch(state.params)
+        batch = _global_batch(local, batch_sharding(mesh))
         data_state = pipeline.get_state()
         state, metrics = compiled(state, batch)
+        if memory is not None:
+          pipeline.after_dispatch()  # the host memory add overlaps the step
         step += 1
         window_steps += 1
         if pending is not None:
