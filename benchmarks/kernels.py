@@ -234,16 +234,22 @@ def sweep_gdn_stages(rows, h, d, iters):
   for row in rows:
     t, b = (int(x) for x in row.split("x"))
     inputs, do = make_inputs("gdn", t, b, h, d, jnp.bfloat16)
-    for post, warps in (("fused", 8), ("fused", 4), ("split", 4)):
+    default = (pallas_gdn_core.POST, pallas_gdn_core.TUNING["post_warps"], pallas_gdn_core.FOLD_DH)
+    for post, warps, fold in (("fused", 8, True), ("fused", 4, True), ("split", 4, True),
+                              ("fused", 8, False)):
       pallas_gdn_core.POST, pallas_gdn_core.TUNING["post_warps"] = post, warps
-      run("gdn", "gated_delta_rule", {"post": post, "post_warps": warps})
-    pallas_gdn_core.POST, pallas_gdn_core.TUNING["post_warps"] = "fused", 8
+      pallas_gdn_core.FOLD_DH = fold
+      run("gdn", "gated_delta_rule", {"post": post, "post_warps": warps, "fold_dh": fold})
+    pallas_gdn_core.POST, pallas_gdn_core.TUNING["post_warps"], pallas_gdn_core.FOLD_DH = default
     inputs, do = make_inputs("gla", t, b, h, d, jnp.bfloat16)
-    default = dict(pallas_gla.TUNING)
-    for out_w, post_w in ((4, 4), (2, 4), (8, 8), (4, 8), (2, 2)):
+    default, diag = dict(pallas_gla.TUNING), pallas_gla.DIAG
+    for out_w, post_w, dg in ((4, 4, "split"), (2, 4, "split"), (8, 8, "split"), (2, 2, "split"),
+                              (4, 4, "exact")):
       pallas_gla.TUNING.update(out_warps=out_w, post_warps=post_w)
-      run("gla", "gla", {"out_warps": out_w, "post_warps": post_w})
+      pallas_gla.DIAG = dg
+      run("gla", "gla", {"out_warps": out_w, "post_warps": post_w, "diag": dg})
     pallas_gla.TUNING.update(default)
+    pallas_gla.DIAG = diag
   jax.clear_caches()
   return out
 

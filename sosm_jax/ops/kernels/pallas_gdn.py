@@ -45,8 +45,9 @@ def _fwd_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, o_ref, *, scale):
   o_ref[...] = (o * scale).astype(o_ref.dtype)
 
 
-def _bwd_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, do_ref, dq_ref, dk_ref, dg_ref, dh_ref,
-                dvn_ref, *, scale):
+def _bwd_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, do_ref, dq_ref, dk_ref, dg_ref, *rest, scale,
+                with_dh=True):
+  dh_ref, dvn_ref = rest if with_dh else (None, rest[0])
   dt = q_ref.dtype
   q, k, g, h, vn, do = q_ref[...], k_ref[...], g_ref[...], h_ref[...], vn_ref[...], do_ref[...]
   d = _decay(g)
@@ -54,7 +55,8 @@ def _bwd_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, do_ref, dq_ref, dk_ref, dg_r
   eg = jnp.exp(g)[:, None]
   qg = (q.astype(_F32) * eg).astype(dt)
   dvn_ref[...] = (scale * _dot(p.astype(dt), do, ta=True)).astype(dvn_ref.dtype)
-  dh_ref[...] = (scale * _dot(qg, do, ta=True)).astype(dh_ref.dtype)
+  if with_dh:
+    dh_ref[...] = (scale * _dot(qg, do, ta=True)).astype(dh_ref.dtype)
   dp = scale * _dot(do, vn, tb=True)
   ds = (dp * d).astype(dt)
   dq_inter = scale * _dot(do, h, tb=True) * eg
@@ -93,25 +95,31 @@ def output_forward(q, k, gam, h_in, vn, *, scale, interpret=False):
           q, k, gam, h_in.reshape(bh, n * kdim, vdim), vn.reshape(bh, n * c, vdim))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
-def output_backward(q, k, gam, h_in, vn, do, *, scale, interpret=False):
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "with_dh"))
+def output_backward(q, k, gam, h_in, vn, do, *, scale, interpret=False, with_dh=True):
   """Cotangent do `[B, T, H, V]` -> (dq, dk `[B, T, H, K]`, dgam `[B*H, T]` f32,
-  dh_in `[B*H, N, K, V]`, dvn `[B*H, N, C, V]`)."""
+  dh_in `[B*H, N, K, V]` (None unless with_dh), dvn `[B*H, N, C, V]`)."""
   b, t, heads, kdim = q.shape
   bh, n, c, vdim = vn.shape
   sp = _specs(heads, c, kdim, vdim)
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-               jax.ShapeDtypeStruct((bh, t), _F32),
-               jax.ShapeDtypeStruct((bh, n * kdim, vdim), h_in.dtype),
-               jax.ShapeDtypeStruct((bh, n * c, vdim), vn.dtype)]
-  dq, dk, dg, dh, dvn = pl.pallas_call(
-      functools.partial(_bwd_kernel, scale=scale), grid=(bh, n),
+               jax.ShapeDtypeStruct((bh, t), _F32)]
+  out_specs = [sp["qk"], sp["qk"], sp["g"]]
+  if with_dh:
+    out_shape.append(jax.ShapeDtypeStruct((bh, n * kdim, vdim), h_in.dtype))
+    out_specs.append(sp["h"])
+  out_shape.append(jax.ShapeDtypeStruct((bh, n * c, vdim), vn.dtype))
+  out_specs.append(sp["vn"])
+  outs = pl.pallas_call(
+      functools.partial(_bwd_kernel, scale=scale, with_dh=with_dh), grid=(bh, n),
       in_specs=[sp["qk"], sp["qk"], sp["g"], sp["h"], sp["vn"], sp["o"]],
-      out_specs=[sp["qk"], sp["qk"], sp["g"], sp["h"], sp["vn"]], out_shape=out_shape,
+      out_specs=out_specs, out_shape=out_shape,
       interpret=interpret, compiler_params=_params(interpret), name="gdn_output_bwd")(
           q, k, gam, h_in.reshape(bh, n * kdim, vdim), vn.reshape(bh, n * c, vdim),
           do.astype(vn.dtype))
-  return dq, dk, dg, dh.reshape(h_in.shape), dvn.reshape(vn.shape)
+  dq, dk, dg = outs[:3]
+  dh = outs[3].reshape(h_in.shape) if with_dh else None
+  return dq, dk, dg, dh, outs[-1].reshape(vn.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

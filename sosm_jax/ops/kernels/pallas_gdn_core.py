@@ -29,6 +29,9 @@ from sosm_jax.ops.kernels.pallas_recurrence import _compiler_params, _dot
 _F32 = jnp.float32
 POST = "fused"                      # 'fused' | 'split' (benchmarks/kernels.py --stage-sweep)
 TUNING = {"post_warps": 8}
+# True: the reverse recurrence forms the output stage's dh = scale (q e^gam)^T do itself, so the
+# `[B*H, N, K, V]` dh never reaches memory (written once, read once otherwise).
+FOLD_DH = True
 
 
 def _strict(c):
@@ -182,11 +185,13 @@ def _core_bwd(scale, chunk, interpret, block_v, res, cts):
   q, k, v, beta, gam, tmat, w, kd, a, h_in, vn = res
   do, dh_last = cts
   bh, n, c, _ = vn.shape
+  fold = FOLD_DH
   dq, dk_o, dg_o, dh_in, dvn_o = pallas_gdn.output_backward(q, k, gam, h_in, vn, do, scale=scale,
-                                                            interpret=interpret)
+                                                            interpret=interpret, with_dh=not fold)
   per_chunk = lambda x: x.reshape(bh, n, c, x.shape[-1])
+  extra = dict(q=q, gam=gam, do=do, scale=scale) if fold else {}
   dvn, lam_next, lam0 = pr.backward(per_chunk(w), per_chunk(kd), a, dh_in, dvn_o, dh_last,
-                                    interpret=interpret, block_v=block_v)
+                                    interpret=interpret, block_v=block_v, **extra)
   dk, dv, dbeta, dgam = post_backward(k, v, beta, gam, tmat, h_in, lam_next, vn, dvn, dk_o, dg_o,
                                       interpret=interpret)
   return dq, dk, dv, dbeta, dgam, lam0

@@ -107,12 +107,20 @@ def forward(w, u, kd, a, h0, *, interpret=False, block_v=None, num_warps=None, n
 # --------------------------------------------------------------------------- backward
 
 
-def _bwd_kernel(*refs, n_chunks, chunk, key_dim, has_w):
-  if has_w:
-    w_ref, kd_ref, a_ref, dhin_ref, dvn_ref, dhl_ref, dvo_ref, lam_ref, lam0_ref = refs
-  else:
+def _bwd_kernel(*refs, n_chunks, chunk, key_dim, has_w, out_grad=None):
+  refs = list(refs)
+  w_ref = refs.pop(0) if has_w else None
+  if out_grad is None:
     kd_ref, a_ref, dhin_ref, dvn_ref, dhl_ref, dvo_ref, lam_ref, lam0_ref = refs
+  else:  # dh_in = scale (q e^gam)^T do is formed here (q, do [T, .] rows, gam [T] scalars)
+    kd_ref, a_ref, q_ref, g_ref, do_ref, dvn_ref, dhl_ref, dvo_ref, lam_ref, lam0_ref = refs
   dt = kd_ref.dtype
+
+  def dh_in(n, rows, states):
+    if out_grad is None:
+      return dhin_ref[states, :].astype(_F32)
+    qe = (q_ref[rows, :].astype(_F32) * jnp.exp(g_ref[rows])[:, None]).astype(dt)
+    return out_grad * _dot(qe, do_ref[rows, :], ta=True)
 
   def body(i, lam):
     n = n_chunks - 1 - i
@@ -123,7 +131,7 @@ def _bwd_kernel(*refs, n_chunks, chunk, key_dim, has_w):
     dvn = dvn_ref[rows, :].astype(_F32) + _dot(kd_ref[rows, :], lb)
     dvo_ref[rows, :] = dvn.astype(dt)
     a = a_ref[n, :]
-    lam_prev = dhin_ref[states, :].astype(_F32) + a[:, None] * lam
+    lam_prev = dh_in(n, rows, states) + a[:, None] * lam
     if has_w:
       lam_prev = lam_prev - _dot(w_ref[rows, :], dvn.astype(dt), ta=True)
     return lam_prev
@@ -132,10 +140,15 @@ def _bwd_kernel(*refs, n_chunks, chunk, key_dim, has_w):
   lam0_ref[...] = lam
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_v", "num_warps", "num_stages"))
+@functools.partial(jax.jit, static_argnames=("interpret", "block_v", "num_warps", "num_stages",
+                                             "scale"))
 def backward(w, kd, a, d_h_in, d_vn, d_h_last, *, interpret=False, block_v=None, num_warps=None,
-             num_stages=None):
-  """Reverse recurrence; arguments and results as `recurrence.scan_backward`."""
+             num_stages=None, q=None, gam=None, do=None, scale=None):
+  """Reverse recurrence; arguments and results as `recurrence.scan_backward`.
+
+  With q `[B,T,H,K]`, gam `[B*H,T]` f32, do `[B,T,H,V]` and scale (d_h_in None), the kernel forms
+  d_h_in = scale (q e^gam)^T do of every chunk itself (the gated delta rule's output stage).
+  """
   num_warps = num_warps or TUNING["num_warps"]
   num_stages = num_stages or TUNING["num_stages"]
   bh, n, c, kdim = kd.shape
@@ -149,14 +162,22 @@ def backward(w, kd, a, d_h_in, d_vn, d_h_last, *, interpret=False, block_v=None,
   vec_a = pl.BlockSpec((None, n, kdim), lambda i, j: (i, 0, 0))
   state = pl.BlockSpec((None, kdim, bv), lambda i, j: (i, 0, j))
   all_states = pl.BlockSpec((None, n * kdim, bv), lambda i, j: (i, 0, j))
-  in_specs = ([seq_k] if has_w else []) + [seq_k, vec_a, all_states, seq_v, state]
-  args = (([flat(w)] if has_w else [])
-          + [flat(kd), a.astype(_F32), flat(d_h_in.astype(dt)), flat(d_vn.astype(dt)),
-             d_h_last.astype(_F32)])
+  if q is None:
+    out_specs, out_args = [all_states], [flat(d_h_in.astype(dt))]
+  else:
+    heads = q.shape[2]
+    tok = lambda w, jj: pl.BlockSpec((None, n * c, None, w),
+                                     lambda i, j: (i // heads, 0, i % heads, j if jj else 0))
+    out_specs = [tok(kdim, False), pl.BlockSpec((None, n * c), lambda i, j: (i, 0)), tok(bv, True)]
+    out_args = [q.astype(dt), gam.astype(_F32), do.astype(dt)]
+  in_specs = ([seq_k] if has_w else []) + [seq_k, vec_a] + out_specs + [seq_v, state]
+  args = (([flat(w)] if has_w else []) + [flat(kd), a.astype(_F32)] + out_args
+          + [flat(d_vn.astype(dt)), d_h_last.astype(_F32)])
   out_shape = [jax.ShapeDtypeStruct((bh, n * c, v), dt),
                jax.ShapeDtypeStruct((bh, n * kdim, v), dt),
                jax.ShapeDtypeStruct((bh, kdim, v), _F32)]
-  kernel = functools.partial(_bwd_kernel, n_chunks=n, chunk=c, key_dim=kdim, has_w=has_w)
+  kernel = functools.partial(_bwd_kernel, n_chunks=n, chunk=c, key_dim=kdim, has_w=has_w,
+                             out_grad=None if q is None else float(scale))
   dvn, lam_next, lam0 = pl.pallas_call(
       kernel, grid=(bh, v // bv), in_specs=in_specs, out_specs=[seq_v, all_states, state],
       out_shape=out_shape, interpret=interpret,
