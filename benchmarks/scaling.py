@@ -40,6 +40,9 @@ _MESHES = flags.DEFINE_string("meshes", "", "comma-separated DATAxFSDPxTENSOR ('
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps per mesh (after 3 warm-up steps)")
 _REMAT = flags.DEFINE_string("remat", "", "remat policy ('' = the config's model.remat)")
 _OUT = flags.DEFINE_string("out", "", "JSON output path")
+_HLO = flags.DEFINE_string("hlo", "", "write the compiled step's HLO text here (to name profiled kernels)")
+_PROFILE = flags.DEFINE_integer(
+    "profile", 0, "GPU: print (and store) the N kernels with the most time per step (needs torch)")
 _WARMUP = 3
 
 
@@ -93,6 +96,9 @@ def measure(config, shape: tuple[int, int, int], seq_len: int, per_device_batch:
     compiled, info = loop.compile_stage_step(model, optimizer, schedule, stage, abstract, state_sh,
                                              mesh, None)
     state = state_lib.create_train_state(init_params, optimizer, state_sh)
+    if _HLO.value:
+      with open(_HLO.value, "w", encoding="utf-8") as f:
+        f.write(compiled.as_text())
     host = random_batch(batch, seq_len, model_cfg.vocab_size)
     arrays = {k: jax.make_array_from_process_local_data(batch_sharding(mesh), v)
               for k, v in host.items()}
@@ -104,6 +110,7 @@ def measure(config, shape: tuple[int, int, int], seq_len: int, per_device_batch:
       if i >= _WARMUP:
         times.append(time.perf_counter() - start)
     loss = float(out["loss"])
+    kernels = profile_step(compiled, state, arrays, _PROFILE.value) if _PROFILE.value else None
     del state
   median = statistics.median(times)
   tokens = batch * seq_len
@@ -116,7 +123,32 @@ def measure(config, shape: tuple[int, int, int], seq_len: int, per_device_batch:
             "mfu": flops / median / (peak * len(devices)) if peak else None, "loss_last": loss,
             **info, **metrics.device_memory()}
   print(json.dumps(result), flush=True)
+  if kernels:
+    result["kernels_ms_per_step"] = kernels
   return result
+
+
+def profile_step(compiled, state, arrays, top: int) -> list:
+  """[(ms per step, calls per step, kernel name)] of the `top` kernels, by CUPTI via torch.
+
+  Runs two more steps (the state is donated: the returned state feeds the next one).
+  """
+  from torch.profiler import ProfilerActivity, profile  # pylint: disable=import-outside-toplevel
+  steps = 2
+  with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for _ in range(steps):
+      state, out = compiled(state, arrays)
+      jax.block_until_ready(out)
+  rows = []
+  for e in prof.key_averages():
+    dev = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+    if dev:
+      rows.append((dev / 1e3 / steps, e.count // steps, e.key[:100]))
+  rows.sort(reverse=True)
+  print(f"--- per-step GPU ms by kernel (total {sum(r[0] for r in rows):.1f} ms)")
+  for ms, n, name in rows[:top]:
+    print(f"{ms:8.2f} ms  x{n:<4d} {name}")
+  return rows[:top]
 
 
 def main(argv):

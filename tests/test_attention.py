@@ -76,10 +76,49 @@ def test_fast_paths_match_reference_forward_and_grad(impl, window, use_seg):
 def test_auto_implementation_on_cpu():
   assert att.select_implementation(None, jnp.bfloat16, False, 1024) == "xla"
   assert att.select_implementation(None, jnp.bfloat16, True, 8192) == "blockwise"
-  with pytest.raises(ValueError, match="segment_ids"):
-    att.select_implementation("cudnn", jnp.bfloat16, True)
+  with pytest.raises(ValueError, match="sliding window"):
+    att.select_implementation("cudnn", jnp.bfloat16, True, 1024, 16)
   with pytest.raises(ValueError, match="attn_impl"):
     att.select_implementation("flash", jnp.float32, False)
+
+
+def _runs_by_loop(ids, max_segments):
+  """Plain-Python run description: (lengths, offsets) rows, the tail merged into run M."""
+  lengths, offsets = [], []
+  for row in ids:
+    starts = [t for t in range(len(row)) if t == 0 or row[t] != row[t - 1]][:max_segments]
+    ends = starts[1:] + [len(row)]
+    pad = max_segments - len(starts)
+    lengths.append([e - s for s, e in zip(starts, ends)] + [-1] * pad)
+    offsets.append(starts + [-1] * (pad + 1))
+  return np.array(lengths), np.array(offsets)
+
+
+@pytest.mark.parametrize("max_segments", [2, 4, 9])
+def test_packed_segments_match_a_loop(max_segments):
+  rng = np.random.default_rng(max_segments)
+  # rows of 1..6 documents with random lengths, then padding (id 0)
+  rows = []
+  for _ in range(3):
+    lens = rng.integers(1, 6, size=rng.integers(1, 7))
+    row = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lens)])[:24]
+    rows.append(np.concatenate([row, np.zeros(24 - len(row), int)]))
+  ids = np.stack(rows)
+  lengths, offsets = jax.jit(att.packed_segments, static_argnums=1)(jnp.asarray(ids),
+                                                                     max_segments)
+  want_lengths, want_offsets = _runs_by_loop(ids, max_segments)
+  np.testing.assert_array_equal(lengths, want_lengths)
+  np.testing.assert_array_equal(offsets, want_offsets)
+  # every token is covered exactly once by the described runs
+  assert (np.where(want_lengths > 0, want_lengths, 0).sum(axis=1) == 24).all()
+
+
+def test_default_packed_segments_bounds():
+  assert att.default_packed_segments(4) == 1
+  assert att.default_packed_segments(4096) == 32
+  assert att.default_packed_segments(16384) == 64
+  assert att.default_packed_segments(65536) == 16
+  assert att.default_packed_segments(1 << 22) == 1
 
 
 @pytest.mark.parametrize("window", [0, 5])

@@ -6,8 +6,9 @@ heads `K` (grouped-query attention); query head `h` reads key/value head `h // (
 Forms with one meaning:
 - `attention_reference`: explicit softmax over an explicit boolean mask (float32). Ground truth.
 - `causal_attention`: training / prefill self-attention, implementation picked per platform and
-  length (`select_implementation`): `jax.nn.dot_product_attention` (cuDNN flash attention or
-  XLA) or the O(T)-memory `blockwise_attention.blockwise_attention`.
+  length (`select_implementation`): cuDNN flash attention (packed documents through cuDNN's
+  sequence-packing layout, `packed_segments`), `jax.nn.dot_product_attention` on XLA, or the
+  O(T)-memory `blockwise_attention.blockwise_attention`.
 - `cached_attention` + `update_kv_cache`: queries at absolute positions `index .. index+T-1`
   against a fixed-size KV cache (decode; jit-able, static shapes).
 
@@ -26,6 +27,11 @@ _F32 = jnp.float32
 IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "reference")
 # Above this length the auto choice avoids XLA's T x T logits (blockwise, or cuDNN on GPU).
 XLA_MAX_LEN = 2048
+# cuDNN's packed layout takes a static number M of documents per row. Its backward workspace
+# grows with M x T (measured on H100: 195 GiB at T = 65,536, M = 512), so M is T // 128 capped
+# at 2**20 // T (about 6 GiB at 12 heads x 64).
+_TOKENS_PER_PACKED_SEGMENT = 128
+_PACKED_SEGMENTS_TIMES_LENGTH = 1 << 20
 
 
 # --------------------------------------------------------------------------- RoPE
@@ -136,31 +142,79 @@ def attention_reference(q, k, v, *, segment_ids=None, window=0, scale=None):
 
 
 def select_implementation(implementation: str | None, dtype, has_segments: bool,
-                          seq_len: int = 0) -> str:
+                          seq_len: int = 0, window: int = 0) -> str:
   """Which backend `causal_attention` uses.
 
-  '' / None (auto): cuDNN flash attention on GPU for bf16/fp16 inputs without packed-document
-  segment ids (cuDNN through `jax.nn.dot_product_attention` takes only causal, window and
-  sequence-length masks; a segment mask would be materialised as a T x T bias); otherwise XLA
-  up to XLA_MAX_LEN tokens and 'blockwise' (O(T) memory, any mask) beyond. 'cudnn' forces cuDNN
-  (segment ids then raise); 'xla', 'blockwise' and 'reference' force those.
+  '' / None (auto): cuDNN flash attention on GPU for bf16/fp16 inputs (packed documents through
+  cuDNN's sequence-packing layout; a sliding window together with segment ids is not supported
+  there); otherwise XLA up to XLA_MAX_LEN tokens and 'blockwise' (O(T) memory, any mask) beyond.
+  'xla', 'cudnn', 'blockwise' and 'reference' force that backend.
   """
   if implementation in (None, ""):
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if jax.default_backend() == "gpu" and half and not has_segments:
+    if jax.default_backend() == "gpu" and half and not (has_segments and window > 0):
       return "cudnn"
     return "blockwise" if seq_len > XLA_MAX_LEN else "xla"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention: unknown implementation {implementation!r}; choose '' (auto) or "
                      f"one of {IMPLEMENTATIONS} (model config key attn_impl).")
-  if implementation == "cudnn" and has_segments:
-    raise ValueError("attention: implementation 'cudnn' cannot take segment_ids (packed "
-                     "documents); use attn_impl='' or 'blockwise', or model.document_masking=False.")
+  if implementation == "cudnn" and has_segments and window > 0:
+    raise ValueError("attention: implementation 'cudnn' cannot combine segment_ids (packed "
+                     "documents) with a sliding window; use attn_impl='' or 'blockwise'.")
   return implementation
 
 
+def default_packed_segments(seq_len: int) -> int:
+  """Documents per row that the cuDNN packed layout separates by default at this length."""
+  by_length = max(1, seq_len // _TOKENS_PER_PACKED_SEGMENT)
+  by_memory = max(1, _PACKED_SEGMENTS_TIMES_LENGTH // max(seq_len, 1))
+  return int(min(seq_len, by_length, by_memory))
+
+
+def packed_segments(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+  """cuDNN's packed layout for the runs of equal segment id in each row.
+
+  Args:
+    segment_ids: `[batch, time]` int; documents are contiguous runs (as the data packer makes
+      them; padding is a run of its own).
+    max_segments: static M. Runs after the M-th of a row are merged into the M-th, which then
+      spans several documents (they attend to each other): pick M above the documents per row.
+  Returns:
+    (lengths `[batch, M]`, offsets `[batch, M + 1]`) int32: run lengths and run starts within
+    the row, -1 where a row has fewer runs.
+  """
+  b, t = segment_ids.shape
+  change = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                           axis=1)
+  starts = jax.vmap(lambda c: jnp.nonzero(c, size=max_segments, fill_value=t)[0])(change)
+  starts = starts.astype(jnp.int32)
+  ends = jnp.concatenate([starts[:, 1:], jnp.full((b, 1), t, jnp.int32)], axis=1)
+  present = starts < t
+  lengths = jnp.where(present, ends - starts, -1)
+  offsets = jnp.concatenate([jnp.where(present, starts, -1), jnp.full((b, 1), -1, jnp.int32)],
+                            axis=1)
+  return lengths, offsets
+
+
+def _cudnn_attention(q, k, v, *, segment_ids, window, scale, max_segments):
+  """cuDNN flash attention (causal; window or packed documents)."""
+  local = (window - 1, 0) if window > 0 else None
+  if segment_ids is None:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                        local_window_size=local, implementation="cudnn")
+  # The packed (THD) layout is reachable only through jax's cuDNN module; jax.nn's wrapper
+  # takes padding lengths but not per-document offsets.
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=import-outside-toplevel
+  lengths, offsets = packed_segments(segment_ids, max_segments or default_packed_segments(
+      q.shape[1]))
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  return cudnn.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths,
+                                     q_offsets=offsets, kv_offsets=offsets, scale=scale,
+                                     mask_type=cudnn.MaskType.PADDING_CAUSAL)
+
+
 def causal_attention(q, k, v, *, segment_ids=None, window=0, scale=None, implementation=None,
-                     block_size=512):
+                     block_size=512, max_segments=0):
   """Causal self-attention (training, prefill).
 
   Args:
@@ -171,21 +225,23 @@ def causal_attention(q, k, v, *, segment_ids=None, window=0, scale=None, impleme
     implementation: None/'' (auto, see `select_implementation`), 'xla', 'cudnn', 'blockwise',
       'reference'.
     block_size: block length of the 'blockwise' implementation.
+    max_segments: documents per row that 'cudnn' separates (0: `default_packed_segments`).
   Returns:
     `[batch, time, heads, head_dim]` in q's dtype.
   """
   _check_qkv(q, k, v)
-  impl = select_implementation(implementation, q.dtype, segment_ids is not None, q.shape[1])
+  impl = select_implementation(implementation, q.dtype, segment_ids is not None, q.shape[1],
+                               window)
   if impl == "reference":
     return attention_reference(q, k, v, segment_ids=segment_ids, window=window, scale=scale)
   if impl == "blockwise":
     return blockwise_attention(q, k, v, segment_ids=segment_ids, window=window, scale=scale,
                                block_size=block_size)
+  if impl == "cudnn":
+    return _cudnn_attention(q, k, v, segment_ids=segment_ids, window=window, scale=scale,
+                            max_segments=max_segments)
   # jax's local_window_size=(left, right) counts neighbours excluding the token itself.
   local = (window - 1, 0) if window > 0 else None
-  if impl == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                        local_window_size=local, implementation="cudnn")
   mask = None
   if segment_ids is not None:
     mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
