@@ -1,15 +1,18 @@
 """Memory benchmark: HNSW recall@k vs exact search on keys of a trained model, QPS, train-step overhead.
 
-1. Trains a small byte-level LM (attn + graph layer, `MemoryLM` without memory) on the stdlib text
-   source for --train_steps, so its graph-layer keys are those of a trained model.
+1. Trains a small byte-level LM (attn + graph layer, `LanguageModel` without memory) on the stdlib
+   text source for --train_steps, so its graph-layer keys are those of a trained model.
 2. Keys: the graph layer's normalised search vectors (what the memory stores) over --num_keys
    held-out tokens; queries: the normalised q search vectors of other held-out tokens. Ground
    truth: exact inner-product search (IndexFlatIP). For each (M, efConstruction) an HNSW index
    is built once and searched at several efSearch: recall@k (fraction of the exact top-k found),
    QPS (one thread, all queries in one call, median of --repeat), build time. The same grid on
    random Gaussian vectors of the same width (the worst case for HNSW) for comparison.
-3. Train-step overhead: tokens/s of the step with memory (probe, host retrieval, step with memory
-   edges, host add) against the plain step (no memory), same model, segments of --seq_len.
+3. Train-step overhead, the trainer's integrated path: tokens/s of the train step (`model.loss`
+   on the batch, with batch['memory'] filled by `memory_train.SegmentFeeder`: probe, host
+   retrieval, step, host add) against the same step without memory, same model and windows of
+   --seq_len; every stream reads one row of --overhead_steps + 2 windows, so its memory grows
+   through the run.
 
   python benchmarks/memory_recall.py --output=/tmp/memory.json
 """
@@ -22,6 +25,7 @@ import sys
 import time
 
 import faiss
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +35,11 @@ from sosm_jax.data import make_pipeline, make_tokenizer
 from sosm_jax.data.config import default_data_config
 from sosm_jax.memory.segments import SegmentRunner, search_vectors
 from sosm_jax.memory.store import make_index, resolve_config
+from sosm_jax.models import build_model
 from sosm_jax.models.config import default_model_config
+from sosm_jax.train import memory_train
+
+_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def model_cfg(seq_len):
@@ -44,45 +52,41 @@ def model_cfg(seq_len):
   return c
 
 
-def batches(seq_len, batch, seed, split="train"):
+def batches(seq_len, batch, seed, split="train", start_state=None):
   d = default_data_config()
   tok = make_tokenizer(d)
-  return iter(make_pipeline(d, tok, seq_len=seq_len, batch_size=batch, seed=seed, split=split))
+  return make_pipeline(d, tok, seq_len=seq_len, batch_size=batch, seed=seed, split=split,
+                       start_state=start_state)
 
 
-def make_step(runner):
+def make_step(model):
+  """The train step on `model.loss` (batch['memory'] optional, as in the trainer)."""
   opt = optax.adam(1e-3)
 
-  def loss_fn(params, b, mem):
-    logits = runner.apply(params, b["inputs"], mem)
-    logp = jax.nn.log_softmax(logits)
-    nll = -jnp.take_along_axis(logp, b["targets"][..., None], -1)[..., 0]
-    return jnp.sum(nll * b["loss_mask"]) / jnp.maximum(b["loss_mask"].sum(), 1.0)
-
   @jax.jit
-  def step(params, opt_state, b, mem):
-    loss, g = jax.value_and_grad(loss_fn)(params, b, mem)
+  def step(params, opt_state, b):
+    (loss, _), g = jax.value_and_grad(model.loss, has_aux=True)(params, b)
     u, opt_state = opt.update(g, opt_state, params)
     return optax.apply_updates(params, u), opt_state, loss
   return opt, step
 
 
-def train(runner, args):
-  opt, step = make_step(runner)
-  params = runner.init(jax.random.PRNGKey(0), args.batch, args.seq_len)
+def train(model, args):
+  opt, step = make_step(model)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), args.batch, args.seq_len))
   opt_state = opt.init(params)
-  it = batches(args.seq_len, args.batch, 0)
+  it = iter(batches(args.seq_len, args.batch, 0))
   losses = []
   for _ in range(args.train_steps):
-    b = {k: jnp.asarray(v) for k, v in next(it).items() if k in ("inputs", "targets", "loss_mask")}
-    params, opt_state, loss = step(params, opt_state, b, None)
+    b = {k: jnp.asarray(v) for k, v in next(it).items() if k in _KEYS}
+    params, opt_state, loss = step(params, opt_state, b)
     losses.append(float(loss))
   return params, opt_state, step, losses
 
 
 def trained_vectors(runner, params, args):
   """(keys [n, dim], queries [q, dim]) normalised search vectors from held-out text."""
-  it = batches(args.seq_len, args.batch, 1, split="validation")
+  it = iter(batches(args.seq_len, args.batch, 1, split="validation"))
   layer = runner.layers[0]
   keys, queries = [], []
   while sum(len(k) for k in keys) < args.num_keys + args.num_queries:
@@ -126,50 +130,68 @@ def recall_grid(keys, queries, args):
   return dict(flat_qps=flat_qps, rows=rows)
 
 
-def overhead(runner, params, opt_state, step, args, overlap=True):
-  """Median tokens/s of the train step without memory and with the whole memory pipeline.
+def _timed(fn, sink):
+  """fn wrapped to add its (blocking) seconds to sink[0]."""
+  def wrapped(*a, **k):
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn(*a, **k))
+    sink[0] += time.perf_counter() - t
+    return out
+  return wrapped
 
-  overlap: add this segment's entries while the step runs (else after it finished).
+
+def overhead(model, params, opt_state, step, args, index="hnsw", overlap=True):
+  """Median tokens/s of the train step without memory and with the trainer's memory path.
+
+  overlap: add this window's entries while the step runs (else after it finished).
   """
-  it = batches(args.seq_len, args.batch, 2)
-  data = [{k: jnp.asarray(v) for k, v in next(it).items() if k in ("inputs", "targets", "loss_mask")}
-          for _ in range(args.overhead_steps + 2)]
+  n = args.overhead_steps + 2
+  mem_cfg = memory_train.default_config()
+  mem_cfg.update(enabled=True, segments=n, index=index)
+  feeder = memory_train.SegmentFeeder(
+      model, mem_cfg, seq_len=args.seq_len, batch_size=args.batch,
+      make_pipeline=lambda length, st: batches(length, args.batch, 2, start_state=st))
+  probe_s, retrieve_s = [0.0], [0.0]
+  feeder.runner.probe = _timed(feeder.runner.probe, probe_s)
+  feeder.runner.retrieve = _timed(feeder.runner.retrieve, retrieve_s)
   toks = args.batch * args.seq_len
   out = {}
-  # plain step (memory=None)
+  ts, parts = [], []
+  p, o = params, opt_state
+  windows = []
+  for _ in range(n):
+    probe_s[0] = retrieve_s[0] = 0.0
+    t0 = time.perf_counter()
+    b = feeder.next_batch(p)
+    t1 = time.perf_counter()
+    p, o, loss = step(p, o, jax.tree.map(jnp.asarray, b))   # dispatched asynchronously
+    if overlap:
+      feeder.after_dispatch()                                # host add while the device computes
+    t2 = time.perf_counter()
+    loss.block_until_ready()
+    if not overlap:
+      feeder.after_dispatch()
+    t3 = time.perf_counter()
+    ts.append(t3 - t0)
+    parts.append((probe_s[0], retrieve_s[0], t1 - t0 - probe_s[0] - retrieve_s[0], t2 - t1, t3 - t2))
+    windows.append({k: v for k, v in b.items() if k != "memory"})
+  out["tokens_per_s_with_memory"] = toks / float(np.median(ts[2:]))
+  med = np.median(np.array(parts[2:]), 0)
+  out["median_s"] = dict(probe=med[0], retrieve=med[1], batch_other=med[2], dispatch_and_add=med[3],
+                         wait_step=med[4])
+  out["memory_entries_per_stream_at_end"] = feeder.runner.entries()[0]
+  out["memory_valid_fraction"] = feeder.stats().get("memory_valid_fraction")
+  feeder.close()
+  # the same windows through the same step without memory (its own compiled program)
   ts = []
   p, o = params, opt_state
-  for b in data:
+  for b in windows:
     t = time.perf_counter()
-    p, o, loss = step(p, o, b, None)
+    p, o, loss = step(p, o, jax.tree.map(jnp.asarray, b))
     loss.block_until_ready()
     ts.append(time.perf_counter() - t)
   out["tokens_per_s_without_memory"] = toks / float(np.median(ts[2:]))
-  # with memory: consecutive batches are consecutive segments of each stream
-  runner.reset()
-  p, o = params, opt_state
-  ts, parts = [], []
-  for b in data:
-    t0 = time.perf_counter()
-    probed = runner.probe(p, b["inputs"])
-    jax.block_until_ready(probed)
-    t1 = time.perf_counter()
-    mem = runner.retrieve(probed)
-    t2 = time.perf_counter()
-    p, o, loss = step(p, o, b, mem)          # dispatched asynchronously
-    if overlap:
-      runner.add(probed)                     # host add while the device computes
-    t3 = time.perf_counter()
-    loss.block_until_ready()
-    if not overlap:
-      runner.add(probed)
-    t4 = time.perf_counter()
-    ts.append(t4 - t0)
-    parts.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
-  out["tokens_per_s_with_memory"] = toks / float(np.median(ts[2:]))
-  med = np.median(np.array(parts[2:]), 0)
-  out["median_s"] = dict(probe=med[0], retrieve=med[1], dispatch_and_add=med[2], wait_step=med[3])
-  out["memory_entries_per_stream_at_end"] = len(runner.banks[runner.layers[0]].memories[0])
+  out["slowdown"] = 1.0 - out["tokens_per_s_with_memory"] / out["tokens_per_s_without_memory"]
   return out
 
 
@@ -187,14 +209,16 @@ def main(argv=None):
   ap.add_argument("--repeat", type=int, default=3)
   ap.add_argument("--overhead_steps", type=int, default=10)
   ap.add_argument("--overhead_only", action="store_true", help="skip the recall grids")
+  ap.add_argument("--overhead_index", nargs="+", default=["hnsw", "flat"])
   ap.add_argument("--output", default="")
   args = ap.parse_args(argv)
   faiss.omp_set_num_threads(1)
   cfg = model_cfg(args.seq_len)
   mem_cfg = resolve_config(None)
-  runner = SegmentRunner(cfg, mem_cfg, num_streams=args.batch)
+  model = build_model(cfg)
+  runner = SegmentRunner(model, mem_cfg, num_streams=args.batch)
   t = time.perf_counter()
-  params, opt_state, step, losses = train(runner, args)
+  params, opt_state, step, losses = train(model, args)
   result = dict(device=str(jax.devices()[0]), platform=platform.processor() or platform.machine(),
                 jax=jax.__version__, faiss=faiss.__version__, args=vars(args), memory_defaults=mem_cfg,
                 train=dict(seconds=time.perf_counter() - t, first_loss=losses[0],
@@ -209,12 +233,11 @@ def main(argv=None):
         (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(rng.standard_normal((n, keys.shape[1]))),
         dtype=np.float32)
     result["random"] = recall_grid(rand(len(keys)), rand(len(queries)), args)
-  for index in ("hnsw", "flat"):
+  for index in args.overhead_index:
     for overlap in (True, False):
-      runner = SegmentRunner(cfg, resolve_config(None, index=index), num_streams=args.batch)
       name = f"overhead_{index}_{'overlap' if overlap else 'serial'}"
-      result[name] = overhead(runner, params, opt_state, step, args, overlap)
-      print(name, json.dumps(result[name]), flush=True)
+      result[name] = overhead(model, params, opt_state, step, args, index, overlap)
+      print(name, json.dumps(result[name], default=float), flush=True)
   if args.output:
     with open(args.output, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1, default=float)
