@@ -72,6 +72,16 @@ SETTINGS = {
         mqar_grid_pairs=(4, 8, 16, 32, 64, 128), passkey_lengths=(256, 512, 1024, 2048),
         passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), examples=32, forward_len=2048,
         forward_repeats=10),
+    # The graph-routing comparison (graph layer vs full attention vs linear-only) on MQAR up to
+    # 4K tokens: the full setting's model, trained through 512 -> 2K -> 4K.
+    "long_mqar": dict(
+        model=dict(num_layers=12, d_model=256, mlp_dim=704, attn_num_heads=4, attn_num_kv_heads=2,
+                   attn_head_dim=64, hgrn2_head_dim=64, gdn_num_heads=4, gdn_head_dim=64,
+                   chunk_size=64),
+        seq_lens=(512, 2048, 4096), steps=(1200, 300, 150), tokens_per_step=16384,
+        learning_rate=1e-3, warmup=100, mqar_pairs=32, mqar_lengths=(512, 1024, 2048, 4096),
+        mqar_grid_pairs=(16, 32, 64), passkey_lengths=(1024, 4096),
+        passkey_depths=(0.0, 0.5, 1.0), examples=32, forward_len=2048, forward_repeats=10),
 }
 
 
@@ -82,6 +92,7 @@ def define_flags():
   """Command-line flags (defined only when run as a script, so tests can import it)."""
   flags.DEFINE_string("out", "", "Output directory (default /tmp/backbone_study[_quick]).")
   flags.DEFINE_bool("quick", False, "The small CPU grid instead of the full one.")
+  flags.DEFINE_enum("setting", "", ["", *SETTINGS], "A named setting ('' = quick or full).")
   flags.DEFINE_list("variants", list(VARIANTS), f"Subset of {list(VARIANTS)}.")
   flags.DEFINE_integer("steps", 0, "Training steps per variant (0: the setting's).")
   flags.DEFINE_string("dtype", "", "Activation dtype ('': float32 on CPU, bfloat16 else).")
@@ -192,6 +203,20 @@ def table(rows: list[dict], failures: dict[str, str]) -> str:
   return report_lib.markdown_table(header, body)
 
 
+def mqar_by_length(rows: list[dict]) -> str:
+  """Markdown: one row per variant, one column per MQAR length (accuracy averaged over pairs)."""
+  lengths = sorted({c["length"] for r in rows for c in r["mqar"]["cells"]})
+  body = []
+  for r in rows:
+    cells = []
+    for length in lengths:
+      acc = [c["accuracy"] for c in r["mqar"]["cells"]
+             if c["length"] == length and c["accuracy"] is not None]
+      cells.append(report_lib.fmt(statistics.mean(acc) if acc else None, pct=True))
+    body.append([r["variant"], *cells])
+  return report_lib.markdown_table(["variant", *map(str, lengths)], body)
+
+
 def pattern_str(pattern) -> str:
   """('hgrn2','hgrn2','hgrn2','attn') -> '3 hgrn2 : 1 attn'; ('attn',) -> 'attn only'."""
   names = list(dict.fromkeys(pattern))
@@ -228,9 +253,9 @@ def main(argv):
   unknown = [v for v in FLAGS.variants if v not in VARIANTS]
   if unknown:
     raise app.UsageError(f"unknown variants {unknown}; use a subset of {list(VARIANTS)}")
-  setting = SETTINGS["quick" if FLAGS.quick else "full"]
-  out = os.path.abspath(FLAGS.out or ("/tmp/backbone_study_quick" if FLAGS.quick
-                                       else "/tmp/backbone_study"))
+  setting_name = FLAGS.setting or ("quick" if FLAGS.quick else "full")
+  setting = SETTINGS[setting_name]
+  out = os.path.abspath(FLAGS.out or f"/tmp/backbone_study_{setting_name}")
   os.makedirs(out, exist_ok=True)
   dtype = FLAGS.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   reference = variant_config(REFERENCE, setting, dtype, FLAGS.steps, FLAGS.task_mix)
@@ -250,7 +275,7 @@ def main(argv):
       traceback.print_exc()
       print(f"{name} failed: {failures[name]}", flush=True)
   rows = gather(out)
-  summary = {"setting": "quick" if FLAGS.quick else "full", "target_params": target,
+  summary = {"setting": setting_name, "target_params": target,
              "task_mix": FLAGS.task_mix, "device": jax.devices()[0].device_kind,
              "jax": jax.__version__, "command": " ".join(sys.argv), "failures": failures,
              "rows": [{k: v for k, v in r.items() if k not in ("mqar", "passkey")} for r in rows]}
@@ -260,6 +285,7 @@ def main(argv):
   chance = [r["chance"] for r in rows if r.get("chance") is not None]
   if chance:
     md += f"\n\nChance (uniform guessing) of the average recall: {100 * chance[0]:.2f}%."
+  md += "\n\nMQAR accuracy (%) by length, mean over the pairs grid:\n\n" + mqar_by_length(rows)
   with open(os.path.join(out, "backbone_study.md"), "w", encoding="utf-8") as f:
     f.write(md + "\n")
   if rows:

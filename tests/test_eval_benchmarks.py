@@ -79,3 +79,13 @@ def test_backbone_table_and_plot(study, tmp_path):
   path = str(tmp_path / "study.png")
   study.plot(rows, path)
   assert os.path.getsize(path) > 5000
+
+
+def test_mqar_by_length_averages_over_pairs(study):
+  cells = [{"length": 512, "num_pairs": 16, "accuracy": 1.0},
+           {"length": 512, "num_pairs": 32, "accuracy": 0.5},
+           {"length": 4096, "num_pairs": 16, "accuracy": None, "skipped": "too long"},
+           {"length": 4096, "num_pairs": 32, "accuracy": 0.25}]
+  md = study.mqar_by_length([{"variant": "sosm", "mqar": {"cells": cells}}])
+  assert md.splitlines()[0] == "| variant | 512 | 4096 |"
+  assert md.splitlines()[2] == "| sosm | 75.0 | 25.0 |"
