@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faiss
@@ -39,6 +40,10 @@ MEMORY_DEFAULTS = dict(
     search_threads=1,      # FAISS OpenMP threads (0 = FAISS default). Per-stream searches are
                            # small; on 2 shared cores 1 thread was 15x faster (0.037 s vs 0.58 s
                            # per 32-stream add+search step): OpenMP start-up/spinning dominates.
+    stream_threads=0,      # host threads over streams for search/add (FAISS releases the GIL):
+                           # 0 = one per CPU core (at most one per stream), 1 = serial. On 2
+                           # cores, 8 streams x 128 queries: HNSW search 86 -> 47 ms, add 241 ->
+                           # 128 ms; flat search 41 -> 24 ms.
 )
 
 
@@ -73,6 +78,8 @@ def validate_memory_config(c) -> None:
     fail("index", f"choose one of {INDEX_TYPES}")
   if int(c["search_threads"]) < 0:
     fail("search_threads", "must be >= 0 (0 = FAISS default)")
+  if int(c["stream_threads"]) < 0:
+    fail("stream_threads", "must be >= 0 (0 = one per CPU core, 1 = serial)")
   for key in ("top_k", "capacity", "num_shards", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"):
     if int(c[key]) < 1:
       fail(key, "must be >= 1")
@@ -274,14 +281,42 @@ def _merge_topk(s1, i1, s2, i2, k):
   return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
 
 
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int, omp_threads: int) -> ThreadPoolExecutor:
+  """A process-wide pool of `workers` threads whose FAISS uses `omp_threads` (0 = its default).
+
+  OpenMP's thread count is per calling thread, so each worker sets its own.
+  """
+  key = (workers, omp_threads)
+  if key not in _POOLS:
+    init = (lambda: faiss.omp_set_num_threads(omp_threads)) if omp_threads else None
+    _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="host-memory", initializer=init)
+  return _POOLS[key]
+
+
 class MemoryBank:
-  """One `HostMemory` per document stream (batch row), searched and filled together."""
+  """One `HostMemory` per document stream (batch row), searched and filled together.
+
+  Streams are independent, so searches and adds run on `stream_threads` host threads.
+  """
 
   def __init__(self, num_streams: int, dim: int, cfg=None, **over):
     self.memories = [HostMemory(dim, cfg, **over) for _ in range(num_streams)]
 
   def __len__(self) -> int:
     return len(self.memories)
+
+  def _map(self, fn) -> list:
+    """[fn(b) for every stream b], on the bank's threads when there are several."""
+    n = len(self.memories)
+    cfg = self.memories[0].cfg if n else {}
+    want = int(cfg.get("stream_threads", 1))
+    workers = min(n, want or (os.cpu_count() or 1))
+    if workers <= 1:
+      return [fn(b) for b in range(n)]
+    return list(_pool(workers, int(cfg.get("search_threads", 0))).map(fn, range(n)))
 
   def reset(self, streams=None) -> None:
     """Resets the given streams (all when None), e.g. those whose document ended."""
@@ -293,12 +328,14 @@ class MemoryBank:
 
     where: optional bool `[streams, n]`: only those entries are stored (e.g. no padding).
     """
-    for b, mem in enumerate(self.memories):
+    def one(b):
       sel = slice(None) if where is None else np.asarray(where[b], bool)
       if where is not None and not sel.any():
-        continue
-      mem.add(np.asarray(search_keys[b])[sel], np.asarray(keys[b])[sel], np.asarray(values[b])[sel],
-              {k: np.asarray(v)[b][sel] for k, v in (metadata or {}).items()})
+        return
+      self.memories[b].add(np.asarray(search_keys[b])[sel], np.asarray(keys[b])[sel],
+                           np.asarray(values[b])[sel],
+                           {k: np.asarray(v)[b][sel] for k, v in (metadata or {}).items()})
+    self._map(one)
 
   def retrieve(self, queries, k: int | None = None, key_shape=None, dtype=np.float32, match=None):
     """Top-k stored entries per query.
@@ -308,9 +345,10 @@ class MemoryBank:
     every memory is empty. match: optional {metadata name: `[streams, q]`}: an entry is valid for
     a query only where its metadata equals the query's (e.g. the same document).
     """
-    out_k, out_v, out_m, out_s = [], [], [], []
     k = int(k or self.memories[0].cfg["top_k"])
-    for b, mem in enumerate(self.memories):
+
+    def one(b):
+      mem = self.memories[b]
       s, ids = mem.search(queries[b], k)
       kk, vv, meta, valid = mem.gather(ids)
       for name, want in (match or {}).items():
@@ -318,6 +356,10 @@ class MemoryBank:
           valid &= meta[name] == np.asarray(want)[b][:, None]
         else:
           valid &= False
+      return kk, vv, valid, s
+
+    out_k, out_v, out_m, out_s = [], [], [], []
+    for kk, vv, valid, s in self._map(one):
       out_k.append(kk)
       out_v.append(vv)
       out_m.append(valid)
