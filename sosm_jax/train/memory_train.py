@@ -191,6 +191,9 @@ class MemoryTraining:
   """The loop's hooks: a feeder per stage, the abstract memory inputs, save/restore with checkpoints."""
 
   def __init__(self, config, checkpoint_dir: str, resume_step: int | None = None):
+    if "://" in checkpoint_dir:
+      raise ValueError(f"config.memory.enabled: the host memory is saved as local files beside the "
+                       f"checkpoints, but they go to {checkpoint_dir!r}; use a local --workdir")
     self.cfg = config.memory
     self.checkpoint_dir = checkpoint_dir
     self.resume_step = resume_step
