@@ -160,3 +160,15 @@ def test_gdn_prep_backward_kernel_matches_xla_form():
   got = pallas_gdn.prep_backward(k, v, beta, gam, tmat, *cts, chunk=c, interpret=not ON_GPU)
   for x, y in zip(got, want):
     assert _rel(x, y) < 1e-4
+
+
+@pytest.mark.parametrize("op", kernels.NAMES)
+def test_pallas_chunk64_every_sub_block(op):
+  """Chunk 64 = four 16-token sub-blocks (GLA scores below, on and above the diagonal blocks);
+  two chunks plus a partial one, with an initial state."""
+  args, h0 = _inputs(op, 9, b=1, t=150, h=1)
+  (ro, rs), (rga, rgh) = _outputs_and_grads(_reference(op), 9)(args, h0)
+  (o, s), (ga, gh) = _outputs_and_grads(_fast(op, "pallas", chunk=64), 9)(args, h0)
+  assert _rel(o, ro) < 2e-4 and _rel(s, rs) < 2e-4 and _rel(gh, rgh) < 5e-4
+  for name, x, y in zip("qkvgb", ga, rga):
+    assert _rel(x, y) < 5e-4, f"d{name}"
