@@ -140,19 +140,23 @@ def _timed(fn, sink):
   return wrapped
 
 
-def overhead(model, params, opt_state, step, args, index="hnsw", overlap=True):
+def overhead(model, params, opt_state, step, args, index="hnsw", mode="overlap"):
   """Median tokens/s of the train step without memory and with the trainer's memory path.
 
-  overlap: add this window's entries while the step runs (else after it finished).
+  mode: 'serial' (probe, search, step, then add), 'overlap' (add while the step runs: the
+  trainer's default), 'prefetch' (add and the next window's search while the step runs:
+  memory.prefetch=True; probe/retrieve times are then not on the step's critical path).
   """
   n = args.overhead_steps + 2
+  overlap = mode != "serial"
   mem_cfg = memory_train.default_config()
-  mem_cfg.update(enabled=True, segments=n, index=index)
+  mem_cfg.update(enabled=True, segments=n, index=index, prefetch=mode == "prefetch")
   feeder = memory_train.SegmentFeeder(
       model, mem_cfg, seq_len=args.seq_len, batch_size=args.batch,
       make_pipeline=lambda length, st: batches(length, args.batch, 2, start_state=st))
   probe_s, retrieve_s = [0.0], [0.0]
-  feeder.runner.probe = _timed(feeder.runner.probe, probe_s)
+  if mode != "prefetch":   # timing the probe blocks on it, which prefetching must not do
+    feeder.runner.probe = _timed(feeder.runner.probe, probe_s)
   feeder.runner.retrieve = _timed(feeder.runner.retrieve, retrieve_s)
   toks = args.batch * args.seq_len
   out = {}
@@ -164,21 +168,24 @@ def overhead(model, params, opt_state, step, args, index="hnsw", overlap=True):
     t0 = time.perf_counter()
     b = feeder.next_batch(p)
     t1 = time.perf_counter()
+    before = (probe_s[0], retrieve_s[0])                     # spent before the step's dispatch
     p, o, loss = step(p, o, jax.tree.map(jnp.asarray, b))   # dispatched asynchronously
     if overlap:
-      feeder.after_dispatch()                                # host add while the device computes
+      feeder.after_dispatch()                                # host work while the device computes
     t2 = time.perf_counter()
     loss.block_until_ready()
     if not overlap:
       feeder.after_dispatch()
     t3 = time.perf_counter()
     ts.append(t3 - t0)
-    parts.append((probe_s[0], retrieve_s[0], t1 - t0 - probe_s[0] - retrieve_s[0], t2 - t1, t3 - t2))
+    parts.append((before[0], before[1], retrieve_s[0] - before[1], t1 - t0, t2 - t1, t3 - t2))
     windows.append({k: v for k, v in b.items() if k != "memory"})
   out["tokens_per_s_with_memory"] = toks / float(np.median(ts[2:]))
   med = np.median(np.array(parts[2:]), 0)
-  out["median_s"] = dict(probe=med[0], retrieve=med[1], batch_other=med[2], dispatch_and_add=med[3],
-                         wait_step=med[4])
+  # probe/retrieve_before_step: inside next_batch (the probe is not timed under prefetch);
+  # retrieve_during_step: prefetch's search for the next window, inside after_dispatch
+  out["median_s"] = dict(probe=med[0], retrieve_before_step=med[1], retrieve_during_step=med[2],
+                         next_batch=med[3], dispatch_and_host_work=med[4], wait_step=med[5])
   out["memory_entries_per_stream_at_end"] = feeder.runner.entries()[0]
   out["memory_valid_fraction"] = feeder.stats().get("memory_valid_fraction")
   feeder.close()
@@ -210,6 +217,7 @@ def main(argv=None):
   ap.add_argument("--overhead_steps", type=int, default=10)
   ap.add_argument("--overhead_only", action="store_true", help="skip the recall grids")
   ap.add_argument("--overhead_index", nargs="+", default=["hnsw", "flat"])
+  ap.add_argument("--overhead_modes", nargs="+", default=["serial", "overlap", "prefetch"])
   ap.add_argument("--output", default="")
   args = ap.parse_args(argv)
   faiss.omp_set_num_threads(1)
@@ -234,9 +242,9 @@ def main(argv=None):
         dtype=np.float32)
     result["random"] = recall_grid(rand(len(keys)), rand(len(queries)), args)
   for index in args.overhead_index:
-    for overlap in (True, False):
-      name = f"overhead_{index}_{'overlap' if overlap else 'serial'}"
-      result[name] = overhead(model, params, opt_state, step, args, index, overlap)
+    for mode in args.overhead_modes:
+      name = f"overhead_{index}_{mode}"
+      result[name] = overhead(model, params, opt_state, step, args, index, mode)
       print(name, json.dumps(result[name], default=float), flush=True)
   if args.output:
     with open(args.output, "w", encoding="utf-8") as f:

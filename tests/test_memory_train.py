@@ -127,7 +127,8 @@ class _Rows:
     pass
 
 
-def test_streams_never_read_another_documents_memory():
+def _feed(prefetch):
+  """Four windows of two hand-made streams through a SegmentFeeder -> (memories, entries seen)."""
   from test_memory import SEG, _runner  # pylint: disable=import-outside-toplevel
   runner, params, _, _ = _runner()
   n = 4 * SEG
@@ -140,19 +141,31 @@ def test_streams_never_read_another_documents_memory():
   rows = {"inputs": toks, "targets": toks, "loss_mask": np.ones((2, n), np.float32),
           "segment_ids": seg_ids, "positions": np.tile(np.arange(n, dtype=np.int32), (2, 1))}
   cfg = memory_train.default_config()
-  cfg.update(index="flat", top_k=4, segments=4)
+  cfg.update(index="flat", top_k=4, segments=4, prefetch=prefetch)
   feeder = memory_train.SegmentFeeder(runner.model, cfg, seq_len=SEG, batch_size=2,
                                       make_pipeline=lambda length, st: _Rows(rows, st))
-  valid = []
+  memories, entries = [], []
   for _ in range(4):
-    batch = feeder.next_batch(params)
-    valid.append(batch["memory"][0][2].any(-1))   # [2, SEG]: any valid memory edge per token
-    if len(valid) == 3:                              # window 2: doc 3 started, stream 1 forgot
-      assert feeder.runner.entries() == [2 * SEG, 0]
+    memories.append(feeder.next_batch(params)["memory"][0])
+    entries.append(feeder.runner.entries())
     feeder.after_dispatch()
+  entries.append(feeder.runner.entries())
+  assert feeder.get_state()["segment"] == 4 and feeder.get_state()["before"] == 0
+  return memories, entries
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_streams_never_read_another_documents_memory(prefetch):
+  from test_memory import SEG  # pylint: disable=import-outside-toplevel
+  memories, entries = _feed(prefetch)
+  valid = [m[2].any(-1) for m in memories]          # [2, SEG]: any valid memory edge per token
   assert not valid[0].any()                          # nothing before the first window
   assert valid[1][0].all() and valid[1][1, :SEG // 2].all()
   assert not valid[1][1, SEG // 2:].any()            # doc 2 tokens never see doc 1's entries
-  assert not valid[2][1].any() and valid[3][1].all()
-  assert feeder.runner.entries() == [n - 3, 2 * SEG]  # padding is never stored
-  assert feeder.get_state()["segment"] == 4 and feeder.get_state()["before"] == 0
+  assert not valid[2][1].any() and valid[3][1].all()  # doc 3 started with window 2: forgot
+  assert entries[2] == [2 * SEG, 0]
+  assert entries[-1] == [4 * SEG - 3, 2 * SEG]       # padding is never stored
+  if prefetch:   # the params do not change here, so prefetching retrieves exactly the same
+    for a, b in zip(memories, _feed(False)[0]):
+      for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)

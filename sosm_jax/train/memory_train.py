@@ -9,7 +9,8 @@ Per step (`SegmentFeeder`):
 2. host retrieve: top-k entries per query from the stream's memory, only from the same document
    (entries carry the row's document id; padding is never stored), as batch['memory'];
 3. the train step runs with those memory edges (dispatched asynchronously);
-4. `after_dispatch`: the window's keys/values are added to the memory while the step computes.
+4. `after_dispatch`: the window's keys/values are added to the memory while the step computes
+   (and, with `memory.prefetch`, the next window's memory is retrieved then too).
 
 Memory is reset when a row starts (a new set of streams) and, per stream, when a window starts
 a new document. It is saved beside each checkpoint (`<checkpoints>/memory/<step>/layer_<i>/
@@ -22,6 +23,9 @@ search_threads) plus
   enabled    False: train without memory (batch rows are independent windows)
   segments   windows of seq_len tokens per stream row (memory spans segments × seq_len tokens)
   layers     memory layers (graph layer indices); () = every 'graph' layer
+  prefetch   True: probe window s+1 with the params of step s and search the memory for it
+             while step s computes (queries one step stale; hides the host search). The first
+             window of a row is never prefetched. False: probe and search before each step.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from absl import logging
 from sosm_jax.memory.segments import SegmentRunner, memory_layer_indices
 from sosm_jax.memory.store import MEMORY_DEFAULTS, validate_memory_config
 
-TRAIN_KEYS = dict(enabled=False, segments=4, layers=())
+TRAIN_KEYS = dict(enabled=False, segments=4, layers=(), prefetch=False)
 _BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -103,6 +107,8 @@ class SegmentFeeder:
     self.pipeline = make_pipeline(self.row_len, pipe_state)
     self.before = self.after = self.pipeline.get_state()
     self.row, self.segment, self.pending = None, self.n, None
+    self.prefetch = bool(mem_cfg.prefetch)
+    self.next_probe = self.ready = None
     self.counts = {"windows": 0, "memory_edges": 0.0, "memory_slots": 0.0}
     if resume:
       self._fetch_row()
@@ -118,22 +124,44 @@ class SegmentFeeder:
     self.segment = 0
     self.runner.reset()        # new rows: every stream starts empty
 
-  def next_batch(self, params) -> dict:
-    """The next window `[batch, seq_len]` of every stream with its retrieved 'memory'."""
-    if self.segment >= self.n:
-      self._fetch_row()
-    s, L = self.segment, self.seq_len
-    seg = {k: np.asarray(self.row[k][:, s * L:(s + 1) * L]) for k in _BATCH_KEYS}
+  def _window(self, s: int) -> dict:
+    L = self.seq_len
+    return {k: np.asarray(self.row[k][:, s * L:(s + 1) * L]) for k in _BATCH_KEYS}
+
+  def _probe(self, params, seg):
+    """The memory layers' q/k/v of a window (device arrays: dispatched, not waited for)."""
+    return self.runner.probe(params, jnp.asarray(seg["inputs"]), jnp.asarray(seg["positions"]),
+                             jnp.asarray(seg["segment_ids"]))
+
+  def _retrieve(self, s: int, seg, probed):
+    """Host search for window s (after window s-1 was added): (numpy probe, memory)."""
     doc = seg["segment_ids"]
     if s > 0:   # a stream whose window starts a new document forgets the previous one
-      starts = np.nonzero(doc[:, 0] != self.row["segment_ids"][:, s * L - 1])[0]
+      starts = np.nonzero(doc[:, 0] != self.row["segment_ids"][:, s * self.seq_len - 1])[0]
       if len(starts):
         self.runner.reset(starts.tolist())
-    probed = self.runner.probe(params, jnp.asarray(seg["inputs"]), jnp.asarray(seg["positions"]),
-                               jnp.asarray(doc))
     probed = jax.tree.map(np.asarray, probed)
-    memory = self.runner.retrieve(probed, match={"doc": doc})
-    self.pending = (probed, seg["positions"], doc, s)
+    return probed, self.runner.retrieve(probed, match={"doc": doc})
+
+  def next_batch(self, params) -> dict:
+    """The next window `[batch, seq_len]` of every stream with its retrieved 'memory'.
+
+    With prefetch, the window's memory was already retrieved during the previous step (see
+    `after_dispatch`), and the next window of the row is probed now, with these params.
+    """
+    if self.segment >= self.n:
+      self._fetch_row()
+    s = self.segment
+    if self.ready is not None and self.ready[0] == s:
+      _, seg, probed, memory = self.ready
+    else:
+      seg = self._window(s)
+      probed, memory = self._retrieve(s, seg, self._probe(params, seg))
+    self.ready = None
+    if self.prefetch and s + 1 < self.n:   # dispatched before the step donates these params
+      nxt = self._window(s + 1)
+      self.next_probe = (s + 1, nxt, self._probe(params, nxt))
+    self.pending = (probed, seg["positions"], seg["segment_ids"], s)
     self.segment += 1
     mask = memory[self.runner.layers[0]][2]
     self.counts["windows"] += 1
@@ -142,12 +170,20 @@ class SegmentFeeder:
     return {**seg, "memory": memory}
 
   def after_dispatch(self) -> None:
-    """Adds the last window's keys/values (call right after dispatching its step: overlaps it)."""
-    if self.pending is None:
-      return
-    probed, pos, doc, s = self.pending
-    self.runner.add(probed, positions=pos, segment=s, metadata={"doc": doc}, where=doc > 0)
-    self.pending = None
+    """Host work while the step computes (call right after dispatching it).
+
+    Adds the window's keys/values; with prefetch, then retrieves the next window's memory (its
+    queries from the params before this step: one step stale, which only affects which entries
+    are found; the step that uses them attends with its own queries).
+    """
+    if self.pending is not None:
+      probed, pos, doc, s = self.pending
+      self.runner.add(probed, positions=pos, segment=s, metadata={"doc": doc}, where=doc > 0)
+      self.pending = None
+    if self.next_probe is not None:
+      s, seg, probed = self.next_probe
+      self.next_probe = None
+      self.ready = (s, seg) + self._retrieve(s, seg, probed)
 
   def __iter__(self):
     return self
