@@ -97,7 +97,7 @@ class SegmentFeeder:
     self.row_len = self.seq_len * self.n
     self.runner = SegmentRunner(model, store_config(mem_cfg), num_streams=batch_size,
                                 layers=tuple(mem_cfg.layers) or None)
-    state = start_state or {}
+    state = start_state if isinstance(start_state, dict) else {}
     resume = (state.get("memory_rows") and state["row_len"] == self.row_len
               and 0 < state["segment"] < self.n and restore_dir is not None)
     if state.get("memory_rows"):
