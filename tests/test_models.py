@@ -254,3 +254,22 @@ def test_sampling_temperature_and_top_p():
   assert 0.5 < np.mean(draws == 0) < 0.75        # 0.5 / 0.8 = 0.625 after renormalising
   hot = np.asarray(draw(keys, 100.0))           # flat distribution, still only the top-p set
   assert set(hot.tolist()) == {0, 1, 2}   # temperature first, then top-p: a flatter set
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_loss_equals_plain_loss(tie):
+  """loss_chunk_size > 0 (logits per time chunk, recomputed in backward) == the plain loss."""
+  plain = build_model(tiny_config("hybrid", tie_embeddings=tie))
+  chunked = build_model(tiny_config("hybrid", tie_embeddings=tie, loss_chunk_size=5))
+  params = nn.unbox(plain.init(_key(0), 2, 12))
+  tokens = jax.random.randint(_key(1), (2, 12), 0, plain.cfg.vocab_size)
+  batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1),
+           "loss_mask": (jax.random.uniform(_key(2), (2, 12)) > 0.2).astype(jnp.float32)}
+  (a, ma), ga = jax.value_and_grad(plain.loss, has_aux=True)(params, batch)
+  (b, mb), gb = jax.value_and_grad(chunked.loss, has_aux=True)(params, batch)
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  np.testing.assert_allclose(ma["accuracy"], mb["accuracy"])
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="loss_chunk_size"):
+    build_model(tiny_config("hybrid", loss_chunk_size=-1))

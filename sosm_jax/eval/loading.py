@@ -27,7 +27,7 @@ from sosm_jax.train import config as config_lib
 # Model keys that change how the same parameters are computed, not what they are: a config may
 # differ from the checkpoint's in these (e.g. a longer RoPE base or another kernel at eval time).
 EVAL_SAFE_MODEL_KEYS = ("remat", "rope_base", "linear_impl", "attn_impl", "chunk_size", "dtype",
-                        "attn_window", "document_masking")
+                        "attn_window", "document_masking", "loss_chunk_size")
 
 
 @dataclasses.dataclass

@@ -90,6 +90,46 @@ class Embedder(nn.Module):
       out = mm("btd,vd->btv", h, self.table)
     return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
 
+  def cross_entropy(self, h: jax.Array, targets: jax.Array, loss_mask: jax.Array,
+                    chunk_size: int) -> tuple[jax.Array, dict]:
+    """Masked mean cross-entropy of `logits(h)` without holding `[B, T, V]` logits.
+
+    h `[B, T, D]`, targets `[B, T]` int, loss_mask `[B, T]`. The time axis is cut into chunks of
+    `chunk_size` (the batch axis stays whole, so its sharding is kept); each chunk's logits live
+    only inside a rematerialised scan step, so the backward pass recomputes them instead of
+    storing B x T x V floats. Same (loss, metrics) as `models.lm.cross_entropy(logits(h), ...)`.
+    """
+    b, t, _ = h.shape
+    pad = (-t) % chunk_size
+    mask = loss_mask.astype(_F32)
+    if pad:
+      h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+      targets = jnp.pad(targets, ((0, 0), (0, pad)))
+      mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    n = (t + pad) // chunk_size
+    chunks = lambda x: jnp.swapaxes(x.reshape(b, n, chunk_size, *x.shape[2:]), 0, 1)
+    logits_of = self.logits   # bound method: reads the params once, outside the scan
+
+    @jax.checkpoint
+    def chunk_sums(hc, tc, mc):
+      logits = logits_of(hc)
+      logz = jax.nn.logsumexp(logits, axis=-1)
+      picked = jnp.take_along_axis(logits, tc[..., None].astype(jnp.int32), axis=-1)[..., 0]
+      correct = (jnp.argmax(logits, axis=-1) == tc).astype(_F32)
+      return jnp.sum((logz - picked) * mc), jnp.sum(correct * mc)
+
+    def step(carry, xs):
+      loss, correct = chunk_sums(*xs)
+      return (carry[0] + loss, carry[1] + correct), None
+
+    zero = jnp.zeros((), _F32)
+    (loss_sum, correct_sum), _ = jax.lax.scan(step, (zero, zero),
+                                              (chunks(h), chunks(targets), chunks(mask)))
+    tokens = jnp.sum(mask)
+    denom = jnp.maximum(tokens, 1.0)
+    loss = loss_sum / denom
+    return loss, {"loss": loss, "accuracy": correct_sum / denom, "tokens": tokens}
+
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return self.encode(tokens)
 

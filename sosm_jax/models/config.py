@@ -22,6 +22,9 @@ Keys (config.model, an ml_collections ConfigDict):
                     boundaries; False: ignore segment ids (lets GPU attention use cuDNN
                     when documents are packed)                               (added)
   scan_layers       nn.scan over repetitions of the pattern (compile time flat in depth)
+  loss_chunk_size   >0: the training loss computes the head's logits this many tokens (of
+                    the time axis) at a time and recomputes them in the backward pass, never
+                    holding [B, T, V] float32 logits; 0: plain logits then cross-entropy
   remat             'none' | 'full' | 'dots' (save matmul outputs without batch dims)
   graph             the graph mixer's keys (sosm_jax/layers/graph.py: default_graph_config)
 """
@@ -80,6 +83,7 @@ def default_model_config(architecture: str = "hybrid") -> ml_collections.ConfigD
   c.norm_eps = 1e-6
   c.document_masking = True
   c.scan_layers = True
+  c.loss_chunk_size = 0
   c.remat = "none"
   c.graph = _graph_defaults()
   return c
@@ -157,6 +161,8 @@ def validate_model_config(cfg) -> None:
   if cfg.num_layers % len(pattern):
     _fail("num_layers", f"{cfg.num_layers} is not a multiple of len(model.pattern)={len(pattern)}",
           f"use a multiple of {len(pattern)} or change model.pattern")
+  if cfg.loss_chunk_size < 0:
+    _fail("loss_chunk_size", f"{cfg.loss_chunk_size} < 0", "use 0 (plain logits) or e.g. 1024")
   if "attn" in pattern:
     _positive(cfg, "attn_num_heads", "attn_num_kv_heads", "attn_head_dim")
     if cfg.attn_num_heads % cfg.attn_num_kv_heads:

@@ -102,13 +102,15 @@ class HybridLM(nn.Module):
   """The language model. tokens `[B, T]` -> logits `[B, T, V]` float32 (and cache if given).
 
   positions `[B, T]` default 0..T-1; segment_ids `[B, T]` or None; cache from `init_cache`;
-  memory {layer: (keys, values, mask)} for graph layers (module doc) or None.
+  memory {layer: (keys, values, mask)} for graph layers (module doc) or None. With
+  loss_targets=(targets, loss_mask) `[B, T]` it returns (loss, metrics) instead of logits, the
+  head's logits computed in chunks of cfg.loss_chunk_size tokens (`Embedder.cross_entropy`).
   """
   cfg: Any
 
   @nn.compact
   def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, decode=False,
-               memory=None):
+               memory=None, loss_targets=None):
     cfg = self.cfg
     check_memory_layers(cfg, memory)
     b, t = tokens.shape
@@ -136,6 +138,8 @@ class HybridLM(nn.Module):
                                    memory)
 
     x = RMSNorm(cfg.norm_eps, ("norm",), compute_dtype(cfg), param_dtype(cfg), name="final_norm")(x)
+    if loss_targets is not None:
+      return embedder.cross_entropy(x, *loss_targets, max(1, cfg.loss_chunk_size))
     logits = embedder.logits(x)
     if cache is None:
       return logits

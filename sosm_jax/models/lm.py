@@ -72,8 +72,12 @@ class LanguageModel:
     batch: `[B, T]` arrays 'inputs', 'targets', 'loss_mask', optional 'positions', 'segment_ids',
     and optional 'memory' (as in `apply`).
     """
-    logits = self.apply(params, batch["inputs"], positions=batch.get("positions"),
-                        segment_ids=batch.get("segment_ids"), memory=batch.get("memory"))
+    kwargs = dict(positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                  memory=batch.get("memory"))
+    if self.cfg.loss_chunk_size > 0:   # never materialise [B, T, V] logits
+      return self.module.apply({"params": params}, batch["inputs"], **kwargs,
+                               loss_targets=(batch["targets"], batch["loss_mask"]))
+    logits = self.apply(params, batch["inputs"], **kwargs)
     return cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
   # ------------------------------------------------------------------ inference
