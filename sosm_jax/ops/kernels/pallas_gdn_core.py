@@ -5,12 +5,12 @@ stage. Backward: output-stage kernel (dq, dk, dgam, dh_in, dvn) -> reverse recur
 (dvn, lam_{n+1}) -> one post kernel per chunk that turns (h_n, lam_{n+1}, vn, dvn) into the
 recurrence's input cotangents and runs the WY-preparation backward on them in the same pass:
 
-    dw = -dvn h^T, dkd = vn lam^T, d gam_last += e^gam_last sum(h * lam)         (recurrence)
+    dw = -dvn h^T, dkd = vn lam^T                                                (recurrence)
     x = T^T dw, y = T^T du, dT = du (b v)^T + dw (b e^gam k)^T, dL = -T^T dT T^T  (WY form)
 
 so no `[batch*heads, chunks, ...]` intermediate is transposed or re-read by XLA; dk and dv are
-written in the caller's `[B, T, H, D]` layout. `POST = 'split'` runs the same math as two kernels
-(recurrence cotangents, then `pallas_gdn.prep_backward`), for register-pressure comparisons.
+written in the caller's `[B, T, H, D]` layout. The reverse recurrence also forms the output
+stage's dh and sum(h * lam) per chunk, so neither needs a `[N, K, V]` pass of its own.
 Matmul operands are in the inputs' dtype (bf16: fp32 accumulation), fp32 inputs at full precision.
 """
 from __future__ import annotations
@@ -27,8 +27,7 @@ from sosm_jax.ops.kernels import pallas_recurrence as pr
 from sosm_jax.ops.kernels.pallas_recurrence import _compiler_params, _dot
 
 _F32 = jnp.float32
-POST = "fused"                      # 'fused' | 'split' (benchmarks/kernels.py --stage-sweep)
-TUNING = {"post_warps": 8}
+TUNING = {"post_warps": 4}
 # True: the reverse recurrence forms the output stage's dh = scale (q e^gam)^T do itself, so the
 # `[B*H, N, K, V]` dh never reaches memory (written once, read once otherwise).
 FOLD_DH = True
@@ -36,14 +35,6 @@ FOLD_DH = True
 
 def _strict(c):
   return lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
-
-
-def _rec_cotangents(h_ref, lam_ref, vn_ref, dvn_ref):
-  """dw = -dvn h^T, dkd = vn lam^T `[C, K]` f32 and sum(h * lam) (scalar) of one chunk."""
-  dw = -_dot(dvn_ref[...], h_ref[...], tb=True)
-  dkd = _dot(vn_ref[...], lam_ref[...], tb=True)
-  hl = jnp.sum(jnp.sum(h_ref[...].astype(_F32) * lam_ref[...].astype(_F32), axis=1), axis=0)
-  return dw, dkd, hl
 
 
 def _post_kernel(k_ref, v_ref, b_ref, g_ref, t_ref, h_ref, lam_ref, vn_ref, dvn_ref, dko_ref,
@@ -65,14 +56,13 @@ def _post_kernel(k_ref, v_ref, b_ref, g_ref, t_ref, h_ref, lam_ref, vn_ref, dvn_
   dbeta = jnp.sum(vf * y, axis=1)
   d_t = _dot(du, (vf * beta[:, None]).astype(dt), tb=True)        # dT  [C, C]
   # key side: w = T (b e^gam k), with dw from the recurrence
-  dw, dkd, hl = _rec_cotangents(h_ref, lam_ref, vn_ref, dvn_ref)
-  dwb = dw.astype(dt)
+  dwb = (-_dot(du, h_ref[...], tb=True)).astype(dt)                # dw = -dvn h^T
   x = _dot(tt, dwb, ta=True)                                      # T^T dw  [C, K]
   kb = kf * (beta[:, None] * eg)
   d_t = d_t + _dot(dwb, kb.astype(dt), tb=True)
   dbeta = dbeta + jnp.sum(kf * eg * x, axis=1)
   dgam = jnp.sum(kb * x, axis=1)
-  dkd_e = dkd * to_end                                            # kd = k e^(gam_C - gam)
+  dkd_e = _dot(vn_ref[...], lam_ref[...], tb=True) * to_end        # dkd = vn lam^T; kd = k e^(gam_C - gam)
   dk = (beta[:, None] * eg) * x + dkd_e + dko_ref[...].astype(_F32)
   contrib = jnp.sum(dkd_e * kf, axis=1)
   # L = strictly_lower(b k k^T D): dL = -T^T dT T^T
@@ -89,17 +79,8 @@ def _post_kernel(k_ref, v_ref, b_ref, g_ref, t_ref, h_ref, lam_ref, vn_ref, dvn_
   dk = dk + _dot(ds, kk) + _dot(ds, kk, ta=True)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   last = lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1
-  tail = jnp.sum(contrib) + jnp.exp(glast) * hl
   db_ref[...] = dbeta
-  dg_ref[...] = dgam - contrib + jnp.where(last, tail, 0.0) + dgo_ref[...]
-
-
-def _rec_kernel(h_ref, lam_ref, vn_ref, dvn_ref, dw_ref, dkd_ref, hl_ref):
-  """Split variant, first kernel: the recurrence's cotangents of one chunk."""
-  dw, dkd, hl = _rec_cotangents(h_ref, lam_ref, vn_ref, dvn_ref)
-  dw_ref[...] = dw.astype(dw_ref.dtype)
-  dkd_ref[...] = dkd.astype(dkd_ref.dtype)
-  hl_ref[...] = jnp.zeros(hl_ref.shape, _F32) + hl
+  dg_ref[...] = dgam - contrib + jnp.where(last, jnp.sum(contrib), 0.0) + dgo_ref[...]
 
 
 def _specs(heads, c, kdim, vdim):
@@ -117,30 +98,15 @@ def _params(interpret, warps):
 def post_backward(k, v, beta, gam, tmat, h_in, lam_next, vn, dvn, dk_o, dg_o, *, interpret=False):
   """k `[B,T,H,K]`, v `[B,T,H,V]`, beta, gam, dg_o `[B*H,T]`, tmat `[B*H,T,C]` f32, h_in,
   lam_next `[B*H,N,K,V]`, vn, dvn `[B*H,N,C,V]`, dk_o `[B,T,H,K]` ->
-  (dk `[B,T,H,K]`, dv `[B,T,H,V]`, dbeta, dgam `[B*H,T]` f32)."""
+  (dk `[B,T,H,K]`, dv `[B,T,H,V]`, dbeta, dgam `[B*H,T]` f32). dgam lacks the chunk decays'
+  e^gam_C sum(h lam) term (the reverse recurrence gives it)."""
   b, t, heads, kdim = k.shape
   vdim = v.shape[-1]
   bh, n, c, _ = vn.shape
-  dt = k.dtype
   tok, row, state, scal = _specs(heads, c, kdim, vdim)
   flat_s = lambda x: x.reshape(bh, n * kdim, vdim)
   flat_c = lambda x: x.reshape(bh, n * c, x.shape[-1])
-  if POST == "split":
-    hl_spec = pl.BlockSpec((None, None, 16), lambda i, j: (i, j, 0))
-    dw, dkd, hl = pl.pallas_call(
-        _rec_kernel, grid=(bh, n),
-        in_specs=[state, state, row(vdim), row(vdim)],
-        out_specs=[row(kdim), row(kdim), hl_spec],
-        out_shape=[jax.ShapeDtypeStruct((bh, t, kdim), dt)] * 2
-        + [jax.ShapeDtypeStruct((bh, n, 16), _F32)],
-        interpret=interpret, compiler_params=_params(interpret, 4), name="gdn_rec_cotangents")(
-            flat_s(h_in), flat_s(lam_next), flat_c(vn), flat_c(dvn))
-    dk, dv, dbeta, dgam = pallas_gdn.prep_backward(k, v, beta, gam, tmat, dw, dvn.reshape(bh, t, vdim),
-                                                   dkd, chunk=c, interpret=interpret)
-    glast = gam.reshape(bh, n, c)[..., -1]
-    tail = jnp.zeros((bh, n, c), _F32).at[..., -1].set(jnp.exp(glast) * hl[..., 0])
-    return dk + dk_o, dv, dbeta, dgam + dg_o + tail.reshape(bh, t)
-  out_shape = [jax.ShapeDtypeStruct(k.shape, dt), jax.ShapeDtypeStruct(v.shape, v.dtype),
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
                jax.ShapeDtypeStruct((bh, t), _F32), jax.ShapeDtypeStruct((bh, t), _F32)]
   return pl.pallas_call(
       _post_kernel, grid=(bh, n),
@@ -190,10 +156,12 @@ def _core_bwd(scale, chunk, interpret, block_v, res, cts):
                                                             interpret=interpret, with_dh=not fold)
   per_chunk = lambda x: x.reshape(bh, n, c, x.shape[-1])
   extra = dict(q=q, gam=gam, do=do, scale=scale) if fold else {}
-  dvn, lam_next, lam0 = pr.backward(per_chunk(w), per_chunk(kd), a, dh_in, dvn_o, dh_last,
-                                    interpret=interpret, block_v=block_v, **extra)
+  dvn, lam_next, lam0, hl = pr.backward(per_chunk(w), per_chunk(kd), a, dh_in, dvn_o, dh_last,
+                                        interpret=interpret, block_v=block_v, h_in=h_in, **extra)
   dk, dv, dbeta, dgam = post_backward(k, v, beta, gam, tmat, h_in, lam_next, vn, dvn, dk_o, dg_o,
                                       interpret=interpret)
+  # a = e^gam_C (broadcast over K) scales the carried state: d gam_C += e^gam_C sum(h lam)
+  dgam = dgam.reshape(bh, n, c).at[..., -1].add(a[..., 0] * hl).reshape(bh, n * c)
   return dq, dk, dv, dbeta, dgam, lam0
 
 

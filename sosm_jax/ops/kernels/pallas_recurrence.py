@@ -107,9 +107,11 @@ def forward(w, u, kd, a, h0, *, interpret=False, block_v=None, num_warps=None, n
 # --------------------------------------------------------------------------- backward
 
 
-def _bwd_kernel(*refs, n_chunks, chunk, key_dim, has_w, out_grad=None):
+def _bwd_kernel(*refs, n_chunks, chunk, key_dim, has_w, out_grad=None, with_hl=False):
   refs = list(refs)
   w_ref = refs.pop(0) if has_w else None
+  hl_ref = refs.pop() if with_hl else None        # last output
+  hin_ref = refs.pop(-4) if with_hl else None     # last input, before the three outputs
   if out_grad is None:
     kd_ref, a_ref, dhin_ref, dvn_ref, dhl_ref, dvo_ref, lam_ref, lam0_ref = refs
   else:  # dh_in = scale (q e^gam)^T do is formed here (q, do [T, .] rows, gam [T] scalars)
@@ -128,6 +130,9 @@ def _bwd_kernel(*refs, n_chunks, chunk, key_dim, has_w, out_grad=None):
     states = pl.ds(n * key_dim, key_dim)
     lb = lam.astype(dt)
     lam_ref[states, :] = lb
+    if with_hl:  # sum(h_n * lam_{n+1}): the cotangent of the chunk's decay e^gam_C
+      hl = jnp.sum(jnp.sum(hin_ref[states, :].astype(_F32) * lam, axis=1), axis=0)
+      hl_ref[n, :] = jnp.zeros((16,), _F32) + hl
     dvn = dvn_ref[rows, :].astype(_F32) + _dot(kd_ref[rows, :], lb)
     dvo_ref[rows, :] = dvn.astype(dt)
     a = a_ref[n, :]
@@ -143,11 +148,12 @@ def _bwd_kernel(*refs, n_chunks, chunk, key_dim, has_w, out_grad=None):
 @functools.partial(jax.jit, static_argnames=("interpret", "block_v", "num_warps", "num_stages",
                                              "scale"))
 def backward(w, kd, a, d_h_in, d_vn, d_h_last, *, interpret=False, block_v=None, num_warps=None,
-             num_stages=None, q=None, gam=None, do=None, scale=None):
+             num_stages=None, q=None, gam=None, do=None, scale=None, h_in=None):
   """Reverse recurrence; arguments and results as `recurrence.scan_backward`.
 
   With q `[B,T,H,K]`, gam `[B*H,T]` f32, do `[B,T,H,V]` and scale (d_h_in None), the kernel forms
   d_h_in = scale (q e^gam)^T do of every chunk itself (the gated delta rule's output stage).
+  With h_in `[B*H,N,K,V]` it also returns hl `[B*H,N]` = sum(h_n * lam_{n+1}) per chunk.
   """
   num_warps = num_warps or TUNING["num_warps"]
   num_stages = num_stages or TUNING["num_stages"]
@@ -170,17 +176,27 @@ def backward(w, kd, a, d_h_in, d_vn, d_h_last, *, interpret=False, block_v=None,
                                      lambda i, j: (i // heads, 0, i % heads, j if jj else 0))
     out_specs = [tok(kdim, False), pl.BlockSpec((None, n * c), lambda i, j: (i, 0)), tok(bv, True)]
     out_args = [q.astype(dt), gam.astype(_F32), do.astype(dt)]
-  in_specs = ([seq_k] if has_w else []) + [seq_k, vec_a] + out_specs + [seq_v, state]
+  with_hl = h_in is not None
+  in_specs = (([seq_k] if has_w else []) + [seq_k, vec_a] + out_specs + [seq_v, state]
+              + ([all_states] if with_hl else []))
   args = (([flat(w)] if has_w else []) + [flat(kd), a.astype(_F32)] + out_args
-          + [flat(d_vn.astype(dt)), d_h_last.astype(_F32)])
+          + [flat(d_vn.astype(dt)), d_h_last.astype(_F32)] + ([flat(h_in)] if with_hl else []))
   out_shape = [jax.ShapeDtypeStruct((bh, n * c, v), dt),
                jax.ShapeDtypeStruct((bh, n * kdim, v), dt),
                jax.ShapeDtypeStruct((bh, kdim, v), _F32)]
+  out_specs = [seq_v, all_states, state]
+  if with_hl:
+    out_shape.append(jax.ShapeDtypeStruct((bh, n, (v // bv) * 16), _F32))
+    out_specs.append(pl.BlockSpec((None, n, 16), lambda i, j: (i, 0, j)))
   kernel = functools.partial(_bwd_kernel, n_chunks=n, chunk=c, key_dim=kdim, has_w=has_w,
-                             out_grad=None if q is None else float(scale))
-  dvn, lam_next, lam0 = pl.pallas_call(
-      kernel, grid=(bh, v // bv), in_specs=in_specs, out_specs=[seq_v, all_states, state],
+                             out_grad=None if q is None else float(scale), with_hl=with_hl)
+  outs = pl.pallas_call(
+      kernel, grid=(bh, v // bv), in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, interpret=interpret,
       compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
       name="chunk_recurrence_bwd")(*args)
-  return dvn.reshape(bh, n, c, v), lam_next.reshape(bh, n, kdim, v), lam0
+  dvn, lam_next, lam0 = outs[:3]
+  res = (dvn.reshape(bh, n, c, v), lam_next.reshape(bh, n, kdim, v), lam0)
+  if with_hl:
+    res += (outs[3].reshape(bh, n, v // bv, 16)[..., 0].sum(-1),)
+  return res
