@@ -218,38 +218,30 @@ def time_ours_decode(b, h, d, iters, steps=200):
   return (many - one) / steps
 
 
-def sweep_gdn_stages(rows, h, d, iters):
-  """Stage-kernel settings: gdn post kernel fused or split and its warps; GLA kernel warps."""
-  from sosm_jax.ops.kernels import pallas_gdn_core, pallas_gla  # pylint: disable=import-outside-toplevel
+def sweep_stages(rows, h, d, iters):
+  """GLA Pallas path variants (`pallas_gla.PATH`, `DIAG`, kernel warps) at the given rows; the
+  fastest forward+backward of the first row becomes the setting for the rest of the run."""
+  from sosm_jax.ops.kernels import pallas_gla  # pylint: disable=import-outside-toplevel
   out = []
-
-  def run(op, name, settings):
-    jax.clear_caches()
-    fn = kernels.fast_path(name, "pallas")
-    times, _ = time_jax(lambda *a: fn(*a)[0], inputs, do, ("fwd", "fwdbwd"), iters)
-    entry = {"op": op, "T": t, "B": b, **settings, **times}
-    print("stages", json.dumps(entry), flush=True)
-    out.append(entry)
-
+  configs = [("parallel", "split", 4, 4), ("parallel", "split", 8, 8), ("parallel", "exact", 4, 4),
+             ("chunk", "split", 4, 4), ("legacy", "split", 4, 4)]
   for row in rows:
     t, b = (int(x) for x in row.split("x"))
-    inputs, do = make_inputs("gdn", t, b, h, d, jnp.bfloat16)
-    default = (pallas_gdn_core.POST, pallas_gdn_core.TUNING["post_warps"], pallas_gdn_core.FOLD_DH)
-    for post, warps, fold in (("fused", 8, True), ("fused", 4, True), ("split", 4, True),
-                              ("fused", 8, False)):
-      pallas_gdn_core.POST, pallas_gdn_core.TUNING["post_warps"] = post, warps
-      pallas_gdn_core.FOLD_DH = fold
-      run("gdn", "gated_delta_rule", {"post": post, "post_warps": warps, "fold_dh": fold})
-    pallas_gdn_core.POST, pallas_gdn_core.TUNING["post_warps"], pallas_gdn_core.FOLD_DH = default
     inputs, do = make_inputs("gla", t, b, h, d, jnp.bfloat16)
-    default, diag = dict(pallas_gla.TUNING), pallas_gla.DIAG
-    for out_w, post_w, dg in ((4, 4, "split"), (2, 4, "split"), (8, 8, "split"), (2, 2, "split"),
-                              (4, 4, "exact")):
+    for path, diag, out_w, post_w in configs:
+      pallas_gla.PATH, pallas_gla.DIAG = path, diag
       pallas_gla.TUNING.update(out_warps=out_w, post_warps=post_w)
-      pallas_gla.DIAG = dg
-      run("gla", "gla", {"out_warps": out_w, "post_warps": post_w, "diag": dg})
-    pallas_gla.TUNING.update(default)
-    pallas_gla.DIAG = diag
+      jax.clear_caches()
+      fn = kernels.fast_path("gla", "pallas")
+      times, _ = time_jax(lambda *a, fn=fn: fn(*a)[0], inputs, do, ("fwd", "fwdbwd"), iters)
+      entry = {"op": "gla", "T": t, "B": b, "path": path, "diag": diag, "out_warps": out_w,
+               "post_warps": post_w, **times}
+      print("stages", json.dumps(entry), flush=True)
+      out.append(entry)
+  best = min(out[:len(configs)], key=lambda e: e["fwdbwd"])
+  pallas_gla.PATH, pallas_gla.DIAG = best["path"], best["diag"]
+  pallas_gla.TUNING.update(out_warps=best["out_warps"], post_warps=best["post_warps"])
+  print("stages chosen", json.dumps(best), flush=True)
   jax.clear_caches()
   return out
 
@@ -363,7 +355,8 @@ def main(argv=None):
   p.add_argument("--out", default="kernels.json")
   p.add_argument("--profile", default="", help="impl name: print its per-kernel GPU times")
   p.add_argument("--sweep", default="", help="rows for the recurrence launch-settings sweep")
-  p.add_argument("--stage-sweep", default="", help="rows for the gdn stage-kernel sweep")
+  p.add_argument("--stage-sweep", default="",
+                 help="rows for the GLA path/kernel sweep (the best is kept)")
   p.add_argument("--error-rows", type=int, default=1, help="rows that get the fp32 reference")
   p.add_argument("--check", action="store_true",
                  help="first compare ours_pallas with the sequential reference (values, gradients)")
@@ -380,7 +373,7 @@ def main(argv=None):
   if args.sweep:
     report["sweep"] = sweep_recurrence(args.sweep.split(","), h, d, args.iters)
   if args.stage_sweep:
-    report["stage_sweep"] = sweep_gdn_stages(args.stage_sweep.split(","), h, d, args.iters)
+    report["stage_sweep"] = sweep_stages(args.stage_sweep.split(","), h, d, args.iters)
 
   def record(entry):
     report["results"].append(entry)

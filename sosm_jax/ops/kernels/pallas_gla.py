@@ -34,6 +34,9 @@ _LOG2E = 1.4426950408889634
 # 8 x 8 quadrant as a matmul through the block's middle token, exact only inside the two 8 x 8
 # diagonal quadrants (half the exps and half the sequential steps). Both never overflow.
 DIAG = "split"
+# 'parallel': one program per 16-row sub-block; 'chunk': one program per chunk walking its
+# sub-blocks; 'legacy': the previous path (score kernels of `pallas_gla_scores.py` + XLA).
+PATH = "parallel"
 TUNING = {"out_warps": 4, "post_warps": 4, "rec_warps": 4, "rec_stages": 2}
 
 
@@ -73,14 +76,16 @@ def _rec_fwd_kernel(kd_ref, v_ref, a_ref, h0_ref, hin_ref, hl_ref, *, n_chunks, 
   hl_ref[...] = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(_F32))
 
 
-def _rec_bwd_kernel(qe_ref, do_ref, a_ref, dhl_ref, lam_ref, lam0_ref, *, n_chunks, chunk,
-                    key_dim, scale):
+def _rec_bwd_kernel(qe_ref, do_ref, a_ref, dhl_ref, hin_ref, lam_ref, lam0_ref, hl_ref, *,
+                    n_chunks, chunk, key_dim, scale):
   dt = qe_ref.dtype
 
   def body(i, lam):
     n = n_chunks - 1 - i
     rows = pl.ds(n * chunk, chunk)
-    lam_ref[pl.ds(n * key_dim, key_dim), :] = lam.astype(dt)
+    states = pl.ds(n * key_dim, key_dim)
+    lam_ref[states, :] = lam.astype(dt)
+    hl_ref[n, :] = jnp.sum(hin_ref[states, :].astype(_F32) * lam, axis=1)   # d e^gam_C (per key)
     return a_ref[n, :][:, None] * lam + scale * _dot(qe_ref[rows, :], do_ref[rows, :], ta=True)
 
   lam0_ref[...] = lax.fori_loop(0, n_chunks, body, dhl_ref[...].astype(_F32))
@@ -117,22 +122,27 @@ def rec_forward(kd, v, a, h0, *, chunk, interpret=False, block_v=None):
           kd, v, a, h0)
 
 
-def rec_backward(qe, do, a, dh_last, *, chunk, scale, interpret=False, block_v=None):
-  """qe = q e^gam `[B,T,H,K]`, do `[B,T,H,V]`, a, dh_last as `rec_forward` ->
-  (lam_next `[B*H,N*K,V]` = dL/dh_{n+1} for every chunk n, dL/dh_0 f32)."""
+def rec_backward(qe, do, a, dh_last, h_in, *, chunk, scale, interpret=False, block_v=None):
+  """qe = q e^gam `[B,T,H,K]`, do `[B,T,H,V]`, a, dh_last as `rec_forward`, h_in `[B*H,N*K,V]` ->
+  (lam_next `[B*H,N*K,V]` = dL/dh_{n+1} for every chunk n, dL/dh_0 f32,
+  hl `[B*H,N,K]` = rowsum(h_n * lam_{n+1}))."""
   b, t, heads, kdim = qe.shape
   vdim = do.shape[-1]
   n = t // chunk
   bv = _pick_block_v(b * heads, vdim, block_v)
   sp = _rec_specs(heads, t, kdim, bv, n)
   kernel = functools.partial(_rec_bwd_kernel, n_chunks=n, chunk=chunk, key_dim=kdim, scale=scale)
-  return pl.pallas_call(
-      kernel, grid=(b * heads, vdim // bv), in_specs=[sp["k"], sp["v"], sp["a"], sp["state"]],
-      out_specs=[sp["states"], sp["state"]],
+  nvb = vdim // bv
+  lam, lam0, hl = pl.pallas_call(
+      kernel, grid=(b * heads, nvb),
+      in_specs=[sp["k"], sp["v"], sp["a"], sp["state"], sp["states"]],
+      out_specs=[sp["states"], sp["state"], pl.BlockSpec((None, n, kdim), lambda i, j: (i, 0, j))],
       out_shape=[jax.ShapeDtypeStruct((b * heads, n * kdim, vdim), qe.dtype),
-                 jax.ShapeDtypeStruct((b * heads, kdim, vdim), _F32)],
+                 jax.ShapeDtypeStruct((b * heads, kdim, vdim), _F32),
+                 jax.ShapeDtypeStruct((b * heads, n, nvb * kdim), _F32)],
       interpret=interpret, compiler_params=_rec_params(interpret), name="gla_recurrence_bwd")(
-          qe, do.astype(qe.dtype), a, dh_last.astype(_F32))
+          qe, do.astype(qe.dtype), a, dh_last.astype(_F32), h_in)
+  return lam, lam0, hl.reshape(b * heads, n, nvb, kdim).sum(2)
 
 
 # --------------------------------------------------------------------------- diagonal sub-blocks
@@ -222,16 +232,26 @@ def _past_keys(k_ref, g_ref, r0, gref, c):
                                                      -jnp.inf))
 
 
+def _blocks(c, sub):
+  """Sub-blocks a program handles: all (static loop, PATH 'chunk') or its own (PATH 'parallel')."""
+  if PATH == "chunk":
+    return [(s, pl.ds(s * sub, sub), s * sub) for s in range(c // sub)]
+  s = pl.program_id(2)
+  return [(s, pl.ds(s * sub, sub), s * sub)]
+
+
+def _static(s):
+  return isinstance(s, int)
+
+
 def _out_kernel(q_ref, k_ref, v_ref, g_ref, h_ref, o_ref, *, scale, sub, fast):
   dt = q_ref.dtype
   c = q_ref.shape[0]
-  for s in range(c // sub):
-    r0 = s * sub
-    blk = pl.ds(r0, sub)
+  for s, blk, r0 in _blocks(c, sub):
     q, g = q_ref[blk, :].astype(_F32), g_ref[blk, :]
     o = _dot((q * jnp.exp(g)).astype(dt), h_ref[...])
-    if s > 0:
-      gref = g_ref[r0 - 1, :]
+    if not _static(s) or s > 0:   # traced s: block 0 has no past keys, the mask makes it zero
+      gref = g_ref[jnp.maximum(r0 - 1, 0), :]
       kg = _past_keys(k_ref, g_ref, r0, gref, c).astype(dt)
       a_past = _dot((q * jnp.exp(g - gref[None, :])).astype(dt), kg, tb=True)   # [sub, C]
       o = o + _dot(a_past.astype(dt), v_ref[...])
@@ -241,24 +261,43 @@ def _out_kernel(q_ref, k_ref, v_ref, g_ref, h_ref, o_ref, *, scale, sub, fast):
     else:
       a_diag = _diag_scores(k_ref, g_ref, r0, q, g, sub, fast)
     o = o + _dot(a_diag.astype(dt), v_ref[blk, :])
-    o_ref[blk, :] = (o * scale).astype(o_ref.dtype)
+    o_val = (o * scale).astype(o_ref.dtype)
+    if PATH == "chunk":
+      o_ref[blk, :] = o_val
+    else:
+      o_ref[...] = o_val
 
 
 def _chunk_specs(heads, c, kdim, vdim):
-  tok = lambda w: pl.BlockSpec((None, c, None, w), lambda i, n: (i // heads, n, i % heads, 0))
-  state = pl.BlockSpec((None, kdim, vdim), lambda i, n: (i, n, 0))
+  tok = lambda w: pl.BlockSpec((None, c, None, w), lambda i, n, *_: (i // heads, n, i % heads, 0))
+  state = pl.BlockSpec((None, kdim, vdim), lambda i, n, *_: (i, n, 0))
   return tok(kdim), tok(vdim), state
+
+
+def _out_specs(heads, c, sub, width):
+  """Output rows of a program: its chunk (PATH 'chunk') or its sub-block (PATH 'parallel')."""
+  if PATH == "chunk":
+    return pl.BlockSpec((None, c, None, width), lambda i, n: (i // heads, n, i % heads, 0))
+  nb = c // sub
+  return pl.BlockSpec((None, sub, None, width), lambda i, n, p: (i // heads, n * nb + p,
+                                                                  i % heads, 0))
+
+
+def _grid(bh, t, c, sub):
+  return (bh, t // c) if PATH == "chunk" else (bh, t // c, c // sub)
 
 
 def output_forward(q, k, v, gam, h_in, *, chunk, scale, interpret=False):
   """q, k `[B,T,H,K]`, v `[B,T,H,V]`, gam `[B,T,H,K]` f32, h_in `[B*H,N*K,V]` -> o `[B,T,H,V]`."""
   b, t, heads, kdim = q.shape
   vdim = v.shape[-1]
+  sub = _sub(chunk)
   kspec, vspec, state = _chunk_specs(heads, chunk, kdim, vdim)
-  kernel = functools.partial(_out_kernel, scale=scale, sub=_sub(chunk), fast=not interpret)
+  kernel = functools.partial(_out_kernel, scale=scale, sub=sub, fast=not interpret)
   return pl.pallas_call(
-      kernel, grid=(b * heads, t // chunk), in_specs=[kspec, kspec, vspec, kspec, state],
-      out_specs=vspec, out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype), interpret=interpret,
+      kernel, grid=_grid(b * heads, t, chunk, sub), in_specs=[kspec, kspec, vspec, kspec, state],
+      out_specs=_out_specs(heads, chunk, sub, vdim),
+      out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype), interpret=interpret,
       compiler_params=None if interpret else _compiler_params(TUNING["out_warps"], 1),
       name="gla_output_fwd")(q, k, v, gam, h_in)
 
@@ -286,32 +325,30 @@ def _diag_grads(k_ref, v_ref, g_ref, r0, q, g, do, sub, scale, fast):
 
 
 def _post_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, lam_ref, dq_ref, dk_ref, dv_ref,
-                 dg_ref, *, scale, sub, fast):
+                 dg_ref, tail_ref, *, scale, sub, fast):
+  """dq, dk, dv, dgam of the program's rows; tail_ref gets sum(k dkd) of each sub-block (the
+  chunk-end decay's share, added with e^gam_C sum(h lam) to the chunk's last row by the caller)."""
   dt = q_ref.dtype
   c, kdim = q_ref.shape
   nb = c // sub
   rows, cols = _iota((c, 1), 0), _iota((1, c), 1)
   glast = g_ref[c - 1, :]
-  hl = jnp.sum(h_ref[...].astype(_F32) * lam_ref[...].astype(_F32), axis=1)          # [K]
-  tail = jnp.exp(glast) * hl
-  for s in range(nb):
-    r0 = s * sub
-    blk = pl.ds(r0, sub)
+  for s, blk, r0 in _blocks(c, sub):
     q, k, g = q_ref[blk, :].astype(_F32), k_ref[blk, :].astype(_F32), g_ref[blk, :]
     do = do_ref[blk, :]
     # the state: o gets scale (q e^gam) h; h_next gets (k e^(gam_C - gam))^T v
     dq = scale * _dot(do, h_ref[...], tb=True) * jnp.exp(g)
     ed = jnp.exp(glast[None, :] - g)
     dkd = _dot(v_ref[blk, :], lam_ref[...], tb=True) * ed
-    tail = tail + jnp.sum(k * dkd, axis=0)
+    tail = jnp.sum(k * dkd, axis=0)
     dk = dkd
     dv = _dot((k * ed).astype(dt), lam_ref[...])
-    if s > 0:                     # scores against earlier sub-blocks: this block's queries
-      gref = g_ref[r0 - 1, :]
+    if not _static(s) or s > 0:        # scores against earlier sub-blocks: this block's queries
+      gref = g_ref[jnp.maximum(r0 - 1, 0), :]
       kg = _past_keys(k_ref, g_ref, r0, gref, c).astype(dt)
       da = jnp.where(cols < r0, scale * _dot(do, v_ref[...], tb=True), 0.0)          # [sub, C]
       dq = dq + _dot(da.astype(dt), kg) * jnp.exp(g - gref[None, :])
-    if s < nb - 1:                # scores against later sub-blocks: this block's keys
+    if not _static(s) or s < nb - 1:   # scores against later sub-blocks: this block's keys
       r1 = r0 + sub - 1
       gend = g_ref[r1, :]
       later = rows > r1
@@ -330,27 +367,39 @@ def _post_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, lam_ref, dq_ref, dk_
                                        fast)
     dq, dk = dq + dq_d, dk + dk_d
     dv = dv + scale * _dot(a_diag.astype(dt), do, ta=True)
-    dg = q * dq - k * dk
-    if s == nb - 1:               # gam_C also scales the carried state and every kd row
-      dg = dg + jnp.where(_iota((sub, 1), 0) == sub - 1, tail[None, :], 0.0)
-    dq_ref[blk, :] = dq.astype(dq_ref.dtype)
-    dk_ref[blk, :] = dk.astype(dk_ref.dtype)
-    dv_ref[blk, :] = dv.astype(dv_ref.dtype)
-    dg_ref[blk, :] = dg
+    outs = (dq.astype(dq_ref.dtype), dk.astype(dk_ref.dtype), dv.astype(dv_ref.dtype), q * dq - k * dk)
+    for ref, val in zip((dq_ref, dk_ref, dv_ref, dg_ref), outs):
+      if PATH == "chunk":
+        ref[blk, :] = val
+      else:
+        ref[...] = val
+    if PATH == "chunk":
+      tail_ref[s, :] = tail
+    else:
+      tail_ref[...] = tail
 
 
 def post_backward(q, k, v, gam, do, h_in, lam_next, *, chunk, scale, interpret=False):
-  """-> dq, dk `[B,T,H,K]` (q's dtype), dv `[B,T,H,V]`, dgam `[B,T,H,K]` f32."""
+  """-> dq, dk `[B,T,H,K]` (q's dtype), dv `[B,T,H,V]`, dgam `[B,T,H,K]` f32 (without the
+  chunk-end terms), tails `[B*H, N*C/16, K]` f32 (sum(k dkd) per 16-row sub-block)."""
   b, t, heads, kdim = q.shape
   vdim = v.shape[-1]
+  sub = _sub(chunk)
+  nb = chunk // sub
   kspec, vspec, state = _chunk_specs(heads, chunk, kdim, vdim)
-  kernel = functools.partial(_post_kernel, scale=scale, sub=_sub(chunk), fast=not interpret)
+  if PATH == "chunk":
+    tail_spec = pl.BlockSpec((None, nb, kdim), lambda i, n: (i, n, 0))
+  else:
+    tail_spec = pl.BlockSpec((None, None, kdim), lambda i, n, p: (i, n * nb + p, 0))
+  kernel = functools.partial(_post_kernel, scale=scale, sub=sub, fast=not interpret)
+  rows_k, rows_v = _out_specs(heads, chunk, sub, kdim), _out_specs(heads, chunk, sub, vdim)
   return pl.pallas_call(
-      kernel, grid=(b * heads, t // chunk),
+      kernel, grid=_grid(b * heads, t, chunk, sub),
       in_specs=[kspec, kspec, vspec, kspec, vspec, state, state],
-      out_specs=[kspec, kspec, vspec, kspec],
+      out_specs=[rows_k, rows_k, rows_v, rows_k, tail_spec],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(gam.shape, _F32)],
+                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(gam.shape, _F32),
+                 jax.ShapeDtypeStruct((b * heads, t // sub, kdim), _F32)],
       interpret=interpret,
       compiler_params=None if interpret else _compiler_params(TUNING["post_warps"], 1),
       name="gla_post_bwd")(q, k, v, gam, do.astype(v.dtype), h_in, lam_next)
@@ -391,10 +440,17 @@ def _core_bwd(scale, chunk, interpret, block_v, res, cts):
   q, k, v, gam, a, h_in = res
   do, dh_last = cts
   qe = (q.astype(_F32) * jnp.exp(gam)).astype(q.dtype)
-  lam_next, lam0 = rec_backward(qe, do, a, dh_last, chunk=chunk, scale=scale, interpret=interpret,
-                                block_v=block_v)
-  dq, dk, dv, dgam = post_backward(q, k, v, gam, do, h_in, lam_next, chunk=chunk, scale=scale,
-                                   interpret=interpret)
+  lam_next, lam0, hl = rec_backward(qe, do, a, dh_last, h_in, chunk=chunk, scale=scale,
+                                    interpret=interpret, block_v=block_v)
+  dq, dk, dv, dgam, tails = post_backward(q, k, v, gam, do, h_in, lam_next, chunk=chunk,
+                                          scale=scale, interpret=interpret)
+  # gam_C scales the carried state (a = e^gam_C) and every kd row: its cotangent goes to the
+  # chunk's last row
+  b, t, heads, kdim = q.shape
+  n = t // chunk
+  tail = tails.reshape(b * heads, n, -1, kdim).sum(2) + a * hl                  # [B*H, N, K]
+  tail = jnp.moveaxis(tail.reshape(b, heads, n, kdim), 1, 2)                    # [B, N, H, K]
+  dgam = dgam.reshape(b, n, chunk, heads, kdim).at[:, :, -1].add(tail).reshape(dgam.shape)
   return dq, dk, dv, dgam, lam0
 
 

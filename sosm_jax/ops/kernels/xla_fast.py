@@ -288,7 +288,9 @@ def gla_fast(q, k, v, log_f, *, scale=1.0, initial_state=None, chunk_size=64, ba
   dt = _compute_dtype(q, k, v)
   pad = (-t) % c
   if backend == "pallas":
-    return _gla_pallas(q, k, v, log_f, initial_state, scale, c, pad, dt, interpret, block_v)
+    from sosm_jax.ops.kernels import pallas_gla  # pylint: disable=import-outside-toplevel
+    if pallas_gla.PATH != "legacy":
+      return _gla_pallas(q, k, v, log_f, initial_state, scale, c, pad, dt, interpret, block_v)
   qc, kc, vc = (_chunked(x.astype(dt), c, pad) for x in (q, k, v))
   gam = jnp.cumsum(_chunked(log_f.astype(_F32), c, pad), axis=-2)  # [B,H,N,C,K]
   n = gam.shape[2]
@@ -303,7 +305,13 @@ def gla_fast(q, k, v, log_f, *, scale=1.0, initial_state=None, chunk_size=64, ba
   h_in = h_in.reshape(b, h, n, dk, dv)
 
   qg = (qc * jnp.exp(gam)).astype(dt)
-  scores = _gla_scores(qc, kc, gam, dt).astype(dt)
+  if backend == "pallas":  # legacy Pallas path: intra-chunk score kernels, the rest in XLA
+    from sosm_jax.ops.kernels.pallas_gla_scores import gla_scores  # pylint: disable=import-outside-toplevel
+    flat = lambda x: x.reshape(b * h, n * c, dk)
+    scores = gla_scores(flat(qc), flat(kc), flat(gam), c, interpret)
+    scores = scores.reshape(b, h, n, c, c).astype(dt)
+  else:
+    scores = _gla_scores(qc, kc, gam, dt).astype(dt)
   o = _mm("bhnck,bhnkv->bhncv", qg, h_in) + _mm("bhncm,bhnmv->bhncv", scores, vc)
   o = _unchunked(o * scale, t)
   return o.astype(v.dtype), h_last.reshape(b, h, dk, dv)
