@@ -223,8 +223,7 @@ def sweep_stages(rows, h, d, iters):
   fastest forward+backward of the first row becomes the setting for the rest of the run."""
   from sosm_jax.ops.kernels import pallas_gla  # pylint: disable=import-outside-toplevel
   out = []
-  configs = [("parallel", "split", 4, 4), ("parallel", "split", 8, 8), ("parallel", "exact", 4, 4),
-             ("chunk", "split", 4, 4), ("legacy", "split", 4, 4)]
+  configs = [("parallel", "split", 4, 4), ("parallel", "split", 8, 8), ("legacy", "split", 4, 4)]
   for row in rows:
     t, b = (int(x) for x in row.split("x"))
     inputs, do = make_inputs("gla", t, b, h, d, jnp.bfloat16)
