@@ -39,10 +39,13 @@ def _remat(cls, policy: str, static_layer_index: bool = False):
     return cls
   # Block.__call__(self, x, positions, segment_ids, cache, lower_bound, layer_index): self is 0
   static = (6,) if static_layer_index else ()
+  # Inside nn.scan the loop already keeps XLA from merging the recomputation with the forward
+  # pass; unrolled (static layer index) it needs prevent_cse, or remat saves nothing.
+  prevent_cse = static_layer_index
   if policy == "full":
-    return nn.remat(cls, prevent_cse=False, static_argnums=static)
+    return nn.remat(cls, prevent_cse=prevent_cse, static_argnums=static)
   # 'dots': keep projection matmul outputs (no batch dims), recompute the rest
-  return nn.remat(cls, prevent_cse=False, static_argnums=static,
+  return nn.remat(cls, prevent_cse=prevent_cse, static_argnums=static,
                   policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
 
