@@ -162,13 +162,29 @@ def test_gdn_prep_backward_kernel_matches_xla_form():
     assert _rel(x, y) < 1e-4
 
 
-@pytest.mark.parametrize("op", kernels.NAMES)
-def test_pallas_chunk64_every_sub_block(op):
+@pytest.mark.parametrize("op,path", [("gated_delta_rule", None), ("gla", "parallel"),
+                                     ("gla", "chunk"), ("gla", "legacy")])
+def test_pallas_chunk64_every_sub_block(op, path, monkeypatch):
   """Chunk 64 = four 16-token sub-blocks (GLA scores below, on and above the diagonal blocks);
-  two chunks plus a partial one, with an initial state."""
+  two chunks plus a partial one, with an initial state; every GLA Pallas path."""
+  from sosm_jax.ops.kernels import pallas_gla  # pylint: disable=import-outside-toplevel
+  if path:
+    monkeypatch.setattr(pallas_gla, "PATH", path)
   args, h0 = _inputs(op, 9, b=1, t=150, h=1)
   (ro, rs), (rga, rgh) = _outputs_and_grads(_reference(op), 9)(args, h0)
   (o, s), (ga, gh) = _outputs_and_grads(_fast(op, "pallas", chunk=64), 9)(args, h0)
   assert _rel(o, ro) < 2e-4 and _rel(s, rs) < 2e-4 and _rel(gh, rgh) < 5e-4
   for name, x, y in zip("qkvgb", ga, rga):
     assert _rel(x, y) < 5e-4, f"d{name}"
+
+
+def test_gla_auto_path_forward_only(monkeypatch):
+  """PATH 'auto': an undifferentiated call runs the 'parallel' kernels (bf16, no initial state)."""
+  from sosm_jax.ops.kernels import pallas_gla  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(pallas_gla, "PATH", "auto")
+  args, _ = _inputs("gla", 9, b=1, t=150, h=1)
+  ro, rs = gla_reference(*args)
+  bf = [x.astype(jnp.bfloat16) for x in args[:3]] + [args[3]]
+  o, s = jax.jit(_fast("gla", "pallas", chunk=64))(*bf)
+  assert o.dtype == jnp.bfloat16
+  assert _rel(o, ro) < 3e-2 and _rel(s, rs) < 3e-2

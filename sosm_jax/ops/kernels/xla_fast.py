@@ -274,7 +274,8 @@ def gla_fast(q, k, v, log_f, *, scale=1.0, initial_state=None, chunk_size=64, ba
   Args:
     q, k, log_f: `[batch, time, heads, key_dim]` (log_f <= 0), v `[batch, time, heads, value_dim]`.
     scale: output scale (default 1.0). initial_state: `[batch, heads, key_dim, value_dim]` or None.
-    chunk_size: static. backend: 'xla' | 'pallas' for the recurrence; interpret, block_v: Pallas.
+    chunk_size: static. backend: 'xla' | 'pallas' (path `pallas_gla.PATH`) | 'pallas_<path>';
+    interpret, block_v: Pallas.
   Returns:
     (o `[batch, time, heads, value_dim]` in v's dtype, final_state f32).
   """
@@ -283,14 +284,19 @@ def gla_fast(q, k, v, log_f, *, scale=1.0, initial_state=None, chunk_size=64, ba
   dv = v.shape[-1]
   c = chunk_size
   scale = 1.0 if scale is None else scale
-  if backend == "pallas" and not _pallas_shapes_ok(c, dk, dv):
+  path = None
+  if backend.startswith("pallas") and not _pallas_shapes_ok(c, dk, dv):
     backend = "xla"
+  elif backend.startswith("pallas"):  # 'pallas' follows pallas_gla.PATH; 'pallas_<path>' names one
+    from sosm_jax.ops.kernels import pallas_gla  # pylint: disable=import-outside-toplevel
+    path = pallas_gla.PATH if backend == "pallas" else backend[len("pallas_"):]
+    backend = "pallas"
   dt = _compute_dtype(q, k, v)
   pad = (-t) % c
-  if backend == "pallas":
-    from sosm_jax.ops.kernels import pallas_gla  # pylint: disable=import-outside-toplevel
-    if pallas_gla.PATH != "legacy":
-      return _gla_pallas(q, k, v, log_f, initial_state, scale, c, pad, dt, interpret, block_v)
+  if path == "auto":
+    return _gla_pallas_auto(q, k, v, log_f, initial_state, scale, c, interpret, block_v)
+  if path in ("parallel", "chunk"):
+    return _gla_pallas(q, k, v, log_f, initial_state, scale, c, pad, dt, interpret, block_v, path)
   qc, kc, vc = (_chunked(x.astype(dt), c, pad) for x in (q, k, v))
   gam = jnp.cumsum(_chunked(log_f.astype(_F32), c, pad), axis=-2)  # [B,H,N,C,K]
   n = gam.shape[2]
@@ -305,7 +311,7 @@ def gla_fast(q, k, v, log_f, *, scale=1.0, initial_state=None, chunk_size=64, ba
   h_in = h_in.reshape(b, h, n, dk, dv)
 
   qg = (qc * jnp.exp(gam)).astype(dt)
-  if backend == "pallas":  # legacy Pallas path: intra-chunk score kernels, the rest in XLA
+  if backend == "pallas":  # PATH 'legacy': intra-chunk score kernels, the rest in XLA
     from sosm_jax.ops.kernels.pallas_gla_scores import gla_scores  # pylint: disable=import-outside-toplevel
     flat = lambda x: x.reshape(b * h, n * c, dk)
     scores = gla_scores(flat(qc), flat(kc), flat(gam), c, interpret)
@@ -317,7 +323,7 @@ def gla_fast(q, k, v, log_f, *, scale=1.0, initial_state=None, chunk_size=64, ba
   return o.astype(v.dtype), h_last.reshape(b, h, dk, dv)
 
 
-def _gla_pallas(q, k, v, log_f, initial_state, scale, c, pad, dt, interpret, block_v):
+def _gla_pallas(q, k, v, log_f, initial_state, scale, c, pad, dt, interpret, block_v, path):
   """Pallas path (`pallas_gla.py`): [B, T, H, D] layout throughout, one custom VJP."""
   from sosm_jax.ops.kernels import pallas_gla  # pylint: disable=import-outside-toplevel
   b, t, h, dk = q.shape
@@ -329,5 +335,28 @@ def _gla_pallas(q, k, v, log_f, initial_state, scale, c, pad, dt, interpret, blo
   h0 = (jnp.zeros((b * h, dk, dv), _F32) if initial_state is None
         else initial_state.astype(_F32).reshape(b * h, dk, dv))
   o, h_last = pallas_gla.gla_core(pad_t(q, dt), pad_t(k, dt), pad_t(v, dt), gam, h0, float(scale),
-                                  c, interpret, block_v)
+                                  c, interpret, block_v, path)
   return o[:, :t].astype(v.dtype), h_last.reshape(b, h, dk, dv)
+
+
+def _gla_pallas_auto(q, k, v, log_f, initial_state, scale, c, interpret, block_v):
+  """PATH 'auto': the 'parallel' kernels when the call is not differentiated, the 'legacy' path
+  (forward and its VJP) when it is. Both are exact forms of the same op."""
+  b, _, h, dk = q.shape
+  dv = v.shape[-1]
+  h0 = (jnp.zeros((b, h, dk, dv), _F32) if initial_state is None else initial_state.astype(_F32))
+  opts = dict(scale=scale, chunk_size=c, interpret=interpret, block_v=block_v)
+
+  @jax.custom_vjp
+  def op(q, k, v, log_f, h0):
+    return gla_fast(q, k, v, log_f, initial_state=h0, backend="pallas_parallel", **opts)
+
+  def op_fwd(q, k, v, log_f, h0):
+    return jax.vjp(lambda *a: gla_fast(*a[:4], initial_state=a[4], backend="pallas_legacy", **opts),
+                   q, k, v, log_f, h0)
+
+  def op_bwd(vjp, cts):
+    return vjp(cts)
+
+  op.defvjp(op_fwd, op_bwd)
+  return op(q, k, v, log_f, h0)
