@@ -112,8 +112,10 @@ def time_jax(fn, inputs, do, modes, iters):
 
   @jax.jit
   def fwdbwd(*args):
+    # o is returned too: a training step uses it, and XLA would otherwise drop the kernels that
+    # only produce o (fla's timed step computes o as well)
     o, vjp = jax.vjp(fn, *args[:-1])
-    return vjp(args[-1])
+    return o, vjp(args[-1])
 
   out = {}
   o = fwd(*inputs)
@@ -277,8 +279,10 @@ def profile_kernels(op, fn, inputs, do, top=30, hlo_path=None):
 
   @jax.jit
   def fwdbwd(*args):
+    # o is returned too: a training step uses it, and XLA would otherwise drop the kernels that
+    # only produce o (fla's timed step computes o as well)
     o, vjp = jax.vjp(fn, *args[:-1])
-    return vjp(args[-1])
+    return o, vjp(args[-1])
   jax.block_until_ready(fwdbwd(*inputs, do))
   if hlo_path:
     with open(hlo_path, "w") as f:

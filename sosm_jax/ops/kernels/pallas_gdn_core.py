@@ -62,7 +62,8 @@ def _post_kernel(k_ref, v_ref, b_ref, g_ref, t_ref, h_ref, lam_ref, vn_ref, dvn_
   d_t = d_t + _dot(dwb, kb.astype(dt), tb=True)
   dbeta = dbeta + jnp.sum(kf * eg * x, axis=1)
   dgam = jnp.sum(kb * x, axis=1)
-  dkd_e = _dot(vn_ref[...], lam_ref[...], tb=True) * to_end        # dkd = vn lam^T; kd = k e^(gam_C - gam)
+  # dkd = vn lam^T; kd = k e^(gam_C - gam)
+  dkd_e = _dot(vn_ref[...], lam_ref[...], tb=True) * to_end
   dk = (beta[:, None] * eg) * x + dkd_e + dko_ref[...].astype(_F32)
   contrib = jnp.sum(dkd_e * kf, axis=1)
   # L = strictly_lower(b k k^T D): dL = -T^T dT T^T

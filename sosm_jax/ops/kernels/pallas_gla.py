@@ -298,7 +298,8 @@ def output_forward(q, k, v, gam, h_in, *, chunk, scale, interpret=False, path="p
   kspec, vspec, state = _chunk_specs(heads, chunk, kdim, vdim)
   kernel = functools.partial(_out_kernel, scale=scale, sub=sub, fast=not interpret, path=path)
   return pl.pallas_call(
-      kernel, grid=_grid(b * heads, t, chunk, sub, path), in_specs=[kspec, kspec, vspec, kspec, state],
+      kernel, grid=_grid(b * heads, t, chunk, sub, path),
+      in_specs=[kspec, kspec, vspec, kspec, state],
       out_specs=_out_specs(heads, chunk, sub, vdim, path),
       out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype), interpret=interpret,
       compiler_params=None if interpret else _compiler_params(TUNING["out_warps"], 1),
@@ -370,7 +371,8 @@ def _post_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, h_ref, lam_ref, dq_ref, dk_
                                        fast)
     dq, dk = dq + dq_d, dk + dk_d
     dv = dv + scale * _dot(a_diag.astype(dt), do, ta=True)
-    outs = (dq.astype(dq_ref.dtype), dk.astype(dk_ref.dtype), dv.astype(dv_ref.dtype), q * dq - k * dk)
+    outs = (dq.astype(dq_ref.dtype), dk.astype(dk_ref.dtype), dv.astype(dv_ref.dtype),
+            q * dq - k * dk)
     for ref, val in zip((dq_ref, dk_ref, dv_ref, dg_ref), outs):
       if path == "chunk":
         ref[blk, :] = val

@@ -328,7 +328,8 @@ def _gla_pallas(q, k, v, log_f, initial_state, scale, c, pad, dt, interpret, blo
   from sosm_jax.ops.kernels import pallas_gla  # pylint: disable=import-outside-toplevel
   b, t, h, dk = q.shape
   dv = v.shape[-1]
-  pad_t = lambda x, d: jnp.pad(x.astype(d), [(0, 0), (0, pad), (0, 0), (0, 0)]) if pad else x.astype(d)
+  pad_t = lambda x, d: (jnp.pad(x.astype(d), [(0, 0), (0, pad), (0, 0), (0, 0)]) if pad
+                        else x.astype(d))
   lf = pad_t(log_f, _F32)
   tp = t + pad
   gam = jnp.cumsum(lf.reshape(b, tp // c, c, h, dk), axis=2).reshape(lf.shape)
