@@ -7,11 +7,13 @@ the kernel (not a GPU, no Pallas Triton backend) or when `SOSM_DISABLE_KERNELS=1
 use the portable XLA chunked form.
 
 Fast paths (`xla_fast.py`), chunked like the portable form but arranged for speed. On GPU
-(backend 'pallas', Pallas Triton kernels): gated delta rule = WY preparation kernel (in-kernel
-blocked (I+L)^-1), chunk-state recurrence kernel (`pallas_recurrence.py`, state kept on chip),
-output-stage kernel (`pallas_gdn.py`), each with a hand-written VJP; GLA = recurrence kernel plus
-intra-chunk score kernels (`pallas_gla.py`), the rest in XLA. With backend 'xla' the same module
-is a pure-XLA formulation for any platform (intra-chunk work batched, recurrence by lax.scan).
+(backend 'pallas', Pallas Triton kernels): gated delta rule = one custom VJP
+(`pallas_gdn_core.py`) over the WY preparation and output-stage kernels (`pallas_gdn.py`) and the
+chunk-state recurrence (`pallas_recurrence.py`, state kept on chip), with a fused post kernel for
+the backward; GLA = `pallas_gla.PATH` ('auto': fused output-stage kernels of `pallas_gla.py` when
+not differentiated, score kernels of `pallas_gla_scores.py` plus XLA when differentiated).
+With backend 'xla' the same module is a pure-XLA formulation for any platform (intra-chunk work
+batched, recurrence by lax.scan).
 Speeds and what bounds them: `NOTES.md` beside this file; `benchmarks/kernels.py` measures.
 """
 from __future__ import annotations

@@ -7,9 +7,10 @@ Same math as `sosm_jax/ops/gated_delta.py` / `hgrn2.py` chunked forms, arranged 
   pairwise merges) with a two-matmul VJP instead of a batched triangular solve;
 - the only sequential work, the chunk-to-chunk state recurrence, is `recurrence.chunk_recurrence`
   with a hand-written VJP, run by lax.scan ('xla') or a Pallas kernel ('pallas');
-- with backend='pallas' the gated delta rule's WY preparation and output stage are Pallas kernels
-  too (`pallas_gdn.py`, reading q/k/v in their [B, T, H, D] layout), and GLA's intra-chunk scores
-  are a Pallas kernel (`pallas_gla.py`);
+- with backend='pallas' the gated delta rule is one custom VJP over Pallas kernels
+  (`pallas_gdn_core.py`, [B, T, H, D] layout throughout), and GLA follows `pallas_gla.PATH`
+  (fused kernels of `pallas_gla.py`, or the score kernels of `pallas_gla_scores.py` with the
+  rest of this module's XLA form);
 - GLA's intra-chunk scores use 16-token sub-chunks: exact per-channel decays inside a sub-chunk
   (a fused reduction with a hand-written VJP), a shared reference point between sub-chunks, so
   every exponent is <= 0 and nothing can overflow.
