@@ -28,6 +28,32 @@ def test_mqar_answer_is_the_value_paired_with_the_queried_key(length, pairs, que
     np.testing.assert_array_equal(ex.answer, t[ex.answer_positions])
 
 
+def _unasked_values_guess(ex, pairs: int) -> float:
+  """Expected accuracy of a guesser that never binds a key: for each query it picks uniformly
+  among the values of the pairs not asked yet (it reads the keys and values already answered)."""
+  t = ex.tokens
+  keys, values = t[1:1 + 2 * pairs:2].tolist(), t[2:2 + 2 * pairs:2].tolist()
+  asked, hits = set(), 0.0
+  for p in ex.answer_positions:
+    candidates = [v for k, v in zip(keys, values) if k not in asked]
+    if candidates:
+      hits += candidates.count(int(t[p])) / len(candidates)
+    asked.add(int(t[p - 1]))
+  return hits / len(ex.answer_positions)
+
+
+@pytest.mark.parametrize("pairs", [8, 32])
+def test_mqar_answers_are_not_given_away_by_the_answers_before_them(pairs):
+  # Teacher forcing shows each answered value. When every pair was asked exactly once, the
+  # pairs not asked yet narrowed the answer down (the last query had one candidate), and a model
+  # that bound no key to its value scored H(N)/N (2.7x chance at 8 pairs, 4x at 32): the study's
+  # models learned that instead of recall. Now the values left over carry ~no information.
+  guess = np.mean([_unasked_values_guess(
+      tasks.mqar_example(BYTE, 4 * pairs + 8, num_pairs=pairs, seed=seed), pairs)
+                   for seed in range(100)])
+  assert guess < 1.5 / pairs
+
+
 @pytest.mark.parametrize("length", [30, 300, 2000])
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_passkey_answer_is_the_number_hidden_at_the_depth(length, depth):

@@ -193,3 +193,51 @@ def test_perplexity_text_of_a_task_only_model_is_stdlib():
   assert runner.text_source(config, "text:/data/*.txt") == "text:/data/*.txt"
   config.data.source = "mix:stdlib=0.9,synthetic:passkey=0.1"
   assert runner.text_source(config) == ""  # the config's own held-out split
+
+
+def _binder(num_pairs_of_row):
+  """answer_fn: at a position holding a key of its row's context, the value bound to it; else pad.
+
+  It answers exactly where a query key sits, so it scores 100% only if the evaluator (and the
+  training loss mask) score exactly the positions after a query key."""
+
+  def answer(inputs, positions, segment_ids):
+    inputs = np.asarray(inputs)
+    out = np.full(inputs.shape, TOK.pad_id, np.int32)
+    for r, row in enumerate(inputs):
+      p = num_pairs_of_row(row)
+      table = dict(zip(row[1:1 + 2 * p:2].tolist(), row[2:2 + 2 * p:2].tolist()))
+      for t in range(1 + 2 * p, len(row)):
+        out[r, t] = table.get(int(row[t]), TOK.pad_id)
+    return out
+
+  return answer
+
+
+def _pairs_of_row(row):
+  """Context pairs of an MQAR row: the keys before the first SEP are all distinct."""
+  seen, i = set(), 1
+  while i + 1 < len(row) and row[i] != TOK.sep_id and int(row[i]) not in seen:
+    seen.add(int(row[i]))
+    i += 2
+  return len(seen)
+
+
+def test_mqar_evaluator_and_training_loss_score_the_same_positions():
+  from sosm_jax import data
+  binder = scoring.scorer_from_answers(_binder(_pairs_of_row))
+  grid = recall.mqar_grid(binder, TOK, lengths=(64, 128), num_pairs=(4, 8, 16), num_examples=4,
+                          seed=3)
+  assert grid["mean_accuracy"] == 1.0 and all(c["accuracy"] == 1.0 for c in grid["cells"])
+  assert grid["bag_chance"] == pytest.approx(np.mean([1 / 4, 1 / 8, 1 / 16]))
+  # The training pipeline's loss mask: the same positions, the same answers.
+  cfg = data.default_data_config()
+  cfg.update(source="synthetic:mqar", mqar_num_pairs=8, prefetch=0)
+  with data.make_pipeline(cfg, TOK, seq_len=64, batch_size=4, seed=0, process_index=0,
+                          process_count=1) as p:
+    batch = next(p)
+  pred = binder(batch).pred
+  scored = batch["loss_mask"] > 0
+  assert scored.sum() == 4 * 8
+  np.testing.assert_array_equal(pred[scored], batch["targets"][scored])
+  np.testing.assert_array_equal(pred != TOK.pad_id, scored)  # answers exactly at the query keys

@@ -8,7 +8,9 @@ evaluation examples, so training and evaluation see one format.
 - mqar (multi-query associative recall, Zoology style): `k1 v1 k2 v2 ... kN vN`, then a query
   region filled with SEP where Q queries `k v` sit at random even offsets; keys are distinct and
   drawn from the first half of the task vocabulary, values from the second half; each queried
-  value is the answer, and is the value paired with that key in the context.
+  value is the answer, and is the value paired with that key in the context. Queried keys are
+  drawn with replacement (a key may be asked twice), so the values already answered say nothing
+  about the next answer.
 - passkey: a header, filler text with a sentence "The pass key is NNNNN." at a chosen depth,
   then "What is the pass key? The pass key is " and the digits as the answer. Lengths too short
   for these sentences (under ~200 bytes) use a terse form: filler, "#NNNNN" at the depth, filler,
@@ -84,8 +86,11 @@ def mqar_example(tokenizer, length: int, *, num_pairs: int, seed, num_queries: i
   tokens[0] = tokenizer.bos_id
   tokens[1:1 + 2 * num_pairs:2] = keys
   tokens[2:2 + 2 * num_pairs:2] = values
-  which = (rng.permutation(num_pairs)[:num_queries] if num_queries <= num_pairs
-           else rng.integers(0, num_pairs, num_queries))
+  # Queried pairs are drawn with replacement. Teacher forcing shows every answered value in the
+  # input, so a permutation of the pairs (each asked once) would let a model that only tracks
+  # which values are still unasked score H(N)/N (34% at 8 pairs, 13% at 32) without binding any
+  # key to its value; models settle on that shortcut and it counts as recall.
+  which = rng.integers(0, num_pairs, num_queries)
   starts = 1 + 2 * num_pairs + 2 * np.sort(rng.choice(slots, num_queries, replace=False))
   tokens[starts] = keys[which]
   tokens[starts + 1] = values[which]

@@ -52,7 +52,10 @@ def mqar_grid(scorer: Scorer, tokenizer, *, lengths: Sequence[int], num_pairs: S
   `num_queries`; e.g. 63 at (256, 64) because BOS takes one token). Keys come from the first half
   of the task vocabulary, so num_pairs > vocab_size // 2 is skipped.
   Returns {'cells': [{'length', 'num_pairs', 'num_queries', 'accuracy', 'example_accuracy',
-  'queries'} | {..., 'accuracy': None, 'skipped': reason}], 'mean_accuracy', 'chance'}.
+  'queries'} | {..., 'accuracy': None, 'skipped': reason}], 'mean_accuracy', 'chance',
+  'bag_chance'}. `chance` is uniform guessing over the value vocabulary; `bag_chance` (mean of
+  1/num_pairs over the scored cells) is a model that copies a random value of the context without
+  binding it to its key, the level a model stuck before learning recall sits at.
   `progress(n)` is called with the number of cells finished.
   """
   cells = []
@@ -88,8 +91,10 @@ def mqar_grid(scorer: Scorer, tokenizer, *, lengths: Sequence[int], num_pairs: S
         progress(1)
   cells.sort(key=lambda c: (c["length"], c["num_pairs"]))
   scored = [c["accuracy"] for c in cells if c["accuracy"] is not None]
+  bag = [1.0 / c["num_pairs"] for c in cells if c["accuracy"] is not None]
   return {"cells": cells, "mean_accuracy": float(np.mean(scored)) if scored else None,
-          "chance": 1.0 / (vocab_size - vocab_size // 2), "num_examples": num_examples}
+          "chance": 1.0 / (vocab_size - vocab_size // 2),
+          "bag_chance": float(np.mean(bag)) if bag else None, "num_examples": num_examples}
 
 
 def passkey_grid(scorer: Scorer, tokenizer, *, lengths: Sequence[int], depths: Sequence[float],
