@@ -23,3 +23,16 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """XLA without most optimisations (~3x faster compiles), for modules that test behaviour, not
+  XLA: `pytestmark = pytest.mark.usefixtures("fast_compiles")`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  before = jax.config.values.get("jax_disable_most_optimizations", False)
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)

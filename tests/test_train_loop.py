@@ -18,13 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "curriculum.py")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """These tests check the trainer's behaviour, not XLA's optimisations: compile ~3x faster."""
-  before = jax.config.values.get("jax_disable_most_optimizations", False)
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+# trainer behaviour, not XLA's optimisations, is tested here: compile ~3x faster
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _parse(*overrides, variant="tiny"):

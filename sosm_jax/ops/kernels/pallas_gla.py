@@ -26,10 +26,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from sosm_jax.ops.kernels.pallas_gla_scores import _exp  # one ex2.approx exp for both GLA paths
 from sosm_jax.ops.kernels.pallas_recurrence import _compiler_params, _dot, _pick_block_v
 
 _F32 = jnp.float32
-_LOG2E = 1.4426950408889634
 # Diagonal sub-blocks: 'exact' = one key at a time over all 16 keys; 'split' = the lower-left
 # 8 x 8 quadrant as a matmul through the block's middle token, exact only inside the two 8 x 8
 # diagonal quadrants (half the exps and half the sequential steps). Both never overflow.
@@ -48,17 +48,6 @@ def _sub(c):
   if c % s or s & (s - 1):
     raise ValueError(f"pallas gla: chunk_size {c} must be a power of two.")
   return s
-
-
-def _exp(x, fast):
-  """exp; on the GPU one ex2.approx instruction (libdevice expf is several): exp(-inf) = 0."""
-  if not fast:
-    return jnp.exp(x)
-  from jax.experimental.pallas import triton as plt  # pylint: disable=import-outside-toplevel
-  [y] = plt.elementwise_inline_asm(
-      "ex2.approx.ftz.f32 $0, $1;", args=[x * _LOG2E], constraints="=f,f", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, _F32)])
-  return y
 
 
 def _iota(shape, axis):
