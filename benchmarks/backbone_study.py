@@ -53,33 +53,43 @@ EARLIER = {"hgrn2_3to1": "86.7% (6.83M, 0.136 s)", "gdn_5to1": "86.7% (9.98M, 0.
 
 # 12 layers: a multiple of both pattern lengths (4 and 6), so every variant has the same depth.
 # 'quick' checks the whole path on a CPU in minutes (too few steps to learn recall: its numbers
-# are near chance); 'full' is the study (~9.5M parameters, 49M training tokens per variant).
+# are near chance); 'full' is the study (~9.5M parameters, 33M training tokens per variant, about
+# a minute on an H100).
+# MQAR is learned in a sudden transition (the induction circuit forms) whose wait grows sharply
+# with gradient noise: tiny models stay at the "copy some context value" level (1/pairs) with 32
+# examples per step and learn with 128+ (benchmarks/mqar_sanity.py). So every step carries many
+# examples: short task examples (task_length) packed several to a row, 64K tokens per step
+# (~150 MQAR examples), instead of one long example per row at 16K tokens (~19, or 2 at 4K).
 SETTINGS = {
     "quick": dict(
         model=dict(num_layers=12, d_model=32, mlp_dim=64, attn_num_heads=2, attn_num_kv_heads=1,
                    attn_head_dim=16, hgrn2_head_dim=16, gdn_num_heads=2, gdn_head_dim=16,
                    chunk_size=16),
         seq_lens=(64,), steps=(40,), tokens_per_step=1024, learning_rate=3e-3, warmup=5,
-        mqar_pairs=8, mqar_lengths=(64, 128), mqar_grid_pairs=(4, 8, 16),
+        task_length=0, mqar_pairs=8, mqar_queries=0, mqar_lengths=(64, 128),
+        mqar_grid_pairs=(4, 8, 16),
         passkey_lengths=(64, 128), passkey_depths=(0.0, 0.5, 1.0), examples=8,
         forward_len=2048, forward_repeats=3),
     "full": dict(
         model=dict(num_layers=12, d_model=256, mlp_dim=704, attn_num_heads=4, attn_num_kv_heads=2,
                    attn_head_dim=64, hgrn2_head_dim=64, gdn_num_heads=4, gdn_head_dim=64,
                    chunk_size=64),
-        seq_lens=(256,), steps=(3000,), tokens_per_step=16384, learning_rate=1e-3, warmup=150,
-        mqar_pairs=32, mqar_lengths=(64, 128, 256, 512, 1024),
+        seq_lens=(1024,), steps=(500,), tokens_per_step=65536, learning_rate=1e-3, warmup=30,
+        task_length=256, mqar_pairs=32, mqar_queries=0, mqar_lengths=(64, 128, 256, 512, 1024),
         mqar_grid_pairs=(4, 8, 16, 32, 64, 128), passkey_lengths=(256, 512, 1024, 2048),
         passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), examples=32, forward_len=2048,
         forward_repeats=10),
     # The graph-routing comparison (graph layer vs full attention vs linear-only) on MQAR up to
-    # 4K tokens: the full setting's model, trained through 512 -> 2K -> 4K.
+    # 4K tokens: the full setting's model. Recall is learned at 512 tokens (128 examples a step),
+    # then stretched to 4K (16 examples a step) once the circuit exists. Queries: one per pair, as
+    # the evaluation asks them (training at another query density costs accuracy at evaluation).
     "long_mqar": dict(
         model=dict(num_layers=12, d_model=256, mlp_dim=704, attn_num_heads=4, attn_num_kv_heads=2,
                    attn_head_dim=64, hgrn2_head_dim=64, gdn_num_heads=4, gdn_head_dim=64,
                    chunk_size=64),
-        seq_lens=(512, 2048, 4096), steps=(1200, 300, 150), tokens_per_step=16384,
-        learning_rate=1e-3, warmup=100, mqar_pairs=32, mqar_lengths=(512, 1024, 2048, 4096),
+        seq_lens=(512, 4096), steps=(400, 100), tokens_per_step=65536, learning_rate=1e-3,
+        warmup=30, task_length=0, mqar_pairs=32, mqar_queries=0,
+        mqar_lengths=(512, 1024, 2048, 4096),
         mqar_grid_pairs=(16, 32, 64), passkey_lengths=(1024, 4096),
         passkey_depths=(0.0, 0.5, 1.0), examples=32, forward_len=2048, forward_repeats=10),
 }
@@ -106,7 +116,9 @@ def variant_config(name: str, setting: dict, dtype: str, steps: int, task_mix: s
   c = config_lib.base_config()
   c.model.update(vocab_size=260, dtype=dtype, **setting["model"])
   c.model.update(VARIANTS[name])
-  c.data.update(source=task_mix, mqar_num_pairs=setting["mqar_pairs"], task_vocab_size=256)
+  c.data.update(source=task_mix, mqar_num_pairs=setting["mqar_pairs"], task_vocab_size=256,
+                mqar_num_queries=setting.get("mqar_queries", 0),
+                task_length=setting.get("task_length", 0))
   per_stage = tuple(steps for _ in setting["seq_lens"]) if steps else setting["steps"]
   c.curriculum.update(seq_lens=setting["seq_lens"], steps=per_stage,
                       tokens_per_step=setting["tokens_per_step"])

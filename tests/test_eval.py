@@ -230,6 +230,10 @@ def test_mqar_evaluator_and_training_loss_score_the_same_positions():
                           seed=3)
   assert grid["mean_accuracy"] == 1.0 and all(c["accuracy"] == 1.0 for c in grid["cells"])
   assert grid["bag_chance"] == pytest.approx(np.mean([1 / 4, 1 / 8, 1 / 16]))
+  dense = recall.mqar_grid(binder, TOK, lengths=(32,), num_pairs=(2, 4), num_examples=2,
+                           num_queries=12)  # 32 tokens hold 13 queries after 2 pairs, 11 after 4
+  assert [c["num_queries"] for c in dense["cells"]] == [12, 11]
+  assert [c["queries"] for c in dense["cells"]] == [24, 22] and dense["mean_accuracy"] == 1.0
   # The training pipeline's loss mask: the same positions, the same answers.
   cfg = data.default_data_config()
   cfg.update(source="synthetic:mqar", mqar_num_pairs=8, prefetch=0)

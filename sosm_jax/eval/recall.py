@@ -45,11 +45,12 @@ def _score_cells(scorer: Scorer, batches: list[Batch]) -> list[tuple[np.ndarray,
 
 def mqar_grid(scorer: Scorer, tokenizer, *, lengths: Sequence[int], num_pairs: Sequence[int],
               num_examples: int = 16, seed: int = 1234, vocab_size: int = 256,
-              progress: Progress = None) -> dict:
+              num_queries: int = 0, progress: Progress = None) -> dict:
   """MQAR accuracy for every (length, num_pairs).
 
-  Queries per example: one per pair where they fit, else as many as fit (reported per cell as
-  `num_queries`; e.g. 63 at (256, 64) because BOS takes one token). Keys come from the first half
+  Queries per example: `num_queries`, or (0) one per pair, in both cases capped at as many as fit
+  (reported per cell as `num_queries`; e.g. 63 at (256, 64) because BOS takes one token); use the
+  training data's mqar_num_queries to score at the trained density. Keys come from the first half
   of the task vocabulary, so num_pairs > vocab_size // 2 is skipped.
   Returns {'cells': [{'length', 'num_pairs', 'num_queries', 'accuracy', 'example_accuracy',
   'queries'} | {..., 'accuracy': None, 'skipped': reason}], 'mean_accuracy', 'chance',
@@ -62,7 +63,7 @@ def mqar_grid(scorer: Scorer, tokenizer, *, lengths: Sequence[int], num_pairs: S
   for length in lengths:
     todo, batches = [], []
     for pairs in num_pairs:
-      queries = min(pairs, mqar_queries_that_fit(length, pairs))
+      queries = min(num_queries or pairs, mqar_queries_that_fit(length, pairs))
       cell = {"length": int(length), "num_pairs": int(pairs), "num_queries": int(queries)}
       reason = None
       if pairs > vocab_size // 2:
