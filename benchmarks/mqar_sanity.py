@@ -98,6 +98,7 @@ def define_flags():
   flags.DEFINE_integer("layers", 2, "Layers (a multiple of the pattern length).")
   flags.DEFINE_integer("d_model", 64, "Model width.")
   flags.DEFINE_integer("heads", 2, "Attention heads (head dim = d_model // heads).")
+  flags.DEFINE_integer("mlp_dim", 0, "MLP width of sosm_jax models (0 = 2 * d_model).")
   flags.DEFINE_string("source", "synthetic:mqar", "Training data source.")
   flags.DEFINE_integer("seq_len", 64, "Training row length.")
   flags.DEFINE_integer("task_length", 0, "Tokens per task example (0 = seq_len).")
@@ -116,11 +117,11 @@ def define_flags():
   flags.DEFINE_string("out", "/tmp/mqar_sanity", "Output directory.")
 
 
-def build(arch: str, layers: int, d_model: int, heads: int, platform_cpu: bool):
+def build(arch: str, layers: int, d_model: int, heads: int, platform_cpu: bool, mlp_dim: int = 0):
   """The model config of a sanity run, and the model."""
   cfg = config_lib.base_config().model
   head_dim = d_model // heads
-  cfg.update(num_layers=layers, d_model=d_model, mlp_dim=2 * d_model, vocab_size=260,
+  cfg.update(num_layers=layers, d_model=d_model, mlp_dim=mlp_dim or 2 * d_model, vocab_size=260,
              attn_num_heads=heads, attn_num_kv_heads=heads, attn_head_dim=head_dim,
              hgrn2_head_dim=head_dim, gdn_num_heads=heads, gdn_head_dim=head_dim, chunk_size=16,
              dtype="float32", scan_layers=False,
@@ -137,7 +138,8 @@ def main(argv):
   if FLAGS.arch == "reference":
     model_cfg, model = None, ReferenceAttention(FLAGS.layers, FLAGS.d_model, FLAGS.heads)
   else:
-    model_cfg, model = build(FLAGS.arch, FLAGS.layers, FLAGS.d_model, FLAGS.heads, cpu)
+    model_cfg, model = build(FLAGS.arch, FLAGS.layers, FLAGS.d_model, FLAGS.heads, cpu,
+                             FLAGS.mlp_dim)
   data_cfg = config_lib.base_config().data
   data_cfg.update(source=FLAGS.source, mqar_num_pairs=FLAGS.pairs, mqar_num_queries=FLAGS.queries,
                   task_vocab_size=256,
