@@ -91,6 +91,9 @@ ARCHS = {
     "transformer": dict(architecture="transformer", pattern=("attn",)),
     "hybrid": dict(architecture="hybrid", pattern=("hgrn2",) * 3 + ("attn",)),
     "gdn_hybrid": dict(architecture="hybrid", pattern=("gdn",) * 3 + ("attn",)),
+    # the graph-routing comparison (issue "Graph routing"): graph layer vs attention vs linear-only
+    "sosm": dict(architecture="sosm", pattern=("hgrn2", "graph")),
+    "linear_only": dict(architecture="hybrid", pattern=("hgrn2",)),
 }
 
 FLAGS = flags.FLAGS
