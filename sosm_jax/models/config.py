@@ -19,8 +19,7 @@ Keys (config.model, an ml_collections ConfigDict):
   dtype, param_dtype  activations / parameters
   norm_eps          RMSNorm epsilon                                          (added)
   document_masking  True: segment ids stop attention and recurrent state at document
-                    boundaries; False: ignore segment ids (lets GPU attention use cuDNN
-                    when documents are packed)                               (added)
+                    boundaries (on GPU through cuDNN's packed layout); False: ignore them
   scan_layers       nn.scan over repetitions of the pattern (compile time flat in depth)
   loss_chunk_size   >0: the training loss computes the head's logits this many tokens (of
                     the time axis) at a time and recomputes them in the backward pass, never

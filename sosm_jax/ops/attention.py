@@ -14,7 +14,8 @@ Forms with one meaning:
 
 Masks: token t sees token s when s <= t, (window > 0) t - s < window, and (segment ids given)
 segment_ids[s] == segment_ids[t]. Padding (segment id 0) only sees other padding, so its rows stay
-finite; the loss masks them out.
+finite; the loss masks them out. cuDNN's packed path separates contiguous runs of equal id
+(the same thing for packed rows, where each document and the padding are one run each).
 """
 from __future__ import annotations
 
