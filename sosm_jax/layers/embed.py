@@ -43,6 +43,25 @@ def _head_matmul_bwd(equation, residuals, g):
 head_matmul.defvjp(_head_matmul_fwd, _head_matmul_bwd)
 
 
+def masked_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+  """(sum of -log p(target), sum of argmax == target) over tokens where mask, in float32.
+
+  logits `[..., V]`, targets and mask `[...]`.
+  """
+  logits = logits.astype(_F32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(_F32)
+  return jnp.sum((logz - picked) * mask), jnp.sum(correct * mask)
+
+
+def mean_loss_metrics(loss_sum, correct_sum, tokens):
+  """(mean loss, {'loss', 'accuracy', 'tokens'}) from masked sums over `tokens` tokens."""
+  denom = jnp.maximum(tokens, 1.0)
+  loss = loss_sum / denom
+  return loss, {"loss": loss, "accuracy": correct_sum / denom, "tokens": tokens}
+
+
 class Embedder(nn.Module):
   """`encode(tokens [B,T]) -> [B,T,D]` and `logits(h [B,T,D]) -> [B,T,V]` float32."""
   cfg: Any
@@ -112,11 +131,7 @@ class Embedder(nn.Module):
 
     @jax.checkpoint
     def chunk_sums(hc, tc, mc):
-      logits = logits_of(hc)
-      logz = jax.nn.logsumexp(logits, axis=-1)
-      picked = jnp.take_along_axis(logits, tc[..., None].astype(jnp.int32), axis=-1)[..., 0]
-      correct = (jnp.argmax(logits, axis=-1) == tc).astype(_F32)
-      return jnp.sum((logz - picked) * mc), jnp.sum(correct * mc)
+      return masked_sums(logits_of(hc), tc, mc)
 
     def step(carry, xs):
       loss, correct = chunk_sums(*xs)
@@ -125,10 +140,7 @@ class Embedder(nn.Module):
     zero = jnp.zeros((), _F32)
     (loss_sum, correct_sum), _ = jax.lax.scan(step, (zero, zero),
                                               (chunks(h), chunks(targets), chunks(mask)))
-    tokens = jnp.sum(mask)
-    denom = jnp.maximum(tokens, 1.0)
-    loss = loss_sum / denom
-    return loss, {"loss": loss, "accuracy": correct_sum / denom, "tokens": tokens}
+    return mean_loss_metrics(loss_sum, correct_sum, jnp.sum(mask))
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return self.encode(tokens)

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sosm_jax.layers.embed import masked_sums, mean_loss_metrics
 from sosm_jax.models import counting
 from sosm_jax.models.config import freeze, layer_mixers, resolved_pattern
 from sosm_jax.models.hybrid import HybridLM, init_cache, mixer_class
@@ -26,16 +27,8 @@ def cross_entropy(logits, targets, loss_mask):
 
   logits `[B, T, V]`, targets `[B, T]` int, loss_mask `[B, T]` -> (loss, metrics).
   """
-  logits = logits.astype(_F32)
   mask = loss_mask.astype(_F32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  tokens = jnp.sum(mask)
-  denom = jnp.maximum(tokens, 1.0)
-  loss = jnp.sum((logz - picked) * mask) / denom
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(_F32)
-  accuracy = jnp.sum(correct * mask) / denom
-  return loss, {"loss": loss, "accuracy": accuracy, "tokens": tokens}
+  return mean_loss_metrics(*masked_sums(logits, targets, mask), jnp.sum(mask))
 
 
 class LanguageModel:
