@@ -104,6 +104,8 @@ def jax_impls(op, maxtext_wheel):
       "ours_xla": kernels.fast_path("gla", "xla"),
       "ops_chunked": hgrn2.gla_chunked,
   }
+  for path in ("split", "legacy", "parallel"):  # the GLA Pallas paths by name (pallas_gla.PATH)
+    impls[f"ours_{path}"] = kernels.fast_path("gla", f"pallas_{path}")
   return {k: (lambda f: lambda *a: f(*a)[0])(f) for k, f in impls.items()}
 
 
@@ -220,29 +222,33 @@ def time_ours_decode(b, h, d, iters, steps=200):
   return (many - one) / steps
 
 
+SPLIT_SWEEP = [  # GLA 'split' path settings tried by --stage-sweep (the first is the default)
+    {}, {"unroll": True}, {"dqk_warps": 8}, {"dqk_warps": 2}, {"scores_warps": 2},
+    {"scores_warps": 8}, {"out_warps": 8}, {"dav_warps": 8},
+]
+
+
 def sweep_stages(rows, h, d, iters):
-  """GLA Pallas path variants (`pallas_gla.PATH`, `DIAG`, kernel warps) at the given rows; the
-  fastest forward+backward of the first row becomes the setting for the rest of the run."""
-  from sosm_jax.ops.kernels import pallas_gla  # pylint: disable=import-outside-toplevel
+  """GLA 'split' path launch settings (`pallas_gla_split.TUNING`, the score kernels' UNROLL),
+  one change at a time from the defaults, at the given rows; the defaults are restored."""
+  from sosm_jax.ops.kernels import pallas_gla_scores, pallas_gla_split  # pylint: disable=import-outside-toplevel
+  defaults = dict(pallas_gla_split.TUNING, unroll=pallas_gla_scores.UNROLL)
   out = []
-  configs = [("parallel", "split", 4, 4), ("parallel", "split", 8, 8), ("legacy", "split", 4, 4)]
   for row in rows:
     t, b = (int(x) for x in row.split("x"))
     inputs, do = make_inputs("gla", t, b, h, d, jnp.bfloat16)
-    for path, diag, out_w, post_w in configs:
-      pallas_gla.PATH, pallas_gla.DIAG = path, diag
-      pallas_gla.TUNING.update(out_warps=out_w, post_warps=post_w)
+    for change in SPLIT_SWEEP:
+      setting = dict(defaults, **change)
+      pallas_gla_scores.UNROLL = setting["unroll"]
+      pallas_gla_split.TUNING.update({k: v for k, v in setting.items() if k != "unroll"})
       jax.clear_caches()
-      fn = kernels.fast_path("gla", "pallas")
+      fn = kernels.fast_path("gla", "pallas_split")
       times, _ = time_jax(lambda *a, fn=fn: fn(*a)[0], inputs, do, ("fwd", "fwdbwd"), iters)
-      entry = {"op": "gla", "T": t, "B": b, "path": path, "diag": diag, "out_warps": out_w,
-               "post_warps": post_w, **times}
+      entry = {"op": "gla", "T": t, "B": b, "path": "split", **setting, **times}
       print("stages", json.dumps(entry), flush=True)
       out.append(entry)
-  best = min(out[:len(configs)], key=lambda e: e["fwdbwd"])
-  pallas_gla.PATH, pallas_gla.DIAG = best["path"], best["diag"]
-  pallas_gla.TUNING.update(out_warps=best["out_warps"], post_warps=best["post_warps"])
-  print("stages chosen", json.dumps(best), flush=True)
+  pallas_gla_scores.UNROLL = defaults["unroll"]
+  pallas_gla_split.TUNING.update({k: v for k, v in defaults.items() if k != "unroll"})
   jax.clear_caches()
   return out
 
@@ -359,7 +365,7 @@ def main(argv=None):
   p.add_argument("--profile", default="", help="impl name: print its per-kernel GPU times")
   p.add_argument("--sweep", default="", help="rows for the recurrence launch-settings sweep")
   p.add_argument("--stage-sweep", default="",
-                 help="rows for the GLA path/kernel sweep (the best is kept)")
+                 help="rows for the GLA split-path launch-settings sweep")
   p.add_argument("--error-rows", type=int, default=1, help="rows that get the fp32 reference")
   p.add_argument("--check", action="store_true",
                  help="first compare ours_pallas with the sequential reference (values, gradients)")

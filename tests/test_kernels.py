@@ -163,7 +163,7 @@ def test_gdn_prep_backward_kernel_matches_xla_form():
 
 
 @pytest.mark.parametrize("op,path", [("gated_delta_rule", None), ("gla", "parallel"),
-                                     ("gla", "chunk"), ("gla", "legacy")])
+                                     ("gla", "chunk"), ("gla", "legacy"), ("gla", "split")])
 def test_pallas_chunk64_every_sub_block(op, path, monkeypatch):
   """Chunk 64 = four 16-token sub-blocks (GLA scores below, on and above the diagonal blocks);
   two chunks plus a partial one, with an initial state; every GLA Pallas path."""

@@ -441,14 +441,18 @@ def _core_bwd(scale, chunk, interpret, block_v, path, res, cts):
                                     interpret=interpret, block_v=block_v)
   dq, dk, dv, dgam, tails = post_backward(q, k, v, gam, do, h_in, lam_next, chunk=chunk,
                                           scale=scale, interpret=interpret, path=path)
-  # gam_C scales the carried state (a = e^gam_C) and every kd row: its cotangent goes to the
-  # chunk's last row
-  b, t, heads, kdim = q.shape
+  return dq, dk, dv, add_chunk_end_terms(dgam, tails, a, hl, chunk), lam0
+
+
+def add_chunk_end_terms(dgam, tails, a, hl, chunk):
+  """dgam `[B,T,H,K]` plus the cotangent of each chunk's last cumulative decay gam_C, which
+  scales the carried state (a = e^gam_C; hl = rowsum(h lam)) and every kd row (tails
+  `[B*H, N*S, K]`: sum(k dkd) per sub-block); it belongs to the chunk's last row."""
+  b, t, heads, kdim = dgam.shape
   n = t // chunk
   tail = tails.reshape(b * heads, n, -1, kdim).sum(2) + a * hl                  # [B*H, N, K]
   tail = jnp.moveaxis(tail.reshape(b, heads, n, kdim), 1, 2)                    # [B, N, H, K]
-  dgam = dgam.reshape(b, n, chunk, heads, kdim).at[:, :, -1].add(tail).reshape(dgam.shape)
-  return dq, dk, dv, dgam, lam0
+  return dgam.reshape(b, n, chunk, heads, kdim).at[:, :, -1].add(tail).reshape(dgam.shape)
 
 
 gla_core.defvjp(_core_fwd, _core_bwd)

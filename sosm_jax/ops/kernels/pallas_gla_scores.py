@@ -73,13 +73,13 @@ def _fwd_kernel(q_ref, k_ref, g_ref, a_ref, *, chunk, sub, unroll):
   def past(r, carry):
     kg = (_load_rows(k_ref, r * sub, sub).astype(_F32)
           * jnp.exp(gref[None, :] - _load_rows(g_ref, r * sub, sub))).astype(dt)
-    a_ref[:, pl.ds(r * sub, sub)] = _dot(qg, kg, tb=True)
+    a_ref[:, pl.ds(r * sub, sub)] = _dot(qg, kg, tb=True).astype(a_ref.dtype)
     return carry
 
   lax.fori_loop(0, p, past, 0)
 
   def future(r, carry):
-    a_ref[:, pl.ds(r * sub, sub)] = jnp.zeros((sub, sub), _F32)
+    a_ref[:, pl.ds(r * sub, sub)] = jnp.zeros((sub, sub), a_ref.dtype)
     return carry
 
   lax.fori_loop(p + 1, nb, future, 0)
@@ -90,20 +90,20 @@ def _fwd_kernel(q_ref, k_ref, g_ref, a_ref, *, chunk, sub, unroll):
     kj = k_ref[row0 + j, :].astype(_F32)
     gj = g_ref[row0 + j, :]
     e = _exp(jnp.where(trow >= j, g - gj[None, :], -jnp.inf), unroll)
-    a_ref[:, row0 + j] = jnp.sum(q * kj[None, :] * e, axis=1)
+    a_ref[:, row0 + j] = jnp.sum(q * kj[None, :] * e, axis=1).astype(a_ref.dtype)
     return carry
 
   _loop(sub, diag, 0, unroll and UNROLL)
 
 
-def _bwd_kernel(q_ref, k_ref, g_ref, da_ref, dq_ref, dk_ref, *, chunk, sub, unroll):
-  """dq, dk of sub-chunk p (= program 2) from the chunk's score cotangent [chunk, chunk]."""
+def intra_grads(q_ref, k_ref, g_ref, da_ref, *, chunk, sub, unroll):
+  """(dq, dk) `[sub, K]` f32 of sub-chunk p (= program 2) from the chunk's score cotangent
+  da_ref `[chunk, chunk]`; q_ref, k_ref, g_ref hold the chunk's rows `[chunk, K]`."""
   dt = q_ref.dtype
   nb = chunk // sub
   p = pl.program_id(2)
   row0 = p * sub
   q = _load_rows(q_ref, row0, sub).astype(_F32)
-  k = _load_rows(k_ref, row0, sub).astype(_F32)
   g = _load_rows(g_ref, row0, sub)
   kdim = q.shape[-1]
   gref = g_ref[jnp.maximum(row0 - 1, 0), :]
@@ -130,19 +130,23 @@ def _bwd_kernel(q_ref, k_ref, g_ref, da_ref, dq_ref, dk_ref, *, chunk, sub, unro
     kj = k_ref[row0 + j, :].astype(_F32)
     gj = g_ref[row0 + j, :]
     e = _exp(jnp.where(trow >= j, g - gj[None, :], -jnp.inf), unroll)
-    dcol = da_ref[pl.ds(row0, sub), row0 + j]
+    dcol = da_ref[pl.ds(row0, sub), row0 + j].astype(_F32)
     return dq + dcol[:, None] * kj[None, :] * e
 
   def diag_dk(t, dk):                     # dk[i] += dA[t, i] q_t exp(G_t - G_i), i <= t
     qt = q_ref[row0 + t, :].astype(_F32)
     gt = g_ref[row0 + t, :]
     e = _exp(jnp.where(trow <= t, gt[None, :] - g, -jnp.inf), unroll)
-    drow = da_ref[row0 + t, pl.ds(row0, sub)]
+    drow = da_ref[row0 + t, pl.ds(row0, sub)].astype(_F32)
     return dk + drow[:, None] * qt[None, :] * e
 
-  dq_ref[...] = _loop(sub, diag_dq, dq, unroll and UNROLL)
-  dk_ref[...] = _loop(sub, diag_dk, dk, unroll and UNROLL)
-  del k
+  return (_loop(sub, diag_dq, dq, unroll and UNROLL), _loop(sub, diag_dk, dk, unroll and UNROLL))
+
+
+def _bwd_kernel(q_ref, k_ref, g_ref, da_ref, dq_ref, dk_ref, *, chunk, sub, unroll):
+  """dq, dk of sub-chunk p (= program 2) from the chunk's score cotangent [chunk, chunk]."""
+  dq_ref[...], dk_ref[...] = intra_grads(q_ref, k_ref, g_ref, da_ref, chunk=chunk, sub=sub,
+                                         unroll=unroll)
 
 
 def _chunk_spec(c, width):

@@ -296,7 +296,7 @@ def gla_fast(q, k, v, log_f, *, scale=1.0, initial_state=None, chunk_size=64, ba
   pad = (-t) % c
   if path == "auto":
     return _gla_pallas_auto(q, k, v, log_f, initial_state, scale, c, interpret, block_v)
-  if path in ("parallel", "chunk"):
+  if path in ("parallel", "chunk", "split"):
     return _gla_pallas(q, k, v, log_f, initial_state, scale, c, pad, dt, interpret, block_v, path)
   qc, kc, vc = (_chunked(x.astype(dt), c, pad) for x in (q, k, v))
   gam = jnp.cumsum(_chunked(log_f.astype(_F32), c, pad), axis=-2)  # [B,H,N,C,K]
@@ -336,8 +336,13 @@ def _gla_pallas(q, k, v, log_f, initial_state, scale, c, pad, dt, interpret, blo
   gam = jnp.cumsum(lf.reshape(b, tp // c, c, h, dk), axis=2).reshape(lf.shape)
   h0 = (jnp.zeros((b * h, dk, dv), _F32) if initial_state is None
         else initial_state.astype(_F32).reshape(b * h, dk, dv))
-  o, h_last = pallas_gla.gla_core(pad_t(q, dt), pad_t(k, dt), pad_t(v, dt), gam, h0, float(scale),
-                                  c, interpret, block_v, path)
+  if path == "split":
+    from sosm_jax.ops.kernels import pallas_gla_split  # pylint: disable=import-outside-toplevel
+    o, h_last = pallas_gla_split.gla_split(pad_t(q, dt), pad_t(k, dt), pad_t(v, dt), gam, h0,
+                                           float(scale), c, interpret, block_v)
+  else:
+    o, h_last = pallas_gla.gla_core(pad_t(q, dt), pad_t(k, dt), pad_t(v, dt), gam, h0,
+                                    float(scale), c, interpret, block_v, path)
   return o[:, :t].astype(v.dtype), h_last.reshape(b, h, dk, dv)
 
 

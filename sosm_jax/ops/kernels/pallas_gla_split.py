@@ -1,0 +1,212 @@
+"""GLA (HGRN-2) Pallas path 'split': the work of a chunk split over small kernels by what it needs.
+
+Same math as `pallas_gla.py` (per chunk: o = scale ((q e^gam) h + A v), A the causal intra-chunk
+scores with per-key-channel decay, h the state entering the chunk). Each kernel reads and writes
+the caller's `[B, T, H, D]` layout, so no transposes run in XLA:
+
+forward   recurrence (state per chunk, `pallas_gla.rec_forward`)
+          scores A `[B*H, T, C]` (`pallas_gla_scores`: 16-row sub-blocks, exact on the diagonal)
+          output o = scale ((q e^gam) h + A v), one program per chunk (two matmuls)
+backward  reverse recurrence (dh per chunk, `pallas_gla.rec_backward`)
+          dA = scale do v^T (causal) and dv = scale A^T do + (k e^(gam_C - gam)) dh, per chunk
+          dq, dk, dgam per 16-row sub-block: the intra-chunk part from dA (score kernel
+          backward) plus the state part (do h^T, v dh^T), in one pass
+
+A is kept from the forward (in the compute dtype), so the backward never recomputes the exact
+diagonal scores; only their gradient walks the diagonal one key at a time.
+`interpret=True` runs on CPU (tests).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from sosm_jax.ops.kernels import pallas_gla, pallas_gla_scores
+from sosm_jax.ops.kernels.pallas_recurrence import _compiler_params, _dot
+
+_F32 = jnp.float32
+TUNING = {"scores_warps": 4, "out_warps": 4, "dav_warps": 4, "dqk_warps": 4}
+
+
+def _params(interpret, name):
+  return None if interpret else _compiler_params(TUNING[name], 1)
+
+
+def _chunk_rows(heads, c, width):
+  """A chunk's rows of a `[B, T, H, width]` array; grid (batch*head, chunk, ...)."""
+  return pl.BlockSpec((None, c, None, width), lambda i, n, *_: (i // heads, n, i % heads, 0))
+
+
+def _sub_rows(heads, c, sub, width):
+  """A 16-row sub-block of a `[B, T, H, width]` array; grid (batch*head, chunk, sub-block)."""
+  nb = c // sub
+  return pl.BlockSpec((None, sub, None, width),
+                      lambda i, n, p: (i // heads, n * nb + p, i % heads, 0))
+
+
+def _score_chunk(c):
+  """A chunk's `[C, C]` block of `[B*H, T, C]` scores."""
+  return pl.BlockSpec((None, c, c), lambda i, n, *_: (i, n, 0))
+
+
+def _state(kdim, vdim):
+  """The `[K, V]` state of a chunk in `[B*H, N*K, V]`."""
+  return pl.BlockSpec((None, kdim, vdim), lambda i, n, *_: (i, n, 0))
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def scores(q, k, gam, *, chunk, interpret=False):
+  """q, k `[B,T,H,K]`, gam `[B,T,H,K]` f32 -> A `[B*H, T, C]` in q's dtype (zero above the
+  diagonal)."""
+  b, t, heads, kdim = q.shape
+  sub = pallas_gla._sub(chunk)  # pylint: disable=protected-access
+  nb = chunk // sub
+  spec = _chunk_rows(heads, chunk, kdim)
+  kernel = functools.partial(pallas_gla_scores._fwd_kernel, chunk=chunk, sub=sub,  # pylint: disable=protected-access
+                             unroll=not interpret)
+  return pl.pallas_call(
+      kernel, grid=(b * heads, t // chunk, nb), in_specs=[spec, spec, spec],
+      out_specs=pl.BlockSpec((None, sub, chunk), lambda i, n, p: (i, n * nb + p, 0)),
+      out_shape=jax.ShapeDtypeStruct((b * heads, t, chunk), q.dtype), interpret=interpret,
+      compiler_params=_params(interpret, "scores_warps"), name="gla_split_scores")(q, k, gam)
+
+
+def _out_kernel(q_ref, g_ref, v_ref, h_ref, a_ref, o_ref, *, scale):
+  dt = q_ref.dtype
+  qe = (q_ref[...].astype(_F32) * jnp.exp(g_ref[...])).astype(dt)
+  o = _dot(qe, h_ref[...]) + _dot(a_ref[...].astype(dt), v_ref[...])
+  o_ref[...] = (o * scale).astype(o_ref.dtype)
+
+
+def output(q, gam, v, h_in, a, *, chunk, scale, interpret=False):
+  """o = scale ((q e^gam) h + A v): q, gam `[B,T,H,K]`, v `[B,T,H,V]`, h_in `[B*H, N*K, V]`,
+  A `[B*H, T, C]` -> o `[B,T,H,V]` in v's dtype."""
+  b, t, heads, kdim = q.shape
+  vdim = v.shape[-1]
+  return pl.pallas_call(
+      functools.partial(_out_kernel, scale=scale), grid=(b * heads, t // chunk),
+      in_specs=[_chunk_rows(heads, chunk, kdim), _chunk_rows(heads, chunk, kdim),
+                _chunk_rows(heads, chunk, vdim), _state(kdim, vdim), _score_chunk(chunk)],
+      out_specs=_chunk_rows(heads, chunk, vdim),
+      out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype), interpret=interpret,
+      compiler_params=_params(interpret, "out_warps"), name="gla_split_out")(q, gam, v, h_in, a)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def _dav_kernel(k_ref, g_ref, v_ref, do_ref, a_ref, lam_ref, da_ref, dv_ref, *, scale):
+  dt = v_ref.dtype
+  c = v_ref.shape[0]
+  causal = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  do = do_ref[...]
+  da_ref[...] = jnp.where(causal, scale * _dot(do, v_ref[...], tb=True), 0.0)
+  g = g_ref[...]
+  kd = (k_ref[...].astype(_F32) * jnp.exp(g[c - 1:c, :] - g)).astype(dt)
+  dv = scale * _dot(a_ref[...].astype(dt), do, ta=True) + _dot(kd, lam_ref[...])
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def scores_and_values_backward(k, gam, v, do, a, lam_next, *, chunk, scale, interpret=False):
+  """-> (dA `[B*H, T, C]` f32 = scale do v^T on and below the diagonal, dv `[B,T,H,V]`)."""
+  b, t, heads, kdim = k.shape
+  vdim = v.shape[-1]
+  vrows = _chunk_rows(heads, chunk, vdim)
+  return pl.pallas_call(
+      functools.partial(_dav_kernel, scale=scale), grid=(b * heads, t // chunk),
+      in_specs=[_chunk_rows(heads, chunk, kdim), _chunk_rows(heads, chunk, kdim), vrows, vrows,
+                _score_chunk(chunk), _state(kdim, vdim)],
+      out_specs=[_score_chunk(chunk), vrows],
+      out_shape=[jax.ShapeDtypeStruct((b * heads, t, chunk), _F32),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      interpret=interpret, compiler_params=_params(interpret, "dav_warps"),
+      name="gla_split_dav")(k, gam, v, do, a, lam_next)
+
+
+def _dqk_kernel(q_ref, k_ref, g_ref, da_ref, do_ref, v_ref, h_ref, lam_ref,
+                dq_ref, dk_ref, dg_ref, tail_ref, *, chunk, sub, scale, unroll):
+  dt = q_ref.dtype
+  dq, dk = pallas_gla_scores.intra_grads(q_ref, k_ref, g_ref, da_ref, chunk=chunk, sub=sub,
+                                         unroll=unroll)
+  rows = pl.ds(pl.program_id(2) * sub, sub)
+  q, k, g = q_ref[rows, :].astype(_F32), k_ref[rows, :].astype(_F32), g_ref[rows, :]
+  # the state: o gets scale (q e^gam) h, the next state gets (k e^(gam_C - gam))^T v
+  dq = dq + scale * _dot(do_ref[...].astype(dt), h_ref[...], tb=True) * jnp.exp(g)
+  dkd = _dot(v_ref[...], lam_ref[...], tb=True) * jnp.exp(g_ref[chunk - 1, :][None, :] - g)
+  dk = dk + dkd
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dg_ref[...] = q * dq - k * dk          # A and the state terms depend on gam as q e^gam, k e^-gam
+  tail_ref[...] = jnp.sum(k * dkd, axis=0)
+
+
+def query_key_backward(q, k, gam, da, do, v, h_in, lam_next, *, chunk, scale, interpret=False):
+  """-> dq, dk `[B,T,H,K]` (q's dtype), dgam `[B,T,H,K]` f32 without the chunk-end terms,
+  tails `[B*H, T/16, K]` f32 (sum(k dkd) per sub-block, see `pallas_gla.add_chunk_end_terms`)."""
+  b, t, heads, kdim = q.shape
+  vdim = v.shape[-1]
+  sub = pallas_gla._sub(chunk)  # pylint: disable=protected-access
+  nb = chunk // sub
+  kspec = _chunk_rows(heads, chunk, kdim)
+  rows_k, rows_v = _sub_rows(heads, chunk, sub, kdim), _sub_rows(heads, chunk, sub, vdim)
+  kernel = functools.partial(_dqk_kernel, chunk=chunk, sub=sub, scale=scale,
+                             unroll=not interpret)
+  return pl.pallas_call(
+      kernel, grid=(b * heads, t // chunk, nb),
+      in_specs=[kspec, kspec, kspec, _score_chunk(chunk), rows_v, rows_v, _state(kdim, vdim),
+                _state(kdim, vdim)],
+      out_specs=[rows_k, rows_k, rows_k,
+                 pl.BlockSpec((None, None, kdim), lambda i, n, p: (i, n * nb + p, 0))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(gam.shape, _F32),
+                 jax.ShapeDtypeStruct((b * heads, t // sub, kdim), _F32)],
+      interpret=interpret, compiler_params=_params(interpret, "dqk_warps"),
+      name="gla_split_dqk")(q, k, gam, da, do, v, h_in, lam_next)
+
+
+# --------------------------------------------------------------------------- custom VJP
+
+
+def _forward(q, k, v, gam, h0, scale, chunk, interpret, block_v):
+  a, to_end = pallas_gla._chunk_ends(gam, chunk)  # pylint: disable=protected-access
+  kd = (k.astype(_F32) * jnp.exp(to_end)).astype(k.dtype)
+  h_in, h_last = pallas_gla.rec_forward(kd, v, a, h0, chunk=chunk, interpret=interpret,
+                                        block_v=block_v)
+  scores_a = scores(q, k, gam, chunk=chunk, interpret=interpret)
+  o = output(q, gam, v, h_in, scores_a, chunk=chunk, scale=scale, interpret=interpret)
+  return (o, h_last), (q, k, v, gam, a, h_in, scores_a)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def gla_split(q, k, v, gam, h0, scale, chunk, interpret=False, block_v=None):
+  """q, k `[B,T,H,K]`, v `[B,T,H,V]` (T a multiple of chunk, one dtype), gam `[B,T,H,K]` f32
+  (within-chunk cumulative log-decay), h0 `[B*H,K,V]` f32 ->
+  (o `[B,T,H,V]` in v's dtype, h_last `[B*H,K,V]` f32)."""
+  return _forward(q, k, v, gam, h0, scale, chunk, interpret, block_v)[0]
+
+
+def _split_fwd(q, k, v, gam, h0, scale, chunk, interpret, block_v):
+  return _forward(q, k, v, gam, h0, scale, chunk, interpret, block_v)
+
+
+def _split_bwd(scale, chunk, interpret, block_v, res, cts):
+  q, k, v, gam, a, h_in, scores_a = res
+  do, dh_last = cts
+  do = do.astype(v.dtype)
+  qe = (q.astype(_F32) * jnp.exp(gam)).astype(q.dtype)
+  lam_next, lam0, hl = pallas_gla.rec_backward(qe, do, a, dh_last, h_in, chunk=chunk,
+                                               scale=scale, interpret=interpret, block_v=block_v)
+  da, dv = scores_and_values_backward(k, gam, v, do, scores_a, lam_next, chunk=chunk,
+                                      scale=scale, interpret=interpret)
+  dq, dk, dgam, tails = query_key_backward(q, k, gam, da, do, v, h_in, lam_next, chunk=chunk,
+                                           scale=scale, interpret=interpret)
+  return dq, dk, dv, pallas_gla.add_chunk_end_terms(dgam, tails, a, hl, chunk), lam0
+
+
+gla_split.defvjp(_split_fwd, _split_bwd)
