@@ -223,32 +223,37 @@ def time_ours_decode(b, h, d, iters, steps=200):
 
 
 SPLIT_SWEEP = [  # GLA 'split' path settings tried by --stage-sweep (the first is the default)
-    {}, {"unroll": True}, {"dqk_warps": 8}, {"dqk_warps": 2}, {"scores_warps": 2},
-    {"scores_warps": 8}, {"out_warps": 8}, {"dav_warps": 8},
+    {}, {"diag": "exact"}, {"unroll": True}, {"dqk_warps": 8}, {"dqk_warps": 2},
+    {"scores_warps": 2}, {"scores_warps": 8}, {"out_warps": 8}, {"dav_warps": 8},
 ]
+_NOT_TUNING = ("unroll", "diag")
 
 
 def sweep_stages(rows, h, d, iters):
-  """GLA 'split' path launch settings (`pallas_gla_split.TUNING`, the score kernels' UNROLL),
+  """GLA 'split' path settings (`pallas_gla_split.TUNING` and DIAG, the score kernels' UNROLL),
   one change at a time from the defaults, at the given rows; the defaults are restored."""
   from sosm_jax.ops.kernels import pallas_gla_scores, pallas_gla_split  # pylint: disable=import-outside-toplevel
-  defaults = dict(pallas_gla_split.TUNING, unroll=pallas_gla_scores.UNROLL)
+  defaults = dict(pallas_gla_split.TUNING, unroll=pallas_gla_scores.UNROLL,
+                  diag=pallas_gla_split.DIAG)
+
+  def apply(setting):
+    pallas_gla_scores.UNROLL, pallas_gla_split.DIAG = setting["unroll"], setting["diag"]
+    pallas_gla_split.TUNING.update({k: v for k, v in setting.items() if k not in _NOT_TUNING})
+
   out = []
   for row in rows:
     t, b = (int(x) for x in row.split("x"))
     inputs, do = make_inputs("gla", t, b, h, d, jnp.bfloat16)
     for change in SPLIT_SWEEP:
       setting = dict(defaults, **change)
-      pallas_gla_scores.UNROLL = setting["unroll"]
-      pallas_gla_split.TUNING.update({k: v for k, v in setting.items() if k != "unroll"})
+      apply(setting)
       jax.clear_caches()
       fn = kernels.fast_path("gla", "pallas_split")
       times, _ = time_jax(lambda *a, fn=fn: fn(*a)[0], inputs, do, ("fwd", "fwdbwd"), iters)
       entry = {"op": "gla", "T": t, "B": b, "path": "split", **setting, **times}
       print("stages", json.dumps(entry), flush=True)
       out.append(entry)
-  pallas_gla_scores.UNROLL = defaults["unroll"]
-  pallas_gla_split.TUNING.update({k: v for k, v in defaults.items() if k != "unroll"})
+  apply(defaults)
   jax.clear_caches()
   return out
 

@@ -163,13 +163,16 @@ def test_gdn_prep_backward_kernel_matches_xla_form():
 
 
 @pytest.mark.parametrize("op,path", [("gated_delta_rule", None), ("gla", "parallel"),
-                                     ("gla", "chunk"), ("gla", "legacy"), ("gla", "split")])
+                                     ("gla", "chunk"), ("gla", "legacy"), ("gla", "split"),
+                                     ("gla", "split_exact")])
 def test_pallas_chunk64_every_sub_block(op, path, monkeypatch):
   """Chunk 64 = four 16-token sub-blocks (GLA scores below, on and above the diagonal blocks);
   two chunks plus a partial one, with an initial state; every GLA Pallas path."""
-  from sosm_jax.ops.kernels import pallas_gla  # pylint: disable=import-outside-toplevel
+  from sosm_jax.ops.kernels import pallas_gla, pallas_gla_split  # pylint: disable=import-outside-toplevel
   if path:
+    path, _, diag = path.partition("_")
     monkeypatch.setattr(pallas_gla, "PATH", path)
+    monkeypatch.setattr(pallas_gla_split, "DIAG", diag or "split")
   args, h0 = _inputs(op, 9, b=1, t=150, h=1)
   (ro, rs), (rga, rgh) = _outputs_and_grads(_reference(op), 9)(args, h0)
   (o, s), (ga, gh) = _outputs_and_grads(_fast(op, "pallas", chunk=64), 9)(args, h0)
@@ -188,3 +191,21 @@ def test_gla_auto_path_forward_only(monkeypatch):
   o, s = jax.jit(_fast("gla", "pallas", chunk=64))(*bf)
   assert o.dtype == jnp.bfloat16
   assert _rel(o, ro) < 3e-2 and _rel(s, rs) < 3e-2
+
+
+@pytest.mark.parametrize("path", ["split", "legacy"])
+def test_gla_extreme_decay_stays_finite(path, monkeypatch):
+  """Decays down to e^-40 per token: exact within 16-token blocks (no overflow, no NaN), values
+  and gradients against the sequential reference, fp32."""
+  from sosm_jax.ops.kernels import pallas_gla  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(pallas_gla, "PATH", path)
+  args, h0 = _inputs("gla", 11, b=1, t=80, h=1)
+  rng = np.random.default_rng(12)
+  log_f = np.where(rng.uniform(size=args[3].shape) < 0.3, -rng.uniform(5.0, 40.0, args[3].shape),
+                   np.asarray(args[3]))
+  args = args[:3] + [jnp.asarray(log_f, jnp.float32)]
+  (ro, rs), (rga, rgh) = _outputs_and_grads(_reference("gla"), 11)(args, h0)
+  (o, s), (ga, gh) = _outputs_and_grads(_fast("gla", "pallas", chunk=64), 11)(args, h0)
+  assert _rel(o, ro) < 2e-4 and _rel(s, rs) < 2e-4 and _rel(gh, rgh) < 5e-4
+  for name, x, y in zip("qkvg", ga, rga):
+    assert _rel(x, y) < 5e-4, f"d{name}"

@@ -59,8 +59,9 @@ def _load_rows(ref, row0, s):
   return ref[pl.ds(row0, s), :]
 
 
-def _fwd_kernel(q_ref, k_ref, g_ref, a_ref, *, chunk, sub, unroll):
-  """Row block p (= program 2) of the chunk's scores: [sub, chunk]."""
+def _fwd_kernel(q_ref, k_ref, g_ref, a_ref, *, chunk, sub, unroll, diag=None):
+  """Row block p (= program 2) of the chunk's scores: [sub, chunk]. `diag(q_ref, k_ref, g_ref,
+  row0, q, g) -> [sub, sub]` replaces the exact column-by-column diagonal block when given."""
   dt = q_ref.dtype
   nb = chunk // sub
   p = pl.program_id(2)
@@ -84,21 +85,26 @@ def _fwd_kernel(q_ref, k_ref, g_ref, a_ref, *, chunk, sub, unroll):
 
   lax.fori_loop(p + 1, nb, future, 0)
 
+  if diag is not None:
+    a_ref[:, pl.ds(row0, sub)] = diag(q_ref, k_ref, g_ref, row0, q, g).astype(a_ref.dtype)
+    return
   trow = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
 
-  def diag(j, carry):                     # column j of the diagonal block, stored directly
+  def diag_column(j, carry):              # column j of the diagonal block, stored directly
     kj = k_ref[row0 + j, :].astype(_F32)
     gj = g_ref[row0 + j, :]
     e = _exp(jnp.where(trow >= j, g - gj[None, :], -jnp.inf), unroll)
     a_ref[:, row0 + j] = jnp.sum(q * kj[None, :] * e, axis=1).astype(a_ref.dtype)
     return carry
 
-  _loop(sub, diag, 0, unroll and UNROLL)
+  _loop(sub, diag_column, 0, unroll and UNROLL)
 
 
-def intra_grads(q_ref, k_ref, g_ref, da_ref, *, chunk, sub, unroll):
+def intra_grads(q_ref, k_ref, g_ref, da_ref, *, chunk, sub, unroll, diag=None):
   """(dq, dk) `[sub, K]` f32 of sub-chunk p (= program 2) from the chunk's score cotangent
-  da_ref `[chunk, chunk]`; q_ref, k_ref, g_ref hold the chunk's rows `[chunk, K]`."""
+  da_ref `[chunk, chunk]`; q_ref, k_ref, g_ref hold the chunk's rows `[chunk, K]`.
+  `diag(q_ref, k_ref, g_ref, da_ref, row0, q, g, dq, dk) -> (dq, dk)` adds the diagonal block's
+  share instead of the exact loops when given."""
   dt = q_ref.dtype
   nb = chunk // sub
   p = pl.program_id(2)
@@ -123,6 +129,8 @@ def intra_grads(q_ref, k_ref, g_ref, da_ref, *, chunk, sub, unroll):
     return acc + part * jnp.exp(gr[None, :] - g)
 
   dk = lax.fori_loop(p + 1, nb, later, jnp.zeros((sub, kdim), _F32))
+  if diag is not None:
+    return diag(q_ref, k_ref, g_ref, da_ref, row0, q, g, dq, dk)
 
   trow = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
 

@@ -30,6 +30,10 @@ from sosm_jax.ops.kernels.pallas_recurrence import _compiler_params, _dot
 
 _F32 = jnp.float32
 TUNING = {"scores_warps": 4, "out_warps": 4, "dav_warps": 4, "dqk_warps": 4}
+# Diagonal 16 x 16 blocks: 'exact' walks all 16 keys one at a time; 'split' takes the lower-left
+# 8 x 8 quadrant as a matmul through the block's middle token (both factors exp of non-positive
+# numbers) and walks only the two 8 x 8 diagonal quadrants, both at once (8 steps, not 16).
+DIAG = "split"
 
 
 def _params(interpret, name):
@@ -58,6 +62,58 @@ def _state(kdim, vdim):
   return pl.BlockSpec((None, kdim, vdim), lambda i, n, *_: (i, n, 0))
 
 
+# --------------------------------------------------------------------------- diagonal blocks
+
+
+def _diag_scores(q_ref, k_ref, g_ref, row0, q, g, *, sub, fast):
+  """DIAG 'split' scores of the diagonal block at rows row0.. -> `[sub, sub]` f32."""
+  del q_ref
+  k = k_ref[pl.ds(row0, sub), :].astype(_F32)
+  return pallas_gla._diag_scores_split(k_ref, g_ref, row0, q, k, g, sub, fast, k_ref.dtype)  # pylint: disable=protected-access
+
+
+def _diag_grads(q_ref, k_ref, g_ref, da_ref, row0, q, g, dq, dk, *, sub, fast):
+  """DIAG 'split' share of the diagonal block in (dq, dk) `[sub, K]`, from dA `[C, C]`."""
+  dt = k_ref.dtype
+  hf = sub // 2
+  k = k_ref[pl.ds(row0, sub), :].astype(_F32)
+  lo, qfac, kfac, qf, kf = pallas_gla._halves(g_ref, row0, q, k, g, sub, dt)  # pylint: disable=protected-access
+  trow = lax.broadcasted_iota(jnp.int32, (sub, 1), 0)
+  tcol = lax.broadcasted_iota(jnp.int32, (1, sub), 1)
+  within = jnp.where(lo, trow, trow - hf)
+  da = da_ref[pl.ds(row0, sub), pl.ds(row0, sub)]
+  da_q = jnp.where(jnp.logical_not(lo) & (tcol < hf), da, 0.0).astype(dt)   # lower-left quadrant
+  dq = dq + _dot(da_q, kf) * qfac
+  dk = dk + _dot(da_q, qf, ta=True) * kfac
+  paired = functools.partial(pallas_gla._paired_row, r0=row0, hf=hf, lo=lo)  # pylint: disable=protected-access
+  lo1 = lo[:, 0]
+
+  def step(j, carry):
+    dq, dk = carry
+    # dq[t] += dA[t, j'] k_j' e^(G_t - G_j'), j' = j (upper half) or hf + j (lower), j' <= t
+    e = pallas_gla_scores._exp(jnp.where(within >= j, g - paired(g_ref, j=j), -jnp.inf), fast)  # pylint: disable=protected-access
+    dcol = jnp.where(lo1, da_ref[pl.ds(row0, sub), row0 + j],
+                     da_ref[pl.ds(row0, sub), row0 + hf + j]).astype(_F32)
+    dq = dq + dcol[:, None] * paired(k_ref, j=j) * e
+    # dk[i] += dA[t', i] q_t' e^(G_t' - G_i), t' = j or hf + j, i <= t'
+    e = pallas_gla_scores._exp(jnp.where(within <= j, paired(g_ref, j=j) - g, -jnp.inf), fast)  # pylint: disable=protected-access
+    drow = jnp.where(lo1, da_ref[row0 + j, pl.ds(row0, sub)],
+                     da_ref[row0 + hf + j, pl.ds(row0, sub)]).astype(_F32)
+    dk = dk + drow[:, None] * paired(q_ref, j=j) * e
+    return dq, dk
+
+  return pallas_gla_scores._loop(hf, step, (dq, dk), fast and pallas_gla_scores.UNROLL)  # pylint: disable=protected-access
+
+
+def _diag_options(sub, interpret):
+  """The `diag` arguments of the score kernels for DIAG (None: their exact loops)."""
+  if DIAG != "split" or sub % 2:
+    return None, None
+  fast = not interpret
+  return (functools.partial(_diag_scores, sub=sub, fast=fast),
+          functools.partial(_diag_grads, sub=sub, fast=fast))
+
+
 # --------------------------------------------------------------------------- forward
 
 
@@ -69,7 +125,7 @@ def scores(q, k, gam, *, chunk, interpret=False):
   nb = chunk // sub
   spec = _chunk_rows(heads, chunk, kdim)
   kernel = functools.partial(pallas_gla_scores._fwd_kernel, chunk=chunk, sub=sub,  # pylint: disable=protected-access
-                             unroll=not interpret)
+                             unroll=not interpret, diag=_diag_options(sub, interpret)[0])
   return pl.pallas_call(
       kernel, grid=(b * heads, t // chunk, nb), in_specs=[spec, spec, spec],
       out_specs=pl.BlockSpec((None, sub, chunk), lambda i, n, p: (i, n * nb + p, 0)),
@@ -130,10 +186,10 @@ def scores_and_values_backward(k, gam, v, do, a, lam_next, *, chunk, scale, inte
 
 
 def _dqk_kernel(q_ref, k_ref, g_ref, da_ref, do_ref, v_ref, h_ref, lam_ref,
-                dq_ref, dk_ref, dg_ref, tail_ref, *, chunk, sub, scale, unroll):
+                dq_ref, dk_ref, dg_ref, tail_ref, *, chunk, sub, scale, unroll, diag):
   dt = q_ref.dtype
   dq, dk = pallas_gla_scores.intra_grads(q_ref, k_ref, g_ref, da_ref, chunk=chunk, sub=sub,
-                                         unroll=unroll)
+                                         unroll=unroll, diag=diag)
   rows = pl.ds(pl.program_id(2) * sub, sub)
   q, k, g = q_ref[rows, :].astype(_F32), k_ref[rows, :].astype(_F32), g_ref[rows, :]
   # the state: o gets scale (q e^gam) h, the next state gets (k e^(gam_C - gam))^T v
@@ -156,7 +212,7 @@ def query_key_backward(q, k, gam, da, do, v, h_in, lam_next, *, chunk, scale, in
   kspec = _chunk_rows(heads, chunk, kdim)
   rows_k, rows_v = _sub_rows(heads, chunk, sub, kdim), _sub_rows(heads, chunk, sub, vdim)
   kernel = functools.partial(_dqk_kernel, chunk=chunk, sub=sub, scale=scale,
-                             unroll=not interpret)
+                             unroll=not interpret, diag=_diag_options(sub, interpret)[1])
   return pl.pallas_call(
       kernel, grid=(b * heads, t // chunk, nb),
       in_specs=[kspec, kspec, kspec, _score_chunk(chunk), rows_v, rows_v, _state(kdim, vdim),
