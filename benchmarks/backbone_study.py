@@ -15,7 +15,8 @@ and times one forward pass at 2,048 tokens. Variants: HGRN-2 3:1 and 5:1, Gated 
 
 Every variant trains in OUT/<variant>/ (a re-run resumes or reuses it) and writes
 OUT/<variant>/result.json; the table (OUT/backbone_study.{json,md}) and the plot
-(OUT/backbone_study.png) gather all variants found in OUT, so the full grid can run in pieces.
+(OUT/backbone_study.png) gather all variants found in OUT, so the full grid can run in pieces
+(`--report_only` rebuilds them from result.json files gathered from several machines).
 """
 import json
 import os
@@ -109,6 +110,9 @@ def define_flags():
   flags.DEFINE_string(
       "task_mix", "mix:synthetic:mqar=0.6,synthetic:passkey=0.4", "Training data of every variant.")
   flags.DEFINE_integer("eval_batch_size", 16, "Rows per evaluation forward pass.")
+  flags.DEFINE_bool("report_only", False,
+                    "Train nothing: rebuild the table and plot from the OUT/<variant>/result.json "
+                    "found (e.g. gathered from several machines).")
 
 
 def variant_config(name: str, setting: dict, dtype: str, steps: int, task_mix: str):
@@ -275,7 +279,7 @@ def main(argv):
   print(f"target parameters {target:,} ({REFERENCE} at mlp_dim {reference.model.mlp_dim}); "
         f"output {out}", flush=True)
   failures = {}
-  for name in FLAGS.variants:
+  for name in ([] if FLAGS.report_only else FLAGS.variants):
     print(f"== {name}", flush=True)
     try:
       row = run_variant(name, setting, out, dtype, FLAGS.steps, FLAGS.task_mix, target,
@@ -286,9 +290,15 @@ def main(argv):
       failures[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
       traceback.print_exc()
       print(f"{name} failed: {failures[name]}", flush=True)
+  write_report(out, setting_name, target, failures)
+
+
+def write_report(out: str, setting_name: str, target: int, failures: dict[str, str]) -> None:
+  """Writes OUT/backbone_study.{json,md,png} from every OUT/<variant>/result.json found."""
   rows = gather(out)
+  devices = sorted({r.get("device", "") for r in rows}) or [jax.devices()[0].device_kind]
   summary = {"setting": setting_name, "target_params": target,
-             "task_mix": FLAGS.task_mix, "device": jax.devices()[0].device_kind,
+             "task_mix": FLAGS.task_mix, "device": ", ".join(devices),
              "jax": jax.__version__, "command": " ".join(sys.argv), "failures": failures,
              "rows": [{k: v for k, v in r.items() if k not in ("mqar", "passkey")} for r in rows]}
   with open(os.path.join(out, "backbone_study.json"), "w", encoding="utf-8") as f:
@@ -297,6 +307,9 @@ def main(argv):
   chance = [r["chance"] for r in rows if r.get("chance") is not None]
   if chance:
     md += f"\n\nChance (uniform guessing) of the average recall: {100 * chance[0]:.2f}%."
+  bag = [r["mqar"].get("bag_chance") for r in rows if r["mqar"].get("bag_chance") is not None]
+  if bag:  # a model that copies some value from its context without binding keys
+    md += f" MQAR bag chance (mean over the grid): {100 * bag[0]:.1f}%."
   md += "\n\nMQAR accuracy (%) by length, mean over the pairs grid:\n\n" + mqar_by_length(rows)
   with open(os.path.join(out, "backbone_study.md"), "w", encoding="utf-8") as f:
     f.write(md + "\n")
