@@ -29,11 +29,16 @@ from sosm_jax.ops.kernels import pallas_gla, pallas_gla_scores
 from sosm_jax.ops.kernels.pallas_recurrence import _compiler_params, _dot
 
 _F32 = jnp.float32
-TUNING = {"scores_warps": 4, "out_warps": 4, "dav_warps": 4, "dqk_warps": 4}
-# Diagonal 16 x 16 blocks: 'exact' walks all 16 keys one at a time; 'split' takes the lower-left
-# 8 x 8 quadrant as a matmul through the block's middle token (both factors exp of non-positive
-# numbers) and walks only the two 8 x 8 diagonal quadrants, both at once (8 steps, not 16).
-DIAG = "split"
+TUNING = {"scores_warps": 2, "out_warps": 4, "dav_warps": 4, "dqk_warps": 4}
+# Diagonal 16 x 16 blocks, of the scores (forward) and of their gradient: 'exact' walks all 16
+# keys one at a time; 'split' takes the lower-left 8 x 8 quadrant as a matmul through the block's
+# middle token (both factors exp of non-positive numbers) and walks only the two 8 x 8 diagonal
+# quadrants, both at once (8 steps, not 16).
+DIAG = {"scores": "exact", "grads": "split"}
+# Where the state's share of dq and dk (do h^T, v dh^T) is formed: 'dav' = the per-chunk dA/dv
+# kernel, 64-row matmuls, passed on in f32; 'dqk' = each 16-row program of the dq/dk kernel
+# (reads the chunk's two [K, V] states once per sub-block).
+INTER = "dav"
 
 
 def _params(interpret, name):
@@ -86,7 +91,8 @@ def _diag_grads(q_ref, k_ref, g_ref, da_ref, row0, q, g, dq, dk, *, sub, fast):
   dq = dq + _dot(da_q, kf) * qfac
   dk = dk + _dot(da_q, qf, ta=True) * kfac
   paired = functools.partial(pallas_gla._paired_row, r0=row0, hf=hf, lo=lo)  # pylint: disable=protected-access
-  lo1 = lo[:, 0]
+  lo1 = lax.broadcasted_iota(jnp.int32, (sub,), 0) < hf   # lo as a vector (no value slicing
+  # in the Triton lowering)
 
   def step(j, carry):
     dq, dk = carry
@@ -107,11 +113,10 @@ def _diag_grads(q_ref, k_ref, g_ref, da_ref, row0, q, g, dq, dk, *, sub, fast):
 
 def _diag_options(sub, interpret):
   """The `diag` arguments of the score kernels for DIAG (None: their exact loops)."""
-  if DIAG != "split" or sub % 2:
-    return None, None
   fast = not interpret
-  return (functools.partial(_diag_scores, sub=sub, fast=fast),
-          functools.partial(_diag_grads, sub=sub, fast=fast))
+  split = lambda part: DIAG[part] == "split" and sub % 2 == 0
+  return (functools.partial(_diag_scores, sub=sub, fast=fast) if split("scores") else None,
+          functools.partial(_diag_grads, sub=sub, fast=fast) if split("grads") else None)
 
 
 # --------------------------------------------------------------------------- forward
@@ -157,73 +162,102 @@ def output(q, gam, v, h_in, a, *, chunk, scale, interpret=False):
 # --------------------------------------------------------------------------- backward
 
 
-def _dav_kernel(k_ref, g_ref, v_ref, do_ref, a_ref, lam_ref, da_ref, dv_ref, *, scale):
+def _dav_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, a_ref, h_ref, lam_ref, da_ref, dv_ref,
+                *state_refs, scale):
   dt = v_ref.dtype
   c = v_ref.shape[0]
   causal = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)
   do = do_ref[...]
   da_ref[...] = jnp.where(causal, scale * _dot(do, v_ref[...], tb=True), 0.0)
   g = g_ref[...]
-  kd = (k_ref[...].astype(_F32) * jnp.exp(g[c - 1:c, :] - g)).astype(dt)
+  to_end = jnp.exp(g_ref[c - 1, :][None, :] - g)
+  kd = (k_ref[...].astype(_F32) * to_end).astype(dt)
   dv = scale * _dot(a_ref[...].astype(dt), do, ta=True) + _dot(kd, lam_ref[...])
   dv_ref[...] = dv.astype(dv_ref.dtype)
+  if state_refs:   # INTER 'dav': the state's share of dq, dk, with 64-row matmuls
+    dqs_ref, dkd_ref, tail_ref = state_refs
+    # o gets scale (q e^gam) h, the next state gets (k e^(gam_C - gam))^T v
+    dqs_ref[...] = scale * _dot(do, h_ref[...], tb=True) * jnp.exp(g)
+    dkd = _dot(v_ref[...], lam_ref[...], tb=True) * to_end
+    dkd_ref[...] = dkd
+    tail_ref[...] = jnp.sum(k_ref[...].astype(_F32) * dkd, axis=0)
+  del q_ref
 
 
-def scores_and_values_backward(k, gam, v, do, a, lam_next, *, chunk, scale, interpret=False):
-  """-> (dA `[B*H, T, C]` f32 = scale do v^T on and below the diagonal, dv `[B,T,H,V]`)."""
+def scores_and_values_backward(q, k, gam, v, do, a, h_in, lam_next, *, chunk, scale,
+                               interpret=False):
+  """-> dA `[B*H, T, C]` f32 (scale do v^T on and below the diagonal), dv `[B,T,H,V]`; with
+  INTER 'dav' also the state's shares dq_s = scale (do h^T) e^gam and dkd = (v dh^T) e^(gam_C -
+  gam) `[B,T,H,K]` f32 and tails `[B*H, N, K]` = sum(k dkd) per chunk."""
   b, t, heads, kdim = k.shape
   vdim = v.shape[-1]
-  vrows = _chunk_rows(heads, chunk, vdim)
+  krows, vrows = _chunk_rows(heads, chunk, kdim), _chunk_rows(heads, chunk, vdim)
+  out_specs = [_score_chunk(chunk), vrows]
+  out_shape = [jax.ShapeDtypeStruct((b * heads, t, chunk), _F32),
+               jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  if INTER == "dav":
+    out_specs += [krows, krows, pl.BlockSpec((None, None, kdim), lambda i, n: (i, n, 0))]
+    out_shape += [jax.ShapeDtypeStruct(k.shape, _F32)] * 2 + [
+        jax.ShapeDtypeStruct((b * heads, t // chunk, kdim), _F32)]
   return pl.pallas_call(
       functools.partial(_dav_kernel, scale=scale), grid=(b * heads, t // chunk),
-      in_specs=[_chunk_rows(heads, chunk, kdim), _chunk_rows(heads, chunk, kdim), vrows, vrows,
-                _score_chunk(chunk), _state(kdim, vdim)],
-      out_specs=[_score_chunk(chunk), vrows],
-      out_shape=[jax.ShapeDtypeStruct((b * heads, t, chunk), _F32),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      in_specs=[krows, krows, krows, vrows, vrows, _score_chunk(chunk), _state(kdim, vdim),
+                _state(kdim, vdim)],
+      out_specs=out_specs, out_shape=out_shape,
       interpret=interpret, compiler_params=_params(interpret, "dav_warps"),
-      name="gla_split_dav")(k, gam, v, do, a, lam_next)
+      name="gla_split_dav")(q, k, gam, v, do, a, h_in, lam_next)
 
 
-def _dqk_kernel(q_ref, k_ref, g_ref, da_ref, do_ref, v_ref, h_ref, lam_ref,
-                dq_ref, dk_ref, dg_ref, tail_ref, *, chunk, sub, scale, unroll, diag):
+def _dqk_kernel(q_ref, k_ref, g_ref, da_ref, *refs, chunk, sub, scale, unroll, diag):
   dt = q_ref.dtype
   dq, dk = pallas_gla_scores.intra_grads(q_ref, k_ref, g_ref, da_ref, chunk=chunk, sub=sub,
                                          unroll=unroll, diag=diag)
   rows = pl.ds(pl.program_id(2) * sub, sub)
   q, k, g = q_ref[rows, :].astype(_F32), k_ref[rows, :].astype(_F32), g_ref[rows, :]
-  # the state: o gets scale (q e^gam) h, the next state gets (k e^(gam_C - gam))^T v
-  dq = dq + scale * _dot(do_ref[...].astype(dt), h_ref[...], tb=True) * jnp.exp(g)
-  dkd = _dot(v_ref[...], lam_ref[...], tb=True) * jnp.exp(g_ref[chunk - 1, :][None, :] - g)
-  dk = dk + dkd
+  if INTER == "dav":
+    dqs_ref, dkd_ref, dq_ref, dk_ref, dg_ref = refs
+    dq, dk = dq + dqs_ref[...], dk + dkd_ref[...]
+  else:
+    do_ref, v_ref, h_ref, lam_ref, dq_ref, dk_ref, dg_ref, tail_ref = refs
+    # o gets scale (q e^gam) h, the next state gets (k e^(gam_C - gam))^T v
+    dq = dq + scale * _dot(do_ref[...].astype(dt), h_ref[...], tb=True) * jnp.exp(g)
+    dkd = _dot(v_ref[...], lam_ref[...], tb=True) * jnp.exp(g_ref[chunk - 1, :][None, :] - g)
+    dk = dk + dkd
+    tail_ref[...] = jnp.sum(k * dkd, axis=0)
   dq_ref[...] = dq.astype(dq_ref.dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dg_ref[...] = q * dq - k * dk          # A and the state terms depend on gam as q e^gam, k e^-gam
-  tail_ref[...] = jnp.sum(k * dkd, axis=0)
 
 
-def query_key_backward(q, k, gam, da, do, v, h_in, lam_next, *, chunk, scale, interpret=False):
-  """-> dq, dk `[B,T,H,K]` (q's dtype), dgam `[B,T,H,K]` f32 without the chunk-end terms,
-  tails `[B*H, T/16, K]` f32 (sum(k dkd) per sub-block, see `pallas_gla.add_chunk_end_terms`)."""
+def query_key_backward(q, k, gam, da, state_terms, *, chunk, scale, interpret=False):
+  """-> dq, dk `[B,T,H,K]` (q's dtype), dgam `[B,T,H,K]` f32 without the chunk-end terms, and
+  with INTER 'dqk' tails `[B*H, T/16, K]` (sum(k dkd) per sub-block; see
+  `pallas_gla.add_chunk_end_terms`). state_terms: (dq_s, dkd) for INTER 'dav',
+  (do, v, h_in, lam_next) for 'dqk'."""
   b, t, heads, kdim = q.shape
-  vdim = v.shape[-1]
   sub = pallas_gla._sub(chunk)  # pylint: disable=protected-access
   nb = chunk // sub
   kspec = _chunk_rows(heads, chunk, kdim)
-  rows_k, rows_v = _sub_rows(heads, chunk, sub, kdim), _sub_rows(heads, chunk, sub, vdim)
+  rows_k = _sub_rows(heads, chunk, sub, kdim)
+  out_specs = [rows_k, rows_k, rows_k]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+               jax.ShapeDtypeStruct(gam.shape, _F32)]
+  if INTER == "dav":
+    in_specs = [rows_k, rows_k]
+  else:
+    vdim = state_terms[0].shape[-1]
+    rows_v = _sub_rows(heads, chunk, sub, vdim)
+    in_specs = [rows_v, rows_v, _state(kdim, vdim), _state(kdim, vdim)]
+    out_specs.append(pl.BlockSpec((None, None, kdim), lambda i, n, p: (i, n * nb + p, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((b * heads, t // sub, kdim), _F32))
   kernel = functools.partial(_dqk_kernel, chunk=chunk, sub=sub, scale=scale,
                              unroll=not interpret, diag=_diag_options(sub, interpret)[1])
   return pl.pallas_call(
       kernel, grid=(b * heads, t // chunk, nb),
-      in_specs=[kspec, kspec, kspec, _score_chunk(chunk), rows_v, rows_v, _state(kdim, vdim),
-                _state(kdim, vdim)],
-      out_specs=[rows_k, rows_k, rows_k,
-                 pl.BlockSpec((None, None, kdim), lambda i, n, p: (i, n * nb + p, 0))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(gam.shape, _F32),
-                 jax.ShapeDtypeStruct((b * heads, t // sub, kdim), _F32)],
+      in_specs=[kspec, kspec, kspec, _score_chunk(chunk)] + in_specs,
+      out_specs=out_specs, out_shape=out_shape,
       interpret=interpret, compiler_params=_params(interpret, "dqk_warps"),
-      name="gla_split_dqk")(q, k, gam, da, do, v, h_in, lam_next)
+      name="gla_split_dqk")(q, k, gam, da, *state_terms)
 
 
 # --------------------------------------------------------------------------- custom VJP
@@ -258,10 +292,15 @@ def _split_bwd(scale, chunk, interpret, block_v, res, cts):
   qe = (q.astype(_F32) * jnp.exp(gam)).astype(q.dtype)
   lam_next, lam0, hl = pallas_gla.rec_backward(qe, do, a, dh_last, h_in, chunk=chunk,
                                                scale=scale, interpret=interpret, block_v=block_v)
-  da, dv = scores_and_values_backward(k, gam, v, do, scores_a, lam_next, chunk=chunk,
-                                      scale=scale, interpret=interpret)
-  dq, dk, dgam, tails = query_key_backward(q, k, gam, da, do, v, h_in, lam_next, chunk=chunk,
-                                           scale=scale, interpret=interpret)
+  da, dv, *state_terms = scores_and_values_backward(q, k, gam, v, do, scores_a, h_in, lam_next,
+                                                    chunk=chunk, scale=scale, interpret=interpret)
+  if INTER == "dav":
+    dq_s, dkd, tails = state_terms
+    dq, dk, dgam = query_key_backward(q, k, gam, da, (dq_s, dkd), chunk=chunk, scale=scale,
+                                      interpret=interpret)
+  else:
+    dq, dk, dgam, tails = query_key_backward(q, k, gam, da, (do, v, h_in, lam_next), chunk=chunk,
+                                             scale=scale, interpret=interpret)
   return dq, dk, dv, pallas_gla.add_chunk_end_terms(dgam, tails, a, hl, chunk), lam0
 
 
