@@ -223,22 +223,21 @@ def time_ours_decode(b, h, d, iters, steps=200):
 
 
 SPLIT_SWEEP = [  # GLA 'split' path settings tried by --stage-sweep (the first is the default)
-    {}, {"diag_scores": "split"}, {"diag_grads": "exact"}, {"inter": "dqk"},
-    {"scores_warps": 1}, {"scores_warps": 4}, {"dav_warps": 8}, {"dqk_warps": 8},
-    {"dqk_warps": 2}, {"unroll": True},
+    {}, {"diag_scores": "exact"}, {"dqk_warps": 8}, {"dqk_warps": 2}, {"dav_warps": 8},
+    {"out_warps": 8}, {"unroll": True},
 ]
 
 
 def sweep_stages(rows, h, d, iters):
-  """GLA 'split' path settings (`pallas_gla_split` TUNING, DIAG, INTER; the score kernels'
-  UNROLL), one change at a time from the defaults, at the given rows; the defaults are restored."""
+  """GLA 'split' path settings (`pallas_gla_split` TUNING and DIAG; the score kernels' UNROLL),
+  one change at a time from the defaults, at the given rows; the defaults are restored."""
   from sosm_jax.ops.kernels import pallas_gla_scores, pallas_gla_split as split  # pylint: disable=import-outside-toplevel
-  defaults = dict(split.TUNING, unroll=pallas_gla_scores.UNROLL, inter=split.INTER,
+  defaults = dict(split.TUNING, unroll=pallas_gla_scores.UNROLL,
                   diag_scores=split.DIAG["scores"], diag_grads=split.DIAG["grads"])
 
   def apply(setting):
     setting = dict(setting)
-    pallas_gla_scores.UNROLL, split.INTER = setting.pop("unroll"), setting.pop("inter")
+    pallas_gla_scores.UNROLL = setting.pop("unroll")
     split.DIAG = {"scores": setting.pop("diag_scores"), "grads": setting.pop("diag_grads")}
     split.TUNING.update(setting)
 

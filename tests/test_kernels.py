@@ -174,7 +174,6 @@ def test_pallas_chunk64_every_sub_block(op, path, monkeypatch):
     monkeypatch.setattr(pallas_gla, "PATH", path)
     diag = diag or "split"
     monkeypatch.setattr(pallas_gla_split, "DIAG", {"scores": diag, "grads": diag})
-    monkeypatch.setattr(pallas_gla_split, "INTER", "dqk" if diag == "exact" else "dav")
   args, h0 = _inputs(op, 9, b=1, t=150, h=1)
   (ro, rs), (rga, rgh) = _outputs_and_grads(_reference(op), 9)(args, h0)
   (o, s), (ga, gh) = _outputs_and_grads(_fast(op, "pallas", chunk=64), 9)(args, h0)

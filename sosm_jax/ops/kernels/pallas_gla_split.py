@@ -34,11 +34,7 @@ TUNING = {"scores_warps": 2, "out_warps": 4, "dav_warps": 4, "dqk_warps": 4}
 # keys one at a time; 'split' takes the lower-left 8 x 8 quadrant as a matmul through the block's
 # middle token (both factors exp of non-positive numbers) and walks only the two 8 x 8 diagonal
 # quadrants, both at once (8 steps, not 16).
-DIAG = {"scores": "exact", "grads": "split"}
-# Where the state's share of dq and dk (do h^T, v dh^T) is formed: 'dav' = the per-chunk dA/dv
-# kernel, 64-row matmuls, passed on in f32; 'dqk' = each 16-row program of the dq/dk kernel
-# (reads the chunk's two [K, V] states once per sub-block).
-INTER = "dav"
+DIAG = {"scores": "split", "grads": "split"}
 
 
 def _params(interpret, name):
@@ -122,6 +118,34 @@ def _diag_options(sub, interpret):
 # --------------------------------------------------------------------------- forward
 
 
+def _per_chunk(kdim):
+  """One `[K]` row per chunk of a `[B*H, N, K]` array."""
+  return pl.BlockSpec((None, None, kdim), lambda i, n: (i, n, 0))
+
+
+def _prep_kernel(lf_ref, k_ref, g_ref, kd_ref, a_ref):
+  lf = lf_ref[...]
+  g = jnp.cumsum(lf, axis=0)                 # gam: within-chunk cumulative log-decay
+  g_ref[...] = g
+  g_end = jnp.sum(lf, axis=0)                # gam_C (a value slice does not lower to Triton)
+  kd_ref[...] = (k_ref[...].astype(_F32) * jnp.exp(g_end[None, :] - g)).astype(kd_ref.dtype)
+  a_ref[...] = jnp.exp(g_end)
+
+
+def prepare(log_f, k, *, chunk, interpret=False):
+  """log_f, k `[B,T,H,K]` -> gam `[B,T,H,K]` f32, kd = k e^(gam_C - gam) in k's dtype,
+  a = e^gam_C `[B*H, N, K]` f32 (the recurrence's inputs)."""
+  b, t, heads, kdim = k.shape
+  krows = _chunk_rows(heads, chunk, kdim)
+  return pl.pallas_call(
+      _prep_kernel, grid=(b * heads, t // chunk), in_specs=[krows, krows],
+      out_specs=[krows, krows, _per_chunk(kdim)],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, _F32), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct((b * heads, t // chunk, kdim), _F32)],
+      interpret=interpret, compiler_params=_params(interpret, "out_warps"),
+      name="gla_split_prep")(log_f.astype(_F32), k)
+
+
 def scores(q, k, gam, *, chunk, interpret=False):
   """q, k `[B,T,H,K]`, gam `[B,T,H,K]` f32 -> A `[B*H, T, C]` in q's dtype (zero above the
   diagonal)."""
@@ -162,8 +186,8 @@ def output(q, gam, v, h_in, a, *, chunk, scale, interpret=False):
 # --------------------------------------------------------------------------- backward
 
 
-def _dav_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, a_ref, h_ref, lam_ref, da_ref, dv_ref,
-                *state_refs, scale):
+def _dav_kernel(k_ref, g_ref, v_ref, do_ref, a_ref, h_ref, lam_ref, da_ref, dv_ref, dqs_ref,
+                dkd_ref, tail_ref, *, scale):
   dt = v_ref.dtype
   c = v_ref.shape[0]
   causal = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)
@@ -174,98 +198,76 @@ def _dav_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, a_ref, h_ref, lam_ref, da_re
   kd = (k_ref[...].astype(_F32) * to_end).astype(dt)
   dv = scale * _dot(a_ref[...].astype(dt), do, ta=True) + _dot(kd, lam_ref[...])
   dv_ref[...] = dv.astype(dv_ref.dtype)
-  if state_refs:   # INTER 'dav': the state's share of dq, dk, with 64-row matmuls
-    dqs_ref, dkd_ref, tail_ref = state_refs
-    # o gets scale (q e^gam) h, the next state gets (k e^(gam_C - gam))^T v
-    dqs_ref[...] = scale * _dot(do, h_ref[...], tb=True) * jnp.exp(g)
-    dkd = _dot(v_ref[...], lam_ref[...], tb=True) * to_end
-    dkd_ref[...] = dkd
-    tail_ref[...] = jnp.sum(k_ref[...].astype(_F32) * dkd, axis=0)
-  del q_ref
+  # the state's share of dq, dk: o gets scale (q e^gam) h, the next state (k e^(gam_C - gam))^T v
+  dqs_ref[...] = scale * _dot(do, h_ref[...], tb=True) * jnp.exp(g)
+  dkd = _dot(v_ref[...], lam_ref[...], tb=True) * to_end
+  dkd_ref[...] = dkd
+  tail_ref[...] = jnp.sum(k_ref[...].astype(_F32) * dkd, axis=0)
 
 
-def scores_and_values_backward(q, k, gam, v, do, a, h_in, lam_next, *, chunk, scale,
+def scores_and_values_backward(k, gam, v, do, a, h_in, lam_next, *, chunk, scale,
                                interpret=False):
-  """-> dA `[B*H, T, C]` f32 (scale do v^T on and below the diagonal), dv `[B,T,H,V]`; with
-  INTER 'dav' also the state's shares dq_s = scale (do h^T) e^gam and dkd = (v dh^T) e^(gam_C -
-  gam) `[B,T,H,K]` f32 and tails `[B*H, N, K]` = sum(k dkd) per chunk."""
+  """Per chunk (64-row matmuls) -> dA `[B*H, T, C]` f32 (scale do v^T on and below the
+  diagonal), dv `[B,T,H,V]`, the state's shares dq_s = scale (do h^T) e^gam and
+  dkd = (v dh^T) e^(gam_C - gam) `[B,T,H,K]` f32, tails `[B*H, N, K]` = sum(k dkd) per chunk."""
   b, t, heads, kdim = k.shape
   vdim = v.shape[-1]
   krows, vrows = _chunk_rows(heads, chunk, kdim), _chunk_rows(heads, chunk, vdim)
-  out_specs = [_score_chunk(chunk), vrows]
-  out_shape = [jax.ShapeDtypeStruct((b * heads, t, chunk), _F32),
-               jax.ShapeDtypeStruct(v.shape, v.dtype)]
-  if INTER == "dav":
-    out_specs += [krows, krows, pl.BlockSpec((None, None, kdim), lambda i, n: (i, n, 0))]
-    out_shape += [jax.ShapeDtypeStruct(k.shape, _F32)] * 2 + [
-        jax.ShapeDtypeStruct((b * heads, t // chunk, kdim), _F32)]
+  f32_rows = jax.ShapeDtypeStruct(k.shape, _F32)
   return pl.pallas_call(
       functools.partial(_dav_kernel, scale=scale), grid=(b * heads, t // chunk),
-      in_specs=[krows, krows, krows, vrows, vrows, _score_chunk(chunk), _state(kdim, vdim),
+      in_specs=[krows, krows, vrows, vrows, _score_chunk(chunk), _state(kdim, vdim),
                 _state(kdim, vdim)],
-      out_specs=out_specs, out_shape=out_shape,
+      out_specs=[_score_chunk(chunk), vrows, krows, krows, _per_chunk(kdim)],
+      out_shape=[jax.ShapeDtypeStruct((b * heads, t, chunk), _F32),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype), f32_rows, f32_rows,
+                 jax.ShapeDtypeStruct((b * heads, t // chunk, kdim), _F32)],
       interpret=interpret, compiler_params=_params(interpret, "dav_warps"),
-      name="gla_split_dav")(q, k, gam, v, do, a, h_in, lam_next)
+      name="gla_split_dav")(k, gam, v, do, a, h_in, lam_next)
 
 
-def _dqk_kernel(q_ref, k_ref, g_ref, da_ref, *refs, chunk, sub, scale, unroll, diag):
-  dt = q_ref.dtype
-  dq, dk = pallas_gla_scores.intra_grads(q_ref, k_ref, g_ref, da_ref, chunk=chunk, sub=sub,
-                                         unroll=unroll, diag=diag)
-  rows = pl.ds(pl.program_id(2) * sub, sub)
-  q, k, g = q_ref[rows, :].astype(_F32), k_ref[rows, :].astype(_F32), g_ref[rows, :]
-  if INTER == "dav":
-    dqs_ref, dkd_ref, dq_ref, dk_ref, dg_ref = refs
-    dq, dk = dq + dqs_ref[...], dk + dkd_ref[...]
-  else:
-    do_ref, v_ref, h_ref, lam_ref, dq_ref, dk_ref, dg_ref, tail_ref = refs
-    # o gets scale (q e^gam) h, the next state gets (k e^(gam_C - gam))^T v
-    dq = dq + scale * _dot(do_ref[...].astype(dt), h_ref[...], tb=True) * jnp.exp(g)
-    dkd = _dot(v_ref[...], lam_ref[...], tb=True) * jnp.exp(g_ref[chunk - 1, :][None, :] - g)
-    dk = dk + dkd
-    tail_ref[...] = jnp.sum(k * dkd, axis=0)
-  dq_ref[...] = dq.astype(dq_ref.dtype)
-  dk_ref[...] = dk.astype(dk_ref.dtype)
-  dg_ref[...] = q * dq - k * dk          # A and the state terms depend on gam as q e^gam, k e^-gam
+def _dqk_kernel(q_ref, k_ref, g_ref, da_ref, dqs_ref, dkd_ref, tail_ref, dq_ref, dk_ref, dlf_ref,
+                *, chunk, sub, unroll, diag):
+  """One chunk, its sub-blocks last to first, so the within-chunk reverse cumulative sum that
+  turns d gam into d log_f runs here: d log_f[s] = sum_{t >= s} d gam[t] + the chunk-end terms."""
+  carry = tail_ref[...]                                   # [K]: the chunk-end terms
+  for p in reversed(range(chunk // sub)):
+    dq, dk = pallas_gla_scores.intra_grads(q_ref, k_ref, g_ref, da_ref, chunk=chunk, sub=sub,
+                                           unroll=unroll, diag=diag, p=p)
+    rows = pl.ds(p * sub, sub)
+    dq, dk = dq + dqs_ref[rows, :], dk + dkd_ref[rows, :]
+    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    # A and the state terms depend on gam as q e^gam and k e^-gam
+    dg = q_ref[rows, :].astype(_F32) * dq - k_ref[rows, :].astype(_F32) * dk
+    total = jnp.sum(dg, axis=0)
+    dlf_ref[rows, :] = (total + carry)[None, :] - jnp.cumsum(dg, axis=0) + dg
+    carry = carry + total
 
 
-def query_key_backward(q, k, gam, da, state_terms, *, chunk, scale, interpret=False):
-  """-> dq, dk `[B,T,H,K]` (q's dtype), dgam `[B,T,H,K]` f32 without the chunk-end terms, and
-  with INTER 'dqk' tails `[B*H, T/16, K]` (sum(k dkd) per sub-block; see
-  `pallas_gla.add_chunk_end_terms`). state_terms: (dq_s, dkd) for INTER 'dav',
-  (do, v, h_in, lam_next) for 'dqk'."""
+def query_key_backward(q, k, gam, da, dq_s, dkd, tail, *, chunk, interpret=False):
+  """-> dq, dk `[B,T,H,K]` (q's dtype) and d log_f `[B,T,H,K]` f32, from dA `[B*H, T, C]`, the
+  state's shares dq_s, dkd `[B,T,H,K]` f32 and the chunk-end terms tail `[B*H, N, K]` f32."""
   b, t, heads, kdim = q.shape
   sub = pallas_gla._sub(chunk)  # pylint: disable=protected-access
-  nb = chunk // sub
-  kspec = _chunk_rows(heads, chunk, kdim)
-  rows_k = _sub_rows(heads, chunk, sub, kdim)
-  out_specs = [rows_k, rows_k, rows_k]
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-               jax.ShapeDtypeStruct(gam.shape, _F32)]
-  if INTER == "dav":
-    in_specs = [rows_k, rows_k]
-  else:
-    vdim = state_terms[0].shape[-1]
-    rows_v = _sub_rows(heads, chunk, sub, vdim)
-    in_specs = [rows_v, rows_v, _state(kdim, vdim), _state(kdim, vdim)]
-    out_specs.append(pl.BlockSpec((None, None, kdim), lambda i, n, p: (i, n * nb + p, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((b * heads, t // sub, kdim), _F32))
-  kernel = functools.partial(_dqk_kernel, chunk=chunk, sub=sub, scale=scale,
-                             unroll=not interpret, diag=_diag_options(sub, interpret)[1])
+  krows = _chunk_rows(heads, chunk, kdim)
+  kernel = functools.partial(_dqk_kernel, chunk=chunk, sub=sub, unroll=not interpret,
+                             diag=_diag_options(sub, interpret)[1])
   return pl.pallas_call(
-      kernel, grid=(b * heads, t // chunk, nb),
-      in_specs=[kspec, kspec, kspec, _score_chunk(chunk)] + in_specs,
-      out_specs=out_specs, out_shape=out_shape,
+      kernel, grid=(b * heads, t // chunk),
+      in_specs=[krows, krows, krows, _score_chunk(chunk), krows, krows, _per_chunk(kdim)],
+      out_specs=[krows, krows, krows],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(gam.shape, _F32)],
       interpret=interpret, compiler_params=_params(interpret, "dqk_warps"),
-      name="gla_split_dqk")(q, k, gam, da, *state_terms)
+      name="gla_split_dqk")(q, k, gam, da, dq_s, dkd, tail)
 
 
 # --------------------------------------------------------------------------- custom VJP
 
 
-def _forward(q, k, v, gam, h0, scale, chunk, interpret, block_v):
-  a, to_end = pallas_gla._chunk_ends(gam, chunk)  # pylint: disable=protected-access
-  kd = (k.astype(_F32) * jnp.exp(to_end)).astype(k.dtype)
+def _forward(q, k, v, log_f, h0, scale, chunk, interpret, block_v):
+  gam, kd, a = prepare(log_f, k, chunk=chunk, interpret=interpret)
   h_in, h_last = pallas_gla.rec_forward(kd, v, a, h0, chunk=chunk, interpret=interpret,
                                         block_v=block_v)
   scores_a = scores(q, k, gam, chunk=chunk, interpret=interpret)
@@ -274,15 +276,14 @@ def _forward(q, k, v, gam, h0, scale, chunk, interpret, block_v):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def gla_split(q, k, v, gam, h0, scale, chunk, interpret=False, block_v=None):
-  """q, k `[B,T,H,K]`, v `[B,T,H,V]` (T a multiple of chunk, one dtype), gam `[B,T,H,K]` f32
-  (within-chunk cumulative log-decay), h0 `[B*H,K,V]` f32 ->
-  (o `[B,T,H,V]` in v's dtype, h_last `[B*H,K,V]` f32)."""
-  return _forward(q, k, v, gam, h0, scale, chunk, interpret, block_v)[0]
+def gla_split(q, k, v, log_f, h0, scale, chunk, interpret=False, block_v=None):
+  """q, k, log_f `[B,T,H,K]` (log_f f32 <= 0), v `[B,T,H,V]` (T a multiple of chunk; q, k, v of
+  one dtype), h0 `[B*H,K,V]` f32 -> (o `[B,T,H,V]` in v's dtype, h_last `[B*H,K,V]` f32)."""
+  return _forward(q, k, v, log_f, h0, scale, chunk, interpret, block_v)[0]
 
 
-def _split_fwd(q, k, v, gam, h0, scale, chunk, interpret, block_v):
-  return _forward(q, k, v, gam, h0, scale, chunk, interpret, block_v)
+def _split_fwd(q, k, v, log_f, h0, scale, chunk, interpret, block_v):
+  return _forward(q, k, v, log_f, h0, scale, chunk, interpret, block_v)
 
 
 def _split_bwd(scale, chunk, interpret, block_v, res, cts):
@@ -292,16 +293,13 @@ def _split_bwd(scale, chunk, interpret, block_v, res, cts):
   qe = (q.astype(_F32) * jnp.exp(gam)).astype(q.dtype)
   lam_next, lam0, hl = pallas_gla.rec_backward(qe, do, a, dh_last, h_in, chunk=chunk,
                                                scale=scale, interpret=interpret, block_v=block_v)
-  da, dv, *state_terms = scores_and_values_backward(q, k, gam, v, do, scores_a, h_in, lam_next,
-                                                    chunk=chunk, scale=scale, interpret=interpret)
-  if INTER == "dav":
-    dq_s, dkd, tails = state_terms
-    dq, dk, dgam = query_key_backward(q, k, gam, da, (dq_s, dkd), chunk=chunk, scale=scale,
+  da, dv, dq_s, dkd, tails = scores_and_values_backward(k, gam, v, do, scores_a, h_in, lam_next,
+                                                        chunk=chunk, scale=scale,
+                                                        interpret=interpret)
+  # gam_C scales the carried state (a = e^gam_C) and every kd row
+  dq, dk, dlog_f = query_key_backward(q, k, gam, da, dq_s, dkd, tails + a * hl, chunk=chunk,
                                       interpret=interpret)
-  else:
-    dq, dk, dgam, tails = query_key_backward(q, k, gam, da, (do, v, h_in, lam_next), chunk=chunk,
-                                             scale=scale, interpret=interpret)
-  return dq, dk, dv, pallas_gla.add_chunk_end_terms(dgam, tails, a, hl, chunk), lam0
+  return dq, dk, dv, dlog_f, lam0
 
 
 gla_split.defvjp(_split_fwd, _split_bwd)

@@ -332,15 +332,14 @@ def _gla_pallas(q, k, v, log_f, initial_state, scale, c, pad, dt, interpret, blo
   pad_t = lambda x, d: (jnp.pad(x.astype(d), [(0, 0), (0, pad), (0, 0), (0, 0)]) if pad
                         else x.astype(d))
   lf = pad_t(log_f, _F32)
-  tp = t + pad
-  gam = jnp.cumsum(lf.reshape(b, tp // c, c, h, dk), axis=2).reshape(lf.shape)
   h0 = (jnp.zeros((b * h, dk, dv), _F32) if initial_state is None
         else initial_state.astype(_F32).reshape(b * h, dk, dv))
-  if path == "split":
+  if path == "split":  # within-chunk cumulative sums inside the kernels
     from sosm_jax.ops.kernels import pallas_gla_split  # pylint: disable=import-outside-toplevel
-    o, h_last = pallas_gla_split.gla_split(pad_t(q, dt), pad_t(k, dt), pad_t(v, dt), gam, h0,
+    o, h_last = pallas_gla_split.gla_split(pad_t(q, dt), pad_t(k, dt), pad_t(v, dt), lf, h0,
                                            float(scale), c, interpret, block_v)
   else:
+    gam = jnp.cumsum(lf.reshape(b, (t + pad) // c, c, h, dk), axis=2).reshape(lf.shape)
     o, h_last = pallas_gla.gla_core(pad_t(q, dt), pad_t(k, dt), pad_t(v, dt), gam, h0,
                                     float(scale), c, interpret, block_v, path)
   return o[:, :t].astype(v.dtype), h_last.reshape(b, h, dk, dv)
