@@ -10,8 +10,8 @@ Fast paths (`xla_fast.py`), chunked like the portable form but arranged for spee
 (backend 'pallas', Pallas Triton kernels): gated delta rule = one custom VJP
 (`pallas_gdn_core.py`) over the WY preparation and output-stage kernels (`pallas_gdn.py`) and the
 chunk-state recurrence (`pallas_recurrence.py`, state kept on chip), with a fused post kernel for
-the backward; GLA = `pallas_gla.PATH` ('auto': fused output-stage kernels of `pallas_gla.py` when
-not differentiated, score kernels of `pallas_gla_scores.py` plus XLA when differentiated).
+the backward; GLA = `pallas_gla.PATH` ('split': the kernels of `pallas_gla_split.py`, [B, T, H, D]
+layout throughout, no XLA transposes; older paths remain selectable for comparison).
 With backend 'xla' the same module is a pure-XLA formulation for any platform (intra-chunk work
 batched, recurrence by lax.scan).
 Speeds and what bounds them: `NOTES.md` beside this file; `benchmarks/kernels.py` measures.

@@ -34,12 +34,15 @@ _F32 = jnp.float32
 # 8 x 8 quadrant as a matmul through the block's middle token, exact only inside the two 8 x 8
 # diagonal quadrants (half the exps and half the sequential steps). Both never overflow.
 DIAG = "split"
-# Path taken by `xla_fast.gla_fast(backend='pallas')`. 'parallel': these kernels, one program per
-# 16-row sub-block; 'chunk': one program per chunk walking its sub-blocks; 'legacy': the score
-# kernels of `pallas_gla_scores.py` with the rest in XLA; 'auto': 'parallel' for calls that are
-# not differentiated (its forward is faster), 'legacy' under differentiation (its forward+backward
-# is faster), chosen by one custom VJP. H100, 4096 x 16: parallel 6.0 / 18.8 ms, legacy 7.3 / 18.3.
-PATH = "auto"
+# Path taken by `xla_fast.gla_fast(backend='pallas')`. 'split': the kernels of
+# `pallas_gla_split.py` (scores kept from the forward, per-chunk output and dA/dv kernels, per
+# sub-block dq/dk kernel; the fastest forward and forward+backward, see NOTES.md); 'parallel':
+# these kernels, one program per 16-row sub-block; 'chunk': one program per chunk walking its
+# sub-blocks; 'legacy': the score kernels of `pallas_gla_scores.py` with the rest in XLA; 'auto':
+# 'parallel' for calls that are not differentiated, 'legacy' under differentiation, chosen by one
+# custom VJP. H100, 4096 x 16, fwd / fwd+bwd ms: split 4.0 / 14.5, parallel 6.0 / 18.8, legacy
+# 7.3 / 18.3 (o dropped), auto 6.3 / 19.9.
+PATH = "split"
 TUNING = {"out_warps": 4, "post_warps": 4, "rec_warps": 4, "rec_stages": 2}
 
 

@@ -226,23 +226,21 @@ def scores_and_values_backward(k, gam, v, do, a, h_in, lam_next, *, chunk, scale
       name="gla_split_dav")(k, gam, v, do, a, h_in, lam_next)
 
 
-def _dqk_kernel(q_ref, k_ref, g_ref, da_ref, dqs_ref, dkd_ref, tail_ref, dq_ref, dk_ref, dlf_ref,
+def _dqk_kernel(q_ref, k_ref, g_ref, da_ref, dqs_ref, dkd_ref, dq_ref, dk_ref, dlf_ref, tot_ref,
                 *, chunk, sub, unroll, diag):
-  """One chunk, its sub-blocks last to first, so the within-chunk reverse cumulative sum that
-  turns d gam into d log_f runs here: d log_f[s] = sum_{t >= s} d gam[t] + the chunk-end terms."""
-  carry = tail_ref[...]                                   # [K]: the chunk-end terms
-  for p in reversed(range(chunk // sub)):
-    dq, dk = pallas_gla_scores.intra_grads(q_ref, k_ref, g_ref, da_ref, chunk=chunk, sub=sub,
-                                           unroll=unroll, diag=diag, p=p)
-    rows = pl.ds(p * sub, sub)
-    dq, dk = dq + dqs_ref[rows, :], dk + dkd_ref[rows, :]
-    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-    # A and the state terms depend on gam as q e^gam and k e^-gam
-    dg = q_ref[rows, :].astype(_F32) * dq - k_ref[rows, :].astype(_F32) * dk
-    total = jnp.sum(dg, axis=0)
-    dlf_ref[rows, :] = (total + carry)[None, :] - jnp.cumsum(dg, axis=0) + dg
-    carry = carry + total
+  """One 16-row sub-block: dq, dk, and d log_f up to what later rows of the chunk add (the
+  within-sub-block reverse cumulative sum of d gam, and its total)."""
+  dq, dk = pallas_gla_scores.intra_grads(q_ref, k_ref, g_ref, da_ref, chunk=chunk, sub=sub,
+                                         unroll=unroll, diag=diag)
+  dq, dk = dq + dqs_ref[...], dk + dkd_ref[...]
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  rows = pl.ds(pl.program_id(2) * sub, sub)
+  # A and the state terms depend on gam as q e^gam and k e^-gam
+  dg = q_ref[rows, :].astype(_F32) * dq - k_ref[rows, :].astype(_F32) * dk
+  total = jnp.sum(dg, axis=0)
+  dlf_ref[...] = total[None, :] - jnp.cumsum(dg, axis=0) + dg      # sum over t >= s in the block
+  tot_ref[...] = total
 
 
 def query_key_backward(q, k, gam, da, dq_s, dkd, tail, *, chunk, interpret=False):
@@ -250,17 +248,28 @@ def query_key_backward(q, k, gam, da, dq_s, dkd, tail, *, chunk, interpret=False
   state's shares dq_s, dkd `[B,T,H,K]` f32 and the chunk-end terms tail `[B*H, N, K]` f32."""
   b, t, heads, kdim = q.shape
   sub = pallas_gla._sub(chunk)  # pylint: disable=protected-access
-  krows = _chunk_rows(heads, chunk, kdim)
+  nb = chunk // sub
+  krows, rows = _chunk_rows(heads, chunk, kdim), _sub_rows(heads, chunk, sub, kdim)
   kernel = functools.partial(_dqk_kernel, chunk=chunk, sub=sub, unroll=not interpret,
                              diag=_diag_options(sub, interpret)[1])
-  return pl.pallas_call(
-      kernel, grid=(b * heads, t // chunk),
-      in_specs=[krows, krows, krows, _score_chunk(chunk), krows, krows, _per_chunk(kdim)],
-      out_specs=[krows, krows, krows],
+  dq, dk, dlf, totals = pl.pallas_call(
+      kernel, grid=(b * heads, t // chunk, nb),
+      in_specs=[krows, krows, krows, _score_chunk(chunk), rows, rows],
+      out_specs=[rows, rows, rows,
+                 pl.BlockSpec((None, None, kdim), lambda i, n, p: (i, n * nb + p, 0))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(gam.shape, _F32)],
+                 jax.ShapeDtypeStruct(gam.shape, _F32),
+                 jax.ShapeDtypeStruct((b * heads, t // sub, kdim), _F32)],
       interpret=interpret, compiler_params=_params(interpret, "dqk_warps"),
-      name="gla_split_dqk")(q, k, gam, da, dq_s, dkd, tail)
+      name="gla_split_dqk")(q, k, gam, da, dq_s, dkd)
+  # what the later sub-blocks of the chunk and its end add to every row of a sub-block; this
+  # broadcast add fuses into the caller's elementwise backward of log_f
+  n = t // chunk
+  totals = totals.reshape(b * heads, n, nb, kdim)
+  later = jnp.flip(jnp.cumsum(jnp.flip(totals, 2), axis=2), 2) - totals + tail[:, :, None]
+  later = jnp.moveaxis(later.reshape(b, heads, n, nb, kdim), 1, 3)      # [B, N, nb, H, K]
+  dlf = dlf.reshape(b, n, nb, sub, heads, kdim) + later[:, :, :, None]
+  return dq, dk, dlf.reshape(gam.shape)
 
 
 # --------------------------------------------------------------------------- custom VJP
