@@ -1,20 +1,22 @@
 """GLA (HGRN-2) Pallas path 'split': the work of a chunk split over small kernels by what it needs.
 
 Same math as `pallas_gla.py` (per chunk: o = scale ((q e^gam) h + A v), A the causal intra-chunk
-scores with per-key-channel decay, h the state entering the chunk). Each kernel reads and writes
-the caller's `[B, T, H, D]` layout, so no transposes run in XLA:
+scores with per-key-channel decay, gam the within-chunk cumulative log-decay, h the state entering
+the chunk). Each kernel reads and writes the caller's `[B, T, H, D]` layout, so no transposes run
+in XLA. The custom VJP takes log_f itself (the cumulative sums are done in the kernels):
 
-forward   recurrence (state per chunk, `pallas_gla.rec_forward`)
-          scores A `[B*H, T, C]` (`pallas_gla_scores`: 16-row sub-blocks, exact on the diagonal)
+forward   prep: gam, kd = k e^(gam_C - gam), a = e^gam_C, one program per chunk
+          recurrence (state per chunk, `pallas_gla.rec_forward`)
+          scores A `[B*H, T, C]`, 16-row programs (`pallas_gla_scores`), kept for the backward
           output o = scale ((q e^gam) h + A v), one program per chunk (two matmuls)
 backward  reverse recurrence (dh per chunk, `pallas_gla.rec_backward`)
-          dA = scale do v^T (causal) and dv = scale A^T do + (k e^(gam_C - gam)) dh, per chunk
-          dq, dk, dgam per 16-row sub-block: the intra-chunk part from dA (score kernel
-          backward) plus the state part (do h^T, v dh^T), in one pass
+          per chunk: dA = scale do v^T (causal), dv = scale A^T do + kd dh, and the state's
+          shares of dq and dk (do h^T e^gam, v dh^T e^(gam_C - gam)) as 64-row matmuls
+          per 16-row sub-block: dq, dk (intra-chunk part from dA, plus the shares) and the
+          block's reverse cumulative sum of d gam; XLA adds what later blocks contribute
 
-A is kept from the forward (in the compute dtype), so the backward never recomputes the exact
-diagonal scores; only their gradient walks the diagonal one key at a time.
-`interpret=True` runs on CPU (tests).
+Diagonal 16 x 16 blocks never overflow however strong the decay: see DIAG.
+`interpret=True` runs on CPU (tests). Measurements: NOTES.md beside this file.
 """
 from __future__ import annotations
 
