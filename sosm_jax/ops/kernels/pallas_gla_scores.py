@@ -100,14 +100,14 @@ def _fwd_kernel(q_ref, k_ref, g_ref, a_ref, *, chunk, sub, unroll, diag=None):
   _loop(sub, diag_column, 0, unroll and UNROLL)
 
 
-def intra_grads(q_ref, k_ref, g_ref, da_ref, *, chunk, sub, unroll, diag=None, p=None):
-  """(dq, dk) `[sub, K]` f32 of sub-chunk p (default: program 2) from the chunk's score
+def intra_grads(q_ref, k_ref, g_ref, da_ref, *, chunk, sub, unroll, diag=None):
+  """(dq, dk) `[sub, K]` f32 of sub-chunk p (= program 2) from the chunk's score
   cotangent da_ref `[chunk, chunk]`; q_ref, k_ref, g_ref hold the chunk's rows `[chunk, K]`.
   `diag(q_ref, k_ref, g_ref, da_ref, row0, q, g, dq, dk) -> (dq, dk)` adds the diagonal block's
   share instead of the exact loops when given."""
   dt = q_ref.dtype
   nb = chunk // sub
-  p = pl.program_id(2) if p is None else p
+  p = pl.program_id(2)
   row0 = p * sub
   q = _load_rows(q_ref, row0, sub).astype(_F32)
   g = _load_rows(g_ref, row0, sub)
