@@ -59,21 +59,31 @@ def _load_rows(ref, row0, s):
   return ref[pl.ds(row0, s), :]
 
 
+def _sub_block(q_ref, g_ref, sub):
+  """This program's sub-block (program 2): (p, row0, q f32 `[sub, K]`, gam `[sub, K]`, gam of the
+  token before it `[K]`, the reference point that keeps every exponent <= 0)."""
+  p = pl.program_id(2)
+  row0 = p * sub
+  q = _load_rows(q_ref, row0, sub).astype(_F32)
+  return p, row0, q, _load_rows(g_ref, row0, sub), g_ref[jnp.maximum(row0 - 1, 0), :]
+
+
+def _earlier_keys(k_ref, g_ref, r, sub, gref, dt):
+  """Keys of sub-block r decayed to the reference point: k e^(gref - gam), `[sub, K]` in dt."""
+  return (_load_rows(k_ref, r * sub, sub).astype(_F32)
+          * jnp.exp(gref[None, :] - _load_rows(g_ref, r * sub, sub))).astype(dt)
+
+
 def _fwd_kernel(q_ref, k_ref, g_ref, a_ref, *, chunk, sub, unroll, diag=None):
   """Row block p (= program 2) of the chunk's scores: [sub, chunk]. `diag(q_ref, k_ref, g_ref,
   row0, q, g) -> [sub, sub]` replaces the exact column-by-column diagonal block when given."""
   dt = q_ref.dtype
   nb = chunk // sub
-  p = pl.program_id(2)
-  row0 = p * sub
-  q = _load_rows(q_ref, row0, sub).astype(_F32)
-  g = _load_rows(g_ref, row0, sub)
-  gref = g_ref[jnp.maximum(row0 - 1, 0), :]
+  p, row0, q, g, gref = _sub_block(q_ref, g_ref, sub)
   qg = (q * jnp.exp(g - gref[None, :])).astype(dt)
 
   def past(r, carry):
-    kg = (_load_rows(k_ref, r * sub, sub).astype(_F32)
-          * jnp.exp(gref[None, :] - _load_rows(g_ref, r * sub, sub))).astype(dt)
+    kg = _earlier_keys(k_ref, g_ref, r, sub, gref, dt)
     a_ref[:, pl.ds(r * sub, sub)] = _dot(qg, kg, tb=True).astype(a_ref.dtype)
     return carry
 
@@ -107,16 +117,11 @@ def intra_grads(q_ref, k_ref, g_ref, da_ref, *, chunk, sub, unroll, diag=None):
   share instead of the exact loops when given."""
   dt = q_ref.dtype
   nb = chunk // sub
-  p = pl.program_id(2)
-  row0 = p * sub
-  q = _load_rows(q_ref, row0, sub).astype(_F32)
-  g = _load_rows(g_ref, row0, sub)
+  p, row0, q, g, gref = _sub_block(q_ref, g_ref, sub)
   kdim = q.shape[-1]
-  gref = g_ref[jnp.maximum(row0 - 1, 0), :]
 
   def past(r, acc):                       # dq from keys of earlier sub-chunks
-    kg = (_load_rows(k_ref, r * sub, sub).astype(_F32)
-          * jnp.exp(gref[None, :] - _load_rows(g_ref, r * sub, sub))).astype(dt)
+    kg = _earlier_keys(k_ref, g_ref, r, sub, gref, dt)
     return acc + _dot(da_ref[pl.ds(row0, sub), pl.ds(r * sub, sub)].astype(dt), kg)
 
   dq = lax.fori_loop(0, p, past, jnp.zeros((sub, kdim), _F32)) * jnp.exp(g - gref[None, :])
