@@ -4,7 +4,7 @@ Heads H = d_model // hgrn2_head_dim; per head key (state-expansion) dim Kd = hgr
 value dim d_model // H = Kd. With lb the layer's lower bound in [0, 1):
   f = lb + (1 - lb) * sigmoid(x W_f)        (forget gate per key channel)
   k = 1 - f,  q = silu(x W_q) (output gate), i = x W_i (input)
-  h_t = diag(f_t) h_{t-1} + k_t i_t^T,  o_t = h_t^T q_t       (sosm_jax/ops/hgrn2.py, gla)
+  h_t = diag(f_t) h_{t-1} + k_t i_t^T,  o_t = h_t^T q_t       (sosm_jax/ops/gla/, gla)
   y = W_o rmsnorm_per_head(o)
 Lower bound: the model owns one learned table `hgrn2_lower_bounds` [num_layers, d_model] and
 passes row l as `lower_bound` (HGRN-2's cumulative softmax over depth: lb_l = sum_{j<=l}
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from sosm_jax.layers.common import (BATCH_LENGTH_HEADS, Dense, RMSNorm, compute_dtype, constrain,
                                     param_dtype, reset_log_decay)
-from sosm_jax.ops import hgrn2 as gla_ops
+from sosm_jax.ops import gla, gla_step
 
 _F32 = jnp.float32
 # floor on the lower bound: keeps log(lb) finite (no NaN gradient at lb = 0) and bounds the decay
@@ -88,11 +88,11 @@ class HGRN2(nn.Module):
 
     state = None if cache is None else cache["state"]
     if decode and cache is not None and t == 1:
-      o, state = gla_ops.gla_step(q[:, 0], k[:, 0], i[:, 0], log_f[:, 0], state)
+      o, state = gla_step(q[:, 0], k[:, 0], i[:, 0], log_f[:, 0], state)
       o = o[:, None]
     else:
-      o, state = gla_ops.gla(q, k, i, log_f, initial_state=state, chunk_size=cfg.chunk_size,
-                             implementation=cfg.linear_impl or None)
+      o, state = gla(q, k, i, log_f, initial_state=state, chunk_size=cfg.chunk_size,
+                     implementation=cfg.linear_impl)
     o = RMSNorm(cfg.norm_eps, ("heads", "head_dim"), dt, param_dtype(cfg), name="o_norm")(o)
     o = constrain(o, BATCH_LENGTH_HEADS)
     y = Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2, name="o_proj", **kw)(o)

@@ -6,14 +6,16 @@ Keys (config.model, an ml_collections ConfigDict):
   num_layers, d_model, vocab_size, mlp_dim (SwiGLU hidden width)
   attn_num_heads, attn_num_kv_heads, attn_head_dim, rope_base
   attn_window       0 = full causal attention; >0 = sliding window of that many tokens
-  attn_impl         '' auto ('cudnn' on GPU for bf16 without segment ids, else 'xla' up to
-                    2048 tokens and 'blockwise' beyond) | 'xla' | 'cudnn' | 'blockwise' |
-                    'reference'                                              (added)
+  attn_impl         '' auto ('splash' on TPU; 'cudnn' on GPU for bf16; else 'xla' up to
+                    2048 tokens and 'blockwise' beyond) | 'xla' | 'cudnn' | 'splash' |
+                    'splash_interpret' | 'blockwise' | 'reference'           (added)
   attn_block_size   block length of the 'blockwise' (O(T)-memory) attention  (added)
   hgrn2_head_dim    HGRN-2 key (state-expansion) dim per head; heads = d_model // hgrn2_head_dim
   gdn_num_heads, gdn_head_dim (key = value dim), conv_width (Gated DeltaNet short conv)
   chunk_size        chunk of the chunked linear-attention algorithms
-  linear_impl       '' auto | 'xla' | 'reference' | 'kernel' (ops dispatchers)
+  linear_impl       linear-attention ops (HGRN-2, Gated DeltaNet): 'auto' (Pallas kernels on a
+                    GPU, chunked XLA elsewhere) | 'xla' | 'pallas' | 'pallas_interpret' (the
+                    kernels in interpret mode, any platform) | 'reference' (sequential)
   embed_dim         >0: factorized embedding vocab -> embed_dim -> d_model
   tie_embeddings    output head = embedding transposed
   dtype, param_dtype  activations / parameters
@@ -38,6 +40,10 @@ REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("bfloat16", "float32", "float16")
 SOSM_PATTERN = ("hgrn2", "hgrn2", "hgrn2", "graph")
 HYBRID_PATTERN = ("hgrn2", "hgrn2", "hgrn2", "attn")
+# the same names as sosm_jax.ops.IMPLEMENTATIONS (kept literal: config imports no JAX)
+LINEAR_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret", "reference")
+# the names of sosm_jax.ops.attention.IMPLEMENTATIONS besides '' (auto)
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "splash_interpret", "blockwise", "reference")
 
 
 def _graph_defaults() -> ml_collections.ConfigDict:
@@ -74,7 +80,7 @@ def default_model_config(architecture: str = "hybrid") -> ml_collections.ConfigD
   c.gdn_head_dim = 128
   c.conv_width = 4
   c.chunk_size = 64
-  c.linear_impl = ""
+  c.linear_impl = "auto"
   c.embed_dim = 0
   c.tie_embeddings = True
   c.dtype = "bfloat16"
@@ -171,9 +177,9 @@ def validate_model_config(cfg) -> None:
       _fail("attn_head_dim", f"{cfg.attn_head_dim} is odd (RoPE rotates pairs)", "use an even value")
     if cfg.attn_window < 0:
       _fail("attn_window", f"{cfg.attn_window} < 0", "use 0 (full causal) or a positive window")
-    if cfg.attn_impl not in ("", "xla", "cudnn", "blockwise", "reference"):
+    if cfg.attn_impl not in ("", *ATTENTION_IMPLEMENTATIONS):
       _fail("attn_impl", f"unknown value {cfg.attn_impl!r}",
-            "use '', 'xla', 'cudnn', 'blockwise' or 'reference'")
+            f"use '' (auto) or one of {ATTENTION_IMPLEMENTATIONS}")
     _positive(cfg, "attn_block_size")
   if "hgrn2" in pattern:
     _positive(cfg, "hgrn2_head_dim")
@@ -182,8 +188,9 @@ def validate_model_config(cfg) -> None:
             "pick a divisor of d_model (heads = d_model // hgrn2_head_dim)")
   if "gdn" in pattern:
     _positive(cfg, "gdn_num_heads", "gdn_head_dim")
-  if cfg.linear_impl not in ("", "xla", "reference", "kernel"):
-    _fail("linear_impl", f"unknown value {cfg.linear_impl!r}", "use '', 'xla', 'reference' or 'kernel'")
+  if cfg.linear_impl not in LINEAR_IMPLEMENTATIONS:
+    _fail("linear_impl", f"unknown value {cfg.linear_impl!r}",
+          f"use one of {LINEAR_IMPLEMENTATIONS}")
   if not isinstance(cfg.embed_dim, int) or cfg.embed_dim < 0:
     _fail("embed_dim", f"must be an int >= 0, got {cfg.embed_dim!r}", "use 0 (no factorization) or e.g. 128")
   for key in ("dtype", "param_dtype"):

@@ -1,18 +1,23 @@
 """sosm_jax.ops: pure jnp functions without parameters (the math and the kernels).
 
-Linear-attention ops exported here; attention.py and graph.py are imported by their module path.
-Each recurrent op has a sequential `*_reference` (ground truth), a one-token `*_step` (decode)
-and a `*_chunked` form (training/prefill); the dispatchers `gated_delta_rule` and `gla` pick an
-implementation ('xla' chunked, 'reference', or 'kernel' from `sosm_jax.ops.kernels.get(name)`,
-a GPU fast path with the chunked form's signature).
+One folder per linear-attention op, each with the sequential reference (ground truth), the
+one-token step (decode), the chunked XLA form and the Pallas form behind one signature:
+`gla/` (gated linear attention; HGRN-2 is GLA with k = 1 - f) and `gated_delta/`; `common/` holds
+what they share (chunk layout, padding and dtype helpers, the chunk-state recurrence, Pallas
+helpers, the implementation names). `gla` and `gated_delta_rule` take
+`implementation='auto' | 'xla' | 'pallas' | 'pallas_interpret' | 'reference'`.
+attention.py, graph*.py and conv.py are imported by their module path.
+Note: `sosm_jax.ops.gla` is the function; reach the folder's modules with
+`from sosm_jax.ops.gla.pallas import ...` (not `import sosm_jax.ops.gla as ...`).
 """
+from sosm_jax.ops.common.implementation import IMPLEMENTATIONS
 from sosm_jax.ops.conv import causal_conv1d, causal_conv1d_step
 from sosm_jax.ops.gated_delta import (gated_delta_rule, gated_delta_rule_chunked,
                                       gated_delta_rule_reference, gated_delta_rule_step)
-from sosm_jax.ops.hgrn2 import gla, gla_chunked, gla_reference, gla_step
+from sosm_jax.ops.gla import gla, gla_chunked, gla_reference, gla_step
 
 __all__ = [
-    "causal_conv1d", "causal_conv1d_step",
+    "IMPLEMENTATIONS", "causal_conv1d", "causal_conv1d_step",
     "gated_delta_rule", "gated_delta_rule_chunked", "gated_delta_rule_reference",
     "gated_delta_rule_step",
     "gla", "gla_chunked", "gla_reference", "gla_step",

@@ -1,5 +1,6 @@
-"""Tests of sosm_jax/ops/gated_delta.py: chunked and step forms against the sequential reference."""
+"""Tests of sosm_jax/ops/gated_delta/: chunked and step forms against the sequential reference."""
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from sosm_jax.ops import gated_delta as gd
+from sosm_jax.ops.common import implementation as impl_lib
 
 B, H, K, V = 2, 2, 16, 8
 
@@ -105,21 +107,21 @@ def test_dispatcher_routes_by_name(monkeypatch):
   fake = lambda tag: (lambda *a, **kw: calls.append((tag, sorted(kw))) or tag)
   monkeypatch.setattr(gd, "gated_delta_rule_chunked", fake("xla"))
   monkeypatch.setattr(gd, "gated_delta_rule_reference", fake("reference"))
+  monkeypatch.setattr(importlib.import_module("sosm_jax.ops.gated_delta.pallas"),
+                      "gated_delta_rule_pallas", fake("pallas"))
   args = (None,) * 5
   assert gd.gated_delta_rule(*args, implementation="xla", chunk_size=32) == "xla"
   assert calls[-1] == ("xla", ["chunk_size", "initial_state", "scale"])
   assert gd.gated_delta_rule(*args, implementation="reference") == "reference"
   assert gd.gated_delta_rule(*args) == "xla"  # cpu: chunked
+  assert gd.gated_delta_rule(*args, implementation="pallas_interpret") == "pallas"
+  assert calls[-1] == ("pallas", ["chunk_size", "initial_state", "interpret", "scale"])
   with pytest.raises(ValueError, match="implementation"):
     gd.gated_delta_rule(*args, implementation="triton")
-  # A registered kernel is used on gpu by default and on request; absent, 'kernel' is an error.
-  monkeypatch.setattr(gd, "kernel_impl", lambda name: None)
-  with pytest.raises(ValueError, match="kernel"):
-    gd.gated_delta_rule(*args, implementation="kernel")
-  monkeypatch.setattr(gd, "kernel_impl", lambda name: fake("kernel:" + name))
-  assert gd.gated_delta_rule(*args, implementation="kernel") == "kernel:gated_delta_rule"
-  monkeypatch.setattr(gd.jax, "default_backend", lambda: "gpu")
-  assert gd.gated_delta_rule(*args) == "kernel:gated_delta_rule"
+  with pytest.raises(ValueError, match="GPU"):
+    gd.gated_delta_rule(*args, implementation="pallas")
+  monkeypatch.setattr(impl_lib.jax, "default_backend", lambda: "gpu")
+  assert gd.gated_delta_rule(*args) == "pallas"
 
 
 def test_bad_shapes_raise_value_error():

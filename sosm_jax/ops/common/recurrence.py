@@ -1,4 +1,4 @@
-"""Chunk-to-chunk state recurrence shared by the fast gated-delta and GLA paths, with its VJP.
+"""Chunk-to-chunk state recurrence shared by the chunked XLA forms of GLA and the delta rule.
 
 This is the only sequential part of the chunked algorithms. For chunks n = 0..N-1 of one
 (batch, head) with state h_n `[K, V]` entering chunk n:
@@ -17,24 +17,18 @@ after which every other gradient is a product over all chunks at once (done here
 du = dvn, dw_n = -dvn_n h_n^T, dkd_n = vn_n lam_{n+1}^T, da_n = rowsum(h_n * lam_{n+1}).
 The columns of V never mix, so kernels may split V into blocks.
 
-Two backends compute the two sequential loops: 'xla' (lax.scan; any platform) and 'pallas'
-(`pallas_recurrence.py`, one program per (batch*head, V block), state kept on chip).
+Both loops are lax.scan; the hand-written VJP keeps only the per-chunk states (no per-step
+residuals of an autodiffed scan). The Pallas kernels of the same loops live beside each op.
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sosm_jax.ops.common.chunks import dot_f32 as _mm
+
 _F32 = jnp.float32
-
-
-def _mm(eq, a, b):
-  """einsum with fp32 accumulation; fp32 operands get full precision (GPU default is tf32)."""
-  prec = lax.Precision.HIGHEST if a.dtype == _F32 or b.dtype == _F32 else None
-  return jnp.einsum(eq, a, b, precision=prec, preferred_element_type=_F32)
 
 
 # --------------------------------------------------------------------------- XLA (lax.scan)
@@ -91,41 +85,27 @@ def scan_backward(w, kd, a, d_h_in, d_vn, d_h_last):
 # --------------------------------------------------------------------------- custom VJP
 
 
-def _backend_fns(backend, interpret, block_v):
-  if backend == "xla":
-    return scan_forward, scan_backward
-  if backend == "pallas":
-    from sosm_jax.ops.kernels import pallas_recurrence as pr  # pylint: disable=import-outside-toplevel
-    return (functools.partial(pr.forward, interpret=interpret, block_v=block_v),
-            functools.partial(pr.backward, interpret=interpret, block_v=block_v))
-  raise ValueError(f"chunk_recurrence: backend must be 'xla' or 'pallas', got {backend!r}.")
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def chunk_recurrence(w, u, kd, a, h0, backend="xla", interpret=False, block_v=None):
+@jax.custom_vjp
+def chunk_recurrence(w, u, kd, a, h0):
   """The chunk-state recurrence (module docstring) with a hand-written VJP.
 
   Args: w `[BH, N, C, K]` or None (no delta correction, GLA), u `[BH, N, C, V]`,
-    kd `[BH, N, C, K]` (same dtype as u), a `[BH, N, K]` f32, h0 `[BH, K, V]` f32;
-    backend 'xla' | 'pallas'; interpret: run Pallas kernels in interpret mode (CPU tests);
-    block_v: V block of a Pallas program (None: chosen from the shapes).
-  Returns: (h_in `[BH, N, K, V]`, vn `[BH, N, C, V]`, h_N `[BH, K, V]` f32).
+    kd `[BH, N, C, K]` (same dtype as u: the matmul operand dtype), a `[BH, N, K]` f32,
+    h0 `[BH, K, V]` f32.
+  Returns: (h_in `[BH, N, K, V]`, vn `[BH, N, C, V]` (u's dtype), h_N `[BH, K, V]` f32).
   """
-  fwd, _ = _backend_fns(backend, interpret, block_v)
-  return fwd(w, u, kd, a, h0)
+  return scan_forward(w, u, kd, a, h0)
 
 
-def _rec_fwd(w, u, kd, a, h0, backend, interpret, block_v):
-  fwd, _ = _backend_fns(backend, interpret, block_v)
-  h_in, vn, h_last = fwd(w, u, kd, a, h0)
+def _rec_fwd(w, u, kd, a, h0):
+  h_in, vn, h_last = scan_forward(w, u, kd, a, h0)
   return (h_in, vn, h_last), (w, kd, a, h_in, vn, h0)
 
 
-def _rec_bwd(backend, interpret, block_v, res, cts):
+def _rec_bwd(res, cts):
   w, kd, a, h_in, vn, h0 = res
   d_h_in, d_vn, d_h_last = cts
-  _, bwd = _backend_fns(backend, interpret, block_v)
-  dvn, lam_next, lam0 = bwd(w, kd, a, d_h_in, d_vn, d_h_last)
+  dvn, lam_next, lam0 = scan_backward(w, kd, a, d_h_in, d_vn, d_h_last)
   du = dvn.astype(vn.dtype)
   dw = None if w is None else (-_mm("bncv,bnkv->bnck", dvn, h_in)).astype(w.dtype)
   dkd = _mm("bncv,bnkv->bnck", vn, lam_next).astype(kd.dtype)

@@ -1,13 +1,15 @@
-"""Tests of sosm_jax/ops/hgrn2.py: chunked GLA and step against the reference, strong decay."""
+"""Tests of sosm_jax/ops/gla/: chunked GLA and step against the reference, strong decay."""
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sosm_jax.ops import gated_delta as gd
-from sosm_jax.ops import hgrn2
+from sosm_jax.ops.common import implementation as impl_lib
+
+hgrn2 = importlib.import_module("sosm_jax.ops.gla")  # the package (sosm_jax.ops.gla is the function)
 
 B, H, K, V = 2, 2, 16, 8
 
@@ -130,16 +132,21 @@ def test_dispatcher_routes_by_name(monkeypatch):
   fake = lambda tag: (lambda *a, **kw: calls.append((tag, sorted(kw))) or tag)
   monkeypatch.setattr(hgrn2, "gla_chunked", fake("xla"))
   monkeypatch.setattr(hgrn2, "gla_reference", fake("reference"))
+  monkeypatch.setattr(importlib.import_module("sosm_jax.ops.gla.pallas"), "gla_pallas",
+                      fake("pallas"))
   args = (None,) * 4
   assert hgrn2.gla(*args, implementation="xla", chunk_size=32) == "xla"
   assert calls[-1] == ("xla", ["chunk_size", "initial_state", "scale"])
   assert hgrn2.gla(*args, implementation="reference") == "reference"
   assert hgrn2.gla(*args) == "xla"  # cpu: chunked
+  assert hgrn2.gla(*args, implementation="pallas_interpret") == "pallas"
+  assert calls[-1] == ("pallas", ["chunk_size", "initial_state", "interpret", "scale"])
   with pytest.raises(ValueError, match="implementation"):
+    hgrn2.gla(*args, implementation="triton")
+  with pytest.raises(ValueError, match="pallas_interpret"):  # compiled kernels need a GPU
     hgrn2.gla(*args, implementation="pallas")
-  monkeypatch.setattr(gd, "kernel_impl", lambda name: fake("kernel:" + name))
-  monkeypatch.setattr(gd.jax, "default_backend", lambda: "gpu")
-  assert hgrn2.gla(*args) == "kernel:gla"
+  monkeypatch.setattr(impl_lib.jax, "default_backend", lambda: "gpu")
+  assert hgrn2.gla(*args) == "pallas"
 
 
 def test_bad_arguments_raise_value_error():

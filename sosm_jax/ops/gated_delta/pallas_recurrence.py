@@ -1,9 +1,9 @@
-"""Pallas (Triton backend) kernels for the chunk-state recurrence of `recurrence.py`.
+"""Pallas (Triton) kernels of the delta rule's chunk-state recurrence, forward and reverse.
 
 One program per (batch*head, V block) walks all chunks in order and keeps its `[K, BV]` slice of
 the state in registers, so each chunk costs two small matmuls on chip instead of several XLA
-launches. The math (and the XLA twin these kernels are tested against) is in `recurrence.py`.
-`interpret=True` runs the same kernel code on CPU (tests).
+launches. The math (and its XLA twin) is `sosm_jax/ops/common/recurrence.py`.
+`interpret=True` runs the same kernel code on any platform (tests).
 """
 from __future__ import annotations
 
@@ -14,34 +14,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from sosm_jax.ops.common.pallas import compiler_params, dot as _dot, pick_block_v
+
 _F32 = jnp.float32
-# Launch settings used when a call names none (benchmarks/kernels.py --sweep measures others;
-# change them before the first trace or call jax.clear_caches()).
-TUNING = {"num_warps": 4, "num_stages": 2}
-
-
-def _compiler_params(num_warps, num_stages):
-  from jax.experimental.pallas import triton as plt  # pylint: disable=import-outside-toplevel
-  return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
-def _dot(a, b, *, ta=False, tb=False):
-  """2-D matmul with fp32 accumulation; a^T b when ta; fp32 operands at full precision."""
-  dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-  prec = (lax.Precision.HIGHEST, lax.Precision.HIGHEST) if a.dtype == _F32 else None
-  return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=_F32)
-
-
-def _pick_block_v(bh, v, block_v):
-  """V block: enough programs to fill the GPU (~132 SMs) without starving each of work."""
-  if block_v is not None:
-    if v % block_v:
-      raise ValueError(f"pallas recurrence: block_v={block_v} must divide value_dim={v}.")
-    return block_v
-  bv = min(v, 64)
-  while bv > 16 and bh * (v // bv) < 128:
-    bv //= 2
-  return bv if v % bv == 0 else v
+WARPS, STAGES = 4, 2  # launch settings (measured: NOTES.md)
 
 
 # --------------------------------------------------------------------------- forward
@@ -70,13 +46,11 @@ def _fwd_kernel(*refs, n_chunks, chunk, key_dim, has_w):
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_v", "num_warps", "num_stages"))
-def forward(w, u, kd, a, h0, *, interpret=False, block_v=None, num_warps=None, num_stages=None):
-  """Forward recurrence; arguments and results as `recurrence.scan_forward`."""
-  num_warps = num_warps or TUNING["num_warps"]
-  num_stages = num_stages or TUNING["num_stages"]
+def forward(w, u, kd, a, h0, *, interpret=False, block_v=None, num_warps=WARPS, num_stages=STAGES):
+  """Forward recurrence; arguments and results as `common.recurrence.scan_forward`."""
   bh, n, c, kdim = kd.shape
   v = u.shape[-1]
-  bv = _pick_block_v(bh, v, block_v)
+  bv = pick_block_v(bh, v, block_v)
   has_w = w is not None
   flat = lambda x: x.reshape(bh, n * c, x.shape[-1])
   seq_k = pl.BlockSpec((None, n * c, kdim), lambda i, j: (i, 0, 0))
@@ -97,7 +71,7 @@ def forward(w, u, kd, a, h0, *, interpret=False, block_v=None, num_warps=None, n
   outs = pl.pallas_call(
       kernel, grid=(bh, v // bv), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       interpret=interpret,
-      compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
+      compiler_params=compiler_params(interpret, num_warps, num_stages),
       name="chunk_recurrence_fwd")(*args)
   h_in = outs[0].reshape(bh, n, kdim, v)
   vn = outs[1].reshape(bh, n, c, v) if has_w else u
@@ -147,19 +121,17 @@ def _bwd_kernel(*refs, n_chunks, chunk, key_dim, has_w, out_grad=None, with_hl=F
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_v", "num_warps", "num_stages",
                                              "scale"))
-def backward(w, kd, a, d_h_in, d_vn, d_h_last, *, interpret=False, block_v=None, num_warps=None,
-             num_stages=None, q=None, gam=None, do=None, scale=None, h_in=None):
-  """Reverse recurrence; arguments and results as `recurrence.scan_backward`.
+def backward(w, kd, a, d_h_in, d_vn, d_h_last, *, interpret=False, block_v=None,
+             num_warps=WARPS, num_stages=STAGES, q=None, gam=None, do=None, scale=None, h_in=None):
+  """Reverse recurrence; arguments and results as `common.recurrence.scan_backward`.
 
   With q `[B,T,H,K]`, gam `[B*H,T]` f32, do `[B,T,H,V]` and scale (d_h_in None), the kernel forms
   d_h_in = scale (q e^gam)^T do of every chunk itself (the gated delta rule's output stage).
   With h_in `[B*H,N,K,V]` it also returns hl `[B*H,N]` = sum(h_n * lam_{n+1}) per chunk.
   """
-  num_warps = num_warps or TUNING["num_warps"]
-  num_stages = num_stages or TUNING["num_stages"]
   bh, n, c, kdim = kd.shape
   v = d_vn.shape[-1]
-  bv = _pick_block_v(bh, v, block_v)
+  bv = pick_block_v(bh, v, block_v)
   has_w = w is not None
   dt = kd.dtype
   flat = lambda x: x.reshape(bh, -1, x.shape[-1])
@@ -193,7 +165,7 @@ def backward(w, kd, a, d_h_in, d_vn, d_h_last, *, interpret=False, block_v=None,
   outs = pl.pallas_call(
       kernel, grid=(bh, v // bv), in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, interpret=interpret,
-      compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
+      compiler_params=compiler_params(interpret, num_warps, num_stages),
       name="chunk_recurrence_bwd")(*args)
   dvn, lam_next, lam0 = outs[:3]
   res = (dvn.reshape(bh, n, c, v), lam_next.reshape(bh, n, kdim, v), lam0)

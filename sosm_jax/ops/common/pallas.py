@@ -1,0 +1,64 @@
+"""Helpers for the Pallas (Triton) kernels of the linear-attention ops: matmul, exp, launch options.
+
+Every kernel takes `interpret`: True runs the same kernel code in Pallas interpret mode on any
+platform (CPU tests, `implementation='pallas_interpret'`); False compiles it with Triton (GPU).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_F32 = jnp.float32
+_LOG2E = 1.4426950408889634
+
+
+def compiler_params(interpret, num_warps, num_stages=1):
+  """Triton launch options (None in interpret mode)."""
+  if interpret:
+    return None
+  from jax.experimental.pallas import triton as plt  # pylint: disable=import-outside-toplevel
+  return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def dot(a, b, *, ta=False, tb=False):
+  """2-D matmul with fp32 accumulation; a^T b when ta, a b^T when tb; fp32 operands at full
+  precision."""
+  dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+  prec = (lax.Precision.HIGHEST, lax.Precision.HIGHEST) if a.dtype == _F32 else None
+  return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=_F32)
+
+
+def fast_exp(x, fast):
+  """exp; with `fast` (compiled for the GPU) one ex2.approx instruction (libdevice expf is
+  several). exp(-inf) = 0 either way."""
+  if not fast:
+    return jnp.exp(x)
+  from jax.experimental.pallas import triton as plt  # pylint: disable=import-outside-toplevel
+  [y] = plt.elementwise_inline_asm(
+      "ex2.approx.ftz.f32 $0, $1;", args=[x * _LOG2E], constraints="=f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, _F32)])
+  return y
+
+
+def pick_block_v(bh, v, block_v):
+  """V block of a recurrence program: enough programs to fill the GPU (~132 SMs) without starving
+  each of work; `block_v` (must divide v) overrides."""
+  if block_v is not None:
+    if v % block_v:
+      raise ValueError(f"pallas recurrence: block_v={block_v} must divide value_dim={v}.")
+    return block_v
+  bv = min(v, 64)
+  while bv > 16 and bh * (v // bv) < 128:
+    bv //= 2
+  return bv if v % bv == 0 else v
+
+
+def is_tile_size(x):
+  """Triton tiles: powers of two >= 16."""
+  return x >= 16 and x & (x - 1) == 0
+
+
+def padded_tile_size(x):
+  """The smallest power of two >= max(x, 16)."""
+  return max(16, 1 << (int(x) - 1).bit_length())

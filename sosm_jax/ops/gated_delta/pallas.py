@@ -1,0 +1,114 @@
+"""The gated delta rule on Pallas (Triton) kernels: one custom VJP, three forward kernels, three backward.
+
+Forward (`pallas_kernels.py`, `pallas_recurrence.py`): WY preparation -> chunk recurrence ->
+output stage. Backward: output-stage kernel (dq, dk, dgam, dvn) -> reverse recurrence kernel
+(dvn, lam_{n+1}, and the output stage's dh = scale (q e^gam)^T do formed in its loop, so dh never
+reaches memory) -> one post kernel per chunk that turns (h_n, lam_{n+1}, vn, dvn) into the
+recurrence's input cotangents and runs the WY-preparation backward on them in the same pass:
+
+    dw = -dvn h^T, dkd = vn lam^T                                                (recurrence)
+    x = T^T dw, y = T^T du, dT = du (b v)^T + dw (b e^gam k)^T, dL = -T^T dT T^T  (WY form)
+
+so no `[batch*heads, chunks, ...]` intermediate is transposed or re-read by XLA; dk and dv are
+written in the caller's `[B, T, H, D]` layout. Matmul operands are in the inputs' dtype (bf16:
+fp32 accumulation), fp32 inputs at full precision. Measurements: `sosm_jax/ops/NOTES.md`.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from sosm_jax.ops.common.chunks import (check_chunk_size, matmul_dtype, pad_last, pad_time,
+                                        padded_state, to_chunks)
+from sosm_jax.ops.common.pallas import is_tile_size, padded_tile_size
+from sosm_jax.ops.gated_delta import pallas_kernels as kern
+from sosm_jax.ops.gated_delta import pallas_recurrence as rec
+from sosm_jax.ops.gated_delta.reference import check_inputs, default_scale
+
+_F32 = jnp.float32
+
+
+def _forward(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v):
+  bh, t = gam.shape
+  n, c = t // chunk, chunk
+  kdim = k.shape[-1]
+  w, u, kd, tmat = kern.prep_forward(k, v, beta, gam, chunk=c, interpret=interpret)
+  per_chunk = lambda x: x.reshape(bh, n, c, x.shape[-1])
+  a = jnp.broadcast_to(jnp.exp(gam.reshape(bh, n, c)[..., -1])[..., None], (bh, n, kdim))
+  h_in, vn, h_last = rec.forward(per_chunk(w), per_chunk(u), per_chunk(kd), a, h0,
+                                 interpret=interpret, block_v=block_v)
+  o = kern.output_forward(q, k, gam, h_in, vn, scale=scale, interpret=interpret)
+  return (o, h_last), (q, k, v, beta, gam, tmat, w, kd, a, h_in, vn)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def gdn_core(q, k, v, beta, gam, h0, scale, chunk, interpret=False, block_v=None):
+  """q, k `[B,T,H,K]`, v `[B,T,H,V]` (T a multiple of chunk, one dtype), beta, gam `[B*H,T]` f32
+  (gam: within-chunk cumulative log-decay), h0 `[B*H,K,V]` f32 ->
+  (o `[B,T,H,V]` in v's dtype, h_last `[B*H,K,V]` f32)."""
+  return _forward(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v)[0]
+
+
+def _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v):
+  return _forward(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v)
+
+
+def _core_bwd(scale, chunk, interpret, block_v, res, cts):
+  q, k, v, beta, gam, tmat, w, kd, a, h_in, vn = res
+  do, dh_last = cts
+  bh, n, c, _ = vn.shape
+  dq, dk_o, dg_o, dvn_o = kern.output_backward(q, k, gam, h_in, vn, do, scale=scale,
+                                               interpret=interpret)
+  per_chunk = lambda x: x.reshape(bh, n, c, x.shape[-1])
+  dvn, lam_next, lam0, hl = rec.backward(per_chunk(w), per_chunk(kd), a, None, dvn_o, dh_last,
+                                         interpret=interpret, block_v=block_v, h_in=h_in, q=q,
+                                         gam=gam, do=do, scale=scale)
+  dk, dv, dbeta, dgam = kern.post_backward(k, v, beta, gam, tmat, h_in, lam_next, vn, dvn, dk_o,
+                                           dg_o, interpret=interpret)
+  # a = e^gam_C (broadcast over K) scales the carried state: d gam_C += e^gam_C sum(h lam)
+  dgam = dgam.reshape(bh, n, c).at[..., -1].add(a[..., 0] * hl).reshape(bh, n * c)
+  return dq, dk, dv, dbeta, dgam, lam0
+
+
+gdn_core.defvjp(_core_fwd, _core_bwd)
+
+
+def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_size=64,
+                            interpret=False, block_v=None):
+  """Chunked gated delta rule on the Pallas kernels (contract of `gated_delta_rule_chunked`).
+
+  Args:
+    q, k: `[batch, time, heads, key_dim]` (L2-normalised), v `[batch, time, heads, value_dim]`,
+    g: `[batch, time, heads]` log-decay <= 0, beta `[batch, time, heads]` in (0, 1).
+    scale: default key_dim**-0.5. initial_state: `[batch, heads, key_dim, value_dim]` or None.
+    chunk_size: a power of two >= 16 (static). interpret: Pallas interpret mode (any platform).
+    block_v: V block of the recurrence programs (None: chosen from the shapes).
+  Returns:
+    (o `[batch, time, heads, value_dim]` in v's dtype, final_state f32
+    `[batch, heads, key_dim, value_dim]`).
+  Time is zero-padded to a multiple of chunk_size (identity steps); key and value dims that are
+  not powers of two >= 16 are zero-padded to one (zero key channels and value columns change
+  nothing) and the results trimmed.
+  """
+  check_inputs(q, k, v, g, beta, initial_state)
+  check_chunk_size("gated_delta_rule (pallas)", chunk_size)
+  if not is_tile_size(chunk_size):
+    raise ValueError(f"gated_delta_rule (pallas): chunk_size={chunk_size} must be a power of two "
+                     f">= 16 (Triton tiles); set model.chunk_size, e.g. 64.")
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  scale = default_scale(scale, dk)
+  kp, vp = padded_tile_size(dk), padded_tile_size(dv)
+  c = chunk_size
+  pad = (-t) % c
+  dt = matmul_dtype(q, k, v)
+  prep = lambda x, size: pad_last(pad_time(x, pad, dt), size)
+  bhs = lambda x: to_chunks(pad_time(x, pad, _F32), c).reshape(b * h, t + pad)  # [B*H, T]
+  gam = jnp.cumsum(to_chunks(pad_time(g, pad, _F32), c), axis=-1).reshape(b * h, t + pad)
+  h0 = padded_state(initial_state, b, h, kp, vp)
+  o, h_last = gdn_core(prep(q, kp), prep(k, kp), prep(v, vp), bhs(beta), gam, h0, float(scale), c,
+                       interpret, block_v)
+  h_last = h_last.reshape(b, h, kp, vp)[:, :, :dk, :dv]
+  return o[:, :t, :, :dv].astype(v.dtype), h_last

@@ -1,0 +1,288 @@
+"""Pallas (Triton) kernels of the chunked gated delta rule: WY preparation, output stage, post.
+
+Per chunk (q, k `[C, K]`, cumulative log-decay gam `[C]`, entering state h `[K, V]`, corrected
+values vn `[C, V]` from the recurrence):
+
+    o = scale * ((q * e^gam) h + (q k^T * D) vn),   D[t, i] = e^(gam_t - gam_i) for i <= t, else 0
+
+One program per (batch*head, chunk) reads q, k in their `[batch, time, heads, dim]` layout and
+writes o in it, so no transposes and no `[C, C]` intermediates reach device memory. The backward
+kernel gives dq, dk, dgam, dvn of this stage in one pass (its dh = scale (q e^gam)^T do is formed
+by the reverse recurrence, `pallas_recurrence.backward`):
+
+    dvn = scale P^T do, dP = scale do vn^T, dS = dP * D,
+    dq = dS k + scale (do h^T) e^gam, dk = dS^T q,
+    dgam_t = sum_k q (scale (do h^T) e^gam) + sum_i (dP * P)[t, i] - sum_i (dP * P)[i, t]
+
+(P = q k^T * D). The post kernel (`post_backward`) is the backward of the WY preparation fused
+with the recurrence's input cotangents (see `pallas.py`). `interpret=True` runs on any platform.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from sosm_jax.ops.common.pallas import compiler_params, dot as _dot
+
+_F32 = jnp.float32
+WARPS = 4  # launch setting of every kernel here (measured: NOTES.md)
+
+
+def _decay(g):
+  c = g.shape[0]
+  causal = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  return jnp.exp(jnp.where(causal, g[:, None] - g[None, :], -jnp.inf))
+
+
+def _fwd_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, o_ref, *, scale):
+  dt = q_ref.dtype
+  q, k, g = q_ref[...], k_ref[...], g_ref[...]
+  p = (_dot(q, k, tb=True) * _decay(g)).astype(dt)
+  qg = (q.astype(_F32) * jnp.exp(g)[:, None]).astype(dt)
+  o = _dot(qg, h_ref[...]) + _dot(p, vn_ref[...])
+  o_ref[...] = (o * scale).astype(o_ref.dtype)
+
+
+def _bwd_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, do_ref, dq_ref, dk_ref, dg_ref, dvn_ref, *,
+                scale):
+  dt = q_ref.dtype
+  q, k, g, h, vn, do = q_ref[...], k_ref[...], g_ref[...], h_ref[...], vn_ref[...], do_ref[...]
+  d = _decay(g)
+  p = _dot(q, k, tb=True) * d
+  eg = jnp.exp(g)[:, None]
+  dvn_ref[...] = (scale * _dot(p.astype(dt), do, ta=True)).astype(dvn_ref.dtype)
+  dp = scale * _dot(do, vn, tb=True)
+  ds = (dp * d).astype(dt)
+  dq_inter = scale * _dot(do, h, tb=True) * eg
+  dq_ref[...] = (_dot(ds, k) + dq_inter).astype(dq_ref.dtype)
+  dk_ref[...] = _dot(ds, q, ta=True).astype(dk_ref.dtype)
+  pp = dp * p
+  dg_ref[...] = (jnp.sum(q.astype(_F32) * dq_inter, axis=1) + jnp.sum(pp, axis=1)
+                 - jnp.sum(pp, axis=0))
+
+
+def _specs(heads, c, kdim, vdim):
+  tok = lambda width: pl.BlockSpec((None, c, None, width), lambda i, n: (i // heads, n, i % heads, 0))
+  return dict(
+      qk=tok(kdim), o=tok(vdim),
+      g=pl.BlockSpec((None, c), lambda i, n: (i, n)),
+      h=pl.BlockSpec((None, kdim, vdim), lambda i, n: (i, n, 0)),
+      vn=pl.BlockSpec((None, c, vdim), lambda i, n: (i, n, 0)))
+
+
+def _params(interpret):
+  return compiler_params(interpret, WARPS)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
+def output_forward(q, k, gam, h_in, vn, *, scale, interpret=False):
+  """q, k `[B, T, H, K]`, gam `[B*H, T]` f32, h_in `[B*H, N, K, V]`, vn `[B*H, N, C, V]`
+  -> o `[B, T, H, V]` (vn's dtype). T = N * C."""
+  b, t, heads, kdim = q.shape
+  bh, n, c, vdim = vn.shape
+  sp = _specs(heads, c, kdim, vdim)
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, scale=scale), grid=(bh, n),
+      in_specs=[sp["qk"], sp["qk"], sp["g"], sp["h"], sp["vn"]], out_specs=sp["o"],
+      out_shape=jax.ShapeDtypeStruct((b, t, heads, vdim), vn.dtype), interpret=interpret,
+      compiler_params=_params(interpret), name="gdn_output_fwd")(
+          q, k, gam, h_in.reshape(bh, n * kdim, vdim), vn.reshape(bh, n * c, vdim))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
+def output_backward(q, k, gam, h_in, vn, do, *, scale, interpret=False):
+  """Cotangent do `[B, T, H, V]` -> (dq, dk `[B, T, H, K]`, dgam `[B*H, T]` f32,
+  dvn `[B*H, N, C, V]`)."""
+  b, t, heads, kdim = q.shape
+  bh, n, c, vdim = vn.shape
+  sp = _specs(heads, c, kdim, vdim)
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+               jax.ShapeDtypeStruct((bh, t), _F32), jax.ShapeDtypeStruct((bh, n * c, vdim), vn.dtype)]
+  dq, dk, dg, dvn = pl.pallas_call(
+      functools.partial(_bwd_kernel, scale=scale), grid=(bh, n),
+      in_specs=[sp["qk"], sp["qk"], sp["g"], sp["h"], sp["vn"], sp["o"]],
+      out_specs=[sp["qk"], sp["qk"], sp["g"], sp["vn"]], out_shape=out_shape,
+      interpret=interpret, compiler_params=_params(interpret), name="gdn_output_bwd")(
+          q, k, gam, h_in.reshape(bh, n * kdim, vdim), vn.reshape(bh, n * c, vdim),
+          do.astype(vn.dtype))
+  return dq, dk, dg, dvn.reshape(vn.shape)
+
+
+# --------------------------------------------------------------------------- WY preparation
+#
+# Per chunk, with b = beta, gam the cumulative log-decay and D as above:
+#   L = strictly_lower(b[:, None] * (k k^T) * D),  T = (I + L)^{-1},
+#   w = T (b e^gam k),  u = T (b v),  kd = k e^(gam_C - gam).
+# T is built from 16x16 blocks: Neumann products on the diagonal, block forward substitution
+# below it; L and T pass through T's output buffer (it is the residual for the backward).
+
+
+def _neumann16(x):
+  """(I + L)^{-1} of a strictly lower [s, s] block (s <= 16): prod_j (I + (-L)^(2^j))."""
+  s = x.shape[0]
+  eye = (lax.broadcasted_iota(jnp.int32, (s, s), 0)
+         == lax.broadcasted_iota(jnp.int32, (s, s), 1)).astype(_F32)
+  x = -x
+  inv = eye + x
+  m = 2
+  while m < s:
+    x = _dot(x, x)
+    inv = _dot(inv, eye + x)
+    m *= 2
+  return inv
+
+
+def _prep_kernel(k_ref, v_ref, b_ref, g_ref, w_ref, u_ref, kd_ref, t_ref, *, sub, barriers):
+  def barrier():  # L and T pass through t_ref: make each thread's stores visible to the others
+    if barriers:
+      from jax.experimental.pallas import triton as plt  # pylint: disable=import-outside-toplevel
+      plt.debug_barrier()
+
+  dt = k_ref.dtype
+  c = k_ref.shape[0]
+  k, beta, g = k_ref[...], b_ref[...], g_ref[...]
+  strict = (lax.broadcasted_iota(jnp.int32, (c, c), 0)
+            > lax.broadcasted_iota(jnp.int32, (c, c), 1))
+  lower = jnp.where(strict, beta[:, None] * _dot(k, k, tb=True) * _decay(g), 0.0)
+  t_ref[...] = lower
+  barrier()
+  nb = c // sub
+  blk = lambda i: slice(i * sub, (i + 1) * sub)
+  tb = {}
+  for i in range(nb):
+    tii = _neumann16(t_ref[blk(i), blk(i)])
+    tb[i, i] = tii
+    for j in range(i - 1, -1, -1):
+      acc = None
+      for m in range(j, i):
+        part = _dot(t_ref[blk(i), blk(m)], tb[m, j])
+        acc = part if acc is None else acc + part
+      tb[i, j] = -_dot(tii, acc)
+  barrier()
+  for (i, j), tij in tb.items():
+    t_ref[blk(i), blk(j)] = tij
+  for i in range(nb):
+    for j in range(i + 1, nb):
+      t_ref[blk(i), blk(j)] = jnp.zeros((sub, sub), _F32)
+  barrier()
+  t = t_ref[...].astype(dt)
+  eg = jnp.exp(g)[:, None]
+  kf = k.astype(_F32)
+  w_ref[...] = _dot(t, (kf * (beta[:, None] * eg)).astype(dt)).astype(w_ref.dtype)
+  u_ref[...] = _dot(t, (v_ref[...].astype(_F32) * beta[:, None]).astype(dt)).astype(u_ref.dtype)
+  kd_ref[...] = (kf * jnp.exp(g_ref[c - 1] - g)[:, None]).astype(kd_ref.dtype)
+
+
+def _prep_specs(heads, c, kdim, vdim):
+  sp = _specs(heads, c, kdim, vdim)
+  row = lambda width: pl.BlockSpec((None, c, width), lambda i, n: (i, n, 0))
+  return sp["qk"], _specs(heads, c, vdim, vdim)["qk"], sp["g"], row
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret"))
+def prep_forward(k, v, beta, gam, *, chunk, interpret=False):
+  """k `[B, T, H, K]`, v `[B, T, H, V]`, beta, gam `[B*H, T]` f32 ->
+  (w `[B*H, T, K]`, u `[B*H, T, V]`, kd `[B*H, T, K]` in k's dtype, T `[B*H, T, C]` f32)."""
+  b, t, heads, kdim = k.shape
+  vdim = v.shape[-1]
+  kspec, vspec, gspec, row = _prep_specs(heads, chunk, kdim, vdim)
+  bh = b * heads
+  dt = k.dtype
+  out_shape = [jax.ShapeDtypeStruct((bh, t, kdim), dt), jax.ShapeDtypeStruct((bh, t, vdim), dt),
+               jax.ShapeDtypeStruct((bh, t, kdim), dt), jax.ShapeDtypeStruct((bh, t, chunk), _F32)]
+  return pl.pallas_call(
+      functools.partial(_prep_kernel, sub=min(16, chunk), barriers=not interpret), grid=(bh, t // chunk),
+      in_specs=[kspec, vspec, gspec, gspec],
+      out_specs=[row(kdim), row(vdim), row(kdim), row(chunk)], out_shape=out_shape,
+      interpret=interpret, compiler_params=_params(interpret), name="gdn_prep_fwd")(
+          k, v.astype(dt), beta, gam)
+
+
+# --------------------------------------------------------------------------- backward post kernel
+
+
+def _strict(c):
+  return lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
+
+
+def _post_kernel(k_ref, v_ref, b_ref, g_ref, t_ref, h_ref, lam_ref, vn_ref, dvn_ref, dko_ref,
+                 dgo_ref, dk_ref, dv_ref, db_ref, dg_ref):
+  """Fused: recurrence cotangents + WY-preparation backward + the output stage's dk, dgam."""
+  dt = k_ref.dtype
+  c = k_ref.shape[0]
+  beta, g = b_ref[...], g_ref[...]
+  kf = k_ref[...].astype(_F32)
+  eg = jnp.exp(g)[:, None]
+  glast = g_ref[c - 1]
+  to_end = jnp.exp(glast - g)[:, None]
+  tt = t_ref[...].astype(dt)
+  du = dvn_ref[...].astype(dt)
+  # value side: u = T (b v)
+  y = _dot(tt, du, ta=True)                                       # T^T du  [C, V]
+  vf = v_ref[...].astype(_F32)
+  dv_ref[...] = (beta[:, None] * y).astype(dv_ref.dtype)
+  dbeta = jnp.sum(vf * y, axis=1)
+  d_t = _dot(du, (vf * beta[:, None]).astype(dt), tb=True)        # dT  [C, C]
+  # key side: w = T (b e^gam k), with dw from the recurrence
+  dwb = (-_dot(du, h_ref[...], tb=True)).astype(dt)                # dw = -dvn h^T
+  x = _dot(tt, dwb, ta=True)                                      # T^T dw  [C, K]
+  kb = kf * (beta[:, None] * eg)
+  d_t = d_t + _dot(dwb, kb.astype(dt), tb=True)
+  dbeta = dbeta + jnp.sum(kf * eg * x, axis=1)
+  dgam = jnp.sum(kb * x, axis=1)
+  # dkd = vn lam^T; kd = k e^(gam_C - gam)
+  dkd_e = _dot(vn_ref[...], lam_ref[...], tb=True) * to_end
+  dk = (beta[:, None] * eg) * x + dkd_e + dko_ref[...].astype(_F32)
+  contrib = jnp.sum(dkd_e * kf, axis=1)
+  # L = strictly_lower(b k k^T D): dL = -T^T dT T^T
+  strict = _strict(c)
+  m = _dot(tt, d_t.astype(dt), ta=True)
+  dl = jnp.where(strict, -_dot(m.astype(dt), tt, tb=True), 0.0)
+  dec = _decay(g)
+  kk = k_ref[...]
+  ld = jnp.where(strict, _dot(kk, kk, tb=True) * dec, 0.0)
+  dbeta = dbeta + jnp.sum(dl * ld, axis=1)
+  dll = dl * (beta[:, None] * ld)
+  dgam = dgam + jnp.sum(dll, axis=1) - jnp.sum(dll, axis=0)
+  ds = (dl * beta[:, None] * dec).astype(dt)
+  dk = dk + _dot(ds, kk) + _dot(ds, kk, ta=True)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  last = lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1
+  db_ref[...] = dbeta
+  dg_ref[...] = dgam - contrib + jnp.where(last, jnp.sum(contrib), 0.0) + dgo_ref[...]
+
+
+def _post_specs(heads, c, kdim, vdim):
+  tok = lambda w: pl.BlockSpec((None, c, None, w), lambda i, n: (i // heads, n, i % heads, 0))
+  row = lambda w: pl.BlockSpec((None, c, w), lambda i, n: (i, n, 0))
+  state = pl.BlockSpec((None, kdim, vdim), lambda i, n: (i, n, 0))
+  scal = pl.BlockSpec((None, c), lambda i, n: (i, n))
+  return tok, row, state, scal
+
+
+def post_backward(k, v, beta, gam, tmat, h_in, lam_next, vn, dvn, dk_o, dg_o, *, interpret=False):
+  """k `[B,T,H,K]`, v `[B,T,H,V]`, beta, gam, dg_o `[B*H,T]`, tmat `[B*H,T,C]` f32, h_in,
+  lam_next `[B*H,N,K,V]`, vn, dvn `[B*H,N,C,V]`, dk_o `[B,T,H,K]` ->
+  (dk `[B,T,H,K]`, dv `[B,T,H,V]`, dbeta, dgam `[B*H,T]` f32). dgam lacks the chunk decays'
+  e^gam_C sum(h lam) term (the reverse recurrence gives it)."""
+  b, t, heads, kdim = k.shape
+  vdim = v.shape[-1]
+  bh, n, c, _ = vn.shape
+  tok, row, state, scal = _post_specs(heads, c, kdim, vdim)
+  flat_s = lambda x: x.reshape(bh, n * kdim, vdim)
+  flat_c = lambda x: x.reshape(bh, n * c, x.shape[-1])
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+               jax.ShapeDtypeStruct((bh, t), _F32), jax.ShapeDtypeStruct((bh, t), _F32)]
+  return pl.pallas_call(
+      _post_kernel, grid=(bh, n),
+      in_specs=[tok(kdim), tok(vdim), scal, scal, row(c), state, state, row(vdim), row(vdim),
+                tok(kdim), scal],
+      out_specs=[tok(kdim), tok(vdim), scal, scal], out_shape=out_shape,
+      interpret=interpret, compiler_params=_params(interpret),
+      name="gdn_post_bwd")(
+          k, v, beta, gam, tmat, flat_s(h_in), flat_s(lam_next), flat_c(vn), flat_c(dvn),
+          dk_o, dg_o)
