@@ -1,0 +1,68 @@
+"""Generate text from a checkpoint: python launch/generate.py --workdir=DIR --prompt='...'.
+
+Streams the continuation to the terminal as it is generated (the serving engine at one slot;
+BOS is added, generation stops at EOS, a --stop string, or --max_tokens).
+
+  python launch/generate.py --workdir=workdir/curriculum-smoke --prompt='Once upon a time' \
+      --max_tokens=200 --temperature=0.8 --top_p=0.95 --seed=1
+"""
+import os
+import queue
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of a training run.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text ('-' reads standard input).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Tokens to generate at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "0 = off.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "1 = off.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STOP = flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
+_IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Keep generating past EOS.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 0, "Cache length (0: prompt + max_tokens).")
+_CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Longest prefill piece (power of two).")
+
+
+def main(argv):
+  del argv
+  if not _WORKDIR.value or _PROMPT.value is None:
+    raise app.UsageError("--workdir and --prompt are required")
+  from sosm_jax.eval import loading  # pylint: disable=import-outside-toplevel
+  from sosm_jax.serve import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  prompt = sys.stdin.read() if _PROMPT.value == "-" else _PROMPT.value
+  loaded = loading.load_for_eval(_WORKDIR.value, step=_STEP.value)
+  prompt_len = len(loaded.tokenizer.encode(prompt)) + 1
+  max_len = _MAX_LEN.value or prompt_len + _MAX_TOKENS.value
+  engine = engine_lib.Engine(loaded.model, loaded.params, loaded.tokenizer,
+                             engine_lib.EngineConfig(num_slots=1, max_len=max_len,
+                                                     prefill_chunk=_CHUNK.value)).start()
+  params = engine_lib.SamplingParams(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
+                                     top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+                                     stop=tuple(_STOP.value), ignore_eos=_IGNORE_EOS.value)
+  events = queue.Queue()
+  try:
+    engine.submit(prompt, params, events.put)
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  sys.stdout.write(prompt)
+  while True:
+    event = events.get()
+    if event.kind == "error":
+      engine.stop()
+      raise event.error
+    sys.stdout.write(event.text)
+    sys.stdout.flush()
+    if event.kind == "done":
+      break
+  sys.stdout.write("\n")
+  sys.stderr.write(f"[{event.completion_tokens} tokens, {event.finish_reason}]\n")
+  engine.stop()
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,90 @@
+"""HTTP server: python launch/serve.py --workdir=DIR [--fallback_workdir=DIR2] [--host] [--port].
+
+Loads the newest checkpoint of each work directory, one generation engine per model (slots of
+per-request caches, continuous batching; sosm_jax/serve/engine.py), and serves with uvicorn
+  POST /v1/completions   OpenAI-compatible (stream=true: server-sent events)
+  GET  /v1/models        the loaded models, the default, fallbacks and A/B weights
+  GET  /health           200 when the default model (or any) is healthy, else 503
+  GET  /metrics          Prometheus text format
+The --workdir model is the default; the --fallback_workdir model takes its requests when it
+fails (an exception, a failed health check, --deadline_s passed) and, with --ab_fraction > 0,
+that share of the default route (an A/B split).
+
+  python launch/serve.py --workdir=workdir/curriculum-smoke --port=8000
+  curl -s localhost:8000/v1/completions -H 'content-type: application/json' \
+      -d '{"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0}'
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of the default model.")
+_NAME = flags.DEFINE_string("name", "", "Its model name (default: the directory's base name).")
+_FALLBACK = flags.DEFINE_string("fallback_workdir", "", "Work directory of the fallback model.")
+_FALLBACK_NAME = flags.DEFINE_string("fallback_name", "", "Its model name.")
+_AB = flags.DEFINE_float("ab_fraction", 0.0, "Share of default-routed requests sent to the "
+                         "fallback model (A/B split); 0 = only on failure.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on.")
+_PORT = flags.DEFINE_integer("port", 8000, "Port.")
+_SLOTS = flags.DEFINE_integer("num_slots", 8, "Requests decoded together per model.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 4096, "Prompt + generated tokens per request.")
+_CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Longest prefill piece (power of two).")
+_DEADLINE = flags.DEFINE_float("deadline_s", 300.0, "A request with no output for this long "
+                               "moves to the fallback model.")
+_COOLDOWN = flags.DEFINE_float("cooldown_s", 30.0, "A model that failed is unhealthy this long.")
+_WARMUP = flags.DEFINE_bool("warmup", True, "Compile every shape before listening.")
+
+
+def build_registry():
+  """The started registry of the flags' models, with metrics."""
+  from sosm_jax.serve import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  from sosm_jax.serve import loading, metrics as metrics_lib, registry as registry_lib  # pylint: disable=import-outside-toplevel
+  config = engine_lib.EngineConfig(num_slots=_SLOTS.value, max_len=_MAX_LEN.value,
+                                   prefill_chunk=_CHUNK.value)
+  entries = []
+  main_engine, info = loading.engine_from_workdir(_WORKDIR.value, config, name=_NAME.value or None)
+  fallback = None
+  if _FALLBACK.value:
+    fb_engine, fb_info = loading.engine_from_workdir(_FALLBACK.value, config,
+                                                     name=_FALLBACK_NAME.value or None)
+    if fb_engine.name == main_engine.name:
+      raise app.UsageError(f"both models are named {main_engine.name!r}; pass --name or "
+                           f"--fallback_name")
+    fallback = fb_engine.name
+    weight = _AB.value
+    entries.append(registry_lib.ModelEntry(fb_engine.name, fb_engine, weight=weight, info=fb_info))
+  main = registry_lib.ModelEntry(main_engine.name, main_engine, fallback=fallback,
+                                 weight=(1.0 - _AB.value) if _AB.value > 0 else 0.0, info=info)
+  entries.insert(0, main)
+  for e in entries:
+    if _WARMUP.value:
+      logging.info("compiling %s", e.name)
+      e.engine.warmup()
+  metrics = metrics_lib.ServeMetrics()
+  return registry_lib.ModelRegistry(entries, default=main.name, deadline_s=_DEADLINE.value,
+                                    cooldown_s=_COOLDOWN.value, metrics=metrics).start()
+
+
+def main(argv):
+  del argv
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required (the work directory of a training run)")
+  if not 0.0 <= _AB.value < 1.0:
+    raise app.UsageError(f"--ab_fraction must be in [0, 1), got {_AB.value}")
+  if _AB.value > 0 and not _FALLBACK.value:
+    raise app.UsageError("--ab_fraction needs --fallback_workdir (the B model)")
+  import uvicorn  # pylint: disable=import-outside-toplevel
+  from sosm_jax.serve import app as app_lib  # pylint: disable=import-outside-toplevel
+  registry = build_registry()
+  try:
+    uvicorn.run(app_lib.create_app(registry), host=_HOST.value, port=_PORT.value,
+                log_level="info")
+  finally:
+    registry.stop()
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Serving: the generation engine, the model registry with fallback, metrics, the HTTP app."""

@@ -1,0 +1,421 @@
+"""Generation engine: slots of per-request caches, continuous batching, chunked bucketed prefill.
+
+One engine serves one loaded model. It owns `num_slots` slots; a slot holds one request's
+whole decode state (the model's cache at batch 1: recurrent states and conv tails of linear
+layers, the KV cache of attention layers, sized `max_len` tokens, and its own position). The
+slots are stacked on a leading axis and one jitted step decodes all of them at once
+(`jax.vmap` over `LanguageModel.decode_step`, so every slot keeps its own position), then
+samples each slot's next token with that slot's parameters (temperature, top-k, top-p, seed:
+traced arrays, so no setting compiles a new program).
+
+A background thread runs the loop: between two decode steps it frees the slots of finished or
+cancelled requests and advances the prefill of the oldest waiting request by one piece; when
+the prompt is done its cache is copied into a free slot and it joins the running batch.
+
+Prefill is exact, with no padding: a prompt of n tokens is cut into pieces whose lengths come
+from a fixed set (`prefill_chunk` repeated, then the binary digits of the rest: 256, 128, ...,
+1), so at most log2(prefill_chunk) + 1 prefill programs are ever compiled, and a long prompt
+interleaves with decoding one piece at a time. The first piece runs `LanguageModel.prefill`
+(from an empty cache, flash attention); later pieces continue the cache. Models with a 'graph'
+layer can only continue one token at a time (the graph layer's decode step), so for them the
+first piece is the largest power of two not above n and the rest goes token by token.
+
+Text: BOS is prepended by the engine (the tokenizer's `bos_id`), generation stops at EOS
+(unless `ignore_eos`), at a stop sequence (cut from the text), at `max_tokens`, or at the slot's
+`max_len`. Host memory (FAISS) is not used by the engine.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import secrets
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sosm_jax.models.config import resolved_pattern
+from sosm_jax.models.sampling import sample_tokens
+from sosm_jax.serve.text import TextStream
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """One request's sampling settings (validated by `check`)."""
+  max_tokens: int = 16
+  temperature: float = 1.0    # 0 = greedy
+  top_k: int = 0              # 0 = off
+  top_p: float = 1.0          # 1 = off
+  seed: int | None = None     # None = random
+  stop: tuple[str, ...] = ()
+  ignore_eos: bool = False
+
+  def check(self) -> None:
+    """ValueError naming the bad field."""
+    if self.max_tokens < 0:
+      raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+    if not self.temperature >= 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if any(not s for s in self.stop):
+      raise ValueError("stop sequences must be non-empty strings")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """Shapes the engine compiles for (all static)."""
+  num_slots: int = 8          # requests decoded together
+  max_len: int = 2048         # prompt (with BOS) + generated tokens per request
+  prefill_chunk: int = 512    # longest prefill piece (a power of two)
+  add_bos: bool = True
+
+  def check(self) -> None:
+    if self.num_slots < 1:
+      raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
+    if self.prefill_chunk < 1 or self.prefill_chunk & (self.prefill_chunk - 1):
+      raise ValueError(f"prefill_chunk must be a power of two, got {self.prefill_chunk}")
+    if self.max_len < 2:
+      raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+
+
+@dataclasses.dataclass
+class Event:
+  """What the engine tells a request's consumer. kind: 'token' | 'done' | 'error'."""
+  kind: str
+  text: str = ""                      # new text ('token'; 'done' may carry the flushed tail)
+  finish_reason: str | None = None    # 'stop' | 'length' | 'cancelled' ('done')
+  prompt_tokens: int = 0
+  completion_tokens: int = 0
+  error: BaseException | None = None  # ('error')
+
+
+class EngineError(RuntimeError):
+  """The engine failed while running a request (its step raised); the request may be retried."""
+
+
+class Request:
+  """A submitted request; `cancel()` frees its slot at the next step."""
+
+  _ids = itertools.count()
+
+  def __init__(self, prompt_ids: list[int], params: SamplingParams, on_event, stream: TextStream):
+    self.id = next(Request._ids)
+    self.prompt_ids = prompt_ids
+    self.params = params
+    self.on_event = on_event
+    self.text = stream
+    self.generated: list[int] = []
+    self.cancelled = threading.Event()
+    self.seed = params.seed if params.seed is not None else secrets.randbits(31)
+    self.submitted = time.perf_counter()
+
+  def cancel(self) -> None:
+    self.cancelled.set()
+
+
+def prefill_pieces(n: int, chunk: int, continue_max: int) -> list[int]:
+  """Lengths of the prefill pieces of an n-token prompt (sum n, each from a fixed set).
+
+  continue_max: the longest piece that may continue a cache (1 for models with 'graph' layers,
+  else chunk). Pieces: chunk while >= chunk remain, then the binary digits of the rest.
+  """
+  if n < 1:
+    raise ValueError(f"a prompt needs at least one token, got {n}")
+  if continue_max >= chunk:
+    pieces = [chunk] * (n // chunk)
+    rest = n % chunk
+    bit = chunk // 2
+    while rest:
+      if rest >= bit:
+        pieces.append(bit)
+        rest -= bit
+      bit //= 2
+    return pieces
+  first = 1 << (n.bit_length() - 1)   # largest power of two <= n, from an empty cache
+  return [first] + [1] * (n - first)
+
+
+class Engine:
+  """Continuous-batching generation over one model (see the module doc).
+
+  model: `LanguageModel`; params: its parameters (unboxed); tokenizer: with encode, decode,
+  bos_id, eos_id. `start()` launches the loop thread, `submit()` queues a request, `stop()`
+  ends the loop.
+  """
+
+  def __init__(self, model, params, tokenizer, config: EngineConfig = EngineConfig(), *,
+               name: str = "model"):
+    config.check()
+    self.model, self.params, self.tokenizer, self.config, self.name = (
+        model, params, tokenizer, config, name)
+    self.continue_max = 1 if "graph" in resolved_pattern(model.cfg) else config.prefill_chunk
+    s, max_len = config.num_slots, config.max_len
+    one = model.init_cache(1, max_len)
+    self._slots = jax.tree.map(lambda a: jnp.broadcast_to(a, (s,) + a.shape), one)
+    self._tokens = np.zeros((s,), np.int32)
+    self._active: list[Request | None] = [None] * s
+    self._pending: collections.deque[Request] = collections.deque()
+    self._prefill: tuple[Request, Any, list[int], int] | None = None  # request, cache, pieces, done
+    self._cv = threading.Condition()
+    self._thread: threading.Thread | None = None
+    self._stopping = False
+    self.steps = 0
+    self.occupied_slot_steps = 0
+    self.failures = 0
+    self.last_failure: float | None = None
+    self.last_error: str = ""
+    self._decode = jax.jit(self._decode_fn, donate_argnums=(2,))
+    self._insert = jax.jit(_insert_slot, donate_argnums=(0,))
+    self._first = jax.jit(self._first_piece_fn)
+    self._extend = jax.jit(self._extend_fn)
+    self._sample = jax.jit(_sample_one)
+
+  # ------------------------------------------------------------------ compiled pieces
+
+  def _decode_fn(self, params, tokens, slots, seeds, steps, temperature, top_k, top_p):
+    """tokens `[S]`, slots (caches stacked `[S, ...]`) -> (next tokens `[S]`, slots)."""
+    step = lambda t, c: self.model.decode_step(params, t[None], c)
+    logits, slots = jax.vmap(step)(tokens, slots)
+    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
+    return sample_tokens(logits[:, 0], keys, temperature, top_k, top_p), slots
+
+  def _first_piece_fn(self, params, tokens):
+    """tokens `[1, T]` from an empty cache -> (last logits `[1, V]`, cache)."""
+    logits, cache = self.model.prefill(params, tokens, self.config.max_len)
+    return logits[:, -1], cache
+
+  def _extend_fn(self, params, tokens, cache):
+    """tokens `[1, T]` continuing cache -> (last logits `[1, V]`, cache).
+
+    `LanguageModel.decode_step` for T tokens at once (positions index .. index + T - 1).
+    """
+    t = tokens.shape[1]
+    positions = (cache["index"] + jnp.arange(t, dtype=jnp.int32))[None]
+    logits, cache = self.model.module.apply({"params": params}, tokens, positions=positions,
+                                            cache=cache, decode=True)
+    return logits[:, -1], cache
+
+  # ------------------------------------------------------------------ public interface
+
+  def encode(self, prompt: str | list[int]) -> list[int]:
+    """Prompt text (or ids) -> ids with BOS first (when config.add_bos)."""
+    ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    if self.config.add_bos and (not ids or ids[0] != self.tokenizer.bos_id):
+      ids = [self.tokenizer.bos_id] + ids
+    return ids
+
+  @property
+  def max_prompt_tokens(self) -> int:
+    """The longest prompt (with BOS) that still leaves room for one generated token."""
+    return self.config.max_len - 1
+
+  def submit(self, prompt: str | list[int], params: SamplingParams,
+             on_event: Callable[[Event], None]) -> Request:
+    """Queues a request; events go to on_event (called from the engine thread).
+
+    ValueError (before anything is queued) for bad parameters or a prompt that is too long.
+    """
+    params.check()
+    ids = self.encode(prompt)
+    if len(ids) > self.max_prompt_tokens:
+      raise ValueError(f"prompt is {len(ids)} tokens (with BOS); model {self.name!r} takes at "
+                       f"most {self.max_prompt_tokens} (max_len {self.config.max_len} minus one "
+                       f"generated token)")
+    request = Request(ids, params, on_event, TextStream(self.tokenizer, params.stop))
+    if params.max_tokens == 0:
+      on_event(Event("done", finish_reason="length", prompt_tokens=len(ids)))
+      return request
+    with self._cv:
+      self._pending.append(request)
+      self._cv.notify()
+    return request
+
+  def start(self) -> "Engine":
+    if self._thread is None or not self._thread.is_alive():
+      self._stopping = False
+      self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
+      self._thread.start()
+    return self
+
+  def stop(self) -> None:
+    with self._cv:
+      self._stopping = True
+      self._cv.notify()
+    if self._thread is not None:
+      self._thread.join(timeout=30)
+
+  def alive(self) -> bool:
+    return self._thread is not None and self._thread.is_alive()
+
+  def stats(self) -> dict:
+    """Slots, active and waiting requests, steps and mean batch occupancy so far."""
+    active = sum(r is not None for r in self._active)
+    return {"slots": self.config.num_slots, "active": active,
+            "pending": len(self._pending) + (self._prefill is not None),
+            "steps": self.steps, "failures": self.failures,
+            "mean_occupancy": self.occupied_slot_steps / max(1, self.steps * self.config.num_slots)}
+
+  def warmup(self) -> None:
+    """Compiles the decode step and every prefill piece shape now (not on the first request)."""
+    cfg = self.config
+    sizes = {cfg.prefill_chunk >> i for i in range(cfg.prefill_chunk.bit_length())}
+    sizes = sorted(s for s in sizes if s <= cfg.max_len - 1)
+    for t in sizes:
+      tokens = jnp.zeros((1, t), jnp.int32)
+      logits, cache = self._first(self.params, tokens)
+      if t <= self.continue_max:
+        self._extend(self.params, tokens, cache)
+    self._sample(logits, 0, 0, 0.0, 0, 1.0)
+    zeros = np.zeros((cfg.num_slots,), np.int32)
+    _, self._slots = self._decode(self.params, zeros, self._slots, zeros, zeros,
+                                  zeros.astype(np.float32), zeros, np.ones_like(zeros, np.float32))
+    jax.block_until_ready(self._slots)
+
+  # ------------------------------------------------------------------ the loop
+
+  def _loop(self) -> None:
+    while True:
+      with self._cv:
+        while (not self._stopping and not self._pending and self._prefill is None
+               and not any(self._active)):
+          self._cv.wait()
+        if self._stopping:
+          break
+      try:
+        self._drop_cancelled()
+        self._advance_prefill()
+        if any(self._active):
+          self._decode_once()
+      except Exception as e:  # pylint: disable=broad-except
+        self._fail_all(e)
+    self._fail_all(EngineError(f"engine {self.name!r} stopped"))
+
+  def _drop_cancelled(self) -> None:
+    for i, r in enumerate(self._active):
+      if r is not None and r.cancelled.is_set():
+        self._finish(i, "cancelled")
+    with self._cv:
+      for r in [r for r in self._pending if r.cancelled.is_set()]:
+        self._pending.remove(r)
+        r.on_event(Event("done", finish_reason="cancelled", prompt_tokens=len(r.prompt_ids)))
+    if self._prefill is not None and self._prefill[0].cancelled.is_set():
+      r = self._prefill[0]
+      self._prefill = None
+      r.on_event(Event("done", finish_reason="cancelled", prompt_tokens=len(r.prompt_ids)))
+
+  def _advance_prefill(self) -> None:
+    """Runs one prefill piece of the oldest waiting request, if a slot is free for it."""
+    if self._prefill is None:
+      if None not in self._active:
+        return
+      with self._cv:
+        if not self._pending:
+          return
+        r = self._pending.popleft()
+      pieces = prefill_pieces(len(r.prompt_ids), self.config.prefill_chunk, self.continue_max)
+      self._prefill = (r, None, pieces, 0)
+    r, cache, pieces, done = self._prefill
+    size = pieces[0]
+    tokens = jnp.asarray(np.asarray(r.prompt_ids[done:done + size], np.int32)[None])
+    if cache is None:
+      logits, cache = self._first(self.params, tokens)
+    else:
+      logits, cache = self._extend(self.params, tokens, cache)
+    pieces, done = pieces[1:], done + size
+    if pieces:
+      self._prefill = (r, cache, pieces, done)
+      return
+    self._prefill = None
+    p = r.params
+    token = int(self._sample(logits, int(r.seed), 0, float(p.temperature), int(p.top_k),
+                             float(p.top_p)))
+    slot = self._active.index(None)
+    self._slots = self._insert(self._slots, cache, slot)
+    self._active[slot] = r
+    self._emit(slot, token)
+
+  def _decode_once(self) -> None:
+    s = self.config.num_slots
+    seeds, steps = np.zeros((s,), np.int32), np.zeros((s,), np.int32)
+    temperature, top_p = np.zeros((s,), np.float32), np.ones((s,), np.float32)
+    top_k = np.zeros((s,), np.int32)
+    for i, r in enumerate(self._active):
+      if r is not None:
+        seeds[i], steps[i] = r.seed, len(r.generated)
+        temperature[i], top_k[i], top_p[i] = r.params.temperature, r.params.top_k, r.params.top_p
+    tokens, self._slots = self._decode(self.params, self._tokens, self._slots, seeds, steps,
+                                       temperature, top_k, top_p)
+    tokens = np.asarray(tokens)
+    self.steps += 1
+    self.occupied_slot_steps += sum(r is not None for r in self._active)
+    for i, r in enumerate(self._active):
+      if r is not None:
+        self._emit(i, int(tokens[i]))
+
+  def _emit(self, slot: int, token: int) -> None:
+    """Hands a sampled token to its request; frees the slot when the request is finished."""
+    r = self._active[slot]
+    self._tokens[slot] = token
+    if token == self.tokenizer.eos_id and not r.params.ignore_eos:
+      self._finish(slot, "stop")
+      return
+    r.generated.append(token)
+    text, stopped = r.text.push(token)
+    if text:
+      r.on_event(Event("token", text=text, prompt_tokens=len(r.prompt_ids),
+                       completion_tokens=len(r.generated)))
+    if stopped:
+      self._finish(slot, "stop")
+    elif (len(r.generated) >= r.params.max_tokens
+          or len(r.prompt_ids) + len(r.generated) >= self.config.max_len):
+      self._finish(slot, "length")
+
+  def _finish(self, slot: int, reason: str) -> None:
+    r = self._active[slot]
+    self._active[slot] = None
+    tail = "" if reason == "cancelled" else r.text.flush()
+    r.on_event(Event("done", text=tail, finish_reason=reason, prompt_tokens=len(r.prompt_ids),
+                     completion_tokens=len(r.generated)))
+
+  def _fail_all(self, error: BaseException) -> None:
+    """Every running or waiting request gets an 'error' event; the slots are freed."""
+    if not isinstance(error, EngineError):
+      self.failures += 1
+      self.last_failure = time.time()
+      self.last_error = f"{type(error).__name__}: {error}"
+      error = EngineError(f"model {self.name!r} failed: {self.last_error}")
+    victims = [r for r in self._active if r is not None]
+    self._active = [None] * self.config.num_slots
+    if self._prefill is not None:
+      victims.append(self._prefill[0])
+      self._prefill = None
+    with self._cv:
+      victims += list(self._pending)
+      self._pending.clear()
+    for r in victims:
+      r.on_event(Event("error", error=error, prompt_tokens=len(r.prompt_ids),
+                       completion_tokens=len(r.generated)))
+    if any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(self._slots)):
+      one = self.model.init_cache(1, self.config.max_len)   # a failed donated step lost them
+      self._slots = jax.tree.map(
+          lambda a: jnp.broadcast_to(a, (self.config.num_slots,) + a.shape), one)
+
+
+def _insert_slot(slots, cache, slot):
+  """Writes a batch-1 cache into slot `slot` of the stacked slot caches."""
+  return jax.tree.map(lambda big, one: big.at[slot].set(one), slots, cache)
+
+
+def _sample_one(logits, seed, step, temperature, top_k, top_p):
+  """logits `[1, V]` -> token id (scalar), with one request's parameters."""
+  key = jax.random.fold_in(jax.random.key(seed), step)
+  return sample_tokens(logits, key[None], jnp.reshape(temperature, (1,)).astype(jnp.float32),
+                       jnp.reshape(top_k, (1,)).astype(jnp.int32),
+                       jnp.reshape(top_p, (1,)).astype(jnp.float32))[0]
