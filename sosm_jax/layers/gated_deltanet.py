@@ -4,7 +4,7 @@ Per head (key dim K = value dim V = gdn_head_dim):
   q, k, v = silu(conv(x W_q)), silu(conv(x W_k)), silu(conv(x W_v)); q, k L2-normalised
   g = -exp(A_log) * softplus(x W_a + dt_bias)   (log-decay, <= 0)
   beta = sigmoid(x W_b)
-  o = gated_delta_rule(q, k, v, g, beta)        (sosm_jax/ops/gated_delta.py)
+  o = gated_delta_rule(q, k, v, g, beta)        (sosm_jax/ops/gated_delta/)
   y = W_o (rmsnorm(o) * silu(x W_gate))
 At packed-document starts the decay is set to ~0 so the state restarts. The short convs are not
 reset there: up to conv_width-1 tokens of the previous document reach the first tokens of the next.
@@ -23,8 +23,10 @@ from sosm_jax.layers.common import (BATCH_LENGTH_HEADS, Dense, RMSNorm, compute_
                                     param_dtype, reset_log_decay)
 from sosm_jax.ops import conv as conv_ops
 from sosm_jax.ops import gated_delta as gd_ops
+from sosm_jax.parallel.per_shard import per_shard
 
 _F32 = jnp.float32
+_STATE = ("activation_batch", "activation_heads", None, None)  # recurrent state [B, H, K, V]
 
 
 def _a_log_init(key, shape, dtype=_F32):
@@ -104,9 +106,13 @@ class GatedDeltaNet(nn.Module):
       o, state = gd_ops.gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state)
       o = o[:, None]
     else:
-      o, state = gd_ops.gated_delta_rule(q, k, v, g, beta, initial_state=state,
-                                         chunk_size=cfg.chunk_size,
-                                         implementation=cfg.linear_impl or None)
+      # each device runs the op (a Pallas kernel on GPU) on its own batch rows and heads
+      run = lambda q, k, v, g, beta, s: gd_ops.gated_delta_rule(
+          q, k, v, g, beta, initial_state=s, chunk_size=cfg.chunk_size,
+          implementation=cfg.linear_impl)
+      o, state = per_shard(run, (q, k, v, g, beta, state),
+                           (BATCH_LENGTH_HEADS,) * 3 + (BATCH_LENGTH_HEADS[:3],) * 2 + (_STATE,),
+                           (BATCH_LENGTH_HEADS, _STATE))
     gate = Dense((h, dk), ("embed", "heads", "head_dim"), name="gate_proj", **kw)(x)
     o = RMSNorm(cfg.norm_eps, ("head_dim",), dt, param_dtype(cfg), name="o_norm")(o)
     o = constrain(o * nn.silu(gate), BATCH_LENGTH_HEADS)
