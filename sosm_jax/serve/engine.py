@@ -262,17 +262,26 @@ class Engine:
             "steps": self.steps, "failures": self.failures,
             "mean_occupancy": self.occupied_slot_steps / max(1, self.steps * self.config.num_slots)}
 
-  def warmup(self) -> None:
-    """Compiles the decode step and every prefill piece shape now (not on the first request)."""
+  def warmup(self, prompt_lengths: list[int] | None = None) -> None:
+    """Compiles the decode step and the prefill pieces now, not on the first requests.
+
+    prompt_lengths (with BOS): compile only the pieces these need; default every piece shape.
+    """
     cfg = self.config
-    sizes = {cfg.prefill_chunk >> i for i in range(cfg.prefill_chunk.bit_length())}
-    sizes = sorted(s for s in sizes if s <= cfg.max_len - 1)
-    for t in sizes:
-      tokens = jnp.zeros((1, t), jnp.int32)
-      logits, cache = self._first(self.params, tokens)
-      if t <= self.continue_max:
-        self._extend(self.params, tokens, cache)
+    if prompt_lengths is None:
+      sizes = [cfg.prefill_chunk >> i for i in range(cfg.prefill_chunk.bit_length())]
+      first = {t for t in sizes if t < cfg.max_len}
+      more = {t for t in first if t <= self.continue_max}
+    else:
+      plans = [prefill_pieces(n, cfg.prefill_chunk, self.continue_max) for n in prompt_lengths]
+      first = {p[0] for p in plans}
+      more = {t for p in plans for t in p[1:]}
+    for t in sorted(first):
+      logits, cache = self._first(self.params, jnp.zeros((1, t), jnp.int32))
+    for t in sorted(more):   # cache shapes do not depend on the piece that filled it
+      self._extend(self.params, jnp.zeros((1, t), jnp.int32), cache)
     self._sample(logits, 0, 0, 0.0, 0, 1.0)
+    self._slots = self._insert(self._slots, cache, 0)
     zeros = np.zeros((cfg.num_slots,), np.int32)
     _, self._slots = self._decode(self.params, zeros, self._slots, zeros, zeros,
                                   zeros.astype(np.float32), zeros, np.ones_like(zeros, np.float32))

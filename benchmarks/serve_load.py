@@ -1,0 +1,238 @@
+"""Bounded serving load test: a fixed number of requests, fixed concurrency, latency percentiles.
+
+Transports:
+  http    requests stream from /v1/completions of a server: --url, or one started here on
+          127.0.0.1 over --workdir (a checkpoint) or a random-weight --model
+  engine  requests go straight to a generation engine in this process (no HTTP): what the
+          engine itself sustains, e.g. on a GPU where the HTTP stack is not installed
+Every request has a prompt of --prompt_tokens tokens (BOS included; random printable bytes for
+the byte tokenizer) and generates exactly --max_tokens tokens (ignore_eos). Reported: requests/s,
+generated tokens/s, time to first token and request latency (p50, p99), mean batch occupancy.
+The run is bounded by --requests and by --timeout_s.
+
+  python benchmarks/serve_load.py --model=tiny --requests=32 --concurrency=8          # CPU, HTTP
+  python benchmarks/serve_load.py --transport=engine --model=recipe --requests=64 \
+      --concurrency=64 --num_slots=64 --prompt_tokens=1024 --max_tokens=256             # GPU
+"""
+import asyncio
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+from absl import app, flags
+
+_URL = flags.DEFINE_string("url", "", "A running server (default: start one here).")
+_WORKDIR = flags.DEFINE_string("workdir", "", "Checkpoint to serve (default: random --model).")
+_MODEL = flags.DEFINE_enum("model", "tiny", ["tiny", "smoke", "recipe"],
+                           "Random-weight model when no --workdir: tiny (CPU), smoke, recipe "
+                           "(the 107M hybrid of benchmarks/context_scaling.py).")
+_TRANSPORT = flags.DEFINE_enum("transport", "http", ["http", "engine"], "See the module doc.")
+_REQUESTS = flags.DEFINE_integer("requests", 32, "Requests sent in all.")
+_CONCURRENCY = flags.DEFINE_integer("concurrency", 8, "Requests in flight at once.")
+_PROMPT = flags.DEFINE_integer("prompt_tokens", 64, "Prompt tokens per request (with BOS).")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "Generated tokens per request.")
+_SLOTS = flags.DEFINE_integer("num_slots", 8, "Engine slots (a server started here).")
+_CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Longest prefill piece.")
+_TIMEOUT = flags.DEFINE_float("timeout_s", 300.0, "Upper bound on the whole load.")
+_OUT = flags.DEFINE_string("out", "", "Write the result JSON here.")
+
+
+def _random_model(name: str):
+  """(model, params, tokenizer) with random weights."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from sosm_jax import models  # pylint: disable=import-outside-toplevel
+  from sosm_jax.data.tokenizers import ByteTokenizer  # pylint: disable=import-outside-toplevel
+  from sosm_jax.models.config import default_model_config  # pylint: disable=import-outside-toplevel
+  on_cpu = jax.default_backend() == "cpu"
+  cfg = default_model_config("hybrid")
+  if name == "recipe":
+    import context_scaling  # pylint: disable=import-outside-toplevel
+    cfg = context_scaling.model_configs(False, "float32" if on_cpu else "bfloat16")["hybrid"]
+  elif name == "smoke":
+    cfg.update(num_layers=4, d_model=128, mlp_dim=384, vocab_size=260, attn_num_heads=4,
+               attn_num_kv_heads=2, attn_head_dim=32, hgrn2_head_dim=32, dtype="float32")
+  else:
+    cfg.update(num_layers=2, d_model=32, mlp_dim=64, vocab_size=260, attn_num_heads=2,
+               attn_num_kv_heads=1, attn_head_dim=16, hgrn2_head_dim=16, chunk_size=16,
+               pattern=("hgrn2", "attn"), dtype="float32")
+  model = models.build_model(cfg)
+  params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), 1, cfg.chunk_size)))()
+  return model, params, ByteTokenizer()
+
+
+def _engine(max_len: int):
+  from sosm_jax.serve import engine as engine_lib, loading  # pylint: disable=import-outside-toplevel
+  config = engine_lib.EngineConfig(num_slots=_SLOTS.value, max_len=max_len,
+                                   prefill_chunk=_CHUNK.value)
+  if _WORKDIR.value:
+    return loading.engine_from_workdir(_WORKDIR.value, config, name="load")[0]
+  model, params, tokenizer = _random_model(_MODEL.value)
+  return engine_lib.Engine(model, params, tokenizer, config, name=_MODEL.value)
+
+
+def _prompts(n: int, tokens: int) -> list[str]:
+  rng = np.random.default_rng(0)
+  return ["".join(chr(c) for c in rng.integers(32, 127, tokens - 1)) for _ in range(n)]
+
+
+def _summary(rows: list[dict], wall: float) -> dict:
+  done = [r for r in rows if r.get("ok")]
+  pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None
+  lat = [r["latency_s"] for r in done]
+  ttft = [r["ttft_s"] for r in done if r.get("ttft_s") is not None]
+  tokens = sum(r["tokens"] for r in done)
+  return {"requests": len(rows), "completed": len(done), "wall_s": wall,
+          "requests_per_s": len(done) / wall, "tokens_per_s": tokens / wall,
+          "generated_tokens": tokens, "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99),
+          "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+          "latency_mean_s": statistics.fmean(lat) if lat else None}
+
+
+def run_engine(engine, prompts: list[str]) -> dict:
+  """All requests straight to the engine, at most --concurrency in flight."""
+  from sosm_jax.serve.engine import SamplingParams  # pylint: disable=import-outside-toplevel
+  params = SamplingParams(max_tokens=_MAX_TOKENS.value, temperature=0.0, ignore_eos=True)
+  rows = [dict() for _ in prompts]
+  free = threading.Semaphore(_CONCURRENCY.value)
+  finished = threading.Event()
+  left = [len(prompts)]
+  lock = threading.Lock()
+
+  def listener(row):
+    def on_event(event):
+      now = time.perf_counter()
+      if event.kind == "token" and "ttft_s" not in row:
+        row["ttft_s"] = now - row["start"]
+      if event.kind in ("done", "error"):
+        row.update(ok=event.kind == "done", latency_s=now - row["start"],
+                   tokens=event.completion_tokens)
+        free.release()
+        with lock:
+          left[0] -= 1
+          if not left[0]:
+            finished.set()
+    return on_event
+
+  start = time.perf_counter()
+  for row, prompt in zip(rows, prompts):
+    free.acquire()
+    row["start"] = time.perf_counter()
+    engine.submit(prompt, params, listener(row))
+  finished.wait(timeout=max(1.0, _TIMEOUT.value - (time.perf_counter() - start)))
+  return _summary(rows, time.perf_counter() - start)
+
+
+async def _http_load(url: str, prompts: list[str]) -> dict:
+  import httpx  # pylint: disable=import-outside-toplevel
+  rows = [dict() for _ in prompts]
+  gate = asyncio.Semaphore(_CONCURRENCY.value)
+
+  async def one(client, row, prompt):
+    async with gate:
+      row["start"] = time.perf_counter()
+      body = {"prompt": prompt, "max_tokens": _MAX_TOKENS.value, "temperature": 0,
+              "ignore_eos": True, "stream": True}
+      try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+          async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+              continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+              raise RuntimeError(chunk["error"]["message"])
+            if "ttft_s" not in row and chunk["choices"][0]["text"]:
+              row["ttft_s"] = time.perf_counter() - row["start"]
+            if "usage" in chunk:
+              row["tokens"] = chunk["usage"]["completion_tokens"]
+        row.update(ok=r.status_code == 200 and "tokens" in row,
+                   latency_s=time.perf_counter() - row["start"])
+      except Exception as e:  # pylint: disable=broad-except
+        row.update(ok=False, error=str(e))
+
+  limits = httpx.Limits(max_connections=_CONCURRENCY.value + 4)
+  async with httpx.AsyncClient(timeout=_TIMEOUT.value, limits=limits) as client:
+    start = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(one(client, r, p) for r, p in zip(rows, prompts))),
+                           _TIMEOUT.value)
+    return _summary(rows, time.perf_counter() - start)
+
+
+def _local_server(engine):
+  """(url, stop) of a server on 127.0.0.1 over one engine."""
+  import socket  # pylint: disable=import-outside-toplevel
+  import uvicorn  # pylint: disable=import-outside-toplevel
+  from sosm_jax.serve import app as app_lib, metrics as metrics_lib, registry as registry_lib  # pylint: disable=import-outside-toplevel
+  registry = registry_lib.ModelRegistry([registry_lib.ModelEntry(engine.name, engine)],
+                                        metrics=metrics_lib.ServeMetrics()).start()
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = uvicorn.Server(uvicorn.Config(app_lib.create_app(registry), host="127.0.0.1",
+                                         port=port, log_level="warning"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  while not server.started:
+    time.sleep(0.05)
+
+  def stop():
+    server.should_exit = True
+    thread.join(timeout=10)
+    registry.stop()
+  return f"http://127.0.0.1:{port}", stop
+
+
+def main(argv):
+  del argv
+  import logging  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  logging.getLogger("httpx").setLevel(logging.WARNING)
+  prompts = _prompts(_REQUESTS.value, _PROMPT.value)
+  max_len = _PROMPT.value + _MAX_TOKENS.value
+  engine, stop = None, lambda: None
+  if not _URL.value:
+    engine = _engine(max_len)
+    start = time.perf_counter()
+    engine.warmup([_PROMPT.value])
+    print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
+  if _TRANSPORT.value == "engine":
+    if engine is None:
+      raise app.UsageError("--transport=engine runs an engine here; drop --url")
+    engine.start()
+    result = run_engine(engine, prompts)
+  else:
+    url = _URL.value
+    if not url:
+      url, stop = _local_server(engine)
+    result = asyncio.run(_http_load(url, prompts))
+  if engine is not None:
+    result["mean_batch_occupancy"] = engine.stats()["mean_occupancy"]
+    result["decode_steps"] = engine.stats()["steps"]
+    engine.stop()
+  stop()
+  result.update(transport=_TRANSPORT.value, model=_WORKDIR.value or _URL.value or _MODEL.value,
+                concurrency=_CONCURRENCY.value, num_slots=_SLOTS.value,
+                prompt_tokens=_PROMPT.value, max_tokens=_MAX_TOKENS.value,
+                device=jax.devices()[0].device_kind, command=" ".join(sys.argv))
+  print(json.dumps(result, indent=2))
+  f = lambda x, d=3: "–" if x is None else f"{x:.{d}f}"
+  print(f"| {result['transport']} | {result['model']} | {result['device']} | "
+        f"{result['requests']} | {result['concurrency']} | {result['prompt_tokens']} | "
+        f"{result['max_tokens']} | {f(result['requests_per_s'], 2)} | "
+        f"{f(result['tokens_per_s'], 1)} | {f(result['ttft_p50_s'])} | {f(result['ttft_p99_s'])} | "
+        f"{f(result['latency_p50_s'])} | {f(result['latency_p99_s'])} | "
+        f"{f(result.get('mean_batch_occupancy'), 2)} |")
+  if _OUT.value:
+    with open(_OUT.value, "w", encoding="utf-8") as fh:
+      json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
