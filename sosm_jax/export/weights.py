@@ -1,0 +1,205 @@
+"""Weights in and out: parameters as safetensors with a config JSON, and import into a work directory.
+
+An export folder holds
+  model.safetensors   every parameter under its flax path joined by '.', in the model's own
+                      layout (with scan_layers the layer parameters are stacked `[groups, ...]`
+                      under 'layers.block_<p>'), dtype as trained (param_dtype, float32 default)
+  config.json         {'format': 'sosm_jax', 'format_version', 'config': the full trainer config,
+                       'tokenizer': the tokenizer identity, 'step', 'tokenizer_file'}
+  tokenizer.<ext>     a copy of the tokenizer file when the tokenizer has one (SentencePiece
+                      .model, Hugging Face tokenizer.json); the byte tokenizer needs none
+The parameter names and shapes are checked against the model the config builds, so a file that
+does not describe the config's model is refused with the names that differ.
+
+Import (`import_to_workdir`) writes a new work directory that `launch/evaluate.py` reads and
+`launch/train.py --workdir=NEW` resumes from: its config.json and checkpoint 0 holding the
+imported parameters with a fresh optimizer state (step 0, no data position).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+FORMAT = "sosm_jax"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def flatten(params) -> dict[str, np.ndarray]:
+  """Nested parameter dict -> {'a.b.kernel': numpy array}, host copies in their own dtype."""
+  flat = traverse_util.flatten_dict(nn.unbox(params), sep=".")
+  return {name: np.asarray(jax.device_get(value)) for name, value in sorted(flat.items())}
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> dict:
+  """{'a.b.kernel': array} -> the nested parameter dict."""
+  return traverse_util.unflatten_dict(dict(flat), sep=".")
+
+
+def expected_shapes(model_cfg) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{'a.b.kernel': (shape, dtype name)} of the parameters the config's model has (traced only)."""
+  from sosm_jax import models  # pylint: disable=import-outside-toplevel
+  model = models.build_model(model_cfg)
+  abstract = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), 1, model.cfg.chunk_size)))
+  flat = traverse_util.flatten_dict(abstract, sep=".")
+  return {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in flat.items()}
+
+
+def check_names_and_shapes(flat: dict[str, np.ndarray], model_cfg, where: str) -> None:
+  """ValueError listing parameters missing, extra, or of another shape than the model's."""
+  expected = expected_shapes(model_cfg)
+  problems = []
+  for name in sorted(set(flat) | set(expected)):
+    if name not in flat:
+      problems.append(f"{name} missing (the model has {expected[name][0]})")
+    elif name not in expected:
+      problems.append(f"{name} {tuple(flat[name].shape)} is not a parameter of the model")
+    elif tuple(flat[name].shape) != expected[name][0]:
+      problems.append(f"{name}: file {tuple(flat[name].shape)}, model {expected[name][0]}")
+  if problems:
+    more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+    raise ValueError(f"{where} does not describe the model of its config: " + "; ".join(
+        problems[:8]) + more + ". Export it again from the work directory it was trained in.")
+
+
+def _tokenizer_file(spec: str) -> str | None:
+  """Path of the file behind a tokenizer spec, or None for the byte tokenizer."""
+  kind, sep, path = spec.partition(":")
+  if not sep or kind not in ("sentencepiece", "hf"):
+    return None
+  path = os.path.expanduser(path)
+  if os.path.isdir(path):
+    path = os.path.join(path, "tokenizer.json")
+  return path
+
+
+def save(out_dir: str, params, config: ml_collections.ConfigDict, *,
+         tokenizer_identity: dict | None = None, step: int = 0) -> str:
+  """Writes model.safetensors + config.json (+ the tokenizer file) to out_dir; returns out_dir.
+
+  params: the nested parameter dict (boxed or not, any devices); config: the full trainer config.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  flat = flatten(params)
+  check_names_and_shapes(flat, config.model, "the parameters given to export")
+  os.makedirs(out_dir, exist_ok=True)
+  header = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step),
+            "config": json.loads(config.to_json_best_effort()),
+            "tokenizer": tokenizer_identity, "tokenizer_file": None}
+  tok_path = _tokenizer_file(config.data.tokenizer)
+  if tok_path is not None:
+    if not os.path.isfile(tok_path):
+      raise ValueError(f"the tokenizer file {tok_path!r} (config.data.tokenizer) is missing; the "
+                       f"export would not be usable without it. Point data.tokenizer at it.")
+    name = "tokenizer" + (".model" if config.data.tokenizer.startswith("sentencepiece:")
+                          else ".json")
+    shutil.copyfile(tok_path, os.path.join(out_dir, name))
+    header["tokenizer_file"] = name
+  save_file(flat, os.path.join(out_dir, WEIGHTS_FILE),
+            metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+  with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+    json.dump(header, f, indent=2)
+  return out_dir
+
+
+def read_header(path: str) -> dict:
+  """config.json of an export folder (ValueError when it is not one)."""
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(config_path) or not os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
+    raise ValueError(f"{path!r} is not an export folder (it needs {WEIGHTS_FILE} and "
+                     f"{CONFIG_FILE}); write one with launch/export.py --format=safetensors")
+  with open(config_path, encoding="utf-8") as f:
+    header = json.load(f)
+  if header.get("format") != FORMAT:
+    raise ValueError(f"{config_path} has format {header.get('format')!r}, not {FORMAT!r}; for a "
+                     f"flash-linear-attention folder use --import_from with --from_format=fla")
+  if header.get("format_version", 0) > FORMAT_VERSION:
+    raise ValueError(f"{config_path} is format version {header['format_version']}, newer than "
+                     f"this code reads ({FORMAT_VERSION}); update sosm_jax")
+  return header
+
+
+def load(path: str) -> tuple[ml_collections.ConfigDict, dict, dict]:
+  """(full trainer config, nested params as numpy, header) of an export folder, checked."""
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  from sosm_jax.eval.loading import config_from_dict  # pylint: disable=import-outside-toplevel
+  header = read_header(path)
+  config = config_from_dict(header["config"])
+  if header.get("tokenizer_file"):
+    config.data.tokenizer = (config.data.tokenizer.partition(":")[0] + ":"
+                             + os.path.join(os.path.abspath(path), header["tokenizer_file"]))
+  flat = load_file(os.path.join(path, WEIGHTS_FILE))
+  check_names_and_shapes(flat, config.model, os.path.join(path, WEIGHTS_FILE))
+  return config, unflatten(flat), header
+
+
+def write_workdir(workdir: str, config: ml_collections.ConfigDict, params, *,
+                  tokenizer_identity: dict | None = None) -> str:
+  """A new work directory holding `params` as checkpoint 0 (fresh optimizer state).
+
+  Refuses a folder that already has checkpoints. Returns the absolute path.
+  """
+  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp
+  from sosm_jax import data as data_lib
+  from sosm_jax.train import checkpoint as ckpt_lib
+  from sosm_jax.train import optimizer as optimizer_lib
+  from sosm_jax.train.state import TrainState
+  workdir = os.path.abspath(workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    raise ValueError(f"{ckpt_dir} already holds checkpoints; import into a new work directory")
+  os.makedirs(workdir, exist_ok=True)
+  tok_file = _tokenizer_file(config.data.tokenizer)
+  if tok_file is not None:   # the work directory keeps its own copy of the tokenizer
+    local = os.path.join(workdir, os.path.basename(tok_file))
+    if os.path.abspath(tok_file) != local:
+      shutil.copyfile(tok_file, local)
+    config.data.tokenizer = config.data.tokenizer.partition(":")[0] + ":" + local
+  tokenizer = data_lib.make_tokenizer(config.data)
+  if tokenizer_identity is not None:
+    data_lib.check_tokenizer_identity(tokenizer_identity, tokenizer.identity())
+  params = jax.tree.map(jnp.asarray, params)
+  # The optimizer state's structure does not depend on the number of steps.
+  optimizer, _ = optimizer_lib.make_optimizer(config.optimizer, 1)
+  zero = jnp.zeros((), jnp.int32)
+  state = TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+                     nonfinite_streak=zero, nonfinite_total=zero)
+  meta = {"data_state": None, "stage": 0, "tokenizer": tokenizer.identity(),
+          "config": config.to_dict()}
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
+  checkpointer.save(0, state, meta, wait=True)
+  checkpointer.close()
+  return workdir
+
+
+def import_to_workdir(path: str, workdir: str) -> str:
+  """Export folder `path` -> new work directory `workdir` (checkpoint 0); returns workdir."""
+  config, params, header = load(path)
+  return write_workdir(workdir, config, params, tokenizer_identity=header.get("tokenizer"))
+
+
+def export_workdir(workdir: str, out_dir: str, *, step: int | None = None) -> str:
+  """The newest (or `step`) checkpoint of a training run -> export folder out_dir."""
+  from sosm_jax.eval import loading  # pylint: disable=import-outside-toplevel
+  loaded = loading.load_for_eval(workdir, step=step)
+  return save(out_dir, loaded.params, loaded.config,
+              tokenizer_identity=loaded.tokenizer.identity(), step=loaded.step)
+
+
+def describe(params) -> dict[str, Any]:
+  """{'parameters': count, 'bytes': size} of a parameter tree."""
+  leaves = jax.tree.leaves(nn.unbox(params))
+  return {"parameters": int(sum(np.prod(x.shape) for x in leaves)),
+          "bytes": int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves))}
