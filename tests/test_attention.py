@@ -1,4 +1,6 @@
 """Tests for sosm_jax/ops/attention.py: fast paths against the explicit-softmax reference."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,3 +157,82 @@ def test_rope_relative_and_restarts():
   np.testing.assert_allclose(jnp.linalg.norm(r, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
   with pytest.raises(ValueError, match="even"):
     att.apply_rope(jnp.zeros((1, 1, 1, 3)), jnp.zeros((1, 1), jnp.int32))
+
+
+# --------------------------------------------------------------------------- splash (TPU kernel)
+
+
+def _splash_case(t, seed):
+  """q, k, v `[2, t, 4|2, 64]` and three documents in row 0, one document then padding in row 1."""
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(ks[0], (B, t, H, 64))
+  k = jax.random.normal(ks[1], (B, t, KV, 64))
+  v = jax.random.normal(ks[2], (B, t, KV, 64))
+  cuts = np.sort(np.asarray(jax.random.choice(ks[3], t, (2,), replace=False)))
+  row0 = np.searchsorted(cuts, np.arange(t), side="right") + 1
+  row1 = np.where(np.arange(t) < t - 37, 1, 0)
+  return q, k, v, jnp.asarray(np.stack([row0, row1]), jnp.int32)
+
+
+@pytest.mark.parametrize("window,use_seg", [(0, False), (100, True)])
+def test_splash_interpret_matches_reference_forward_and_grad(window, use_seg):
+  """Pallas splash attention (the TPU kernel, run in interpret mode on the CPU): causal GQA,
+  sliding window and packed documents against the explicit softmax, values and gradients.
+  t = 200 with 128-token blocks: two blocks after padding to 256, so the kernels skip, fully
+  compute and partially mask blocks, and the padded tail is dropped."""
+  q, k, v, seg = _splash_case(200, 3 + window)
+  seg = seg if use_seg else None
+  w = jnp.cos(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape)
+  splash = lambda q, k, v: att.causal_attention(q, k, v, segment_ids=seg, window=window,
+                                                implementation="splash_interpret", block_size=128)
+  ref = lambda q, k, v: att.attention_reference(q, k, v, segment_ids=seg, window=window)
+  np.testing.assert_allclose(jax.jit(splash)(q, k, v), jax.jit(ref)(q, k, v), rtol=2e-5, atol=2e-5)
+  grads = lambda fn: jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+  for a, b in zip(grads(splash), grads(ref)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)
+
+
+def test_splash_is_the_tpu_choice_and_checks_its_block():
+  from sosm_jax.models.config import ATTENTION_IMPLEMENTATIONS  # pylint: disable=import-outside-toplevel
+  assert ATTENTION_IMPLEMENTATIONS == att.IMPLEMENTATIONS  # what config.model.attn_impl accepts
+  assert "splash" in att.IMPLEMENTATIONS and "splash_interpret" in att.IMPLEMENTATIONS
+  assert att.select_implementation("splash", jnp.bfloat16, True, 8192, 64) == "splash"
+  with pytest.raises(ValueError, match="multiple of 128"):
+    att.splash_attention(*_splash_case(128, 0)[:3], block_size=96)
+
+
+def test_splash_layer_runs_per_device_shards_on_a_mesh():
+  """The attention layer with the splash kernel on a data x fsdp x tensor mesh of 8 CPU devices
+  (interpret mode) equals the XLA path, and the compiled program gathers no activations: each
+  device runs the kernel on its own batch rows and heads (jax.shard_map)."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from sosm_jax.layers.attention import Attention  # pylint: disable=import-outside-toplevel
+  from sosm_jax.models.config import default_model_config, freeze  # pylint: disable=import-outside-toplevel
+  from sosm_jax.parallel import LOGICAL_AXIS_RULES, make_mesh  # pylint: disable=import-outside-toplevel
+
+  def cfg(impl):
+    c = default_model_config()
+    c.update(d_model=64, hgrn2_head_dim=16, attn_num_heads=4, attn_num_kv_heads=2, attn_head_dim=64,
+             dtype="float32",
+             attn_impl=impl, attn_block_size=128)
+    return freeze(c)
+
+  t = 128
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, t, 64))
+  pos = jnp.broadcast_to(jnp.arange(t), (4, t))
+  seg = jnp.asarray(np.repeat([[1, 2]], 4, 0).repeat(t // 2, 1), jnp.int32)
+  params = Attention(cfg("xla")).init(jax.random.PRNGKey(1), x, positions=pos, segment_ids=seg)
+  mesh = make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+  outs, hlo = {}, ""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    for impl in ("xla", "splash_interpret"):
+      fn = jax.jit(lambda p, x: Attention(cfg(impl)).apply(p, x, positions=pos, segment_ids=seg)[0])
+      outs[impl] = fn(params, x)
+      if impl != "xla":
+        hlo = fn.lower(params, x).compile().as_text()
+  np.testing.assert_allclose(outs["splash_interpret"], outs["xla"], rtol=2e-5, atol=2e-5)
+  # Only the fsdp-sharded weights are gathered; nothing with a time axis (t = 128) moves.
+  moved = [line for line in hlo.splitlines()
+           if any(f" {op}(" in line for op in ("all-gather", "all-to-all", "collective-permute"))]
+  assert moved and not [line for line in moved if re.search(rf"\[[^\]]*\b{t}\b", line.split("=")[1])]

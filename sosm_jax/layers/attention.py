@@ -2,7 +2,9 @@
 
 The math (masks, RoPE, backends) is in `sosm_jax/ops/attention.py`; this module holds parameters
 and the cache. Config keys: attn_num_heads, attn_num_kv_heads, attn_head_dim, rope_base,
-attn_window (0 = full causal), attn_impl ('' auto), attn_block_size (blockwise implementation).
+attn_window (0 = full causal), attn_impl ('' auto), attn_block_size (blockwise and splash block).
+A Pallas kernel (splash attention) is opaque to XLA's partitioner, so it runs inside `jax.shard_map`
+over the mesh axes that the batch and heads are split over (`sosm_jax.parallel.per_shard`).
 """
 from __future__ import annotations
 
@@ -15,6 +17,12 @@ import jax.numpy as jnp
 from sosm_jax.layers.common import (BATCH_LENGTH_HEADS, BATCH_LENGTH_KV_HEADS, Dense, compute_dtype,
                                     param_dtype, constrain)
 from sosm_jax.ops import attention as attn_ops
+from sosm_jax.parallel.per_shard import per_shard
+
+_KERNEL_IMPLS = ("splash", "splash_interpret")
+# k and v name their heads 'activation_heads' too: query and key/value heads are split together
+# (only when the mesh divides both), which keeps each query head with its key/value head.
+_QKV = ("activation_batch", None, "activation_heads", None)
 
 
 class Attention(nn.Module):
@@ -42,9 +50,13 @@ class Attention(nn.Module):
       cache = attn_ops.update_kv_cache(cache, k, v)
       o = attn_ops.cached_attention(q, cache, window=cfg.attn_window)
     else:
-      o = attn_ops.causal_attention(q, k, v, segment_ids=segment_ids, window=cfg.attn_window,
-                                    implementation=cfg.attn_impl or None,
-                                    block_size=cfg.attn_block_size)
+      attend = lambda q, k, v, s: attn_ops.causal_attention(
+          q, k, v, segment_ids=s, window=cfg.attn_window, implementation=cfg.attn_impl or None,
+          block_size=cfg.attn_block_size)
+      impl = attn_ops.select_implementation(cfg.attn_impl or None, q.dtype,
+                                            segment_ids is not None, q.shape[1], cfg.attn_window)
+      o = (per_shard(attend, (q, k, v, segment_ids), (_QKV, _QKV, _QKV, _QKV[:2]), _QKV)
+           if impl in _KERNEL_IMPLS else attend(q, k, v, segment_ids))
       if cache is not None:
         cache = attn_ops.update_kv_cache(cache, k, v)
     o = constrain(o, BATCH_LENGTH_HEADS)

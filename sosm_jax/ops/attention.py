@@ -6,9 +6,11 @@ heads `K` (grouped-query attention); query head `h` reads key/value head `h // (
 Forms with one meaning:
 - `attention_reference`: explicit softmax over an explicit boolean mask (float32). Ground truth.
 - `causal_attention`: training / prefill self-attention, implementation picked per platform and
-  length (`select_implementation`): cuDNN flash attention (packed documents through cuDNN's
-  sequence-packing layout, `packed_segments`), `jax.nn.dot_product_attention` on XLA, or the
-  O(T)-memory `blockwise_attention.blockwise_attention`.
+  length (`select_implementation`): cuDNN flash attention on GPU (packed documents through cuDNN's
+  sequence-packing layout, `packed_segments`), Pallas splash attention on TPU (`splash_attention`;
+  'splash_interpret' runs the same kernel in Pallas interpret mode on any backend, for tests),
+  `jax.nn.dot_product_attention` on XLA, or the O(T)-memory
+  `blockwise_attention.blockwise_attention`.
 - `cached_attention` + `update_kv_cache`: queries at absolute positions `index .. index+T-1`
   against a fixed-size KV cache (decode; jit-able, static shapes).
 
@@ -25,7 +27,9 @@ import jax.numpy as jnp
 from sosm_jax.ops.blockwise_attention import blockwise_attention
 
 _F32 = jnp.float32
-IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "reference")
+IMPLEMENTATIONS = ("xla", "cudnn", "splash", "splash_interpret", "blockwise", "reference")
+# Splash attention works on blocks of whole 128-lane tiles; the sequence is padded to a block.
+_TPU_LANES = 128
 # Above this length the auto choice avoids XLA's T x T logits (blockwise, or cuDNN on GPU).
 XLA_MAX_LEN = 2048
 # cuDNN's packed layout takes a static number M of documents per row. Its backward workspace
@@ -146,12 +150,17 @@ def select_implementation(implementation: str | None, dtype, has_segments: bool,
                           seq_len: int = 0, window: int = 0) -> str:
   """Which backend `causal_attention` uses.
 
-  '' / None (auto): cuDNN flash attention on GPU for bf16/fp16 inputs (packed documents through
-  cuDNN's sequence-packing layout; a sliding window together with segment ids is not supported
-  there); otherwise XLA up to XLA_MAX_LEN tokens and 'blockwise' (O(T) memory, any mask) beyond.
-  'xla', 'cudnn', 'blockwise' and 'reference' force that backend.
+  '' / None (auto): Pallas splash attention on TPU; cuDNN flash attention on GPU for bf16/fp16
+  inputs (packed documents through cuDNN's sequence-packing layout; a sliding window together with
+  segment ids is not supported there); otherwise XLA up to XLA_MAX_LEN tokens and 'blockwise'
+  (O(T) memory, any mask) beyond. The platform is `jax.default_backend()`: a program compiled
+  ahead of time for another platform (a TPU topology from a CPU host) names its implementation
+  (`sosm_jax.train.aot.model_config_for_platform` does). 'xla', 'cudnn', 'splash',
+  'splash_interpret', 'blockwise' and 'reference' force that backend.
   """
   if implementation in (None, ""):
+    if jax.default_backend() == "tpu":
+      return "splash"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if jax.default_backend() == "gpu" and half and not (has_segments and window > 0):
       return "cudnn"
@@ -214,6 +223,61 @@ def _cudnn_attention(q, k, v, *, segment_ids, window, scale, max_segments):
                                      mask_type=cudnn.MaskType.PADDING_CAUSAL)
 
 
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def splash_attention(q, k, v, *, segment_ids=None, window=0, scale=None, block_size=512,
+                     interpret=False):
+  """Causal GQA self-attention through Pallas splash attention (the TPU flash kernel).
+
+  Args:
+    q: `[batch, time, heads, head_dim]`; k, v: `[batch, time, kv_heads, head_dim]`.
+    segment_ids: `[batch, time]` int (packed documents) or None.
+    window: >0 = sliding window of this many tokens (the token itself included).
+    scale: logit scale, default head_dim**-0.5.
+    block_size: query/key block of the kernels (a multiple of 128, lowered to the padded length
+      for short sequences); the sequence is zero-padded at its end to a whole block (causality
+      keeps real queries from seeing the padding) and the padding's outputs are dropped.
+    interpret: run the kernels in Pallas interpret mode (any backend; for tests).
+  Returns:
+    `[batch, time, heads, head_dim]` in q's dtype.
+
+  The kernel is built for the heads it is given: under `jax.shard_map` that is this device's
+  share of heads, so call it on per-device shards (the attention layer does).
+  """
+  # Imported here: the TPU kernel package is only needed where this path runs.
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=import-outside-toplevel
+  _check_qkv(q, k, v)
+  b, t, h, d = q.shape
+  if block_size % _TPU_LANES:
+    raise ValueError(f"splash attention: block_size {block_size} must be a multiple of "
+                     f"{_TPU_LANES}; set attn_block_size accordingly.")
+  scale = d ** -0.5 if scale is None else scale
+  block = min(block_size, _round_up(t, _TPU_LANES))
+  padded = _round_up(t, block)
+  pad = [(0, 0), (0, padded - t), (0, 0), (0, 0)]
+  # [B, T, H, D] -> [B, H, T, D], padded in time; the kernel does not scale logits itself.
+  to_heads = lambda x: jnp.swapaxes(jnp.pad(x, pad), 1, 2)
+  qh = to_heads((q.astype(_F32) * scale).astype(q.dtype))
+  kh, vh = to_heads(k), to_heads(v.astype(k.dtype))
+  shape = (padded, padded)
+  mask = (splash.LocalMask(shape, window_size=(window - 1, 0), offset=0) if window > 0
+          else splash.CausalMask(shape))
+  blocks = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                             block_q_dq=block, block_kv_dq=block)
+  kernel = splash.make_splash_mha(splash.MultiHeadMask([mask] * h), block_sizes=blocks,
+                                  head_shards=1, q_seq_shards=1, interpret=interpret)
+  if segment_ids is None:
+    out = jax.vmap(kernel)(qh, kh, vh)
+  else:
+    ids = jnp.pad(segment_ids.astype(jnp.int32), [(0, 0), (0, padded - t)])
+    per_row = lambda qi, ki, vi, si: kernel(qi, ki, vi, segment_ids=splash.SegmentIds(si, si))
+    out = jax.vmap(per_row)(qh, kh, vh, ids)
+  return jnp.swapaxes(out, 1, 2)[:, :t].astype(q.dtype)
+
+
 def causal_attention(q, k, v, *, segment_ids=None, window=0, scale=None, implementation=None,
                      block_size=512, max_segments=0):
   """Causal self-attention (training, prefill).
@@ -223,9 +287,9 @@ def causal_attention(q, k, v, *, segment_ids=None, window=0, scale=None, impleme
     segment_ids: `[batch, time]` int (packed documents; 0 = padding) or None.
     window: >0 = sliding window of this many tokens (the token itself included).
     scale: logit scale, default head_dim**-0.5.
-    implementation: None/'' (auto, see `select_implementation`), 'xla', 'cudnn', 'blockwise',
-      'reference'.
-    block_size: block length of the 'blockwise' implementation.
+    implementation: None/'' (auto, see `select_implementation`), 'xla', 'cudnn', 'splash',
+      'splash_interpret', 'blockwise', 'reference'.
+    block_size: block length of the 'blockwise' and 'splash' implementations.
     max_segments: documents per row that 'cudnn' separates (0: `default_packed_segments`).
   Returns:
     `[batch, time, heads, head_dim]` in q's dtype.
@@ -238,6 +302,10 @@ def causal_attention(q, k, v, *, segment_ids=None, window=0, scale=None, impleme
   if impl == "blockwise":
     return blockwise_attention(q, k, v, segment_ids=segment_ids, window=window, scale=scale,
                                block_size=block_size)
+  if impl in ("splash", "splash_interpret"):
+    return splash_attention(q, k, v, segment_ids=segment_ids, window=window, scale=scale,
+                            block_size=_round_up(block_size, _TPU_LANES),
+                            interpret=impl == "splash_interpret")
   if impl == "cudnn":
     return _cudnn_attention(q, k, v, segment_ids=segment_ids, window=window, scale=scale,
                             max_segments=max_segments)
