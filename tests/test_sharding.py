@@ -10,13 +10,16 @@ import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
+import sosm_jax.ops as ops
 from sosm_jax import models
 from sosm_jax.parallel import (LOGICAL_AXIS_RULES, batch_sharding, distributed_init_args,
-                               make_mesh, process_batch_shard)
+                               logical_shardings, make_mesh, per_shard, process_batch_shard,
+                               unbox_values)
 from sosm_jax.parallel import mesh as mesh_lib
 from sosm_jax.train import checkpoint as ckpt_lib
 from sosm_jax.train import curriculum
@@ -254,3 +257,110 @@ def test_distributed_init_arguments():
     distributed_init_args(_dist("10.0.0.1:1234", 2, 2), {})
   with pytest.raises(ValueError, match="distributed.num_processes"):
     distributed_init_args(_dist("10.0.0.1:1234", 0, 0), {})
+
+
+# --------------------------------------------------------------------------- linear-attention kernels
+# The Pallas kernels (in interpret mode on CPU, the same kernel code as on a GPU) run inside
+# `jax.shard_map` (`sosm_jax.parallel.per_shard`): each device computes only its batch rows and
+# heads, and the result equals one device's.
+
+KERNEL_MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
+
+
+def _kernel_config():
+  """Two layers, one HGRN-2 (GLA kernels) and one Gated DeltaNet, on the Pallas kernels."""
+  cfg = tiny_config()
+  cfg.model.update(pattern=("hgrn2", "gdn"), num_layers=2, linear_impl="pallas_interpret")
+  return cfg
+
+
+def _loss_and_grads_on(mesh, model, params, batch):
+  """jit(value_and_grad(model.loss)) with the trainer's parameter and batch shardings."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), 1, 16))
+    param_sh = logical_shardings(abstract, mesh)
+    fn = jax.jit(jax.value_and_grad(model.loss, has_aux=True),
+                 in_shardings=(param_sh, batch_sharding(mesh)))
+    placed = jax.device_put(params, param_sh)
+    arrays = {k: jax.make_array_from_process_local_data(batch_sharding(mesh), v)
+              for k, v in batch.items()}
+    (loss, _), grads = fn(placed, arrays)
+  return float(loss), jax.device_get(grads)
+
+
+@pytest.fixture(scope="module")
+def kernel_reference(batches):
+  """One device: the kernel model, its initial parameters (host) and (loss, grads)."""
+  model = models.build_model(_kernel_config().model)
+  params = jax.device_get(unbox_values(model.init(jax.random.key(0), 1, 16)))
+  loss, grads = _loss_and_grads_on(_mesh(1, 1, 1, jax.devices()[:1]), model, params, batches[0])
+  return model, params, loss, grads
+
+
+@pytest.mark.parametrize("shape", KERNEL_MESHES, ids=["data8", "fsdp8", "data2xfsdp2xtensor2"])
+def test_kernel_step_on_a_mesh_equals_one_device(kernel_reference, batches, shape):
+  """Loss and every gradient on the mesh equal one device's: loss to rtol 1e-5, gradients to
+  rtol 1e-4 / atol 1e-6 (fp32; only the order of the sums over the batch and fsdp shards
+  differs)."""
+  model, params, ref_loss, ref_grads = kernel_reference
+  loss, grads = _loss_and_grads_on(_mesh(*shape), model, params, batches[0])
+  assert np.isfinite(loss) and loss == pytest.approx(ref_loss, rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6,
+                                                       err_msg=f"mesh {shape}"), grads, ref_grads)
+  assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
+
+
+def _op_call(op, sharded):
+  """(fn, args, in shardings) of a forward+backward of one op on [B=4, T=40, H=2, 16] inputs:
+  through `per_shard` (as the layers call it) when `sharded`, else the bare op."""
+  rng = np.random.default_rng(0)
+  b, t, h, d = 4, 40, 2, 16
+  x = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  unit = lambda a: a / jnp.linalg.norm(a, axis=-1, keepdims=True)
+  blhd = ("activation_batch", "activation_length", "activation_heads", None)
+  state = ("activation_batch", "activation_heads", None, None)
+  if op == "gla":
+    args = (x(b, t, h, d), jax.nn.sigmoid(x(b, t, h, d)), x(b, t, h, d),
+            -jax.nn.softplus(x(b, t, h, d)), x(b, h, d, d))
+    names = (blhd,) * 4 + (state,)
+    run = lambda q, k, v, f, s: ops.gla(q, k, v, f, initial_state=s, chunk_size=16,
+                                        implementation="pallas_interpret")
+  else:
+    args = (unit(x(b, t, h, d)), unit(x(b, t, h, d)), x(b, t, h, d),
+            -jax.nn.softplus(x(b, t, h)), jax.nn.sigmoid(x(b, t, h)), x(b, h, d, d))
+    names = (blhd,) * 3 + (blhd[:3],) * 2 + (state,)
+    run = lambda q, k, v, g, beta, s: ops.gated_delta_rule(
+        q, k, v, g, beta, initial_state=s, chunk_size=16, implementation="pallas_interpret")
+  call = (lambda *a: per_shard(run, a, names, (blhd, state))) if sharded else run
+
+  def loss(*a):
+    o, s = call(*a)
+    return jnp.sum(o * o) + jnp.sum(s)
+
+  return jax.value_and_grad(loss, argnums=tuple(range(len(args)))), args, names
+
+
+@pytest.mark.parametrize("op", ["gla", "gated_delta_rule"])
+def test_sharded_kernel_call_has_no_all_gather(op):
+  """data=2 x fsdp=2 x tensor=2: the compiled forward+backward of a kernel call through
+  `per_shard` holds no all-gather (nor any other collective but the loss's sum), every gradient
+  keeps its input's sharding, and the values equal the unsharded call's. Called bare, the same
+  kernels are all-gathered (the failure this guards against)."""
+  mesh = _mesh(2, 2, 2)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    fn, args, names = _op_call(op, sharded=True)
+    shardings = [jax.sharding.NamedSharding(mesh, nn.logical_to_mesh_axes(n)) for n in names]
+    placed = [jax.device_put(a, s) for a, s in zip(args, shardings)]
+    assert "pallas_call" in str(jax.make_jaxpr(fn)(*placed))
+    compiled = jax.jit(fn).lower(*placed).compile()
+    hlo = compiled.as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    value, grads = compiled(*placed)
+    for g, s in zip(grads, shardings):
+      assert g.sharding.is_equivalent_to(s, g.ndim), (g.sharding, s)
+    bare_fn, _, _ = _op_call(op, sharded=False)
+    assert "all-gather" in jax.jit(bare_fn).lower(*placed).compile().as_text()
+  want_value, want_grads = jax.jit(bare_fn)(*args)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  for g, w in zip(grads, want_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)

@@ -44,6 +44,11 @@ def shard_axes(args: Sequence[Any], in_axes: Sequence[Names | None], mesh) -> di
   return split
 
 
+def _is_names(t) -> bool:
+  """A tuple of logical names (a leaf of out_axes), not a tuple of such tuples."""
+  return isinstance(t, tuple) and all(n is None or isinstance(n, str) for n in t)
+
+
 def per_shard(fn: Callable, args: Sequence[Any], in_axes: Sequence[Names | None], out_axes):
   """fn(*args), computed by every device on its own shard of the arguments.
 
@@ -74,6 +79,6 @@ def per_shard(fn: Callable, args: Sequence[Any], in_axes: Sequence[Names | None]
     return fn(*full)
 
   in_specs = tuple(spec(in_axes[i]) for i in present)
-  out_specs = jax.tree.map(spec, out_axes, is_leaf=lambda t: isinstance(t, tuple))
+  out_specs = jax.tree.map(spec, out_axes, is_leaf=_is_names)
   return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
       *(args[i] for i in present))
