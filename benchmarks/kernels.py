@@ -31,7 +31,7 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from sosm_jax.ops import gated_delta, hgrn2, kernels  # pylint: disable=wrong-import-position
+import sosm_jax.ops as ops  # pylint: disable=wrong-import-position
 
 # --------------------------------------------------------------------------- inputs and timing
 
@@ -87,26 +87,15 @@ def load_maxtext_gdn(wheel):
 
 
 def jax_impls(op, maxtext_wheel):
-  """name -> f(*inputs) -> o, for the JAX implementations available for `op`."""
-  if op == "gdn":
-    impls = {
-        "ours_pallas": kernels.fast_path("gated_delta_rule", "pallas"),
-        "ours_xla": kernels.fast_path("gated_delta_rule", "xla"),
-        "ops_chunked": gated_delta.gated_delta_rule_chunked,
-    }
-    impls = {k: (lambda f: lambda *a: f(*a)[0])(f) for k, f in impls.items()}
-    if maxtext_wheel and os.path.exists(maxtext_wheel):
-      mt = load_maxtext_gdn(maxtext_wheel)
-      impls["maxtext"] = lambda q, k, v, g, beta: mt(q, k, v, g, beta, chunk_size=64)[0]
-    return impls
-  impls = {
-      "ours_pallas": kernels.fast_path("gla", "pallas"),
-      "ours_xla": kernels.fast_path("gla", "xla"),
-      "ops_chunked": hgrn2.gla_chunked,
-  }
-  for path in ("split", "legacy", "parallel"):  # the GLA Pallas paths by name (pallas_gla.PATH)
-    impls[f"ours_{path}"] = kernels.fast_path("gla", f"pallas_{path}")
-  return {k: (lambda f: lambda *a: f(*a)[0])(f) for k, f in impls.items()}
+  """name -> f(*inputs) -> o, for the JAX implementations available for `op`: ours by
+  `implementation` ('pallas' = the Pallas kernels, 'xla' = the chunked XLA form)."""
+  fn = ops.gated_delta_rule if op == "gdn" else ops.gla
+  impls = {f"ours_{impl}": functools.partial(fn, implementation=impl) for impl in ("pallas", "xla")}
+  impls = {k: (lambda f: lambda *a: f(*a)[0])(f) for k, f in impls.items()}
+  if op == "gdn" and maxtext_wheel and os.path.exists(maxtext_wheel):
+    mt = load_maxtext_gdn(maxtext_wheel)
+    impls["maxtext"] = lambda q, k, v, g, beta: mt(q, k, v, g, beta, chunk_size=64)[0]
+  return impls
 
 
 def time_jax(fn, inputs, do, modes, iters):
@@ -213,72 +202,13 @@ def time_ours_decode(b, h, d, iters, steps=200):
   def run(state, n):
     def body(_, carry):
       s, acc = carry
-      o, s = gated_delta.gated_delta_rule_step(q, k, v, g, beta, s)
+      o, s = ops.gated_delta_rule_step(q, k, v, g, beta, s)
       return s, acc + o[0, 0, 0].astype(jnp.float32)
     return jax.lax.fori_loop(0, n, body, (state, 0.0))
 
   one = _median_ms(run, (state, 1), iters)
   many = _median_ms(run, (state, steps + 1), iters)
   return (many - one) / steps
-
-
-SPLIT_SWEEP = [  # GLA 'split' path settings tried by --stage-sweep (the first is the default)
-    {}, {"diag_scores": "exact"}, {"dqk_warps": 8}, {"dqk_warps": 2}, {"dav_warps": 8},
-    {"out_warps": 8}, {"unroll": True},
-]
-
-
-def sweep_stages(rows, h, d, iters):
-  """GLA 'split' path settings (`pallas_gla_split` TUNING and DIAG; the score kernels' UNROLL),
-  one change at a time from the defaults, at the given rows; the defaults are restored."""
-  from sosm_jax.ops.kernels import pallas_gla_scores, pallas_gla_split as split  # pylint: disable=import-outside-toplevel
-  defaults = dict(split.TUNING, unroll=pallas_gla_scores.UNROLL,
-                  diag_scores=split.DIAG["scores"], diag_grads=split.DIAG["grads"])
-
-  def apply(setting):
-    setting = dict(setting)
-    pallas_gla_scores.UNROLL = setting.pop("unroll")
-    split.DIAG = {"scores": setting.pop("diag_scores"), "grads": setting.pop("diag_grads")}
-    split.TUNING.update(setting)
-
-  out = []
-  for row in rows:
-    t, b = (int(x) for x in row.split("x"))
-    inputs, do = make_inputs("gla", t, b, h, d, jnp.bfloat16)
-    for change in SPLIT_SWEEP:
-      setting = dict(defaults, **change)
-      apply(setting)
-      jax.clear_caches()
-      fn = kernels.fast_path("gla", "pallas_split")
-      times, _ = time_jax(lambda *a, fn=fn: fn(*a)[0], inputs, do, ("fwd", "fwdbwd"), iters)
-      entry = {"op": "gla", "T": t, "B": b, "path": "split", **setting, **times}
-      print("stages", json.dumps(entry), flush=True)
-      out.append(entry)
-  apply(defaults)
-  jax.clear_caches()
-  return out
-
-
-def sweep_recurrence(rows, h, d, iters):
-  """gdn fwd+bwd of ours_pallas under several recurrence launch settings."""
-  from sosm_jax.ops.kernels import pallas_recurrence as pr  # pylint: disable=import-outside-toplevel
-  configs = [(None, 4, 2), (None, 4, 3), (None, 8, 2), (None, 4, 1), (32, 4, 2), (64, 4, 2),
-             (64, 8, 3)]
-  out = []
-  for row in rows:
-    t, b = (int(x) for x in row.split("x"))
-    inputs, do = make_inputs("gdn", t, b, h, d, jnp.bfloat16)
-    for bv, nw, ns in configs:
-      pr.TUNING.update(num_warps=nw, num_stages=ns)
-      jax.clear_caches()
-      fn = kernels.fast_path("gated_delta_rule", "pallas", block_v=bv)
-      times, _ = time_jax(lambda *a: fn(*a)[0], inputs, do, ("fwd", "fwdbwd"), iters)
-      entry = {"T": t, "B": b, "block_v": bv, "num_warps": nw, "num_stages": ns, **times}
-      print("sweep", json.dumps(entry), flush=True)
-      out.append(entry)
-  pr.TUNING.update(num_warps=4, num_stages=2)
-  jax.clear_caches()
-  return out
 
 
 # --------------------------------------------------------------------------- main
@@ -316,50 +246,49 @@ def profile_kernels(op, fn, inputs, do, top=30, hlo_path=None):
 
 
 def check_gradients(t=200, b=2, h=2, d=128, chunk=64, seed=0):
-  """Relative errors of ours_pallas (compiled) against the sequential reference, forward and all
-  gradients (loss = <o, R1> + <final state, R2>), fp32 and bf16 inputs, with an initial state;
-  t is not a multiple of the chunk."""
+  """Relative errors of ours (Pallas kernels, compiled on a GPU; and the XLA chunked form) against
+  the sequential reference, forward and all gradients (loss = <o, R1> + <final state, R2>), fp32
+  and bf16 inputs, with an initial state; t is not a multiple of the chunk."""
   out = []
+  pallas = "pallas" if jax.default_backend() == "gpu" else "pallas_interpret"
   for op in ("gdn", "gla"):
     inputs, _ = make_inputs(op, t, b, h, d, jnp.float32, seed)
     h0 = jax.random.normal(jax.random.PRNGKey(seed + 7), (b, h, d, d))
-    ref_fn = (gated_delta.gated_delta_rule_reference if op == "gdn" else hgrn2.gla_reference)
-    fast = kernels.fast_path("gated_delta_rule" if op == "gdn" else "gla", "pallas",
-                             interpret=jax.default_backend() != "gpu")
+    fn = ops.gated_delta_rule if op == "gdn" else ops.gla
 
-    def run(fn, args, h0):
+    def run(impl, args, h0, fn=fn):
       def loss(args, h0):
-        o, s = fn(*args, initial_state=h0)
+        o, s = fn(*args, initial_state=h0, chunk_size=chunk, implementation=impl)
         r1 = jax.random.normal(jax.random.PRNGKey(1), o.shape)
         r2 = jax.random.normal(jax.random.PRNGKey(2), s.shape)
         return jnp.sum(o.astype(jnp.float32) * r1) + jnp.sum(s * r2), (o, s)
       (_, res), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(args, h0)
       return jax.tree.leaves((res, grads))
-    want = run(ref_fn, inputs, h0)
-    for dtype in (jnp.float32, jnp.bfloat16):
-      args = [x.astype(dtype) for x in inputs[:3]] + list(inputs[3:])
-      got = run(functools.partial(fast, chunk_size=chunk), args, h0)
-      errs = [_rel(x, y) for x, y in zip(got, want)]
-      entry = {"op": op, "dtype": jnp.dtype(dtype).name, "T": t, "B": b, "chunk": chunk,
-               "rel_err_o_state_grads": errs}
-      print("check", json.dumps(entry), flush=True)
-      out.append(entry)
+    want = run("reference", inputs, h0)
+    for impl in (pallas, "xla"):
+      for dtype in (jnp.float32, jnp.bfloat16):
+        args = [x.astype(dtype) for x in inputs[:3]] + list(inputs[3:])
+        errs = [_rel(x, y) for x, y in zip(run(impl, args, h0), want)]
+        entry = {"op": op, "impl": impl, "dtype": jnp.dtype(dtype).name, "T": t, "B": b,
+                 "chunk": chunk, "max_rel_err": max(errs), "rel_err_o_state_grads": errs}
+        print("check", json.dumps(entry), flush=True)
+        out.append(entry)
   return out
 
 
 def reference_output(op, inputs):
-  """float32 chunked reference (OPS helper's form, tested against the sequential recurrence)."""
+  """float32 chunked XLA form (tested against the sequential recurrence)."""
   f32 = [x.astype(jnp.float32) for x in inputs]
   if op == "gdn":
-    return jax.jit(gated_delta.gated_delta_rule_chunked)(*f32)[0]
-  return jax.jit(hgrn2.gla_chunked)(*f32)[0]
+    return jax.jit(ops.gated_delta_rule_chunked)(*f32)[0]
+  return jax.jit(ops.gla_chunked)(*f32)[0]
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--rows", default="4096x16,16384x4,65536x1", help="TxB,TxB,...")
   p.add_argument("--ops", default="gdn,gla")
-  p.add_argument("--impls", default="ours_pallas,ours_xla,ops_chunked,maxtext,fla,cudnn")
+  p.add_argument("--impls", default="ours_pallas,ours_xla,maxtext,fla,cudnn")
   p.add_argument("--modes", default="fwd,fwdbwd")
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--dim", type=int, default=128)
@@ -369,12 +298,10 @@ def main(argv=None):
   p.add_argument("--no-error", action="store_true", help="skip the fp32 reference")
   p.add_argument("--out", default="kernels.json")
   p.add_argument("--profile", default="", help="impl name: print its per-kernel GPU times")
-  p.add_argument("--sweep", default="", help="rows for the recurrence launch-settings sweep")
-  p.add_argument("--stage-sweep", default="",
-                 help="rows for the GLA split-path launch-settings sweep")
   p.add_argument("--error-rows", type=int, default=1, help="rows that get the fp32 reference")
   p.add_argument("--check", action="store_true",
-                 help="first compare ours_pallas with the sequential reference (values, gradients)")
+                 help="first compare ours (pallas, xla) with the sequential reference (values, "
+                      "gradients)")
   args = p.parse_args(argv)
   wanted = set(args.impls.split(","))
   modes = tuple(args.modes.split(","))
@@ -385,10 +312,6 @@ def main(argv=None):
 
   if args.check:
     report["check"] = check_gradients()
-  if args.sweep:
-    report["sweep"] = sweep_recurrence(args.sweep.split(","), h, d, args.iters)
-  if args.stage_sweep:
-    report["stage_sweep"] = sweep_stages(args.stage_sweep.split(","), h, d, args.iters)
 
   def record(entry):
     report["results"].append(entry)

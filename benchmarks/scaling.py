@@ -1,14 +1,19 @@
 """Multi-device scaling of the train step: tokens/s per device on 1 device and on N, per mesh.
 
-Weak scaling: every mesh gets the same batch per data-parallel device (`--per_device_batch` rows of
-`--seq_len` tokens), so perfect scaling keeps tokens/s per device constant; the efficiency of a
-mesh is its tokens/s per device over that of one device. Runs the trainer's own compiled step
+Weak scaling (default): every mesh gets the same batch per data-parallel device
+(`--per_device_batch` rows of `--seq_len` tokens), so perfect scaling keeps tokens/s per device
+constant; the efficiency of a mesh is its tokens/s per device over that of one device.
+Strong scaling (`--global_batch=N`): every mesh gets the same N rows; perfect scaling divides the
+step time by the device count (`speedup` over one device). With `--profile`, the GPU time per step
+of the linear-attention Pallas kernels is summed too (`linear_kernels_ms_per_step`). Runs the trainer's own compiled step
 (jit with explicit shardings, donated state, AdamW) on random tokens. Writes JSON: device, jax
 version, model, and per mesh the compile time, median step time, tokens/s (total and per device),
 efficiency, MFU and peak memory.
 
   python benchmarks/scaling.py --config=configs/curriculum.py --seq_len=4096 \
       --per_device_batch=4 --meshes=1x1x1,2x1x1,1x2x1 --steps=10 --out=/tmp/scaling.json
+  python benchmarks/scaling.py --config=configs/curriculum.py --seq_len=4096 \
+      --global_batch=16 --meshes=1x1x1,2x1x1 --steps=10 --profile=20 --out=/tmp/strong.json
 Meshes are DATAxFSDPxTENSOR over the first DATA*FSDP*TENSOR devices; '' = 1 device, then data=N,
 fsdp=N and (N >= 4) data=N/2 x fsdp=2 over all N devices.
 """
@@ -36,6 +41,9 @@ from sosm_jax.train import curriculum, loop, metrics, optimizer as optimizer_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "tokens per row")
 _PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 4, "rows per data-parallel device")
+_GLOBAL_BATCH = flags.DEFINE_integer(
+    "global_batch", 0, "rows per step on every mesh (strong scaling); 0 = per_device_batch rows "
+    "per data-parallel device (weak scaling)")
 _MESHES = flags.DEFINE_string("meshes", "", "comma-separated DATAxFSDPxTENSOR ('' = default set)")
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps per mesh (after 3 warm-up steps)")
 _REMAT = flags.DEFINE_string("remat", "", "remat policy ('' = the config's model.remat)")
@@ -44,6 +52,8 @@ _HLO = flags.DEFINE_string("hlo", "", "write the compiled step's HLO text here (
 _PROFILE = flags.DEFINE_integer(
     "profile", 0, "GPU: print (and store) the N kernels with the most time per step (needs torch)")
 _WARMUP = 3
+# Pallas kernel names of the linear-attention ops (`name=` of their pallas_calls)
+_LINEAR_KERNELS = ("gla_", "gdn_", "chunk_recurrence_")
 
 
 def default_meshes(n: int) -> list[tuple[int, int, int]]:
@@ -78,12 +88,12 @@ def random_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str
 
 
 def measure(config, shape: tuple[int, int, int], seq_len: int, per_device_batch: int,
-            steps: int, remat: str) -> dict:
+            steps: int, remat: str, global_batch: int = 0) -> dict:
   """Compiles and times the train step on a mesh of shape (data, fsdp, tensor)."""
   devices = jax.devices()[:math.prod(shape)]
   mesh = make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), shape))),
                    devices)
-  batch = per_device_batch * shape[0] * shape[1]
+  batch = global_batch or per_device_batch * shape[0] * shape[1]
   model_cfg = ml_collections.ConfigDict(config.model.to_dict())
   model_cfg.remat = remat
   model = models.build_model(model_cfg)
@@ -124,7 +134,11 @@ def measure(config, shape: tuple[int, int, int], seq_len: int, per_device_batch:
             **info, **metrics.device_memory()}
   print(json.dumps(result), flush=True)
   if kernels:
-    result["kernels_ms_per_step"] = kernels
+    result["kernels_ms_per_step"] = kernels[:_PROFILE.value]
+    result["linear_kernels_ms_per_step"] = sum(ms for ms, _, name in kernels
+                                               if name.startswith(_LINEAR_KERNELS))
+    print(f"linear-attention kernels: {result['linear_kernels_ms_per_step']:.2f} ms per step",
+          flush=True)
   return result
 
 
@@ -148,32 +162,37 @@ def profile_step(compiled, state, arrays, top: int) -> list:
   print(f"--- per-step GPU ms by kernel (total {sum(r[0] for r in rows):.1f} ms)")
   for ms, n, name in rows[:top]:
     print(f"{ms:8.2f} ms  x{n:<4d} {name}")
-  return rows[:top]
+  return rows
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
   remat = _REMAT.value or config.model.remat
-  results = [measure(config, shape, _SEQ_LEN.value, _PER_DEVICE_BATCH.value, _STEPS.value, remat)
+  results = [measure(config, shape, _SEQ_LEN.value, _PER_DEVICE_BATCH.value, _STEPS.value, remat,
+                     _GLOBAL_BATCH.value)
              for shape in parse_meshes(_MESHES.value, jax.device_count())]
   single = next((r for r in results if r["devices"] == 1), None)
   for r in results:
     r["scaling_efficiency"] = (r["tokens_per_second_per_device"]
                                / single["tokens_per_second_per_device"] if single else None)
+    r["speedup"] = single["median_step_s"] / r["median_step_s"] if single else None
   model = models.build_model(config.model)
   report = {"benchmark": "scaling", "device": jax.devices()[0].device_kind,
             "num_devices": jax.device_count(), "platform": jax.default_backend(),
             "jax": jax.__version__, "num_params": model.num_params_formula(),
             "model": {k: config.model[k] for k in ("architecture", "pattern", "num_layers",
                                                      "d_model", "vocab_size", "dtype")},
+            "linear_impl": config.model.linear_impl,
             "remat": remat, "per_device_batch": _PER_DEVICE_BATCH.value,
+            "global_batch": _GLOBAL_BATCH.value,
             "steps": _STEPS.value, "command": " ".join(sys.argv),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "results": results}
   for r in results:
     print(f"mesh {r['mesh']}: {r['tokens_per_second_per_device']:.0f} tokens/s per device, "
           f"efficiency {r['scaling_efficiency'] or float('nan'):.3f}, "
-          f"step {r['median_step_s'] * 1e3:.1f} ms", flush=True)
+          f"step {r['median_step_s'] * 1e3:.1f} ms (speedup {r['speedup'] or float('nan'):.2f}), "
+          f"linear kernels {r.get('linear_kernels_ms_per_step', float('nan')):.1f} ms", flush=True)
   if _OUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     with open(_OUT.value, "w", encoding="utf-8") as f:
