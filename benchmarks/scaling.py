@@ -14,8 +14,9 @@ efficiency, MFU and peak memory.
       --per_device_batch=4 --meshes=1x1x1,2x1x1,1x2x1 --steps=10 --out=/tmp/scaling.json
   python benchmarks/scaling.py --config=configs/curriculum.py --seq_len=4096 \
       --global_batch=16 --meshes=1x1x1,2x1x1 --steps=10 --profile=20 --out=/tmp/strong.json
-Meshes are DATAxFSDPxTENSOR over the first DATA*FSDP*TENSOR devices; '' = 1 device, then data=N,
-fsdp=N and (N >= 4) data=N/2 x fsdp=2 over all N devices.
+Meshes are DATAxFSDPxTENSOR over the first DATA*FSDP*TENSOR devices, with an optional ':ROWS'
+global batch for that mesh (e.g. 1x1x1:16 for the strong-scaling row); '' = 1 device, then
+data=N, fsdp=N and (N >= 4) data=N/2 x fsdp=2 over all N devices.
 """
 import json
 import math
@@ -65,16 +66,18 @@ def default_meshes(n: int) -> list[tuple[int, int, int]]:
   return meshes
 
 
-def parse_meshes(text: str, n: int) -> list[tuple[int, int, int]]:
+def parse_meshes(text: str, n: int) -> list[tuple[tuple[int, int, int], int]]:
+  """[(mesh shape, global batch or 0)] from 'DATAxFSDPxTENSOR[:ROWS],...' ('' = default set)."""
   if not text:
-    return default_meshes(n)
+    return [(shape, 0) for shape in default_meshes(n)]
   meshes = []
   for spec in text.split(","):
-    shape = tuple(int(x) for x in spec.lower().split("x"))
+    dims, _, rows = spec.partition(":")
+    shape = tuple(int(x) for x in dims.lower().split("x"))
     if len(shape) != 3 or math.prod(shape) > n or min(shape) < 1:
-      raise ValueError(f"--meshes entry {spec!r}: use DATAxFSDPxTENSOR with a product of at most "
-                       f"the {n} devices, e.g. 2x1x1")
-    meshes.append(shape)
+      raise ValueError(f"--meshes entry {spec!r}: use DATAxFSDPxTENSOR[:ROWS] with a product of at "
+                       f"most the {n} devices, e.g. 2x1x1 or 1x1x1:16")
+    meshes.append((shape, int(rows or 0)))
   return meshes
 
 
@@ -170,13 +173,16 @@ def main(argv):
   config = _CONFIG.value
   remat = _REMAT.value or config.model.remat
   results = [measure(config, shape, _SEQ_LEN.value, _PER_DEVICE_BATCH.value, _STEPS.value, remat,
-                     _GLOBAL_BATCH.value)
-             for shape in parse_meshes(_MESHES.value, jax.device_count())]
+                     rows or _GLOBAL_BATCH.value)
+             for shape, rows in parse_meshes(_MESHES.value, jax.device_count())]
   single = next((r for r in results if r["devices"] == 1), None)
   for r in results:
     r["scaling_efficiency"] = (r["tokens_per_second_per_device"]
                                / single["tokens_per_second_per_device"] if single else None)
-    r["speedup"] = single["median_step_s"] / r["median_step_s"] if single else None
+    # strong scaling: against one device at the same global batch, when it was measured
+    same = next((x for x in results if x["devices"] == 1
+                 and x["global_batch"] == r["global_batch"]), None)
+    r["speedup"] = same["median_step_s"] / r["median_step_s"] if same else None
   model = models.build_model(config.model)
   report = {"benchmark": "scaling", "device": jax.devices()[0].device_kind,
             "num_devices": jax.device_count(), "platform": jax.default_backend(),
