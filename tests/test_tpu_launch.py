@@ -80,6 +80,29 @@ def test_copy_data_runs_on_every_worker_before_training():
   assert _train_part(job)[-1] == "--config.data.source=array_record:/tmp/sosm_data/*.array_record"
 
 
+def test_preflight_compiles_every_stage_on_the_slice_before_training():
+  """--preflight: launch/compile.py with the same config and flags (on all hosts, as the trainer)
+  runs first in the job, and training starts only if it succeeds (&&)."""
+  (cmd,) = _commands(TPU_VM, "train", *WHERE, "--workdir=gs://bkt/r", "--preflight",
+                     "--copy-data=gs://bkt/data", "--", "--config.mesh.fsdp=4", GLOB_FLAG)
+  remote = _flag(cmd, "command")
+  subprocess.run(["bash", "-n", "-c", remote], check=True)
+  job = _job(remote)
+  start = job.index("launch/compile.py") - 1
+  stop = job.index("&&", start)
+  assert job[start:stop] == ["~/sosm_venv/bin/python", "launch/compile.py",
+                             "--config=configs/curriculum.py",
+                             "--config.distributed.num_processes=-1", "--config.mesh.fsdp=4",
+                             GLOB_FLAG]
+  assert job[stop + 1] == "exec"
+  assert job.index("launch/tpu/copy_data.py") < start  # copy the data, check, train
+  assert _train_part(job)[2:] == ["--config=configs/curriculum.py", "--workdir=gs://bkt/r",
+                                  "--config.distributed.num_processes=-1", "--config.mesh.fsdp=4",
+                                  GLOB_FLAG]
+  (plain,) = _commands(TPU_VM, "train", *WHERE, "--workdir=gs://bkt/r")
+  assert "launch/compile.py" not in _flag(plain, "command")
+
+
 def test_foreground_train_streams_instead_of_detaching():
   (cmd,) = _commands(TPU_VM, "train", *WHERE, "--workdir=gs://bkt/r", "--foreground")
   remote = _flag(cmd, "command")

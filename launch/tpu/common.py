@@ -29,6 +29,13 @@ def train_argv(python: str, config: str, workdir: str, extra: Sequence[str]) -> 
           "--config.distributed.num_processes=-1", *extra]
 
 
+def compile_argv(python: str, config: str, extra: Sequence[str]) -> Command:
+  """`python launch/compile.py ...`: every stage's step compiled on the slice's devices (all
+  hosts, as the trainer will run it), exiting non-zero when a stage does not fit in memory."""
+  return [python, "launch/compile.py", f"--config={config}",
+          "--config.distributed.num_processes=-1", *extra]
+
+
 def copy_data_command(python: str, src: str, dst: str = LOCAL_DATA) -> str:
   """Shell command that copies gs:// data to this host's disk (skipping files already there)."""
   if not src.startswith("gs://"):

@@ -4,7 +4,7 @@ Usage (from the repository root; `--dry-run` prints every command instead of run
   python launch/tpu/tpu_vm.py create --tpu=NAME --zone=ZONE --accelerator=v5p-32
   python launch/tpu/tpu_vm.py setup  --tpu=NAME --zone=ZONE        # code + environment, all workers
   python launch/tpu/tpu_vm.py train  --tpu=NAME --zone=ZONE --workdir=gs://BUCKET/runs/r1 \
-      [--config=configs/curriculum.py] [--copy-data=gs://BUCKET/data] \
+      [--config=configs/curriculum.py] [--copy-data=gs://BUCKET/data] [--preflight] \
       -- --config.data.source=... [more --config.* flags]
   python launch/tpu/tpu_vm.py logs   --tpu=NAME --zone=ZONE [--follow]
   python launch/tpu/tpu_vm.py stop   --tpu=NAME --zone=ZONE        # SIGTERM: checkpoint, then exit
@@ -77,10 +77,13 @@ def plan_setup(args) -> list[common.Command]:
 def plan_train(args) -> list[common.Command]:
   """One ssh to all workers that starts the same training command on each (detached by default)."""
   common.check_workdir(args.workdir, allow_local=args.allow_local_workdir)
-  python, *rest = common.train_argv(f"{_VENV}/bin/python", args.config, args.workdir,
-                                    common.strip_separator(args.train_args))
+  extra = common.strip_separator(args.train_args)
+  python, *rest = common.train_argv(f"{_VENV}/bin/python", args.config, args.workdir, extra)
   train = f"{python} {common.shell_join(rest)}"  # `~` left unquoted: it expands on the worker
   job = f"exec {train}"  # exec: the pid file names the trainer itself, which SIGTERM must reach
+  if args.preflight:  # every stage compiled on the slice first; a stage that won't fit stops here
+    check = common.compile_argv(python, args.config, extra)[1:]
+    job = f"{python} {common.shell_join(check)} && {job}"
   if args.copy_data:
     job = f"{common.copy_data_command(python, args.copy_data)} && {job}"
   env = "export PYTHONUNBUFFERED=1"
@@ -133,6 +136,9 @@ def parse_args(argv):
   train.add_argument("--foreground", action="store_true", help="stream output; stops with ssh")
   train.add_argument("--copy-data", default="", metavar="gs://BUCKET/PATH",
                      help=f"first copy this folder to {common.LOCAL_DATA} on every worker")
+  train.add_argument("--preflight", action="store_true",
+                     help="first compile every stage on the slice (launch/compile.py) and start "
+                          "training only if each one fits in memory")
   train.add_argument("--allow-local-workdir", action="store_true",
                      help="accept a local --workdir (single-host slices only)")
   train.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then --config.* flags")
