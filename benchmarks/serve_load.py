@@ -69,7 +69,8 @@ def _random_model(name: str):
 
 
 def _engine(max_len: int):
-  from sosm_jax.serve import engine as engine_lib, loading  # pylint: disable=import-outside-toplevel
+  from sosm_jax.serve import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  from sosm_jax.serve import loading  # pylint: disable=import-outside-toplevel
   config = engine_lib.EngineConfig(num_slots=_SLOTS.value, max_len=max_len,
                                    prefill_chunk=_CHUNK.value)
   if _WORKDIR.value:
@@ -169,7 +170,10 @@ def _local_server(engine):
   """(url, stop) of a server on 127.0.0.1 over one engine."""
   import socket  # pylint: disable=import-outside-toplevel
   import uvicorn  # pylint: disable=import-outside-toplevel
-  from sosm_jax.serve import app as app_lib, metrics as metrics_lib, registry as registry_lib  # pylint: disable=import-outside-toplevel
+  # the HTTP stack is imported only here: --transport=engine runs without it
+  from sosm_jax.serve import app as app_lib  # pylint: disable=import-outside-toplevel
+  from sosm_jax.serve import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  from sosm_jax.serve import registry as registry_lib  # pylint: disable=import-outside-toplevel
   registry = registry_lib.ModelRegistry([registry_lib.ModelEntry(engine.name, engine)],
                                         metrics=metrics_lib.ServeMetrics()).start()
   with socket.socket() as s:

@@ -20,6 +20,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+import uvicorn
+
+from sosm_jax.serve import app as app_lib
+from sosm_jax.serve import engine as engine_lib
+from sosm_jax.serve import loading
+from sosm_jax.serve import metrics as metrics_lib
+from sosm_jax.serve import registry as registry_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of the default model.")
 _NAME = flags.DEFINE_string("name", "", "Its model name (default: the directory's base name).")
@@ -32,16 +39,14 @@ _PORT = flags.DEFINE_integer("port", 8000, "Port.")
 _SLOTS = flags.DEFINE_integer("num_slots", 8, "Requests decoded together per model.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 4096, "Prompt + generated tokens per request.")
 _CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Longest prefill piece (power of two).")
-_DEADLINE = flags.DEFINE_float("deadline_s", 300.0, "A request with no output for this long "
-                               "moves to the fallback model.")
+_DEADLINE = flags.DEFINE_float("deadline_s", 300.0, "A request not finished this many seconds "
+                               "after it reached its model moves to the fallback model (once).")
 _COOLDOWN = flags.DEFINE_float("cooldown_s", 30.0, "A model that failed is unhealthy this long.")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every shape before listening.")
 
 
 def build_registry():
   """The started registry of the flags' models, with metrics."""
-  from sosm_jax.serve import engine as engine_lib  # pylint: disable=import-outside-toplevel
-  from sosm_jax.serve import loading, metrics as metrics_lib, registry as registry_lib  # pylint: disable=import-outside-toplevel
   config = engine_lib.EngineConfig(num_slots=_SLOTS.value, max_len=_MAX_LEN.value,
                                    prefill_chunk=_CHUNK.value)
   entries = []
@@ -77,8 +82,6 @@ def main(argv):
     raise app.UsageError(f"--ab_fraction must be in [0, 1), got {_AB.value}")
   if _AB.value > 0 and not _FALLBACK.value:
     raise app.UsageError("--ab_fraction needs --fallback_workdir (the B model)")
-  import uvicorn  # pylint: disable=import-outside-toplevel
-  from sosm_jax.serve import app as app_lib  # pylint: disable=import-outside-toplevel
   registry = build_registry()
   try:
     uvicorn.run(app_lib.create_app(registry), host=_HOST.value, port=_PORT.value,

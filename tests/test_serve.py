@@ -105,8 +105,8 @@ def _reference(refs, name, prompt, max_tokens):
   model, params = refs[name]
   tok = ByteTokenizer()
   ids = jnp.asarray([[tok.bos_id] + tok.encode(prompt)])
-  out = list(np.asarray(model.generate(params, ids, jax.random.key(0), max_tokens)[0,
-                                                                                     ids.shape[1]:]))
+  out = model.generate(params, ids, jax.random.key(0), max_tokens)
+  out = list(np.asarray(out[0, ids.shape[1]:]))
   if tok.eos_id in out:
     out = out[:out.index(tok.eos_id)]
   return tok.decode(out)

@@ -193,7 +193,8 @@ async def _sse(completion, rid, created, metrics):
       if event.text or event.kind == "done":
         usage = _usage(completion) if event.kind == "done" else None
         reason = event.finish_reason if event.kind == "done" else None
-        yield f"data: {json.dumps(_chunk(rid, created, completion.model, event.text, reason, usage))}\n\n"
+        chunk = _chunk(rid, created, completion.model, event.text, reason, usage)
+        yield f"data: {json.dumps(chunk)}\n\n"
     outcome = "ok"
   except ServeError as e:
     outcome = "error"

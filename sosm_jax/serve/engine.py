@@ -9,13 +9,14 @@ samples each slot's next token with that slot's parameters (temperature, top-k, 
 traced arrays, so no setting compiles a new program).
 
 A background thread runs the loop: between two decode steps it frees the slots of finished or
-cancelled requests and advances the prefill of the oldest waiting request by one piece; when
-the prompt is done its cache is copied into a free slot and it joins the running batch.
+cancelled requests and runs up to `prefill_chunk` tokens of prefill (pieces of the oldest
+waiting requests, while slots are free); when a prompt is done its cache is copied into a free
+slot and it joins the running batch.
 
 Prefill is exact, with no padding: a prompt of n tokens is cut into pieces whose lengths come
 from a fixed set (`prefill_chunk` repeated, then the binary digits of the rest: 256, 128, ...,
-1), so at most log2(prefill_chunk) + 1 prefill programs are ever compiled, and a long prompt
-interleaves with decoding one piece at a time. The first piece runs `LanguageModel.prefill`
+1), so at most 2 (log2(prefill_chunk) + 1) prefill programs are ever compiled, and a long
+prompt interleaves with decoding one piece at a time. The first piece runs `LanguageModel.prefill`
 (from an empty cache, flash attention); later pieces continue the cache. Models with a 'graph'
 layer can only continue one token at a time (the graph layer's decode step), so for them the
 first piece is the largest power of two not above n and the rest goes token by token.
@@ -299,7 +300,12 @@ class Engine:
           break
       try:
         self._drop_cancelled()
-        self._advance_prefill()
+        budget = self.config.prefill_chunk   # prefill tokens between two decode steps
+        while budget > 0:
+          done = self._advance_prefill()
+          if not done:
+            break
+          budget -= done
         if any(self._active):
           self._decode_once()
       except Exception as e:  # pylint: disable=broad-except
@@ -319,14 +325,17 @@ class Engine:
       self._prefill = None
       r.on_event(Event("done", finish_reason="cancelled", prompt_tokens=len(r.prompt_ids)))
 
-  def _advance_prefill(self) -> None:
-    """Runs one prefill piece of the oldest waiting request, if a slot is free for it."""
+  def _advance_prefill(self) -> int:
+    """Runs one prefill piece of the oldest waiting request, if a slot is free for it.
+
+    Returns the number of prompt tokens it ran (0: nothing to do).
+    """
     if self._prefill is None:
       if None not in self._active:
-        return
+        return 0
       with self._cv:
         if not self._pending:
-          return
+          return 0
         r = self._pending.popleft()
       pieces = prefill_pieces(len(r.prompt_ids), self.config.prefill_chunk, self.continue_max)
       self._prefill = (r, None, pieces, 0)
@@ -340,7 +349,7 @@ class Engine:
     pieces, done = pieces[1:], done + size
     if pieces:
       self._prefill = (r, cache, pieces, done)
-      return
+      return size
     self._prefill = None
     p = r.params
     token = int(self._sample(logits, int(r.seed), 0, float(p.temperature), int(p.top_k),
@@ -349,6 +358,7 @@ class Engine:
     self._slots = self._insert(self._slots, cache, slot)
     self._active[slot] = r
     self._emit(slot, token)
+    return size
 
   def _decode_once(self) -> None:
     s = self.config.num_slots

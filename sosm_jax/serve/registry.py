@@ -4,9 +4,10 @@ A request names a model or takes the default route. The default route picks amon
 with an A/B weight > 0 (at random, in proportion to the weights; the default model alone when
 no weight is set). A model whose health check fails (its engine thread is gone, or it failed
 less than `cooldown_s` ago) sends its new requests to its fallback. When a request fails on a
-model (its engine step raised, or no event came before the deadline) it is moved to the
-fallback model, continuing from the text generated so far with the tokens it has left; every
-move is counted in the metrics (`sosm_fallbacks`). A request is moved at most once.
+model (its engine step raised, or it was not finished `deadline_s` after it reached the model)
+it is moved to the fallback model, continuing from the text generated so far with the tokens it
+has left; every move is counted in the metrics (`sosm_fallbacks`). A request is moved at most
+once.
 """
 from __future__ import annotations
 
@@ -111,14 +112,14 @@ class ModelRegistry:
     healthy, reason = self.health(name)
     fallback = self.entries[name].fallback
     if not healthy and fallback is not None:
-      self._count_fallback(name, fallback, "unhealthy")
+      self.count_fallback(name, fallback, "unhealthy")
       name = fallback
     elif not healthy:
       raise ServeError(f"model {name!r} is unhealthy ({reason}) and has no fallback")
     completion.submit(name)
     return completion
 
-  def _count_fallback(self, src: str, dst: str, reason: str) -> None:
+  def count_fallback(self, src: str, dst: str, reason: str) -> None:
     if self.metrics is not None:
       self.metrics.fallbacks.labels(src, dst, reason).inc()
 
@@ -182,16 +183,20 @@ class Completion:
       self._handle.cancel()
       if metrics is not None:
         metrics.errors.labels(self.model, reason).inc()
-      message = (f"model {self.model!r}: no output within the {self.registry.deadline_s} s "
+      message = (f"model {self.model!r}: not finished within the {self.registry.deadline_s} s "
                  f"deadline" if event is None else str(event.error))
       fallback = self.registry.entries[self.model].fallback
       if fallback is None or self.moved_from is not None:
         status = 504 if event is None else 503
         raise ServeError(message, status)
-      self.registry._count_fallback(self.model, fallback, reason)  # pylint: disable=protected-access
+      self.registry.count_fallback(self.model, fallback, reason)
       self.moved_from = self.model
       self._tokens_at_move = self.completion_tokens
-      self.submit(fallback)
+      try:
+        self.submit(fallback)
+      except ValueError as e:   # e.g. prompt + text so far too long for the fallback model
+        raise ServeError(f"{message}; the fallback model {fallback!r} refused the rest: {e}",
+                         503) from e
 
   def _observe(self, event: Event) -> None:
     now = time.perf_counter()
