@@ -161,7 +161,7 @@ def run_variant(name: str, setting: dict, out: str, dtype: str, steps: int, task
   result = loop.train(config, workdir)
   train_seconds = time.time() - start
   eval_config = config.copy_and_resolve_references()
-  eval_config.model.linear_impl = ""  # the platform's best form (the config may train another)
+  eval_config.model.linear_impl = "auto"  # the platform's best form (the config may train another)
   loaded = loading.load_for_eval(workdir, config=eval_config)
   scorer = scoring.model_scorer(loaded.model, loaded.params, batch_size=eval_batch_size)
   start = time.time()
