@@ -203,6 +203,7 @@ def test_stop_sequence_ends_the_text_before_it(server):
     ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ({"max_tokens": 3}, 400, "prompt"),
     ({"prompt": ["a", "b"]}, 400, "one prompt"),
+    ({"prompt": "hi", "logprobs": 5}, 400, "not supported"),
 ])
 def test_bad_requests_get_a_4xx_and_do_not_disturb_others(server, body, status, needle):
   client, _, refs = server

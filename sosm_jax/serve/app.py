@@ -17,7 +17,7 @@ import uuid
 import fastapi
 from fastapi import responses
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sosm_jax.serve.engine import SamplingParams
 from sosm_jax.serve.metrics import ServeMetrics
@@ -30,7 +30,8 @@ _DISCONNECT_POLL_S = 0.25
 class CompletionRequest(BaseModel):
   """The body of POST /v1/completions (OpenAI's fields that this server implements).
 
-  Extensions: top_k, ignore_eos. Unknown fields are ignored, as OpenAI clients send many.
+  Extensions: top_k, ignore_eos. Unknown fields are ignored, as OpenAI clients send many;
+  logprobs, echo and best_of > 1, which would change the answer's meaning, are refused.
   """
   model_config = ConfigDict(extra="ignore")
   model: str | None = None
@@ -44,6 +45,15 @@ class CompletionRequest(BaseModel):
   stream: bool = False
   n: int = Field(1, ge=1, le=1)
   ignore_eos: bool = False
+  logprobs: int | None = None
+  echo: bool = False
+  best_of: int | None = None
+
+  @model_validator(mode="after")
+  def _supported(self):
+    if self.logprobs or self.echo or (self.best_of or 1) > 1:
+      raise ValueError("logprobs, echo and best_of > 1 are not supported by this server")
+    return self
 
   def text(self) -> str:
     if isinstance(self.prompt, str):
