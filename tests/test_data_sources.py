@@ -189,3 +189,123 @@ def test_bad_config_values_name_their_key():
       data.validate_data_config(_cfg(**{key: value}))
   with pytest.raises(ValueError, match="task_length"):
     _pipe(_cfg(source="synthetic:copy", task_length=100), seq_len=64)
+
+
+# ----------------------------------------------------------------------------- ecosystem formats
+
+def _hf_tokenizer_dir(root):
+  """A small BPE tokenizer.json trained here, with its specials named in tokenizer_config.json."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20 +
+                          ["hello world, hello tokenizer"] * 20, trainer)
+  os.makedirs(root, exist_ok=True)
+  tok.save(os.path.join(root, "tokenizer.json"))
+  with open(os.path.join(root, "tokenizer_config.json"), "w") as f:
+    json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, f)
+  return root
+
+
+def test_hf_tokenizer_from_a_folder_or_file(tmp_path):
+  import pickle
+  folder = _hf_tokenizer_dir(str(tmp_path / "tok"))
+  cfg = _cfg(tokenizer=f"hf:{folder}")
+  data.validate_data_config(cfg)
+  tok = data.make_tokenizer(cfg)
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3) and tok.sep_id == tok.eos_id
+  text = "the lazy fox says hello world"
+  ids = tok.encode_array(text)
+  assert ids.dtype == np.int32 and len(ids) < len(text) and tok.decode(ids) == text
+  assert not set(tok.task_ids(16).tolist()) & {0, 1, 2, 3}
+  same = data.make_tokenizer(_cfg(tokenizer=f"hf:{folder}/tokenizer.json"))
+  data.check_tokenizer_identity(tok.identity(), same.identity())
+  assert tok.identity()["kind"] == "hf" and len(tok.identity()["sha256"]) == 64
+  assert pickle.loads(pickle.dumps(tok)).encode(text) == tok.encode(text)   # worker processes
+  other = data.make_tokenizer(_cfg(tokenizer=f"hf:{_hf_tokenizer_dir(str(tmp_path / 'o'))}"))
+  with open(os.path.join(str(tmp_path / "o"), "tokenizer.json"), "a") as f:
+    f.write(" ")   # another file: another identity
+  changed = data.make_tokenizer(_cfg(tokenizer=f"hf:{tmp_path / 'o'}"))
+  with pytest.raises(ValueError, match="different tokenizer"):
+    data.check_tokenizer_identity(other.identity(), changed.identity())
+  with pytest.raises(ValueError, match="does not exist"):
+    data.make_tokenizer(_cfg(tokenizer=f"hf:{tmp_path}/missing"))
+
+
+def _parquet_files(root, texts, per_file=7):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  os.makedirs(root, exist_ok=True)
+  for i in range(0, len(texts), per_file):
+    table = pa.table({"id": list(range(i, i + len(texts[i:i + per_file]))),
+                      "text": texts[i:i + per_file]})
+    pq.write_table(table, os.path.join(root, f"part-{i // per_file:03d}.parquet"),
+                   row_group_size=3)
+
+
+def test_parquet_source_splits_reads_and_resumes(tmp_path):
+  texts = [f"parquet document {i} " + "x" * (i % 5) for i in range(40)]
+  _parquet_files(str(tmp_path / "pq"), texts)
+  src = f"parquet:{tmp_path}/pq/*.parquet"
+  comp = sources.parse_source(src)[0]
+  cfg = _cfg(source=src, val_fraction=0.2)
+  train = sources.open_documents(comp, cfg, "train")
+  val = sources.open_documents(comp, cfg, "validation")
+  got = [train[i][0] for i in range(len(train))] + [val[i][0] for i in range(len(val))]
+  assert sorted(got) == sorted(texts) and 0 < len(val) < 20 and train.summary["files"] == 6
+  tok = data.make_tokenizer(cfg)
+  assert set(_documents(_pipe(cfg), tok)) == {val[i][0] for i in range(len(val))}
+  p = _pipe(cfg, split="train", seq_len=16, batch_size=2)
+  _ = [next(p) for _ in range(3)]
+  state = json.loads(json.dumps(p.get_state()))
+  expected = [next(p) for _ in range(4)]
+  resumed = _pipe(cfg, split="train", seq_len=16, batch_size=2, start_state=state)
+  for a, b in zip(expected, [next(resumed) for _ in range(4)]):
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
+  with pytest.raises(ValueError, match="not 'body'"):
+    sources.open_documents(comp, _cfg(source=src, text_field="body"), "train")
+
+
+def _hf_dataset(folder, texts):
+  """A folder laid out as `datasets.Dataset.save_to_disk` writes it (Arrow stream files)."""
+  import pyarrow as pa
+  os.makedirs(folder, exist_ok=True)
+  files = []
+  for i, chunk in enumerate([texts[:len(texts) // 2], texts[len(texts) // 2:]]):
+    name = f"data-{i:05d}-of-00002.arrow"
+    table = pa.table({"text": chunk, "n": list(range(len(chunk)))})
+    with pa.ipc.new_stream(os.path.join(folder, name), table.schema) as writer:
+      writer.write_table(table)
+    files.append({"filename": name})
+  with open(os.path.join(folder, "state.json"), "w") as f:
+    json.dump({"_data_files": files, "_split": None}, f)
+  with open(os.path.join(folder, "dataset_info.json"), "w") as f:
+    json.dump({"features": {"text": {"dtype": "string", "_type": "Value"}}}, f)
+
+
+def test_hf_saved_dataset_and_dataset_dict(tmp_path):
+  texts = [f"hf row {i}" for i in range(30)]
+  _hf_dataset(str(tmp_path / "ds"), texts)
+  cfg = _cfg(source=f"hf:{tmp_path}/ds", val_fraction=0.2)
+  comp = sources.parse_source(cfg.source)[0]
+  train = sources.open_documents(comp, cfg, "train")
+  val = sources.open_documents(comp, cfg, "validation")
+  assert sorted([train[i][0] for i in range(len(train))] + [val[i][0] for i in range(len(val))]) \
+      == sorted(texts)
+  import pickle
+  clone = pickle.loads(pickle.dumps(train))   # worker processes re-open the memory map
+  assert clone[len(train) - 1] == train[len(train) - 1]
+  # A DatasetDict: its own splits.
+  _hf_dataset(str(tmp_path / "dd" / "train"), texts[:20])
+  _hf_dataset(str(tmp_path / "dd" / "test"), texts[20:])
+  with open(tmp_path / "dd" / "dataset_dict.json", "w") as f:
+    json.dump({"splits": ["train", "test"]}, f)
+  dcfg = _cfg(source=f"hf:{tmp_path}/dd")
+  tok = data.make_tokenizer(dcfg)
+  assert sorted(_documents(_pipe(dcfg), tok)) == sorted(texts[20:])
+  assert len(sources.open_documents(sources.parse_source(dcfg.source)[0], dcfg, "train")) == 20
+  with pytest.raises(ValueError, match="save_to_disk"):
+    sources.open_documents(sources.parse_source(f"hf:{tmp_path}")[0], dcfg, "train")

@@ -18,7 +18,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       # 'mix:<source>=<weight>,<source>=<weight>' (e.g. 'mix:stdlib=0.9,synthetic:passkey=0.1').
       source="",
       eval_source="",         # split='validation' reads this instead; '' = held-out part of source
-      tokenizer="byte",       # 'byte' | 'sentencepiece:<path to .model>'
+      tokenizer="byte",       # 'byte' | 'sentencepiece:<path to .model>' | 'hf:<tokenizer.json|dir>'
       data_dir="",            # tfds data_dir ('' = tfds default; gs:// works on Cloud TPU)
       text_field="text",      # field holding the text in .jsonl lines and tfds examples
       record_format="text",   # array_record records: 'text' (UTF-8) | 'int32' | 'uint16' token ids
@@ -57,8 +57,10 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
           _require(comp.arg in _TASKS, key, f"unknown synthetic task {comp.arg!r}",
                    f"use one of {_TASKS}")
   tok = cfg.tokenizer
-  _require(tok == "byte" or (tok.startswith("sentencepiece:") and len(tok) > 14), "tokenizer",
-           f"{tok!r} is unknown", "use 'byte' or 'sentencepiece:<path to .model>'")
+  _require(tok == "byte" or (tok.startswith("sentencepiece:") and len(tok) > 14)
+           or (tok.startswith("hf:") and len(tok) > 3), "tokenizer",
+           f"{tok!r} is unknown", "use 'byte', 'sentencepiece:<path to .model>' or "
+           "'hf:<tokenizer.json or folder>'")
   _require(cfg.record_format in _RECORD_FORMATS, "record_format",
            f"{cfg.record_format!r} is unknown", f"use one of {_RECORD_FORMATS}")
   _require(0.0 < cfg.val_fraction < 1.0, "val_fraction", f"{cfg.val_fraction} is outside (0, 1)",

@@ -7,7 +7,8 @@ sources: undecodable bytes become U+FFFD and are counted) or an int32 `[n]` arra
 Train/validation split of one source: text files (and the stdlib) hold out the documents whose
 hash of their relative path (plus line number for .jsonl) falls below `val_fraction` (at least one
 document when there are two or more); array_record holds out every k-th record (k = 1/val_fraction);
-tfds uses its own splits ('validation', else 'test').
+Parquet files and a single saved Hugging Face Dataset hold out rows by a hash of (file, row);
+tfds and a saved Hugging Face DatasetDict use their own splits ('validation', else 'test').
 """
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ import numpy as np
 
 TEXT_EXTENSIONS = (".txt", ".md", ".py", ".jsonl")
 _STDLIB_SKIP_DIRS = ("site-packages", "dist-packages", "__pycache__")
-_KINDS = ("stdlib", "text", "tfds", "array_record", "synthetic")
+_KINDS = ("stdlib", "text", "tfds", "array_record", "parquet", "hf", "synthetic")
 
 
 @dataclasses.dataclass(frozen=True)
 class Component:
   """One source of a (possibly mixed) source string."""
-  kind: str      # 'stdlib' | 'text' | 'tfds' | 'array_record' | 'synthetic'
+  kind: str      # 'stdlib' | 'text' | 'tfds' | 'array_record' | 'parquet' | 'hf' | 'synthetic'
   arg: str       # path/glob, tfds name, or task name
   weight: float = 1.0
 
@@ -45,7 +46,8 @@ def _parse_single(spec: str) -> Component:
   if not sep or kind not in _KINDS or kind == "stdlib":
     raise ValueError(f"source {spec!r} is not understood; use '' or 'stdlib', 'text:<dir|glob>', "
                      f"'tfds:<name>[/<config>][:<split>]', 'array_record:<glob>', "
-                     f"'synthetic:<task>' or 'mix:<source>=<weight>,...'")
+                     f"'parquet:<glob>', 'hf:<dataset folder>', 'synthetic:<task>' or "
+                     f"'mix:<source>=<weight>,...'")
   if not arg:
     raise ValueError(f"source {spec!r} names no {'task' if kind == 'synthetic' else 'path'} "
                      f"after '{kind}:'")
@@ -426,6 +428,168 @@ def write_array_record(path: str, documents, record_format: str = "text") -> int
   return n
 
 
+# ----------------------------------------------------------------------------- columnar files
+
+def _row_holdout(names: list[str], counts: list[int], val_fraction: float) -> np.ndarray:
+  """bool `[sum(counts)]`, True = validation: hash of (file name, row number) per row."""
+  hashes = [_mix64(np.arange(n, dtype=np.uint64) ^ np.uint64(_unit_hash(name)))
+            for name, n in zip(names, counts)]
+  return holdout_mask(np.concatenate(hashes) if hashes else np.zeros(0, np.uint64), val_fraction)
+
+
+def _text_value(value, where: str, text_field: str) -> tuple[str, int]:
+  if isinstance(value, bytes):
+    return decode_counted(value)
+  if not isinstance(value, str):
+    raise ValueError(f"{where}: column {text_field!r} holds {type(value).__name__}, not text; set "
+                     f"data.text_field to a string column")
+  return _clean_str(value)
+
+
+class _ColumnRows:
+  """Random access to one text column of several tables: global row -> (table, row in it).
+
+  Subclasses give `_table(k)` (a pyarrow table or record batch holding table k's rows, cached
+  per process, never pickled) and list `names`, `counts`. `rows` selects the split's rows.
+  """
+
+  def __init__(self, names, counts, rows, text_field: str, summary: dict):
+    self.names, self.counts = list(names), np.asarray(counts, np.int64)
+    self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+    self.rows = np.asarray(rows, np.int64)
+    self.text_field = text_field
+    self.summary = summary
+    self._cache = {}
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_cache"] = {}
+    return state
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, j: int) -> tuple[str, int]:
+    row = int(self.rows[int(j)])
+    k = int(np.searchsorted(self.starts, row, side="right") - 1)
+    table, offset = self._table_at(k, row - int(self.starts[k]))
+    value = table.column(self.text_field)[offset].as_py()
+    return _text_value(value, f"{self.names[k]} row {row - int(self.starts[k])}", self.text_field)
+
+
+class ParquetDocuments(_ColumnRows):
+  """Rows of Parquet files (column `text_field`), read one row group at a time with pyarrow.
+
+  grain's Parquet reader (`grain.experimental.ParquetIterDataset`) reads sequentially; this
+  reader gives random access, so Parquet takes part in the same global shuffle, holdout and
+  checkpointed position as the other sources.
+  """
+
+  def __init__(self, pattern: str, *, split: str, val_fraction: float, text_field: str):
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    pattern = os.path.expanduser(pattern)
+    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not paths:
+      raise ValueError(f"parquet source {pattern!r} matched no files; check the path or glob")
+    counts, groups = [], []
+    for path in paths:
+      meta = pq.ParquetFile(path).metadata
+      names = meta.schema.to_arrow_schema().names
+      if text_field not in names:
+        raise ValueError(f"{path} has columns {names}, not {text_field!r}; set data.text_field")
+      counts.append(meta.num_rows)
+      groups.append(np.cumsum([0] + [meta.row_group(g).num_rows
+                                     for g in range(meta.num_row_groups)]))
+    self._groups = groups
+    rel = [os.path.relpath(p, os.path.dirname(pattern.split("*")[0]) or ".") for p in paths]
+    rows = _split_rows(rel, counts, split, val_fraction, f"parquet:{pattern}")
+    super().__init__(paths, counts, rows, text_field,
+                     {"source": f"parquet:{pattern}", "files": len(paths),
+                      "documents": int(len(rows)), "empty_documents": 0})
+
+  def _table_at(self, k: int, offset: int):
+    g = int(np.searchsorted(self._groups[k], offset, side="right") - 1)
+    table = self._cache.get((k, g))
+    if table is None:   # one row group held per reader; a new dict is swapped in atomically
+      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+      table = pq.ParquetFile(self.names[k]).read_row_group(g, columns=[self.text_field])
+      self._cache = {(k, g): table}
+    return table, offset - int(self._groups[k][g])
+
+
+class HFDatasetDocuments(_ColumnRows):
+  """A Hugging Face `datasets` folder saved with `save_to_disk` (Arrow stream files), no `datasets`.
+
+  A DatasetDict folder (dataset_dict.json and one folder per split) gives its splits: 'train'
+  reads the train split, 'validation' the validation split (else test); a single Dataset folder
+  (state.json) is split by a hash of the row number like the text sources.
+  """
+
+  def __init__(self, folder: str, *, split: str, val_fraction: float, text_field: str):
+    folder = os.path.expanduser(folder)
+    dict_file = os.path.join(folder, "dataset_dict.json")
+    holdout = True
+    if os.path.isfile(dict_file):
+      with open(dict_file, encoding="utf-8") as f:
+        splits = json.load(f).get("splits", [])
+      if split == "validation":
+        choice = next((s for s in ("validation", "test") if s in splits), None)
+      else:
+        choice = "train" if "train" in splits else (splits[0] if splits else None)
+      if choice is None:
+        raise ValueError(f"Hugging Face dataset {folder!r} has splits {splits} and none for "
+                         f"{split}; set data.eval_source='hf:{folder}/<split folder>'")
+      folder, holdout = os.path.join(folder, choice), False
+    state_file = os.path.join(folder, "state.json")
+    if not os.path.isfile(state_file):
+      raise ValueError(f"{folder!r} is not a Hugging Face dataset saved with save_to_disk (no "
+                       f"state.json or dataset_dict.json); save it with "
+                       f"`datasets.load_dataset(...).save_to_disk(DIR)`")
+    with open(state_file, encoding="utf-8") as f:
+      files = [os.path.join(folder, d["filename"]) for d in json.load(f)["_data_files"]]
+    tables = {i: self._open(path) for i, path in enumerate(files)}   # memory-mapped, no copy
+    for i, table in tables.items():
+      if text_field not in table.column_names:
+        raise ValueError(f"{files[i]} has columns {table.column_names}, not {text_field!r}; "
+                         f"set data.text_field")
+    counts = [tables[i].num_rows for i in range(len(files))]
+    rel = [os.path.basename(p) for p in files]
+    if holdout:
+      rows = _split_rows(rel, counts, split, val_fraction, f"hf:{folder}")
+    else:
+      rows = np.arange(sum(counts), dtype=np.int64)
+    super().__init__(files, counts, rows, text_field,
+                     {"source": f"hf:{folder}", "files": len(files), "documents": int(len(rows)),
+                      "empty_documents": 0})
+    self._cache = tables
+
+  @staticmethod
+  def _open(path: str):
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    return pa.ipc.open_stream(pa.memory_map(path, "r")).read_all()   # zero-copy, memory-mapped
+
+  def _table_at(self, k: int, offset: int):
+    table = self._cache.get(k)
+    if table is None:   # in a worker process after unpickling
+      table = self._open(self.names[k])
+      self._cache = {**self._cache, k: table}
+    return table, offset
+
+
+def _split_rows(rel_names, counts, split: str, val_fraction: float, name: str) -> np.ndarray:
+  n = int(sum(counts))
+  if n == 0:
+    raise ValueError(f"source {name!r} has no rows")
+  if split == "all":
+    return np.arange(n, dtype=np.int64)
+  val = _row_holdout(rel_names, counts, val_fraction)
+  keep = np.flatnonzero(val if split == "validation" else ~val)
+  if len(keep) == 0:
+    raise ValueError(f"source {name!r} has a single row, so nothing is left for the {split} "
+                     f"split; add rows or set data.eval_source")
+  return keep
+
+
 # ----------------------------------------------------------------------------- entry points
 
 def open_documents(comp: Component, data_cfg, split: str):
@@ -441,6 +605,12 @@ def open_documents(comp: Component, data_cfg, split: str):
   if comp.kind == "array_record":
     return ArrayRecordDocuments(comp.arg, split=split, val_fraction=data_cfg.val_fraction,
                                 record_format=data_cfg.record_format)
+  if comp.kind == "parquet":
+    return ParquetDocuments(comp.arg, split=split, val_fraction=data_cfg.val_fraction,
+                            text_field=data_cfg.text_field)
+  if comp.kind == "hf":
+    return HFDatasetDocuments(comp.arg, split=split, val_fraction=data_cfg.val_fraction,
+                              text_field=data_cfg.text_field)
   raise ValueError(f"source kind {comp.kind!r} has no documents to open")
 
 

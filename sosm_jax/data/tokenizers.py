@@ -1,6 +1,6 @@
-"""Tokenizers: byte-level (the default, no files) and SentencePiece, with a checkpointable identity.
+"""Tokenizers: byte-level (the default, no files), SentencePiece and Hugging Face `tokenizers`, with a checkpointable identity.
 
-Both give `encode(str) -> list[int]`, `encode_array(str) -> int32 [n]`, `decode(ids) -> str`,
+All give `encode(str) -> list[int]`, `encode_array(str) -> int32 [n]`, `decode(ids) -> str`,
 `identity() -> dict` (JSON; saved with checkpoints and compared on resume by
 `check_tokenizer_identity`), the special ids `pad_id`, `bos_id`, `eos_id`, `sep_id`, and
 `task_ids(n)`: n distinct ordinary token ids that the synthetic tasks draw keys/values from.
@@ -8,6 +8,7 @@ Both give `encode(str) -> list[int]`, `encode_array(str) -> int32 [n]`, `decode(
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Any, Iterable, Iterator
 
@@ -108,20 +109,130 @@ class SentencePieceTokenizer:
             "sep_id": self.sep_id, "path": self.path}
 
 
-Tokenizer = ByteTokenizer | SentencePieceTokenizer
+# Special tokens looked up by name when a Hugging Face tokenizer folder does not name them.
+_HF_BOS = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>", "[CLS]", "<|endoftext|>")
+_HF_EOS = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[SEP]", "<|im_end|>")
+_HF_PAD = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+
+
+def _hf_special_names(folder: str) -> dict[str, str]:
+  """{'bos'|'eos'|'pad': token text} from tokenizer_config.json / special_tokens_map.json."""
+  names = {}
+  for fname in ("special_tokens_map.json", "tokenizer_config.json"):
+    path = os.path.join(folder, fname)
+    if not os.path.isfile(path):
+      continue
+    with open(path, encoding="utf-8") as f:
+      cfg = json.load(f)
+    for role in ("bos", "eos", "pad"):
+      value = cfg.get(f"{role}_token")
+      if isinstance(value, dict):
+        value = value.get("content")
+      if isinstance(value, str) and role not in names:
+        names[role] = value
+  return names
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizers` tokenizer.json; its identity is the SHA-256 of that file.
+
+  Special ids: bos/eos/pad as named by tokenizer_config.json or special_tokens_map.json beside
+  the file, else the first of the usual names the vocabulary has (`_HF_BOS`, ...); a tokenizer with
+  neither bos nor eos is refused. pad falls back to eos, sep to '<sep>' or eos. Text is encoded
+  without the tokenizer's own added specials (the pipeline adds BOS/EOS per document).
+  """
+
+  def __init__(self, path: str):
+    path = os.path.expanduser(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+      raise ValueError(f"Hugging Face tokenizer {file!r} does not exist; set "
+                       f"data.tokenizer='hf:<tokenizer.json or the folder holding it>'")
+    with open(file, "rb") as f:
+      self._json = f.read()
+    self.path = file
+    self._names = _hf_special_names(folder)
+    self._load()
+
+  def _load(self):
+    from tokenizers import Tokenizer as _Tok  # pylint: disable=g-import-not-at-top
+    self._tok = _Tok.from_str(self._json.decode("utf-8"))
+    tok = self._tok
+    self.vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
+
+    def find(role, candidates):
+      names = ([self._names[role]] if role in self._names else []) + list(candidates)
+      for name in names:
+        i = tok.token_to_id(name)
+        if i is not None:
+          return int(i)
+      return None
+
+    bos, eos = find("bos", _HF_BOS), find("eos", _HF_EOS)
+    if bos is None and eos is None:
+      raise ValueError(f"the Hugging Face tokenizer {self.path!r} has no BOS or EOS token (looked "
+                       f"for {_HF_BOS + _HF_EOS}); add one (e.g. '<|endoftext|>') or name it as "
+                       f"bos_token/eos_token in a tokenizer_config.json beside it")
+    self.bos_id = bos if bos is not None else eos
+    self.eos_id = eos if eos is not None else bos
+    pad = find("pad", _HF_PAD)
+    self.pad_id = pad if pad is not None else self.eos_id
+    sep = tok.token_to_id("<sep>")
+    self.sep_id = int(sep) if sep is not None else self.eos_id
+    self.sha256 = hashlib.sha256(self._json).hexdigest()
+    self._special = {int(i) for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    self._special |= {self.pad_id, self.bos_id, self.eos_id, self.sep_id}
+
+  def __getstate__(self):  # the Rust tokenizer is rebuilt in worker processes
+    return {"json": self._json, "path": self.path, "names": self._names}
+
+  def __setstate__(self, state):
+    self._json, self.path, self._names = state["json"], state["path"], state["names"]
+    self._load()
+
+  def encode_array(self, text: str) -> np.ndarray:
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+  def encode(self, text: str) -> list[int]:
+    return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).reshape(-1)
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def task_ids(self, n: int) -> np.ndarray:
+    """The first n ids that are not special tokens."""
+    ok = [i for i in range(min(self.vocab_size, n + len(self._special))) if i not in self._special]
+    if n < 1 or n > len(ok):
+      raise ValueError(f"the Hugging Face tokenizer has {self.vocab_size} ids; a task vocabulary "
+                       f"of {n} does not fit: lower data.task_vocab_size")
+    return np.asarray(ok[:n], dtype=np.int32)
+
+  def identity(self) -> dict[str, Any]:
+    return {"kind": "hf", "vocab_size": self.vocab_size, "sha256": self.sha256,
+            "pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id,
+            "sep_id": self.sep_id, "path": self.path}
+
+
+Tokenizer = ByteTokenizer | SentencePieceTokenizer | HFTokenizer
 
 # Keys that describe where a tokenizer was found, not what it does: ignored when comparing.
 _INFORMATIONAL_KEYS = ("path",)
 
 
+TOKENIZER_SPECS = "'byte', 'sentencepiece:<path to .model>' or 'hf:<tokenizer.json or folder>'"
+
+
 def tokenizer_from_spec(spec: str) -> Tokenizer:
-  """'byte' | 'sentencepiece:<model path>' -> tokenizer."""
+  """'byte' | 'sentencepiece:<model path>' | 'hf:<tokenizer.json or its folder>' -> tokenizer."""
   if spec in ("", "byte"):
     return ByteTokenizer()
   if spec.startswith("sentencepiece:"):
     return SentencePieceTokenizer(os.path.expanduser(spec[len("sentencepiece:"):]))
-  raise ValueError(f"config.data.tokenizer: {spec!r} is unknown; use 'byte' or "
-                   f"'sentencepiece:<path to .model>'")
+  if spec.startswith("hf:") and len(spec) > 3:
+    return HFTokenizer(spec[len("hf:"):])
+  raise ValueError(f"config.data.tokenizer: {spec!r} is unknown; use {TOKENIZER_SPECS}")
 
 
 def make_tokenizer(data_cfg) -> Tokenizer:
