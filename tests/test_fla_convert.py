@@ -102,3 +102,15 @@ def test_differences_are_refused_with_their_name():
     fla.from_fla({**state, "model.layers.2.attn.q_norm.weight": np.ones(16, np.float32)}, fc)
   with pytest.raises(ValueError, match="lack 'model.norm.weight'"):
     fla.from_fla({k: v for k, v in state.items() if k != "model.norm.weight"}, fc)
+
+
+def test_export_cli_writes_and_imports_a_fla_folder(tmp_path):
+  from test_export import _cli
+  config = gdn_hybrid()
+  params = random_params(config)
+  workdir = weights.write_workdir(str(tmp_path / "run"), config, params)
+  out = str(tmp_path / "fla")
+  assert _cli(f"--workdir={workdir}", "--format=fla", f"--out={out}")["format"] == "fla"
+  new = str(tmp_path / "imported")
+  _cli(f"--import_from={out}", "--from_format=fla", f"--workdir={new}")
+  _assert_same(loading.load_for_eval(new).params, params)
