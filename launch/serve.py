@@ -42,6 +42,8 @@ _CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Longest prefill piece (powe
 _DEADLINE = flags.DEFINE_float("deadline_s", 300.0, "A request not finished this many seconds "
                                "after it reached its model moves to the fallback model (once).")
 _COOLDOWN = flags.DEFINE_float("cooldown_s", 30.0, "A model that failed is unhealthy this long.")
+_STALL = flags.DEFINE_float("stall_s", 60.0, "A model whose engine finished no step for this long "
+                            "while it had requests is unhealthy.")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every shape before listening.")
 
 
@@ -70,7 +72,8 @@ def build_registry():
       e.engine.warmup()
   metrics = metrics_lib.ServeMetrics()
   return registry_lib.ModelRegistry(entries, default=main.name, deadline_s=_DEADLINE.value,
-                                    cooldown_s=_COOLDOWN.value, metrics=metrics).start()
+                                    cooldown_s=_COOLDOWN.value, stall_s=_STALL.value,
+                                    metrics=metrics).start()
 
 
 def main(argv):

@@ -175,6 +175,7 @@ class _StandIn:
     self.last_failure, self.last_error = None, ""
     self.config = engine_lib.EngineConfig(num_slots=1, max_len=64)
     self.prompts, self.handles = [], []
+    self.stalled = 0.0
 
   def submit(self, prompt, params, on_event):
     del params
@@ -190,6 +191,9 @@ class _StandIn:
 
   def alive(self):
     return True
+
+  def stalled_for(self):
+    return self.stalled
 
   def stats(self):
     return {"slots": 1, "active": 0, "pending": 0, "steps": 0, "failures": 0,
@@ -239,12 +243,14 @@ def test_unhealthy_model_sends_new_requests_to_its_fallback():
   a.last_failure, a.last_error = time.time(), "RuntimeError: x"
   registry = registry_lib.ModelRegistry(
       [registry_lib.ModelEntry("a", a, fallback="b"), registry_lib.ModelEntry("b", b)],
-      cooldown_s=60)
+      cooldown_s=60, stall_s=60)
   assert not registry.health("a")[0]
   completion, _ = _run(registry)
   assert completion.model == "b" and a.prompts == []
   a.last_failure = time.time() - 61
   assert registry.health("a")[0] and _run(registry)[0].model == "a"
+  a.stalled = 61.0   # stuck in a step for longer than stall_s
+  assert "no step finished" in registry.health("a")[1] and _run(registry)[0].model == "b"
 
 
 def test_weighted_ab_routing_and_unknown_models():

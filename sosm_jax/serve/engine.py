@@ -172,6 +172,7 @@ class Engine:
     self.failures = 0
     self.last_failure: float | None = None
     self.last_error: str = ""
+    self._last_progress = time.perf_counter()
     self._decode = jax.jit(self._decode_fn, donate_argnums=(2,))
     self._insert = jax.jit(_insert_slot, donate_argnums=(0,))
     self._first = jax.jit(self._first_piece_fn)
@@ -255,6 +256,12 @@ class Engine:
   def alive(self) -> bool:
     return self._thread is not None and self._thread.is_alive()
 
+  def stalled_for(self) -> float:
+    """Seconds since the loop last finished an iteration while it has work (0 when idle)."""
+    if not (self._pending or self._prefill is not None or any(self._active)):
+      return 0.0
+    return time.perf_counter() - self._last_progress
+
   def stats(self) -> dict:
     """Slots, active and waiting requests, steps and mean batch occupancy so far."""
     active = sum(r is not None for r in self._active)
@@ -298,6 +305,7 @@ class Engine:
           self._cv.wait()
         if self._stopping:
           break
+      self._last_progress = time.perf_counter()   # idle time is no stall
       try:
         self._drop_cancelled()
         budget = self.config.prefill_chunk   # prefill tokens between two decode steps
@@ -310,6 +318,7 @@ class Engine:
           self._decode_once()
       except Exception as e:  # pylint: disable=broad-except
         self._fail_all(e)
+      self._last_progress = time.perf_counter()
     self._fail_all(EngineError(f"engine {self.name!r} stopped"))
 
   def _drop_cancelled(self) -> None:

@@ -3,11 +3,11 @@
 A request names a model or takes the default route. The default route picks among the models
 with an A/B weight > 0 (at random, in proportion to the weights; the default model alone when
 no weight is set). A model whose health check fails (its engine thread is gone, or it failed
-less than `cooldown_s` ago) sends its new requests to its fallback. When a request fails on a
-model (its engine step raised, or it was not finished `deadline_s` after it reached the model)
-it is moved to the fallback model, continuing from the text generated so far with the tokens it
-has left; every move is counted in the metrics (`sosm_fallbacks`). A request is moved at most
-once.
+less than `cooldown_s` ago, or has had work but finished no step for `stall_s`) sends its new
+requests to its fallback. When a request fails on a model (its engine step raised, or it was
+not finished `deadline_s` after it reached the model) it is moved to the fallback model,
+continuing from the text generated so far with the tokens it has left; every move is counted in
+the metrics (`sosm_fallbacks`). A request is moved at most once.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class ModelRegistry:
   """Routing, health and fallback over named engines (module doc)."""
 
   def __init__(self, entries: list[ModelEntry], *, default: str | None = None,
-               deadline_s: float = 300.0, cooldown_s: float = 30.0,
+               deadline_s: float = 300.0, cooldown_s: float = 30.0, stall_s: float = 60.0,
                metrics: ServeMetrics | None = None, seed: int | None = None):
     if not entries:
       raise ValueError("the registry needs at least one model")
@@ -66,7 +66,7 @@ class ModelRegistry:
         raise ValueError(f"model {e.name!r}: A/B weight must be >= 0, got {e.weight}")
     if self.default not in self.entries:
       raise ValueError(f"default model {self.default!r} is not loaded ({sorted(self.entries)})")
-    self.deadline_s, self.cooldown_s = deadline_s, cooldown_s
+    self.deadline_s, self.cooldown_s, self.stall_s = deadline_s, cooldown_s, stall_s
     self.metrics = metrics
     self._random = random.Random(seed)
 
@@ -93,10 +93,13 @@ class ModelRegistry:
     return self._random.choices(names, weights)[0]
 
   def health(self, name: str) -> tuple[bool, str]:
-    """(healthy, reason): the engine loop runs and has not failed in the last cooldown_s."""
+    """(healthy, reason): the engine loop runs, has not failed in the last cooldown_s and has
+    not been stuck in one step (with requests waiting) for stall_s."""
     engine = self.entries[name].engine
     if not engine.alive():
       return False, "engine loop is not running"
+    if engine.stalled_for() > self.stall_s:
+      return False, f"no step finished for {engine.stalled_for():.1f} s with requests waiting"
     if engine.last_failure is not None and time.time() - engine.last_failure < self.cooldown_s:
       return False, f"failed {time.time() - engine.last_failure:.1f} s ago: {engine.last_error}"
     return True, "ok"
