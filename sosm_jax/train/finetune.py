@@ -1,0 +1,294 @@
+"""Fine-tuning: LoRA adapters on a frozen base, and distillation from a frozen teacher (KL on logits).
+
+Config (`config.finetune`, `default_config`):
+  init_from      '' | a work directory (newest checkpoint) or a safetensors export folder: the
+                 starting weights (the frozen base with LoRA, else the weights trained further)
+  lora_rank      0 = off; R > 0 trains only rank-R adapters on the kernels whose path (joined by
+                 '/') matches `lora_targets` (default: every mixer projection and MLP matrix)
+  lora_alpha     adapter scale alpha / R
+  teacher        '' | a work directory or export folder: a frozen teacher (any architecture
+                 with the same vocabulary) whose logits the student matches
+  distill_temperature, distill_weight  tau and alpha of
+                 loss = (1 - alpha) CE + alpha tau^2 KL(softmax(teacher/tau) || softmax(student/tau))
+  distill_chunk_size  tokens of the time axis whose logits are formed at a time (both models)
+
+Parameters while fine-tuning (the train state's `params`): {'base': frozen model weights,
+'lora': {kernel path: {'a', 'b'}}} with LoRA, {'student': weights} without, plus 'teacher':
+frozen teacher weights when distilling. The optimizer updates 'lora' (or 'student') only and holds
+state for nothing else (`optimizer`). `merged_params` gives the plain model weights (base +
+adapters), what export and evaluation read; `adapters` the adapters alone.
+
+LoRA on a kernel W `[*in, *out]` (under the layer scan `[groups, *in, *out]`): W + (alpha / R)
+A B with A `[*lead, prod(in), R]` (normal, std 1/sqrt(prod(in))) and B `[*lead, R, prod(out)]`
+(zeros), so training starts exactly at the base model.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+
+from sosm_jax.layers.embed import Embedder, masked_sums, mean_loss_metrics
+
+_F32 = jnp.float32
+DEFAULT_TARGETS = r"(mixer/(q|k|v|o|f|i|gate)_proj|mlp/(wi_gate|wi_up|wo))/kernel$"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      init_from="", lora_rank=0, lora_alpha=16.0, lora_targets=DEFAULT_TARGETS, teacher="",
+      distill_temperature=2.0, distill_weight=0.5, distill_chunk_size=256))
+
+
+def enabled(ft_cfg) -> bool:
+  return bool(ft_cfg.lora_rank > 0 or ft_cfg.teacher or ft_cfg.init_from)
+
+
+def validate_config(ft_cfg) -> None:
+  """ValueError naming the first bad `config.finetune` key."""
+  def need(ok, key, problem, fix):
+    if not ok:
+      raise ValueError(f"config.finetune.{key}: {problem}; {fix}")
+  need(ft_cfg.lora_rank >= 0, "lora_rank", f"{ft_cfg.lora_rank} < 0", "use 0 (off) or e.g. 8")
+  need(ft_cfg.lora_alpha > 0, "lora_alpha", "must be positive", "use e.g. 16")
+  need(ft_cfg.distill_temperature > 0, "distill_temperature", "must be positive", "use e.g. 2")
+  need(0 <= ft_cfg.distill_weight <= 1, "distill_weight", "outside [0, 1]", "use e.g. 0.5")
+  need(ft_cfg.distill_chunk_size > 0, "distill_chunk_size", "must be positive", "use e.g. 256")
+  need(not ft_cfg.lora_rank or ft_cfg.init_from, "init_from", "LoRA needs base weights",
+       "set --config.finetune.init_from=<work directory or export folder>")
+  try:
+    re.compile(ft_cfg.lora_targets)
+  except re.error as e:
+    need(False, "lora_targets", f"not a regular expression ({e})", "fix the pattern")
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def _in_dims(path: str) -> int:
+  """Contracted axes of a Dense kernel: 2 for the heads-to-model output projections, else 1."""
+  return 2 if re.search(r"mixer/o_proj/kernel$", path) else 1
+
+
+def lora_targets(params, pattern: str) -> list[str]:
+  """Paths ('a/b/kernel') of the kernels that get adapters; ValueError when none match."""
+  flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
+  paths = sorted(p for p in flat if re.search(pattern, p))
+  if not paths:
+    raise ValueError(f"config.finetune.lora_targets {pattern!r} matches no parameter; paths look "
+                     f"like {sorted(flat)[:4]}")
+  return paths
+
+
+def _split(path: str, shape) -> tuple[tuple[int, ...], int, int]:
+  """(leading stacked axes, prod(in), prod(out)) of a kernel's shape."""
+  lead = 1 if path.startswith("layers/") else 0
+  n_in = _in_dims(path)
+  return (tuple(shape[:lead]), int(np.prod(shape[lead:lead + n_in])),
+          int(np.prod(shape[lead + n_in:])))
+
+
+def init_lora(rng, params, rank: int, pattern: str) -> dict[str, dict[str, jax.Array]]:
+  """{path: {'a': `[*lead, in, R]`, 'b': `[*lead, R, out]` zeros}} for the targeted kernels."""
+  flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
+  out = {}
+  for i, path in enumerate(lora_targets(params, pattern)):
+    lead, n_in, n_out = _split(path, flat[path].shape)
+    a = jax.random.normal(jax.random.fold_in(rng, i), lead + (n_in, rank), _F32) / np.sqrt(n_in)
+    out[path] = {"a": a, "b": jnp.zeros(lead + (rank, n_out), _F32)}
+  return out
+
+
+def merge(base, lora: dict, alpha: float, rank: int):
+  """Base params with every adapted kernel replaced by W + (alpha / R) A B (W's dtype)."""
+  flat = traverse_util.flatten_dict(base, sep="/")
+  for path, ab in lora.items():
+    w = flat[path]
+    delta = jnp.einsum("...ir,...ro->...io", ab["a"], ab["b"]) * (alpha / rank)
+    flat[path] = (w.astype(_F32) + delta.reshape(w.shape)).astype(w.dtype)
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+# ----------------------------------------------------------------------------- distillation
+
+def final_hidden(module, params, batch, chunk: int):
+  """Final-norm output h `[B, T, D]` of a HybridLM, without forming `[B, T, V]` logits.
+
+  The model is run in its chunked-loss mode (logits `chunk` tokens at a time) and the final
+  norm's output is captured; returns (h, (loss, metrics)).
+  """
+  targets = (batch["targets"], batch["loss_mask"])
+  out, state = module.clone(cfg=_with_chunk(module.cfg, chunk)).apply(
+      {"params": params}, batch["inputs"], positions=batch.get("positions"),
+      segment_ids=batch.get("segment_ids"), loss_targets=targets,
+      capture_intermediates=lambda mdl, _: mdl.name == "final_norm", mutable=["intermediates"])
+  return state["intermediates"]["final_norm"]["__call__"][0], out
+
+
+def _with_chunk(cfg, chunk: int):
+  if cfg.loss_chunk_size > 0:
+    return cfg
+  d = cfg.as_configdict() if hasattr(cfg, "as_configdict") else ml_collections.ConfigDict(cfg)
+  d.loss_chunk_size = chunk
+  return ml_collections.FrozenConfigDict(d)
+
+
+def distill_kl(student_cfg, student_embed, h_s, teacher_cfg, teacher_embed, h_t, mask,
+               temperature: float, chunk: int):
+  """Masked mean over tokens of KL(p_t || p_s) at temperature tau, times tau^2, in float32.
+
+  h_s, h_t `[B, T, D_s]`, `[B, T, D_t]` final hidden states; *_embed the models' 'embed'
+  params; mask `[B, T]`. The time axis is cut into chunks; each chunk's logits live only inside a
+  rematerialised scan step (as `Embedder.cross_entropy`).
+  """
+  b, t = mask.shape
+  pad = (-t) % chunk
+  mask = mask.astype(_F32)
+  if pad:
+    h_s = jnp.pad(h_s, ((0, 0), (0, pad), (0, 0)))
+    h_t = jnp.pad(h_t, ((0, 0), (0, pad), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, pad)))
+  n = (t + pad) // chunk
+  chunks = lambda x: jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
+  s_head = lambda h: Embedder(student_cfg).apply({"params": student_embed}, h, method="logits")
+  t_head = lambda h: Embedder(teacher_cfg).apply({"params": teacher_embed}, h, method="logits")
+
+  @jax.checkpoint
+  def chunk_kl(hs, ht, m):
+    log_ps = jax.nn.log_softmax(s_head(hs).astype(_F32) / temperature, -1)
+    log_pt = jax.nn.log_softmax(jax.lax.stop_gradient(t_head(ht)).astype(_F32) / temperature, -1)
+    kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), -1)
+    return jnp.sum(kl * m)
+
+  def step(total, xs):
+    return total + chunk_kl(*xs), None
+
+  total, _ = jax.lax.scan(step, jnp.zeros((), _F32), (chunks(h_s), chunks(h_t), chunks(mask)))
+  return total / jnp.maximum(jnp.sum(mask), 1.0) * temperature ** 2
+
+
+# ----------------------------------------------------------------------------- the wrapped model
+
+class FinetuneModel:
+  """The trainer's model while fine-tuning: `loss(params, batch)` over the fine-tuning params.
+
+  Wraps the student `LanguageModel` (`model`); `teacher` is a LanguageModel or None. Exposes
+  `loss`, `flops_per_token`, `num_params_formula`, `cfg`, and `module` whose `apply` takes the
+  fine-tuning params (merged to plain weights first), so evaluation code runs unchanged.
+  """
+
+  def __init__(self, ft_cfg, model, teacher=None):
+    self.ft, self.student, self.teacher = ft_cfg, model, teacher
+    self.cfg = model.cfg
+    self.module = _MergedModule(model.module, self.merged)
+
+  def merged(self, params):
+    """The student's plain parameter tree (base + adapters) from the fine-tuning params."""
+    if "lora" in params:
+      return merge(jax.lax.stop_gradient(params["base"]), params["lora"], self.ft.lora_alpha,
+                   self.ft.lora_rank)
+    return params["student"]
+
+  def loss(self, params, batch):
+    student = self.merged(params)
+    if self.teacher is None:
+      return self.student.loss(student, batch)
+    chunk = self.ft.distill_chunk_size
+    h_s, (ce, metrics) = final_hidden(self.student.module, student, batch, chunk)
+    teacher_params = jax.lax.stop_gradient(params["teacher"])
+    h_t, _ = final_hidden(self.teacher.module, teacher_params, batch, chunk)
+    kl = distill_kl(self.student.cfg, student["embed"], h_s, self.teacher.cfg,
+                    teacher_params["embed"], h_t, batch["loss_mask"],
+                    self.ft.distill_temperature, chunk)
+    alpha = self.ft.distill_weight
+    total = (1.0 - alpha) * ce + alpha * kl
+    return total, {**metrics, "loss": total, "ce": ce, "kl": kl}
+
+  def flops_per_token(self, seq_len: int) -> float:
+    extra = 0.0 if self.teacher is None else self.teacher.flops_per_token(seq_len) / 3.0
+    return self.student.flops_per_token(seq_len) + extra
+
+  def num_params_formula(self) -> int:
+    return self.student.num_params_formula()
+
+
+class _MergedModule:
+  """`module.apply({'params': finetune params}, ...)` -> the student module on merged weights."""
+
+  def __init__(self, module, merged):
+    self._module, self._merged = module, merged
+
+  def apply(self, variables, *args, **kwargs):
+    variables = dict(variables, params=self._merged(variables["params"]))
+    return self._module.apply(variables, *args, **kwargs)
+
+
+def wrap_init(ft_cfg, init_params, teacher_init=None, rng=None):
+  """`init_params()` -> the fine-tuning params ({'base','lora'} or {'student'}, + 'teacher').
+
+  Values are the model's fresh initialisation (shapes and shardings come from here);
+  `load_weights` replaces base / student / teacher by the real weights after creation.
+  """
+  rng = jax.random.key(0) if rng is None else rng
+
+  def init():
+    params = init_params()
+    out = ({"base": params, "lora": init_lora(rng, params, ft_cfg.lora_rank, ft_cfg.lora_targets)}
+           if ft_cfg.lora_rank > 0 else {"student": params})
+    if teacher_init is not None:
+      out["teacher"] = teacher_init()
+    return out
+  return init
+
+
+def trainable_labels(params) -> Any:
+  """'train' for the adapters (or the student), 'frozen' for the base and the teacher."""
+  def label(path, _):
+    return "train" if path[0].key in ("lora", "student") else "frozen"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def optimizer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` on the trainable part only; no optimizer state for frozen weights."""
+  return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, trainable_labels)
+
+
+def load_weights(state, ft_cfg, base_params=None, teacher_params=None):
+  """The train state with base / student / teacher weights replaced (shardings kept)."""
+  params = dict(state.params)
+  key = "base" if "base" in params else "student"
+  if base_params is not None:
+    params[key] = _put_like(base_params, params[key])
+  if teacher_params is not None:
+    params["teacher"] = _put_like(teacher_params, params["teacher"])
+  return state.replace(params=params)
+
+
+def _put_like(values, like):
+  values = nn.unbox(values)
+  return jax.tree.map(lambda v, l: jax.device_put(jnp.asarray(v, l.dtype), l.sharding), values,
+                      like)
+
+
+def adapters(params) -> dict:
+  """The adapters alone ({path: {'a', 'b'}}), what a LoRA run adds to its base."""
+  return params["lora"]
+
+
+def read_weights(path: str):
+  """(model config, params) of a work directory (newest checkpoint) or an export folder."""
+  # pylint: disable=import-outside-toplevel
+  import os
+  if os.path.isfile(os.path.join(path, "model.safetensors")):
+    from sosm_jax.export import weights
+    config, params, _ = weights.load(path)
+    return config.model, params
+  from sosm_jax.eval import loading
+  loaded = loading.load_for_eval(path)
+  return loaded.config.model, loaded.params

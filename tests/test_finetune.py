@@ -1,0 +1,118 @@
+"""Fine-tuning: LoRA (frozen base, exact merge, adapter-only optimizer state) and distillation (chunked KL)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from sosm_jax import models
+from sosm_jax.train import finetune, step as step_lib
+from sosm_jax.train.state import TrainState
+from test_export import random_params, tiny_config
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
+
+def _ft(**kw):
+  c = finetune.default_config()
+  c.update(kw)
+  return c
+
+
+def _batch(seed=0, b=2, t=20):
+  rng = np.random.default_rng(seed)
+  x = rng.integers(0, 256, (b, t + 1))
+  return {"inputs": jnp.asarray(x[:, :-1], jnp.int32), "targets": jnp.asarray(x[:, 1:], jnp.int32),
+          "loss_mask": jnp.asarray(rng.random((b, t)) < 0.9, jnp.float32)}
+
+
+def _state(params, opt):
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=opt.init(params), nonfinite_streak=zero,
+                    nonfinite_total=zero)
+
+
+def test_lora_merge_is_exact_and_training_moves_only_the_adapters():
+  config = tiny_config()
+  model = models.build_model(config.model)
+  base = jax.tree.map(jnp.asarray, random_params(config))
+  ft = _ft(lora_rank=4, init_from="x")
+  lora = finetune.init_lora(jax.random.key(1), base, 4, ft.lora_targets)
+  assert "layers/block_0/mixer/o_proj/kernel" in lora and "embed/embedding" not in lora
+  assert lora["layers/block_0/mixer/o_proj/kernel"]["a"].shape == (1, 32, 4)   # [groups, H*Dh, R]
+  wrapped = finetune.FinetuneModel(ft, model)
+  params = {"base": base, "lora": lora}
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), wrapped.merged(params), base)
+
+  # merged == base + (alpha / R) A B, with A B reshaped to the kernel (o_proj: [H, Dh, D])
+  path = "layers/block_0/mixer/o_proj/kernel"
+  lora[path]["b"] = jax.random.normal(jax.random.key(2), lora[path]["b"].shape)
+  merged = traverse_util.flatten_dict(wrapped.merged(params), sep="/")
+  w = traverse_util.flatten_dict(base, sep="/")[path]
+  delta = (np.einsum("gir,gro->gio", lora[path]["a"], lora[path]["b"]) * 16.0 / 4).reshape(w.shape)
+  np.testing.assert_allclose(merged[path], np.asarray(w) + delta, rtol=1e-6, atol=1e-6)
+
+  opt = finetune.optimizer(optax.adam(1e-2))
+  state = _state(params, opt)
+  sizes = lambda t: sum(x.size for x in jax.tree.leaves(t))
+  # optimizer state: two moments of the adapters, nothing for the base
+  assert sizes(state.opt_state) <= 2 * sizes(lora) + 8
+  train_step = jax.jit(step_lib.make_train_step(wrapped.loss, opt, optax.constant_schedule(1e-2)))
+  batch = _batch()
+  losses = []
+  for _ in range(5):
+    state, metrics = train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0]
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               state.params["base"], base)                      # frozen bit for bit
+  assert float(jnp.abs(state.params["lora"][path]["b"] - lora[path]["b"]).max()) > 0
+
+
+def _reference_distill(student, s_params, teacher, t_params, batch, tau, alpha):
+  """Full-logit reference of the distillation loss."""
+  ls = student.apply(s_params, batch["inputs"]) / tau
+  lt = teacher.apply(t_params, batch["inputs"]) / tau
+  lps, lpt = jax.nn.log_softmax(ls, -1), jax.nn.log_softmax(lt, -1)
+  kl = jnp.sum(jnp.exp(lpt) * (lpt - lps), -1)
+  m = batch["loss_mask"]
+  kl = jnp.sum(kl * m) / jnp.sum(m) * tau ** 2
+  ce, _ = student.loss(s_params, batch)
+  return (1 - alpha) * ce + alpha * kl, kl
+
+
+def test_distillation_from_another_architecture_matches_the_full_logit_reference():
+  s_cfg = tiny_config()
+  t_cfg = tiny_config(architecture="transformer", pattern=("attn",), num_layers=2, d_model=48,
+                      attn_num_heads=3, attn_head_dim=16, mlp_dim=64, tie_embeddings=False)
+  student, teacher = models.build_model(s_cfg.model), models.build_model(t_cfg.model)
+  s_params = jax.tree.map(jnp.asarray, random_params(s_cfg, seed=1))
+  t_params = jax.tree.map(jnp.asarray, random_params(t_cfg, seed=2))
+  ft = _ft(teacher="t", distill_temperature=2.0, distill_weight=0.7, distill_chunk_size=8)
+  wrapped = finetune.FinetuneModel(ft, student, teacher)
+  params = {"student": s_params, "teacher": t_params}
+  batch = _batch(t=20)            # 20 tokens: chunks of 8 with padding
+  loss_fn = lambda p: wrapped.loss(p, batch)
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  ref_fn = lambda sp: _reference_distill(student, sp, teacher, t_params, batch, 2.0, 0.7)[0]
+  ref_loss, ref_grads = jax.value_and_grad(ref_fn)(s_params)
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+  assert float(metrics["kl"]) > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+               grads["student"], ref_grads)
+  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["teacher"]))
+  # a teacher identical to the student: KL 0
+  same = finetune.FinetuneModel(ft, student, student)
+  _, m = same.loss({"student": s_params, "teacher": s_params}, batch)
+  assert abs(float(m["kl"])) < 1e-5
+
+
+def test_finetune_config_errors_name_their_key():
+  for kw, key in [(dict(lora_rank=-1), "lora_rank"), (dict(lora_rank=4), "init_from"),
+                  (dict(distill_weight=1.5), "distill_weight"),
+                  (dict(lora_targets="(", init_from="x"), "lora_targets")]:
+    with pytest.raises(ValueError, match=f"config.finetune.{key}"):
+      finetune.validate_config(_ft(**kw))
+  with pytest.raises(ValueError, match="matches no parameter"):
+    finetune.lora_targets(random_params(tiny_config()), "nothing_like_this")
