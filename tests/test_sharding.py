@@ -21,6 +21,7 @@ from sosm_jax.parallel import (LOGICAL_AXIS_RULES, batch_sharding, distributed_i
                                logical_shardings, make_mesh, per_shard, process_batch_shard,
                                unbox_values)
 from sosm_jax.parallel import mesh as mesh_lib
+from sosm_jax.parallel.per_shard import shard_axes
 from sosm_jax.train import checkpoint as ckpt_lib
 from sosm_jax.train import curriculum
 from sosm_jax.train import loop
@@ -364,3 +365,20 @@ def test_sharded_kernel_call_has_no_all_gather(op):
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
   for g, w in zip(grads, want_grads):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+def test_per_shard_splits_only_what_divides():
+  """Heads that the tensor axis does not divide stay whole on every device (batch still split);
+  without a mesh per_shard is a plain call."""
+  x = jnp.arange(4 * 5 * 3 * 2, dtype=jnp.float32).reshape(4, 5, 3, 2)
+  blhd = ("activation_batch", "activation_length", "activation_heads", None)
+  fn = lambda a, s: (a * 2.0, s)
+  assert per_shard(fn, (x, None), (blhd, None), (blhd, None))[0].sum() == 2 * x.sum()
+  mesh = _mesh(2, 2, 2)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    assert shard_axes((x,), (blhd,), jax.sharding.get_abstract_mesh()) == {
+        "activation_batch": ("data", "fsdp"), "activation_length": (), "activation_heads": ()}
+    out, none = jax.jit(lambda a: per_shard(fn, (a, None), (blhd, None), (blhd, None)))(x)
+  assert none is None
+  np.testing.assert_array_equal(out, 2 * x)
+

@@ -9,7 +9,8 @@ import pytest
 
 from sosm_jax.ops.common import implementation as impl_lib
 
-hgrn2 = importlib.import_module("sosm_jax.ops.gla")  # the package (sosm_jax.ops.gla is the function)
+# the package (the attribute sosm_jax.ops.gla is the function)
+hgrn2 = importlib.import_module("sosm_jax.ops.gla")
 
 B, H, K, V = 2, 2, 16, 8
 

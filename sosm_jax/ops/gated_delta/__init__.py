@@ -34,7 +34,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_
   if impl == "xla":
     return gated_delta_rule_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                     chunk_size=chunk_size)
-  from sosm_jax.ops.gated_delta.pallas import gated_delta_rule_pallas  # pylint: disable=import-outside-toplevel
+  from sosm_jax.ops.gated_delta.pallas import (  # pylint: disable=import-outside-toplevel
+      gated_delta_rule_pallas)
   return gated_delta_rule_pallas(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                  chunk_size=chunk_size, interpret=impl == "pallas_interpret")
 

@@ -13,6 +13,7 @@ All decay factors used are exp of non-positive numbers (<= 1): no overflow is po
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -22,6 +23,46 @@ from sosm_jax.ops.common.recurrence import chunk_recurrence
 from sosm_jax.ops.gated_delta.reference import check_inputs, default_scale, zero_state
 
 _F32 = jnp.float32
+_HIGHEST = lax.Precision.HIGHEST
+
+
+@jax.custom_vjp
+def unit_lower_inverse(a):
+  """(I + a)^-1 for strictly lower-triangular `a` `[..., C, C]` (float32), by forward substitution.
+
+  Plain jnp (a loop over the C rows: t_i = e_i - a_i t; the rows of t from i on are still identity
+  rows, which a_i, zero from column i on, ignores) rather than `lax.linalg.triangular_solve`: on
+  XLA:CPU (jaxlib 0.10) a batched triangular solve is a LAPACK custom call that spreads its batch
+  over the intra-op thread pool and blocks a pool thread until the pieces are done, so as many
+  concurrent solves as the pool has threads deadlock (a training step's backward pass has several;
+  benchmarks/RESULTS.md, "CPU hang of the chunked gated delta rule"). Same accuracy as the solve.
+  Gradient: d a = -strict_lower(t^T (d t) t^T), two matmuls, nothing saved but t.
+  """
+  c = a.shape[-1]
+  eye = jnp.broadcast_to(jnp.eye(c, dtype=a.dtype), a.shape)
+
+  def row(i, t):
+    a_i = lax.dynamic_slice_in_dim(a, i, 1, axis=-2)                # [..., 1, C]
+    t_i = lax.dynamic_slice_in_dim(eye, i, 1, axis=-2) - jnp.einsum(
+        "...ij,...jd->...id", a_i, t, precision=_HIGHEST)
+    return lax.dynamic_update_slice_in_dim(t, t_i, i, axis=-2)
+
+  return lax.fori_loop(1, c, row, eye)
+
+
+def _unit_lower_inverse_fwd(a):
+  t = unit_lower_inverse(a)
+  return t, t
+
+
+def _unit_lower_inverse_bwd(t, dt):
+  c = t.shape[-1]
+  strict = jnp.arange(c)[:, None] > jnp.arange(c)[None, :]
+  da = -jnp.einsum("...ji,...jk,...lk->...il", t, dt, t, precision=_HIGHEST)
+  return (jnp.where(strict, da, 0.0),)
+
+
+unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
 def gated_delta_rule_chunked(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_size=64):
@@ -58,8 +99,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, scale=None, initial_state=None
   rhs = jnp.concatenate(
       [bc[..., None] * vc.astype(_F32),
        (bc * jnp.exp(gamma))[..., None] * kc.astype(_F32)], axis=-1)  # [B,H,N,C,V+K]
-  eye = jnp.eye(chunk_size, dtype=_F32)
-  sol = lax.linalg.triangular_solve(eye + a, rhs, left_side=True, lower=True, unit_diagonal=True)
+  sol = jnp.einsum("bhnij,bhnjd->bhnid", unit_lower_inverse(a), rhs, precision=_HIGHEST)
   u, w = sol[..., :dv], sol[..., dv:]                               # [B,H,N,C,V], [B,H,N,C,K]
 
   qk = dot_f32("bhnck,bhndk->bhncd", qc, kc, mm) * decay_causal        # causal incl. diagonal

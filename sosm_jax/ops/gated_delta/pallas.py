@@ -1,4 +1,5 @@
-"""The gated delta rule on Pallas (Triton) kernels: one custom VJP, three forward kernels, three backward.
+"""The gated delta rule on Pallas (Triton) kernels: one custom VJP over three forward and three
+backward kernels.
 
 Forward (`pallas_kernels.py`, `pallas_recurrence.py`): WY preparation -> chunk recurrence ->
 output stage. Backward: output-stage kernel (dq, dk, dgam, dvn) -> reverse recurrence kernel

@@ -66,7 +66,8 @@ def _bwd_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, do_ref, dq_ref, dk_ref, dg_r
 
 
 def _specs(heads, c, kdim, vdim):
-  tok = lambda width: pl.BlockSpec((None, c, None, width), lambda i, n: (i // heads, n, i % heads, 0))
+  tok = lambda width: pl.BlockSpec((None, c, None, width),
+                                   lambda i, n: (i // heads, n, i % heads, 0))
   return dict(
       qk=tok(kdim), o=tok(vdim),
       g=pl.BlockSpec((None, c), lambda i, n: (i, n)),
@@ -101,7 +102,8 @@ def output_backward(q, k, gam, h_in, vn, do, *, scale, interpret=False):
   bh, n, c, vdim = vn.shape
   sp = _specs(heads, c, kdim, vdim)
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-               jax.ShapeDtypeStruct((bh, t), _F32), jax.ShapeDtypeStruct((bh, n * c, vdim), vn.dtype)]
+               jax.ShapeDtypeStruct((bh, t), _F32),
+               jax.ShapeDtypeStruct((bh, n * c, vdim), vn.dtype)]
   dq, dk, dg, dvn = pl.pallas_call(
       functools.partial(_bwd_kernel, scale=scale), grid=(bh, n),
       in_specs=[sp["qk"], sp["qk"], sp["g"], sp["h"], sp["vn"], sp["o"]],
@@ -195,7 +197,8 @@ def prep_forward(k, v, beta, gam, *, chunk, interpret=False):
   out_shape = [jax.ShapeDtypeStruct((bh, t, kdim), dt), jax.ShapeDtypeStruct((bh, t, vdim), dt),
                jax.ShapeDtypeStruct((bh, t, kdim), dt), jax.ShapeDtypeStruct((bh, t, chunk), _F32)]
   return pl.pallas_call(
-      functools.partial(_prep_kernel, sub=min(16, chunk), barriers=not interpret), grid=(bh, t // chunk),
+      functools.partial(_prep_kernel, sub=min(16, chunk), barriers=not interpret),
+      grid=(bh, t // chunk),
       in_specs=[kspec, vspec, gspec, gspec],
       out_specs=[row(kdim), row(vdim), row(kdim), row(chunk)], out_shape=out_shape,
       interpret=interpret, compiler_params=_params(interpret), name="gdn_prep_fwd")(

@@ -118,12 +118,14 @@ def recurrence_forward(kd, v, a, h0, *, chunk, interpret=False, block_v=None):
       out_specs=[sp["states"], sp["state"]],
       out_shape=[jax.ShapeDtypeStruct((b * heads, n * kdim, vdim), v.dtype),
                  jax.ShapeDtypeStruct((b * heads, kdim, vdim), _F32)],
-      interpret=interpret, compiler_params=_params(interpret, "rec", REC_STAGES), name="gla_recurrence_fwd")(
+      interpret=interpret, compiler_params=_params(interpret, "rec", REC_STAGES),
+      name="gla_recurrence_fwd")(
           kd, v, a, h0)
 
 
 def recurrence_backward(qe, do, a, dh_last, h_in, *, chunk, scale, interpret=False, block_v=None):
-  """qe = q e^gam `[B,T,H,K]`, do `[B,T,H,V]`, a, dh_last as `recurrence_forward`, h_in `[B*H,N*K,V]` ->
+  """qe = q e^gam `[B,T,H,K]`, do `[B,T,H,V]`, a, dh_last as `recurrence_forward`,
+  h_in `[B*H,N*K,V]` ->
   (lam_next `[B*H,N*K,V]` = dL/dh_{n+1} for every chunk n, dL/dh_0 f32,
   hl `[B*H,N,K]` = rowsum(h_n * lam_{n+1}))."""
   b, t, heads, kdim = qe.shape
@@ -140,7 +142,8 @@ def recurrence_backward(qe, do, a, dh_last, h_in, *, chunk, scale, interpret=Fal
       out_shape=[jax.ShapeDtypeStruct((b * heads, n * kdim, vdim), qe.dtype),
                  jax.ShapeDtypeStruct((b * heads, kdim, vdim), _F32),
                  jax.ShapeDtypeStruct((b * heads, n, nvb * kdim), _F32)],
-      interpret=interpret, compiler_params=_params(interpret, "rec", REC_STAGES), name="gla_recurrence_bwd")(
+      interpret=interpret, compiler_params=_params(interpret, "rec", REC_STAGES),
+      name="gla_recurrence_bwd")(
           qe, do.astype(qe.dtype), a, dh_last.astype(_F32), h_in)
   return lam, lam0, hl.reshape(b * heads, n, nvb, kdim).sum(2)
 
@@ -306,7 +309,7 @@ def query_key_backward(q, k, gam, da, dq_s, dkd, tail, *, chunk, interpret=False
 def _forward(q, k, v, log_f, h0, scale, chunk, interpret, block_v):
   gam, kd, a = prepare(log_f, k, chunk=chunk, interpret=interpret)
   h_in, h_last = recurrence_forward(kd, v, a, h0, chunk=chunk, interpret=interpret,
-                                        block_v=block_v)
+                                    block_v=block_v)
   scores_a = scores(q, k, gam, chunk=chunk, interpret=interpret)
   o = output(q, gam, v, h_in, scores_a, chunk=chunk, scale=scale, interpret=interpret)
   return (o, h_last), (q, k, v, gam, a, h_in, scores_a)
@@ -319,17 +322,17 @@ def gla_core(q, k, v, log_f, h0, scale, chunk, interpret=False, block_v=None):
   return _forward(q, k, v, log_f, h0, scale, chunk, interpret, block_v)[0]
 
 
-def _split_fwd(q, k, v, log_f, h0, scale, chunk, interpret, block_v):
+def _core_fwd(q, k, v, log_f, h0, scale, chunk, interpret, block_v):
   return _forward(q, k, v, log_f, h0, scale, chunk, interpret, block_v)
 
 
-def _split_bwd(scale, chunk, interpret, block_v, res, cts):
+def _core_bwd(scale, chunk, interpret, block_v, res, cts):
   q, k, v, gam, a, h_in, scores_a = res
   do, dh_last = cts
   do = do.astype(v.dtype)
   qe = (q.astype(_F32) * jnp.exp(gam)).astype(q.dtype)
-  lam_next, lam0, hl = recurrence_backward(qe, do, a, dh_last, h_in, chunk=chunk,
-                                               scale=scale, interpret=interpret, block_v=block_v)
+  lam_next, lam0, hl = recurrence_backward(qe, do, a, dh_last, h_in, chunk=chunk, scale=scale,
+                                           interpret=interpret, block_v=block_v)
   da, dv, dq_s, dkd, tails = scores_and_values_backward(k, gam, v, do, scores_a, h_in, lam_next,
                                                         chunk=chunk, scale=scale,
                                                         interpret=interpret)
@@ -339,7 +342,7 @@ def _split_bwd(scale, chunk, interpret, block_v, res, cts):
   return dq, dk, dv, dlog_f, lam0
 
 
-gla_core.defvjp(_split_fwd, _split_bwd)
+gla_core.defvjp(_core_fwd, _core_bwd)
 
 
 def gla_pallas(q, k, v, log_f, *, scale=1.0, initial_state=None, chunk_size=64, interpret=False,

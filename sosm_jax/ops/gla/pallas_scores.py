@@ -1,4 +1,4 @@
-"""Kernel bodies for GLA's intra-chunk scores and their gradient, used by the kernels of `pallas.py`.
+"""Kernel bodies of GLA's intra-chunk scores and their gradient (for the kernels of `pallas.py`).
 
     A[t, i] = sum_d q[t, d] k[i, d] exp(G[t, d] - G[i, d])   for i <= t within a chunk, else 0
 
