@@ -75,7 +75,7 @@ def test_train_with_memory_checkpoints_and_resumes_it(tmp_path, monkeypatch):
 
   def save(self, directory):
     real_save(self, directory)
-    saved[os.path.basename(directory)] = (_snapshot(self.runner), self.segment)
+    saved[os.path.basename(directory).removesuffix(".tmp")] = (_snapshot(self.runner), self.segment)
 
   def restore(self, directory):
     real_restore(self, directory)

@@ -13,6 +13,7 @@ from sosm_jax.parallel import rules as rules_lib
 from sosm_jax.train import checkpoint as ckpt_lib
 from sosm_jax.train import curriculum
 from sosm_jax.train import optimizer as optimizer_lib
+from sosm_jax.train import resume as resume_lib
 from sosm_jax.train import step as step_lib
 from sosm_jax.train.state import TrainState
 
@@ -180,20 +181,84 @@ def test_logical_shardings_follow_rules_and_replicate_odd_dims():
   assert all(axis is None for axis in sh["plain"].spec)
 
 
-def test_checkpoint_falls_back_past_a_corrupt_latest(tmp_path):
-  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=3, async_save=False)
-  tree = {"w": jnp.arange(4.0)}
-  ckpt.save(1, tree, {"data_state": {"i": 1}})
-  ckpt.save(2, {"w": jnp.arange(4.0) * 2}, {"data_state": {"i": 2}})
-  target = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
-  state, meta, step = ckpt.restore_latest(target)
-  assert step == 2 and meta["data_state"] == {"i": 2}
-  np.testing.assert_array_equal(state["w"], np.arange(4.0) * 2)
-  # Damage checkpoint 2: remove its array data.
-  for root, _, files in os.walk(tmp_path / "2" / "state"):
+def _damage(step_dir):
+  """Removes a checkpoint's array data (as a disk fault or a half-copied directory would)."""
+  for root, _, files in os.walk(step_dir / "state"):
     for f in files:
       os.remove(os.path.join(root, f))
-  state, meta, step = ckpt.restore_latest(target)
-  assert step == 1 and meta["data_state"] == {"i": 1}
-  np.testing.assert_array_equal(state["w"], np.arange(4.0))
+
+
+def test_unreadable_latest_is_moved_aside_and_its_step_saved_again(tmp_path, capsys):
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=3, async_save=False)
+  ckpt.save(1, {"w": jnp.arange(4.0)}, {"data_state": {"i": 1}})
+  ckpt.save(2, {"w": jnp.arange(4.0) * 2}, {"data_state": {"i": 2}})
+  target = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  decide = lambda: resume_lib.decide(ckpt, target, workdir=str(tmp_path), model={},
+                                     tokenizer={}, restart=False)
+  got = decide()
+  assert got.step == 2 and got.meta["data_state"] == {"i": 2}
+  np.testing.assert_array_equal(got.state["w"], np.arange(4.0) * 2)
+  _damage(tmp_path / "2")
+  got = decide()
+  assert got.step == 1 and got.skipped == [2] and got.meta["data_state"] == {"i": 1}
+  np.testing.assert_array_equal(got.state["w"], np.arange(4.0))
+  out = capsys.readouterr().out
+  assert out.count("Checkpoint 2 is unreadable") == 1 and len(out.splitlines()) == 1
+  assert os.path.isdir(tmp_path / "corrupt" / "2") and ckpt.all_steps() == [1]
+  assert ckpt.save(2, {"w": jnp.arange(4.0) * 3}, {"data_state": {"i": 3}})   # not skipped
+  assert decide().meta["data_state"] == {"i": 3}
   ckpt.close()
+
+
+def test_no_readable_checkpoint_refuses_unless_restart(tmp_path):
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3, async_save=False)
+  ckpt.save(1, {"w": jnp.arange(4.0)}, {})
+  _damage(tmp_path / "checkpoints" / "1")
+  target = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  with pytest.raises(resume_lib.ResumeRefused,
+                     match=r"(?s)no checkpoint .* can be read.*checkpoint 1:.*--workdir.*restart=true"):
+    resume_lib.decide(ckpt, target, workdir=str(tmp_path), model={}, tokenizer={}, restart=False)
+  assert ckpt.all_steps() == [1]          # a refused run moves nothing
+  got = resume_lib.decide(ckpt, target, workdir=str(tmp_path), model={}, tokenizer={},
+                          restart=True)
+  assert got.moved_to and os.path.isdir(os.path.join(got.moved_to, "checkpoints", "1"))
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_other_model_or_tokenizer_is_refused_naming_the_keys(tmp_path):
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=3, async_save=False)
+  tok = {"kind": "byte", "vocab_size": 260}
+  model = {"d_model": 32, "remat": "none", "graph": {"window": 8, "query_chunk": 64}}
+  ckpt.save(1, {"w": jnp.zeros((4, 32))}, {"config": {"model": model}, "tokenizer": tok})
+  target = {"w": jax.ShapeDtypeStruct((4, 32), jnp.float32)}
+  decide = lambda **kw: resume_lib.decide(
+      ckpt, kw.get("target", target), workdir=str(tmp_path), restart=False,
+      model=kw.get("model", model), tokenizer=kw.get("tok", tok))
+  # execution-only keys may change
+  assert decide(model={**model, "remat": "full", "graph": {"window": 8, "query_chunk": 32}}).step == 1
+  with pytest.raises(resume_lib.ResumeRefused, match=r"model.d_model: saved 32, now 48"):
+    decide(model={**model, "d_model": 48})
+  with pytest.raises(resume_lib.ResumeRefused, match=r"model.graph.window: saved 8, now 16"):
+    decide(model={**model, "graph": {"window": 16, "query_chunk": 64}})
+  with pytest.raises(resume_lib.ResumeRefused, match=r"tokenizer vocab_size: saved 260, now 512"):
+    decide(tok={**tok, "vocab_size": 512})
+  with pytest.raises(resume_lib.ResumeRefused, match=r"w: saved \(4, 32\) float32, now \(4, 48\)"):
+    decide(target={"w": jax.ShapeDtypeStruct((4, 48), jnp.float32)})
+  assert ckpt.all_steps() == [1]
+  ckpt.close()
+
+
+def test_failed_save_raises_at_once_naming_the_directory(tmp_path, monkeypatch):
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=3, async_save=False)
+  ckpt.save(1, {"w": jnp.arange(4.0)}, {})
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(ckpt._manager, "save", full_disk)  # pylint: disable=protected-access
+  with pytest.raises(ckpt_lib.SaveFailed, match=r"checkpoint 2 could not be written.*No space "
+                     r"left.*newest complete checkpoint is step 1"):
+    ckpt.save(2, {"w": jnp.arange(4.0)}, {})
+  monkeypatch.setattr(ckpt._manager, "check_for_errors", full_disk)  # pylint: disable=protected-access
+  with pytest.raises(ckpt_lib.SaveFailed, match="No space left"):
+    ckpt.check()

@@ -253,24 +253,58 @@ class HostMemory:
 
   @classmethod
   def load(cls, directory: str) -> "HostMemory":
-    """Inverse of `save` (same entries, ids, config and search results)."""
+    """Inverse of `save`: the same entries, ids, config and search results, and the same future.
+
+    HNSW draws a random level per added entry from a generator that the index file does not
+    hold; it is advanced past the entries already added, so adds after a load build the same
+    graph as they would have without the save (an exact resume). A missing or damaged file
+    raises ValueError naming it.
+    """
     path = os.path.join(directory, "memory.json")
     if not os.path.exists(path):
       raise ValueError(f"no memory at {directory!r} (missing memory.json); save one with HostMemory.save.")
-    with open(path, encoding="utf-8") as f:
-      info = json.load(f)
-    mem = cls(info["dim"], info["cfg"])
-    mem.next_id = info["next_id"]
-    for i, s in enumerate(info["shards"]):
-      shard = _Shard(faiss.read_index(os.path.join(directory, f"shard_{i}.faiss")), s["first_id"])
-      if s["size"]:
-        with np.load(os.path.join(directory, f"shard_{i}.npz")) as z:
-          shard.keys, shard.values = [z["keys"]], [z["values"]]
-          shard.meta = [{n[5:]: z[n] for n in z.files if n.startswith("meta_")}]
-      if shard.size != s["size"]:
-        raise ValueError(f"{directory}/shard_{i}: index has {shard.size} entries, expected {s['size']}.")
+    info = _read(path, _json)
+    try:
+      mem = cls(info["dim"], info["cfg"])
+      mem.next_id = int(info["next_id"])
+      shards = [(int(s["first_id"]), int(s["size"])) for s in info["shards"]]
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f"{path}: not a host memory description ({type(e).__name__}: {e})") from None
+    for i, (first_id, size) in enumerate(shards):
+      index_path = os.path.join(directory, f"shard_{i}.faiss")
+      shard = _Shard(_read(index_path, faiss.read_index), first_id)
+      if size:
+        arrays_path = os.path.join(directory, f"shard_{i}.npz")
+        z = _read(arrays_path, lambda p: dict(np.load(p)))
+        if "keys" not in z or "values" not in z or len(z["keys"]) != size:
+          raise ValueError(f"{arrays_path}: unreadable host memory arrays (expected {size} keys and "
+                           f"values)")
+        shard.keys, shard.values = [z["keys"]], [z["values"]]
+        shard.meta = [{n[5:]: z[n] for n in z if n.startswith("meta_")}]
+      if shard.size != size:
+        raise ValueError(f"{index_path}: index has {shard.size} entries, expected {size}.")
+      if mem.cfg["index"] == "hnsw":
+        shard.index.hnsw.efSearch = int(mem.cfg["hnsw_ef_search"])
+        for _ in range(shard.size):   # the level generator as it was after these adds
+          shard.index.hnsw.random_level()
       mem.shards.append(shard)
     return mem
+
+
+def _json(path: str):
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _read(path: str, reader):
+  """reader(path), with any failure turned into a ValueError naming the file."""
+  if not os.path.exists(path):
+    raise ValueError(f"{path}: host memory file is missing")
+  try:
+    return reader(path)
+  except Exception as e:  # pylint: disable=broad-except  (json, zip, FAISS errors alike)
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ValueError(f"{path}: unreadable host memory file ({type(e).__name__}: {first})") from None
 
 
 def _merge_topk(s1, i1, s2, i2, k):

@@ -1,64 +1,204 @@
-"""Orbax checkpoints of the train state plus JSON metadata (data position, stage, tokenizer)."""
+"""Orbax checkpoints of the train state plus JSON metadata (data position, stage, tokenizer).
+
+The decision whether to resume from them (and from which) is `sosm_jax.train.resume`'s; this
+file only reads, writes and moves checkpoints, and turns every failure of a save into
+`SaveFailed` as soon as it is known.
+"""
 from __future__ import annotations
 
+import contextlib
+import logging as std_logging
 import os
+import time
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
-from absl import logging
+from etils import epath
+
+
+class SaveFailed(RuntimeError):
+  """A checkpoint could not be written (read-only or full disk, lost bucket access, ...)."""
+
+
+def _path_name(entry) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def leaf_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{'params/embed/embedding': (shape, dtype name)} of every array leaf of a state or metadata tree.
+
+  Dataclass fields, dict keys and tuple indices all become path parts, so a `TrainState` of
+  ShapeDtypeStructs and orbax's metadata of the checkpoint written from it give the same paths.
+  """
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shape = getattr(leaf, "shape", None)
+    if shape is None:
+      continue
+    out["/".join(_path_name(p) for p in path)] = (tuple(int(d) for d in shape),
+                                                  str(getattr(leaf, "dtype", "")))
+  return out
+
+
+@contextlib.contextmanager
+def quiet_restore():
+  """Keeps the asyncio/orbax error logs of a failing restore (thousands of lines) off the terminal.
+
+  The caller reports the failure itself in one line.
+  """
+  loggers = [std_logging.getLogger(n) for n in ("asyncio", "absl", "orbax")]
+  levels = [lg.level for lg in loggers]
+  for lg in loggers:
+    lg.setLevel(std_logging.CRITICAL)
+  try:
+    yield
+  finally:
+    for lg, level in zip(loggers, levels):
+      lg.setLevel(level)
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {(text[0] if text else '')[:limit]}"
 
 
 class Checkpointer:
-  """Async saves every so often, keeping the last `keep`; restores the newest readable one.
+  """Async saves every so often, keeping the last `keep`; reads, restores and moves checkpoints.
 
-  A checkpoint that fails to restore (corrupt, partial, written by an incompatible config) is
-  skipped with a warning and the one before it is tried; orbax already ignores directories whose
-  write never finished (it commits a step by an atomic rename).
+  A save that fails raises `SaveFailed` at the latest on the next `save`/`check`/`wait` call; the
+  loop calls `check` every step, so training stops right after the failure.
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory) if "://" not in directory else directory
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._keep, self._async = keep, async_save
+    self._manager = self._open()
     self.on_save = []   # callables(step) run after each save starts (e.g. the host memory)
+
+  def _open(self):
+    options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True,
+                                           enable_async_checkpointing=self._async,
+                                           cleanup_tmp_directories=True)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict, *, wait: bool = False) -> bool:
-    """Starts saving `state` and `meta` as checkpoint `step`; returns False if it already exists."""
+    """Starts saving `state` and `meta` as checkpoint `step`; False if this step is already saved.
+
+    Raises SaveFailed if this save (with wait) or an earlier async one failed.
+    """
+    self.check()
     if step in self._manager.all_steps():
       return False
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)), force=True)
-    for hook in self.on_save:
-      hook(step)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       meta=ocp.args.JsonSave(meta)), force=True)
+      for hook in self.on_save:
+        hook(step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise SaveFailed(self._failure(str(step), e)) from e
     if wait:
-      self._manager.wait_until_finished()
+      self.wait()
     return True
 
+  def _failure(self, which: str, error) -> str:
+    try:
+      done = [s for s in self.all_steps() if which != f"{s}"]
+    except Exception:  # pylint: disable=broad-except
+      done = []
+    newest = f"step {done[-1]}" if done else "none"
+    return (f"checkpoint {which} could not be written to {self.directory} ({first_line(error)}). "
+            f"Training stopped so that no more work is lost; the newest complete checkpoint is "
+            f"{newest}. Free space or fix the permissions of the directory, then run the same "
+            f"command to resume.")
+
+  def check(self) -> None:
+    """Raises SaveFailed if an async save finished with an error."""
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise SaveFailed(self._failure("being written", e)) from e
+
+  def wait(self) -> None:
+    """Blocks until pending saves are committed; raises SaveFailed if one failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise SaveFailed(self._failure("being written", e)) from e
+    self.check()
+
+  def read_meta(self, step: int) -> dict:
+    with quiet_restore():
+      return dict(self._manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+  def read_shapes(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`leaf_shapes` of the state saved as checkpoint `step` (from its metadata, no arrays read)."""
+    with quiet_restore():
+      metadata = self._manager.item_metadata(step)["state"]
+    if metadata is None:
+      raise ValueError("no state metadata")
+    return leaf_shapes(metadata)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """(state, meta) of checkpoint `step`, placed as `abstract_state` says (any mesh)."""
+    with quiet_restore():
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                        meta=ocp.args.JsonRestore()))
+    return restored.state, dict(restored.meta)
+
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
-    """Returns (state, meta, step) of the newest checkpoint that restores, or None if none does."""
+    """(state, meta, step) of the newest checkpoint that restores, or None; for readers
+    (export, tests). Training decides with `sosm_jax.train.resume.decide` instead."""
     for step in reversed(self.all_steps()):
       try:
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                          meta=ocp.args.JsonRestore()))
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning("checkpoint %d in %s could not be restored (%s: %s); trying an older one",
-                        step, self.directory, type(e).__name__, str(e).splitlines()[0][:300])
+        return (*self.restore(step, abstract_state), step)
+      except Exception:  # pylint: disable=broad-except
         continue
-      return restored.state, dict(restored.meta), step
     return None
 
   def restore_meta(self, step: int) -> dict:
-    return dict(self._manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    return self.read_meta(step)
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
+  def move_aside(self, step: int) -> str:
+    """Moves checkpoint `step` to `<directory>/corrupt/<step>[.N]` (so the step can be saved again)."""
+    root = epath.Path(self.directory)
+    target = root / "corrupt" / str(step)
+    n = 1
+    while target.exists():
+      target = root / "corrupt" / f"{step}.{n}"
+      n += 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (root / str(step)).rename(target)
+    self._manager.reload()
+    return str(target)
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+
+def move_run_aside(workdir: str, names=("checkpoints", "metrics.jsonl", "tensorboard",
+                                        "config.json")) -> str:
+  """Moves an earlier run's files to `<workdir>/previous/<UTC time>/` (nothing is deleted)."""
+  root = epath.Path(workdir)
+  target = root / "previous" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+  n = 1
+  while target.exists():
+    target = root / "previous" / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.{n}"
+    n += 1
+  target.mkdir(parents=True)
+  for name in names:
+    if (root / name).exists():
+      (root / name).rename(target / name)
+  return str(target)

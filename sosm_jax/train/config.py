@@ -5,7 +5,10 @@ assembles the whole tree and validates it, so a bad value fails at start with it
 """
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
+import numpy as np
 
 from sosm_jax.data import config as data_config
 from sosm_jax.models import config as model_config
@@ -41,6 +44,13 @@ def base_config() -> ml_collections.ConfigDict:
       eval_batches=4, eval_batch_size=8, passkey_examples=8,
       memory_limit_gib=0.0,  # 0 = the device's own limit (where it reports one)
       stop_at_step=0,        # >0: checkpoint and stop at this global step, as on SIGTERM
+      max_update_ratio=1.0,  # reject an update whose norm exceeds this x the parameters' norm
+                             # (an exploding learning rate); 0 = only non-finite values rejected
+      restart=False,         # True: when the workdir's checkpoints cannot be resumed (another
+                             # model or tokenizer, or none readable), move that run aside to
+                             # <workdir>/previous/<time>/ and start at step 0 (never deletes)
+      compile_cache="workdir",  # persistent XLA compilation cache: 'workdir' (<workdir>/
+                             # compile_cache), 'user' (~/.cache/sosm_jax/xla), 'off', or a path
   ))
 
   c.memory = memory_train.default_config()  # memory beyond the window (off by default)
@@ -55,8 +65,21 @@ def _require(ok: bool, key: str, problem: str, fix: str) -> None:
     raise ValueError(f"config.{key}: {problem}; {fix}")
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _ints(values, key: str, low: int, fix: str) -> None:
+  """Every entry of the tuple `values` an int >= low."""
+  for v in tuple(values):
+    _require(_is_int(v), key, f"entry {v!r} of {tuple(values)!r} is not an integer", fix)
+    _require(v >= low, key, f"entry {v} of {tuple(values)!r} is below {low}", fix)
+
+
 def validate_config(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first impossible value and how to fix it."""
+  _require(_is_int(c.seed) and c.seed >= 0, "seed", f"{c.seed!r} is not an integer >= 0",
+           "use e.g. 0")
   model_config.validate_model_config(c.model)
   data_config.validate_data_config(c.data)
   o = c.optimizer
@@ -74,6 +97,14 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   cur = c.curriculum
   _require(cur.tokens_per_step > 0, "curriculum.tokens_per_step", "must be positive",
            "use e.g. 65536")
+  _ints(cur.seq_lens, "curriculum.seq_lens", 1, "write lengths as integers, e.g. (4096, 8192)")
+  _ints(cur.steps, "curriculum.steps", 0, "write step counts as integers, e.g. (1000, 500)")
+  _ints(cur.global_batch, "curriculum.global_batch", 0,
+        "use 0 (from tokens_per_step) or a positive batch per stage")
+  _ints(cur.grad_accum, "curriculum.grad_accum", 1, "use 1 or more micro-batches per stage")
+  _require(_is_int(cur.steps_per_stage) and cur.steps_per_stage >= 0,
+           "curriculum.steps_per_stage", f"{cur.steps_per_stage!r} is not an integer >= 0",
+           "use 0 (curriculum.steps decides) or a step count")
   for remat in tuple(cur.remat):
     _require(remat in _REMATS, "curriculum.remat", f"{remat!r} is unknown", f"use one of {_REMATS}")
   memory_train.validate_config(c)
@@ -86,3 +117,41 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
            "use e.g. 5")
   _require(t.eval_batches >= 0 and t.passkey_examples >= 0, "train.eval_batches/passkey_examples",
            "is negative", "use 0 to switch it off")
+  _require(t.eval_batch_size >= 1, "train.eval_batch_size", f"{t.eval_batch_size} is below 1",
+           "use e.g. 8 (train.eval_batches=0 switches the evaluation off)")
+  _require(t.stop_at_step >= 0, "train.stop_at_step", "is negative", "use 0 (off) or a step")
+  _require(t.max_update_ratio >= 0, "train.max_update_ratio", "is negative",
+           "use 0 (off) or e.g. 1.0")
+  _require(isinstance(t.compile_cache, str) and t.compile_cache != "", "train.compile_cache",
+           f"{t.compile_cache!r} is not a setting", "use 'workdir', 'user', 'off' or a directory")
+
+
+def check_override_flags(argv: list[str], config: ml_collections.ConfigDict,
+                         prefix: str = "config") -> None:
+  """Raises ValueError for a `--config.a.b=...` override that names no key or is given twice.
+
+  An unknown key is named with the closest valid keys of its section, before any traceback
+  from the flag parser; a key given twice would otherwise be merged or silently replaced.
+  """
+  seen = set()
+  for arg in argv[1:]:
+    name = arg.lstrip("-").split("=", 1)[0]
+    if name.startswith("no") and name[2:].startswith(prefix + "."):
+      name = name[2:]
+    if not name.startswith(prefix + "."):
+      continue
+    if name in seen:
+      raise ValueError(f"--{name} is given twice; give each override once")
+    seen.add(name)
+    node, done = config, [prefix]
+    for part in name.split(".")[1:]:
+      if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+        where = ".".join(done)
+        keys = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+        close = difflib.get_close_matches(part, keys, n=3, cutoff=0.5)
+        hint = (f"did you mean {', '.join(f'--{where}.{k}' for k in close)}?" if close
+                else f"{where} has the keys {', '.join(keys)}" if keys
+                else f"{where} is a value, not a section")
+        raise ValueError(f"--{name}: {where} has no key {part!r}; {hint}")
+      node = node[part]
+      done.append(part)

@@ -28,6 +28,8 @@ from sosm_jax.train import curriculum as curriculum_lib
 from sosm_jax.train import memory_train
 from sosm_jax.train import metrics as metrics_lib
 from sosm_jax.train import optimizer as optimizer_lib
+from sosm_jax.train import resume as resume_lib
+from sosm_jax.train import startup_checks
 from sosm_jax.train import state as state_lib
 from sosm_jax.train import step as step_lib
 
@@ -93,12 +95,14 @@ def _abstract_batch(stage: curriculum_lib.Stage, sharding) -> dict[str, jax.Shap
 
 
 def compile_stage_step(model, optimizer, schedule, stage, abstract_state, state_sh, mesh,
-                       memory_limit_bytes: int | None, memory=None):
+                       memory_limit_bytes: int | None, memory=None, max_update_ratio: float = 0.0):
   """Compiles the stage's train step ahead of time and checks its memory analysis fits.
 
   memory: a `memory_train.MemoryTraining` (the batch then also holds the retrieved memory).
+  max_update_ratio: see `step.make_train_step`.
   """
-  train_step = step_lib.make_train_step(model.loss, optimizer, schedule, stage.grad_accum)
+  train_step = step_lib.make_train_step(model.loss, optimizer, schedule, stage.grad_accum,
+                                        max_update_ratio)
   batch_sh = batch_sharding(mesh)
   jitted = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, replicated_sharding(mesh)), donate_argnums=0)
@@ -136,8 +140,7 @@ def evaluate_stage(model, params, config, tokenizer, stage, mesh) -> dict[str, f
   """Validation loss at the stage's length, and the passkey check at that length."""
   out = {}
   eval_step = jax.jit(step_lib.make_eval_step(model.loss))
-  batch_size = max(data_parallel_size(mesh), min(stage.global_batch, config.train.eval_batch_size))
-  batch_size -= batch_size % data_parallel_size(mesh)
+  batch_size = _eval_batch_size(config, stage, mesh)
   if config.train.eval_batches > 0:
     pipeline = _make_pipeline(config, tokenizer, mesh, stage.seq_len, batch_size, "validation")
     sums = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
@@ -170,8 +173,46 @@ def _log_line(step: int, rec: dict[str, Any]) -> str:
   return f"step {step}: " + ", ".join(f"{k}={rec[k]:.4g}" for k in keys if rec.get(k) is not None)
 
 
+def setup_compile_cache(setting: str, workdir: str) -> str | None:
+  """Turns on JAX's persistent compilation cache (`config.train.compile_cache`); returns its dir.
+
+  A resume (or a second run of the same stages) then loads each stage's step instead of
+  compiling it again. A cache directory already configured for this process (e.g. by
+  JAX_COMPILATION_CACHE_DIR) is kept; 'off' leaves JAX's setting as it is.
+  """
+  if setting == "off":
+    return None
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  path = {"workdir": os.path.join(workdir, "compile_cache"),
+          "user": os.path.join(os.path.expanduser("~"), ".cache", "sosm_jax", "xla")}.get(setting,
+                                                                                        setting)
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
+def _eval_batch_size(config, stage, mesh) -> int:
+  dp = data_parallel_size(mesh)
+  size = max(dp, min(stage.global_batch, config.train.eval_batch_size))
+  return size - size % dp
+
+
+def _write_config(config, workdir: str) -> None:
+  """config.json of the run as it is run (its real workdir), once the resume is decided."""
+  record = ml_collections.ConfigDict(config.to_dict())
+  record.workdir = workdir
+  (epath.Path(workdir) / "config.json").write_text(record.to_json_best_effort(indent=2))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
-  """Runs (or resumes) the curriculum in `config`, writing everything under `workdir`."""
+  """Runs (or resumes) the curriculum in `config`, writing everything under `workdir`.
+
+  Before anything is compiled: the config is validated, every stage's data is read once and the
+  checkpoints in `workdir` are examined (`resume.decide`: a run of another model is refused,
+  not overwritten). A checkpoint whose save has started is committed before any exit, errors
+  included.
+  """
   config_lib.validate_config(config)
   maybe_initialize_distributed(config.distributed)
   is_writer = jax.process_index() == 0
@@ -188,128 +229,191 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, n_steps)
   base_model = models.build_model(config.model)
   init_params = lambda: base_model.init(jax.random.key(config.seed), 1, config.model.chunk_size)
+  startup_checks.check_stage_inputs(
+      config, stages, 0,
+      lambda n, b, split: _make_pipeline(config, tokenizer, mesh, n, b, split),
+      lambda stage: _eval_batch_size(config, stage, mesh))
+  setup_compile_cache(config.train.compile_cache, workdir)
 
   if is_writer:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local folder or gs://BUCKET/PATH
-    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       keep=config.train.keep_checkpoints)
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=config.train.keep_checkpoints)
+  memory = (memory_train.MemoryTraining(config, checkpointer.directory)
+            if config.memory.enabled else None)   # streams read segment by segment
   memory_limit = (int(config.train.memory_limit_gib * 2**30) if config.train.memory_limit_gib > 0
                   else metrics_lib.device_memory_limit_bytes())
-  peak_flops = metrics_lib.peak_flops_per_device()
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES), _StopSignal() as stop:
     state_sh = state_lib.state_shardings(init_params, optimizer, mesh)
     abstract_state = state_lib.abstract_train_state(state_sh, init_params, optimizer)
-    restored = checkpointer.restore_latest(abstract_state)
-    if restored is not None:
-      state, meta, saved_step = restored
-      data_lib.check_tokenizer_identity(meta["tokenizer"], tokenizer.identity())
-      data_state = meta.get("data_state")
-      logging.info("resumed from checkpoint %d in %s", saved_step, checkpointer.directory)
-      if is_writer:
-        print(f"Resuming from step {saved_step} ({checkpointer.directory})", flush=True)
+    try:
+      resumed = resume_lib.decide(checkpointer, abstract_state, workdir=workdir,
+                                  model=config.model.to_dict(), tokenizer=tokenizer.identity(),
+                                  restart=config.train.restart,
+                                  verify=memory.verify if memory is not None else None)
+    except BaseException:
+      checkpointer.close()
+      raise
+    if resumed is not None and resumed.moved_to is not None:   # restart: a fresh directory
+      checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=config.train.keep_checkpoints)
+      resumed = None
+    redo_eval = None
+    if resumed is not None:
+      state, data_state = resumed.state, resumed.meta.get("data_state")
+      redo_eval = resumed.meta.get("pending_eval")
+      if memory is not None:
+        memory.resume_step = resumed.step
+      logging.info("resumed from checkpoint %d in %s", resumed.step, checkpointer.directory)
     else:
       state, data_state = state_lib.create_train_state(init_params, optimizer, state_sh), None
-    memory = None
-    if config.memory.enabled:   # streams read segment by segment with a host memory
-      memory = memory_train.MemoryTraining(config, checkpointer.directory,
-                                           None if restored is None else saved_step)
+    if memory is not None:
       checkpointer.on_save.append(memory.save)
-    step = int(jax.device_get(state.step))
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    writer.write(step, {"num_params": num_params, "devices": jax.device_count()}, kind="run")
-
-    def meta_for(data_state_now, stage_index):
-      return {"data_state": data_state_now, "stage": stage_index,
-              "tokenizer": tokenizer.identity(), "config": config.to_dict()}
-
-    bar = tqdm(total=n_steps, initial=step, disable=not (is_writer and sys.stderr.isatty()),
-               unit="step", dynamic_ncols=True)
-    last: dict[str, Any] = {}
-    status = "finished"
-    for stage in stages:
-      if step >= stage.end_step:
-        continue
-      model = models.build_model(_stage_model_config(config, stage))
-      compiled, compile_info = compile_stage_step(model, optimizer, schedule, stage,
-                                                  abstract_state, state_sh, mesh, memory_limit,
-                                                  memory)
-      writer.write(step, {"stage": stage.index, "seq_len": stage.seq_len,
-                          "global_batch": stage.global_batch, **compile_info}, kind="stage")
-      if is_writer:
-        bar.write(f"{stage.name}: {stage.global_batch} sequences per step in {stage.grad_accum} "
-                  f"micro-batch(es), remat '{stage.remat}'; compiled in "
-                  f"{compile_info['compile_seconds']:.1f}s" +
-                  (f", {compile_info['compiled_memory_gib']:.2f} GiB per device"
-                   if "compiled_memory_gib" in compile_info else ""))
-      bar.set_description(f"stage {stage.index} · {stage.seq_len} tokens")
-      if memory is None:
-        pipeline = _make_pipeline(config, tokenizer, mesh, stage.seq_len, stage.global_batch,
-                                  "train", start_state=data_state)
-      else:
-        pipeline = memory.stage_feeder(model, stage, lambda n, b, st: _make_pipeline(
-            config, tokenizer, mesh, n, b, "train", start_state=st), data_state)
-      flops_per_step = model.flops_per_token(stage.seq_len) * stage.tokens_per_step
-      # Metrics are read one step late so the host never waits for the step it just dispatched.
-      pending, streak = None, 0
-      window_start, window_steps = time.perf_counter(), 0
-      while step < stage.end_step:
-        local = next(pipeline) if memory is None else pipeline.next_batch(state.params)
-        batch = _global_batch(local, batch_sharding(mesh))
-        data_state = pipeline.get_state()
-        state, metrics = compiled(state, batch)
-        if memory is not None:
-          pipeline.after_dispatch()  # the host memory add overlaps the step
-        step += 1
-        window_steps += 1
-        if pending is not None:
-          last, streak = _consume(pending, streak, step - 1, writer, bar, stage)
-        pending = metrics
-        if streak >= config.train.max_nonfinite_steps:
-          checkpointer.save(step, state, meta_for(data_state, stage.index), wait=True)
-          raise NonFiniteLoss(
-              f"{streak} consecutive steps had a non-finite loss or gradient (last at step "
-              f"{step - 1}); parameters from before them are saved as checkpoint {step} in "
-              f"{checkpointer.directory}. Lower optimizer.learning_rate or raise "
-              f"optimizer.warmup_steps, then resume.")
-        if step % config.train.log_every == 0 or step == stage.end_step:
-          jax.block_until_ready(metrics)
-          elapsed = time.perf_counter() - window_start
-          rate = {"step_time": elapsed / window_steps,
-                  "tokens_per_second": window_steps * stage.tokens_per_step / elapsed}
-          if peak_flops:
-            rate["mfu"] = flops_per_step * window_steps / elapsed / (peak_flops * jax.device_count())
-          rate.update(metrics_lib.device_memory())
-          last, streak = _consume(pending, streak, step, writer, bar, stage, rate=rate)
-          pending = None
-          window_start, window_steps = time.perf_counter(), 0
-        if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
-          checkpointer.save(step, state, meta_for(data_state, stage.index))
-        if stop.received is not None or step == config.train.stop_at_step:
-          checkpointer.save(step, state, meta_for(data_state, stage.index), wait=True)
-          status = "interrupted"
-          break
-      if pending is not None:
-        last, streak = _consume(pending, streak, step, writer, bar, stage)
-      writer.write(step, {"stage": stage.index, **pipeline.stats()}, kind="data")
-      pipeline.close()
-      if status == "interrupted":
-        break
-      checkpointer.save(step, state, meta_for(data_state, stage.index))
-      evals = evaluate_stage(model, state.params, config, tokenizer, stage, mesh)
-      writer.write(step, {"stage": stage.index, "seq_len": stage.seq_len, **evals}, kind="eval")
-      last.update(evals)
-      if is_writer:
-        bar.write(f"{stage.name} done at step {step}: " +
-                  ", ".join(f"{k}={v:.4g}" for k, v in evals.items()))
-    bar.close()
+    if is_writer:
+      _write_config(config, workdir)
+      if resumed is not None:
+        dropped = metrics_lib.drop_replayed(workdir, resumed.step, redo_eval)
+        print(f"Resuming from step {resumed.step} ({checkpointer.directory})" +
+              (f"; {dropped} metric records after it will be written again" if dropped else ""),
+              flush=True)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
+    try:
+      result = _run_stages(config, workdir, stages, n_steps, state, data_state, redo_eval,
+                           tokenizer, optimizer, schedule, abstract_state, state_sh, mesh,
+                           memory_limit, memory, checkpointer, writer, stop, is_writer)
+    except BaseException:
+      _commit_pending(checkpointer)
+      writer.close()
+      raise
     checkpointer.close()
   writer.close()
-  if status == "interrupted" and is_writer:
-    print(f"Stopped at step {step} ({'signal' if stop.received else 'train.stop_at_step'}); "
+  if result.status == "interrupted" and is_writer:
+    print(f"Stopped at step {result.step} ({'signal' if stop.received else 'train.stop_at_step'}); "
           f"checkpoint saved. Run the same command to resume.", flush=True)
+  return result
+
+
+def _commit_pending(checkpointer) -> None:
+  """On an error: lets a checkpoint whose save started finish (reporting, not raising, its own
+  failure, so that the original error is the one raised)."""
+  try:
+    checkpointer.close()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.error("while stopping on an error: %s", e)
+    print(f"While stopping: {e}", file=sys.stderr, flush=True)
+
+
+def _run_stages(config, workdir, stages, n_steps, state, data_state, redo_eval, tokenizer,
+                optimizer, schedule, abstract_state, state_sh, mesh, memory_limit, memory,
+                checkpointer, writer, stop, is_writer) -> RunResult:
+  """The curriculum from `state`'s step to the end (or a stop); see `train`."""
+  step = int(jax.device_get(state.step))
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  writer.write(step, {"num_params": num_params, "devices": jax.device_count(),
+                      "resumed": step > 0}, kind="run")
+  peak_flops = metrics_lib.peak_flops_per_device()
+
+  def meta_for(data_state_now, stage):
+    return {"data_state": data_state_now, "stage": stage.index,
+            "pending_eval": stage.index if step == stage.end_step else None,
+            "tokenizer": tokenizer.identity(), "config": config.to_dict()}
+
+  def end_of_stage_eval(stage, model):
+    evals = evaluate_stage(model, state.params, config, tokenizer, stage, mesh)
+    writer.write(step, {"stage": stage.index, "seq_len": stage.seq_len, **evals}, kind="eval")
+    if is_writer:
+      bar.write(f"{stage.name} done at step {step}: " +
+                ", ".join(f"{k}={v:.4g}" for k, v in evals.items()))
+    return evals
+
+  bar = tqdm(total=n_steps, initial=step, disable=not (is_writer and sys.stderr.isatty()),
+             unit="step", dynamic_ncols=True)
+  last: dict[str, Any] = {}
+  status = "finished"
+  if redo_eval is not None and redo_eval < len(stages) and step == stages[redo_eval].end_step:
+    # the stage-end evaluation was interrupted (or failed): it is done now
+    stage = stages[redo_eval]
+    last.update(end_of_stage_eval(stage, models.build_model(_stage_model_config(config, stage))))
+  for stage in stages:
+    if step >= stage.end_step:
+      continue
+    model = models.build_model(_stage_model_config(config, stage))
+    compiled, compile_info = compile_stage_step(model, optimizer, schedule, stage,
+                                                abstract_state, state_sh, mesh, memory_limit,
+                                                memory, config.train.max_update_ratio)
+    writer.write(step, {"stage": stage.index, "seq_len": stage.seq_len,
+                        "global_batch": stage.global_batch, **compile_info}, kind="stage")
+    if is_writer:
+      bar.write(f"{stage.name}: {stage.global_batch} sequences per step in {stage.grad_accum} "
+                f"micro-batch(es), remat '{stage.remat}'; compiled in "
+                f"{compile_info['compile_seconds']:.1f}s" +
+                (f", {compile_info['compiled_memory_gib']:.2f} GiB per device"
+                 if "compiled_memory_gib" in compile_info else ""))
+    bar.set_description(f"stage {stage.index} · {stage.seq_len} tokens")
+    if memory is None:
+      pipeline = _make_pipeline(config, tokenizer, mesh, stage.seq_len, stage.global_batch,
+                                "train", start_state=data_state)
+    else:
+      pipeline = memory.stage_feeder(model, stage, lambda n, b, st: _make_pipeline(
+          config, tokenizer, mesh, n, b, "train", start_state=st), data_state)
+    flops_per_step = model.flops_per_token(stage.seq_len) * stage.tokens_per_step
+    # Metrics are read one step late so the host never waits for the step it just dispatched;
+    # before a checkpoint they are all written (a resume never writes a step's record twice).
+    pending, streak = None, 0
+    window_start, window_steps = time.perf_counter(), 0
+    if stop.received is not None:   # a signal while compiling: stop before the first step
+      checkpointer.save(step, state, meta_for(data_state, stage), wait=True)
+      status = "interrupted"
+    while step < stage.end_step and status != "interrupted":
+      local = next(pipeline) if memory is None else pipeline.next_batch(state.params)
+      batch = _global_batch(local, batch_sharding(mesh))
+      data_state = pipeline.get_state()
+      state, metrics = compiled(state, batch)
+      if memory is not None:
+        pipeline.after_dispatch()  # the host memory add overlaps the step
+      checkpointer.check()         # a failed async save stops training now
+      step += 1
+      window_steps += 1
+      if pending is not None:
+        last, streak = _consume(pending, streak, step - 1, writer, bar, stage)
+      pending = metrics
+      if streak >= config.train.max_nonfinite_steps:
+        kept = step - int(jax.device_get(state.nonfinite_streak))
+        checkpointer.save(step, state, meta_for(data_state, stage), wait=True)
+        raise NonFiniteLoss(
+            f"{streak} consecutive updates were rejected (a non-finite loss, gradient or "
+            f"parameters, or an update larger than train.max_update_ratio="
+            f"{config.train.max_update_ratio} x the parameters' norm; last at step {step - 1}). "
+            f"No rejected update was applied: checkpoint {step} in {checkpointer.directory} holds "
+            f"the parameters after step {kept}. Lower optimizer.learning_rate or raise "
+            f"optimizer.warmup_steps, then run again to resume from it.")
+      saving = ((config.train.checkpoint_every and step % config.train.checkpoint_every == 0)
+                or stop.received is not None or step == config.train.stop_at_step)
+      if step % config.train.log_every == 0 or step == stage.end_step or saving:
+        jax.block_until_ready(metrics)
+        elapsed = time.perf_counter() - window_start
+        rate = {"step_time": elapsed / window_steps,
+                "tokens_per_second": window_steps * stage.tokens_per_step / elapsed}
+        if peak_flops:
+          rate["mfu"] = flops_per_step * window_steps / elapsed / (peak_flops * jax.device_count())
+        rate.update(metrics_lib.device_memory())
+        last, streak = _consume(pending, streak, step, writer, bar, stage, rate=rate)
+        pending = None
+        window_start, window_steps = time.perf_counter(), 0
+      if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
+        checkpointer.save(step, state, meta_for(data_state, stage))
+      if stop.received is not None or step == config.train.stop_at_step:
+        checkpointer.save(step, state, meta_for(data_state, stage), wait=True)
+        status = "interrupted"
+    if pending is not None:
+      last, streak = _consume(pending, streak, step, writer, bar, stage)
+    writer.write(step, {"stage": stage.index, **pipeline.stats()}, kind="data")
+    pipeline.close()
+    if status == "interrupted":
+      break
+    checkpointer.save(step, state, meta_for(data_state, stage))
+    last.update(end_of_stage_eval(stage, model))
+  bar.close()
   return RunResult(step=step, status=status, last_metrics=last, workdir=workdir)
 
 

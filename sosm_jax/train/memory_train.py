@@ -39,7 +39,8 @@ import numpy as np
 from absl import logging
 
 from sosm_jax.memory.segments import SegmentRunner, memory_layer_indices
-from sosm_jax.memory.store import MEMORY_DEFAULTS, validate_memory_config
+from sosm_jax.memory.store import MEMORY_DEFAULTS, HostMemory, validate_memory_config
+from sosm_jax.train.resume import CorruptCheckpoint
 
 TRAIN_KEYS = dict(enabled=False, segments=4, layers=(), prefetch=False)
 _BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -223,6 +224,25 @@ class SegmentFeeder:
                      f"checkpoint to resume from an earlier one")
 
 
+def needs_memory(data_state, segments: int) -> bool:
+  """Whether resuming at `data_state` continues a row, so needs the memory saved with it."""
+  return (isinstance(data_state, dict) and bool(data_state.get("memory_rows"))
+          and 0 < int(data_state.get("segment", 0)) < int(segments))
+
+
+def check_saved_memory(directory: str) -> None:
+  """Loads every stream's memory under `directory` (layer_<i>/stream_<j>); ValueError naming a
+  missing or damaged file."""
+  if not os.path.isdir(directory):
+    raise ValueError(f"{directory}: the host memory saved with this checkpoint is missing")
+  layers = sorted(n for n in os.listdir(directory) if n.startswith("layer_"))
+  if not layers:
+    raise ValueError(f"{directory}: holds no layer_<i> memory")
+  for layer in layers:
+    for stream in sorted(os.listdir(os.path.join(directory, layer))):
+      HostMemory.load(os.path.join(directory, layer, stream))
+
+
 class MemoryTraining:
   """The loop's hooks: a feeder per stage, the abstract memory inputs, save/restore with checkpoints."""
 
@@ -234,6 +254,15 @@ class MemoryTraining:
     self.checkpoint_dir = checkpoint_dir
     self.resume_step = resume_step
     self.feeder: SegmentFeeder | None = None
+
+  def verify(self, step: int, meta: dict) -> None:
+    """Raises CorruptCheckpoint if resuming checkpoint `step` needs its memory and that is bad."""
+    if not needs_memory(meta.get("data_state"), self.cfg.segments):
+      return
+    try:
+      check_saved_memory(memory_dir(self.checkpoint_dir, step))
+    except ValueError as e:
+      raise CorruptCheckpoint(str(e)) from None
 
   def stage_feeder(self, model, stage, make_pipeline, start_state) -> SegmentFeeder:
     """make_pipeline(seq_len, global_batch, start_state) -> Pipeline."""
@@ -258,13 +287,19 @@ class MemoryTraining:
     return {"memory": {i: (kv, kv, mask) for i in layers}}
 
   def save(self, step: int) -> None:
-    """Checkpointer hook: the current memory beside checkpoint `step`; drops that of deleted ones."""
+    """Checkpointer hook: the current memory beside checkpoint `step`; drops that of deleted ones.
+
+    Written to `<step>.tmp` and renamed, so a memory folder is either complete or absent.
+    """
     if self.feeder is None:
       return
     target = memory_dir(self.checkpoint_dir, step)
-    if os.path.exists(target):
-      shutil.rmtree(target)
-    self.feeder.save(target)
+    partial = target + ".tmp"
+    for path in (partial, target):
+      if os.path.exists(path):
+        shutil.rmtree(path)
+    self.feeder.save(partial)
+    os.replace(partial, target)
     root = os.path.dirname(target)
     kept = {str(s) for s in _orbax_steps(self.checkpoint_dir)} | {str(int(step))}
     for name in os.listdir(root):

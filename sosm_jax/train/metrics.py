@@ -47,6 +47,38 @@ def _scalar(value: Any):
   return value.item() if value.size == 1 else value.tolist()
 
 
+def drop_replayed(workdir: str, step: int, redo_eval_stage: int | None = None) -> int:
+  """Before resuming at checkpoint `step`: removes the records the resumed run will write again.
+
+  Those are records after `step`, stage records at `step` (the stage is compiled again) and,
+  when the stage-end evaluation of stage `redo_eval_stage` is redone, its eval record. Returns
+  how many records were dropped. Only the writing process calls this.
+  """
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return 0
+  kept, dropped = [], 0
+  for line in path.read_text().splitlines(keepends=True):
+    try:
+      rec = json.loads(line)
+    except ValueError:   # a line cut short by a kill: dropped
+      dropped += 1
+      continue
+    again = (rec.get("step", 0) > step
+             or (rec.get("step") == step and rec.get("kind") == "stage")
+             or (rec.get("step") == step and rec.get("kind") == "eval"
+                 and redo_eval_stage is not None and rec.get("stage") == redo_eval_stage))
+    if again:
+      dropped += 1
+    else:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if dropped:   # written beside and renamed: a kill now leaves the old or the new file
+    partial = path.parent / "metrics.jsonl.tmp"
+    partial.write_text("".join(kept))
+    partial.replace(path)
+  return dropped
+
+
 class MetricsWriter:
   """Appends one JSON object per record to `metrics.jsonl` and mirrors scalars to TensorBoard.
 

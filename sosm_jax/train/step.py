@@ -52,19 +52,27 @@ def _loss_and_grads(loss_fn: LossFn, params, batch: Batch, grad_accum: int):
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum: int = 1):
+                    schedule: optax.Schedule, grad_accum: int = 1, max_update_ratio: float = 0.0):
   """Returns `train_step(state, batch) -> (state, metrics)`.
 
-  A step whose loss or gradient norm is not finite leaves parameters and optimizer state unchanged
-  (the step counter still advances: its batch was consumed) and increments the non-finite streak.
+  The update is kept only if the loss, the gradient norm and the updated parameters are finite
+  and, with `max_update_ratio > 0`, the update's norm is at most that fraction of the
+  parameters' norm (an exploding learning rate gives finite but useless parameters). A step that
+  fails this leaves parameters and optimizer state unchanged (the step counter still advances:
+  its batch was consumed) and increments the non-finite streak; metrics['finite'] says which.
   """
 
   def train_step(state: TrainState, batch: Batch):
     loss, metrics, grads = _loss_and_grads(loss_fn, state.params, batch, grad_accum)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    update_norm = optax.tree.norm(updates)
+    param_norm = optax.tree.norm(state.params)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+              & jnp.isfinite(optax.tree.norm(new_params)))
+    if max_update_ratio > 0:
+      finite &= update_norm <= max_update_ratio * param_norm
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
     new_state = state.replace(
@@ -76,6 +84,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     )
     out = {"loss": loss, "accuracy": metrics["accuracy"], "grad_norm": grad_norm,
            "learning_rate": schedule(state.step), "finite": finite,
+           "update_ratio": update_norm / jnp.maximum(param_norm, 1e-30),
            "loss_tokens": metrics["tokens"]}
     return new_state, out
 
