@@ -28,6 +28,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", "", "TPU topology (v5p:4x4x4, v5e:4x
                                 "accelerator type (v5p-128); '' = the local devices")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "TPU slices of the topology (multi-slice)")
 _STAGES = flags.DEFINE_list("stages", [], "stage indices to compile (default: all)")
+_DUMP_DIR = flags.DEFINE_string("dump_dir", "", "also write each stage's compiled HLO and report "
+                                "here (aot.load_report reads them back)")
 
 
 def main(argv):
@@ -59,7 +61,7 @@ def main(argv):
   if limit is None and not _TOPOLOGY.value:
     limit = metrics.device_memory_limit_bytes()  # a GPU's own limit; None on a CPU
   reports = aot.compile_curriculum(config, mesh, stages=stages, memory_limit=limit,
-                                   on_stage=on_stage)
+                                   on_stage=on_stage, dump_dir=_DUMP_DIR.value)
   say(aot.format_reports(reports, dict(mesh.shape)), flush=True)
   return 1 if any(r.fits is False for r in reports) else 0
 

@@ -85,6 +85,20 @@ def test_bad_topology_and_platform_choices_are_named():
     aot.model_config_for_platform(cfg, "tpu")
 
 
+def test_splash_kernel_flops_count_the_computed_blocks():
+  """Causal attention at 1024 tokens in 512-token blocks computes 3 of 4 blocks; a call of the
+  forward kernel does 2 products per block, dq 3 and dkv 4, for this chip's rows and heads."""
+  cfg = ml_collections.ConfigDict(dict(attn_num_heads=8, attn_num_kv_heads=4, attn_head_dim=64,
+                                       attn_block_size=512, attn_window=0))
+  stage = aot.curriculum_lib.Stage(0, 1024, 1, 32, 2, "none", 1e4, 0)   # micro-batch of 16 rows
+  calls = {"splash_mha_fwd_residuals": 3, "splash_mha_dq_no_residuals": 1,
+           "splash_mha_dkv_no_residuals": 1}
+  flops = aot.splash_flops(cfg, stage, {"data": 4, "fsdp": 2, "tensor": 2}, calls)
+  product = 2 * 3 * 512**2 * 64 * (8 // 2) * (16 // 8)
+  assert flops == (3 * 2 + 3 + 4) * product
+  assert aot.splash_flops(cfg, stage, {"data": 8}, {"other_kernel": 2}) == 0
+
+
 def test_chip_table():
   kinds = {"TPU v5": "TPU v5p", "TPU v5 lite": "TPU v5e", "TPU v6 lite": "TPU v6e",
            "TPU v4": "TPU v4"}
@@ -112,13 +126,16 @@ def test_preflight_on_local_devices_reports_and_refuses_a_stage_that_does_not_fi
 def test_fixes_name_fsdp_when_the_state_dominates():
   stage = aot.curriculum_lib.Stage(3, 32768, 10, 16, 8, "full", 1e4, 0)
   chip = aot.CHIPS["v5e"]
-  report = aot.StageReport(stage, 16, 1.0, 0.5 * chip.hbm_bytes, 0.0, 0.0, 0.6 * chip.hbm_bytes,
-                           1e12, 1e12, hlo_stats.HloStats(flops=1e12), chip)
+  report = aot.StageReport(stage=stage, devices=16, compile_seconds=1.0,
+                           argument_bytes=0.5 * chip.hbm_bytes, output_bytes=0.0, alias_bytes=0.0,
+                           temp_bytes=0.6 * chip.hbm_bytes, model_flops=1e12, kernel_flops=2e11,
+                           xla_flops=1e11, hlo=hlo_stats.HloStats(flops=8e11), chip=chip)
   assert report.fits is False
   fixes = report.fixes({"data": 16, "fsdp": 1, "tensor": 1})
   assert fixes[0].startswith("fsdp") and "grad_accum" not in " ".join(fixes)  # 1 row per chip
   roof = report.roofline()
   assert roof["step"] == pytest.approx(1e12 / chip.peak_flops) and roof["mfu"] == pytest.approx(1)
+  assert report.compute_flops == 1e12
 
 
 @tpu
@@ -138,7 +155,7 @@ def test_tiny_step_compiles_for_a_tpu_topology_with_data_and_fsdp():
   assert report.fits and 0 < report.memory_bytes < 2**30
   assert {"all-gather", "all-reduce"} <= set(report.hlo.collectives) or (
       "reduce-scatter" in report.hlo.collectives)
-  assert report.hlo.flops >= report.model_flops > 0
+  assert report.kernel_flops > 0 and report.compute_flops >= report.model_flops > 0
   assert report.roofline()["step"] > 0
   assert "roofline ms" in aot.format_reports([report], dict(mesh.shape))
 

@@ -13,6 +13,7 @@ sharding and the donated state), so what compiles here is what `launch/train.py`
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import time
@@ -191,6 +192,7 @@ class StageReport:
   alias_bytes: float         # donated state reused for the new one
   temp_bytes: float          # activations, gradients, workspace
   model_flops: float         # analytic training FLOPs per step per chip (MFU's numerator)
+  kernel_flops: float        # FLOPs of the Pallas kernels (splash attention) per step per chip
   xla_flops: float           # XLA's cost analysis (each loop body counted once)
   hlo: HloStats              # matmul FLOPs, HBM bytes, collectives with loop trip counts
   chip: Chip | None = None
@@ -199,6 +201,11 @@ class StageReport:
   @property
   def memory_bytes(self) -> float:
     return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+  @property
+  def compute_flops(self) -> float:
+    """Matmul FLOPs of the compiled program plus those of its kernels, per chip per step."""
+    return self.hlo.flops + self.kernel_flops
 
   @property
   def limit_bytes(self) -> float | None:
@@ -213,7 +220,7 @@ class StageReport:
     traffic at full bandwidth and the collectives at the ICI bandwidth (perfect overlap)."""
     if self.chip is None:
       return None
-    times = {"compute": self.hlo.flops / self.chip.peak_flops,
+    times = {"compute": self.compute_flops / self.chip.peak_flops,
              "hbm": self.hlo.hbm_bytes / self.chip.hbm_bandwidth,
              "ici": (self.hlo.collective_bytes / self.chip.ici_bandwidth
                      if self.chip.ici_bandwidth else 0.0)}
@@ -246,6 +253,42 @@ class StageReport:
     return out
 
 
+# Matmuls of one call of each splash attention kernel, in [block x block x head_dim] products per
+# computed block: the forward does QK^T and PV; the dq kernel recomputes QK^T, then dP = dO V^T
+# and dQ = dS K; the dkv kernel recomputes QK^T, then dP, dV = P^T dO and dK = dS^T Q.
+_SPLASH_MATMULS = (("splash_mha_fwd", 2), ("splash_mha_dq", 3), ("splash_mha_dkv", 4))
+
+
+def splash_flops(model_cfg, stage: curriculum_lib.Stage, mesh_shape: dict[str, int],
+                 custom_calls: dict[str, float]) -> float:
+  """FLOPs per chip of the splash attention kernel calls in a compiled step (XLA sees none).
+
+  Each call covers this chip's rows of a micro-batch and its heads; the kernels compute whole
+  blocks: the causal block triangle (or the blocks a sliding window touches).
+  """
+  calls = {unit: sum(n for name, n in custom_calls.items() if name.startswith(prefix))
+           for prefix, unit in _SPLASH_MATMULS}
+  if not any(calls.values()):
+    return 0.0
+  dp = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+  micro = stage.global_batch // stage.grad_accum
+  rows = micro // dp if micro % dp == 0 else micro
+  tp = mesh_shape.get("tensor", 1)
+  h, kv = model_cfg.attn_num_heads, model_cfg.attn_num_kv_heads
+  heads = h // tp if h % tp == 0 and kv % tp == 0 else h
+  t = stage.seq_len
+  block = min(_round_up(model_cfg.attn_block_size, 128), _round_up(t, 128))
+  n = -(-t // block)
+  window = model_cfg.attn_window
+  per_row = (n * (n + 1) // 2 if window <= 0 else n * min(n, -(-window // block) + 1)) * block**2
+  product = 2.0 * per_row * model_cfg.attn_head_dim * heads * rows
+  return sum(unit * n_calls * product for unit, n_calls in calls.items())
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
 def compile_stage(config, stage: curriculum_lib.Stage, mesh: Mesh, *,
                   platform: str | None = None, memory_limit: float | None = None):
   """Lowers and compiles one stage's train step on `mesh`: (compiled, StageReport).
@@ -273,7 +316,10 @@ def compile_stage(config, stage: curriculum_lib.Stage, mesh: Mesh, *,
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), rules:
     state_sh = state_lib.state_shardings(init_params, optimizer, mesh)
     abstract_state = state_lib.abstract_train_state(state_sh, init_params, optimizer)
-    train_step = step_lib.make_train_step(model.loss, optimizer, schedule, stage.grad_accum)
+    # The trainer's step options beyond grad_accum (where this version of the config has them).
+    options = {k: config.train[k] for k in ("max_update_ratio",) if k in config.train}
+    train_step = step_lib.make_train_step(model.loss, optimizer, schedule, stage.grad_accum,
+                                          **options)
     batch_sh = batch_sharding(mesh)
     jitted = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
                      out_shardings=(state_sh, replicated_sharding(mesh)), donate_argnums=0)
@@ -283,6 +329,7 @@ def compile_stage(config, stage: curriculum_lib.Stage, mesh: Mesh, *,
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   n = mesh.devices.size
+  stats = hlo_stats(compiled.as_text())
   report = StageReport(
       stage=stage, devices=n, compile_seconds=seconds,
       argument_bytes=float(getattr(mem, "argument_size_in_bytes", 0)),
@@ -290,7 +337,8 @@ def compile_stage(config, stage: curriculum_lib.Stage, mesh: Mesh, *,
       alias_bytes=float(getattr(mem, "alias_size_in_bytes", 0)),
       temp_bytes=float(getattr(mem, "temp_size_in_bytes", 0)),
       model_flops=model.flops_per_token(stage.seq_len) * stage.tokens_per_step / n,
-      xla_flops=float(cost.get("flops", 0.0)), hlo=hlo_stats(compiled.as_text()),
+      kernel_flops=splash_flops(model.cfg, stage, dict(mesh.shape), stats.custom_calls),
+      xla_flops=float(cost.get("flops", 0.0)), hlo=stats,
       chip=chip_of(first), memory_limit=memory_limit)
   return compiled, report
 
@@ -303,18 +351,45 @@ def _stages(config, mesh: Mesh) -> list[curriculum_lib.Stage]:
 
 def compile_curriculum(config, mesh: Mesh, *, stages: Sequence[int] | None = None,
                        platform: str | None = None, memory_limit: float | None = None,
-                       on_stage=None) -> list[StageReport]:
+                       on_stage=None, dump_dir: str = "") -> list[StageReport]:
   """Compiles every stage (or the given stage indices) of `config` on `mesh`; on_stage(report)
-  is called as each one finishes (for printing progress)."""
+  is called as each one finishes (for printing progress). dump_dir: also write each stage's
+  compiled HLO text and report there (`load_report` reads them back)."""
   reports = []
   for stage in _stages(config, mesh):
     if stages is not None and stage.index not in stages:
       continue
-    _, report = compile_stage(config, stage, mesh, platform=platform, memory_limit=memory_limit)
+    compiled, report = compile_stage(config, stage, mesh, platform=platform,
+                                     memory_limit=memory_limit)
+    if dump_dir:
+      dump_report(report, compiled.as_text(), dump_dir)
     reports.append(report)
     if on_stage is not None:
       on_stage(report)
   return reports
+
+
+def dump_report(report: StageReport, hlo_text: str, directory: str) -> None:
+  """Writes stage<i>.hlo.txt and stage<i>.json (the report without its HLO statistics)."""
+  os.makedirs(directory, exist_ok=True)
+  base = os.path.join(directory, f"stage{report.stage.index}")
+  with open(base + ".hlo.txt", "w", encoding="utf-8") as f:
+    f.write(hlo_text)
+  fields = {k: v for k, v in dataclasses.asdict(report).items() if k != "hlo"}
+  with open(base + ".json", "w", encoding="utf-8") as f:
+    json.dump(fields, f, indent=1)
+
+
+def load_report(directory: str, index: int) -> StageReport:
+  """A report written by `dump_report`, its HLO statistics computed again from the HLO text."""
+  base = os.path.join(directory, f"stage{index}")
+  with open(base + ".json", encoding="utf-8") as f:
+    fields = json.load(f)
+  with open(base + ".hlo.txt", encoding="utf-8") as f:
+    stats = hlo_stats(f.read())
+  fields["stage"] = curriculum_lib.Stage(**fields["stage"])
+  fields["chip"] = Chip(**fields["chip"]) if fields["chip"] else None
+  return StageReport(**fields, hlo=stats)
 
 
 def preflight(config, mesh: Mesh, memory_limit_bytes: float | None = None) -> list[StageReport]:
@@ -360,7 +435,7 @@ def format_reports(reports: Sequence[StageReport], mesh_shape: dict[str, int]) -
     fits = {None: "?", True: "yes", False: "NO"}[r.fits]
     line = (f"{s.index:>5} {s.seq_len:>7} {f'{s.global_batch}x{s.grad_accum}':>9} "
             f"{s.remat:>5} {r.compile_seconds:>7.1f}s {_gib(r.memory_bytes) + hbm:>14} "
-            f"{fits:>4} {r.hlo.flops / 1e12:>10.2f} {r.model_flops / 1e12:>8.2f} "
+            f"{fits:>4} {r.compute_flops / 1e12:>10.2f} {r.model_flops / 1e12:>8.2f} "
             f"{r.hlo.hbm_bytes / 1e9:>7.1f} "
             f"{f'{r.hlo.collective_count:.0f} / {r.hlo.collective_bytes / 1e9:.2f} GB':>17}")
     roof = r.roofline()
@@ -379,7 +454,8 @@ def format_reports(reports: Sequence[StageReport], mesh_shape: dict[str, int]) -
       lines.append(f"stage {r.stage.index} does not fit; fix: {fix}")
   lines.append("mem/chip: compiled memory analysis (arguments + outputs - donated + temporaries). "
                "TFLOP/chip: matmul FLOPs of the compiled program (loops times their trip counts)"
-               "; model TF: analytic training FLOPs (MFU's numerator).")
+               " plus the splash attention kernels' (from their calls and block counts); model "
+               "TF: analytic training FLOPs (MFU's numerator).")
   if chip:
     lines.append(f"roofline ms: an estimate, not a measurement: max(FLOPs / "
                  f"{chip.peak_flops / 1e12:.0f} TFLOP/s, HBM bytes / "

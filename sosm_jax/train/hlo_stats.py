@@ -14,6 +14,7 @@ Counted:
   matmuls, copies, custom calls, collectives ...; not inside a fusion), an estimate in the manner
   of XLA's cost analysis.
 - Collectives: count and payload bytes (largest array of the result) by kind.
+- Custom calls (Pallas kernels) by name, so their FLOPs can be added from what they compute.
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ class HloStats:
   collectives: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # kind: [n, bytes]
   loops: list[int] = dataclasses.field(default_factory=list)  # trip count of each loop met
   unknown_trip_counts: int = 0
+  # custom calls (Pallas / Mosaic kernels, opaque to the counts above) by instruction name
+  # without its numeric suffix, e.g. 'splash_mha_fwd_segmented_residuals': calls per run
+  custom_calls: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def collective_count(self) -> float:
@@ -147,7 +151,20 @@ def _matmul_flops(instr: _Instr, shapes: dict[str, str]) -> float:
   kernel = _dims(shapes.get(instr.operands[1], "")) if len(instr.operands) > 1 else []
   if not m or len(m.group(1)) != len(kernel):
     return 0.0
-  return 2.0 * out * math.prod(n for n, label in zip(kernel, m.group(1)) if label != "o")
+  # Each output element sums over the kernel's input features times the window taps that land
+  # on input elements: with lhs_dilate d a window of w taps meets ceil(w / d) of them (XLA writes
+  # batched matmuls as convolutions over "spatial" batch dims with w = d = the batch size).
+  window = re.search(r"window=\{([^}]*)\}", instr.attrs)
+  dilate = re.search(r"lhs_dilate=([\dx]+)", window.group(1)) if window else None
+  dilate = [int(d) for d in dilate.group(1).split("x")] if dilate else []
+  taps = 1.0
+  for n, label in zip(kernel, m.group(1)):
+    if label == "i":
+      taps *= n
+    elif label.isdigit():
+      d = dilate[int(label)] if int(label) < len(dilate) else 1
+      taps *= -(-n // d)
+  return 2.0 * out * taps
 
 
 def _trip_count(instr: _Instr, comps: dict[str, list[_Instr]]) -> int | None:
@@ -242,6 +259,9 @@ def hlo_stats(hlo_text: str) -> HloStats:
       kind = op[:-len("-start")] if op.endswith("-start") else op
       if op in ("convolution", "dot"):
         stats.flops += mult * _matmul_flops(instr, shapes)
+      if op == "custom-call":
+        key = re.sub(r"(\.\d+)+$", "", instr.name)
+        stats.custom_calls[key] = stats.custom_calls.get(key, 0.0) + mult
       if kind in COLLECTIVES:
         entry_ = stats.collectives.setdefault(kind, [0.0, 0.0])
         entry_[0] += mult
