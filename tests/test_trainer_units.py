@@ -1,5 +1,6 @@
 """Unit tests of the trainer's pieces that need no model: stages, schedule, step, mesh, checkpoints."""
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -153,6 +154,20 @@ def test_non_finite_step_skips_update_and_counts():
   assert int(state.nonfinite_streak) == 0 and int(state.nonfinite_total) == 2
 
 
+def test_exploding_update_is_rejected_by_the_ratio_bound():
+  optimizer = optax.adam(1e6)   # finite loss and gradients, parameters ~1e6 after the update
+  batch = _toy_batch(np.random.default_rng(1))
+  guarded = jax.jit(step_lib.make_train_step(_toy_loss, optimizer, lambda s: 1e6,
+                                             max_update_ratio=1.0))
+  state, m = guarded(_toy_state(optimizer), batch)
+  assert np.isfinite(float(m["loss"])) and float(m["update_ratio"]) > 1e5
+  assert not bool(m["finite"]) and int(state.nonfinite_streak) == 1
+  np.testing.assert_array_equal(state.params["w"], np.ones(3))
+  unguarded = jax.jit(step_lib.make_train_step(_toy_loss, optimizer, lambda s: 1e6))
+  state, m = unguarded(_toy_state(optimizer), batch)
+  assert bool(m["finite"]) and np.abs(np.asarray(state.params["w"])).max() > 1e5
+
+
 def test_mesh_shape_resolution_and_errors():
   assert mesh_lib.resolve_mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
   assert mesh_lib.resolve_mesh_shape((2, 2, 2), 8) == (2, 2, 2)
@@ -259,6 +274,28 @@ def test_failed_save_raises_at_once_naming_the_directory(tmp_path, monkeypatch):
   with pytest.raises(ckpt_lib.SaveFailed, match=r"checkpoint 2 could not be written.*No space "
                      r"left.*newest complete checkpoint is step 1"):
     ckpt.save(2, {"w": jnp.arange(4.0)}, {})
-  monkeypatch.setattr(ckpt._manager, "check_for_errors", full_disk)  # pylint: disable=protected-access
-  with pytest.raises(ckpt_lib.SaveFailed, match="No space left"):
-    ckpt.check()
+  ckpt.close()
+
+
+def test_failed_async_save_surfaces_on_the_next_check(tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  real = ocp.StandardCheckpointHandler.async_save
+
+  class FullDisk:   # a commit future whose write fails in orbax's background thread
+    def result(self, timeout=None):
+      del timeout
+      raise OSError(28, "No space left on device")
+
+  async def failing(self, *args, **kwargs):
+    return list(await real(self, *args, **kwargs) or []) + [FullDisk()]
+
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=3)
+  ckpt.save(1, {"w": jnp.arange(4.0)}, {}, wait=True)
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", failing)
+  ckpt.save(2, {"w": jnp.arange(4.0)}, {})
+  with pytest.raises(ckpt_lib.SaveFailed, match=r"checkpoint 2 could not be written.*No space "
+                     r"left.*newest complete checkpoint is step 1"):
+    for _ in range(200):   # the loop calls check() after every step
+      ckpt.check()
+      time.sleep(0.01)
+  ckpt.close()

@@ -77,6 +77,7 @@ class Checkpointer:
     self.directory = os.path.abspath(directory) if "://" not in directory else directory
     self._keep, self._async = keep, async_save
     self._manager = self._open()
+    self._unconfirmed = None    # step of an async save whose outcome `check` has not seen
     self.on_save = []   # callables(step) run after each save starts (e.g. the host memory)
 
   def _open(self):
@@ -100,6 +101,7 @@ class Checkpointer:
     try:
       self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        meta=ocp.args.JsonSave(meta)), force=True)
+      self._unconfirmed = step
       for hook in self.on_save:
         hook(step)
     except Exception as e:  # pylint: disable=broad-except
@@ -120,19 +122,28 @@ class Checkpointer:
             f"command to resume.")
 
   def check(self) -> None:
-    """Raises SaveFailed if an async save finished with an error."""
+    """Raises SaveFailed if an async save finished with an error (cheap: call every step).
+
+    A finished save's outcome is read by joining its (already ended) finalize thread, which is
+    where orbax keeps the error; nothing waits for a save still in progress.
+    """
+    step = self._unconfirmed
     try:
       self._manager.check_for_errors()
+      if step is not None and not self._manager.is_saving_in_progress():
+        self._unconfirmed = None
+        self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      raise SaveFailed(self._failure("being written", e)) from e
+      raise SaveFailed(self._failure(str(step), e)) from e
 
   def wait(self) -> None:
     """Blocks until pending saves are committed; raises SaveFailed if one failed."""
+    step, self._unconfirmed = self._unconfirmed, None
     try:
       self._manager.wait_until_finished()
+      self._manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
-      raise SaveFailed(self._failure("being written", e)) from e
-    self.check()
+      raise SaveFailed(self._failure(str(step), e)) from e
 
   def read_meta(self, step: int) -> dict:
     with quiet_restore():
