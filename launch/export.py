@@ -42,9 +42,8 @@ _CHECK = flags.DEFINE_bool("check", True, "Compare exported programs with JAX.")
 
 def _export(workdir: str, out: str) -> dict:
   # pylint: disable=import-outside-toplevel
-  from sosm_jax.eval import loading
   from sosm_jax.export import programs, weights
-  loaded = loading.load_for_eval(workdir, step=_STEP.value)
+  loaded = weights.load_run(workdir, step=_STEP.value)   # fine-tuning runs: merged weights
   fmt = _FORMAT.value
   if fmt == "fla":
     from sosm_jax.export import fla
@@ -53,6 +52,7 @@ def _export(workdir: str, out: str) -> dict:
   if fmt in ("safetensors", "stablehlo"):   # StableHLO programs take these weights as arguments
     weights.save(out, loaded.params, loaded.config, tokenizer_identity=loaded.tokenizer.identity(),
                  step=loaded.step)
+    weights.save_adapters(out, loaded)   # a LoRA run's adapters alone, beside the merged weights
   result = {"format": fmt, "out": out, "step": loaded.step, **weights.describe(loaded.params)}
   if fmt in ("stablehlo", "onnx"):
     model_cfg = programs.export_model_config(loaded.config.model, dtype=_DTYPE.value or (

@@ -53,7 +53,7 @@ def test_lora_merge_is_exact_and_training_moves_only_the_adapters():
   delta = (np.einsum("gir,gro->gio", lora[path]["a"], lora[path]["b"]) * 16.0 / 4).reshape(w.shape)
   np.testing.assert_allclose(merged[path], np.asarray(w) + delta, rtol=1e-6, atol=1e-6)
 
-  opt = finetune.optimizer(optax.adam(1e-2))
+  opt = finetune.masked_optimizer(optax.adam(1e-2))
   state = _state(params, opt)
   sizes = lambda t: sum(x.size for x in jax.tree.leaves(t))
   # optimizer state: two moments of the adapters, nothing for the base
@@ -116,3 +116,49 @@ def test_finetune_config_errors_name_their_key():
       finetune.validate_config(_ft(**kw))
   with pytest.raises(ValueError, match="matches no parameter"):
     finetune.lora_targets(random_params(tiny_config()), "nothing_like_this")
+
+
+def _trainer_config(**finetune_kw):
+  import importlib.util
+  import os
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("curriculum", os.path.join(root, "configs",
+                                                                           "curriculum.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("tiny")
+  c.curriculum.update(seq_lens=(32,), steps=(3,), tokens_per_step=256)
+  c.train.update(eval_batches=0, passkey_examples=0, checkpoint_every=0, log_every=1)
+  c.finetune.update(finetune_kw)
+  return c
+
+
+def test_lora_and_distillation_through_the_trainer_and_export(tmp_path):
+  from safetensors.numpy import load_file
+  from sosm_jax.export import weights
+  from sosm_jax.train import loop
+  base_cfg = _trainer_config()
+  base = random_params(base_cfg)
+  base_dir = weights.write_workdir(str(tmp_path / "base"), base_cfg, base)
+
+  run = str(tmp_path / "lora")
+  result = loop.train(_trainer_config(lora_rank=2, init_from=base_dir), run)
+  assert result.status == "finished" and result.step == 3
+  config, merged, adapters, _ = finetune.load_merged(run)
+  ft = config.finetune
+  # the frozen base is unchanged bit for bit: merged == the original base + the adapters
+  expected = finetune.merge(jax.tree.map(jnp.asarray, base), adapters, ft.lora_alpha, ft.lora_rank)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               merged, expected)
+  assert max(float(jnp.abs(ab["b"]).max()) for ab in adapters.values()) > 0   # adapters trained
+  out = weights.export_workdir(run, str(tmp_path / "export"))
+  exported = load_file(f"{out}/model.safetensors")
+  np.testing.assert_array_equal(exported["layers.block_0.mixer.q_proj.kernel"],
+                                np.asarray(merged["layers"]["block_0"]["mixer"]["q_proj"]["kernel"]))
+  assert len(load_file(f"{out}/adapters.safetensors")) == 2 * len(adapters)
+
+  # distillation: a fresh student of another size learns from the frozen base as teacher
+  student = _trainer_config(teacher=base_dir, distill_chunk_size=16)
+  student.model.update(d_model=48, mlp_dim=64, hgrn2_head_dim=16, attn_num_heads=3)
+  result = loop.train(student, str(tmp_path / "distill"))
+  assert result.status == "finished" and np.isfinite(result.last_metrics["loss"])

@@ -191,11 +191,65 @@ def import_to_workdir(path: str, workdir: str) -> str:
 
 
 def export_workdir(workdir: str, out_dir: str, *, step: int | None = None) -> str:
-  """The newest (or `step`) checkpoint of a training run -> export folder out_dir."""
-  from sosm_jax.eval import loading  # pylint: disable=import-outside-toplevel
-  loaded = loading.load_for_eval(workdir, step=step)
-  return save(out_dir, loaded.params, loaded.config,
-              tokenizer_identity=loaded.tokenizer.identity(), step=loaded.step)
+  """The newest (or `step`) checkpoint of a training run -> export folder out_dir.
+
+  A LoRA / distillation run (config.finetune) exports its merged weights (base + adapters; not
+  the teacher), and a LoRA run also writes its adapters alone (`save_adapters`).
+  """
+  loaded = load_run(workdir, step=step)
+  save(out_dir, loaded.params, loaded.config, tokenizer_identity=loaded.tokenizer.identity(),
+       step=loaded.step)
+  save_adapters(out_dir, loaded)
+  return out_dir
+
+
+def save_adapters(out_dir: str, loaded) -> str | None:
+  """adapters.safetensors ('<kernel path>/a', '/b'; rank and alpha in its metadata) of a LoRA run."""
+  if loaded.adapters is None:
+    return None
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  flat = {f"{path}/{k}": np.asarray(jax.device_get(v)) for path, ab in loaded.adapters.items()
+          for k, v in ab.items()}
+  path = os.path.join(out_dir, "adapters.safetensors")
+  save_file(flat, path, metadata={"lora_rank": str(loaded.lora[0]),
+                                  "lora_alpha": str(loaded.lora[1])})
+  return path
+
+
+def load_run(workdir: str, *, step: int | None = None):
+  """`eval.loading.LoadedModel`'s fields of a run's checkpoint, fine-tuning runs merged.
+
+  Adds `adapters` ({kernel path: {'a', 'b'}} of a LoRA run, else None) and `lora` ((rank, alpha)).
+  """
+  # pylint: disable=import-outside-toplevel
+  import dataclasses
+  from sosm_jax import data as data_lib
+  from sosm_jax import models
+  from sosm_jax.eval import loading
+  from sosm_jax.train import finetune
+  steps = loading.checkpoint_steps(workdir)
+  meta = loading.read_meta(workdir, steps[-1] if step is None else step)
+  saved = loading.config_from_dict(meta.get("config") or {})
+  if not finetune.wraps_params(saved.finetune):
+    loaded = loading.load_for_eval(workdir, step=step)
+    fields = {f.name: getattr(loaded, f.name) for f in dataclasses.fields(loaded)}
+    return _WithAdapters(**fields, adapters=None, lora=None)
+  config, params, adapters, step = finetune.load_merged(workdir, step)
+  tokenizer = data_lib.make_tokenizer(config.data)
+  if "tokenizer" in meta:
+    data_lib.check_tokenizer_identity(meta["tokenizer"], tokenizer.identity())
+  lora = (config.finetune.lora_rank, config.finetune.lora_alpha)
+  config.finetune = finetune.default_config()   # the merged weights are a plain model
+  return _WithAdapters(config=config, model=models.build_model(config.model), params=params,
+                       tokenizer=tokenizer, step=step, meta=meta,
+                       workdir=os.path.abspath(workdir), adapters=adapters, lora=lora)
+
+
+class _WithAdapters:
+  """LoadedModel's fields plus `adapters` (a LoRA run's, else None)."""
+
+  def __init__(self, **fields):
+    self.__dict__.update(fields)
 
 
 def describe(params) -> dict[str, Any]:

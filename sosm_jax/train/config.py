@@ -12,6 +12,7 @@ import numpy as np
 
 from sosm_jax.data import config as data_config
 from sosm_jax.models import config as model_config
+from sosm_jax.train import finetune
 from sosm_jax.train import memory_train
 
 _REMATS = ("none", "full", "dots")
@@ -53,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
                              # compile_cache), 'user' (~/.cache/sosm_jax/xla), 'off', or a path
   ))
 
+  c.finetune = finetune.default_config()  # LoRA, distillation, init_from (train/finetune.py)
   c.memory = memory_train.default_config()  # memory beyond the window (off by default)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.distributed = ml_collections.ConfigDict(dict(
@@ -108,6 +110,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   for remat in tuple(cur.remat):
     _require(remat in _REMATS, "curriculum.remat", f"{remat!r} is unknown", f"use one of {_REMATS}")
   memory_train.validate_config(c)
+  finetune.validate_config(c.finetune)
   t = c.train
   _require(t.log_every > 0, "train.log_every", "must be positive", "use e.g. 10")
   _require(t.checkpoint_every >= 0, "train.checkpoint_every", "is negative", "use 0 (only at "

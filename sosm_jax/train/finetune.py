@@ -14,9 +14,14 @@ Config (`config.finetune`, `default_config`):
 
 Parameters while fine-tuning (the train state's `params`): {'base': frozen model weights,
 'lora': {kernel path: {'a', 'b'}}} with LoRA, {'student': weights} without, plus 'teacher':
-frozen teacher weights when distilling. The optimizer updates 'lora' (or 'student') only and holds
-state for nothing else (`optimizer`). `merged_params` gives the plain model weights (base +
-adapters), what export and evaluation read; `adapters` the adapters alone.
+frozen teacher weights when distilling; plain model weights when only init_from is set. The
+optimizer (`masked_optimizer`) updates 'lora' (or 'student') only and holds state for nothing
+else. `FinetuneModel.merged` gives the plain model weights (base + adapters); `load_merged` reads
+them (and the adapters alone) from a run's checkpoint: what launch/export.py writes.
+Trainer hooks (sosm_jax/train/loop.py): `setup` swaps init_params and the optimizer,
+`Setup.state_shardings` gives the state's shardings, `Setup.load` puts the weights into the fresh
+train state, `Setup.wrap` gives the model whose loss is trained.
+While distilling, the validation loss is the combined loss.
 
 LoRA on a kernel W `[*in, *out]` (under the layer scan `[groups, *in, *out]`): W + (alpha / R)
 A B with A `[*lead, prod(in), R]` (normal, std 1/sqrt(prod(in))) and B `[*lead, R, prod(out)]`
@@ -24,8 +29,10 @@ A B with A `[*lead, prod(in), R]` (normal, std 1/sqrt(prod(in))) and B `[*lead, 
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -247,16 +254,45 @@ def wrap_init(ft_cfg, init_params, teacher_init=None, rng=None):
   return init
 
 
-def trainable_labels(params) -> Any:
-  """'train' for the adapters (or the student), 'frozen' for the base and the teacher."""
-  def label(path, _):
-    return "train" if path[0].key in ("lora", "student") else "frozen"
-  return jax.tree_util.tree_map_with_path(label, params)
+_TRAINABLE = ("lora", "student")
 
 
-def optimizer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-  """`inner` on the trainable part only; no optimizer state for frozen weights."""
-  return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, trainable_labels)
+def _trainable(tree):
+  return None if tree is None else {k: v for k, v in tree.items() if k in _TRAINABLE}
+
+
+def masked_optimizer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` on the trainable part ('lora' or 'student') only; zero updates for the frozen part.
+
+  The optimizer state is `inner`'s state over the trainable subtree alone: no moments for the
+  base or the teacher (`Setup.state_shardings` gives its shardings).
+  """
+  def init(params):
+    return inner.init(_trainable(params))
+
+  def update(grads, state, params=None):
+    updates, state = inner.update(_trainable(grads), state, _trainable(params))
+    full = {k: updates[k] if k in _TRAINABLE else jax.tree.map(jnp.zeros_like, v)
+            for k, v in grads.items()}
+    return full, state
+
+  return optax.GradientTransformation(init, update)
+
+
+def state_shardings(init_params, inner: optax.GradientTransformation, mesh):
+  """TrainState shardings for fine-tuning params and `masked_optimizer(inner)`'s state."""
+  # pylint: disable=import-outside-toplevel
+  from sosm_jax.parallel import logical_shardings, replicated_sharding, unbox_values
+  from sosm_jax.train.state import TrainState
+  boxed = jax.eval_shape(init_params)
+  param_sh = logical_shardings(boxed, mesh)
+  abstract_opt = jax.eval_shape(inner.init, _trainable(unbox_values(boxed)))
+  replicated = replicated_sharding(mesh)
+  opt_sh = optax.tree_utils.tree_map_params(
+      inner, lambda _, sharding: sharding, abstract_opt, _trainable(param_sh),
+      transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
+                    nonfinite_streak=replicated, nonfinite_total=replicated)
 
 
 def load_weights(state, ft_cfg, base_params=None, teacher_params=None):
@@ -284,7 +320,6 @@ def adapters(params) -> dict:
 def read_weights(path: str):
   """(model config, params) of a work directory (newest checkpoint) or an export folder."""
   # pylint: disable=import-outside-toplevel
-  import os
   if os.path.isfile(os.path.join(path, "model.safetensors")):
     from sosm_jax.export import weights
     config, params, _ = weights.load(path)
@@ -292,3 +327,108 @@ def read_weights(path: str):
   from sosm_jax.eval import loading
   loaded = loading.load_for_eval(path)
   return loaded.config.model, loaded.params
+
+
+# ----------------------------------------------------------------------------- the trainer's hooks
+
+def wraps_params(ft_cfg) -> bool:
+  """True when the train state's params are the fine-tuning tree (LoRA or a teacher)."""
+  return bool(ft_cfg.lora_rank > 0 or ft_cfg.teacher)
+
+
+@dataclasses.dataclass
+class Setup:
+  """What the trainer swaps in while fine-tuning (see `setup`)."""
+  ft: Any
+  init_params: Callable[[], Any]
+  optimizer: optax.GradientTransformation
+  teacher: Any                 # LanguageModel or None
+  base_weights: Any            # init_from weights or None
+  teacher_weights: Any
+  inner_optimizer: optax.GradientTransformation = None   # the trainer's, before masking
+
+  def state_shardings(self, init_params, optimizer, mesh):
+    """As `state.state_shardings` (which it calls when the params are not wrapped)."""
+    if not wraps_params(self.ft):
+      from sosm_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
+      return state_lib.state_shardings(init_params, optimizer, mesh)
+    return state_shardings(init_params, self.inner_optimizer, mesh)
+
+  def wrap(self, model):
+    """The stage's model -> the one the step trains (`FinetuneModel`, or model unchanged)."""
+    return FinetuneModel(self.ft, model, self.teacher) if wraps_params(self.ft) else model
+
+  def load(self, state):
+    """A freshly created train state with the init_from / teacher weights put in."""
+    if not wraps_params(self.ft):
+      return state.replace(params=_put_like(self.base_weights, state.params))
+    return load_weights(state, self.ft, self.base_weights, self.teacher_weights)
+
+
+def _check_same_model(saved_cfg, cfg, what: str) -> None:
+  from sosm_jax.eval import loading  # pylint: disable=import-outside-toplevel
+  saved = saved_cfg.to_dict() if hasattr(saved_cfg, "to_dict") else dict(saved_cfg)
+  diffs = loading.compare_model_configs(saved, cfg.to_dict())
+  if diffs:
+    raise ValueError(f"config.finetune.{what}: its model differs from config.model: "
+                     + "; ".join(diffs[:4]) + ". Set config.model to the model that was saved.")
+
+
+def setup(config, model, init_params, optimizer) -> Setup | None:
+  """The fine-tuning pieces for `config.finetune`, or None when it asks for nothing.
+
+  Reads the init_from and teacher weights (host memory) and checks them against the configs.
+  """
+  ft = config.get("finetune")
+  if ft is None or not enabled(ft):
+    return None
+  validate_config(ft)
+  base = teacher = teacher_weights = None
+  if ft.init_from:
+    saved_cfg, base = read_weights(ft.init_from)
+    _check_same_model(saved_cfg, config.model, "init_from")
+  teacher_init = None
+  if ft.teacher:
+    from sosm_jax import models  # pylint: disable=import-outside-toplevel
+    teacher_cfg, teacher_weights = read_weights(ft.teacher)
+    teacher = models.build_model(teacher_cfg)
+    if teacher.cfg.vocab_size != model.cfg.vocab_size:
+      raise ValueError(f"config.finetune.teacher: vocabulary {teacher.cfg.vocab_size} differs from "
+                       f"the student's {model.cfg.vocab_size}; distill between models of one "
+                       f"tokenizer")
+    teacher_init = lambda: teacher.init(jax.random.key(0), 1, teacher.cfg.chunk_size)
+  if not wraps_params(ft):
+    return Setup(ft, init_params, optimizer, None, base, None)
+  wrapped_init = wrap_init(ft, init_params, teacher_init, jax.random.key(config.seed + 1))
+  return Setup(ft, wrapped_init, masked_optimizer(optimizer), teacher, base, teacher_weights,
+               optimizer)
+
+
+def load_merged(workdir: str, step: int | None = None):
+  """(config, merged plain params, adapters or None, step) of a fine-tuning run's checkpoint."""
+  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp
+  from sosm_jax import models
+  from sosm_jax.eval import loading
+  steps = loading.checkpoint_steps(workdir)
+  step = steps[-1] if step is None else step
+  meta = loading.read_meta(workdir, step)
+  config = loading.config_from_dict(meta["config"])
+  ft = config.finetune
+  model = models.build_model(config.model)
+  init = lambda: model.init(jax.random.key(0), 1, config.model.chunk_size)
+  teacher_init = None
+  if ft.teacher:
+    t_cfg, _ = read_weights(ft.teacher)
+    teacher = models.build_model(t_cfg)
+    teacher_init = lambda: teacher.init(jax.random.key(0), 1, teacher.cfg.chunk_size)
+  abstract = nn.unbox(jax.eval_shape(wrap_init(ft, init, teacher_init)))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+  with loading._manager(workdir) as m:  # pylint: disable=protected-access
+    restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": target}, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}))))
+  params = restored.state["params"]
+  merged = FinetuneModel(ft, model).merged(params)
+  return config, merged, params.get("lora"), step

@@ -25,6 +25,7 @@ from sosm_jax.parallel import (LOGICAL_AXIS_RULES, batch_sharding, data_parallel
 from sosm_jax.train import checkpoint as ckpt_lib
 from sosm_jax.train import config as config_lib
 from sosm_jax.train import curriculum as curriculum_lib
+from sosm_jax.train import finetune as finetune_lib
 from sosm_jax.train import memory_train
 from sosm_jax.train import metrics as metrics_lib
 from sosm_jax.train import optimizer as optimizer_lib
@@ -79,6 +80,12 @@ def _stage_model_config(config, stage: curriculum_lib.Stage) -> ml_collections.C
   cfg.remat = stage.remat
   cfg.rope_base = stage.rope_base
   return cfg
+
+
+def _stage_model(config, stage, ft):
+  """The stage's model, wrapped for fine-tuning when `ft` (finetune.Setup) is set."""
+  model = models.build_model(_stage_model_config(config, stage))
+  return model if ft is None else ft.wrap(model)
 
 
 def _global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
@@ -229,6 +236,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, n_steps)
   base_model = models.build_model(config.model)
   init_params = lambda: base_model.init(jax.random.key(config.seed), 1, config.model.chunk_size)
+  ft = finetune_lib.setup(config, base_model, init_params, optimizer)   # None: no fine-tuning
+  if ft is not None:
+    init_params, optimizer = ft.init_params, ft.optimizer
   startup_checks.check_stage_inputs(
       config, stages, 0,
       lambda n, b, split: _make_pipeline(config, tokenizer, mesh, n, b, split),
@@ -245,7 +255,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
                   else metrics_lib.device_memory_limit_bytes())
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES), _StopSignal() as stop:
-    state_sh = state_lib.state_shardings(init_params, optimizer, mesh)
+    state_sh = (ft or state_lib).state_shardings(init_params, optimizer, mesh)
     abstract_state = state_lib.abstract_train_state(state_sh, init_params, optimizer)
     try:
       resumed = resume_lib.decide(checkpointer, abstract_state, workdir=workdir,
@@ -267,6 +277,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
       logging.info("resumed from checkpoint %d in %s", resumed.step, checkpointer.directory)
     else:
       state, data_state = state_lib.create_train_state(init_params, optimizer, state_sh), None
+      if ft is not None:   # the init_from / teacher weights
+        state = ft.load(state)
     if memory is not None:
       checkpointer.on_save.append(memory.save)
     if is_writer:
@@ -333,11 +345,11 @@ def _run_stages(config, workdir, stages, n_steps, state, data_state, redo_eval, 
   if redo_eval is not None and redo_eval < len(stages) and step == stages[redo_eval].end_step:
     # the stage-end evaluation was interrupted (or failed): it is done now
     stage = stages[redo_eval]
-    last.update(end_of_stage_eval(stage, models.build_model(_stage_model_config(config, stage))))
+    last.update(end_of_stage_eval(stage, _stage_model(config, stage, ft)))
   for stage in stages:
     if step >= stage.end_step:
       continue
-    model = models.build_model(_stage_model_config(config, stage))
+    model = _stage_model(config, stage, ft)
     compiled, compile_info = compile_stage_step(model, optimizer, schedule, stage,
                                                 abstract_state, state_sh, mesh, memory_limit,
                                                 memory, config.train.max_update_ratio)
