@@ -292,7 +292,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     try:
       result = _run_stages(config, workdir, stages, n_steps, state, data_state, redo_eval,
                            tokenizer, optimizer, schedule, abstract_state, state_sh, mesh,
-                           memory_limit, memory, checkpointer, writer, stop, is_writer)
+                           memory_limit, memory, checkpointer, writer, stop, is_writer, ft)
     except BaseException:
       _commit_pending(checkpointer)
       writer.close()
@@ -317,7 +317,7 @@ def _commit_pending(checkpointer) -> None:
 
 def _run_stages(config, workdir, stages, n_steps, state, data_state, redo_eval, tokenizer,
                 optimizer, schedule, abstract_state, state_sh, mesh, memory_limit, memory,
-                checkpointer, writer, stop, is_writer) -> RunResult:
+                checkpointer, writer, stop, is_writer, ft=None) -> RunResult:
   """The curriculum from `state`'s step to the end (or a stop); see `train`."""
   step = int(jax.device_get(state.step))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
