@@ -141,9 +141,10 @@ def test_fixes_name_fsdp_when_the_state_dominates():
 @tpu
 def test_tiny_step_compiles_for_a_tpu_topology_with_data_and_fsdp():
   """The tiny model's train step compiled for 4 TPU v5p chips (v5p:2x2x1) on a data x fsdp mesh:
-  splash attention and the chunked XLA linear attention compile, parameters are gathered over
-  fsdp and gradients reduced, and the report has TPU memory and a roofline."""
+  splash attention and the chunked XLA forms of HGRN-2 and Gated DeltaNet compile, parameters
+  are gathered over fsdp and gradients reduced, and the report has TPU memory and a roofline."""
   config = _tiny_config(data=2, fsdp=2)
+  config.model.pattern = ("hgrn2", "gdn", "hgrn2", "attn")
   config.curriculum.update(seq_lens=(256,), steps=(2,), tokens_per_step=1024)
   devices = aot.topology_devices("v5p:2x2x1")
   assert len(devices) == 4 and aot.chip_of(devices[0]).name == "TPU v5p"

@@ -128,9 +128,10 @@ def chip_of(device) -> Chip | None:
 
 
 def mesh_for_devices(mesh_cfg, devices: Sequence) -> Mesh:
-  """The trainer's mesh ('data', 'fsdp', 'tensor'; see parallel.mesh.make_mesh) over `devices`,
+  """The trainer's mesh (axes parallel.mesh.MESH_AXES, as make_mesh builds it) over `devices`,
   laid out on the topology (ICI rings; the 'data' axis across slices of a multi-slice job)."""
-  shape = mesh_lib.resolve_mesh_shape([mesh_cfg[a] for a in mesh_lib.MESH_AXES], len(devices))
+  sizes = [mesh_cfg.get(a, 1) for a in mesh_lib.MESH_AXES]  # an axis a config lacks: size 1
+  shape = mesh_lib.resolve_mesh_shape(sizes, len(devices))
   types = (AxisType.Auto,) * len(shape)
   slices = len({getattr(d, "slice_index", 0) or 0 for d in devices})
   if slices > 1:
