@@ -3,8 +3,11 @@
 Both programs are traced at fixed shapes: forward tokens `[batch, seq_len]` int32 -> logits
 `[batch, seq_len, vocab]` float32; decode (token `[batch]` int32, cache) -> (logits
 `[batch, vocab]`, cache), the cache holding `max_len` tokens (see `LanguageModel.init_cache`).
-The model is traced with its portable paths (`export_model_config`: linear_impl and attn_impl
-'xla', no Pallas or cuDNN custom calls) so the program runs wherever StableHLO / ONNX does.
+The model is traced with its portable paths (`export_model_config`: attn_impl 'xla', linear_impl
+'xla' for StableHLO, no Pallas or cuDNN custom calls) so the program runs wherever StableHLO /
+ONNX does. ONNX uses the linear ops' sequential 'reference' form (the same math, a loop over
+time): jax2onnx 0.17 cannot trace the custom-VJP triangular inverse inside the chunked gated
+delta rule (it converts the traced argument to numpy).
 
 StableHLO (`export_stablehlo`): parameters are arguments (the folder also holds them as
 model.safetensors); files forward.jax_exported / decode.jax_exported (`jax.export` serialized,
@@ -31,10 +34,10 @@ from sosm_jax.export import layout
 _I32 = jnp.int32
 
 
-def export_model_config(model_cfg, *, dtype: str | None = None):
-  """The model config with portable kernels (xla), optionally another compute dtype."""
+def export_model_config(model_cfg, *, dtype: str | None = None, linear_impl: str = "xla"):
+  """The model config with portable kernels (no custom calls), optionally another compute dtype."""
   cfg = layout.copy_config(model_cfg)
-  cfg.linear_impl = "xla"
+  cfg.linear_impl = linear_impl
   cfg.attn_impl = "xla"
   if dtype:
     cfg.dtype = dtype
@@ -102,7 +105,8 @@ def export_onnx(model_cfg, params, out_dir: str, *, batch_size: int, seq_len: in
   # jax2onnx imports example plugins for other libraries (equinox, dm_pix) and logs each that is
   # missing with a traceback; those are not used here.
   logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.ERROR)
-  params, cfg = layout.unrolled(jax.tree.map(np.asarray, params), export_model_config(model_cfg))
+  params, cfg = layout.unrolled(jax.tree.map(np.asarray, params),
+                                export_model_config(model_cfg, linear_impl="reference"))
   model = models.build_model(cfg)
   params = jax.tree.map(jnp.asarray, params)
   os.makedirs(out_dir, exist_ok=True)
@@ -150,7 +154,8 @@ def compare(model_cfg, params, out_dir: str, *, kind: str, batch_size: int, seq_
   """Max |exported - JAX| of forward logits and of decode logits and caches on random tokens.
 
   kind: 'stablehlo' | 'onnx'. The decode step continues a prefill of seq_len // 2 tokens.
-  The ONNX programs take the per-layer cache (see the module doc); the reference runs that layout.
+  The reference is the model as trained ('xla' linear ops), in the per-layer layout for ONNX
+  (whose programs take the per-layer cache, see the module doc).
   """
   cfg = export_model_config(model_cfg)
   if kind == "onnx":
