@@ -178,7 +178,7 @@ def test_mesh_shape_resolution_and_errors():
   with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
     mesh_lib.resolve_mesh_shape((-1, -1, 1), 8)
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=-1, tensor=2)))
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
   assert mesh_lib.data_parallel_size(mesh) == 4
 
 

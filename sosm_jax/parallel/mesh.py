@@ -1,4 +1,4 @@
-"""Build the device mesh ('data', 'fsdp', 'tensor') from the `mesh` section of a config."""
+"""Build the device mesh ('data', 'fsdp', 'context', 'tensor') from the `mesh` section of a config."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,9 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# 'context' splits the time axis of activations (one long sequence over several devices,
+# sosm_jax/parallel/context.py); it sits next to 'tensor' so both use the fastest links.
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 # Every axis is 'Auto': the compiler propagates shardings from the ones we give (parameters, batch,
 # logical constraints). jax.make_mesh would default to 'Explicit' axes, where every reshape of a
 # sharded dimension needs an explicit out_sharding.
@@ -46,32 +48,48 @@ def split_over_slices(shape: Sequence[int], num_slices: int) -> tuple[tuple[int,
                                                                       tuple[int, ...]]:
   """Splits a mesh shape into (within-slice, across-slices) shapes for a multi-slice TPU job.
 
-  Only the 'data' axis crosses slices (its gradient all-reduce is the one collective per step that
-  tolerates the slow data-centre network); 'fsdp' and 'tensor' stay on the fast chip interconnect.
+  Only the 'data' axis (the first) crosses slices (its gradient all-reduce is the one collective
+  per step that tolerates the slow data-centre network); the others stay on the fast chip
+  interconnect.
   """
-  data, fsdp, tensor = shape
+  data, rest = shape[0], tuple(shape[1:])
   if data % num_slices:
     raise ValueError(
         f"the job spans {num_slices} TPU slices but mesh.data={data} is not a multiple of it: "
         f"only the 'data' axis may cross slices; set --config.mesh.data to a multiple of "
         f"{num_slices} (e.g. -1 with fsdp*tensor no larger than one slice)")
-  return (data // num_slices, fsdp, tensor), (num_slices, 1, 1)
+  return (data // num_slices,) + rest, (num_slices,) + (1,) * len(rest)
 
 
 def _num_slices(devices: Sequence[jax.Device]) -> int:
   return len({getattr(d, "slice_index", 0) for d in devices})
 
 
-def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Returns a Mesh with axes ('data', 'fsdp', 'tensor') over `devices` (default: all).
+def mesh_sizes(mesh_cfg) -> tuple[int, ...]:
+  """The configured size of each of MESH_AXES (`context` may be absent: 1).
 
-  `mesh_cfg` has integer fields `data`, `fsdp`, `tensor` (-1 = the remaining devices). With all
+  Raises ValueError naming `mesh.context` when it is not a positive integer (it splits a sequence,
+  so -1 is not accepted for it).
+  """
+  context = mesh_cfg.get("context", 1) if hasattr(mesh_cfg, "get") else getattr(
+      mesh_cfg, "context", 1)
+  if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 1:
+    raise ValueError(f"mesh.context={context!r}: the number of devices one sequence is split over "
+                     f"must be an integer >= 1 (1 = off); set --config.mesh.context=N")
+  return (mesh_cfg.data, mesh_cfg.fsdp, int(context), mesh_cfg.tensor)
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Returns a Mesh with axes ('data', 'fsdp', 'context', 'tensor') over `devices` (default: all).
+
+  `mesh_cfg` has integer fields `data`, `fsdp`, `tensor` (-1 = the remaining devices) and
+  optionally `context` (default 1; the devices one sequence's time axis is split over). With all
   devices the placement follows the hardware topology (ICI rings on TPU, NVLink islands on GPU,
   the data axis across slices on a multi-slice TPU job); a given device list is used in its order.
   """
   all_devices = list(jax.devices())
   devices = list(all_devices if devices is None else devices)
-  shape = resolve_mesh_shape((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), len(devices))
+  shape = resolve_mesh_shape(mesh_sizes(mesh_cfg), len(devices))
   if devices != all_devices:
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=_AXIS_TYPES)
   slices = _num_slices(devices)

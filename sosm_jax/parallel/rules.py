@@ -12,10 +12,11 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # Parameters are split over 'fsdp' along their model dimension and over 'tensor' along heads / MLP
-# width / vocabulary; activations are split over ('data', 'fsdp') along the batch.
+# width / vocabulary; activations are split over ('data', 'fsdp') along the batch and over 'context'
+# along time (a size-1 'context' axis, the default, splits nothing).
 LOGICAL_AXIS_RULES = (
     ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
+    ("activation_length", "context"),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -69,8 +70,9 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of a `[batch, time]` batch: batch split over ('data', 'fsdp')."""
-  return NamedSharding(mesh, P(("data", "fsdp"), None))
+  """Sharding of a `[batch, time]` batch: batch split over ('data', 'fsdp'), time over 'context'
+  (when the mesh has that axis)."""
+  return NamedSharding(mesh, P(("data", "fsdp"), "context" if "context" in mesh.axis_names else None))
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:

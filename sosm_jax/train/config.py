@@ -12,6 +12,7 @@ import numpy as np
 
 from sosm_jax.data import config as data_config
 from sosm_jax.models import config as model_config
+from sosm_jax.parallel.context import check_context_config
 from sosm_jax.train import finetune
 from sosm_jax.train import memory_train
 
@@ -56,7 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.finetune = finetune.default_config()  # LoRA, distillation, init_from (train/finetune.py)
   c.memory = memory_train.default_config()  # memory beyond the window (off by default)
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # context: devices one sequence is split over (its time axis; sosm_jax/parallel/context.py)
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address="", num_processes=0, process_id=-1))
   return c
@@ -111,6 +113,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _require(remat in _REMATS, "curriculum.remat", f"{remat!r} is unknown", f"use one of {_REMATS}")
   memory_train.validate_config(c)
   finetune.validate_config(c.finetune)
+  check_context_config(c.mesh.get("context", 1), c.model.pattern, cur.seq_lens,
+                       c.memory.enabled, c.model.conv_width)
   t = c.train
   _require(t.log_every > 0, "train.log_every", "must be positive", "use e.g. 10")
   _require(t.checkpoint_every >= 0, "train.checkpoint_every", "is negative", "use 0 (only at "
