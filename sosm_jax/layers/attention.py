@@ -5,6 +5,8 @@ and the cache. Config keys: attn_num_heads, attn_num_kv_heads, attn_head_dim, ro
 attn_window (0 = full causal), attn_impl ('' auto), attn_block_size (blockwise and splash block).
 A Pallas kernel (splash attention) is opaque to XLA's partitioner, so it runs inside `jax.shard_map`
 over the mesh axes that the batch and heads are split over (`sosm_jax.parallel.per_shard`).
+With the time axis split over devices (mesh axis 'context') keys and values are all-gathered and
+each device attends at its offset (`sosm_jax.parallel.context`, `sosm_jax.ops.offset_attention`).
 """
 from __future__ import annotations
 
@@ -17,12 +19,25 @@ import jax.numpy as jnp
 from sosm_jax.layers.common import (BATCH_LENGTH_HEADS, BATCH_LENGTH_KV_HEADS, Dense, compute_dtype,
                                     param_dtype, constrain)
 from sosm_jax.ops import attention as attn_ops
+from sosm_jax.ops import offset_attention as offset_ops
+from sosm_jax.parallel.context import attention_across_context
 from sosm_jax.parallel.per_shard import per_shard
 
 _KERNEL_IMPLS = ("splash", "splash_interpret")
 # k and v name their heads 'activation_heads' too: query and key/value heads are split together
 # (only when the mesh divides both), which keeps each query head with its key/value head.
 _QKV = ("activation_batch", None, "activation_heads", None)
+
+
+def _attend_at_offset(cfg, impl, q, k, v, offset, q_segment_ids, k_segment_ids):
+  """One device's queries (at `offset`) over the whole sequence's keys, under context parallelism:
+  an explicit mask for 'xla'/'reference' and (except 'blockwise') up to XLA_MAX_LEN keys, else
+  O(t)-memory blocks (the path of 'cudnn' and 'splash' too, which take no query offset)."""
+  kw = dict(q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, window=cfg.attn_window)
+  if impl in ("xla", "reference") or (impl != "blockwise" and k.shape[1] <= attn_ops.XLA_MAX_LEN):
+    return offset_ops.offset_attention_reference(q, k, v, offset, **kw)
+  return offset_ops.offset_blockwise_attention(q, k, v, offset, block_size=cfg.attn_block_size,
+                                               **kw)
 
 
 class Attention(nn.Module):
@@ -55,8 +70,11 @@ class Attention(nn.Module):
           block_size=cfg.attn_block_size)
       impl = attn_ops.select_implementation(cfg.attn_impl or None, q.dtype,
                                             segment_ids is not None, q.shape[1], cfg.attn_window)
-      o = (per_shard(attend, (q, k, v, segment_ids), (_QKV, _QKV, _QKV, _QKV[:2]), _QKV)
-           if impl in _KERNEL_IMPLS else attend(q, k, v, segment_ids))
+      o = attention_across_context(lambda *a: _attend_at_offset(cfg, impl, *a), q, k, v,
+                                   segment_ids)
+      if o is None:   # the time axis is whole on every device
+        o = (per_shard(attend, (q, k, v, segment_ids), (_QKV, _QKV, _QKV, _QKV[:2]), _QKV)
+             if impl in _KERNEL_IMPLS else attend(q, k, v, segment_ids))
       if cache is not None:
         cache = attn_ops.update_kv_cache(cache, k, v)
     o = constrain(o, BATCH_LENGTH_HEADS)

@@ -23,10 +23,9 @@ from sosm_jax.layers.common import (BATCH_LENGTH_HEADS, Dense, RMSNorm, compute_
                                     param_dtype, reset_log_decay)
 from sosm_jax.ops import conv as conv_ops
 from sosm_jax.ops import gated_delta as gd_ops
-from sosm_jax.parallel.per_shard import per_shard
+from sosm_jax.parallel.context import conv_across_context, delta_rule_across_context
 
 _F32 = jnp.float32
-_STATE = ("activation_batch", "activation_heads", None, None)  # recurrent state [B, H, K, V]
 
 
 def _a_log_init(key, shape, dtype=_F32):
@@ -78,8 +77,9 @@ class GatedDeltaNet(nn.Module):
         out, c = conv_ops.causal_conv1d_step(flat[:, 0], jnp.asarray(w), None, c)
         out = out[:, None]
       else:
-        out, c = conv_ops.causal_conv1d(flat, jnp.asarray(w), None, cache=c,
-                                        positions=conv_positions)
+        conv = lambda x, p, c: conv_ops.causal_conv1d(x, jnp.asarray(w), None, cache=c,
+                                                      positions=p)
+        out, c = conv_across_context(conv, flat, conv_positions, c, cfg.conv_width)
       return nn.silu(out).reshape(b, t, h, dk), c
 
     q = Dense((h, dk), ("embed", "heads", "head_dim"), name="q_proj", **kw)(x)
@@ -106,13 +106,12 @@ class GatedDeltaNet(nn.Module):
       o, state = gd_ops.gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state)
       o = o[:, None]
     else:
-      # each device runs the op (a Pallas kernel on GPU) on its own batch rows and heads
+      # each device runs the op (a Pallas kernel on GPU) on its own batch rows, heads and (mesh
+      # axis 'context') time segment; segments are joined by their carried states
       run = lambda q, k, v, g, beta, s: gd_ops.gated_delta_rule(
-          q, k, v, g, beta, initial_state=s, chunk_size=cfg.chunk_size,
+          q, k, v, g, beta, scale=dk ** -0.5, initial_state=s, chunk_size=cfg.chunk_size,
           implementation=cfg.linear_impl)
-      o, state = per_shard(run, (q, k, v, g, beta, state),
-                           (BATCH_LENGTH_HEADS,) * 3 + (BATCH_LENGTH_HEADS[:3],) * 2 + (_STATE,),
-                           (BATCH_LENGTH_HEADS, _STATE))
+      o, state = delta_rule_across_context(run, q, k, v, g, beta, state)
     gate = Dense((h, dk), ("embed", "heads", "head_dim"), name="gate_proj", **kw)(x)
     o = RMSNorm(cfg.norm_eps, ("head_dim",), dt, param_dtype(cfg), name="o_norm")(o)
     o = constrain(o * nn.silu(gate), BATCH_LENGTH_HEADS)

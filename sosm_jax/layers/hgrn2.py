@@ -24,10 +24,9 @@ import jax.numpy as jnp
 from sosm_jax.layers.common import (BATCH_LENGTH_HEADS, Dense, RMSNorm, compute_dtype, constrain,
                                     param_dtype, reset_log_decay)
 from sosm_jax.ops import gla, gla_step
-from sosm_jax.parallel.per_shard import per_shard
+from sosm_jax.parallel.context import gla_across_context
 
 _F32 = jnp.float32
-_STATE = ("activation_batch", "activation_heads", None, None)  # recurrent state [B, H, K, K]
 # floor on the lower bound: keeps log(lb) finite (no NaN gradient at lb = 0) and bounds the decay
 # at exp(-20.7) per token, far below anything that matters
 _MIN_LOWER_BOUND = 1e-9
@@ -93,12 +92,12 @@ class HGRN2(nn.Module):
       o, state = gla_step(q[:, 0], k[:, 0], i[:, 0], log_f[:, 0], state)
       o = o[:, None]
     else:
-      # each device runs the op (a Pallas kernel on GPU) on its own batch rows and heads
+      # each device runs the op (a Pallas kernel on GPU) on its own batch rows, heads and (mesh
+      # axis 'context') time segment; segments are joined by their carried states
       run = lambda q, k, i, log_f, s: gla(q, k, i, log_f, initial_state=s,
                                           chunk_size=cfg.chunk_size,
                                           implementation=cfg.linear_impl)
-      o, state = per_shard(run, (q, k, i, log_f, state), (BATCH_LENGTH_HEADS,) * 4 + (_STATE,),
-                           (BATCH_LENGTH_HEADS, _STATE))
+      o, state = gla_across_context(run, q, k, i, log_f, state)
     o = RMSNorm(cfg.norm_eps, ("heads", "head_dim"), dt, param_dtype(cfg), name="o_norm")(o)
     o = constrain(o, BATCH_LENGTH_HEADS)
     y = Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2, name="o_proj", **kw)(o)
