@@ -14,9 +14,12 @@ efficiency, MFU and peak memory.
       --per_device_batch=4 --meshes=1x1x1,2x1x1,1x2x1 --steps=10 --out=/tmp/scaling.json
   python benchmarks/scaling.py --config=configs/curriculum.py --seq_len=4096 \
       --global_batch=16 --meshes=1x1x1,2x1x1 --steps=10 --profile=20 --out=/tmp/strong.json
-Meshes are DATAxFSDPxTENSOR over the first DATA*FSDP*TENSOR devices, with an optional ':ROWS'
-global batch for that mesh (e.g. 1x1x1:16 for the strong-scaling row); '' = 1 device, then
-data=N, fsdp=N and (N >= 4) data=N/2 x fsdp=2 over all N devices.
+  python benchmarks/scaling.py --config=configs/curriculum.py --seq_len=131072 \
+      --global_batch=1 --meshes=1x1x1,1x1x1x2 --remat=full --steps=3 --out=/tmp/context.json
+Meshes are DATAxFSDPxTENSOR[xCONTEXT] over the first DATA*FSDP*TENSOR*CONTEXT devices (CONTEXT:
+devices one sequence is split over, default 1), with an optional ':ROWS' global batch for that
+mesh (e.g. 1x1x1:16 for the strong-scaling row); '' = 1 device, then data=N, fsdp=N and (N >= 4)
+data=N/2 x fsdp=2 over all N devices.
 """
 import json
 import math
@@ -45,7 +48,8 @@ _PER_DEVICE_BATCH = flags.DEFINE_integer("per_device_batch", 4, "rows per data-p
 _GLOBAL_BATCH = flags.DEFINE_integer(
     "global_batch", 0, "rows per step on every mesh (strong scaling); 0 = per_device_batch rows "
     "per data-parallel device (weak scaling)")
-_MESHES = flags.DEFINE_string("meshes", "", "comma-separated DATAxFSDPxTENSOR ('' = default set)")
+_MESHES = flags.DEFINE_string("meshes", "",
+                              "comma-separated DATAxFSDPxTENSOR[xCONTEXT] ('' = default set)")
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps per mesh (after 3 warm-up steps)")
 _REMAT = flags.DEFINE_string("remat", "", "remat policy ('' = the config's model.remat)")
 _OUT = flags.DEFINE_string("out", "", "JSON output path")
@@ -57,27 +61,31 @@ _WARMUP = 3
 _LINEAR_KERNELS = ("gla_", "gdn_", "chunk_recurrence_")
 
 
-def default_meshes(n: int) -> list[tuple[int, int, int]]:
-  meshes = [(1, 1, 1)]
+_AXES = ("data", "fsdp", "tensor", "context")   # the order of a --meshes entry
+
+
+def default_meshes(n: int) -> list[tuple[int, int, int, int]]:
+  meshes = [(1, 1, 1, 1)]
   if n > 1:
-    meshes += [(n, 1, 1), (1, n, 1)]
+    meshes += [(n, 1, 1, 1), (1, n, 1, 1)]
   if n >= 4 and n % 2 == 0:
-    meshes.append((n // 2, 2, 1))
+    meshes.append((n // 2, 2, 1, 1))
   return meshes
 
 
-def parse_meshes(text: str, n: int) -> list[tuple[tuple[int, int, int], int]]:
-  """[(mesh shape, global batch or 0)] from 'DATAxFSDPxTENSOR[:ROWS],...' ('' = default set)."""
+def parse_meshes(text: str, n: int) -> list[tuple[tuple[int, int, int, int], int]]:
+  """[((data, fsdp, tensor, context), global batch or 0)] from
+  'DATAxFSDPxTENSOR[xCONTEXT][:ROWS],...' ('' = default set)."""
   if not text:
     return [(shape, 0) for shape in default_meshes(n)]
   meshes = []
   for spec in text.split(","):
     dims, _, rows = spec.partition(":")
     shape = tuple(int(x) for x in dims.lower().split("x"))
-    if len(shape) != 3 or math.prod(shape) > n or min(shape) < 1:
-      raise ValueError(f"--meshes entry {spec!r}: use DATAxFSDPxTENSOR[:ROWS] with a product of at "
-                       f"most the {n} devices, e.g. 2x1x1 or 1x1x1:16")
-    meshes.append((shape, int(rows or 0)))
+    if len(shape) not in (3, 4) or math.prod(shape) > n or min(shape) < 1:
+      raise ValueError(f"--meshes entry {spec!r}: use DATAxFSDPxTENSOR[xCONTEXT][:ROWS] with a "
+                       f"product of at most the {n} devices, e.g. 2x1x1, 1x1x1:16 or 1x1x1x2")
+    meshes.append((shape + (1,) * (4 - len(shape)), int(rows or 0)))
   return meshes
 
 
@@ -90,12 +98,11 @@ def random_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str
           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len))}
 
 
-def measure(config, shape: tuple[int, int, int], seq_len: int, per_device_batch: int,
+def measure(config, shape: tuple[int, int, int, int], seq_len: int, per_device_batch: int,
             steps: int, remat: str, global_batch: int = 0) -> dict:
-  """Compiles and times the train step on a mesh of shape (data, fsdp, tensor)."""
+  """Compiles and times the train step on a mesh of shape (data, fsdp, tensor, context)."""
   devices = jax.devices()[:math.prod(shape)]
-  mesh = make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), shape))),
-                   devices)
+  mesh = make_mesh(ml_collections.ConfigDict(dict(zip(_AXES, shape))), devices)
   batch = global_batch or per_device_batch * shape[0] * shape[1]
   model_cfg = ml_collections.ConfigDict(config.model.to_dict())
   model_cfg.remat = remat
@@ -129,12 +136,16 @@ def measure(config, shape: tuple[int, int, int], seq_len: int, per_device_batch:
   tokens = batch * seq_len
   peak = metrics.peak_flops_per_device(devices[0])
   flops = model.flops_per_token(seq_len) * tokens
-  result = {"mesh": dict(zip(("data", "fsdp", "tensor"), shape)), "devices": len(devices),
+  result = {"mesh": dict(zip(_AXES, shape)), "devices": len(devices),
             "global_batch": batch, "seq_len": seq_len, "median_step_s": median,
             "min_step_s": min(times), "tokens_per_second": tokens / median,
             "tokens_per_second_per_device": tokens / median / len(devices),
             "mfu": flops / median / (peak * len(devices)) if peak else None, "loss_last": loss,
-            **info, **metrics.device_memory()}
+            **info, **metrics.device_memory(),
+            # peak since the process started, per device of this mesh (an earlier mesh's peak on
+            # the same device stays in it; compiled_memory_gib is this step's own need)
+            "peak_memory_gib_per_device": [
+                (d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 for d in devices]}
   print(json.dumps(result), flush=True)
   if kernels:
     result["kernels_ms_per_step"] = kernels[:_PROFILE.value]

@@ -10,6 +10,9 @@ Variants:
   memory  memory beyond the window on the CPU in ~1-2 minutes: a small HGRN-2 + graph model
           trained on 64-token windows, each stream reading 4 consecutive windows of a row with
           the earlier ones in a host FAISS memory (HNSW) attended by the graph layers.
+  long_cp the full recipe plus a stage of 262,144 tokens (2 sequences per step, one per
+          micro-batch), every sequence split over 2 devices (mesh.context=2): needs exactly 2
+          devices (e.g. 2 H200s).
 """
 import os
 import sys
@@ -21,6 +24,8 @@ from sosm_jax.train.config import base_config  # pylint: disable=g-import-not-at
 
 def get_config(arg: str | None = None):
   variant = arg or "full"
+  if variant == "long_cp":
+    return _long_context_parallel()
   c = base_config()
   c.workdir = f"workdir/curriculum-{variant}"
   if variant == "full":
@@ -70,5 +75,17 @@ def get_config(arg: str | None = None):
                    passkey_examples=0)
   else:
     raise ValueError(f"unknown variant {variant!r} of configs/curriculum.py: use one of "
-                     f"'' (full), 'smoke', 'tiny', 'memory'")
+                     f"'' (full), 'smoke', 'tiny', 'memory', 'long_cp'")
+  return c
+
+
+def _long_context_parallel():
+  """The full recipe, then 262,144 tokens per sequence with each sequence split over 2 devices."""
+  c = get_config("full")
+  c.workdir = "workdir/curriculum-long_cp"
+  cur = c.curriculum
+  cur.update(seq_lens=tuple(cur.seq_lens) + (262144,), steps=tuple(cur.steps) + (200,),
+             global_batch=tuple(cur.global_batch) + (2,), grad_accum=tuple(cur.grad_accum) + (2,),
+             remat=tuple(cur.remat) + ("full",), rope_base=tuple(cur.rope_base) + (500000.0,))
+  c.mesh.update(data=1, fsdp=1, tensor=1, context=2)
   return c
