@@ -5,6 +5,8 @@ Export the newest (or --step) checkpoint of a training run:
   python launch/export.py --workdir=DIR --format=stablehlo --out=OUT     # forward/decode, jax.export
   python launch/export.py --workdir=DIR --format=onnx --out=OUT          # forward/decode, onnxruntime-checked
   python launch/export.py --workdir=DIR --format=fla --out=OUT           # flash-linear-attention HF folder
+A fine-tuning run (config.finetune: LoRA or distillation) exports its merged weights, and a LoRA
+run its adapters alone too (adapters.safetensors).
 Import (a new work directory whose checkpoint 0 holds the weights; evaluate it, or resume
 training in it with the same config):
   python launch/export.py --import_from=OUT --workdir=NEW                # a safetensors export

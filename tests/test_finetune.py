@@ -94,9 +94,9 @@ def test_distillation_from_another_architecture_matches_the_full_logit_reference
   params = {"student": s_params, "teacher": t_params}
   batch = _batch(t=20)            # 20 tokens: chunks of 8 with padding
   loss_fn = lambda p: wrapped.loss(p, batch)
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
   ref_fn = lambda sp: _reference_distill(student, sp, teacher, t_params, batch, 2.0, 0.7)[0]
-  ref_loss, ref_grads = jax.value_and_grad(ref_fn)(s_params)
+  ref_loss, ref_grads = jax.jit(jax.value_and_grad(ref_fn))(s_params)
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
   assert float(metrics["kl"]) > 0
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
@@ -104,7 +104,7 @@ def test_distillation_from_another_architecture_matches_the_full_logit_reference
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["teacher"]))
   # a teacher identical to the student: KL 0
   same = finetune.FinetuneModel(ft, student, student)
-  _, m = same.loss({"student": s_params, "teacher": s_params}, batch)
+  _, m = jax.jit(same.loss)({"student": s_params, "teacher": s_params}, batch)
   assert abs(float(m["kl"])) < 1e-5
 
 
