@@ -165,3 +165,19 @@ def test_export_cli_stablehlo_then_import(trained, tmp_path):
   assert _cli(f"--import_from={out}", f"--workdir={new}")["workdir"] == new
   loaded = loading.load_for_eval(new)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), loaded.params, params)
+
+
+def test_export_carries_a_hugging_face_tokenizer(tmp_path):
+  from test_data_sources import _hf_tokenizer_dir
+  folder = _hf_tokenizer_dir(str(tmp_path / "tok"))
+  config = tiny_config(vocab_size=300)
+  config.data.tokenizer = f"hf:{folder}"
+  params = random_params(config)
+  run = weights.write_workdir(str(tmp_path / "run"), config, params)
+  out = weights.export_workdir(run, str(tmp_path / "export"))
+  assert sorted(os.listdir(os.path.join(out, "tokenizer"))) == ["tokenizer.json",
+                                                                 "tokenizer_config.json"]
+  new = weights.import_to_workdir(out, str(tmp_path / "new"))
+  loaded = loading.load_for_eval(new)    # checks the tokenizer's identity against the checkpoint
+  assert loaded.tokenizer.identity()["kind"] == "hf" and loaded.tokenizer.bos_id == 1
+  assert loaded.config.data.tokenizer.startswith(f"hf:{new}")

@@ -6,8 +6,9 @@ An export folder holds
                       under 'layers.block_<p>'), dtype as trained (param_dtype, float32 default)
   config.json         {'format': 'sosm_jax', 'format_version', 'config': the full trainer config,
                        'tokenizer': the tokenizer identity, 'step', 'tokenizer_file'}
-  tokenizer.<ext>     a copy of the tokenizer file when the tokenizer has one (SentencePiece
-                      .model, Hugging Face tokenizer.json); the byte tokenizer needs none
+  tokenizer.model | tokenizer/   a copy of the tokenizer's files when it has some (SentencePiece
+                      .model; Hugging Face tokenizer.json with its special-token configs); the
+                      byte tokenizer needs none
 The parameter names and shapes are checked against the model the config builds, so a file that
 does not describe the config's model is refused with the names that differ.
 
@@ -17,6 +18,7 @@ imported parameters with a fresh optimizer state (step 0, no data position).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -71,15 +73,39 @@ def check_names_and_shapes(flat: dict[str, np.ndarray], model_cfg, where: str) -
         problems[:8]) + more + ". Export it again from the work directory it was trained in.")
 
 
-def _tokenizer_file(spec: str) -> str | None:
-  """Path of the file behind a tokenizer spec, or None for the byte tokenizer."""
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_tokenizer(spec: str, dst_dir: str) -> tuple[str, str | None]:
+  """Copies the files behind a tokenizer spec into dst_dir; returns (new spec, copied name).
+
+  SentencePiece: the .model file (as tokenizer.model); Hugging Face: tokenizer.json and the
+  config files naming its special tokens (into the folder tokenizer/). The byte tokenizer has
+  no files: (spec, None).
+  """
   kind, sep, path = spec.partition(":")
   if not sep or kind not in ("sentencepiece", "hf"):
-    return None
+    return spec, None
   path = os.path.expanduser(path)
-  if os.path.isdir(path):
-    path = os.path.join(path, "tokenizer.json")
-  return path
+  if kind == "sentencepiece":
+    files, name = {path: "tokenizer.model"}, "tokenizer.model"
+  else:
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    main = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    files = {main: os.path.join("tokenizer", "tokenizer.json")}
+    for extra in _HF_TOKENIZER_FILES[1:]:
+      if os.path.isfile(os.path.join(folder, extra)):
+        files[os.path.join(folder, extra)] = os.path.join("tokenizer", extra)
+    name = "tokenizer"
+  for src, rel in files.items():
+    if not os.path.isfile(src):
+      raise ValueError(f"the tokenizer file {src!r} (config.data.tokenizer) is missing; an export "
+                       f"or import would not be usable without it. Point data.tokenizer at it.")
+    dst = os.path.join(dst_dir, rel)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.abspath(src) != os.path.abspath(dst):
+      shutil.copyfile(src, dst)
+  return f"{kind}:{os.path.join(os.path.abspath(dst_dir), name)}", name
 
 
 def save(out_dir: str, params, config: ml_collections.ConfigDict, *,
@@ -95,15 +121,7 @@ def save(out_dir: str, params, config: ml_collections.ConfigDict, *,
   header = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": int(step),
             "config": json.loads(config.to_json_best_effort()),
             "tokenizer": tokenizer_identity, "tokenizer_file": None}
-  tok_path = _tokenizer_file(config.data.tokenizer)
-  if tok_path is not None:
-    if not os.path.isfile(tok_path):
-      raise ValueError(f"the tokenizer file {tok_path!r} (config.data.tokenizer) is missing; the "
-                       f"export would not be usable without it. Point data.tokenizer at it.")
-    name = "tokenizer" + (".model" if config.data.tokenizer.startswith("sentencepiece:")
-                          else ".json")
-    shutil.copyfile(tok_path, os.path.join(out_dir, name))
-    header["tokenizer_file"] = name
+  _, header["tokenizer_file"] = copy_tokenizer(config.data.tokenizer, out_dir)
   save_file(flat, os.path.join(out_dir, WEIGHTS_FILE),
             metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
   with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -159,12 +177,8 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, params, *,
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise ValueError(f"{ckpt_dir} already holds checkpoints; import into a new work directory")
   os.makedirs(workdir, exist_ok=True)
-  tok_file = _tokenizer_file(config.data.tokenizer)
-  if tok_file is not None:   # the work directory keeps its own copy of the tokenizer
-    local = os.path.join(workdir, os.path.basename(tok_file))
-    if os.path.abspath(tok_file) != local:
-      shutil.copyfile(tok_file, local)
-    config.data.tokenizer = config.data.tokenizer.partition(":")[0] + ":" + local
+  config = copy.deepcopy(config)   # the work directory keeps its own copy of the tokenizer
+  config.data.tokenizer, _ = copy_tokenizer(config.data.tokenizer, workdir)
   tokenizer = data_lib.make_tokenizer(config.data)
   if tokenizer_identity is not None:
     data_lib.check_tokenizer_identity(tokenizer_identity, tokenizer.identity())
