@@ -25,7 +25,7 @@ from sosm_jax.ops import gated_delta_rule, gla
 from sosm_jax.ops import offset_attention as offset_ops
 from sosm_jax.parallel import LOGICAL_AXIS_RULES, batch_sharding, make_mesh
 from sosm_jax.parallel import mesh as mesh_lib
-from sosm_jax.parallel.context import delta_rule_across_context, gla_across_context
+from sosm_jax.parallel.context import cumsum_time, delta_rule_across_context, gla_across_context
 from sosm_jax.train import state as state_lib
 from sosm_jax.train import step as step_lib
 
@@ -158,7 +158,9 @@ def layer_inputs():
 
 
 _MIXERS = {"hgrn2": (HGRN2, {}), "gdn": (GatedDeltaNet, {}), "attn": (Attention, {}),
-           "attn_blockwise": (Attention, dict(attn_impl="blockwise", attn_block_size=16))}
+           "attn_blockwise": (Attention, dict(attn_impl="blockwise", attn_block_size=16)),
+           # a kernel without a query offset (as cuDNN on GPU): queries placed in T rows
+           "attn_splash": (Attention, dict(attn_impl="splash_interpret", attn_block_size=128))}
 
 
 class _MixerCase:
@@ -238,3 +240,9 @@ def test_mesh_context_axis_and_errors():
     mesh_lib.mesh_sizes(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, context=0)))
   with pytest.raises(ValueError, match="has 16 devices but 8 are present"):
     make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=1, tensor=1, context=4)))
+
+
+def test_chunked_cumsum_equals_cumsum():
+  x = -jnp.asarray(np.random.default_rng(5).uniform(0, 1, (2, 256, 3)), jnp.float32)
+  np.testing.assert_allclose(cumsum_time(x, chunk=16), jnp.cumsum(x, axis=1), rtol=1e-5)
+  np.testing.assert_allclose(cumsum_time(x[:, :40], chunk=16), jnp.cumsum(x[:, :40], axis=1))

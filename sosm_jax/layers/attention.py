@@ -30,14 +30,29 @@ _QKV = ("activation_batch", None, "activation_heads", None)
 
 
 def _attend_at_offset(cfg, impl, q, k, v, offset, q_segment_ids, k_segment_ids):
-  """One device's queries (at `offset`) over the whole sequence's keys, under context parallelism:
-  an explicit mask for 'xla'/'reference' and (except 'blockwise') up to XLA_MAX_LEN keys, else
-  O(t)-memory blocks (the path of 'cudnn' and 'splash' too, which take no query offset)."""
+  """One device's queries q `[B, t, H, D]` (at `offset`) over the whole sequence's keys k, v
+  `[B, T, KV, D]`, under context parallelism.
+
+  'xla'/'reference': an explicit `[t, T]` mask ('auto' picks 'blockwise' past XLA_MAX_LEN keys).
+  'blockwise': O(t)-memory blocks at the offset (`offset_blockwise_attention`; plain JAX, slow
+  per FLOP: measured ~10x below cuDNN on an H200). 'cudnn'/'splash' (kernels without a query
+  offset): the queries are placed at their rows of a zero `[B, T, H, D]` array and the kernel's
+  ordinary causal attention runs over all T rows; rows of other devices have zero cotangents, so
+  gradients are exact, but every device does the whole sequence's attention work (T^2/2, not
+  T^2/(2C)): right for a few devices, a ring/merge of per-block results is the fix beyond.
+  """
   kw = dict(q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, window=cfg.attn_window)
-  if impl in ("xla", "reference") or (impl != "blockwise" and k.shape[1] <= attn_ops.XLA_MAX_LEN):
+  if impl == "blockwise":
+    return offset_ops.offset_blockwise_attention(q, k, v, offset, block_size=cfg.attn_block_size,
+                                                 **kw)
+  if impl not in _KERNEL_IMPLS + ("cudnn",):
     return offset_ops.offset_attention_reference(q, k, v, offset, **kw)
-  return offset_ops.offset_blockwise_attention(q, k, v, offset, block_size=cfg.attn_block_size,
-                                               **kw)
+  b, t, h, d = q.shape
+  rows = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, k.shape[1], h, d), q.dtype), q, offset,
+                                             axis=1)
+  o = attn_ops.causal_attention(rows, k, v, segment_ids=k_segment_ids, window=cfg.attn_window,
+                                implementation=impl, block_size=cfg.attn_block_size)
+  return jax.lax.dynamic_slice_in_dim(o, offset, t, axis=1)
 
 
 class Attention(nn.Module):

@@ -113,6 +113,18 @@ def combine_segments(transition: jax.Array, local_final: jax.Array, initial_stat
   return s_in, s
 
 
+def cumsum_time(x: jax.Array, chunk: int = 64) -> jax.Array:
+  """Cumulative sum over axis 1 `[B, T, ...]` as sums within chunks plus a scan of chunk totals:
+  two short scans (fp32 rounding grows with the chunk and T/chunk, not with T)."""
+  b, t = x.shape[:2]
+  if t <= chunk or t % chunk:
+    return jnp.cumsum(x, axis=1)
+  inner = jnp.cumsum(x.reshape((b, t // chunk, chunk) + x.shape[2:]), axis=2)
+  totals = inner[:, :, -1]
+  before = jnp.cumsum(totals, axis=1) - totals                     # exclusive prefix of chunks
+  return (inner + before[:, :, None]).reshape(x.shape)
+
+
 _STATE = ("activation_batch", "activation_heads", None, None)
 _BTH = ("activation_batch", LENGTH, "activation_heads")
 _BTHD = _BTH + (None,)
@@ -138,7 +150,7 @@ def gla_across_context(run: Callable, q, k, v, log_f, initial_state, *, scale: f
 
   def local(q, k, v, log_f, s0):
     o, b_local = run(q, k, v, log_f, None)
-    cum = jnp.cumsum(log_f.astype(_F32), axis=1)                   # [B, t, H, K], <= 0
+    cum = cumsum_time(log_f.astype(_F32))                          # [B, t, H, K], <= 0
     s_in, final = combine_segments(jnp.exp(cum[:, -1]), b_local, s0, axis, diagonal=True)
     q_in = q.astype(_F32) * jnp.exp(cum)
     extra = scale * jnp.einsum("bthk,bhkv->bthv", q_in, s_in, precision=_HIGHEST)
