@@ -65,7 +65,7 @@ def _forward(q, k, v, seg_q, seg_k, offset, *, block, window, scale):
   shape = (b, kh, g, t)
   init = (jnp.full(shape, _NEG, _F32), jnp.zeros(shape, _F32), jnp.zeros(shape + (dh,), _F32))
   m, l, acc = lax.fori_loop(0, _visible_blocks(offset, t, block, n), step, init)
-  l = jnp.maximum(l, 1e-30)                      # a query that sees nothing (cannot happen causally)
+  l = jnp.maximum(l, 1e-30)                      # a query that sees nothing (not when causal)
   o = jnp.moveaxis(acc / l[..., None], 3, 1).astype(q.dtype)       # [B,t,K,G,D]
   return o, m + jnp.log(l)
 

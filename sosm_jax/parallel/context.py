@@ -1,4 +1,4 @@
-"""Context parallelism: one sequence's time axis split over devices, for recurrent and attention ops.
+"""Context parallelism: one sequence's time axis split over devices (recurrent and attention ops).
 
 Layers name logical axes only; the mesh axes that 'activation_length' maps to under the active
 rules (`rules.py`: the 'context' axis) are resolved here, as `per_shard` resolves batch and heads.
@@ -217,7 +217,8 @@ def conv_across_context(conv: Callable, x, positions, cache, width: int):
   n = math.prod(mesh.shape[a] for a in axis)
   if x.shape[1] // n < width - 1:
     raise ValueError(f"conv_across_context: {x.shape[1] // n} tokens per device is fewer than the "
-                     f"conv width - 1 = {width - 1}; use a smaller mesh.context or longer sequences")
+                     f"conv width - 1 = {width - 1}; use a smaller mesh.context or longer "
+                     f"sequences")
 
   def local(x, pos, c):
     tail = x[:, x.shape[1] - (width - 1):]

@@ -1,4 +1,4 @@
-"""Build the device mesh ('data', 'fsdp', 'context', 'tensor') from the `mesh` section of a config."""
+"""Build the device mesh ('data', 'fsdp', 'context', 'tensor') from a config's `mesh` section."""
 from __future__ import annotations
 
 import math

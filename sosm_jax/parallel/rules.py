@@ -72,7 +72,8 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of a `[batch, time]` batch: batch split over ('data', 'fsdp'), time over 'context'
   (when the mesh has that axis)."""
-  return NamedSharding(mesh, P(("data", "fsdp"), "context" if "context" in mesh.axis_names else None))
+  time = "context" if "context" in mesh.axis_names else None
+  return NamedSharding(mesh, P(("data", "fsdp"), time))
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
