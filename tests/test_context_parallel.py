@@ -117,6 +117,28 @@ def test_linear_ops_across_context_equal_one_device(op_inputs, data, context):
     _close(got_grads, want_grads, f"{name} gradients (all inputs, initial state included)")
 
 
+def test_pallas_kernels_and_bfloat16_across_context(op_inputs):
+  """The ops' Pallas kernels (interpret mode) inside the context split, and bfloat16 inputs
+  (the transition and q~ then come out of the op at its bf16-operand matmul precision; the
+  combination is float32): context=4 against one device at the same implementation and dtype."""
+  mesh = _mesh(1, 4)
+  for impl, dtype, tol in (("pallas_interpret", jnp.float32, 1e-4), ("xla", jnp.bfloat16, 3e-2)):
+    cast = lambda a: tuple(x.astype(dtype) if i < 3 else x for i, x in enumerate(a))
+    run_gla = lambda *a: gla(*a[:4], initial_state=a[4], chunk_size=16, implementation=impl)
+    run_delta = lambda *a: gated_delta_rule(*a[:5], initial_state=a[5], chunk_size=16,
+                                            implementation=impl)
+    for name, op, wrapped, args in (
+        ("gla", run_gla, lambda *a: gla_across_context(run_gla, *a), cast(op_inputs[0])),
+        ("delta", run_delta, lambda *a: delta_rule_across_context(run_delta, *a),
+         cast(op_inputs[1]))):
+      want = jax.jit(lambda a: op(*a))(args)
+      got = _on_mesh(mesh, lambda a: wrapped(*a), args)
+      for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        np.testing.assert_allclose(g, w, rtol=0, atol=tol * np.max(np.abs(w)),
+                                   err_msg=f"{name} {impl} {jnp.dtype(dtype).name}")
+
+
 def test_offset_blockwise_attention_equals_reference():
   rng = np.random.default_rng(1)
   n = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
