@@ -91,6 +91,7 @@ ARCHS = {
     "transformer": dict(architecture="transformer", pattern=("attn",)),
     "hybrid": dict(architecture="hybrid", pattern=("hgrn2",) * 3 + ("attn",)),
     "gdn_hybrid": dict(architecture="hybrid", pattern=("gdn",) * 3 + ("attn",)),
+    "gdn": dict(architecture="hybrid", pattern=("gdn",)),
     # the graph-routing comparison (issue "Graph routing"): graph layer vs attention vs linear-only
     "sosm": dict(architecture="sosm", pattern=("hgrn2", "graph")),
     "linear_only": dict(architecture="hybrid", pattern=("hgrn2",)),
@@ -107,6 +108,9 @@ def define_flags():
   flags.DEFINE_integer("d_model", 64, "Model width.")
   flags.DEFINE_integer("heads", 2, "Attention heads (head dim = d_model // heads).")
   flags.DEFINE_integer("mlp_dim", 0, "MLP width of sosm_jax models (0 = 2 * d_model).")
+  flags.DEFINE_string("gdn_output_gate", "", "Gated DeltaNet output gate ('' = the model default; "
+                      "sigmoid2 | silu | none).")
+  flags.DEFINE_string("linear_impl", "auto", "model.linear_impl (auto | xla | reference | ...).")
   flags.DEFINE_string("source", "synthetic:mqar", "Training data source.")
   flags.DEFINE_integer("seq_len", 64, "Training row length.")
   flags.DEFINE_integer("task_length", 0, "Tokens per task example (0 = seq_len).")
@@ -125,29 +129,34 @@ def define_flags():
   flags.DEFINE_string("out", "/tmp/mqar_sanity", "Output directory.")
 
 
-def build(arch: str, layers: int, d_model: int, heads: int, platform_cpu: bool, mlp_dim: int = 0):
+def build(arch: str, layers: int, d_model: int, heads: int, mlp_dim: int = 0,
+          linear_impl: str = "auto", gdn_output_gate: str = ""):
   """The model config of a sanity run, and the model."""
   cfg = config_lib.base_config().model
   head_dim = d_model // heads
   cfg.update(num_layers=layers, d_model=d_model, mlp_dim=mlp_dim or 2 * d_model, vocab_size=260,
              attn_num_heads=heads, attn_num_kv_heads=heads, attn_head_dim=head_dim,
              hgrn2_head_dim=head_dim, gdn_num_heads=heads, gdn_head_dim=head_dim, chunk_size=16,
-             dtype="float32", scan_layers=False,
+             dtype="float32", scan_layers=False, linear_impl=linear_impl,
              **ARCHS[arch])
-  if platform_cpu:
-    cfg.linear_impl = "reference"  # as the backbone study trains on CPU
+  if gdn_output_gate:
+    cfg.gdn_output_gate = gdn_output_gate
   return cfg, models.build_model(cfg)
+
+
+def first_step_at(curve, accuracy: float = 0.9):
+  """The first logged step whose window's mean train accuracy is >= `accuracy` (None: never)."""
+  return next((p["step"] for p in curve if p["accuracy"] >= accuracy), None)
 
 
 def main(argv):
   del argv
   os.makedirs(FLAGS.out, exist_ok=True)
-  cpu = jax.default_backend() == "cpu"
   if FLAGS.arch == "reference":
     model_cfg, model = None, ReferenceAttention(FLAGS.layers, FLAGS.d_model, FLAGS.heads)
   else:
-    model_cfg, model = build(FLAGS.arch, FLAGS.layers, FLAGS.d_model, FLAGS.heads, cpu,
-                             FLAGS.mlp_dim)
+    model_cfg, model = build(FLAGS.arch, FLAGS.layers, FLAGS.d_model, FLAGS.heads, FLAGS.mlp_dim,
+                             FLAGS.linear_impl, FLAGS.gdn_output_gate)
   data_cfg = config_lib.base_config().data
   data_cfg.update(source=FLAGS.source, mqar_num_pairs=FLAGS.pairs, mqar_num_queries=FLAGS.queries,
                   task_vocab_size=256,
@@ -200,12 +209,14 @@ def main(argv):
   result = {"arch": FLAGS.arch,
             "flags": {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.argv[0])},
             "model": model_cfg.to_dict() if model_cfg else "ReferenceAttention",
-            "curve": curve, "train_seconds": train_seconds, "mqar": grid,
+            "curve": curve, "first_step_90": first_step_at(curve), "train_seconds": train_seconds,
+            "mqar": grid,
             "device": jax.devices()[0].device_kind, "jax": jax.__version__}
   path = os.path.join(FLAGS.out, f"mqar_sanity_{FLAGS.arch}.json")
   with open(path, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2, default=str)
-  print(f"mean MQAR accuracy {grid['mean_accuracy']:.3f} (chance {grid['chance']:.4f}); {path}")
+  print(f"first step >= 90% train accuracy: {first_step_at(curve)}; mean MQAR accuracy "
+        f"{grid['mean_accuracy']:.3f} (chance {grid['chance']:.4f}); {path}")
 
 
 if __name__ == "__main__":

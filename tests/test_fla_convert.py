@@ -16,7 +16,8 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 def gdn_hybrid(**kw):
   return tiny_config(**{**dict(pattern=("gdn", "gdn", "attn"), num_layers=3, attn_num_heads=2,
-                               attn_head_dim=16, attn_num_kv_heads=1, tie_embeddings=False), **kw})
+                               attn_head_dim=16, attn_num_kv_heads=1, tie_embeddings=False,
+                               gdn_output_gate="silu"), **kw})
 
 
 def hgrn2_hybrid(**kw):

@@ -96,9 +96,9 @@ def _conv_numpy(x, w):
   return sum(xp[:, j:j + x.shape[1]] * w[j] for j in range(width))
 
 
-def gdn_numpy(p, x, seg, eps):
+def gdn_numpy(p, x, seg, eps, gate_kind="sigmoid2"):
   """Gated DeltaNet token by token; the delta-rule state is zeroed at document starts (the
-  short convs run over the whole row, as in the layer)."""
+  short convs run over the whole row, as in the layer). gate_kind: model.gdn_output_gate."""
   h, dk = p["q_proj"]["kernel"].shape[1:]
   def branch(name):
     z = np.einsum("btd,dhk->bthk", x, p[f"{name}_proj"]["kernel"]).reshape(x.shape[:2] + (h * dk,))
@@ -118,16 +118,27 @@ def gdn_numpy(p, x, seg, eps):
       pred = np.einsum("hk,hkv->hv", k[b, t], alpha * s)
       s = alpha * s + beta[b, t][:, None, None] * k[b, t][:, :, None] * (v[b, t] - pred)[:, None, :]
       o[b, t] = dk ** -0.5 * np.einsum("hk,hkv->hv", q[b, t], s)
-  gate = np.einsum("btd,dhk->bthk", x, p["gate_proj"]["kernel"])
-  o = _rms(o, p["o_norm"]["scale"], eps) * _silu(gate)
+  o = _rms(o, p["o_norm"]["scale"], eps)
+  if gate_kind != "none":
+    gate = np.einsum("btd,dhk->bthk", x, p["gate_proj"]["kernel"])
+    o = o * (2 * _sigmoid(gate) if gate_kind == "sigmoid2" else _silu(gate))
   return np.einsum("bthv,hvd->btd", o, p["o_proj"]["kernel"])
 
 
-def test_gated_deltanet_layer_matches_numpy():
-  cfg = _cfg()
+@pytest.mark.parametrize("gate", ["sigmoid2", "silu", "none"])
+def test_gated_deltanet_layer_matches_numpy(gate):
+  cfg = _cfg(gdn_output_gate=gate)
   x, pos, seg = _inputs(3)
   p, y = _init_apply(GatedDeltaNet(cfg), x, pos, seg)
-  want = gdn_numpy(p, np.asarray(x, np.float64), np.asarray(seg), cfg.norm_eps)
+  assert ("gate_proj" in p) == (gate != "none")
+  if gate == "sigmoid2":  # starts as the identity; then check the formula with random weights
+    assert not p["gate_proj"]["kernel"].any()
+    p["gate_proj"]["kernel"] = np.asarray(
+        jax.random.normal(jax.random.PRNGKey(5), p["gate_proj"]["kernel"].shape), np.float64)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+    y = np.asarray(GatedDeltaNet(cfg).apply({"params": params}, x, positions=pos,
+                                            segment_ids=seg)[0])
+  want = gdn_numpy(p, np.asarray(x, np.float64), np.asarray(seg), cfg.norm_eps, gate)
   np.testing.assert_allclose(y, want, rtol=2e-4, atol=2e-4)
 
 

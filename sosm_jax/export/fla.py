@@ -90,6 +90,9 @@ def fla_config(model_cfg) -> dict:
     out.update(attn_mode="chunk", num_heads=heads, expand_ratio=cfg.hgrn2_head_dim,
                use_short_conv=False, use_lower_bound=True, elementwise_affine=True)
   else:
+    if cfg.gdn_output_gate != "silu":
+      _refuse(f"Gated DeltaNet output gate {cfg.gdn_output_gate!r} (fla's is silu(x W_gate))",
+              "train with model.gdn_output_gate='silu'")
     out.update(attn_mode="chunk", num_heads=cfg.gdn_num_heads, head_dim=cfg.gdn_head_dim,
                expand_v=1.0, num_v_heads=None, use_gate=True, use_short_conv=True,
                allow_neg_eigval=False, conv_size=cfg.conv_width)
@@ -166,7 +169,7 @@ def model_config_from_fla(fc: dict) -> ml_collections.ConfigDict:
     if fc.get("allow_neg_eigval"):
       _refuse("allow_neg_eigval (beta in (0, 2))", "allow_neg_eigval=False")
     c.update(gdn_num_heads=int(fc.get("num_heads", 6)), gdn_head_dim=int(fc.get("head_dim", 256)),
-             conv_width=int(fc.get("conv_size", 4)))
+             conv_width=int(fc.get("conv_size", 4)), gdn_output_gate="silu")
   if attn:
     if attn.get("qkv_bias"):
       _refuse("attention qkv biases", "qkv_bias=False")

@@ -26,7 +26,8 @@ from sosm_jax.export import fla, int8
 
 _CASES = {
     "gated_deltanet": dict(pattern=("gdn",), num_layers=2, d_model=128, gdn_num_heads=2,
-                           gdn_head_dim=64, mlp_dim=256, tie_embeddings=False),
+                           gdn_head_dim=64, mlp_dim=256, tie_embeddings=False,
+                           gdn_output_gate="silu"),
     "hgrn2": dict(pattern=("hgrn2",), num_layers=2, d_model=128, hgrn2_head_dim=128, mlp_dim=256,
                   tie_embeddings=True),
 }

@@ -5,7 +5,7 @@ Per head (key dim K = value dim V = gdn_head_dim):
   g = -exp(A_log) * softplus(x W_a + dt_bias)   (log-decay, <= 0)
   beta = sigmoid(x W_b)
   o = gated_delta_rule(q, k, v, g, beta)        (sosm_jax/ops/gated_delta/)
-  y = W_o (rmsnorm(o) * silu(x W_gate))
+  y = W_o (rmsnorm(o) * gate(x W_gate))         gate by cfg.gdn_output_gate (OUTPUT_GATES)
 At packed-document starts the decay is set to ~0 so the state restarts. The short convs are not
 reset there: up to conv_width-1 tokens of the previous document reach the first tokens of the next.
 Cache: {'state': `[B, H, K, V]` float32, 'conv_q', 'conv_k', 'conv_v': `[B, conv_width-1, H*dim]`}.
@@ -43,6 +43,25 @@ def _dt_bias_init(key, shape, dtype=_F32):
 def _conv_init(key, shape, dtype=_F32):
   bound = 1.0 / math.sqrt(shape[0])
   return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+# The output gate (key model.gdn_output_gate; benchmarks/RESULTS.md, "Gated DeltaNet output gate"):
+#   'sigmoid2'  2 * sigmoid(x W_gate), W_gate zero-initialised: the gate starts as the identity and
+#               learns to scale channels in (0, 2). The default: small models learn MQAR with it.
+#   'silu'      silu(x W_gate), W_gate fan-in initialised: the paper's and fla's gate (needed to
+#               export to fla). At init it multiplies each channel by a random, token-dependent
+#               factor that a bias-free gate cannot quickly make constant; small models stall.
+#   'none'      no gate (and no gate_proj parameters).
+OUTPUT_GATES = ("sigmoid2", "silu", "none")
+
+
+def output_gate(kind: str, z: jax.Array) -> jax.Array:
+  """The gate's multiplier from its pre-activation z `[B, T, H, dim]` (kind 'sigmoid2' | 'silu')."""
+  if kind == "sigmoid2":
+    return 2.0 * jax.nn.sigmoid(z)
+  if kind == "silu":
+    return nn.silu(z)
+  raise ValueError(f"gdn_output_gate {kind!r} unknown; use one of {OUTPUT_GATES}.")
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -112,9 +131,13 @@ class GatedDeltaNet(nn.Module):
           q, k, v, g, beta, scale=dk ** -0.5, initial_state=s, chunk_size=cfg.chunk_size,
           implementation=cfg.linear_impl)
       o, state = delta_rule_across_context(run, q, k, v, g, beta, state)
-    gate = Dense((h, dk), ("embed", "heads", "head_dim"), name="gate_proj", **kw)(x)
     o = RMSNorm(cfg.norm_eps, ("head_dim",), dt, param_dtype(cfg), name="o_norm")(o)
-    o = constrain(o * nn.silu(gate), BATCH_LENGTH_HEADS)
+    if cfg.gdn_output_gate != "none":
+      init = nn.initializers.zeros if cfg.gdn_output_gate == "sigmoid2" else None
+      gate = Dense((h, dk), ("embed", "heads", "head_dim"), name="gate_proj", kernel_init=init,
+                   **kw)(x)
+      o = o * output_gate(cfg.gdn_output_gate, gate)
+    o = constrain(o, BATCH_LENGTH_HEADS)
     y = Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2, name="o_proj", **kw)(o)
     if cache is not None:
       cache = {"state": state, "conv_q": conv_q, "conv_k": conv_k, "conv_v": conv_v}
@@ -131,7 +154,8 @@ class GatedDeltaNet(nn.Module):
   @staticmethod
   def param_count(cfg) -> int:
     d, h, dk = cfg.d_model, cfg.gdn_num_heads, cfg.gdn_head_dim
-    proj = 5 * d * h * dk + 2 * d * h           # q, k, v, gate, o; a, b
+    gate = 0 if cfg.gdn_output_gate == "none" else d * h * dk
+    proj = 4 * d * h * dk + gate + 2 * d * h    # q, k, v, o, gate; a, b
     return proj + 2 * h + 3 * cfg.conv_width * h * dk + dk
 
   @staticmethod
@@ -144,5 +168,6 @@ class GatedDeltaNet(nn.Module):
     d, h, dk = cfg.d_model, cfg.gdn_num_heads, cfg.gdn_head_dim
     c = min(cfg.chunk_size, seq_len)
     per_chunk = 4 * c * c * dk + c * c * 2 * dk + 6 * c * dk * dk + 2 * c * c * dk
-    proj = 2.0 * (5 * d * h * dk + 2 * d * h) + 2.0 * 3 * cfg.conv_width * h * dk
+    gates = 4 if cfg.gdn_output_gate == "none" else 5
+    proj = 2.0 * (gates * d * h * dk + 2 * d * h) + 2.0 * 3 * cfg.conv_width * h * dk
     return proj + h * per_chunk / c

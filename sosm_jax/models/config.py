@@ -12,6 +12,8 @@ Keys (config.model, an ml_collections ConfigDict):
   attn_block_size   block length of the 'blockwise' (O(T)-memory) attention  (added)
   hgrn2_head_dim    HGRN-2 key (state-expansion) dim per head; heads = d_model // hgrn2_head_dim
   gdn_num_heads, gdn_head_dim (key = value dim), conv_width (Gated DeltaNet short conv)
+  gdn_output_gate   Gated DeltaNet output gate: 'sigmoid2' (2*sigmoid, zero-init: identity at
+                    the start) | 'silu' (the paper's and fla's) | 'none' (layers/gated_deltanet.py)
   chunk_size        chunk of the chunked linear-attention algorithms
   linear_impl       linear-attention ops (HGRN-2, Gated DeltaNet): 'auto' (Pallas kernels on a
                     GPU, chunked XLA elsewhere) | 'xla' | 'pallas' | 'pallas_interpret' (the
@@ -78,6 +80,7 @@ def default_model_config(architecture: str = "hybrid") -> ml_collections.ConfigD
   c.hgrn2_head_dim = 128
   c.gdn_num_heads = 6
   c.gdn_head_dim = 128
+  c.gdn_output_gate = "sigmoid2"
   c.conv_width = 4
   c.chunk_size = 64
   c.linear_impl = "auto"
@@ -188,6 +191,9 @@ def validate_model_config(cfg) -> None:
             "pick a divisor of d_model (heads = d_model // hgrn2_head_dim)")
   if "gdn" in pattern:
     _positive(cfg, "gdn_num_heads", "gdn_head_dim")
+    gates = importlib.import_module("sosm_jax.layers.gated_deltanet").OUTPUT_GATES
+    if cfg.gdn_output_gate not in gates:
+      _fail("gdn_output_gate", f"unknown value {cfg.gdn_output_gate!r}", f"use one of {gates}")
   if cfg.linear_impl not in LINEAR_IMPLEMENTATIONS:
     _fail("linear_impl", f"unknown value {cfg.linear_impl!r}",
           f"use one of {LINEAR_IMPLEMENTATIONS}")
