@@ -130,11 +130,10 @@ def variant_config(name: str, setting: dict, dtype: str, steps: int, task_mix: s
   c.train.update(log_every=25, checkpoint_every=0, keep_checkpoints=1, eval_batches=0,
                  passkey_examples=0)
   c.mesh.data = 1  # one device: equal conditions for every variant
-  if jax.default_backend() == "cpu":
-    # XLA:CPU (jax 0.10.2) hangs, now and then, running the backward pass of the chunked gated
-    # delta rule; the sequential reference trains fine (and is cheap at the quick grid's 64
-    # tokens). Evaluation and timing use the chunked form again (see run_variant).
-    c.model.linear_impl = "reference"
+  # Gated DeltaNet variants use the model default output gate ('sigmoid2' since issue 22; the
+  # first study ran 'silu', which stalled MQAR: benchmarks/RESULTS.md, "Gated DeltaNet output
+  # gate"). The chunked forms train on CPU too (the XLA:CPU hang of the gated delta rule's
+  # triangular solve is gone).
   return c
 
 
@@ -161,7 +160,7 @@ def run_variant(name: str, setting: dict, out: str, dtype: str, steps: int, task
   result = loop.train(config, workdir)
   train_seconds = time.time() - start
   eval_config = config.copy_and_resolve_references()
-  eval_config.model.linear_impl = "auto"  # the platform's best form (the config may train another)
+  eval_config.model.linear_impl = "auto"  # the platform's best form
   loaded = loading.load_for_eval(workdir, config=eval_config)
   scorer = scoring.model_scorer(loaded.model, loaded.params, batch_size=eval_batch_size)
   start = time.time()
@@ -177,6 +176,7 @@ def run_variant(name: str, setting: dict, out: str, dtype: str, steps: int, task
       "architecture": config.model.architecture, "params": params,
       "mlp_dim": config.model.mlp_dim, "d_model": config.model.d_model,
       "num_layers": config.model.num_layers, "steps": result.step,
+      "gdn_output_gate": config.model.gdn_output_gate if "gdn" in config.model.pattern else None,
       "tokens": result.step * setting["tokens_per_step"],
       "final_loss": result.last_metrics.get("loss"),
       "mqar_accuracy": mqar["mean_accuracy"], "passkey_accuracy": passkey["mean_accuracy"],
