@@ -221,6 +221,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   included.
   """
   config_lib.validate_config(config)
+  setup_compile_cache(config.train.compile_cache, workdir)   # before anything is compiled
   maybe_initialize_distributed(config.distributed)
   is_writer = jax.process_index() == 0
   mesh = make_mesh(config.mesh)
@@ -243,7 +244,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
       config, stages, 0,
       lambda n, b, split: _make_pipeline(config, tokenizer, mesh, n, b, split),
       lambda stage: _eval_batch_size(config, stage, mesh))
-  setup_compile_cache(config.train.compile_cache, workdir)
 
   if is_writer:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local folder or gs://BUCKET/PATH
@@ -283,8 +283,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
       checkpointer.on_save.append(memory.save)
     if is_writer:
       _write_config(config, workdir)
+      # records after the checkpoint resumed (all of them when no checkpoint was ever written)
+      # are written again by this run: the old ones go, so no step is recorded twice
+      dropped = metrics_lib.drop_replayed(workdir, 0 if resumed is None else resumed.step,
+                                          redo_eval)
       if resumed is not None:
-        dropped = metrics_lib.drop_replayed(workdir, resumed.step, redo_eval)
         print(f"Resuming from step {resumed.step} ({checkpointer.directory})" +
               (f"; {dropped} metric records after it will be written again" if dropped else ""),
               flush=True)
