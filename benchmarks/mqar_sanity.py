@@ -12,6 +12,12 @@ short lengths; if it does not, the task, its loss mask, the evaluation or the se
       --queries=11 --seq_len=32 --batch=128 --steps=1600 --weight_decay=0 --eval_lengths=32 \
       --eval_pairs=2,4
 
+Gated DeltaNet output-gate ablation (issue 22; benchmarks/RESULTS.md, "Gated DeltaNet output gate"):
+
+  JAX_PLATFORMS=cpu python benchmarks/mqar_sanity.py --arch=gdn --pairs=4 --queries=11 \
+      --seq_len=32 --batch=128 --steps=300 --lr=3e-3 --eval_lengths=32 --eval_pairs=4 \
+      --gdn_output_gate=silu --seed=1
+
 `--arch=reference` is `ReferenceAttention` below (2 attention-only layers, no MLP, plain jnp):
 it checks the task and the evaluator independently of the model library. Findings (2 shared
 CPU cores): MQAR is learned in a sudden transition once an induction circuit forms; before it,

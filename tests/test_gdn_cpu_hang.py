@@ -22,8 +22,10 @@ _REPRO = textwrap.dedent("""
     b, t, h, d = 128, 32, 2, 32
     ks = jax.random.split(jax.random.key(0), 5)
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-    x = (unit(jax.random.normal(ks[0], (b, t, h, d))), unit(jax.random.normal(ks[1], (b, t, h, d))),
-         jax.random.normal(ks[2], (b, t, h, d)), -jax.nn.softplus(jax.random.normal(ks[3], (b, t, h))),
+    x = (unit(jax.random.normal(ks[0], (b, t, h, d))),
+         unit(jax.random.normal(ks[1], (b, t, h, d))),
+         jax.random.normal(ks[2], (b, t, h, d)),
+         -jax.nn.softplus(jax.random.normal(ks[3], (b, t, h))),
          jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, h))))
 
     def loss(*x):
