@@ -110,6 +110,8 @@ PARAM_CONFIGS = {
     "hybrid_factorized_untied": dict(arch="hybrid", embed_dim=12, tie_embeddings=False),
     "gdn_noscan_factorized_tied": dict(arch="hybrid", pattern=("gdn", "attn"), num_layers=2,
                                        scan_layers=False, embed_dim=8),
+    "gdn_no_output_gate": dict(arch="hybrid", pattern=("gdn",), num_layers=1, scan_layers=False,
+                               gdn_output_gate="none"),
 }
 if HAS_GRAPH:
   PARAM_CONFIGS["sosm"] = dict(arch="sosm")
