@@ -20,6 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from sosm_jax.memory.store import HostMemory
+from sosm_jax.train import checkpoint as ckpt_lib
 from sosm_jax.train import config as config_lib
 from sosm_jax.train import loop
 from sosm_jax.train import resume as resume_lib
@@ -124,6 +125,25 @@ def test_error_right_after_the_stage_end_save_keeps_it_and_the_eval_is_redone(tm
   assert result.status == "finished" and result.step == 10 and "val_loss" in result.last_metrics
   assert [(r["step"], r["stage"]) for r in _records(workdir, "eval")] == [(6, 0), (10, 1)]
   assert [r["step"] for r in _records(workdir)] == list(range(1, 11))   # nothing written twice
+
+
+def test_failed_save_stops_training_at_once(tmp_path, monkeypatch):
+  real = ocp.StandardCheckpointHandler.async_save
+
+  class FullDisk:   # the write fails in orbax's background thread, as on a full disk
+    def result(self, timeout=None):
+      del timeout
+      raise OSError(28, "No space left on device")
+
+  async def failing(self, *args, **kwargs):
+    return list(await real(self, *args, **kwargs) or []) + [FullDisk()]
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", failing)
+  start = time.time()
+  with pytest.raises(ckpt_lib.SaveFailed, match=r"checkpoint 2 could not be written .*No space"):
+    loop.train(_config(**_SMALL), str(tmp_path / "run"))
+  assert time.time() - start < 120                                # no hang
+  assert max(r["step"] for r in _records(str(tmp_path / "run"))) < 6   # stopped within stage 0
 
 
 # ---------------------------------------------------------------- checked before compiling

@@ -95,6 +95,8 @@ class Checkpointer:
 
     Raises SaveFailed if this save (with wait) or an earlier async one failed.
     """
+    if self._unconfirmed is not None:
+      self.wait()   # orbax would wait for it too; this names the earlier step if it failed
     self.check()
     if step in self._manager.all_steps():
       return False
