@@ -251,6 +251,7 @@ def test_other_model_or_tokenizer_is_refused_naming_the_keys(tmp_path):
       model=kw.get("model", model), tokenizer=kw.get("tok", tok))
   # execution-only keys may change
   assert decide(model={**model, "remat": "full", "graph": {"window": 8, "query_chunk": 32}}).step == 1
+  assert decide(model={**model, "added_since": 1}).step == 1   # a key newer than the checkpoint
   with pytest.raises(resume_lib.ResumeRefused, match=r"model.d_model: saved 32, now 48"):
     decide(model={**model, "d_model": 48})
   with pytest.raises(resume_lib.ResumeRefused, match=r"model.graph.window: saved 8, now 16"):

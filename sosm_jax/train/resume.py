@@ -52,9 +52,13 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def model_differences(saved: dict, current: dict) -> list[str]:
-  """'key: saved X, now Y' for every model key (but EXECUTION_KEYS) whose value differs."""
+  """'key: saved X, now Y' for every model key (but EXECUTION_KEYS) whose value differs.
+
+  A key the checkpoint does not have was added to the code after it was written; it is not a
+  difference by itself (parameters it adds show up as shape differences).
+  """
   a, b = _flatten(saved), _flatten(current)
-  keys = sorted((set(a) | set(b)) - set(EXECUTION_KEYS))
+  keys = sorted(set(a) - set(EXECUTION_KEYS))
   return [f"model.{k}: saved {a.get(k)!r}, now {b.get(k)!r}" for k in keys
           if _norm(a.get(k)) != _norm(b.get(k))]
 
