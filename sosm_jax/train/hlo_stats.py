@@ -13,7 +13,7 @@ Counted:
 - HBM bytes: operands + result of each instruction at the level of control flow (fusions,
   matmuls, copies, custom calls, collectives ...; not inside a fusion), an estimate in the manner
   of XLA's cost analysis.
-- Collectives: count and payload bytes (largest array of the result) by kind.
+- Collectives: count and payload bytes (the result arrays) by kind.
 - Custom calls (Pallas kernels) by name, so their FLOPs can be added from what they compute.
 """
 from __future__ import annotations
@@ -133,6 +133,15 @@ def shape_bytes(shape: str) -> float:
 def _largest_array_bytes(shape: str) -> float:
   return max((_DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
               for dt, dims in _ARRAY.findall(shape)), default=0.0)
+
+
+def _collective_bytes(instr: _Instr, kind: str, shapes: dict[str, str]) -> float:
+  """Payload of a collective: its result arrays (several when XLA combined collectives into one);
+  an asynchronous start's result also holds its operands, which are not counted twice."""
+  total = shape_bytes(instr.shape)
+  if instr.opcode.endswith("-start") and kind != "all-reduce":
+    total -= sum(shape_bytes(shapes.get(o, "")) for o in instr.operands)
+  return max(total, _largest_array_bytes(instr.shape))
 
 
 def _dims(shape: str) -> list[int]:
@@ -265,7 +274,7 @@ def hlo_stats(hlo_text: str) -> HloStats:
       if kind in COLLECTIVES:
         entry_ = stats.collectives.setdefault(kind, [0.0, 0.0])
         entry_[0] += mult
-        entry_[1] += mult * _largest_array_bytes(instr.shape)
+        entry_[1] += mult * _collective_bytes(instr, kind, shapes)
       if control and op not in _NO_TRAFFIC and not op.endswith("-done"):
         stats.hbm_bytes += mult * _traffic(instr, shapes, comps)
       called = _CALLED.findall(instr.attrs)
