@@ -12,6 +12,7 @@ import optax
 
 from sosm_jax import data as data_lib
 from sosm_jax import models
+from sosm_jax.eval import loading
 from sosm_jax.train import config as config_lib
 from sosm_jax.train import optimizer as optimizer_lib
 
@@ -57,3 +58,12 @@ def test_default_gdn_layer_learns_mqar():
   assert np.mean(accuracy[:10]) < 0.1, "the task should start near chance"
   last = float(np.mean(accuracy[-25:]))
   assert last > 0.9, f"train accuracy over the last 25 of {STEPS} steps: {last:.3f} (want > 0.9)"
+
+
+def test_config_saved_before_the_gate_key_keeps_the_silu_gate():
+  saved = config_lib.base_config().to_dict()
+  del saved["model"]["gdn_output_gate"]
+  assert loading.config_from_dict(saved).model.gdn_output_gate == "silu"
+  assert config_lib.base_config().model.gdn_output_gate == "sigmoid2"
+  saved["model"]["gdn_output_gate"] = "none"
+  assert loading.config_from_dict(saved).model.gdn_output_gate == "none"

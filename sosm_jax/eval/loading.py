@@ -66,6 +66,8 @@ def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
           into[key] = value
 
   merge(config, _tuples(saved), "")
+  if "model" in saved and "gdn_output_gate" not in saved["model"]:
+    config.model.gdn_output_gate = "silu"  # saved before the key existed (issue 22): the old gate
   return config
 
 
