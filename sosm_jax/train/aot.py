@@ -249,8 +249,8 @@ class StageReport:
                  f"{s.grad_accum * 2} for stage {s.index}: {rows // 2} rows per chip per "
                  f"micro-batch instead of {rows})")
     if not out:
-      out.append("none of remat / grad_accum / fsdp is left: use more chips (a longer stage "
-                 "needs the sequence split over chips) or a shorter seq_len")
+      out.append("none of remat / grad_accum / fsdp is left: split each sequence over chips "
+                 "(--config.mesh.context=N) or use a shorter seq_len")
     return out
 
 
