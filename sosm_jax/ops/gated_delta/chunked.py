@@ -65,6 +65,24 @@ def _unit_lower_inverse_bwd(t, dt):
 unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
+def unit_lower_solve(a, rhs):
+  """(I + a)^-1 rhs for strictly lower-triangular a `[..., C, C]`, rhs `[..., C, D]` (float32).
+
+  On CPU through `unit_lower_inverse` (the LAPACK solve can deadlock there, see above); on GPU
+  and TPU through `lax.linalg.triangular_solve` (cuBLAS / XLA's blocked solve, as measured
+  before; the plain-jnp loop is not timed there). Chosen when lowering, by platform.
+  """
+  def by_inverse(a, rhs):
+    return jnp.einsum("...ij,...jd->...id", unit_lower_inverse(a), rhs, precision=_HIGHEST)
+
+  def by_solve(a, rhs):
+    eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+    return lax.linalg.triangular_solve(eye + a, rhs, left_side=True, lower=True,
+                                       unit_diagonal=True)
+
+  return lax.platform_dependent(a, rhs, cpu=by_inverse, default=by_solve)
+
+
 def gated_delta_rule_chunked(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_size=64):
   """Chunked (WY/UT) gated delta rule for training and prefill.
 
@@ -99,7 +117,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, scale=None, initial_state=None
   rhs = jnp.concatenate(
       [bc[..., None] * vc.astype(_F32),
        (bc * jnp.exp(gamma))[..., None] * kc.astype(_F32)], axis=-1)  # [B,H,N,C,V+K]
-  sol = jnp.einsum("bhnij,bhnjd->bhnid", unit_lower_inverse(a), rhs, precision=_HIGHEST)
+  sol = unit_lower_solve(a, rhs)
   u, w = sol[..., :dv], sol[..., dv:]                               # [B,H,N,C,V], [B,H,N,C,K]
 
   qk = dot_f32("bhnck,bhndk->bhncd", qc, kc, mm) * decay_causal        # causal incl. diagonal
