@@ -39,8 +39,20 @@ def _worker(out_dir: str, train_argv: list[str]) -> None:
   from sosm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from sosm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 
-  record = {"batches": []}
+  from sosm_jax.train import startup_checks  # pylint: disable=g-import-not-at-top
+
+  # Only the trainer's batches: pipelines made by the start-up input check (one batch each,
+  # before the first compile) are not recorded.
+  record = {"batches": [], "checking": False}
   make_pipeline, save = data_lib.make_pipeline, ckpt_lib.Checkpointer.save
+  check_stage_inputs = startup_checks.check_stage_inputs
+
+  def checking(*args, **kwargs):
+    record["checking"] = True
+    try:
+      return check_stage_inputs(*args, **kwargs)
+    finally:
+      record["checking"] = False
 
   class Recorded:
     def __init__(self, pipeline):
@@ -60,7 +72,8 @@ def _worker(out_dir: str, train_argv: list[str]) -> None:
   def recording_pipeline(*args, **kwargs):
     record.update(process_index=kwargs["process_index"], process_count=kwargs["process_count"],
                   batch_size=kwargs["batch_size"])
-    return Recorded(make_pipeline(*args, **kwargs))
+    pipeline = make_pipeline(*args, **kwargs)
+    return pipeline if record["checking"] else Recorded(pipeline)
 
   def saving(self, step, state, meta, **kwargs):
     result = save(self, step, state, meta, **kwargs)
@@ -76,6 +89,7 @@ def _worker(out_dir: str, train_argv: list[str]) -> None:
     return result
 
   data_lib.make_pipeline = recording_pipeline
+  startup_checks.check_stage_inputs = checking
   ckpt_lib.Checkpointer.save = saving
   sys.argv = [os.path.join(ROOT, "launch", "train.py"), *train_argv]
   runpy.run_path(sys.argv[0], run_name="__main__")
