@@ -300,3 +300,15 @@ def test_failed_async_save_surfaces_on_the_next_check(tmp_path, monkeypatch):
       ckpt.check()
       time.sleep(0.01)
   ckpt.close()
+
+
+@pytest.mark.parametrize("kind, peak", [("TPU v5", 459e12), ("TPU v5 lite", 197e12),
+                                        ("TPU v6 lite", 918e12), ("NVIDIA H200", 989e12),
+                                        ("cpu", None)])
+def test_peak_flops_by_device_kind_as_the_runtimes_name_them(kind, peak):
+  from sosm_jax.train import metrics  # pylint: disable=import-outside-toplevel
+
+  class Device:
+    device_kind = kind
+
+  assert metrics.peak_flops_per_device(Device()) == peak

@@ -14,6 +14,7 @@ from etils import epath
 _PEAK_FLOPS = (
     ("h200", 989e12), ("h100", 989e12), ("h800", 989e12), ("a100", 312e12), ("l4", 121e12),
     ("tpu v6", 918e12), ("tpu v5p", 459e12), ("tpu v5 lite", 197e12), ("tpu v5e", 197e12),
+    ("tpu v5", 459e12),  # libtpu names v5p chips "TPU v5" (after the "lite" and "v5e" rows)
     ("tpu v4", 275e12),
 )
 
