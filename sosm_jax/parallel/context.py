@@ -39,9 +39,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
-from sosm_jax.parallel.per_shard import per_shard, shard_axes
+from sosm_jax.parallel.per_shard import per_shard, shard_axes, shard_call
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
@@ -55,11 +54,6 @@ def _mesh():
   return None if mesh.empty or mesh.size == 1 else mesh
 
 
-def _specs(split: dict, names_list):
-  spec = lambda names: P(*[split.get(n) or None if n is not None else None for n in names])
-  return tuple(spec(n) for n in names_list)
-
-
 def context_split(args: Sequence, in_axes: Sequence[Names | None]):
   """(mesh, split) when the 'activation_length' dimension of `args` is split over devices under
   the active rules, else (None, None). split: logical name -> mesh axes (as `shard_axes`)."""
@@ -70,22 +64,6 @@ def context_split(args: Sequence, in_axes: Sequence[Names | None]):
   if not split.get(LENGTH):
     return None, None
   return mesh, split
-
-
-def _sharded(local: Callable, mesh, split, args, in_axes, out_axes):
-  """local(*args) on every device's shards (None args passed through); out_axes: a tuple of
-  logical names per output of local (a tuple)."""
-  present = [i for i, x in enumerate(args) if x is not None]
-
-  def body(*arrays):
-    full = list(args)
-    for i, a in zip(present, arrays):
-      full[i] = a
-    return local(*full)
-
-  return jax.shard_map(body, mesh=mesh, in_specs=_specs(split, [in_axes[i] for i in present]),
-                       out_specs=_specs(split, out_axes), check_vma=False)(
-                           *(args[i] for i in present))
 
 
 def combine_segments(transition: jax.Array, local_final: jax.Array, initial_state, axis,
@@ -156,7 +134,7 @@ def gla_across_context(run: Callable, q, k, v, log_f, initial_state, *, scale: f
     extra = scale * jnp.einsum("bthk,bhkv->bthv", q_in, s_in, precision=_HIGHEST)
     return (o.astype(_F32) + extra).astype(v.dtype), final
 
-  return _sharded(local, mesh, split, args, in_axes, (_BTHD, _STATE))
+  return shard_call(local, mesh, split, args, in_axes, (_BTHD, _STATE))
 
 
 def delta_rule_across_context(run: Callable, q, k, v, g, beta, initial_state):
@@ -192,7 +170,7 @@ def delta_rule_across_context(run: Callable, q, k, v, g, beta, initial_state):
     extra = jnp.einsum("bthk,bhkv->bthv", q_tilde.astype(_F32), s_in, precision=_HIGHEST)
     return (o.astype(_F32) + extra).astype(v.dtype), final
 
-  return _sharded(local, mesh, split, args, in_axes, (_BTHD, _STATE))
+  return shard_call(local, mesh, split, args, in_axes, (_BTHD, _STATE))
 
 
 def conv_across_context(conv: Callable, x, positions, cache, width: int):
@@ -233,7 +211,7 @@ def conv_across_context(conv: Callable, x, positions, cache, width: int):
     new_cache = lax.psum(jnp.where(last, tail, jnp.zeros_like(tail)).astype(_F32), axis)
     return y, new_cache.astype(c.dtype)
 
-  y, new_cache = _sharded(local, mesh, split, args, in_axes,
+  y, new_cache = shard_call(local, mesh, split, args, in_axes,
                           (names, ("activation_batch", None, None)))
   return y, (None if cache is None else new_cache)
 
@@ -263,7 +241,7 @@ def attention_across_context(attend: Callable, q, k, v, segment_ids):
     offset = lax.axis_index(axis) * q.shape[1]
     return (attend(q, gather(k), gather(v), offset, seg, None if seg is None else gather(seg)),)
 
-  return _sharded(local, mesh, split, args, in_axes, (qkv,))[0]
+  return shard_call(local, mesh, split, args, in_axes, (qkv,))[0]
 
 
 def check_context_config(context: int, pattern: Sequence[str], seq_lens: Sequence[int],

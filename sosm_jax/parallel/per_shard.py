@@ -69,6 +69,14 @@ def per_shard(fn: Callable, args: Sequence[Any], in_axes: Sequence[Names | None]
   split = shard_axes(args, in_axes, mesh)
   if not any(split.values()):
     return fn(*args)
+  return shard_call(fn, mesh, split, args, in_axes, out_axes)
+
+
+def shard_call(fn: Callable, mesh, split: dict[str, tuple], args: Sequence[Any],
+               in_axes: Sequence[Names | None], out_axes):
+  """fn(*args) inside `jax.shard_map` on `mesh`, each logical name split over `split[name]`
+  (as `shard_axes` gives; a name absent or mapped to () stays whole). None arguments are passed
+  to fn as None; out_axes as in `per_shard`."""
   spec = lambda names: P(*[split.get(n) or None if n is not None else None for n in names])
   present = [i for i, x in enumerate(args) if x is not None]
 
@@ -80,5 +88,5 @@ def per_shard(fn: Callable, args: Sequence[Any], in_axes: Sequence[Names | None]
 
   in_specs = tuple(spec(in_axes[i]) for i in present)
   out_specs = jax.tree.map(spec, out_axes, is_leaf=_is_names)
-  return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
-      *(args[i] for i in present))
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*(args[i] for i in present))
