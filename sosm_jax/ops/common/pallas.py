@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sosm_jax.ops.common.chunks import check_chunk_size
+
 _F32 = jnp.float32
 _LOG2E = 1.4426950408889634
 
@@ -57,6 +59,14 @@ def pick_block_v(bh, v, block_v):
 def is_tile_size(x):
   """Triton tiles: powers of two >= 16."""
   return x >= 16 and x & (x - 1) == 0
+
+
+def check_tile_chunk_size(name, chunk_size):
+  """A chunk size the Triton kernels tile: a power of two >= 16, else a ValueError naming it."""
+  check_chunk_size(name, chunk_size)
+  if not is_tile_size(chunk_size):
+    raise ValueError(f"{name}: chunk_size={chunk_size} must be a power of two >= 16 (Triton "
+                     f"tiles); set model.chunk_size, e.g. 64.")
 
 
 def padded_tile_size(x):

@@ -21,9 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sosm_jax.ops.common.chunks import (check_chunk_size, matmul_dtype, pad_last, pad_time,
-                                        padded_state, to_chunks)
-from sosm_jax.ops.common.pallas import is_tile_size, padded_tile_size
+from sosm_jax.ops.common.chunks import matmul_dtype, pad_last, pad_time, padded_state, to_chunks
+from sosm_jax.ops.common.pallas import check_tile_chunk_size, padded_tile_size
 from sosm_jax.ops.gated_delta import pallas_kernels as kern
 from sosm_jax.ops.gated_delta import pallas_recurrence as rec
 from sosm_jax.ops.gated_delta.reference import check_inputs, default_scale
@@ -94,10 +93,7 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None,
   nothing) and the results trimmed.
   """
   check_inputs(q, k, v, g, beta, initial_state)
-  check_chunk_size("gated_delta_rule (pallas)", chunk_size)
-  if not is_tile_size(chunk_size):
-    raise ValueError(f"gated_delta_rule (pallas): chunk_size={chunk_size} must be a power of two "
-                     f">= 16 (Triton tiles); set model.chunk_size, e.g. 64.")
+  check_tile_chunk_size("gated_delta_rule (pallas)", chunk_size)
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   scale = default_scale(scale, dk)

@@ -27,9 +27,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from sosm_jax.ops.common.chunks import (check_chunk_size, matmul_dtype, pad_last, pad_time,
-                                        padded_state)
-from sosm_jax.ops.common.pallas import (compiler_params, dot as _dot, is_tile_size,
+from sosm_jax.ops.common.chunks import matmul_dtype, pad_last, pad_time, padded_state
+from sosm_jax.ops.common.pallas import (check_tile_chunk_size, compiler_params, dot as _dot,
                                         padded_tile_size, pick_block_v)
 from sosm_jax.ops.gla import pallas_scores
 from sosm_jax.ops.gla.reference import check_inputs
@@ -361,10 +360,7 @@ def gla_pallas(q, k, v, log_f, *, scale=1.0, initial_state=None, chunk_size=64, 
   columns change nothing) and the results trimmed.
   """
   check_inputs(q, k, v, log_f, initial_state)
-  check_chunk_size("gla (pallas)", chunk_size)
-  if not is_tile_size(chunk_size):
-    raise ValueError(f"gla (pallas): chunk_size={chunk_size} must be a power of two >= 16 (Triton "
-                     f"tiles); set model.chunk_size, e.g. 64.")
+  check_tile_chunk_size("gla (pallas)", chunk_size)
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   kp, vp = padded_tile_size(dk), padded_tile_size(dv)
