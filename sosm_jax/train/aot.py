@@ -21,14 +21,12 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from sosm_jax import models
-from sosm_jax.parallel import (LOGICAL_AXIS_RULES, batch_sharding, data_parallel_size,
-                               replicated_sharding)
+from sosm_jax.parallel import LOGICAL_AXIS_RULES, data_parallel_size
 from sosm_jax.parallel import mesh as mesh_lib
 from sosm_jax.train import curriculum as curriculum_lib
 from sosm_jax.train import optimizer as optimizer_lib
@@ -174,14 +172,6 @@ def stage_model_config(config, stage: curriculum_lib.Stage) -> ml_collections.Co
   return cfg
 
 
-def abstract_batch(stage: curriculum_lib.Stage, sharding) -> dict[str, jax.ShapeDtypeStruct]:
-  """The `[global_batch, seq_len]` batch of a stage as ShapeDtypeStructs (the loader's keys)."""
-  shape = (stage.global_batch, stage.seq_len)
-  dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
-            "segment_ids": jnp.int32, "positions": jnp.int32}
-  return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
-
-
 @dataclasses.dataclass
 class StageReport:
   """What one stage's compiled train step needs per chip (sizes in bytes, times in seconds)."""
@@ -317,14 +307,9 @@ def compile_stage(config, stage: curriculum_lib.Stage, mesh: Mesh, *,
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), rules:
     state_sh = state_lib.state_shardings(init_params, optimizer, mesh)
     abstract_state = state_lib.abstract_train_state(state_sh, init_params, optimizer)
-    # The trainer's step options beyond grad_accum (where this version of the config has them).
-    options = {k: config.train[k] for k in ("max_update_ratio",) if k in config.train}
-    train_step = step_lib.make_train_step(model.loss, optimizer, schedule, stage.grad_accum,
-                                          **options)
-    batch_sh = batch_sharding(mesh)
-    jitted = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
-                     out_shardings=(state_sh, replicated_sharding(mesh)), donate_argnums=0)
-    compiled = jitted.lower(abstract_state, abstract_batch(stage, batch_sh)).compile()
+    jitted, batch_sh = step_lib.jit_train_step(model.loss, optimizer, schedule, stage.grad_accum,
+                                               config.train.max_update_ratio, state_sh, mesh)
+    compiled = jitted.lower(abstract_state, step_lib.abstract_batch(stage, batch_sh)).compile()
   seconds = time.time() - start
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}

@@ -20,8 +20,7 @@ from tqdm.auto import tqdm
 from sosm_jax import data as data_lib
 from sosm_jax import models
 from sosm_jax.parallel import (LOGICAL_AXIS_RULES, batch_sharding, data_parallel_size, make_mesh,
-                               maybe_initialize_distributed, process_batch_shard,
-                               replicated_sharding)
+                               maybe_initialize_distributed, process_batch_shard)
 from sosm_jax.train import checkpoint as ckpt_lib
 from sosm_jax.train import config as config_lib
 from sosm_jax.train import curriculum as curriculum_lib
@@ -94,13 +93,6 @@ def _global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict[str, jax
                       local_batch)
 
 
-def _abstract_batch(stage: curriculum_lib.Stage, sharding) -> dict[str, jax.ShapeDtypeStruct]:
-  shape = (stage.global_batch, stage.seq_len)
-  dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
-            "segment_ids": jnp.int32, "positions": jnp.int32}
-  return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
-
-
 def compile_stage_step(model, optimizer, schedule, stage, abstract_state, state_sh, mesh,
                        memory_limit_bytes: int | None, memory=None, max_update_ratio: float = 0.0):
   """Compiles the stage's train step ahead of time and checks its memory analysis fits.
@@ -108,13 +100,10 @@ def compile_stage_step(model, optimizer, schedule, stage, abstract_state, state_
   memory: a `memory_train.MemoryTraining` (the batch then also holds the retrieved memory).
   max_update_ratio: see `step.make_train_step`.
   """
-  train_step = step_lib.make_train_step(model.loss, optimizer, schedule, stage.grad_accum,
-                                        max_update_ratio)
-  batch_sh = batch_sharding(mesh)
-  jitted = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, replicated_sharding(mesh)), donate_argnums=0)
+  jitted, batch_sh = step_lib.jit_train_step(model.loss, optimizer, schedule, stage.grad_accum,
+                                             max_update_ratio, state_sh, mesh)
   start = time.time()
-  abstract_batch = _abstract_batch(stage, batch_sh)
+  abstract_batch = step_lib.abstract_batch(stage, batch_sh)
   if memory is not None:
     abstract_batch.update(memory.abstract_inputs(model, stage, batch_sh))
   compiled = jitted.lower(abstract_state, abstract_batch).compile()

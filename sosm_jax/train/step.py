@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sosm_jax.parallel import batch_sharding, replicated_sharding
 from sosm_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -100,3 +101,24 @@ def make_eval_step(loss_fn: LossFn):
     return {"loss_sum": loss * tokens, "correct": metrics["accuracy"] * tokens, "tokens": tokens}
 
   return eval_step
+
+
+def abstract_batch(stage, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """The `[global_batch, seq_len]` batch of a curriculum stage as ShapeDtypeStructs (the loader's
+  keys), for compiling its step ahead of time."""
+  shape = (stage.global_batch, stage.seq_len)
+  dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
+            "segment_ids": jnp.int32, "positions": jnp.int32}
+  return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
+
+
+def jit_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                   schedule: optax.Schedule, grad_accum: int, max_update_ratio: float,
+                   state_sh, mesh):
+  """(the jitted `make_train_step` with the state donated and sharded as `state_sh`, the batch
+  sharding it takes): the one step the trainer runs and `aot` compiles for a topology."""
+  batch_sh = batch_sharding(mesh)
+  train_step = make_train_step(loss_fn, optimizer, schedule, grad_accum, max_update_ratio)
+  jitted = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, replicated_sharding(mesh)), donate_argnums=0)
+  return jitted, batch_sh
