@@ -312,3 +312,16 @@ def test_peak_flops_by_device_kind_as_the_runtimes_name_them(kind, peak):
     device_kind = kind
 
   assert metrics.peak_flops_per_device(Device()) == peak
+
+
+def test_resume_moves_replayed_metric_records_aside_and_loses_none(tmp_path):
+  import json  # pylint: disable=import-outside-toplevel
+  from sosm_jax.train import metrics  # pylint: disable=import-outside-toplevel
+  records = [{"step": 1, "loss": 3.0}, {"step": 2, "kind": "stage"}, {"step": 2, "loss": 2.5},
+             {"step": 3, "loss": 2.0}]
+  lines = [json.dumps(r) + "\n" for r in records]
+  (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"step": 4, "lo')  # cut by a kill
+  assert metrics.drop_replayed(str(tmp_path), step=2) == 3
+  assert (tmp_path / "metrics.jsonl").read_text() == lines[0] + lines[2]
+  archived = (tmp_path / "metrics.replayed.jsonl").read_text().splitlines()
+  assert archived == [lines[1].strip(), lines[3].strip(), '{"step": 4, "lo']

@@ -273,7 +273,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     if is_writer:
       _write_config(config, workdir)
       # records after the checkpoint resumed (all of them when no checkpoint was ever written)
-      # are written again by this run: the old ones go, so no step is recorded twice
+      # are written again by this run: the old ones move to metrics.replayed.jsonl, so no step
+      # is recorded twice in metrics.jsonl and none is lost
       dropped = metrics_lib.drop_replayed(workdir, 0 if resumed is None else resumed.step,
                                           redo_eval)
       if resumed is not None:

@@ -49,35 +49,39 @@ def _scalar(value: Any):
 
 
 def drop_replayed(workdir: str, step: int, redo_eval_stage: int | None = None) -> int:
-  """Before resuming at checkpoint `step`: removes the records the resumed run will write again.
+  """Before resuming at checkpoint `step`: moves the records the resumed run will write again out
+  of metrics.jsonl, appending them to metrics.replayed.jsonl (nothing an earlier run wrote is
+  lost, and no step is recorded twice in metrics.jsonl).
 
   Those are records after `step`, stage records at `step` (the stage is compiled again) and,
   when the stage-end evaluation of stage `redo_eval_stage` is redone, its eval record. Returns
-  how many records were dropped. Only the writing process calls this.
+  how many records were moved. Only the writing process calls this.
   """
   path = epath.Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return 0
-  kept, dropped = [], 0
+  kept, replayed = [], []
   for line in path.read_text().splitlines(keepends=True):
+    line = line if line.endswith("\n") else line + "\n"
     try:
       rec = json.loads(line)
-    except ValueError:   # a line cut short by a kill: dropped
-      dropped += 1
+    except ValueError:   # a line cut short by a kill
+      replayed.append(line)
       continue
     again = (rec.get("step", 0) > step
              or (rec.get("step") == step and rec.get("kind") == "stage")
              or (rec.get("step") == step and rec.get("kind") == "eval"
                  and redo_eval_stage is not None and rec.get("stage") == redo_eval_stage))
-    if again:
-      dropped += 1
-    else:
-      kept.append(line if line.endswith("\n") else line + "\n")
-  if dropped:   # written beside and renamed: a kill now leaves the old or the new file
+    (replayed if again else kept).append(line)
+  if replayed:
+    # archived first, then metrics.jsonl written beside and renamed: a kill in between leaves
+    # the records in both files, never in neither
+    with (path.parent / "metrics.replayed.jsonl").open("a") as archive:
+      archive.write("".join(replayed))
     partial = path.parent / "metrics.jsonl.tmp"
     partial.write_text("".join(kept))
     partial.replace(path)
-  return dropped
+  return len(replayed)
 
 
 class MetricsWriter:
