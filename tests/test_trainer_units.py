@@ -325,3 +325,16 @@ def test_resume_moves_replayed_metric_records_aside_and_loses_none(tmp_path):
   assert (tmp_path / "metrics.jsonl").read_text() == lines[0] + lines[2]
   archived = (tmp_path / "metrics.replayed.jsonl").read_text().splitlines()
   assert archived == [lines[1].strip(), lines[3].strip(), '{"step": 4, "lo']
+
+
+def test_a_resumed_run_keeps_the_earlier_config_json(tmp_path):
+  from sosm_jax.train import loop  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict({"optimizer": {"learning_rate": 1e-3}})
+  loop._write_config(config, str(tmp_path))  # pylint: disable=protected-access
+  first = (tmp_path / "config.json").read_text()
+  loop._write_config(config, str(tmp_path))  # pylint: disable=protected-access
+  assert not (tmp_path / "config.1.json").exists()   # the same config: nothing to keep
+  config.optimizer.learning_rate = 3e-4
+  loop._write_config(config, str(tmp_path))  # pylint: disable=protected-access
+  assert (tmp_path / "config.1.json").read_text() == first
+  assert "0.0003" in (tmp_path / "config.json").read_text()

@@ -195,10 +195,18 @@ def _eval_batch_size(config, stage, mesh) -> int:
 
 
 def _write_config(config, workdir: str) -> None:
-  """config.json of the run as it is run (its real workdir), once the resume is decided."""
+  """config.json of the run as it is run (its real workdir), once the resume is decided; an
+  earlier run's different config.json is kept as config.<n>.json, never overwritten."""
   record = ml_collections.ConfigDict(config.to_dict())
   record.workdir = workdir
-  (epath.Path(workdir) / "config.json").write_text(record.to_json_best_effort(indent=2))
+  text = record.to_json_best_effort(indent=2)
+  path = epath.Path(workdir) / "config.json"
+  if path.exists() and path.read_text() != text:
+    n = 1
+    while (path.parent / f"config.{n}.json").exists():
+      n += 1
+    path.rename(path.parent / f"config.{n}.json")
+  path.write_text(text)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
