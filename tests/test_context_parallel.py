@@ -1,8 +1,9 @@
 """Context parallelism (mesh axis 'context') on 8 simulated CPU devices equals one device.
 
 Op level: GLA and the gated delta rule across context=2, 4, 8 and data=2 x context=4, with
-document resets and an initial state (outputs, final state, and gradients of all inputs); the
-offset attention against its explicit-mask reference. Layer level: the HGRN-2, Gated DeltaNet and
+document resets and an initial state (outputs, final state, and gradients of all inputs); causal
+attention (all-to-all to heads) with packed documents, grouped KV heads that split or not, heads
+that need padding, and a sliding window, against one device. Layer level: the HGRN-2, Gated DeltaNet and
 attention mixers with packed documents (and a cache holding an initial state for the recurrent
 ones). Model level: a train step's loss and gradients with context=2 equal one device's.
 Tolerances: float32 throughout; relative 1e-4 of each array's largest value (the split changes
@@ -22,10 +23,11 @@ from sosm_jax.layers.gated_deltanet import GatedDeltaNet
 from sosm_jax.layers.hgrn2 import HGRN2
 from sosm_jax.models.config import default_model_config, freeze
 from sosm_jax.ops import gated_delta_rule, gla
-from sosm_jax.ops import offset_attention as offset_ops
+from sosm_jax.ops import attention as attn_ops
 from sosm_jax.parallel import LOGICAL_AXIS_RULES, batch_sharding, make_mesh
 from sosm_jax.parallel import mesh as mesh_lib
-from sosm_jax.parallel.context import cumsum_time, delta_rule_across_context, gla_across_context
+from sosm_jax.parallel.context import (attention_across_context, cumsum_time,
+                                      delta_rule_across_context, gla_across_context)
 from sosm_jax.train import state as state_lib
 from sosm_jax.train import step as step_lib
 
@@ -139,23 +141,47 @@ def test_pallas_kernels_and_bfloat16_across_context(op_inputs):
                                    err_msg=f"{name} {impl} {jnp.dtype(dtype).name}")
 
 
-def test_offset_blockwise_attention_equals_reference():
+# (query heads, KV heads, window): KV heads that split over context=2 (GQA kept) or not (repeated
+# per query head), 6 heads that pad to 8 over context=4 and 8, a sliding window
+_ATTN_SHAPES = [(4, 2, 0), (6, 2, 0), (4, 4, 24)]
+
+
+@pytest.mark.parametrize("data, context", MESHES, ids=MESH_IDS)
+def test_attention_across_context_equals_one_device(data, context):
   rng = np.random.default_rng(1)
   n = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
-  total, t = 96, 32
-  k, v = n(B, total, 2, 8), n(B, total, 2, 8)
-  seg = _segments(rng, B, total)[0]
-  for offset, window in ((0, 0), (32, 0), (64, 0), (64, 20)):
-    q = n(B, t, 4, 8)
-    kw = dict(q_segment_ids=seg[:, offset:offset + t], k_segment_ids=seg, window=window)
-    fast = lambda q, k, v: offset_ops.offset_blockwise_attention(
-        q, k, v, jnp.int32(offset), block_size=16, **kw)
-    ref = lambda q, k, v: offset_ops.offset_attention_reference(q, k, v, offset, **kw)
-    grads = lambda fn: jax.grad(lambda *a: _loss(fn(*a)), argnums=(0, 1, 2))(q, k, v)
-    _close(jax.jit(fast)(q, k, v), jax.jit(ref)(q, k, v), f"forward at offset {offset}, window "
-           f"{window}")
-    _close(jax.jit(lambda: grads(fast))(), jax.jit(lambda: grads(ref))(),
-           f"gradients at offset {offset}")
+  seg = _segments(rng, B, T)[0]
+  mesh = _mesh(data, context)
+  for heads, kv_heads, window in _ATTN_SHAPES:
+    q, k, v = n(B, T, heads, 8), n(B, T, kv_heads, 8), n(B, T, kv_heads, 8)
+    attend = lambda q, k, v, s, w=window: attn_ops.causal_attention(
+        q, k, v, segment_ids=s, window=w, implementation="xla")
+    f = lambda fn: lambda *a: (fn(*a), jax.grad(lambda *a: _loss(fn(*a)), argnums=(0, 1, 2))(*a))
+    want = jax.jit(f(lambda q, k, v: attend(q, k, v, seg)))(q, k, v)
+    split = lambda q, k, v: attention_across_context(attend, q, k, v, seg)
+    got = _on_mesh(mesh, f(split), q, k, v)
+    what = f"{heads} heads, {kv_heads} KV heads, window {window}"
+    _close(got[0], want[0], f"outputs ({what})")
+    _close(got[1], want[1], f"gradients of q, k, v ({what})")
+
+
+def test_attention_across_context_is_balanced_head_split():
+  """The compiled program exchanges q, k, v, o by all-to-all (no all-gather of K/V), and each
+  device's attention runs over all T tokens of H/N heads: the same work on every device."""
+  rng = np.random.default_rng(2)
+  n = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  q, k, v = n(B, T, 4, 8), n(B, T, 4, 8), n(B, T, 4, 8)
+  seen = []
+
+  def attend(q, k, v, s):
+    seen.append((q.shape, k.shape))
+    return attn_ops.causal_attention(q, k, v, segment_ids=s, implementation="xla")
+
+  fn = lambda q, k, v: attention_across_context(attend, q, k, v, None)
+  with jax.set_mesh(_mesh(1, 4)), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    hlo = jax.jit(fn).lower(q, k, v).compile().as_text()
+  assert seen == [((B, T, 1, 8), (B, T, 1, 8))]
+  assert hlo.count("all-to-all") >= 4 and "all-gather" not in hlo
 
 
 def _layer_cfg(**kw):
@@ -181,7 +207,7 @@ def layer_inputs():
 
 _MIXERS = {"hgrn2": (HGRN2, {}), "gdn": (GatedDeltaNet, {}), "attn": (Attention, {}),
            "attn_blockwise": (Attention, dict(attn_impl="blockwise", attn_block_size=16)),
-           # a kernel without a query offset (as cuDNN on GPU): queries placed in T rows
+           # a Pallas kernel (interpret mode) inside the context split
            "attn_splash": (Attention, dict(attn_impl="splash_interpret", attn_block_size=128))}
 
 

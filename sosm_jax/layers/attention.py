@@ -5,8 +5,8 @@ and the cache. Config keys: attn_num_heads, attn_num_kv_heads, attn_head_dim, ro
 attn_window (0 = full causal), attn_impl ('' auto), attn_block_size (blockwise and splash block).
 A Pallas kernel (splash attention) is opaque to XLA's partitioner, so it runs inside `jax.shard_map`
 over the mesh axes that the batch and heads are split over (`sosm_jax.parallel.per_shard`).
-With the time axis split over devices (mesh axis 'context') keys and values are all-gathered and
-each device attends at its offset (`sosm_jax.parallel.context`, `sosm_jax.ops.offset_attention`).
+With the time axis split over devices (mesh axis 'context') an all-to-all gives each device the
+whole sequence of its share of heads (`sosm_jax.parallel.context.attention_across_context`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from sosm_jax.layers.common import (BATCH_LENGTH_HEADS, BATCH_LENGTH_KV_HEADS, Dense, compute_dtype,
                                     param_dtype, constrain)
 from sosm_jax.ops import attention as attn_ops
-from sosm_jax.ops import offset_attention as offset_ops
 from sosm_jax.parallel.context import attention_across_context
 from sosm_jax.parallel.per_shard import per_shard
 
@@ -27,32 +26,6 @@ _KERNEL_IMPLS = ("splash", "splash_interpret")
 # k and v name their heads 'activation_heads' too: query and key/value heads are split together
 # (only when the mesh divides both), which keeps each query head with its key/value head.
 _QKV = ("activation_batch", None, "activation_heads", None)
-
-
-def _attend_at_offset(cfg, impl, q, k, v, offset, q_segment_ids, k_segment_ids):
-  """One device's queries q `[B, t, H, D]` (at `offset`) over the whole sequence's keys k, v
-  `[B, T, KV, D]`, under context parallelism.
-
-  'xla'/'reference': an explicit `[t, T]` mask ('auto' picks 'blockwise' past XLA_MAX_LEN keys).
-  'blockwise': O(t)-memory blocks at the offset (`offset_blockwise_attention`; plain JAX, slow
-  per FLOP: measured ~10x below cuDNN on an H200). 'cudnn'/'splash' (kernels without a query
-  offset): the queries are placed at their rows of a zero `[B, T, H, D]` array and the kernel's
-  ordinary causal attention runs over all T rows; rows of other devices have zero cotangents, so
-  gradients are exact, but every device does the whole sequence's attention work (T^2/2, not
-  T^2/(2C)): right for a few devices, a ring/merge of per-block results is the fix beyond.
-  """
-  kw = dict(q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, window=cfg.attn_window)
-  if impl == "blockwise":
-    return offset_ops.offset_blockwise_attention(q, k, v, offset, block_size=cfg.attn_block_size,
-                                                 **kw)
-  if impl not in _KERNEL_IMPLS + ("cudnn",):
-    return offset_ops.offset_attention_reference(q, k, v, offset, **kw)
-  b, t, h, d = q.shape
-  rows = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((b, k.shape[1], h, d), q.dtype), q, offset,
-                                             axis=1)
-  o = attn_ops.causal_attention(rows, k, v, segment_ids=k_segment_ids, window=cfg.attn_window,
-                                implementation=impl, block_size=cfg.attn_block_size)
-  return jax.lax.dynamic_slice_in_dim(o, offset, t, axis=1)
 
 
 class Attention(nn.Module):
@@ -85,8 +58,7 @@ class Attention(nn.Module):
           block_size=cfg.attn_block_size)
       impl = attn_ops.select_implementation(cfg.attn_impl or None, q.dtype,
                                             segment_ids is not None, q.shape[1], cfg.attn_window)
-      o = attention_across_context(lambda *a: _attend_at_offset(cfg, impl, *a), q, k, v,
-                                   segment_ids)
+      o = attention_across_context(attend, q, k, v, segment_ids)
       if o is None:   # the time axis is whole on every device
         o = (per_shard(attend, (q, k, v, segment_ids), (_QKV, _QKV, _QKV, _QKV[:2]), _QKV)
              if impl in _KERNEL_IMPLS else attend(q, k, v, segment_ids))
