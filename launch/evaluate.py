@@ -1,15 +1,22 @@
-"""Evaluate a checkpoint: python launch/evaluate.py --workdir=DIR [--tasks=ppl,mqar,passkey].
+"""Evaluate a checkpoint: python launch/evaluate.py --workdir=DIR [--tasks=ppl,mqar,passkey,niah].
 
 Reads the newest (or --step) checkpoint of a training run with its own config, evaluates
   ppl      loss / perplexity by position bucket on held-out text (does loss fall with context?)
   mqar     MQAR accuracy over lengths x key-value pairs
   passkey  passkey accuracy over lengths x needle depths, up to 2x the trained length
-and writes report.json, report.md, loss_by_position.png, mqar_heatmap.png, passkey_heatmap.png
-to DIR/eval/<step>/ (or --out). Scoring is teacher-forced argmax (see sosm_jax/eval/scoring.py).
+  niah     RULER-style needle in a haystack (single, multikey, multivalue, multiquery; number and
+           word needles in generated prose) over lengths x depths (sosm_jax/eval/niah.py)
+and writes report.json, report.md, loss_by_position.png, mqar_heatmap.png, passkey_heatmap.png,
+niah_heatmaps.png, niah_by_length.png to DIR/eval/<step>/ (or --out); plots mark the trained
+length. Scoring is teacher-forced argmax (see sosm_jax/eval/scoring.py); passkey and niah count
+an example when its whole answer is right, which is exactly greedy generation starting with it.
 
   python launch/evaluate.py --workdir=workdir/curriculum-smoke --tasks=ppl,passkey \
       --passkey_lengths=256,512,1024,2048 --passkey_depths=0,0.5,1
+  python launch/evaluate.py --workdir=DIR --tasks=niah --niah_lengths=4096,16384,65536,131072 \
+      --niah_depths=0,0.1,0.25,0.5,0.75,0.9,1 --niah_examples=4
   python launch/evaluate.py --workdir=DIR --predictor=oracle   # checks the evaluator: ~100%
+                                     # (niah: single and multikey only; the oracle copies)
 """
 import json
 import os
@@ -20,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
-from sosm_jax.eval import loading, report as report_lib, runner, scoring, standins
+from sosm_jax.eval import loading, niah, report as report_lib, runner, scoring, standins
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of a training run.")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -45,6 +52,16 @@ _PK_LENS = flags.DEFINE_list("passkey_lengths", [], "Default: trained/8 .. 2x tr
 _PK_DEPTHS = flags.DEFINE_list("passkey_depths", ["0", "0.25", "0.5", "0.75", "1"], "")
 _PK_N = flags.DEFINE_integer("passkey_examples", 4, "Examples per passkey cell.")
 _PK_DIGITS = flags.DEFINE_integer("passkey_digits", 5, "Digits of the passkey.")
+_NIAH_KINDS = flags.DEFINE_list("niah_kinds", list(niah.KINDS), f"Subset of {niah.KINDS}.")
+_NIAH_NEEDLES = flags.DEFINE_list("niah_needles", list(niah.NEEDLES),
+                                  f"Subset of {niah.NEEDLES} (what the values are).")
+_NIAH_LENS = flags.DEFINE_list("niah_lengths", [], "Default: the passkey lengths.")
+_NIAH_DEPTHS = flags.DEFINE_list("niah_depths", ["0", "0.25", "0.5", "0.75", "1"], "")
+_NIAH_N = flags.DEFINE_integer("niah_examples", 2, "Examples per NIAH cell.")
+_NIAH_NUM = flags.DEFINE_integer("niah_num_needles", 4, "Needles of the multi-needle tasks.")
+_NIAH_DIGITS = flags.DEFINE_integer("niah_digits", 7, "Digits of number needles.")
+_NIAH_HAY = flags.DEFINE_enum("niah_haystack", "prose", list(niah.HAYSTACKS),
+                              "'prose': generated sentences; 'repeat': four sentences repeated.")
 
 
 def _ints(values, name):
@@ -54,18 +71,28 @@ def _ints(values, name):
     raise app.UsageError(f"--{name} takes comma-separated integers, got {','.join(values)}")
 
 
-def options_from_flags() -> runner.EvalOptions:
+def _floats(values, name):
   try:
-    depths = tuple(float(v) for v in _PK_DEPTHS.value)
+    return tuple(float(v) for v in values)
   except ValueError:
-    raise app.UsageError(f"--passkey_depths takes numbers in [0, 1], got {_PK_DEPTHS.value}")
+    raise app.UsageError(f"--{name} takes comma-separated numbers in [0, 1], got "
+                         f"{','.join(values)}")
+
+
+def options_from_flags() -> runner.EvalOptions:
+  depths = _floats(_PK_DEPTHS.value, "passkey_depths")
   return runner.EvalOptions(
       tasks=tuple(_TASKS.value), seed=_SEED.value, ppl_seq_len=_PPL_LEN.value,
       ppl_batches=_PPL_BATCHES.value, ppl_batch_size=_PPL_BS.value, ppl_source=_PPL_SOURCE.value,
       mqar_lengths=_ints(_MQAR_LENS.value, "mqar_lengths"),
       mqar_pairs=_ints(_MQAR_PAIRS.value, "mqar_pairs"), mqar_examples=_MQAR_N.value,
       passkey_lengths=_ints(_PK_LENS.value, "passkey_lengths"), passkey_depths=depths,
-      passkey_examples=_PK_N.value, passkey_digits=_PK_DIGITS.value)
+      passkey_examples=_PK_N.value, passkey_digits=_PK_DIGITS.value,
+      niah_kinds=tuple(_NIAH_KINDS.value), niah_needles=tuple(_NIAH_NEEDLES.value),
+      niah_lengths=_ints(_NIAH_LENS.value, "niah_lengths"),
+      niah_depths=_floats(_NIAH_DEPTHS.value, "niah_depths"), niah_examples=_NIAH_N.value,
+      niah_num_needles=_NIAH_NUM.value, niah_digits=_NIAH_DIGITS.value,
+      niah_haystack=_NIAH_HAY.value)
 
 
 def make_scorer(kind: str, loaded, batch_size: int):
@@ -85,7 +112,10 @@ def main(argv):
   if _PREDICTOR.value == "oracle" and "ppl" in options.tasks:
     print("note: the oracle gives answers, not likelihoods: skipping the 'ppl' task", flush=True)
     options.tasks = tuple(t for t in options.tasks if t != "ppl") or ("mqar", "passkey")
-  options.check()
+  try:
+    options.check()
+  except ValueError as e:
+    raise app.UsageError(str(e))
   loaded = loading.load_for_eval(_WORKDIR.value, step=_STEP.value, config=_CONFIG.value)
   print(f"Evaluating {loaded.workdir} checkpoint {loaded.step} ({_PREDICTOR.value}): "
         f"{', '.join(options.tasks)}", flush=True)

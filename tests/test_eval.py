@@ -139,7 +139,7 @@ def test_scorer_shape_errors_are_named():
   with pytest.raises(ValueError, match="no likelihoods"):
     perplexity.loss_by_position(answers_only, [batch], [0, 16])
   with pytest.raises(ValueError, match="unknown tasks"):
-    runner.EvalOptions(tasks=("ppl", "niah")).check()
+    runner.EvalOptions(tasks=("ppl", "ruler")).check()
 
 
 def test_run_tasks_writes_json_markdown_and_plots(tmp_path):
@@ -158,7 +158,8 @@ def test_run_tasks_writes_json_markdown_and_plots(tmp_path):
     pred = oracle_answers(inputs, positions, segment_ids)
     return np.eye(V, dtype=np.float32)[pred] * 10
 
-  options = runner.EvalOptions(mqar_lengths=(64, 128), mqar_pairs=(4, 8, 64), mqar_examples=2,
+  options = runner.EvalOptions(tasks=("ppl", "mqar", "passkey"), mqar_lengths=(64, 128),
+                               mqar_pairs=(4, 8, 64), mqar_examples=2,
                                passkey_depths=(0.0, 0.5, 1.0), passkey_examples=1,
                                ppl_first_edge=8)
   result = runner.run_tasks(scoring.scorer_from_logits(combined), TOK, config, options,

@@ -21,7 +21,7 @@ from sosm_jax.eval.scoring import Batch, Scorer, answer_correct
 Progress = Callable[[int], None] | None
 
 
-def _cell_seed(seed: int, *parts: int) -> int:
+def cell_seed(seed: int, *parts: int) -> int:
   """A distinct, reproducible seed per grid cell (kept away from training seeds by `seed`)."""
   return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
 
@@ -31,7 +31,7 @@ def mqar_queries_that_fit(length: int, num_pairs: int) -> int:
   return max(0, (length - 1 - 2 * num_pairs) // 2)
 
 
-def _score_cells(scorer: Scorer, batches: list[Batch]) -> list[tuple[np.ndarray, Batch]]:
+def score_cells(scorer: Scorer, batches: list[Batch]) -> list[tuple[np.ndarray, Batch]]:
   """Scores equal-length batches in one call (one compiled shape); returns per-batch hits."""
   joined = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
   hits = answer_correct(scorer(joined), joined)
@@ -78,12 +78,12 @@ def mqar_grid(scorer: Scorer, tokenizer, *, lengths: Sequence[int], num_pairs: S
         continue
       batches.append(tasks_lib.mqar_eval_batch(
           tokenizer, seq_len=int(length), num_examples=num_examples,
-          seed=_cell_seed(seed, length, pairs), num_pairs=int(pairs), num_queries=int(queries),
+          seed=cell_seed(seed, length, pairs), num_pairs=int(pairs), num_queries=int(queries),
           vocab_size=vocab_size))
       todo.append(cell)
     if not batches:
       continue
-    for cell, (hits, batch) in zip(todo, _score_cells(scorer, batches)):
+    for cell, (hits, batch) in zip(todo, score_cells(scorer, batches)):
       mask = batch["loss_mask"] > 0
       per_example = np.all(hits | ~mask, axis=1)
       cells.append({**cell, "accuracy": float(hits[mask].mean()),
@@ -114,7 +114,7 @@ def passkey_grid(scorer: Scorer, tokenizer, *, lengths: Sequence[int], depths: S
       try:
         batch = tasks_lib.passkey_eval_batch(
             tokenizer, seq_len=int(length), num_examples=num_examples,
-            seed=_cell_seed(seed, length, d_index), depths=[float(depth)] * num_examples,
+            seed=cell_seed(seed, length, d_index), depths=[float(depth)] * num_examples,
             digits=digits)
       except ValueError as e:  # the prompt does not fit this length
         cells.append({**cell, "accuracy": None, "skipped": str(e)})
@@ -125,7 +125,7 @@ def passkey_grid(scorer: Scorer, tokenizer, *, lengths: Sequence[int], depths: S
       todo.append(cell)
     if not batches:
       continue
-    for cell, (hits, batch) in zip(todo, _score_cells(scorer, batches)):
+    for cell, (hits, batch) in zip(todo, score_cells(scorer, batches)):
       mask = batch["loss_mask"] > 0
       cells.append({**cell, "accuracy": float(np.all(hits | ~mask, axis=1).mean()),
                     "digit_accuracy": float(hits[mask].mean())})

@@ -1,9 +1,11 @@
 """Evaluation reports: JSON, a Markdown summary with tables, and PNG plots.
 
 The report is a dict with optional sections 'perplexity' (from `loss_by_position`), 'mqar'
-(from `mqar_grid`), 'passkey' (from `passkey_grid`) and free-form 'meta'. `write_report` puts
-`report.json`, `report.md`, `loss_by_position.png`, `passkey_heatmap.png` and `mqar_heatmap.png`
-(for the sections present) in a directory and returns their paths.
+(from `mqar_grid`), 'passkey' (from `passkey_grid`), 'niah' (from `niah.niah_grid`) and
+free-form 'meta'. `write_report` puts `report.json`, `report.md`, `loss_by_position.png`,
+`passkey_heatmap.png`, `mqar_heatmap.png`, `niah_heatmaps.png` and `niah_by_length.png` (for the
+sections present) in a directory and returns their paths. Plots over lengths or positions mark
+the trained length (meta['trained_length']).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import numpy as np
 from sosm_jax.eval.recall import grid_matrix
 
 _PLOTS = {"loss_plot": "loss_by_position.png", "passkey_heatmap": "passkey_heatmap.png",
-          "mqar_heatmap": "mqar_heatmap.png"}
+          "mqar_heatmap": "mqar_heatmap.png", "niah_heatmaps": "niah_heatmaps.png",
+          "niah_by_length": "niah_by_length.png"}
 
 
 def fmt(x, pct: bool = False) -> str:
@@ -66,11 +69,52 @@ def to_markdown(report: dict) -> str:
             f"examples per cell, exact match of {pk['digits']} digits)", "",
             f"Mean over cells: {fmt(pk['mean_accuracy'], pct=True)}%.", "",
             _grid_table(pk["cells"], "length", "depth", "length", lambda d: f"{d:.2f}"), ""]
+  nh = report.get("niah")
+  if nh:
+    out += _niah_markdown(nh, meta.get("trained_length"))
   if "average_recall" in report:
-    tasks = " and ".join(t for t in ("MQAR", "passkey") if report.get(t.lower()))
+    tasks = " and ".join(t for t in ("MQAR", "passkey", "NIAH") if report.get(t.lower()))
     out += [f"Average recall (mean of the {tasks} means): "
             f"{fmt(report['average_recall'], pct=True)}%", ""]
   return "\n".join(out)
+
+
+def niah_by_length(niah: dict) -> tuple[list[str], list[int], np.ndarray]:
+  """(task names, lengths, accuracy [tasks, lengths] averaged over depths; NaN if none scored)."""
+  names = list(niah["tasks"])
+  lengths = sorted({c["length"] for t in niah["tasks"].values() for c in t["cells"]})
+  matrix = np.full((len(names), len(lengths)), np.nan)
+  for i, name in enumerate(names):
+    for j, length in enumerate(lengths):
+      accs = [c["accuracy"] for c in niah["tasks"][name]["cells"]
+              if c["length"] == length and c["accuracy"] is not None]
+      if accs:
+        matrix[i, j] = float(np.mean(accs))
+  return names, lengths, matrix
+
+
+def _niah_markdown(niah: dict, trained) -> list[str]:
+  names, lengths, matrix = niah_by_length(niah)
+  mark = lambda n: f"{n}*" if n == trained else str(n)
+  out = [f"## Needle in a haystack accuracy % (rows: task, columns: length, mean over depths "
+         f"{', '.join(f'{d:g}' for d in niah['depths'])}; {niah['num_examples']} examples per "
+         f"cell, exact match of the whole answer; * = trained length)", "",
+         f"Mean over tasks: {fmt(niah['mean_accuracy'], pct=True)}%.", "",
+         markdown_table(["task"] + [mark(n) for n in lengths],
+                        [[name] + [fmt(v, pct=True) for v in matrix[i]]
+                         for i, name in enumerate(names)]), ""]
+  cells = [c for t in niah["tasks"].values() for c in t["cells"]]
+  by_depth = []
+  for length in lengths:
+    row = [mark(length)]
+    for depth in niah["depths"]:
+      accs = [c["accuracy"] for c in cells if c["length"] == length and c["depth"] == depth
+              and c["accuracy"] is not None]
+      row.append(fmt(float(np.mean(accs)) if accs else None, pct=True))
+    by_depth.append(row)
+  out += ["By depth (mean over tasks):", "",
+          markdown_table(["length"] + [f"{d:.2f}" for d in niah["depths"]], by_depth), ""]
+  return out
 
 
 def _trend_sentence(ppl: dict) -> str:
@@ -81,31 +125,93 @@ def _trend_sentence(ppl: dict) -> str:
           f"and {falling} at the end.")
 
 
+def trained_row_boundary(rows, trained) -> float | None:
+  """y of the line between the rows (lengths, ascending) within and beyond the trained length;
+  None when every row is within it or trained is unknown."""
+  if not trained or not rows or rows[-1] <= trained:
+    return None
+  return sum(r <= trained for r in rows) - 0.5
+
+
 def _heatmap(path: str, matrix: np.ndarray, rows, cols, xlabel: str, ylabel: str, title: str,
-             col_fmt=str) -> None:
+             col_fmt=str, trained=None) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2.5, 0.55 * len(rows) + 1.8))
-  masked = np.ma.masked_invalid(100 * matrix)
-  cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd")
-  im = ax.imshow(masked, cmap=cmap, vmin=0, vmax=100, aspect="auto", origin="lower")
-  ax.set_xticks(range(len(cols)), [col_fmt(c) for c in cols])
-  ax.set_yticks(range(len(rows)), [str(r) for r in rows])
-  for i in range(len(rows)):
-    for j in range(len(cols)):
-      text = "n/a" if np.isnan(matrix[i, j]) else f"{100 * matrix[i, j]:.0f}"
-      ax.text(j, i, text, ha="center", va="center", fontsize=8)
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.set_title(title)
-  fig.colorbar(im, ax=ax, label="accuracy %")
+  _heatmap_axes(ax, matrix, rows, cols, xlabel, ylabel, title, col_fmt, trained, colorbar=True)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def plot_loss_by_position(path: str, ppl: dict, title: str = "Loss by position") -> None:
+def _heatmap_axes(ax, matrix, rows, cols, xlabel, ylabel, title, col_fmt, trained, colorbar):
+  """One accuracy heatmap on `ax`: rows (lengths) bottom to top; the trained length marked."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  masked = np.ma.masked_invalid(100 * matrix)
+  cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd")
+  im = ax.imshow(masked, cmap=cmap, vmin=0, vmax=100, aspect="auto", origin="lower")
+  ax.set_xticks(range(len(cols)), [col_fmt(c) for c in cols])
+  ax.set_yticks(range(len(rows)), [f"{r} (trained)" if r == trained else str(r) for r in rows])
+  for i in range(len(rows)):
+    for j in range(len(cols)):
+      text = "n/a" if np.isnan(matrix[i, j]) else f"{100 * matrix[i, j]:.0f}"
+      ax.text(j, i, text, ha="center", va="center", fontsize=8)
+  boundary = trained_row_boundary(rows, trained)
+  if boundary is not None:
+    ax.axhline(boundary, color="black", linestyle="--", linewidth=1.2)
+    ax.text(len(cols) - 0.5, boundary, f" trained {trained}", va="bottom", ha="right", fontsize=7)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  if colorbar:
+    ax.figure.colorbar(im, ax=ax, label="accuracy %")
+
+
+def plot_niah(heatmaps_path: str, lines_path: str, niah: dict, trained=None) -> None:
+  """A length x depth heatmap per task (one figure) and accuracy against length per task."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  names = list(niah["tasks"])
+  ncols = min(4, len(names))
+  nrows = -(-len(names) // ncols)
+  lengths = sorted({c["length"] for t in niah["tasks"].values() for c in t["cells"]})
+  depths = niah["depths"]
+  fig, axes = plt.subplots(nrows, ncols, squeeze=False,
+                           figsize=(ncols * (0.8 * len(depths) + 2.4),
+                                    nrows * (0.5 * len(lengths) + 1.6)))
+  for ax, name in zip(axes.ravel(), names):
+    rows, cols, matrix = grid_matrix(niah["tasks"][name]["cells"], "length", "depth")
+    _heatmap_axes(ax, matrix, rows, cols, "needle depth", "context length", name,
+                  lambda d: f"{d:.2f}", trained, colorbar=False)
+  for ax in axes.ravel()[len(names):]:
+    ax.axis("off")
+  fig.suptitle("Needle in a haystack: exact-match accuracy (%)")
+  fig.tight_layout()
+  fig.savefig(heatmaps_path, dpi=100)
+  plt.close(fig)
+
+  names, lengths, matrix = niah_by_length(niah)
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for i, name in enumerate(names):
+    ax.plot(lengths, 100 * matrix[i], marker="o", label=name)
+  if trained:
+    ax.axvline(trained, color="black", linestyle="--", linewidth=1.2, label=f"trained ({trained})")
+  ax.set_xscale("log", base=2)
+  ax.set_ylim(-3, 103)
+  ax.set_xlabel("context length (tokens)")
+  ax.set_ylabel("accuracy % (mean over depths)")
+  ax.set_title("Needle in a haystack by length")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(lines_path, dpi=110)
+  plt.close(fig)
+
+
+def plot_loss_by_position(path: str, ppl: dict, title: str = "Loss by position",
+                          trained=None) -> None:
   """Mean loss per bucket against the bucket's centre position (log x axis)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -116,6 +222,9 @@ def plot_loss_by_position(path: str, ppl: dict, title: str = "Loss by position")
   if pts:
     x, y = zip(*pts)
     ax.plot(x, y, marker="o")
+  if trained and ppl["edges"][-1] > trained:  # positions beyond training are in the plot
+    ax.axvline(trained, color="black", linestyle="--", linewidth=1.2, label=f"trained ({trained})")
+    ax.legend(fontsize=8)
   ax.set_xscale("log", base=2)
   ax.set_xlabel("position in document (bucket centre)")
   ax.set_ylabel("loss (nats / token)")
@@ -138,17 +247,22 @@ def write_report(report: dict, out_dir: str) -> dict[str, str]:
   for name in _PLOTS.values():  # plots of an earlier run with other tasks would mislead
     if os.path.exists(os.path.join(out_dir, name)):
       os.remove(os.path.join(out_dir, name))
+  trained = report.get("meta", {}).get("trained_length")
   if report.get("perplexity"):
     paths["loss_plot"] = os.path.join(out_dir, _PLOTS["loss_plot"])
-    plot_loss_by_position(paths["loss_plot"], report["perplexity"])
+    plot_loss_by_position(paths["loss_plot"], report["perplexity"], trained=trained)
   if report.get("passkey"):
     rows, cols, matrix = grid_matrix(report["passkey"]["cells"], "length", "depth")
     paths["passkey_heatmap"] = os.path.join(out_dir, _PLOTS["passkey_heatmap"])
     _heatmap(paths["passkey_heatmap"], matrix, rows, cols, "needle depth", "context length",
-             "Passkey accuracy (%)", col_fmt=lambda d: f"{d:.2f}")
+             "Passkey accuracy (%)", col_fmt=lambda d: f"{d:.2f}", trained=trained)
   if report.get("mqar"):
     rows, cols, matrix = grid_matrix(report["mqar"]["cells"], "length", "num_pairs")
     paths["mqar_heatmap"] = os.path.join(out_dir, _PLOTS["mqar_heatmap"])
     _heatmap(paths["mqar_heatmap"], matrix, rows, cols, "key-value pairs", "sequence length",
              "MQAR accuracy (%)")
+  if report.get("niah"):
+    paths["niah_heatmaps"] = os.path.join(out_dir, _PLOTS["niah_heatmaps"])
+    paths["niah_by_length"] = os.path.join(out_dir, _PLOTS["niah_by_length"])
+    plot_niah(paths["niah_heatmaps"], paths["niah_by_length"], report["niah"], trained=trained)
   return paths

@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from sosm_jax import data as data_lib
 from sosm_jax.data import sources
-from sosm_jax.eval import perplexity, recall
+from sosm_jax.eval import niah, perplexity, recall
 from sosm_jax.eval.scoring import Batch, Scorer
 
-TASKS = ("ppl", "mqar", "passkey")
+TASKS = ("ppl", "mqar", "passkey", "niah")
 
 
 @dataclasses.dataclass
@@ -43,17 +43,38 @@ class EvalOptions:
   passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
   passkey_examples: int = 4
   passkey_digits: int = 5
+  # needle in a haystack (RULER-style, see niah.py); lengths () = the passkey lengths
+  niah_kinds: tuple[str, ...] = niah.KINDS
+  niah_needles: tuple[str, ...] = niah.NEEDLES
+  niah_lengths: tuple[int, ...] = ()
+  niah_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+  niah_examples: int = 2
+  niah_num_needles: int = 4
+  niah_digits: int = 7
+  niah_haystack: str = "prose"
+
+  def niah_specs(self) -> list[niah.NiahSpec]:
+    return niah.task_specs(self.niah_kinds, self.niah_needles, num_needles=self.niah_num_needles,
+                           digits=self.niah_digits, haystack_kind=self.niah_haystack)
 
   def check(self) -> None:
     unknown = [t for t in self.tasks if t not in TASKS]
     if unknown or not self.tasks:
       raise ValueError(f"unknown tasks {unknown or '(none given)'}; use a comma-separated subset "
                        f"of {TASKS}")
-    for name in ("ppl_batches", "ppl_batch_size", "mqar_examples", "passkey_examples"):
+    for name in ("ppl_batches", "ppl_batch_size", "mqar_examples", "passkey_examples",
+                 "niah_examples"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
     if any(not 0.0 <= d <= 1.0 for d in self.passkey_depths):
       raise ValueError(f"passkey depths must lie in [0, 1], got {self.passkey_depths}")
+    if "niah" in self.tasks:
+      if any(not 0.0 <= d <= 1.0 for d in self.niah_depths) or not self.niah_depths:
+        raise ValueError(f"niah depths must lie in [0, 1], got {self.niah_depths}")
+      if not self.niah_kinds or not self.niah_needles:
+        raise ValueError(f"niah needs at least one kind of {niah.KINDS} and one needle of "
+                         f"{niah.NEEDLES}; got {self.niah_kinds} and {self.niah_needles}")
+      self.niah_specs()   # names a bad kind, needle, haystack, count or digits
 
 
 def trained_length(config: ml_collections.ConfigDict) -> int:
@@ -94,7 +115,7 @@ def text_batches(config, tokenizer, *, seq_len: int, batch_size: int, num_batche
   return itertools.islice(pipeline, num_batches)
 
 
-def count_units(options: EvalOptions, passkey_lengths) -> int:
+def count_units(options: EvalOptions, passkey_lengths, niah_lengths=()) -> int:
   """Progress-bar units: one per perplexity batch and one per grid cell."""
   n = 0
   if "ppl" in options.tasks:
@@ -103,6 +124,9 @@ def count_units(options: EvalOptions, passkey_lengths) -> int:
     n += len(options.mqar_lengths) * len(options.mqar_pairs)
   if "passkey" in options.tasks:
     n += len(passkey_lengths) * len(options.passkey_depths)
+  if "niah" in options.tasks:
+    n += (len(niah_lengths) * len(options.niah_depths) * len(options.niah_kinds)
+          * len(options.niah_needles))
   return n
 
 
@@ -116,12 +140,14 @@ def run_tasks(scorer: Scorer, tokenizer, config: ml_collections.ConfigDict,
   options.check()
   trained = trained_length(config)
   pk_lengths = tuple(options.passkey_lengths) or default_passkey_lengths(trained)
+  niah_lengths = tuple(options.niah_lengths) or pk_lengths
   disable = (not sys.stderr.isatty()) if show_progress is None else not show_progress
-  bar = tqdm(total=count_units(options, pk_lengths), unit="cell", dynamic_ncols=True,
+  bar = tqdm(total=count_units(options, pk_lengths, niah_lengths), unit="cell", dynamic_ncols=True,
              disable=disable)
   step = lambda n=1: bar.update(n)
   report = {"meta": {"trained_length": trained, "tasks": ",".join(options.tasks),
-                     "scoring": "teacher-forced argmax; passkey exact match of all digits"},
+                     "scoring": "teacher-forced argmax; passkey and niah: exact match of the "
+                                "whole answer (= greedy generation starts with it)"},
             "options": dataclasses.asdict(options)}
   try:
     if "ppl" in options.tasks:
@@ -147,9 +173,15 @@ def run_tasks(scorer: Scorer, tokenizer, config: ml_collections.ConfigDict,
           scorer, tokenizer, lengths=pk_lengths, depths=options.passkey_depths,
           num_examples=options.passkey_examples, seed=options.seed + 1,
           digits=options.passkey_digits, progress=step)
+    if "niah" in options.tasks:
+      bar.set_description("niah")
+      report["niah"] = niah.niah_grid(
+          scorer, tokenizer, options.niah_specs(), lengths=niah_lengths,
+          depths=options.niah_depths, num_examples=options.niah_examples, seed=options.seed + 2,
+          progress=step)
   finally:
     bar.close()
-  means = [report[t]["mean_accuracy"] for t in ("mqar", "passkey")
+  means = [report[t]["mean_accuracy"] for t in ("mqar", "passkey", "niah")
            if t in report and report[t]["mean_accuracy"] is not None]
   if means:
     report["average_recall"] = sum(means) / len(means)

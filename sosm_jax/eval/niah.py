@@ -1,0 +1,312 @@
+"""Needle-in-a-haystack tasks in the style of RULER: single, multi-key, multi-value, multi-query.
+
+Every example is natural-looking text (the haystack) with one or more needles, sentences
+" The hidden <kind> for <key> is <value>." (kind 'number': a `digits`-digit number; kind 'word':
+a word), then a question whose answer closes the example. Keys are hyphenated word pairs
+("amber-falcon"); neither keys, value words nor digits occur in the haystack, so a needle is
+the only place an answer can come from.
+
+  single      one needle; the question asks for its value.
+  multikey    `num_needles` needles with different keys; the question asks for one of them.
+  multivalue  `num_needles` needles with the same key and different values; the answer lists
+              every value in the order the needles appear in the text ("v1, v2, v3, v4.").
+  multiquery  `num_needles` needles with different keys; the question asks for all of them in
+              a random order and the answer lists their values in that order.
+
+The needle a depth refers to (the queried one; in multivalue the first value, in multiquery the
+first key asked) starts at the sentence boundary nearest to `depth` x the haystack; the other
+needles go to random sentence boundaries. Answers end with a full stop, so a number followed by
+more digits is wrong. Haystacks: 'prose' (sentences drawn from a small grammar, seeded) or
+'repeat' (the passkey task's four filler sentences over and over, RULER's "noise").
+
+Scoring is exact match of the whole answer under teacher forcing: an example counts when every
+answer token is the argmax given the true prefix. The answer is the last span of the example,
+so this is exactly "greedy generation from the prompt starts with the answer" (the greedy
+tokens are then the true ones at every step); tests/test_eval_niah.py checks it against the
+model's own greedy generation. Examples are deterministic in (seed, length, depth, task).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from sosm_jax.data import tasks as tasks_lib
+from sosm_jax.eval.recall import cell_seed, score_cells
+from sosm_jax.eval.scoring import Scorer
+
+KINDS = ("single", "multikey", "multivalue", "multiquery")
+NEEDLES = ("number", "word")
+HAYSTACKS = ("prose", "repeat")
+
+Progress = Callable[[int], None] | None
+
+# Haystack grammar: subject, action, place, time. None of these words is a key or a value word.
+_SUBJECTS = ("The old miller", "A young sailor", "The baker's daughter", "Our neighbour",
+             "The village teacher", "A tired traveller", "The gardener", "My grandmother",
+             "The night watchman", "A quiet student", "The shepherd", "The harbour keeper",
+             "A travelling merchant", "The blacksmith", "Her little brother", "The old priest")
+_ACTIONS = ("walked slowly along", "painted a picture of", "told a long story about",
+            "often dreamed of", "swept the path beside", "sang softly near", "wrote a letter about",
+            "carried bread to", "looked for a while at", "forgot the way to", "sat alone by",
+            "spoke kindly of", "returned at last to", "waited patiently at")
+_PLACES = ("the river", "the stone bridge", "the orchard", "the market square",
+           "the chapel on the hill", "the narrow lane", "the mill pond", "the empty station",
+           "the wheat fields", "the lighthouse", "the farmhouse", "the town gate", "the beach",
+           "the wooden pier")
+_TIMES = ("before the rain came", "while the bells rang", "late in the evening",
+          "on a cold morning", "as the fog lifted", "after the long winter",
+          "when nobody was watching", "without saying a word", "under a pale sky",
+          "just before supper", "in the first days of spring", "at the end of the harvest")
+_REPEAT = ("Rivers run to the sea.", "Leaves turn in autumn.",
+           "Clocks tick and the day goes on.", "Nothing important is said here.")
+_KEY_ADJECTIVES = ("amber", "cobalt", "crimson", "velvet", "frozen", "golden", "hollow", "ivory",
+                   "jade", "lucky", "misty", "noble", "olive", "polar", "rapid", "rusty",
+                   "scarlet", "tidal", "vivid", "zesty", "brisk", "dusky", "fuzzy", "giant")
+_KEY_NOUNS = ("falcon", "otter", "comet", "glacier", "harp", "lantern", "meadow", "nebula",
+              "orchid", "pepper", "quartz", "raven", "saddle", "tiger", "violin", "walrus",
+              "willow", "yacht", "zebra", "badger", "cactus", "dolphin", "ember", "fjord")
+_VALUE_WORDS = ("apricot", "blizzard", "compass", "dynamo", "eclipse", "fossil", "granite",
+                "horizon", "igloo", "jigsaw", "kettle", "lagoon", "magnet", "nugget", "oyster",
+                "pyramid", "quiver", "rocket", "sapphire", "thimble", "umbrella", "volcano",
+                "wizard", "yogurt", "anchor", "biscuit", "candle", "diamond", "feather", "helmet",
+                "jasmine", "kayak")
+
+_HEADER = "Some hidden {kind}s are written in the text below. Remember them: a question follows.\n"
+_NEEDLE = " The hidden {kind} for {key} is {value}."
+_QUESTIONS = {
+    "single": "\nWhat is the hidden {kind} for {key}? The hidden {kind} for {key} is ",
+    "multikey": "\nWhat is the hidden {kind} for {key}? The hidden {kind} for {key} is ",
+    "multivalue": ("\nWhat are all the hidden {kind}s for {key}, in the order of the text? "
+                   "The hidden {kind}s for {key} are "),
+    "multiquery": "\nWhat are the hidden {kind}s for {keys}? In that order, they are ",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class NiahSpec:
+  """One NIAH task: kind in KINDS, needle in NEEDLES; `name` is e.g. 'multikey_word'."""
+  kind: str
+  needle: str
+  num_needles: int = 4
+  digits: int = 7
+  haystack: str = "prose"
+
+  @property
+  def name(self) -> str:
+    return f"{self.kind}_{self.needle}"
+
+  def check(self) -> None:
+    """ValueError naming the bad field."""
+    if self.kind not in KINDS:
+      raise ValueError(f"NIAH kind {self.kind!r} is unknown; use one of {KINDS}")
+    if self.needle not in NEEDLES:
+      raise ValueError(f"NIAH needle {self.needle!r} is unknown; use one of {NEEDLES}")
+    if self.haystack not in HAYSTACKS:
+      raise ValueError(f"NIAH haystack {self.haystack!r} is unknown; use one of {HAYSTACKS}")
+    most = min(len(_KEY_ADJECTIVES) * len(_KEY_NOUNS), len(_VALUE_WORDS))
+    if not 1 <= self.num_needles <= most:
+      raise ValueError(f"NIAH num_needles must be in [1, {most}], got {self.num_needles}")
+    if not 1 <= self.digits <= 18:
+      raise ValueError(f"NIAH digits must be in [1, 18], got {self.digits}")
+
+
+@dataclasses.dataclass(frozen=True)
+class NiahExample:
+  """A TaskExample plus where its needles are.
+
+  needle_starts: int `[num_needles]` token index of each needle in `example.tokens`, in text
+  order; target: index into needle_starts of the needle the depth refers to; depth: the
+  fraction of the haystack before the target needle (the nearest sentence boundary to the
+  requested depth); answer_text: the answer as text.
+  """
+  example: tasks_lib.TaskExample
+  needle_starts: np.ndarray
+  target: int
+  depth: float
+  answer_text: str
+
+
+def _sentences(kind: str, rng: np.random.Generator):
+  """An endless stream of haystack sentences (each with a leading space)."""
+  if kind == "repeat":
+    i = 0
+    while True:
+      yield " " + _REPEAT[i % len(_REPEAT)]
+      i += 1
+  while True:
+    yield (f" {_SUBJECTS[rng.integers(len(_SUBJECTS))]} {_ACTIONS[rng.integers(len(_ACTIONS))]} "
+           f"{_PLACES[rng.integers(len(_PLACES))]} {_TIMES[rng.integers(len(_TIMES))]}.")
+
+
+def haystack(tokenizer, num_tokens: int, *, kind: str = "prose",
+             seed=0) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens int32 `[num_tokens]`, sentence starts int `[n]`, 0 first, num_tokens last).
+
+  Sentences are tokenized one by one and concatenated; the last one is cut at num_tokens.
+  """
+  rng = np.random.default_rng(seed) if not isinstance(seed, np.random.Generator) else seed
+  pieces, starts, total = [], [0], 0
+  stream = _sentences(kind, rng)
+  while total < num_tokens:
+    piece = tokenizer.encode_array(next(stream))
+    pieces.append(piece)
+    total += len(piece)
+    starts.append(total)
+  tokens = np.concatenate(pieces)[:num_tokens] if pieces else np.zeros(0, np.int32)
+  bounds = np.unique(np.minimum(np.asarray(starts), num_tokens))
+  return tokens.astype(np.int32), bounds
+
+
+def _keys(rng: np.random.Generator, n: int) -> list[str]:
+  pairs = rng.choice(len(_KEY_ADJECTIVES) * len(_KEY_NOUNS), n, replace=False)
+  return [f"{_KEY_ADJECTIVES[p // len(_KEY_NOUNS)]}-{_KEY_NOUNS[p % len(_KEY_NOUNS)]}"
+          for p in pairs]
+
+
+def _values(rng: np.random.Generator, n: int, needle: str, digits: int) -> list[str]:
+  if needle == "word":
+    return [_VALUE_WORDS[i] for i in rng.choice(len(_VALUE_WORDS), n, replace=False)]
+  low, high = 10 ** (digits - 1), 10 ** digits
+  values: list[str] = []
+  while len(values) < n:  # distinct, so an answer names one needle
+    v = str(int(rng.integers(low, high)))
+    if v not in values:
+      values.append(v)
+  return values
+
+
+def niah_example(tokenizer, length: int, spec: NiahSpec, *, seed,
+                 depth: float = 0.5) -> NiahExample:
+  """One example of exactly `length` tokens (BOS first; the answer is the last span).
+
+  ValueError when the header, needles, question and answer do not fit in `length`.
+  """
+  spec.check()
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f"NIAH depth {depth} is outside [0, 1]")
+  rng = np.random.default_rng(seed) if not isinstance(seed, np.random.Generator) else seed
+  n = 1 if spec.kind == "single" else spec.num_needles
+  keys = _keys(rng, 1 if spec.kind == "multivalue" else n)
+  values = _values(rng, n, spec.needle, spec.digits)
+  needle_keys = keys * n if spec.kind == "multivalue" else keys
+  other_depths = rng.uniform(size=n - 1)
+  asked = rng.permutation(n) if spec.kind == "multiquery" else None
+  target = int(asked[0]) if asked is not None else 0   # which needle (by index) `depth` places
+
+  enc = tokenizer.encode_array
+  kind = spec.needle
+  needles = [enc(_NEEDLE.format(kind=kind, key=k, value=v)) for k, v in zip(needle_keys, values)]
+  header = enc(_HEADER.format(kind=kind))
+  fixed = 1 + len(header) + sum(len(x) for x in needles)
+  # Depth of every needle; multivalue's answer lists the values in this (= the text's) order.
+  depths = np.empty(n)
+  depths[target] = depth
+  depths[[i for i in range(n) if i != target]] = other_depths
+  if spec.kind == "multiquery":
+    question = _QUESTIONS["multiquery"].format(kind=kind, keys=_join([keys[i] for i in asked]))
+    answer_text = ", ".join(values[i] for i in asked) + "."
+  else:
+    question = _QUESTIONS[spec.kind].format(kind=kind, key=keys[target])
+    answer_text = (", ".join(values[i] for i in np.argsort(depths, kind="stable")) + "."
+                   if spec.kind == "multivalue" else values[target] + ".")
+  question_ids, answer = enc(question), enc(answer_text)
+  fill = length - fixed - len(question_ids) - len(answer)
+  if fill < 0:
+    raise ValueError(f"NIAH {spec.name}: length {length} is shorter than the {length - fill} "
+                     f"tokens of its header, needles, question and answer; use a longer length "
+                     f"(or fewer needles / digits)")
+  hay, bounds = haystack(tokenizer, fill, kind=spec.haystack, seed=rng)
+  # Each needle goes to the sentence boundary nearest its depth. Nearest-boundary rounding keeps
+  # the depth order, so the text order is the depth order the answer was built from.
+  order = np.argsort(depths, kind="stable")
+  cut = bounds[np.abs(bounds[None, :] - depths[:, None] * fill).argmin(axis=1)]
+  parts, starts, at, pos = [np.array([tokenizer.bos_id], np.int32), header], {}, 0, 1 + len(header)
+  for i in order:
+    parts.append(hay[at:cut[i]])
+    pos += cut[i] - at
+    at = cut[i]
+    starts[i] = pos
+    parts.append(needles[i])
+    pos += len(needles[i])
+  parts += [hay[at:], question_ids, answer]
+  tokens = np.concatenate(parts).astype(np.int32)
+  mask = np.zeros(len(tokens), np.float32)
+  mask[len(tokens) - len(answer):] = 1.0
+  example = tasks_lib.TaskExample(
+      tokens=tokens, answer_mask=mask,
+      answer_positions=np.flatnonzero(mask).astype(np.int32), answer=tokens[mask > 0],
+      answer_text=answer_text, prompt_length=len(tokens) - len(answer))
+  text_order = np.asarray([starts[i] for i in order])
+  return NiahExample(example=example, needle_starts=text_order,
+                     target=int(np.flatnonzero(order == target)[0]),
+                     depth=float(cut[target] / fill) if fill else 0.0, answer_text=answer_text)
+
+
+def _join(items: Sequence[str]) -> str:
+  return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def niah_eval_batch(tokenizer, spec: NiahSpec, *, seq_len: int, num_examples: int, seed: int,
+                    depth: float) -> dict[str, np.ndarray]:
+  """`num_examples` rows `[num_examples, seq_len]` of one task at one depth (a model batch)."""
+  examples = [niah_example(tokenizer, seq_len, spec, depth=depth,
+                           seed=np.random.default_rng([seed, i])).example
+              for i in range(num_examples)]
+  return tasks_lib.example_batch(examples, tokenizer.pad_id)
+
+
+def task_specs(kinds: Sequence[str] = KINDS, needles: Sequence[str] = NEEDLES, *,
+               num_needles: int = 4, digits: int = 7, haystack_kind: str = "prose") -> list[NiahSpec]:
+  """Every (kind, needle) pair as a checked NiahSpec, kinds outer."""
+  specs = [NiahSpec(k, n, num_needles=num_needles, digits=digits, haystack=haystack_kind)
+           for k in kinds for n in needles]
+  for s in specs:
+    s.check()
+  return specs
+
+
+def niah_grid(scorer: Scorer, tokenizer, specs: Sequence[NiahSpec], *, lengths: Sequence[int],
+              depths: Sequence[float], num_examples: int = 2, seed: int = 2468,
+              progress: Progress = None) -> dict:
+  """Exact-match accuracy of every task at every (length, depth).
+
+  All cells of one length are scored in one scorer call (one compiled shape per length).
+  Returns {'tasks': {name: {'cells': [{'length', 'depth', 'accuracy', 'token_accuracy'} |
+  {..., 'accuracy': None, 'skipped': reason}], 'mean_accuracy'}}, 'mean_accuracy' (mean of the
+  task means), 'num_examples', 'lengths', 'depths'}. `progress(n)` counts finished cells.
+  """
+  out = {s.name: [] for s in specs}
+  for length in lengths:
+    todo, batches = [], []
+    for t_index, spec in enumerate(specs):
+      for d_index, depth in enumerate(depths):
+        cell = {"length": int(length), "depth": float(depth)}
+        try:
+          batches.append(niah_eval_batch(
+              tokenizer, spec, seq_len=int(length), num_examples=num_examples,
+              seed=cell_seed(seed, length, t_index, d_index), depth=float(depth)))
+        except ValueError as e:  # the prompt does not fit this length
+          out[spec.name].append({**cell, "accuracy": None, "skipped": str(e)})
+          if progress:
+            progress(1)
+          continue
+        todo.append((spec.name, cell))
+    if not batches:
+      continue
+    for (name, cell), (hits, batch) in zip(todo, score_cells(scorer, batches)):
+      mask = batch["loss_mask"] > 0
+      out[name].append({**cell, "accuracy": float(np.all(hits | ~mask, axis=1).mean()),
+                        "token_accuracy": float(hits[mask].mean())})
+      if progress:
+        progress(1)
+  result = {}
+  for name, cells in out.items():
+    cells.sort(key=lambda c: (c["length"], c["depth"]))
+    scored = [c["accuracy"] for c in cells if c["accuracy"] is not None]
+    result[name] = {"cells": cells, "mean_accuracy": float(np.mean(scored)) if scored else None}
+  means = [r["mean_accuracy"] for r in result.values() if r["mean_accuracy"] is not None]
+  return {"tasks": result, "mean_accuracy": float(np.mean(means)) if means else None,
+          "num_examples": num_examples, "lengths": [int(x) for x in lengths],
+          "depths": [float(d) for d in depths]}
