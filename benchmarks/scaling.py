@@ -24,6 +24,7 @@ data=N/2 x fsdp=2 over all N devices.
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -131,6 +132,7 @@ def measure(config, shape: tuple[int, int, int, int], seq_len: int, per_device_b
         times.append(time.perf_counter() - start)
     loss = float(out["loss"])
     kernels = profile_step(compiled, state, arrays, _PROFILE.value) if _PROFILE.value else None
+    parts = attribute_kernels(kernels, compiled.as_text()) if kernels else None
     del state
   median = statistics.median(times)
   tokens = batch * seq_len
@@ -153,6 +155,11 @@ def measure(config, shape: tuple[int, int, int, int], seq_len: int, per_device_b
                                                if name.startswith(_LINEAR_KERNELS))
     print(f"linear-attention kernels: {result['linear_kernels_ms_per_step']:.2f} ms per step",
           flush=True)
+    result["model_parts_ms_per_step"] = parts
+    print("--- per-step GPU ms by model part (XLA fusions by their HLO op_name; library "
+          "kernels such as GEMMs and cuDNN by kernel name)")
+    for name, ms in list(parts.items())[:_PROFILE.value]:
+      print(f"{ms:8.2f} ms  {name}")
   return result
 
 
@@ -177,6 +184,35 @@ def profile_step(compiled, state, arrays, top: int) -> list:
   for ms, n, name in rows[:top]:
     print(f"{ms:8.2f} ms  x{n:<4d} {name}")
   return rows
+
+
+_FUSION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]+)\"")
+
+
+def model_part(op_name: str) -> str:
+  """A coarse name for where an HLO op comes from: 'fwd|bwd <module path without layer index>:
+  <primitive>', e.g. 'bwd HybridLM/block_*/mlp: mul'."""
+  direction = "bwd" if "transpose(" in op_name else "fwd"
+  path = [p for p in op_name.split("/") if p and not p.startswith(("jit(", "jvp(", "transpose(",
+                                                                 "checkpoint", "remat"))]
+  prim = path[-1] if path else "?"
+  modules = "/".join(re.sub(r"_\d+$", "_*", p) for p in path[:-1])
+  return f"{direction} {modules}: {prim}"
+
+
+def attribute_kernels(kernels: list, hlo_text: str) -> dict[str, float]:
+  """{model part: ms per step} from profiled kernels and the compiled HLO's op_name metadata,
+  largest first. XLA kernels are named after their fusion instruction ('.' -> '_')."""
+  owner = {}
+  for line in hlo_text.splitlines():
+    m = _FUSION.match(line)
+    if m:
+      owner[m.group(1).replace(".", "_").replace("-", "_")] = model_part(m.group(2))
+  parts: dict[str, float] = {}
+  for ms, _, name in kernels:
+    key = owner.get(name, f"(kernel) {name[:60]}")
+    parts[key] = parts.get(key, 0.0) + ms
+  return dict(sorted(parts.items(), key=lambda kv: -kv[1]))
 
 
 def main(argv):

@@ -258,6 +258,53 @@ def test_sampling_temperature_and_top_p():
   assert set(hot.tolist()) == {0, 1, 2}   # temperature first, then top-p: a flatter set
 
 
+def _plain_masked_sums(logits, targets, mask):
+  x = logits.astype(jnp.float32)
+  picked = jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+  return (jnp.sum((jax.nn.logsumexp(x, axis=-1) - picked) * mask),
+          jnp.sum((jnp.argmax(x, axis=-1) == targets) * mask))
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_masked_sums_and_its_gradient_equal_plain_autodiff(dtype, tol):
+  """The cross-entropy sums with the hand-written backward == logsumexp autodiff, argmax too."""
+  from sosm_jax.layers.embed import masked_sums  # pylint: disable=import-outside-toplevel
+  logits = (3 * jax.random.normal(_key(0), (3, 7, 61))).astype(dtype)
+  targets = jax.random.randint(_key(1), (3, 7), 0, 61)
+  targets = targets.at[0, :4].set(jnp.argmax(logits[0, :4], axis=-1))   # some correct
+  mask = (jax.random.uniform(_key(2), (3, 7)) > 0.3).astype(jnp.float32)
+  got, want = masked_sums(logits, targets, mask), _plain_masked_sums(logits, targets, mask)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  assert float(got[1]) == float(want[1]) >= 1
+  g_got = jax.grad(lambda x: 2.0 * masked_sums(x, targets, mask)[0])(logits)
+  g_want = jax.grad(lambda x: 2.0 * _plain_masked_sums(x.astype(jnp.float32), targets, mask)[0])(
+      logits)
+  assert g_got.dtype == dtype
+  np.testing.assert_allclose(np.asarray(g_got, np.float32), np.asarray(g_want, np.float32),
+                             atol=tol, rtol=tol)
+  ties = jnp.zeros((2, 5))   # every logit equal: argmax is the first index, as jnp.argmax
+  assert float(masked_sums(ties, jnp.array([0, 3]), jnp.ones(2))[1]) == 1.0
+
+
+def test_bfloat16_logits_loss_is_close_to_float32():
+  """logits_dtype='bfloat16' changes the loss and gradients only by logit rounding."""
+  cfg = dict(num_layers=2, pattern=("hgrn2", "attn"), dtype="bfloat16")
+  f32, b16 = (build_model(tiny_config("hybrid", logits_dtype=d, **cfg))
+              for d in ("float32", "bfloat16"))
+  params = nn.unbox(f32.init(_key(0), 2, 16))
+  tokens = jax.random.randint(_key(1), (2, 16), 0, f32.cfg.vocab_size)
+  batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1),
+           "loss_mask": jnp.ones((2, 16), jnp.float32)}
+  assert b16.apply(params, tokens).dtype == jnp.bfloat16
+  (a, _), ga = jax.value_and_grad(f32.loss, has_aux=True)(params, batch)
+  (b, _), gb = jax.value_and_grad(b16.loss, has_aux=True)(params, batch)
+  np.testing.assert_allclose(a, b, rtol=1e-2)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    assert float(jnp.linalg.norm(x - y)) <= 0.05 * float(jnp.linalg.norm(x)) + 1e-6
+  with pytest.raises(ValueError, match="logits_dtype"):
+    build_model(tiny_config("hybrid", logits_dtype="float16"))
+
+
 def test_chunked_loss_equals_plain_loss():
   """loss_chunk_size > 0 (logits per time chunk, recomputed in backward) == the plain loss."""
   plain = build_model(tiny_config("hybrid", num_layers=2, pattern=("hgrn2", "attn")))

@@ -13,28 +13,31 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sosm_jax.layers.common import compute_dtype, constrain, fan_in_init, param_dtype
 
 _F32 = jnp.float32
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def head_matmul(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """`einsum(equation, a, b)` in float32 whose backward runs in a's (compute) dtype.
+@partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def head_matmul(equation: str, a: jax.Array, b: jax.Array, out_dtype=_F32) -> jax.Array:
+  """`einsum(equation, a, b)` accumulated in float32, written in `out_dtype`; its backward runs
+  in a's (compute) dtype.
 
   A float32 cotangent would make both backward matmuls fp32/TF32 GEMMs (~10 ms of a 165 ms step
   on an H100 at vocabulary 32000); the cotangent is cast to the operands' dtype instead, and
   the matmuls accumulate in float32 as the forward does.
   """
-  return jnp.einsum(equation, a, b, preferred_element_type=_F32)
+  return jnp.einsum(equation, a, b, preferred_element_type=out_dtype)
 
 
-def _head_matmul_fwd(equation, a, b):
-  return head_matmul(equation, a, b), (a, b)
+def _head_matmul_fwd(equation, a, b, out_dtype):
+  return head_matmul(equation, a, b, out_dtype), (a, b)
 
 
-def _head_matmul_bwd(equation, residuals, g):
+def _head_matmul_bwd(equation, out_dtype, residuals, g):
+  del out_dtype
   a, b = residuals
   _, vjp = jax.vjp(lambda x, y: jnp.einsum(equation, x, y, preferred_element_type=a.dtype), a, b)
   return vjp(g.astype(a.dtype))
@@ -43,16 +46,57 @@ def _head_matmul_bwd(equation, residuals, g):
 head_matmul.defvjp(_head_matmul_fwd, _head_matmul_bwd)
 
 
+def _max_and_argmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(max, first index of the max) over the last axis in one pass over x."""
+  index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+
+  def pick(a, b):
+    (va, ia), (vb, ib) = a, b
+    take_a = (va > vb) | ((va == vb) & (ia < ib))
+    return jnp.where(take_a, va, vb), jnp.where(take_a, ia, ib)
+
+  init = (jnp.array(-jnp.inf, x.dtype), jnp.array(jnp.iinfo(jnp.int32).max, jnp.int32))
+  return jax.lax.reduce((x, index), init, pick, (x.ndim - 1,))
+
+
+def _sums_and_logz(logits, targets, mask):
+  x = logits.astype(_F32)
+  top, best = _max_and_argmax(x)
+  logz = top + jnp.log(jnp.sum(jnp.exp(x - top[..., None]), axis=-1))
+  picked = jnp.take_along_axis(x, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  correct = (best == targets).astype(_F32)
+  return (jnp.sum((logz - picked) * mask), jnp.sum(correct * mask)), logz
+
+
+@jax.custom_vjp
 def masked_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array):
   """(sum of -log p(target), sum of argmax == target) over tokens where mask, in float32.
 
-  logits `[..., V]`, targets and mask `[...]`.
+  logits `[..., V]` (any float dtype; reduced in float32), targets `[...]` int, mask `[...]`.
+  Differentiable in the logits only (the mask and targets get zero cotangents). The backward
+  pass is one elementwise pass, `g * mask * (softmax - onehot)` written in the logits' dtype,
+  from the saved log-normaliser: autodiff of logsumexp would keep float32 probabilities
+  `[..., V]` alive and read them again (at vocabulary 32,000 several GB per step).
   """
-  logits = logits.astype(_F32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(_F32)
-  return jnp.sum((logz - picked) * mask), jnp.sum(correct * mask)
+  return _sums_and_logz(logits, targets, mask)[0]
+
+
+def _masked_sums_fwd(logits, targets, mask):
+  sums, logz = _sums_and_logz(logits, targets, mask)
+  return sums, (logits, targets, mask, logz)
+
+
+def _masked_sums_bwd(residuals, cotangents):
+  logits, targets, mask, logz = residuals
+  g_loss = cotangents[0]    # the correct-count is a step function: no gradient
+  probs = jnp.exp(logits.astype(_F32) - logz[..., None])
+  onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
+  grad = (g_loss * mask.astype(_F32))[..., None] * (probs - onehot.astype(_F32))
+  zero_targets = np.zeros(targets.shape, jax.dtypes.float0)
+  return grad.astype(logits.dtype), zero_targets, jnp.zeros_like(mask)
+
+
+masked_sums.defvjp(_masked_sums_fwd, _masked_sums_bwd)
 
 
 def mean_loss_metrics(loss_sum, correct_sum, tokens):
@@ -93,17 +137,18 @@ class Embedder(nn.Module):
     return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
   def logits(self, h: jax.Array) -> jax.Array:
-    """h `[batch, time, d_model]` -> logits `[batch, time, vocab]` float32.
+    """h `[batch, time, d_model]` -> logits `[batch, time, vocab]` in `cfg.logits_dtype`.
 
     Matmuls in the compute dtype with float32 accumulation, forward and backward (`head_matmul`).
     """
     dt = compute_dtype(self.cfg)
     h = h.astype(dt)
-    mm = lambda eq, a, b: head_matmul(eq, a, jnp.asarray(b, dt))
+    out_dtype = jnp.dtype(self.cfg.logits_dtype)
+    mm = lambda eq, a, b: head_matmul(eq, a, jnp.asarray(b, dt), out_dtype)
     if not self.cfg.tie_embeddings:
       out = mm("btd,dv->btv", h, self.head)
     elif self.cfg.embed_dim > 0:
-      e = mm("btd,ed->bte", h, self.project).astype(dt)
+      e = head_matmul("btd,ed->bte", h, jnp.asarray(self.project, dt)).astype(dt)
       out = mm("bte,ve->btv", e, self.table)
     else:
       out = mm("btd,vd->btv", h, self.table)

@@ -28,6 +28,9 @@ Keys (config.model, an ml_collections ConfigDict):
   loss_chunk_size   >0: the training loss computes the head's logits this many tokens (of
                     the time axis) at a time and recomputes them in the backward pass, never
                     holding [B, T, V] float32 logits; 0: plain logits then cross-entropy
+  logits_dtype      the head's output: 'float32', or 'bfloat16' (the head GEMM still
+                    accumulates in float32 and the loss reduces in float32; half the logits'
+                    memory traffic, ~3 significant digits per logit)
   remat             'none' | 'full' | 'dots' (save matmul outputs without batch dims)
   graph             the graph mixer's keys (sosm_jax/layers/graph.py: default_graph_config)
 """
@@ -92,6 +95,7 @@ def default_model_config(architecture: str = "hybrid") -> ml_collections.ConfigD
   c.document_masking = True
   c.scan_layers = True
   c.loss_chunk_size = 0
+  c.logits_dtype = "float32"
   c.remat = "none"
   c.graph = _graph_defaults()
   return c
@@ -199,6 +203,8 @@ def validate_model_config(cfg) -> None:
           f"use one of {LINEAR_IMPLEMENTATIONS}")
   if not isinstance(cfg.embed_dim, int) or cfg.embed_dim < 0:
     _fail("embed_dim", f"must be an int >= 0, got {cfg.embed_dim!r}", "use 0 (no factorization) or e.g. 128")
+  if cfg.logits_dtype not in ("float32", "bfloat16"):
+    _fail("logits_dtype", f"unknown value {cfg.logits_dtype!r}", "use 'float32' or 'bfloat16'")
   for key in ("dtype", "param_dtype"):
     if cfg[key] not in DTYPES:
       _fail(key, f"unknown dtype {cfg[key]!r}", f"use one of {DTYPES}")

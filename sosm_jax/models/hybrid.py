@@ -102,7 +102,7 @@ def _uses_lower_bounds(cfg) -> bool:
 
 
 class HybridLM(nn.Module):
-  """The language model. tokens `[B, T]` -> logits `[B, T, V]` float32 (and cache if given).
+  """The language model. tokens `[B, T]` -> logits `[B, T, V]` (cfg.logits_dtype) (and cache if given).
 
   positions `[B, T]` default 0..T-1; segment_ids `[B, T]` or None; cache from `init_cache`;
   memory {layer: (keys, values, mask)} for graph layers (module doc) or None. With

@@ -50,7 +50,7 @@ class LanguageModel:
     return self.module.init(rng, tokens)["params"]
 
   def apply(self, params, tokens, *, positions=None, segment_ids=None, memory=None):
-    """logits `[B, T, V]` float32 for tokens `[B, T]`.
+    """logits `[B, T, V]` (in `cfg.logits_dtype`) for tokens `[B, T]`.
 
     memory: None or {graph layer index: (keys, values, mask)}, keys/values
     `[B, T, M, kv_heads, head_dim]` (as stored: before RoPE), mask `[B, T, M]` bool: entries
