@@ -1,8 +1,10 @@
 """Ahead-of-time compilation (sosm_jax/train/aot.py, hlo_stats.py, launch/compile.py): the stage
 report on the local CPU devices, the HLO walk against exact counts, and (where libtpu is
 installed) the tiny model's step compiled for a TPU v5p topology."""
+import dataclasses
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -110,17 +112,21 @@ def test_chip_table():
   assert v5p.peak_flops == 459e12 and v5p.hbm_bandwidth == 2765e9
 
 
-def test_preflight_on_local_devices_reports_and_refuses_a_stage_that_does_not_fit():
-  """The trainer's preflight: every stage compiled on its mesh; a memory limit below a stage's
-  compiled need raises StageDoesNotFit naming the stage and the fixes."""
+def test_local_devices_report_and_a_stage_over_the_limit_is_named_with_fixes():
+  """Every stage compiled on the trainer's mesh over the local devices; under a memory limit below
+  a stage's compiled need it does not fit, and the message names the stage and the fixes."""
   config = _tiny_config(data=2, fsdp=4)
   config.curriculum.update(seq_lens=(32,), steps=(2,), remat=("dots",))
   mesh = aot.mesh_for_devices(config.mesh, jax.devices())
-  (report,) = aot.preflight(config, mesh)
+  (report,) = aot.compile_curriculum(config, mesh)
   assert report.memory_bytes > 0 and report.fits is None  # no limit known for a CPU
   assert report.hlo.flops > report.model_flops > 0        # the program also recomputes (remat)
-  with pytest.raises(aot.StageDoesNotFit, match=r"stage 0 \(seq_len 32\).*remat.*grad_accum"):
-    aot.preflight(config, mesh, memory_limit_bytes=1024)
+  over = dataclasses.replace(report, memory_limit=1024)
+  assert over.fits is False
+  message = aot.does_not_fit_message(over.stage, over.memory_bytes, 1024,
+                                     over.fixes(dict(mesh.shape)))
+  assert re.match(r"stage 0 \(seq_len 32\) needs [\d.]+ [KMG]iB per device .* but 1\.00 KiB "
+                  r"are available; fix: .*remat.*grad_accum", message)
 
 
 def test_fixes_name_fsdp_when_the_state_dominates():

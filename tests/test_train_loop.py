@@ -126,7 +126,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
 
 
 def test_refused_stage_names_stage_and_fix(tmp_path):
-  cfg = _tiny(**_RUN, **{"train.memory_limit_gib": 1e-6})
+  # the check as each stage starts (tests/test_preflight.py: all stages before the first step)
+  cfg = _tiny(**_RUN, **{"train.memory_limit_gib": 1e-6, "train.preflight": "off"})
   with pytest.raises(loop.StageDoesNotFit, match=r"stage 0 \(seq_len 32\).*remat.*grad_accum"):
     loop.train(cfg, str(tmp_path))
 

@@ -7,8 +7,9 @@ sharding and the donated state), so what compiles here is what `launch/train.py`
 
   topology_devices('v5p:4x4x4')   TPU devices of a topology without a TPU (needs libtpu)
   compile_stage(...)              one stage: (compiled executable, StageReport)
-  compile_curriculum(...)         every stage, for `launch/compile.py` and the trainer's preflight
-  preflight(...)                  every stage on the trainer's mesh; raises StageDoesNotFit
+  compile_curriculum(...)         every stage, for `launch/compile.py`
+  fixes(...), does_not_fit_message(...)   what to change when a stage does not fit; the trainer's
+                                  preflight (`startup_checks.preflight_stages`) says it too
 """
 from __future__ import annotations
 
@@ -33,10 +34,6 @@ from sosm_jax.train import optimizer as optimizer_lib
 from sosm_jax.train import state as state_lib
 from sosm_jax.train import step as step_lib
 from sosm_jax.train.hlo_stats import HloStats, hlo_stats
-
-
-class StageDoesNotFit(RuntimeError):
-  """A stage's compiled step needs more memory per device than the device has."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,24 +221,46 @@ class StageReport:
     """What would make a stage that does not fit fit, most effective first."""
     if self.fits is not False:
       return []
-    s, out = self.stage, []
-    state = self.argument_bytes
-    if state > 0.3 * self.limit_bytes and mesh_shape.get("fsdp", 1) < self.devices:
-      out.append("fsdp: shard parameters and optimizer state over the chips "
-                 "(--config.mesh.fsdp=-1 --config.mesh.data=1)")
-    if s.remat != "full":
-      out.append(f"remat: recompute the layers in the backward pass (--config.curriculum.remat, "
-                 f"'full' for stage {s.index}; now '{s.remat}')")
-    rows = s.global_batch // s.grad_accum // max(1, mesh_shape.get("data", 1) *
-                                                  mesh_shape.get("fsdp", 1))
-    if rows > 1:
-      out.append(f"grad_accum: more micro-batches (--config.curriculum.grad_accum, "
-                 f"{s.grad_accum * 2} for stage {s.index}: {rows // 2} rows per chip per "
-                 f"micro-batch instead of {rows})")
-    if not out:
-      out.append("none of remat / grad_accum / fsdp is left: split each sequence over chips "
-                 "(--config.mesh.context=N) or use a shorter seq_len")
-    return out
+    return fixes(self.stage, self.argument_bytes, self.limit_bytes, mesh_shape, self.devices)
+
+
+def fixes(stage: curriculum_lib.Stage, state_bytes: float, limit_bytes: float,
+          mesh_shape: dict[str, int], devices: int) -> list[str]:
+  """The config changes that lower a stage's memory per device, most effective first: fsdp when
+  the train state (state_bytes, per device) is a large part of the limit, a heavier remat policy,
+  more micro-batches; context parallelism when none of those is left."""
+  s, out = stage, []
+  if state_bytes > 0.3 * limit_bytes and mesh_shape.get("fsdp", 1) < devices:
+    out.append("fsdp: shard parameters and optimizer state over the chips "
+               "(--config.mesh.fsdp=-1 --config.mesh.data=1)")
+  if s.remat != "full":
+    out.append(f"remat: recompute the layers in the backward pass (--config.curriculum.remat, "
+               f"'full' for stage {s.index}; now '{s.remat}')")
+  rows = s.global_batch // s.grad_accum // max(1, mesh_shape.get("data", 1) *
+                                                mesh_shape.get("fsdp", 1))
+  if rows > 1:
+    out.append(f"grad_accum: more micro-batches (--config.curriculum.grad_accum, "
+               f"{s.grad_accum * 2} for stage {s.index}: {rows // 2} rows per chip per "
+               f"micro-batch instead of {rows})")
+  if not out:
+    out.append("none of remat / grad_accum / fsdp is left: split each sequence over chips "
+               "(--config.mesh.context=N) or use a shorter seq_len")
+  return out
+
+
+def does_not_fit_message(stage: curriculum_lib.Stage, need_bytes: float, limit_bytes: float,
+                         stage_fixes: Sequence[str]) -> str:
+  """The error of a stage whose compiled step needs more memory per device than there is."""
+  return (f"{stage.name} needs {_size(need_bytes)} per device by its compiled memory analysis "
+          f"but {_size(limit_bytes)} are available; fix: " + "; or ".join(stage_fixes))
+
+
+def _size(n_bytes: float) -> str:
+  """'17.2 GiB', '312 MiB', '5.00 KiB': three significant digits in the largest unit below it."""
+  scale, unit = ((2**30, "GiB") if n_bytes >= 2**30 else (2**20, "MiB") if n_bytes >= 2**20
+                 else (2**10, "KiB"))
+  value = n_bytes / scale
+  return f"{value:.{max(0, 3 - len(str(int(value))))}f} {unit}"
 
 
 # Matmuls of one call of each splash attention kernel, in [block x block x head_dim] products per
@@ -376,24 +395,6 @@ def load_report(directory: str, index: int) -> StageReport:
   fields["stage"] = curriculum_lib.Stage(**fields["stage"])
   fields["chip"] = Chip(**fields["chip"]) if fields["chip"] else None
   return StageReport(**fields, hlo=stats)
-
-
-def preflight(config, mesh: Mesh, memory_limit_bytes: float | None = None) -> list[StageReport]:
-  """Compiles every stage on the trainer's mesh before training and raises StageDoesNotFit
-  naming the first stage whose step needs more memory per device than there is, and the fixes.
-
-  memory_limit_bytes: the per-device limit (default: the chip table's HBM for TPUs; no check
-  where neither is known). The trainer passes config.train.memory_limit_gib or the device's own
-  limit (`metrics.device_memory_limit_bytes()`).
-  """
-  reports = compile_curriculum(config, mesh, memory_limit=memory_limit_bytes)
-  for r in reports:
-    if r.fits is False:
-      raise StageDoesNotFit(
-          f"{r.stage.name} needs {r.memory_bytes / 2**30:.2f} GiB per device by its compiled "
-          f"memory analysis but {r.limit_bytes / 2**30:.2f} GiB are available; fix: " +
-          "; or ".join(r.fixes(dict(mesh.shape))))
-  return reports
 
 
 # --------------------------------------------------------------------------- report

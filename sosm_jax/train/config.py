@@ -53,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
                              # <workdir>/previous/<time>/ and start at step 0 (never deletes)
       compile_cache="workdir",  # persistent XLA compilation cache: 'workdir' (<workdir>/
                              # compile_cache), 'user' (~/.cache/sosm_jax/xla), 'off', or a path
+      preflight="auto",      # 'all_stages': compile every stage the run reaches before step 1
+                             # and stop if one does not fit the memory limit; 'off': each stage
+                             # when it starts; 'auto': all_stages where a limit is known (GPU,
+                             # TPU, memory_limit_gib), else off (startup_checks.stages_to_preflight)
   ))
 
   c.finetune = finetune.default_config()  # LoRA, distillation, init_from (train/finetune.py)
@@ -131,6 +135,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
            "use 0 (off) or e.g. 1.0")
   _require(isinstance(t.compile_cache, str) and t.compile_cache != "", "train.compile_cache",
            f"{t.compile_cache!r} is not a setting", "use 'workdir', 'user', 'off' or a directory")
+  _require(t.preflight in ("auto", "all_stages", "off"), "train.preflight",
+           f"{t.preflight!r} is unknown", "use 'auto', 'all_stages' or 'off'")
 
 
 def check_override_flags(argv: list[str], config: ml_collections.ConfigDict,

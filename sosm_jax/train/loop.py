@@ -34,8 +34,7 @@ from sosm_jax.train import state as state_lib
 from sosm_jax.train import step as step_lib
 
 
-class StageDoesNotFit(RuntimeError):
-  """The compiled step of a stage needs more device memory than there is."""
+StageDoesNotFit = startup_checks.StageDoesNotFit  # named here for launch/train.py and tests
 
 
 class NonFiniteLoss(RuntimeError):
@@ -107,18 +106,8 @@ def compile_stage_step(model, optimizer, schedule, stage, abstract_state, state_
   if memory is not None:
     abstract_batch.update(memory.abstract_inputs(model, stage, batch_sh))
   compiled = jitted.lower(abstract_state, abstract_batch).compile()
-  info = {"compile_seconds": time.time() - start}
-  analysis = compiled.memory_analysis()
-  if analysis is not None:
-    need = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-            - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
-    info.update(compiled_memory_gib=need / 2**30, temp_memory_gib=analysis.temp_size_in_bytes / 2**30)
-    if memory_limit_bytes and need > memory_limit_bytes:
-      raise StageDoesNotFit(
-          f"{stage.name} needs {need / 2**30:.2f} GiB per device by its compiled memory analysis "
-          f"but only {memory_limit_bytes / 2**30:.2f} GiB are available. Use a lighter remat policy "
-          f"(--config.curriculum.remat, e.g. 'full' for this stage) or more gradient accumulation "
-          f"(--config.curriculum.grad_accum) for it.")
+  info = {"compile_seconds": time.time() - start,
+          **startup_checks.check_memory(compiled, stage, mesh, memory_limit_bytes)}
   logging.info("%s compiled in %.1fs: %s", stage.name, info["compile_seconds"], info)
   return compiled, info
 
@@ -212,10 +201,12 @@ def _write_config(config, workdir: str) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   """Runs (or resumes) the curriculum in `config`, writing everything under `workdir`.
 
-  Before anything is compiled: the config is validated, every stage's data is read once and the
-  checkpoints in `workdir` are examined (`resume.decide`: a run of another model is refused,
-  not overwritten). A checkpoint whose save has started is committed before any exit, errors
-  included.
+  Before anything is compiled: the config is validated and every stage's data is read once;
+  then (config.train.preflight) the steps of the stages the run reaches are compiled and checked
+  to fit the devices' memory before the workdir is touched (compile-cache entries aside); then
+  the checkpoints in `workdir` are examined (`resume.decide`: a run of another model is
+  refused, not overwritten). A checkpoint whose save has started is committed before any exit,
+  errors included.
   """
   config_lib.validate_config(config)
   setup_compile_cache(config.train.compile_cache, workdir)   # before anything is compiled
@@ -241,19 +232,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
       config, stages, 0,
       lambda n, b, split: _make_pipeline(config, tokenizer, mesh, n, b, split),
       lambda stage: _eval_batch_size(config, stage, mesh))
-
-  if is_writer:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local folder or gs://BUCKET/PATH
   checkpoint_dir = os.path.join(workdir, "checkpoints")
-  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=config.train.keep_checkpoints)
-  memory = (memory_train.MemoryTraining(config, checkpointer.directory)
+  memory = (memory_train.MemoryTraining(config, checkpoint_dir)
             if config.memory.enabled else None)   # streams read segment by segment
   memory_limit = (int(config.train.memory_limit_gib * 2**30) if config.train.memory_limit_gib > 0
                   else metrics_lib.device_memory_limit_bytes())
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES), _StopSignal() as stop:
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
     state_sh = (ft or state_lib).state_shardings(init_params, optimizer, mesh)
     abstract_state = state_lib.abstract_train_state(state_sh, init_params, optimizer)
+    # config.train.preflight: the steps of the stages this run reaches, compiled and checked
+    # against the memory limit before the workdir is touched; the loop runs them
+    ahead = startup_checks.preflight_stages(
+        config.train.preflight, stages, startup_checks.newest_checkpoint_step(checkpoint_dir),
+        config.train.stop_at_step, memory_limit,
+        lambda stage: compile_stage_step(_stage_model(config, stage, ft), optimizer, schedule,
+                                         stage, abstract_state, state_sh, mesh, memory_limit,
+                                         memory, config.train.max_update_ratio))
+
+  if is_writer:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local folder or gs://BUCKET/PATH
+  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=config.train.keep_checkpoints)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES), _StopSignal() as stop:
     try:
       resumed = resume_lib.decide(checkpointer, abstract_state, workdir=workdir,
                                   model=config.model.to_dict(), tokenizer=tokenizer.identity(),
@@ -293,7 +293,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     try:
       result = _run_stages(config, workdir, stages, n_steps, state, data_state, redo_eval,
                            tokenizer, optimizer, schedule, abstract_state, state_sh, mesh,
-                           memory_limit, memory, checkpointer, writer, stop, is_writer, ft)
+                           memory_limit, memory, checkpointer, writer, stop, is_writer, ft,
+                           ahead)
     except BaseException:
       _commit_pending(checkpointer)
       writer.close()
@@ -318,8 +319,9 @@ def _commit_pending(checkpointer) -> None:
 
 def _run_stages(config, workdir, stages, n_steps, state, data_state, redo_eval, tokenizer,
                 optimizer, schedule, abstract_state, state_sh, mesh, memory_limit, memory,
-                checkpointer, writer, stop, is_writer, ft=None) -> RunResult:
-  """The curriculum from `state`'s step to the end (or a stop); see `train`."""
+                checkpointer, writer, stop, is_writer, ft=None, ahead=None) -> RunResult:
+  """The curriculum from `state`'s step to the end (or a stop); see `train`. ahead: {stage
+  index: (compiled, info)} of the stages the preflight compiled."""
   step = int(jax.device_get(state.step))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   writer.write(step, {"num_params": num_params, "devices": jax.device_count(),
@@ -351,9 +353,9 @@ def _run_stages(config, workdir, stages, n_steps, state, data_state, redo_eval, 
     if step >= stage.end_step:
       continue
     model = _stage_model(config, stage, ft)
-    compiled, compile_info = compile_stage_step(model, optimizer, schedule, stage,
-                                                abstract_state, state_sh, mesh, memory_limit,
-                                                memory, config.train.max_update_ratio)
+    compiled, compile_info = (ahead or {}).pop(stage.index, None) or compile_stage_step(
+        model, optimizer, schedule, stage, abstract_state, state_sh, mesh, memory_limit, memory,
+        config.train.max_update_ratio)
     writer.write(step, {"stage": stage.index, "seq_len": stage.seq_len,
                         "global_batch": stage.global_batch, **compile_info}, kind="stage")
     if is_writer:

@@ -1,16 +1,30 @@
-"""Checks run before the first compile: every data source of every stage yields a batch.
+"""Checks run before the workdir is touched: every data source of every stage yields a batch,
+and every stage's train step compiles and fits the devices' memory (the preflight).
 
 A bad path, an empty validation split, a synthetic task that does not fit a stage's length or
 a tfds name that is not prepared then fails in a second, naming the key, instead of after the
-first compile (tens of seconds) or, worse, after a stage of training (its evaluation).
+first compile (tens of seconds) or, worse, after a stage of training (its evaluation). A 100K
+stage whose step needs more memory than a device has fails at start, naming the stage and the
+fix, instead of after hours of the stages before it.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+from etils import epath
+
+from sosm_jax.train import aot
+
+# train.preflight: 'auto' | 'all_stages' | 'off' (see preflight_stages)
+PREFLIGHT_SETTINGS = ("auto", "all_stages", "off")
 
 
 class InputCheckFailed(ValueError):
   """A data source named by the config cannot give the batches a stage needs."""
+
+
+class StageDoesNotFit(RuntimeError):
+  """A stage's compiled train step needs more memory per device than the device has."""
 
 
 def check_stage_inputs(config, stages: Sequence, first_step: int,
@@ -58,3 +72,67 @@ def _one_batch(make_pipeline, seq_len, batch, split, key, stage) -> None:
     raise InputCheckFailed(f"config.{key}: {e} ({where})") from None
   finally:
     pipeline.close()
+
+
+def check_memory(compiled, stage, mesh, memory_limit_bytes: float | None) -> dict[str, float]:
+  """{'compiled_memory_gib', 'temp_memory_gib'} of a stage's compiled step on `mesh` ({} where the
+  backend gives no memory analysis); raises StageDoesNotFit naming the stage, the memory it needs
+  against `memory_limit_bytes` per device and the fixes (fsdp, remat, grad_accum)."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return {}
+  need = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+          - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+  if memory_limit_bytes and need > memory_limit_bytes:
+    fixes = aot.fixes(stage, analysis.argument_size_in_bytes, memory_limit_bytes,
+                      dict(mesh.shape), mesh.devices.size)
+    raise StageDoesNotFit(aot.does_not_fit_message(stage, need, memory_limit_bytes, fixes) +
+                          " (train.memory_limit_gib sets the limit; 0 = the device's own)")
+  return {"compiled_memory_gib": need / 2**30,
+          "temp_memory_gib": analysis.temp_size_in_bytes / 2**30}
+
+
+def stages_to_preflight(setting: str, stages: Sequence, first_step: int, stop_at_step: int,
+                        memory_limit_bytes: float | None) -> list:
+  """The stages `preflight_stages` compiles, longest sequences first (the likeliest not to fit).
+
+  'off': none (each stage compiles when it starts; the same memory check runs then).
+  'all_stages': every stage the run will reach: from `first_step` (the newest checkpoint's step)
+  to the end, or to train.stop_at_step when that is set.
+  'auto' (the default): 'all_stages' where a per-device memory limit is known (a GPU or TPU
+  reports one; train.memory_limit_gib sets one), else 'off': on a CPU there is nothing to check
+  against, and compiling ahead would only move the compile time of a smoke run to its start.
+  """
+  if setting not in PREFLIGHT_SETTINGS:
+    raise ValueError(f"config.train.preflight: {setting!r} is unknown; use one of "
+                     f"{PREFLIGHT_SETTINGS}")
+  if setting == "off" or (setting == "auto" and not memory_limit_bytes):
+    return []
+  reached = [s for s in stages if s.end_step > first_step
+             and (stop_at_step <= 0 or s.first_step < stop_at_step)]
+  return sorted(reached, key=lambda s: -s.seq_len)
+
+
+def preflight_stages(setting: str, stages: Sequence, first_step: int, stop_at_step: int,
+                     memory_limit_bytes: float | None,
+                     compile_stage: Callable[[Any], tuple[Any, dict]]) -> dict[int, tuple]:
+  """Compiles the train step of every stage the run will reach before any training step (see
+  `stages_to_preflight` for which, by `config.train.preflight`): {stage index: what
+  compile_stage(stage) returned}, which the loop runs instead of compiling the stage again.
+
+  compile_stage(stage) -> (compiled, info) is the trainer's own compile-and-check of the stage
+  (the step it runs: `step.jit_train_step` on `step.abstract_batch`); it raises StageDoesNotFit,
+  which stops the run here, before the workdir is touched.
+  """
+  return {s.index: compile_stage(s)
+          for s in stages_to_preflight(setting, stages, first_step, stop_at_step,
+                                       memory_limit_bytes)}
+
+
+def newest_checkpoint_step(checkpoint_dir: str) -> int:
+  """The newest checkpoint's step in `checkpoint_dir` (0 when there is none), read from its
+  folder names without opening the checkpoints or changing anything (a local path or a URL)."""
+  root = epath.Path(checkpoint_dir)
+  if not root.is_dir():
+    return 0
+  return max((int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()), default=0)
