@@ -1,6 +1,8 @@
 """The trainer's preflight (train.preflight, sosm_jax/train/startup_checks.py): every stage's step
 compiled and checked against the memory limit before the first step and before the workdir is
 touched; the loop then runs those executables."""
+import contextlib
+import io
 import json
 import os
 import sys
@@ -52,17 +54,20 @@ def _run_recording_compiles(config, workdir):
 
 @pytest.fixture(scope="module")
 def preflighted(tmp_path_factory):
-  """A run with train.preflight='all_stages': (workdir, compile calls, result)."""
+  """A run with train.preflight='all_stages': (workdir, compile calls, result, what it printed)."""
   workdir = str(tmp_path_factory.mktemp("preflight") / "run")
-  result, calls = _run_recording_compiles(_config(preflight="all_stages"), workdir)
-  return workdir, calls, result
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    result, calls = _run_recording_compiles(_config(preflight="all_stages"), workdir)
+  return workdir, calls, result, printed.getvalue()
 
 
 def test_every_stage_compiles_once_before_the_workdir_then_trains(preflighted):
-  workdir, calls, result = preflighted
+  workdir, calls, result, printed = preflighted
   # longest sequences first, all before the workdir exists; the loop compiled nothing again but
   # ran those executables, each at its stage's shapes
   assert calls == [(2, False), (1, False), (0, False)]
+  assert "Preflight (1/3): stage 2 (seq_len 256) compiled in " in printed
   assert result.status == "finished" and result.step == 3
   stages = _records(workdir, "stage")
   assert [(r["stage"], r["step"]) for r in stages] == [(0, 0), (1, 1), (2, 2)]
@@ -103,7 +108,8 @@ def test_a_stage_over_the_limit_stops_the_run_before_the_workdir_is_touched(pref
   needed, available = (float(m.split()[0]) for m in
                        (message.split(" needs ")[1], message.split(" but ")[1]))
   assert needed > available > 0
-  assert "remat" in message and "are available; fix: " in message
+  assert "remat" in message
+  assert "are available (the device's limit, or train.memory_limit_gib where set); fix: " in message
   assert _snapshot(workdir) == before
 
 

@@ -249,13 +249,15 @@ def fixes(stage: curriculum_lib.Stage, state_bytes: float, limit_bytes: float,
 
 
 def does_not_fit_message(stage: curriculum_lib.Stage, need_bytes: float, limit_bytes: float,
-                         stage_fixes: Sequence[str]) -> str:
-  """The error of a stage whose compiled step needs more memory per device than there is."""
-  return (f"{stage.name} needs {_size(need_bytes)} per device by its compiled memory analysis "
-          f"but {_size(limit_bytes)} are available; fix: " + "; or ".join(stage_fixes))
+                         stage_fixes: Sequence[str], limit_from: str = "") -> str:
+  """The error of a stage whose compiled step needs more memory per device than there is;
+  limit_from: where the limit comes from, e.g. ' (train.memory_limit_gib)'."""
+  return (f"{stage.name} needs {size_text(need_bytes)} per device by its compiled memory "
+          f"analysis but {size_text(limit_bytes)} are available{limit_from}; fix: "
+          + "; or ".join(stage_fixes))
 
 
-def _size(n_bytes: float) -> str:
+def size_text(n_bytes: float) -> str:
   """'17.2 GiB', '312 MiB', '5.00 KiB': three significant digits in the largest unit below it."""
   scale, unit = ((2**30, "GiB") if n_bytes >= 2**30 else (2**20, "MiB") if n_bytes >= 2**20
                  else (2**10, "KiB"))

@@ -247,7 +247,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         config.train.stop_at_step, memory_limit,
         lambda stage: compile_stage_step(_stage_model(config, stage, ft), optimizer, schedule,
                                          stage, abstract_state, state_sh, mesh, memory_limit,
-                                         memory, config.train.max_update_ratio))
+                                         memory, config.train.max_update_ratio),
+        say=(lambda line: print(line, flush=True)) if is_writer else None)
 
   if is_writer:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local folder or gs://BUCKET/PATH

@@ -86,8 +86,9 @@ def check_memory(compiled, stage, mesh, memory_limit_bytes: float | None) -> dic
   if memory_limit_bytes and need > memory_limit_bytes:
     fixes = aot.fixes(stage, analysis.argument_size_in_bytes, memory_limit_bytes,
                       dict(mesh.shape), mesh.devices.size)
-    raise StageDoesNotFit(aot.does_not_fit_message(stage, need, memory_limit_bytes, fixes) +
-                          " (train.memory_limit_gib sets the limit; 0 = the device's own)")
+    raise StageDoesNotFit(aot.does_not_fit_message(
+        stage, need, memory_limit_bytes, fixes,
+        " (the device's limit, or train.memory_limit_gib where set)"))
   return {"compiled_memory_gib": need / 2**30,
           "temp_memory_gib": analysis.temp_size_in_bytes / 2**30}
 
@@ -115,18 +116,29 @@ def stages_to_preflight(setting: str, stages: Sequence, first_step: int, stop_at
 
 def preflight_stages(setting: str, stages: Sequence, first_step: int, stop_at_step: int,
                      memory_limit_bytes: float | None,
-                     compile_stage: Callable[[Any], tuple[Any, dict]]) -> dict[int, tuple]:
+                     compile_stage: Callable[[Any], tuple[Any, dict]],
+                     say: Callable[[str], Any] | None = None) -> dict[int, tuple]:
   """Compiles the train step of every stage the run will reach before any training step (see
   `stages_to_preflight` for which, by `config.train.preflight`): {stage index: what
   compile_stage(stage) returned}, which the loop runs instead of compiling the stage again.
 
   compile_stage(stage) -> (compiled, info) is the trainer's own compile-and-check of the stage
   (the step it runs: `step.jit_train_step` on `step.abstract_batch`); it raises StageDoesNotFit,
-  which stops the run here, before the workdir is touched.
+  which stops the run here, before the workdir is touched. say(line): progress, one line per
+  stage (a long curriculum compiles for minutes before its first step).
   """
-  return {s.index: compile_stage(s)
-          for s in stages_to_preflight(setting, stages, first_step, stop_at_step,
-                                       memory_limit_bytes)}
+  todo = stages_to_preflight(setting, stages, first_step, stop_at_step, memory_limit_bytes)
+  limit = f" of {aot.size_text(memory_limit_bytes)}" if memory_limit_bytes else ""
+  out = {}
+  for stage in todo:
+    out[stage.index] = compile_stage(stage)
+    info = out[stage.index][1]
+    if say is not None:
+      memory = (f", {aot.size_text(info['compiled_memory_gib'] * 2**30)}{limit} per device"
+                if "compiled_memory_gib" in info else "")
+      say(f"Preflight ({len(out)}/{len(todo)}): {stage.name} compiled in "
+          f"{info['compile_seconds']:.1f}s{memory}")
+  return out
 
 
 def newest_checkpoint_step(checkpoint_dir: str) -> int:
