@@ -6,7 +6,8 @@
 With --topology the step is compiled for that TPU topology on this host (no TPU needed; libtpu
 from `pip install -e .[tpu]`), with the config's mesh and shardings; without it, for the local
 devices (all hosts of a slice with --config.distributed.num_processes=-1, as the trainer runs:
-what `launch/tpu/tpu_vm.py train --preflight` does before training). Per stage: memory per chip
+what `launch/tpu/tpu_vm.py train --preflight` does before training; the trainer itself checks
+every stage's memory before its first step too, `train.preflight`). Per stage: memory per chip
 against the chip's HBM (or --config.train.memory_limit_gib), FLOPs, collectives, and a roofline
 estimate of the step time and MFU. Exits with status 1 when a stage does not fit, naming the fix.
 """
