@@ -32,6 +32,7 @@ How each request type is computed (the checkpoint's own tokenizer; BOS starts ev
 """
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -45,6 +46,7 @@ from sosm_jax.eval import loading, scoring
 from sosm_jax.serve import engine as engine_lib
 
 DEFAULT_BATCH_SIZE = 8
+_log = logging.getLogger(__name__)
 
 
 def pad_length(n: int, cap: int, minimum: int = 16) -> int:
@@ -165,7 +167,8 @@ class SosmJaxLM(LM):
       if not cont:
         empty.append(len(rows))
       rows.append(self.context_row(ctx, cont))
-    keep = [i for i in range(len(rows)) if i not in set(empty)]
+    skip = set(empty)
+    keep = [i for i in range(len(rows)) if i not in skip]
     scored = self.score_rows([rows[i] for i in keep], "loglikelihood")
     out: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
     for i, s in zip(keep, scored):
@@ -199,11 +202,15 @@ class SosmJaxLM(LM):
     until = (until,) if isinstance(until, str) else tuple(until)
     do_sample = bool(kwargs.pop("do_sample", False))
     temperature = float(kwargs.pop("temperature", 1.0 if do_sample else 0.0))
-    return engine_lib.SamplingParams(
+    params = engine_lib.SamplingParams(
         max_tokens=int(kwargs.pop("max_gen_toks", self.max_gen_toks)),
         temperature=temperature if do_sample else 0.0,
         top_k=int(kwargs.pop("top_k", 0) or 0), top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
         seed=int(kwargs.pop("seed", 0) or 0), stop=tuple(s for s in until if s))
+    if kwargs:
+      _log.warning("sosm_jax: ignoring generation arguments %s (the engine takes until, "
+                   "max_gen_toks, do_sample, temperature, top_k, top_p, seed)", sorted(kwargs))
+    return params
 
   def generate_until(self, requests) -> list[str]:
     if not requests:
