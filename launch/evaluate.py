@@ -60,8 +60,9 @@ _NIAH_DEPTHS = flags.DEFINE_list("niah_depths", ["0", "0.25", "0.5", "0.75", "1"
 _NIAH_N = flags.DEFINE_integer("niah_examples", 2, "Examples per NIAH cell.")
 _NIAH_NUM = flags.DEFINE_integer("niah_num_needles", 4, "Needles of the multi-needle tasks.")
 _NIAH_DIGITS = flags.DEFINE_integer("niah_digits", 7, "Digits of number needles.")
-_NIAH_HAY = flags.DEFINE_enum("niah_haystack", "prose", list(niah.HAYSTACKS),
-                              "'prose': generated sentences; 'repeat': four sentences repeated.")
+_NIAH_HAY = flags.DEFINE_string(
+    "niah_haystack", "prose", "'prose': generated sentences; 'repeat': four sentences repeated; "
+    "'text:<dir|glob|file>': sentences of your text files (e.g. books).")
 
 
 def _ints(values, name):

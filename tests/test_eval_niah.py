@@ -127,6 +127,27 @@ def test_repeat_haystack_and_errors_name_the_problem():
     runner.EvalOptions(tasks=("niah",), niah_needles=("digits",)).check()
 
 
+def test_text_file_haystack_leaves_out_sentences_with_the_examples_keys_and_values(tmp_path):
+  # A "book" in which every value word occurs, and numbers too.
+  lines = [f"Chapter {i}: the {w} was found in 19{i:02d}. Nobody spoke of it again!"
+           for i, w in enumerate(niah._VALUE_WORDS)]
+  (tmp_path / "book.txt").write_text("\n".join(lines) + "\nThe end. Or is it?\n")
+  spec = niah.NiahSpec("multivalue", "word", haystack=f"text:{tmp_path}/*.txt")
+  for seed in range(3):
+    ex = niah.niah_example(TOK, 900, spec, seed=seed, depth=0.5)
+    text = TOK.decode(ex.example.tokens[1:])
+    prompt = text[:text.rindex("\nWhat ")]
+    assert read_answer(text) == (ex.answer_text, ex.example.prompt_length - 1)
+    hay = _NEEDLE_RE.sub("", prompt)
+    assert "Nobody spoke of it again!" in hay   # the file's sentences, split at . ! ?
+    for value in [m.group(3) for m in _NEEDLE_RE.finditer(prompt)]:
+      assert value not in hay
+  again = niah.niah_example(TOK, 900, spec, seed=2, depth=0.5).example.tokens
+  np.testing.assert_array_equal(again, ex.example.tokens)
+  with pytest.raises(ValueError, match="does not exist"):
+    niah.NiahSpec("single", "word", haystack=f"text:{tmp_path}/missing").check()
+
+
 def test_grid_reader_scores_100_a_near_miss_0_and_the_report_marks_the_trained_length(tmp_path):
   reader = scoring.scorer_from_answers(reader_answers)
   grid = niah.niah_grid(reader, TOK, SPECS, lengths=(300, 700), depths=(0.0, 0.5, 1.0),

@@ -16,8 +16,10 @@ the only place an answer can come from.
 The needle a depth refers to (the queried one; in multivalue the first value, in multiquery the
 first key asked) starts at the sentence boundary nearest to `depth` x the haystack; the other
 needles go to random sentence boundaries. Answers end with a full stop, so a number followed by
-more digits is wrong. Haystacks: 'prose' (sentences drawn from a small grammar, seeded) or
-'repeat' (the passkey task's four filler sentences over and over, RULER's "noise").
+more digits is wrong. Haystacks: 'prose' (sentences drawn from a small grammar, seeded), 'repeat'
+(the passkey task's four filler sentences over and over, RULER's "noise"), or 'text:<dir|glob|
+file>' (sentences of your own text files, e.g. books, from a seeded starting sentence on;
+sentences holding a key or value of the example are left out).
 
 Scoring is exact match of the whole answer under teacher forcing: an example counts when every
 answer token is the argmax given the true prefix. The answer is the last span of the example,
@@ -28,17 +30,21 @@ model's own greedy generation. Examples are deterministic in (seed, length, dept
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from typing import Callable, Sequence
 
 import numpy as np
 
+from sosm_jax.data import sources
 from sosm_jax.data import tasks as tasks_lib
 from sosm_jax.eval.recall import cell_seed, score_cells
 from sosm_jax.eval.scoring import Scorer
 
 KINDS = ("single", "multikey", "multivalue", "multiquery")
 NEEDLES = ("number", "word")
-HAYSTACKS = ("prose", "repeat")
+HAYSTACKS = ("prose", "repeat", "text:<dir|glob|file>")
+MAX_TEXT_BYTES = 16 << 20   # read at most this much of a 'text:' haystack
 
 Progress = Callable[[int], None] | None
 
@@ -103,7 +109,9 @@ class NiahSpec:
       raise ValueError(f"NIAH kind {self.kind!r} is unknown; use one of {KINDS}")
     if self.needle not in NEEDLES:
       raise ValueError(f"NIAH needle {self.needle!r} is unknown; use one of {NEEDLES}")
-    if self.haystack not in HAYSTACKS:
+    if self.haystack.startswith("text:"):
+      text_sentences(self.haystack[len("text:"):])   # names a missing path or an empty text
+    elif self.haystack not in HAYSTACKS[:2]:
       raise ValueError(f"NIAH haystack {self.haystack!r} is unknown; use one of {HAYSTACKS}")
     most = min(len(_KEY_ADJECTIVES) * len(_KEY_NOUNS), len(_VALUE_WORDS))
     if not 1 <= self.num_needles <= most:
@@ -128,27 +136,63 @@ class NiahExample:
   answer_text: str
 
 
-def _sentences(kind: str, rng: np.random.Generator):
-  """An endless stream of haystack sentences (each with a leading space)."""
+@functools.lru_cache(maxsize=4)
+def text_sentences(pattern: str) -> tuple[str, ...]:
+  """The sentences of the text files `pattern` names (a directory, glob or file, as in a 'text:'
+  data source), whitespace normalised, split after . ! or ?; at most MAX_TEXT_BYTES are read."""
+  _, files = sources.list_text_files(pattern)
+  chunks, total = [], 0
+  for path in files:
+    with open(path, "rb") as f:
+      raw = f.read(MAX_TEXT_BYTES - total)
+    chunks.append(raw.decode("utf-8", errors="replace"))
+    total += len(raw)
+    if total >= MAX_TEXT_BYTES:
+      break
+  text = " ".join(" ".join(chunks).split())
+  sentences = tuple(s for s in re.split(r"(?<=[.!?])\s+", text) if s)
+  if len(sentences) < 2:
+    raise ValueError(f"NIAH haystack text:{pattern} holds {len(sentences)} sentence(s); give "
+                     f"text files with prose in them")
+  return sentences
+
+
+def _sentences(kind: str, rng: np.random.Generator, exclude: Sequence[str] = ()):
+  """An endless stream of haystack sentences (each with a leading space); sentences of a 'text:'
+  haystack that contain one of `exclude` (case-insensitive) are skipped."""
   if kind == "repeat":
     i = 0
     while True:
       yield " " + _REPEAT[i % len(_REPEAT)]
       i += 1
+  if kind.startswith("text:"):
+    sentences = text_sentences(kind[len("text:"):])
+    banned = re.compile("|".join(re.escape(x) for x in exclude), re.IGNORECASE) if exclude else None
+    i = int(rng.integers(len(sentences)))
+    since_kept = 0
+    while since_kept <= len(sentences):
+      s = sentences[i % len(sentences)]
+      i += 1
+      since_kept += 1
+      if banned is None or not banned.search(s):
+        since_kept = 0
+        yield " " + s
+    raise ValueError(f"every sentence of the haystack {kind} contains one of {list(exclude)}")
   while True:
     yield (f" {_SUBJECTS[rng.integers(len(_SUBJECTS))]} {_ACTIONS[rng.integers(len(_ACTIONS))]} "
            f"{_PLACES[rng.integers(len(_PLACES))]} {_TIMES[rng.integers(len(_TIMES))]}.")
 
 
-def haystack(tokenizer, num_tokens: int, *, kind: str = "prose",
-             seed=0) -> tuple[np.ndarray, np.ndarray]:
+def haystack(tokenizer, num_tokens: int, *, kind: str = "prose", seed=0,
+             exclude: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
   """(tokens int32 `[num_tokens]`, sentence starts int `[n]`, 0 first, num_tokens last).
 
   Sentences are tokenized one by one and concatenated; the last one is cut at num_tokens.
+  `exclude`: strings no sentence of a 'text:' haystack may contain (the example's keys, values).
   """
   rng = np.random.default_rng(seed) if not isinstance(seed, np.random.Generator) else seed
   pieces, starts, total = [], [0], 0
-  stream = _sentences(kind, rng)
+  stream = _sentences(kind, rng, exclude)
   while total < num_tokens:
     piece = tokenizer.encode_array(next(stream))
     pieces.append(piece)
@@ -217,7 +261,8 @@ def niah_example(tokenizer, length: int, spec: NiahSpec, *, seed,
     raise ValueError(f"NIAH {spec.name}: length {length} is shorter than the {length - fill} "
                      f"tokens of its header, needles, question and answer; use a longer length "
                      f"(or fewer needles / digits)")
-  hay, bounds = haystack(tokenizer, fill, kind=spec.haystack, seed=rng)
+  hay, bounds = haystack(tokenizer, fill, kind=spec.haystack, seed=rng,
+                         exclude=tuple(keys) + tuple(values))
   # Each needle goes to the sentence boundary nearest its depth. Nearest-boundary rounding keeps
   # the depth order, so the text order is the depth order the answer was built from.
   order = np.argsort(depths, kind="stable")
