@@ -56,11 +56,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum: int = 1, max_update_ratio: float = 0.0):
   """Returns `train_step(state, batch) -> (state, metrics)`.
 
-  The update is kept only if the loss, the gradient norm and the updated parameters are finite
-  and, with `max_update_ratio > 0`, the update's norm is at most that fraction of the
-  parameters' norm (an exploding learning rate gives finite but useless parameters). A step that
-  fails this leaves parameters and optimizer state unchanged (the step counter still advances:
-  its batch was consumed) and increments the non-finite streak; metrics['finite'] says which.
+  The update is kept only if the loss, the gradient norm and the update's norm are finite and,
+  with `max_update_ratio > 0`, the update's norm is at most that fraction of the parameters' norm
+  (an exploding learning rate gives finite but useless parameters). A step that fails this leaves
+  parameters and optimizer state unchanged (the step counter still advances: its batch was consumed)
+  and increments the non-finite streak; metrics['finite'] says which.
   """
 
   def train_step(state: TrainState, batch: Batch):
@@ -70,8 +70,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     new_params = optax.apply_updates(state.params, updates)
     update_norm = optax.tree.norm(updates)
     param_norm = optax.tree.norm(state.params)
-    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-              & jnp.isfinite(optax.tree.norm(new_params)))
+    # finite parameters plus a finite update give finite new parameters: no pass over them
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     if max_update_ratio > 0:
       finite &= update_norm <= max_update_ratio * param_norm
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
