@@ -118,6 +118,9 @@ class NiahSpec:
       raise ValueError(f"NIAH num_needles must be in [1, {most}], got {self.num_needles}")
     if not 1 <= self.digits <= 18:
       raise ValueError(f"NIAH digits must be in [1, 18], got {self.digits}")
+    if self.needle == "number" and self.num_needles > 9 * 10 ** (self.digits - 1):
+      raise ValueError(f"NIAH: {self.num_needles} distinct {self.digits}-digit numbers do not "
+                       f"exist; raise digits or lower num_needles")
 
 
 @dataclasses.dataclass(frozen=True)
