@@ -160,6 +160,7 @@ def time_fla(op, inputs, do, modes, iters):
   if "fwd" in modes:
     out["fwd"] = triton.testing.do_bench(lambda: call(*tt), warmup=25, rep=max(iters * 10, 100),
                                          return_mode="median")
+    print(f"fla {op} fwd {out['fwd']:.3f} ms (before its backward's first call)", flush=True)
   if "fwdbwd" in modes:
     tg = [x.detach().clone().requires_grad_(True) for x in tt]
 
@@ -245,13 +246,14 @@ def profile_kernels(op, fn, inputs, do, top=30, hlo_path=None):
   return rows
 
 
-def check_gradients(t=200, b=2, h=2, d=128, chunk=64, seed=0):
+def check_gradients(t=200, b=2, h=2, d=128, chunk=64, seed=0, op_names=("gdn", "gla"),
+                    dtypes=("bfloat16", "float32"), with_xla=True):
   """Relative errors of ours (Pallas kernels, compiled on a GPU; and the XLA chunked form) against
-  the sequential reference, forward and all gradients (loss = <o, R1> + <final state, R2>), fp32
-  and bf16 inputs, with an initial state; t is not a multiple of the chunk."""
+  the sequential reference, forward and all gradients (loss = <o, R1> + <final state, R2>), bf16
+  and fp32 inputs, with an initial state; t is not a multiple of the chunk."""
   out = []
   pallas = "pallas" if jax.default_backend() == "gpu" else "pallas_interpret"
-  for op in ("gdn", "gla"):
+  for op in op_names:
     inputs, _ = make_inputs(op, t, b, h, d, jnp.float32, seed)
     h0 = jax.random.normal(jax.random.PRNGKey(seed + 7), (b, h, d, d))
     fn = ops.gated_delta_rule if op == "gdn" else ops.gla
@@ -265,12 +267,14 @@ def check_gradients(t=200, b=2, h=2, d=128, chunk=64, seed=0):
       (_, res), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(args, h0)
       return jax.tree.leaves((res, grads))
     want = run("reference", inputs, h0)
-    for impl in (pallas, "xla"):
-      for dtype in (jnp.float32, jnp.bfloat16):
+    for impl in (pallas, "xla") if with_xla else (pallas,):
+      for dtype in dtypes:
         args = [x.astype(dtype) for x in inputs[:3]] + list(inputs[3:])
+        t0 = time.perf_counter()
         errs = [_rel(x, y) for x, y in zip(run(impl, args, h0), want)]
         entry = {"op": op, "impl": impl, "dtype": jnp.dtype(dtype).name, "T": t, "B": b,
-                 "chunk": chunk, "max_rel_err": max(errs), "rel_err_o_state_grads": errs}
+                 "chunk": chunk, "max_rel_err": max(errs), "rel_err_o_state_grads": errs,
+                 "seconds_incl_compile": round(time.perf_counter() - t0, 1)}
         print("check", json.dumps(entry), flush=True)
         out.append(entry)
   return out
@@ -301,7 +305,9 @@ def main(argv=None):
   p.add_argument("--error-rows", type=int, default=1, help="rows that get the fp32 reference")
   p.add_argument("--check", action="store_true",
                  help="first compare ours (pallas, xla) with the sequential reference (values, "
-                      "gradients)")
+                      "gradients) for --ops")
+  p.add_argument("--check-dtypes", default="bfloat16,float32", help="dtypes of --check, in order")
+  p.add_argument("--check-xla", type=int, default=1, help="0: --check only the Pallas path")
   args = p.parse_args(argv)
   wanted = set(args.impls.split(","))
   modes = tuple(args.modes.split(","))
@@ -311,7 +317,9 @@ def main(argv=None):
             "dtype": "bfloat16", "results": [], "decode": []}
 
   if args.check:
-    report["check"] = check_gradients()
+    report["check"] = check_gradients(op_names=tuple(args.ops.split(",")),
+                                      dtypes=tuple(args.check_dtypes.split(",")),
+                                      with_xla=bool(args.check_xla))
 
   def record(entry):
     report["results"].append(entry)

@@ -149,6 +149,21 @@ def test_pallas_chunk64_every_sub_block(op):
     assert _rel(x, y) < 5e-4, f"d{name}"
 
 
+def test_gated_delta_forward_without_backward():
+  """The gated delta rule's forward alone, bf16 (its output stage inside the recurrence kernel,
+  no h_in written) against the reference and against the forward that the backward runs (two
+  kernels); chunk 32 (two sub-blocks), with an initial state."""
+  args, h0 = _inputs("gated_delta_rule", 13, b=1, t=70, h=2)
+  (ro, rs), _ = _outputs_and_grads(_reference("gated_delta_rule"), 13)(args, h0)
+  args = [x.astype(jnp.bfloat16) for x in args[:3]] + list(args[3:])
+  fn = _fast("gated_delta_rule", chunk=32)
+  o, s = jax.jit(lambda a, h: fn(*a, initial_state=h))(args, h0)
+  (o_vjp, s_vjp), _ = _outputs_and_grads(fn, 13)(args, h0)
+  assert o.dtype == jnp.bfloat16 and _rel(o, ro) < 3e-2 and _rel(s, rs) < 3e-2
+  assert _rel(o.astype(jnp.float32), o_vjp.astype(jnp.float32)) < 1e-2
+  assert _rel(s, s_vjp) < 1e-5
+
+
 def test_gla_extreme_decay_stays_finite():
   """Decays down to e^-40 per token: exact within 16-token blocks (no overflow, no NaN), values
   and gradients against the sequential reference, fp32."""

@@ -23,11 +23,21 @@ def compiler_params(interpret, num_warps, num_stages=1):
   return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def dot(a, b, *, ta=False, tb=False):
-  """2-D matmul with fp32 accumulation; a^T b when ta, a b^T when tb; fp32 operands at full
-  precision."""
+# How `dot` multiplies fp32 operands. 'ieee': fp32 FMAs, which Triton unrolls into straight-line
+# code (a [64,128] x [128,64] product is 4,096 FMAs per thread): kernels with several such
+# products at head dim 128 took minutes to compile on an H200 (ops/NOTES.md). 'bf16x6': six bf16
+# tensor-core products of the operands' bf16 parts (lax.DotAlgorithmPreset.BF16_BF16_F32_X6, fp32
+# accuracy to ~1e-7 relative), compiled as fast as bf16 products. XLA:CPU (interpret mode) runs
+# both as plain fp32 products.
+F32_DOTS = {"ieee": (lax.Precision.HIGHEST, lax.Precision.HIGHEST),
+            "bf16x6": lax.DotAlgorithmPreset.BF16_BF16_F32_X6}
+
+
+def dot(a, b, *, ta=False, tb=False, f32="ieee"):
+  """2-D matmul with fp32 accumulation; a^T b when ta, a b^T when tb; fp32 operands at fp32
+  accuracy by the algorithm `f32` names (F32_DOTS)."""
   dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-  prec = (lax.Precision.HIGHEST, lax.Precision.HIGHEST) if a.dtype == _F32 else None
+  prec = F32_DOTS[f32] if a.dtype == _F32 else None
   return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=_F32)
 
 

@@ -2,9 +2,10 @@
 backward kernels.
 
 Forward (`pallas_kernels.py`, `pallas_recurrence.py`): WY preparation -> chunk recurrence ->
-output stage. Backward: output-stage kernel (dq, dk, dgam, dvn) -> reverse recurrence kernel
-(dvn, lam_{n+1}, and the output stage's dh = scale (q e^gam)^T do formed in its loop, so dh never
-reaches memory) -> one post kernel per chunk that turns (h_n, lam_{n+1}, vn, dvn) into the
+output stage (without a backward and for bf16 inputs, recurrence and output stage are one
+kernel, `pallas_recurrence.forward_output`). Backward: output-stage kernel (dq, dk, dgam, dvn)
+-> reverse recurrence kernel (dvn, lam_{n+1}, and the output stage's dh = scale (q e^gam)^T do
+formed in its loop, so dh never reaches memory) -> one post kernel per chunk that turns (h_n, lam_{n+1}, vn, dvn) into the
 recurrence's input cotangents and runs the WY-preparation backward on them in the same pass:
 
     dw = -dvn h^T, dkd = vn lam^T                                                (recurrence)
@@ -12,7 +13,8 @@ recurrence's input cotangents and runs the WY-preparation backward on them in th
 
 so no `[batch*heads, chunks, ...]` intermediate is transposed or re-read by XLA; dk and dv are
 written in the caller's `[B, T, H, D]` layout. Matmul operands are in the inputs' dtype (bf16:
-fp32 accumulation), fp32 inputs at full precision. Measurements: `sosm_jax/ops/NOTES.md`.
+fp32 accumulation); fp32 inputs at fp32 accuracy through six bf16 tensor-core products each
+(`pallas_kernels.tc_dot`). Measurements: `sosm_jax/ops/NOTES.md`.
 """
 from __future__ import annotations
 
@@ -30,29 +32,37 @@ from sosm_jax.ops.gated_delta.reference import check_inputs, default_scale
 _F32 = jnp.float32
 
 
-def _forward(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v):
+def _prep(k, v, beta, gam, chunk, interpret):
   bh, t = gam.shape
   n, c = t // chunk, chunk
-  kdim = k.shape[-1]
   w, u, kd, tmat = kern.prep_forward(k, v, beta, gam, chunk=c, interpret=interpret)
   per_chunk = lambda x: x.reshape(bh, n, c, x.shape[-1])
-  a = jnp.broadcast_to(jnp.exp(gam.reshape(bh, n, c)[..., -1])[..., None], (bh, n, kdim))
-  h_in, vn, h_last = rec.forward(per_chunk(w), per_chunk(u), per_chunk(kd), a, h0,
-                                 interpret=interpret, block_v=block_v)
-  o = kern.output_forward(q, k, gam, h_in, vn, scale=scale, interpret=interpret)
-  return (o, h_last), (q, k, v, beta, gam, tmat, w, kd, a, h_in, vn)
+  a = jnp.broadcast_to(jnp.exp(gam.reshape(bh, n, c)[..., -1])[..., None], (bh, n, k.shape[-1]))
+  return per_chunk(w), per_chunk(u), per_chunk(kd), a, tmat
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def gdn_core(q, k, v, beta, gam, h0, scale, chunk, interpret=False, block_v=None):
   """q, k `[B,T,H,K]`, v `[B,T,H,V]` (T a multiple of chunk, one dtype), beta, gam `[B*H,T]` f32
   (gam: within-chunk cumulative log-decay), h0 `[B*H,K,V]` f32 ->
-  (o `[B,T,H,V]` in v's dtype, h_last `[B*H,K,V]` f32)."""
-  return _forward(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v)[0]
+  (o `[B,T,H,V]` in v's dtype, h_last `[B*H,K,V]` f32).
+
+  Without a backward, bf16 inputs run the output stage inside the recurrence's loop (no h_in in
+  memory: 0.15 ms less at 4096 x 16 on an H200); fp32 inputs, and the forward of the backward
+  (which needs h_in; there the fused kernel writing h_in measured slower), run recurrence and
+  output stage as two kernels (NOTES.md)."""
+  if q.dtype != jnp.bfloat16:
+    return _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v)[0]
+  w, u, kd, a, _ = _prep(k, v, beta, gam, chunk, interpret)
+  return rec.forward_output(w, u, kd, a, h0, q, k, gam, scale=scale, interpret=interpret,
+                            block_v=block_v)
 
 
 def _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v):
-  return _forward(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v)
+  w, u, kd, a, tmat = _prep(k, v, beta, gam, chunk, interpret)
+  h_in, vn, h_last = rec.forward(w, u, kd, a, h0, interpret=interpret, block_v=block_v)
+  o = kern.output_forward(q, k, gam, h_in, vn, scale=scale, interpret=interpret)
+  return (o, h_last), (q, k, v, beta, gam, tmat, w, kd, a, h_in, vn)
 
 
 def _core_bwd(scale, chunk, interpret, block_v, res, cts):
@@ -61,8 +71,7 @@ def _core_bwd(scale, chunk, interpret, block_v, res, cts):
   bh, n, c, _ = vn.shape
   dq, dk_o, dg_o, dvn_o = kern.output_backward(q, k, gam, h_in, vn, do, scale=scale,
                                                interpret=interpret)
-  per_chunk = lambda x: x.reshape(bh, n, c, x.shape[-1])
-  dvn, lam_next, lam0, hl = rec.backward(per_chunk(w), per_chunk(kd), a, None, dvn_o, dh_last,
+  dvn, lam_next, lam0, hl = rec.backward(w, kd, a, None, dvn_o, dh_last,
                                          interpret=interpret, block_v=block_v, h_in=h_in, q=q,
                                          gam=gam, do=do, scale=scale)
   dk, dv, dbeta, dgam = kern.post_backward(k, v, beta, gam, tmat, h_in, lam_next, vn, dvn, dk_o,

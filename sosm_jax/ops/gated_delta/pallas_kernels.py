@@ -26,13 +26,24 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from sosm_jax.ops.common.pallas import compiler_params, dot as _dot
+from sosm_jax.ops.common.pallas import compiler_params, dot
 
 _F32 = jnp.float32
+# Products of fp32 inputs on tensor cores (common/pallas.F32_DOTS: IEEE fp32 products of head dim
+# 128 took minutes to compile). With bf16 inputs the only fp32 operands are the WY inverse's
+# 16x16 blocks, which stay IEEE (`_inverse_dot`): the combination measured on the H200 (NOTES.md).
+tc_dot = functools.partial(dot, f32="bf16x6")
+_dot = tc_dot
 WARPS = 4  # launch setting of every kernel here (measured: NOTES.md)
 
 
-def _decay(g):
+def _inverse_dot(dt):
+  return functools.partial(dot, f32="bf16x6" if dt == _F32 else "ieee")
+
+
+def decay(g):
+  """D `[C, C]`: e^(g_t - g_i) for i <= t, else 0 (g `[C]` f32, the within-chunk cumulative
+  log-decay)."""
   c = g.shape[0]
   causal = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)
   return jnp.exp(jnp.where(causal, g[:, None] - g[None, :], -jnp.inf))
@@ -41,7 +52,7 @@ def _decay(g):
 def _fwd_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, o_ref, *, scale):
   dt = q_ref.dtype
   q, k, g = q_ref[...], k_ref[...], g_ref[...]
-  p = (_dot(q, k, tb=True) * _decay(g)).astype(dt)
+  p = (_dot(q, k, tb=True) * decay(g)).astype(dt)
   qg = (q.astype(_F32) * jnp.exp(g)[:, None]).astype(dt)
   o = _dot(qg, h_ref[...]) + _dot(p, vn_ref[...])
   o_ref[...] = (o * scale).astype(o_ref.dtype)
@@ -51,7 +62,7 @@ def _bwd_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, do_ref, dq_ref, dk_ref, dg_r
                 scale):
   dt = q_ref.dtype
   q, k, g, h, vn, do = q_ref[...], k_ref[...], g_ref[...], h_ref[...], vn_ref[...], do_ref[...]
-  d = _decay(g)
+  d = decay(g)
   p = _dot(q, k, tb=True) * d
   eg = jnp.exp(g)[:, None]
   dvn_ref[...] = (scale * _dot(p.astype(dt), do, ta=True)).astype(dvn_ref.dtype)
@@ -123,8 +134,9 @@ def output_backward(q, k, gam, h_in, vn, do, *, scale, interpret=False):
 # below it; L and T pass through T's output buffer (it is the residual for the backward).
 
 
-def _neumann16(x):
-  """(I + L)^{-1} of a strictly lower [s, s] block (s <= 16): prod_j (I + (-L)^(2^j))."""
+def _neumann16(x, mm):
+  """(I + L)^{-1} of a strictly lower [s, s] block (s <= 16): prod_j (I + (-L)^(2^j)); mm: the
+  fp32 matmul."""
   s = x.shape[0]
   eye = (lax.broadcasted_iota(jnp.int32, (s, s), 0)
          == lax.broadcasted_iota(jnp.int32, (s, s), 1)).astype(_F32)
@@ -132,8 +144,8 @@ def _neumann16(x):
   inv = eye + x
   m = 2
   while m < s:
-    x = _dot(x, x)
-    inv = _dot(inv, eye + x)
+    x = mm(x, x)
+    inv = mm(inv, eye + x)
     m *= 2
   return inv
 
@@ -145,25 +157,26 @@ def _prep_kernel(k_ref, v_ref, b_ref, g_ref, w_ref, u_ref, kd_ref, t_ref, *, sub
       plt.debug_barrier()
 
   dt = k_ref.dtype
+  inv_dot = _inverse_dot(dt)
   c = k_ref.shape[0]
   k, beta, g = k_ref[...], b_ref[...], g_ref[...]
   strict = (lax.broadcasted_iota(jnp.int32, (c, c), 0)
             > lax.broadcasted_iota(jnp.int32, (c, c), 1))
-  lower = jnp.where(strict, beta[:, None] * _dot(k, k, tb=True) * _decay(g), 0.0)
+  lower = jnp.where(strict, beta[:, None] * _dot(k, k, tb=True) * decay(g), 0.0)
   t_ref[...] = lower
   barrier()
   nb = c // sub
   blk = lambda i: slice(i * sub, (i + 1) * sub)
   tb = {}
   for i in range(nb):
-    tii = _neumann16(t_ref[blk(i), blk(i)])
+    tii = _neumann16(t_ref[blk(i), blk(i)], inv_dot)
     tb[i, i] = tii
     for j in range(i - 1, -1, -1):
       acc = None
       for m in range(j, i):
-        part = _dot(t_ref[blk(i), blk(m)], tb[m, j])
+        part = inv_dot(t_ref[blk(i), blk(m)], tb[m, j])
         acc = part if acc is None else acc + part
-      tb[i, j] = -_dot(tii, acc)
+      tb[i, j] = -inv_dot(tii, acc)
   barrier()
   for (i, j), tij in tb.items():
     t_ref[blk(i), blk(j)] = tij
@@ -245,7 +258,7 @@ def _post_kernel(k_ref, v_ref, b_ref, g_ref, t_ref, h_ref, lam_ref, vn_ref, dvn_
   strict = _strict(c)
   m = _dot(tt, d_t.astype(dt), ta=True)
   dl = jnp.where(strict, -_dot(m.astype(dt), tt, tb=True), 0.0)
-  dec = _decay(g)
+  dec = decay(g)
   kk = k_ref[...]
   ld = jnp.where(strict, _dot(kk, kk, tb=True) * dec, 0.0)
   dbeta = dbeta + jnp.sum(dl * ld, axis=1)

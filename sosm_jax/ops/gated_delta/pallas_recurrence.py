@@ -2,7 +2,8 @@
 
 One program per (batch*head, V block) walks all chunks in order and keeps its `[K, BV]` slice of
 the state in registers, so each chunk costs two small matmuls on chip instead of several XLA
-launches. The math (and its XLA twin) is `sosm_jax/ops/common/recurrence.py`.
+launches. The math (and its XLA twin) is `sosm_jax/ops/common/recurrence.py`. `forward_output`
+is the forward with the gated delta rule's output stage in the same loop (no backward).
 `interpret=True` runs the same kernel code on any platform (tests).
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from sosm_jax.ops.common.pallas import compiler_params, dot as _dot, pick_block_v
+from sosm_jax.ops.common.pallas import compiler_params, pick_block_v
+from sosm_jax.ops.gated_delta.pallas_kernels import decay, tc_dot as _dot
 
 _F32 = jnp.float32
 WARPS, STAGES = 4, 2  # launch settings (measured: NOTES.md)
@@ -76,6 +78,69 @@ def forward(w, u, kd, a, h0, *, interpret=False, block_v=None, num_warps=WARPS, 
   h_in = outs[0].reshape(bh, n, kdim, v)
   vn = outs[1].reshape(bh, n, c, v) if has_w else u
   return h_in, vn, outs[-1]
+
+
+# --------------------------------------------------------------------------- forward + output
+
+
+def _fwd_out_kernel(w_ref, u_ref, kd_ref, a_ref, h0_ref, q_ref, k_ref, g_ref, o_ref, hl_ref, *,
+                    n_chunks, chunk, scale):
+  """The forward recurrence with the gated delta rule's output stage in its loop: per chunk
+  o = scale ((q e^gam) h + (q k^T * D) vn) for this program's V block (module docstring of
+  `pallas_kernels`); neither h_in nor vn reaches memory."""
+  dt = u_ref.dtype
+
+  def body(n, h):
+    rows = pl.ds(n * chunk, chunk)
+    hb = h.astype(dt)
+    vn = (u_ref[rows, :].astype(_F32) - _dot(w_ref[rows, :], hb)).astype(dt)
+    q, g = q_ref[rows, :], g_ref[rows]
+    p = (_dot(q, k_ref[rows, :], tb=True) * decay(g)).astype(dt)
+    qg = (q.astype(_F32) * jnp.exp(g)[:, None]).astype(dt)
+    o_ref[rows, :] = ((_dot(qg, hb) + _dot(p, vn)) * scale).astype(o_ref.dtype)
+    a = a_ref[n, :]                                                  # [K]
+    return a[:, None] * h + _dot(kd_ref[rows, :], vn, ta=True)
+
+  h = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(_F32))
+  hl_ref[...] = h
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_v", "num_warps",
+                                             "num_stages"))
+def forward_output(w, u, kd, a, h0, q, k, gam, *, scale, interpret=False, block_v=None,
+                   num_warps=WARPS, num_stages=STAGES):
+  """Forward recurrence fused with the output stage, for a forward without a backward.
+
+  Args: w, kd `[BH, N, C, K]`, u `[BH, N, C, V]`, a `[BH, N, K]` f32, h0 `[BH, K, V]` f32 (as
+    `forward`), q, k `[B, T, H, K]` and gam `[B*H, T]` f32 (as `pallas_kernels.output_forward`).
+  Returns: (o `[B, T, H, V]` in u's dtype, h_N `[BH, K, V]` f32).
+  A variant that also wrote h_in and vn for the backward measured slower than `forward` followed
+  by the output-stage kernel (NOTES.md), so the backward's forward uses those two.
+  """
+  bh, n, c, kdim = kd.shape
+  v = u.shape[-1]
+  b, t, heads, _ = q.shape
+  bv = pick_block_v(bh, v, block_v)
+  dt = u.dtype
+  flat = lambda x: x.reshape(bh, n * c, x.shape[-1])
+  seq_k = pl.BlockSpec((None, n * c, kdim), lambda i, j: (i, 0, 0))
+  seq_v = pl.BlockSpec((None, n * c, bv), lambda i, j: (i, 0, j))
+  vec_a = pl.BlockSpec((None, n, kdim), lambda i, j: (i, 0, 0))
+  state = pl.BlockSpec((None, kdim, bv), lambda i, j: (i, 0, j))
+  tok = lambda width, jj: pl.BlockSpec((None, n * c, None, width),
+                                       lambda i, j: (i // heads, 0, i % heads, j if jj else 0))
+  in_specs = [seq_k, seq_v, seq_k, vec_a, state, tok(kdim, False), tok(kdim, False),
+              pl.BlockSpec((None, n * c), lambda i, j: (i, 0))]
+  args = [flat(w), flat(u), flat(kd), a.astype(_F32), h0.astype(_F32), q.astype(dt), k.astype(dt),
+          gam.astype(_F32)]
+  kernel = functools.partial(_fwd_out_kernel, n_chunks=n, chunk=c, scale=float(scale))
+  o, h_last = pl.pallas_call(
+      kernel, grid=(bh, v // bv), in_specs=in_specs, out_specs=[tok(bv, True), state],
+      out_shape=[jax.ShapeDtypeStruct((b, t, heads, v), dt),
+                 jax.ShapeDtypeStruct((bh, kdim, v), _F32)],
+      interpret=interpret, compiler_params=compiler_params(interpret, num_warps, num_stages),
+      name="gdn_recurrence_output_fwd")(*args)
+  return o, h_last
 
 
 # --------------------------------------------------------------------------- backward
