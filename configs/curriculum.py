@@ -34,7 +34,9 @@ def get_config(arg: str | None = None):
                    pattern=("hgrn2", "hgrn2", "hgrn2", "attn"), dtype="bfloat16",
                    # 12 layers compile in ~45 s unrolled; the layer scan's stacked residuals
                    # cost 30% of the step on an H100 (197K -> 259K tokens/s at 8 x 4096).
-                   scan_layers=False)
+                   scan_layers=False,
+                   # bf16 logits (float32 accumulation and loss): a 1.7% shorter step on an H200
+                   logits_dtype="bfloat16")
     c.curriculum.update(
         seq_lens=(4096, 8192, 16384, 32768, 65536, 102400),
         steps=(3000, 2000, 1200, 800, 400, 300),
