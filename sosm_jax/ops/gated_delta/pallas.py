@@ -5,8 +5,9 @@ Forward (`pallas_kernels.py`, `pallas_recurrence.py`): WY preparation -> chunk r
 output stage (without a backward and for bf16 inputs, recurrence and output stage are one
 kernel, `pallas_recurrence.forward_output`). Backward: output-stage kernel (dq, dk, dgam, dvn)
 -> reverse recurrence kernel (dvn, lam_{n+1}, and the output stage's dh = scale (q e^gam)^T do
-formed in its loop, so dh never reaches memory) -> one post kernel per chunk that turns (h_n, lam_{n+1}, vn, dvn) into the
-recurrence's input cotangents and runs the WY-preparation backward on them in the same pass:
+formed in its loop, so dh never reaches memory) -> one post kernel per chunk that turns (h_n,
+lam_{n+1}, vn, dvn) into the recurrence's input cotangents and runs the WY-preparation backward
+on them in the same pass:
 
     dw = -dvn h^T, dkd = vn lam^T                                                (recurrence)
     x = T^T dw, y = T^T du, dT = du (b v)^T + dw (b e^gam k)^T, dL = -T^T dT T^T  (WY form)

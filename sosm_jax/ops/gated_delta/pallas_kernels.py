@@ -29,9 +29,9 @@ from jax.experimental import pallas as pl
 from sosm_jax.ops.common.pallas import compiler_params, dot
 
 _F32 = jnp.float32
-# Products of fp32 inputs on tensor cores (common/pallas.F32_DOTS: IEEE fp32 products of head dim
-# 128 took minutes to compile). With bf16 inputs the only fp32 operands are the WY inverse's
-# 16x16 blocks, which stay IEEE (`_inverse_dot`): the combination measured on the H200 (NOTES.md).
+# Products of fp32 inputs on tensor cores (common/pallas.F32_DOTS; with IEEE fp32 products these
+# kernels took over 100 s to compile at head dim 128). With bf16 inputs the only fp32 operands are
+# the WY inverse's 16x16 blocks, which stay IEEE (`_inverse_dot`), as measured on the H200.
 tc_dot = functools.partial(dot, f32="bf16x6")
 _dot = tc_dot
 WARPS = 4  # launch setting of every kernel here (measured: NOTES.md)
