@@ -10,6 +10,7 @@ transformer's MLP is widened to match), at every length L:
   *_ratio          the value divided by its value at 1K (or at the first length without 1K)
   compiled_gib     the compiled prefill's memory analysis (arguments + outputs + temporaries)
   peak_gib         the device's peak bytes in use so far (monotone over the run; GPU only)
+--layout=serving runs both in the serving engine's layout (sosm_jax/serve/layout.py).
 A length whose prefill fails (out of memory) or takes longer than --max_seconds is marked and
 longer lengths are skipped for that model.
 
@@ -21,6 +22,7 @@ Per-model results go to OUT/<model>.json (merged by length with earlier runs int
 the table to OUT/context_scaling.md and OUT/context_scaling.json, the plot to
 OUT/context_scaling.png.
 """
+import functools
 import json
 import os
 import statistics
@@ -40,6 +42,7 @@ from sosm_jax import models
 from sosm_jax.eval import report as report_lib
 from sosm_jax.eval.sizing import count_params, match_mlp_dim
 from sosm_jax.models.config import default_model_config
+from sosm_jax.serve import layout
 
 # The earlier baseline (background/sam2_baseline_limits.md): an 8B transformer served by Ollama,
 # seconds per request by prompt length; 32K timed out (>120 s). Its target: 64K with < 2x the
@@ -69,6 +72,10 @@ def define_flags():
   flags.DEFINE_integer("repeats", 3, "Timed repetitions (after one warm-up).")
   flags.DEFINE_float("max_seconds", 120.0, "A prefill slower than this is a timeout.")
   flags.DEFINE_string("dtype", "", "'' = bfloat16 on accelerators, float32 on CPU.")
+  flags.DEFINE_enum("layout", "checkpoint", ["checkpoint", "serving"],
+                    "checkpoint: parameters as trained (float32, layer scan); serving: as the "
+                    "serving engine runs them (sosm_jax/serve/layout.py: bfloat16 matmul weights, "
+                    "unrolled layers, batch-1 projections on two rows).")
 
 
 def model_configs(quick: bool, dtype: str):
@@ -107,9 +114,14 @@ def _peak_gib() -> float | None:
   return peak / 2**30 if peak else None
 
 
-def measure_length(model, params, length: int, decode_steps: int, repeats: int) -> dict:
-  """Prefill and decode timings of one model at one context length (batch 1)."""
+def measure_length(model, params, length: int, decode_steps: int, repeats: int,
+                   serving: bool = False) -> dict:
+  """Prefill and decode timings of one model at one context length (batch 1).
+
+  serving: decode through `serve.layout.decode_step` (the model in the serving layout).
+  """
   max_len = length + decode_steps
+  step = functools.partial(layout.decode_step, model) if serving else model.decode_step
 
   def prefill(p, tokens):
     logits, cache = model.prefill(p, tokens, max_len)
@@ -118,7 +130,7 @@ def measure_length(model, params, length: int, decode_steps: int, repeats: int) 
   def decode(p, first, cache):
     def body(carry, _):
       token, cache = carry
-      logits, cache = model.decode_step(p, token, cache)
+      logits, cache = step(p, token, cache)
       return (jnp.argmax(logits, -1).astype(jnp.int32), cache), None
     (token, cache), _ = jax.lax.scan(body, (first, cache), None, length=decode_steps)
     return token
@@ -146,11 +158,14 @@ def run_model(name: str, cfg, lengths, flags_) -> dict:
   """All lengths of one model, stopping at the first failure; ratios to the first length."""
   model = models.build_model(cfg)
   params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), 1, cfg.chunk_size)))()
+  if flags_.get("layout") == "serving":
+    model, params = layout.serving_layout(model, params)
   rows = []
   for length in lengths:
     print(f"{name} @ {length} tokens", flush=True)
     try:
-      row = measure_length(model, params, length, flags_["decode_steps"], flags_["repeats"])
+      row = measure_length(model, params, length, flags_["decode_steps"], flags_["repeats"],
+                           serving=flags_.get("layout") == "serving")
       if row["prefill_s"] > flags_["max_seconds"]:
         row["status"] = f"timeout (prefill {row['prefill_s']:.1f} s > {flags_['max_seconds']} s)"
     except Exception as e:  # pylint: disable=broad-except
@@ -162,7 +177,8 @@ def run_model(name: str, cfg, lengths, flags_) -> dict:
     print(json.dumps(row), flush=True)
     if row["status"] != "ok":
       break
-  return {"model": name, "params": count_params(cfg), "config": cfg.to_dict(), "rows": rows}
+  return {"model": name, "params": count_params(cfg), "config": cfg.to_dict(),
+          "layout": flags_.get("layout", "checkpoint"), "rows": rows}
 
 
 def add_ratios(result: dict, gen_tokens: int) -> None:
@@ -182,7 +198,8 @@ def merge(path: str, new: dict) -> dict:
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       old = json.load(f)
-    if old.get("config") == json.loads(json.dumps(new["config"], default=str)):
+    if (old.get("config") == json.loads(json.dumps(new["config"], default=str))
+        and old.get("layout", "checkpoint") == new.get("layout", "checkpoint")):
       fresh = {r["length"] for r in new["rows"]}
       new["rows"] = sorted([r for r in old["rows"] if r["length"] not in fresh] + new["rows"],
                            key=lambda r: r["length"])
@@ -255,7 +272,7 @@ def main(argv):
   lengths = tuple(int(x) for x in FLAGS.lengths) or (_QUICK_LENGTHS if quick else _FULL_LENGTHS)
   configs = model_configs(quick, dtype)
   settings = {"decode_steps": FLAGS.decode_steps, "repeats": FLAGS.repeats,
-              "max_seconds": FLAGS.max_seconds}
+              "max_seconds": FLAGS.max_seconds, "layout": FLAGS.layout}
   for name in FLAGS.models:
     result = run_model(name, configs[name], lengths, settings)
     result = merge(os.path.join(out, f"{name}.json"), result)

@@ -40,6 +40,9 @@ _PROMPT = flags.DEFINE_integer("prompt_tokens", 64, "Prompt tokens per request (
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "Generated tokens per request.")
 _SLOTS = flags.DEFINE_integer("num_slots", 8, "Engine slots (a server started here).")
 _CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Longest prefill piece.")
+_DECODE_STEPS = flags.DEFINE_integer("decode_steps", 8, "Engine tokens decoded per dispatch.")
+_LAYOUT = flags.DEFINE_bool("serving_layout", True, "Engine runs the model in the serving "
+                            "layout (sosm_jax/serve/layout.py); False: parameters as trained.")
 _TIMEOUT = flags.DEFINE_float("timeout_s", 300.0, "Upper bound on the whole load.")
 _OUT = flags.DEFINE_string("out", "", "Write the result JSON here.")
 
@@ -72,7 +75,8 @@ def _engine(max_len: int):
   from sosm_jax.serve import engine as engine_lib  # pylint: disable=import-outside-toplevel
   from sosm_jax.serve import loading  # pylint: disable=import-outside-toplevel
   config = engine_lib.EngineConfig(num_slots=_SLOTS.value, max_len=max_len,
-                                   prefill_chunk=_CHUNK.value)
+                                   prefill_chunk=_CHUNK.value, decode_steps=_DECODE_STEPS.value,
+                                   serving_layout=_LAYOUT.value)
   if _WORKDIR.value:
     return loading.engine_from_workdir(_WORKDIR.value, config, name="load")[0]
   model, params, tokenizer = _random_model(_MODEL.value)
@@ -223,6 +227,7 @@ def main(argv):
   stop()
   result.update(transport=_TRANSPORT.value, model=_WORKDIR.value or _URL.value or _MODEL.value,
                 concurrency=_CONCURRENCY.value, num_slots=_SLOTS.value,
+                engine_decode_steps=_DECODE_STEPS.value, serving_layout=_LAYOUT.value,
                 prompt_tokens=_PROMPT.value, max_tokens=_MAX_TOKENS.value,
                 device=jax.devices()[0].device_kind, command=" ".join(sys.argv))
   print(json.dumps(result, indent=2))

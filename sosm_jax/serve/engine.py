@@ -3,12 +3,18 @@
 One engine serves one loaded model. It owns `num_slots` slots; a slot holds one request's
 whole decode state (the model's cache at batch 1: recurrent states and conv tails of linear
 layers, the KV cache of attention layers, sized `max_len` tokens, and its own position). The
-slots are stacked on a leading axis and one jitted step decodes all of them at once
+slots are stacked on a leading axis and one jitted call decodes all of them at once
 (`jax.vmap` over `LanguageModel.decode_step`, so every slot keeps its own position), then
 samples each slot's next token with that slot's parameters (temperature, top-k, top-p, seed:
-traced arrays, so no setting compiles a new program).
+traced arrays, so no setting compiles a new program). One call runs `decode_steps` such steps
+in a `lax.scan` with the sampling on the device, so the host dispatches, syncs and handles text
+once per `decode_steps` tokens; inside the scan a slot stops emitting (its later tokens come back
+as -1) after EOS or when its token budget (max_tokens, the cache length) is spent; stop
+sequences are text and are cut on the host, which drops what a slot sampled after them. The
+model runs in the serving layout (`serve/layout.py`: bfloat16 matmul weights, unrolled layers;
+with one slot, projections on two rows).
 
-A background thread runs the loop: between two decode steps it frees the slots of finished or
+A background thread runs the loop: between two decode calls it frees the slots of finished or
 cancelled requests and runs up to `prefill_chunk` tokens of prefill (pieces of the oldest
 waiting requests, while slots are free); when a prompt is done its cache is copied into a free
 slot and it joins the running batch.
@@ -41,6 +47,7 @@ import numpy as np
 
 from sosm_jax.models.config import resolved_pattern
 from sosm_jax.models.sampling import sample_tokens
+from sosm_jax.serve import layout
 from sosm_jax.serve.text import TextStream
 
 
@@ -76,6 +83,8 @@ class EngineConfig:
   max_len: int = 2048         # prompt (with BOS) + generated tokens per request
   prefill_chunk: int = 512    # longest prefill piece (a power of two)
   add_bos: bool = True
+  decode_steps: int = 8       # tokens decoded per dispatch (requests join and leave between)
+  serving_layout: bool = True  # serve/layout.py (False: the parameters exactly as given)
 
   def check(self) -> None:
     if self.num_slots < 1:
@@ -84,6 +93,8 @@ class EngineConfig:
       raise ValueError(f"prefill_chunk must be a power of two, got {self.prefill_chunk}")
     if self.max_len < 2:
       raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+    if self.decode_steps < 1:
+      raise ValueError(f"decode_steps must be >= 1, got {self.decode_steps}")
 
 
 @dataclasses.dataclass
@@ -154,8 +165,12 @@ class Engine:
   def __init__(self, model, params, tokenizer, config: EngineConfig = EngineConfig(), *,
                name: str = "model"):
     config.check()
+    if config.serving_layout:
+      model, params = layout.serving_layout(model, params)
     self.model, self.params, self.tokenizer, self.config, self.name = (
         model, params, tokenizer, config, name)
+    eos = tokenizer.eos_id
+    self._eos = -2 if eos is None else int(eos)   # -2: no token id, never matches
     self.continue_max = 1 if "graph" in resolved_pattern(model.cfg) else config.prefill_chunk
     s, max_len = config.num_slots, config.max_len
     one = model.init_cache(1, max_len)
@@ -181,12 +196,33 @@ class Engine:
 
   # ------------------------------------------------------------------ compiled pieces
 
-  def _decode_fn(self, params, tokens, slots, seeds, steps, temperature, top_k, top_p):
-    """tokens `[S]`, slots (caches stacked `[S, ...]`) -> (next tokens `[S]`, slots)."""
-    step = lambda t, c: self.model.decode_step(params, t[None], c)
-    logits, slots = jax.vmap(step)(tokens, slots)
-    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
-    return sample_tokens(logits[:, 0], keys, temperature, top_k, top_p), slots
+  def _decode_fn(self, params, tokens, slots, seeds, steps, temperature, top_k, top_p, left,
+                 stop_at_eos):
+    """config.decode_steps decode steps of every slot -> (tokens `[S, decode_steps]`, slots).
+
+    tokens `[S]` (each slot's last token), slots (caches stacked `[S, ...]`); per slot `[S]`:
+    seeds, steps (tokens generated so far: the sampling key of step j is fold_in(key(seed),
+    steps + j)), temperature, top_k, top_p, left (tokens it may still emit; 0 for a free slot),
+    stop_at_eos (bool). A slot's tokens after its budget or after EOS are -1.
+    """
+    if self.config.num_slots == 1 and self.config.serving_layout:   # layout.decode_step doc
+      step = lambda t, c: layout.decode_step(self.model, params, t[None], c)
+    else:
+      step = lambda t, c: self.model.decode_step(params, t[None], c)
+    key = jax.vmap(jax.random.key)(seeds)
+
+    def body(carry, j):
+      tokens, slots, live = carry
+      logits, slots = jax.vmap(step)(tokens, slots)
+      keys = jax.vmap(jax.random.fold_in)(key, steps + j)
+      nxt = sample_tokens(logits[:, 0], keys, temperature, top_k, top_p)
+      out = jnp.where(live, nxt, -1)
+      live = live & (j + 1 < left) & ~(stop_at_eos & (nxt == self._eos))
+      return (nxt, slots, live), out
+
+    (_, slots, _), out = jax.lax.scan(body, (tokens, slots, left > 0),
+                                      jnp.arange(self.config.decode_steps, dtype=jnp.int32))
+    return out.T, slots
 
   def _first_piece_fn(self, params, tokens):
     """tokens `[1, T]` from an empty cache -> (last logits `[1, V]`, cache)."""
@@ -292,7 +328,8 @@ class Engine:
     self._slots = self._insert(self._slots, cache, 0)
     zeros = np.zeros((cfg.num_slots,), np.int32)
     _, self._slots = self._decode(self.params, zeros, self._slots, zeros, zeros,
-                                  zeros.astype(np.float32), zeros, np.ones_like(zeros, np.float32))
+                                  zeros.astype(np.float32), zeros, np.ones_like(zeros, np.float32),
+                                  zeros, zeros.astype(bool))
     jax.block_until_ready(self._slots)
 
   # ------------------------------------------------------------------ the loop
@@ -373,19 +410,25 @@ class Engine:
     s = self.config.num_slots
     seeds, steps = np.zeros((s,), np.int32), np.zeros((s,), np.int32)
     temperature, top_p = np.zeros((s,), np.float32), np.ones((s,), np.float32)
-    top_k = np.zeros((s,), np.int32)
+    top_k, left = np.zeros((s,), np.int32), np.zeros((s,), np.int32)
+    stop_at_eos = np.zeros((s,), bool)
     for i, r in enumerate(self._active):
       if r is not None:
         seeds[i], steps[i] = r.seed, len(r.generated)
         temperature[i], top_k[i], top_p[i] = r.params.temperature, r.params.top_k, r.params.top_p
+        left[i] = min(r.params.max_tokens - len(r.generated),
+                      self.config.max_len - len(r.prompt_ids) - len(r.generated))
+        stop_at_eos[i] = not r.params.ignore_eos
     tokens, self._slots = self._decode(self.params, self._tokens, self._slots, seeds, steps,
-                                       temperature, top_k, top_p)
+                                       temperature, top_k, top_p, left, stop_at_eos)
     tokens = np.asarray(tokens)
-    self.steps += 1
-    self.occupied_slot_steps += sum(r is not None for r in self._active)
+    self.steps += self.config.decode_steps
+    self.occupied_slot_steps += int((tokens >= 0).sum())
     for i, r in enumerate(self._active):
-      if r is not None:
-        self._emit(i, int(tokens[i]))
+      for token in tokens[i] if r is not None else ():
+        if token < 0 or self._active[i] is not r:   # budget spent, EOS or a stop sequence
+          break
+        self._emit(i, int(token))
 
   def _emit(self, slot: int, token: int) -> None:
     """Hands a sampled token to its request; frees the slot when the request is finished."""

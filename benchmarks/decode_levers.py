@@ -1,0 +1,219 @@
+"""Batch-1 decode: where the time goes and what each lever buys (the recipe hybrid, issue 18).
+
+For each variant and context length L: a cache of L positions filled with random keys, values
+and states (no prefill, so no prefill compile), then a jitted scan of --steps greedy decode steps
+ending at position L; the median per-token time over --repeats calls. A variant is
+LAYOUT:ATTENTION:
+  LAYOUT     checkpoint  the parameters as trained (float32 weights, layers under nn.scan)
+             cast        matmul weights in bfloat16 (serve/layout.cast_matmul_weights)
+             serving     cast, and the layers unrolled (serve/layout.serving_layout)
+             rows2       serving, and each projection of the one row run on two rows
+                         (serve/layout.decode_step: no multiply + reduce rewrite by XLA)
+  ATTENTION  ops         the model's decode attention (ops/attention.cached_attention: one
+                         jax.nn.dot_product_attention (XLA) over the cache with a mask)
+             split       blocks of --block keys as batched matmuls, merged
+                         (`split_cached_attention`)
+             cudnn       jax.nn.dot_product_attention(implementation='cudnn') over the whole
+                         cache with key_value_seq_lengths
+With --profile=N the N kernels with the most GPU time per token are printed and stored (CUPTI
+through torch.profiler, as benchmarks/scaling.py), with the kernel count per token.
+
+  python benchmarks/decode_levers.py --quick                               # CPU smoke
+  python benchmarks/decode_levers.py --lengths=1024,131072 --profile=20 --out=/tmp/levers.json
+"""
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import flax.linen as nn  # pylint: disable=g-import-not-at-top
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+import context_scaling
+from sosm_jax import models
+from sosm_jax.ops import attention as attn_ops
+from sosm_jax.serve import layout
+
+_LENGTHS = flags.DEFINE_list("lengths", ["1024", "131072"], "Context lengths.")
+_VARIANTS = flags.DEFINE_list("variants", ["checkpoint:ops", "cast:ops", "serving:ops",
+                                           "serving:split"], "LAYOUT:ATTENTION (module doc).")
+_STEPS = flags.DEFINE_integer("steps", 32, "Decode steps per timed call.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls (after one warm-up).")
+_BLOCK = flags.DEFINE_integer("block", 1024, "Keys per block of the 'split' attention.")
+_PROFILE = flags.DEFINE_integer("profile", 0, "GPU: print and store the N costliest kernels.")
+_QUICK = flags.DEFINE_bool("quick", False, "The small model of context_scaling --quick.")
+_OUT = flags.DEFINE_string("out", "", "Write the result JSON here.")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", "", "Write each profiled program's HLO text here.")
+
+_ORIGINAL = attn_ops.cached_attention
+
+
+def split_cached_attention(q, cache, *, window=0, scale=None, block=1024):
+  """`cached_attention` for one query per row, over blocks of `block` keys merged exactly.
+
+  q `[B, 1, H, D]`; cache k, v `[B, S, KV, D]` with S % block == 0 -> `[B, 1, H, D]`.
+  Each block's softmax statistics (max, sum, weighted values) in float32, then the blocks'
+  results merged: many small independent matmuls instead of one with S as its long axis.
+  """
+  b, tq, h, d = q.shape
+  k, v = cache["k"], cache["v"]
+  s_len, kv = k.shape[1], k.shape[2]
+  if tq != 1 or s_len % block:
+    return _ORIGINAL(q, cache, window=window, scale=scale)
+  g, nb = h // kv, s_len // block
+  scale = d ** -0.5 if scale is None else scale
+  qg = q.reshape(b, kv, g, d)
+  kb = k.reshape(b, nb, block, kv, d).astype(q.dtype)
+  vb = v.reshape(b, nb, block, kv, d).astype(q.dtype)
+  s = jnp.einsum("bkgd,bnskd->bkgns", qg, kb, preferred_element_type=jnp.float32) * scale
+  pos = jnp.arange(s_len, dtype=jnp.int32).reshape(nb, block)
+  last = cache["index"] - 1
+  valid = pos <= last
+  if window > 0:
+    valid &= (last - pos) < window
+  s = jnp.where(valid, s, -jnp.inf)
+  m = jnp.max(s, axis=-1)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(s - m[..., None])
+  l = jnp.sum(p, axis=-1)
+  o = jnp.einsum("bkgns,bnskd->bkgnd", p.astype(q.dtype), vb, preferred_element_type=jnp.float32)
+  top = jnp.max(jnp.where(l > 0, m, -jnp.inf), axis=-1, keepdims=True)
+  w = jnp.where(l > 0, jnp.exp(m - top), 0.0)
+  out = jnp.sum(w[..., None] * o, axis=-2) / jnp.sum(w * l, axis=-1)[..., None]
+  return out.reshape(b, 1, h, d).astype(q.dtype)
+
+
+def cudnn_cached_attention(q, cache, *, window=0, scale=None):
+  """The whole cache through cuDNN with the filled length as key_value_seq_lengths."""
+  if q.shape[1] != 1 or window:
+    return _ORIGINAL(q, cache, window=window, scale=scale)
+  lengths = jnp.broadcast_to(cache["index"], (q.shape[0],)).astype(jnp.int32)
+  return jax.nn.dot_product_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype),
+                                      scale=scale, key_value_seq_lengths=lengths,
+                                      implementation="cudnn")
+
+
+def _attention(name: str):
+  if name == "ops":
+    return _ORIGINAL
+  if name == "split":
+    return lambda q, cache, **kw: split_cached_attention(q, cache, block=_BLOCK.value, **kw)
+  if name == "cudnn":
+    return cudnn_cached_attention
+  raise app.UsageError(f"unknown attention {name!r}; use ops, split or cudnn")
+
+
+def random_cache(model, length: int, start: int, key):
+  """A cache of `length` positions, random contents, index `start` `[...]`."""
+  cache = model.init_cache(1, length)
+  leaves, tree = jax.tree.flatten(cache)
+  keys = jax.random.split(key, len(leaves))
+  fill = lambda a, k: (a if a.ndim == 0 else 0.3 * jax.random.normal(k, a.shape, jnp.float32)
+                       ).astype(a.dtype)
+  cache = jax.tree.unflatten(tree, [fill(a, k) for a, k in zip(leaves, keys)])
+  return jax.tree.map(lambda a: jnp.full_like(a, start) if a.ndim == 0 else a, cache)
+
+
+def profile_kernels(fn, steps: int, top: int) -> dict:
+  """{'kernels_per_token', 'kernel_ms_per_token', 'top': [(ms/token, count/token, name)]}."""
+  from torch.profiler import ProfilerActivity, profile  # pylint: disable=import-outside-toplevel
+  calls = 2
+  with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for _ in range(calls):
+      jax.block_until_ready(fn())
+  rows = []
+  for e in prof.key_averages():
+    dev = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+    if dev:
+      rows.append((dev / 1e3 / calls / steps, e.count / calls / steps, e.key[:90]))
+  rows.sort(reverse=True)
+  for ms, n, name in rows[:top]:
+    print(f"  {1e3 * ms:8.2f} us/token  x{n:6.2f}  {name}", flush=True)
+  return {"kernels_per_token": sum(r[1] for r in rows),
+          "kernel_ms_per_token": sum(r[0] for r in rows), "top": rows[:top]}
+
+
+def measure(model, params, step, length: int, steps: int, repeats: int, profile: int,
+            hlo_path: str = "") -> dict:
+  cache = random_cache(model, length, length - steps, jax.random.key(length))
+
+  def decode(p, first, cache):
+    def body(carry, _):
+      token, cache = carry
+      logits, cache = step(p, token, cache)
+      return (jnp.argmax(logits, -1).astype(jnp.int32), cache), None
+    (token, _), _ = jax.lax.scan(body, (first, cache), None, length=steps)
+    return token
+
+  first = jnp.zeros((1,), jnp.int32)
+  start = time.perf_counter()
+  compiled = jax.jit(decode).lower(params, first, cache).compile()
+  row = {"length": length, "compile_s": time.perf_counter() - start}
+  jax.block_until_ready(compiled(params, first, cache))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(params, first, cache))
+    times.append(time.perf_counter() - start)
+  row["decode_ms"] = 1e3 * statistics.median(times) / steps
+  row["decode_ms_min"] = 1e3 * min(times) / steps
+  if hlo_path:
+    with open(hlo_path, "w", encoding="utf-8") as f:
+      f.write(compiled.as_text())
+  if profile:
+    row["profile"] = profile_kernels(lambda: compiled(params, first, cache), steps, profile)
+  return row
+
+
+def main(argv):
+  del argv
+  dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  cfg = context_scaling.model_configs(_QUICK.value, dtype)["hybrid"]
+  base = models.build_model(cfg)
+  base_params = jax.jit(lambda: nn.unbox(base.init(jax.random.key(0), 1, cfg.chunk_size)))()
+  forms = {"checkpoint": (base, base_params, base.decode_step),
+           "cast": (base, layout.cast_matmul_weights(base_params, jnp.dtype(dtype)),
+                    base.decode_step)}
+  serving, serving_params = layout.serving_layout(base, base_params)
+  forms["serving"] = (serving, serving_params, serving.decode_step)
+  forms["rows2"] = (serving, serving_params, functools.partial(layout.decode_step, serving))
+  results = []
+  for variant in _VARIANTS.value:
+    form, attention = variant.split(":")
+    model, params, step = forms[form]
+    attn_ops.cached_attention = _attention(attention)
+    for length in (int(x) for x in _LENGTHS.value):
+      print(f"{variant} @ {length}", flush=True)
+      try:
+        hlo = (os.path.join(_HLO_DIR.value, f"{variant.replace(':', '_')}_{length}.hlo.txt")
+               if _HLO_DIR.value and _PROFILE.value else "")
+        row = measure(model, params, step, length, _STEPS.value, _REPEATS.value, _PROFILE.value, hlo)
+      except Exception as e:  # pylint: disable=broad-except
+        row = {"length": length, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+      row["variant"] = variant
+      print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+      results.append(row)
+    attn_ops.cached_attention = _ORIGINAL
+  report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "dtype": dtype,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "steps": _STEPS.value,
+            "command": " ".join(sys.argv), "results": results}
+  print("| variant | tokens | decode ms/token | min | kernels/token | kernel ms/token |")
+  for r in results:
+    prof = r.get("profile", {})
+    print(f"| {r['variant']} | {r['length']} | {r.get('decode_ms', r.get('error'))} | "
+          f"{r.get('decode_ms_min', '')} | {prof.get('kernels_per_token', '')} | "
+          f"{prof.get('kernel_ms_per_token', '')} |", flush=True)
+  if _OUT.value:
+    with open(_OUT.value, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+  app.run(main)
