@@ -26,6 +26,7 @@ _STOP = flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
 _IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Keep generating past EOS.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 0, "Cache length (0: prompt + max_tokens).")
 _CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Longest prefill piece (power of two).")
+_DECODE_STEPS = flags.DEFINE_integer("decode_steps", 8, "Tokens decoded (and streamed) per call.")
 
 
 def main(argv):
