@@ -6,7 +6,6 @@ mesh axis; `sosm_jax/parallel/rules.py` maps the logical names.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -81,38 +80,6 @@ def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:
   return y if scale is None else y * scale.astype(_F32)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def scaled_rms_norm(x: jax.Array, scale: jax.Array, eps: float, out_dtype) -> jax.Array:
-  """`rms_norm(x, scale, eps)` written in `out_dtype`, with a hand-written backward.
-
-  x `[..., D]`, scale: the trailing axes of x (`[D]`, or `[H, D]` for per-head norms). The
-  backward keeps only x (in its own dtype) and the per-row 1/rms, and forms dx in one
-  elementwise pass after one row reduction, dx = r (g s - x r mean(g s x r)); autodiff of the
-  float32 form kept float32 copies of x and took a few more passes (24 norms per step).
-  """
-  return _scaled_rms_norm_fwd(x, scale, eps, out_dtype)[0]
-
-
-def _scaled_rms_norm_fwd(x, scale, eps, out_dtype):
-  xf = x.astype(_F32)
-  r = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return (xf * r * scale.astype(_F32)).astype(out_dtype), (x, r, scale)
-
-
-def _scaled_rms_norm_bwd(eps, out_dtype, residuals, g):
-  del eps, out_dtype
-  x, r, scale = residuals
-  x_hat = x.astype(_F32) * r
-  gf = g.astype(_F32)
-  gs = gf * scale.astype(_F32)
-  dx = r * (gs - x_hat * jnp.mean(gs * x_hat, axis=-1, keepdims=True))
-  lead = tuple(range(x.ndim - scale.ndim))
-  return dx.astype(x.dtype), jnp.sum(gf * x_hat, axis=lead).astype(scale.dtype)
-
-
-scaled_rms_norm.defvjp(_scaled_rms_norm_fwd, _scaled_rms_norm_bwd)
-
-
 class RMSNorm(nn.Module):
   """RMSNorm over the last axis, float32 inside, output in `dtype`.
 
@@ -130,32 +97,7 @@ class RMSNorm(nn.Module):
     shape = x.shape[x.ndim - len(self.axes):]
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, self.axes),
                        shape, self.param_dtype)
-    return scaled_rms_norm(x, jnp.asarray(scale), self.eps, jnp.dtype(self.dtype))
-
-
-@jax.custom_vjp
-def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-  """silu(gate) * up, whose backward recomputes the sigmoid from the saved inputs.
-
-  Autodiff saved an extra `[B, T, mlp_dim]` activation of the forward (one more write and read
-  per layer); here only gate and up are kept, and dgate, dup come from one elementwise pass.
-  """
-  return nn.silu(gate) * up
-
-
-def _swiglu_fwd(gate, up):
-  return swiglu(gate, up), (gate, up)
-
-
-def _swiglu_bwd(residuals, g):
-  gate, up = residuals
-  gf, uf, grad = gate.astype(_F32), up.astype(_F32), g.astype(_F32)
-  sig = jax.nn.sigmoid(gf)
-  d_gate = grad * uf * sig * (1.0 + gf * (1.0 - sig))
-  return d_gate.astype(gate.dtype), (grad * gf * sig).astype(up.dtype)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+    return rms_norm(x, jnp.asarray(scale), self.eps).astype(self.dtype)
 
 
 class MLP(nn.Module):
@@ -169,7 +111,7 @@ class MLP(nn.Module):
     m = cfg.mlp_dim
     gate = Dense((m,), ("embed", "mlp"), name="wi_gate", **kw)(x)
     up = Dense((m,), ("embed", "mlp"), name="wi_up", **kw)(x)
-    h = swiglu(gate, up)
+    h = nn.silu(gate) * up
     h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
     return Dense((cfg.d_model,), ("mlp", "embed"), name="wo", **kw)(h)
 
