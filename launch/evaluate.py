@@ -11,10 +11,15 @@ niah_heatmaps.png, niah_by_length.png to DIR/eval/<step>/ (or --out); plots mark
 length. Scoring is teacher-forced argmax (see sosm_jax/eval/scoring.py); passkey and niah count
 an example when its whole answer is right, which is exactly greedy generation starting with it.
 
+A checkpoint trained with host memory (config.memory.enabled) is scored with it, window by
+window as it trained (sosm_jax/eval/memory.py); --memory=off scores it without, so two reports
+show what memory adds. The report says which (meta 'host_memory', section 'memory').
+
   python launch/evaluate.py --workdir=workdir/curriculum-smoke --tasks=ppl,passkey \
       --passkey_lengths=256,512,1024,2048 --passkey_depths=0,0.5,1
   python launch/evaluate.py --workdir=DIR --tasks=niah --niah_lengths=4096,16384,65536,131072 \
       --niah_depths=0,0.1,0.25,0.5,0.75,0.9,1 --niah_examples=4
+  python launch/evaluate.py --workdir=DIR --memory=off --out=DIR/eval/no-memory
   python launch/evaluate.py --workdir=DIR --predictor=oracle   # checks the evaluator: ~100%
                                      # (niah: single and multikey only; the oracle copies)
 """
@@ -27,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
-from sosm_jax.eval import loading, niah, report as report_lib, runner, scoring, standins
+from sosm_jax.eval import loading, memory as memory_lib, niah, report as report_lib, runner
+from sosm_jax.eval import scoring, standins
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of a training run.")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -40,7 +46,11 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per forward pass of the gri
 _SEED = flags.DEFINE_integer("seed", 1234, "Seed of the generated examples.")
 _PREDICTOR = flags.DEFINE_enum("predictor", "model", ["model", "oracle", "random"],
                                "'oracle'/'random': stand-ins that check the evaluator itself.")
-_PPL_LEN = flags.DEFINE_integer("ppl_seq_len", 0, "Perplexity sequence length (0: trained).")
+_MEMORY = flags.DEFINE_enum(
+    "memory", "auto", list(memory_lib.MODES), "Host memory beyond the window: 'auto' = as the "
+    "checkpoint trained (config.memory.enabled), 'on', 'off'.")
+_PPL_LEN = flags.DEFINE_integer("ppl_seq_len", 0, "Perplexity sequence length (0: trained; with "
+                                "memory: window x config.memory.segments).")
 _PPL_BATCHES = flags.DEFINE_integer("ppl_batches", 8, "Held-out batches for perplexity.")
 _PPL_BS = flags.DEFINE_integer("ppl_batch_size", 4, "Rows per perplexity batch.")
 _PPL_SOURCE = flags.DEFINE_string("ppl_source", "", "Held-out text source (default: the "
@@ -96,12 +106,14 @@ def options_from_flags() -> runner.EvalOptions:
       niah_haystack=_NIAH_HAY.value)
 
 
-def make_scorer(kind: str, loaded, batch_size: int):
+def make_scorer(kind: str, loaded, batch_size: int, memory: str):
+  """(scorer, whether it reads host memory); ValueError for a --memory the model cannot take."""
   if kind == "model":
-    return scoring.model_scorer(loaded.model, loaded.params, batch_size=batch_size)
+    return memory_lib.model_scorer(loaded, batch_size=batch_size, mode=memory)
+  memory_lib.resolve_memory(loaded.config, memory)   # checks the flag; stand-ins read no memory
   if kind == "oracle":
-    return scoring.scorer_from_answers(standins.induction_oracle())
-  return scoring.scorer_from_logits(standins.random_logits(loaded.config.model.vocab_size))
+    return scoring.scorer_from_answers(standins.induction_oracle()), False
+  return scoring.scorer_from_logits(standins.random_logits(loaded.config.model.vocab_size)), False
 
 
 def main(argv):
@@ -118,12 +130,20 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e))
   loaded = loading.load_for_eval(_WORKDIR.value, step=_STEP.value, config=_CONFIG.value)
-  print(f"Evaluating {loaded.workdir} checkpoint {loaded.step} ({_PREDICTOR.value}): "
-        f"{', '.join(options.tasks)}", flush=True)
-  scorer = make_scorer(_PREDICTOR.value, loaded, _BATCH.value)
-  result = runner.run_tasks(scorer, loaded.tokenizer, loaded.config, options)
+  try:
+    scorer, use_memory = make_scorer(_PREDICTOR.value, loaded, _BATCH.value, _MEMORY.value)
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  described = (memory_lib.memory_description(loaded.config, use_memory, _MEMORY.value)
+               if _PREDICTOR.value == "model" else "off (a stand-in predictor)")
+  print(f"Evaluating {loaded.workdir} checkpoint {loaded.step} ({_PREDICTOR.value}; host memory "
+        f"{described}): {', '.join(options.tasks)}", flush=True)
+  span = memory_lib.memory_span(loaded.config) if use_memory else 0
+  result = runner.run_tasks(scorer, loaded.tokenizer, loaded.config, options, memory_span=span)
   result["meta"].update(workdir=loaded.workdir, step=loaded.step, predictor=_PREDICTOR.value,
-                        architecture=loaded.config.model.architecture)
+                        architecture=loaded.config.model.architecture, host_memory=described)
+  if use_memory:
+    result["memory"] = memory_lib.report_section(loaded.config, scorer)
   out = _OUT.value or os.path.join(loaded.workdir, "eval", str(loaded.step))
   paths = report_lib.write_report(result, out)
   print(report_lib.to_markdown(result), flush=True)

@@ -1,10 +1,11 @@
 """Evaluation reports: JSON, a Markdown summary with tables, and PNG plots.
 
 The report is a dict with optional sections 'perplexity' (from `loss_by_position`), 'mqar'
-(from `mqar_grid`), 'passkey' (from `passkey_grid`), 'niah' (from `niah.niah_grid`) and
-free-form 'meta'. `write_report` puts `report.json`, `report.md`, `loss_by_position.png`,
-`passkey_heatmap.png`, `mqar_heatmap.png`, `niah_heatmaps.png` and `niah_by_length.png` (for the
-sections present) in a directory and returns their paths. Plots over lengths or positions mark
+(from `mqar_grid`), 'passkey' (from `passkey_grid`), 'niah' (from `niah.niah_grid`), 'memory'
+(what host memory did, from `memory.report_section`) and free-form 'meta'. `write_report`
+puts `report.json`, `report.md`, `loss_by_position.png`, `passkey_heatmap.png`,
+`mqar_heatmap.png`, `niah_heatmaps.png` and `niah_by_length.png` (for the sections present) in a
+directory and returns their paths. Plots over lengths or positions mark
 the trained length (meta['trained_length']).
 """
 from __future__ import annotations
@@ -47,6 +48,11 @@ def to_markdown(report: dict) -> str:
   meta = report.get("meta", {})
   if meta:
     out += [", ".join(f"{k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))), ""]
+  mem = report.get("memory")
+  if mem:
+    out += [f"Host memory: {mem['windows']} windows of {mem['window']} tokens scored, "
+            f"{mem['memory_edges']} memory edges retrieved ({fmt(mem['valid_fraction'], pct=True)}% "
+            f"of the top-{mem['top_k']} slots).", ""]
   ppl = report.get("perplexity")
   if ppl:
     out += [f"## Loss by position (held-out text, {ppl['tokens']} tokens)", "",

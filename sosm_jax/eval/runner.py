@@ -130,16 +130,26 @@ def count_units(options: EvalOptions, passkey_lengths, niah_lengths=()) -> int:
   return n
 
 
+def memory_lengths(trained: int, memory_span: int) -> tuple[int, ...]:
+  """Default passkey lengths with memory: those of `default_passkey_lengths` plus the memory
+  span (the document length memory training read: windows x segments) and twice it."""
+  extra = (memory_span, 2 * memory_span) if memory_span else ()
+  return tuple(sorted(set(default_passkey_lengths(trained)) | set(extra)))
+
+
 def run_tasks(scorer: Scorer, tokenizer, config: ml_collections.ConfigDict,
               options: EvalOptions, *, batches: Iterable[Batch] | None = None,
-              show_progress: bool | None = None) -> dict:
+              show_progress: bool | None = None, memory_span: int = 0) -> dict:
   """Evaluates `scorer` on options.tasks; returns the report dict (see report.py).
 
   `batches` replaces the held-out text of the perplexity task (tests pass their own).
+  memory_span: for a scorer with host memory (eval/memory.py), the tokens memory training read
+  per stream (window x config.memory.segments): the default perplexity length, and with twice it
+  among the default passkey lengths; 0 = no memory.
   """
   options.check()
   trained = trained_length(config)
-  pk_lengths = tuple(options.passkey_lengths) or default_passkey_lengths(trained)
+  pk_lengths = tuple(options.passkey_lengths) or memory_lengths(trained, memory_span)
   niah_lengths = tuple(options.niah_lengths) or pk_lengths
   disable = (not sys.stderr.isatty()) if show_progress is None else not show_progress
   bar = tqdm(total=count_units(options, pk_lengths, niah_lengths), unit="cell", dynamic_ncols=True,
@@ -149,10 +159,12 @@ def run_tasks(scorer: Scorer, tokenizer, config: ml_collections.ConfigDict,
                      "scoring": "teacher-forced argmax; passkey and niah: exact match of the "
                                 "whole answer (= greedy generation starts with it)"},
             "options": dataclasses.asdict(options)}
+  if memory_span:
+    report["meta"]["memory_span"] = memory_span
   try:
     if "ppl" in options.tasks:
       bar.set_description("perplexity")
-      seq_len = options.ppl_seq_len or trained
+      seq_len = options.ppl_seq_len or memory_span or trained
       if batches is None:
         source = text_source(config, options.ppl_source)
         report["meta"]["ppl_source"] = source or f"validation split of {config.data.source!r}"

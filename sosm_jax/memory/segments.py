@@ -167,12 +167,12 @@ class SegmentRunner:
 
   # ------------------------------------------------------------------ long documents
 
-  def run_document(self, params, tokens, segment_len: int, *, apply_fn=None):
+  def run_document(self, params, tokens, segment_len: int, *, apply_fn=None, positions=None):
     """Scores a long document `[B, N]` segment by segment with memory -> logits `[B, N, V]`.
 
     Memory is reset first; each segment sees its own tokens (window) plus the top-k memory
-    entries of all earlier segments. Positions restart at 0 in every segment (the window);
-    the memory carries what lies beyond it.
+    entries of all earlier segments. positions `[B, N]`: default restart at 0 in every segment
+    (the window; RoPE makes only differences matter); the memory carries what lies beyond it.
     """
     tokens = np.asarray(tokens)
     b, n = tokens.shape
@@ -182,9 +182,13 @@ class SegmentRunner:
     self.reset()
     outs = []
     for s in range(n // segment_len):
-      seg = jnp.asarray(tokens[:, s * segment_len:(s + 1) * segment_len])
-      probed = self.probe(params, seg)
-      outs.append(apply_fn(params, seg, self.retrieve(probed)))   # dispatched asynchronously
+      window = slice(s * segment_len, (s + 1) * segment_len)
+      seg = jnp.asarray(tokens[:, window])
+      pos = None if positions is None else jnp.asarray(np.asarray(positions)[:, window])
+      probed = self.probe(params, seg, pos)
+      memory = self.retrieve(probed)
+      outs.append(apply_fn(params, seg, memory) if pos is None
+                  else apply_fn(params, seg, memory, pos))      # dispatched asynchronously
       self.add(probed, segment=s)                                   # host work overlaps it
     return jnp.concatenate(outs, axis=1)
 
@@ -192,12 +196,24 @@ class SegmentRunner:
                temperature: float = 0.0, top_p: float = 1.0):
     """Continues prompts `[B, N]` (N may exceed the window) -> `[B, N + max_new_tokens]`.
 
+    The tokens of `stream` (see there) after the prompt.
+    """
+    prompt = np.asarray(prompt)
+    new = [t[:, None] for t in self.stream(params, prompt, segment_len, max_new_tokens, rng=rng,
+                                           temperature=temperature, top_p=top_p)]
+    return np.concatenate([prompt] + new, 1)
+
+  def stream(self, params, prompt, segment_len: int, max_new_tokens: int, *, rng=None,
+             temperature: float = 0.0, top_p: float = 1.0):
+    """Yields the next token of every prompt `[B, N]` (N may exceed the window), `[B]` each.
+
     The window is `segment_len` tokens. Whole segments before the last (partial or full) one
     only fill the memory; the current segment is prefilled (with memory retrieved for its
     queries) and then decoded token by token with the model's cache, each new token's memory
     retrieved for its own query. When the segment is full its keys/values go to the memory and
     a new segment (fresh cache, positions from 0) starts with the next token. Memory is reset
-    first. temperature 0 = greedy; else sampling (rng required) with nucleus top_p.
+    first. temperature 0 = greedy; else sampling (rng required) with nucleus top_p. A token is
+    computed only when asked for (a caller that stops early, e.g. at EOS, decodes no further).
     """
     prompt = np.asarray(prompt)
     b, n = prompt.shape
@@ -221,11 +237,10 @@ class SegmentRunner:
 
     last, cache, parts = start(prompt[:, done * segment_len:])
     length = n - done * segment_len
-    out = [prompt]
     for i in range(max_new_tokens):
       rng, sub = jax.random.split(rng)
       nxt = np.asarray(sample_token(last, sub, temperature, top_p)).astype(prompt.dtype)
-      out.append(nxt[:, None])
+      yield nxt
       if i == max_new_tokens - 1:
         break
       if length == segment_len:               # window full: it becomes memory
@@ -239,4 +254,3 @@ class SegmentRunner:
         last, cache = decode(params, token, cache, self.retrieve(probed))
         parts.append(probed)
         length += 1
-    return np.concatenate(out, 1)
