@@ -43,7 +43,9 @@ def get_config(arg: str | None = None):
         tokens_per_step=524288,
         global_batch=(0, 0, 0, 0, 0, 4),        # 102,400 does not divide 524,288: 4 sequences
         grad_accum=(8, 8, 8, 8, 8, 4),          # micro-batches of 64K-100K tokens
-        remat=("dots", "dots", "dots", "dots", "full", "full"),
+        # each stage without remat where its compiled step fits the device, else 'dots', else
+        # 'full' (the preflight compiles them before step 1)
+        remat=("auto",) * 6,
         rope_base=(10000.0, 20000.0, 40000.0, 80000.0, 160000.0, 250000.0))
     c.optimizer.update(learning_rate=1e-3, warmup_steps=500)
     c.train.update(log_every=20, checkpoint_every=250)

@@ -2,6 +2,7 @@
 compiled and checked against the memory limit before the first step and before the workdir is
 touched; the loop then runs those executables."""
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -141,3 +142,42 @@ def test_newest_checkpoint_step_reads_folder_names_only(tmp_path):
     (tmp_path / name).mkdir()
   (tmp_path / "20").write_text("")   # a file, not a checkpoint
   assert startup_checks.newest_checkpoint_step(str(tmp_path)) == 10
+
+
+# ---------------------------------------------------------------- curriculum.remat 'auto'
+
+def test_auto_remat_tries_policies_lightest_first():
+  stage = curriculum_lib.Stage(0, 64, 1, 8, 1, "auto", 10000.0, 0)
+  tried = []
+
+  def compile_with(s, fits=("full",)):
+    tried.append(s.remat)
+    if s.remat not in fits:
+      raise startup_checks.StageDoesNotFit(f"{s.remat} does not fit")
+    return "compiled", {"compile_seconds": 1.0}
+
+  assert startup_checks.compile_fitting_remat(stage, compile_with) == (
+      "compiled", {"compile_seconds": 1.0, "remat": "full"})
+  assert tried == ["none", "dots", "full"]
+  with pytest.raises(startup_checks.StageDoesNotFit, match="full does not fit"):
+    startup_checks.compile_fitting_remat(stage, lambda s: compile_with(s, fits=()))
+  tried.clear()   # a named policy is compiled as it is, never replaced
+  with pytest.raises(startup_checks.StageDoesNotFit, match="none does not fit"):
+    startup_checks.compile_fitting_remat(dataclasses.replace(stage, remat="none"), compile_with)
+  assert tried == ["none"]
+
+
+def test_auto_remat_keeps_no_remat_where_it_fits_and_recomputes_where_not(preflighted, tmp_path):
+  """With a memory limit just under the last stage's need without remat (the preflighted run's),
+  'auto' trains the short stages without remat and the last one with a policy that fits."""
+  need_without = {r["stage"]: r["compiled_memory_gib"] for r in _records(preflighted[0], "stage")}
+  limit_gib = need_without[2] - 1 / 2**30
+  assert need_without[1] < limit_gib
+  config = _config(preflight="all_stages", memory_limit_gib=limit_gib)
+  config.curriculum.remat = ("auto", "auto", "auto")
+  workdir = str(tmp_path / "run")
+  result = loop.train(config, workdir)
+  assert result.status == "finished"
+  stages = _records(workdir, "stage")
+  assert [r["remat"] for r in stages[:2]] == ["none", "none"]
+  assert stages[2]["remat"] in ("dots", "full") and stages[2]["compiled_memory_gib"] <= limit_gib

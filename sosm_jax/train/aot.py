@@ -162,9 +162,13 @@ def model_config_for_platform(model_cfg, platform: str) -> ml_collections.Config
 
 
 def stage_model_config(config, stage: curriculum_lib.Stage) -> ml_collections.ConfigDict:
-  """The model config a stage trains with: its remat policy and RoPE base."""
+  """The model config a stage trains with: its remat policy and RoPE base.
+
+  A stage whose remat is still 'auto' (chosen when its train step compiles, see
+  `startup_checks.compile_fitting_remat`) gets 'none': forward-only uses keep no activations for a backward.
+  """
   cfg = ml_collections.ConfigDict(config.model.to_dict())
-  cfg.remat = stage.remat
+  cfg.remat = "none" if stage.remat == "auto" else stage.remat
   cfg.rope_base = stage.rope_base
   return cfg
 
@@ -366,8 +370,11 @@ def compile_curriculum(config, mesh: Mesh, *, stages: Sequence[int] | None = Non
   for stage in _stages(config, mesh):
     if stages is not None and stage.index not in stages:
       continue
-    compiled, report = compile_stage(config, stage, mesh, platform=platform,
-                                     memory_limit=memory_limit)
+    for policy in curriculum_lib.remat_candidates(stage):   # 'auto': the lightest that fits
+      compiled, report = compile_stage(config, dataclasses.replace(stage, remat=policy), mesh,
+                                       platform=platform, memory_limit=memory_limit)
+      if report.fits is not False:
+        break
     if dump_dir:
       dump_report(report, compiled.as_text(), dump_dir)
     reports.append(report)

@@ -16,7 +16,7 @@ from sosm_jax.parallel.context import check_context_config
 from sosm_jax.train import finetune
 from sosm_jax.train import memory_train
 
-_REMATS = ("none", "full", "dots")
+_REMATS = ("none", "full", "dots", "auto")   # auto: see curriculum.AUTO_REMAT_ORDER
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -37,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
       tokens_per_step=65536,   # global batch = tokens_per_step // seq_len unless global_batch says
       global_batch=(),         # per-stage batch (0 = from tokens_per_step); () = all derived
       grad_accum=(),           # per-stage micro-batches; () = 1
-      remat=(),                # per-stage remat policy; () = model.remat
+      remat=(),                # per-stage remat: 'none'|'dots'|'full'|'auto' (the lightest that
+                               # fits the device, by the compiled step); () = model.remat
       rope_base=(),            # per-stage RoPE base of the attention layers; () = model.rope_base
   ))
 

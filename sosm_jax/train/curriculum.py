@@ -5,6 +5,17 @@ import dataclasses
 from typing import Sequence
 
 
+# curriculum.remat 'auto': the train step is compiled with these policies in turn, lightest first,
+# and the first one whose compiled memory fits the device's limit is kept
+AUTO_REMAT_ORDER = ("none", "dots", "full")
+
+
+def remat_candidates(stage: "Stage") -> tuple[str, ...]:
+  """The remat policies to compile a stage's step with, in order: its own, or for 'auto' the
+  lightest first (AUTO_REMAT_ORDER)."""
+  return AUTO_REMAT_ORDER if stage.remat == "auto" else (stage.remat,)
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """One context length of the curriculum.

@@ -21,6 +21,7 @@ from sosm_jax import data as data_lib
 from sosm_jax import models
 from sosm_jax.parallel import (LOGICAL_AXIS_RULES, batch_sharding, data_parallel_size, make_mesh,
                                maybe_initialize_distributed, process_batch_shard)
+from sosm_jax.train import aot
 from sosm_jax.train import checkpoint as ckpt_lib
 from sosm_jax.train import config as config_lib
 from sosm_jax.train import curriculum as curriculum_lib
@@ -73,16 +74,9 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
-def _stage_model_config(config, stage: curriculum_lib.Stage) -> ml_collections.ConfigDict:
-  cfg = ml_collections.ConfigDict(config.model.to_dict())
-  cfg.remat = stage.remat
-  cfg.rope_base = stage.rope_base
-  return cfg
-
-
 def _stage_model(config, stage, ft):
   """The stage's model, wrapped for fine-tuning when `ft` (finetune.Setup) is set."""
-  model = models.build_model(_stage_model_config(config, stage))
+  model = models.build_model(aot.stage_model_config(config, stage))
   return model if ft is None else ft.wrap(model)
 
 
@@ -242,12 +236,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     abstract_state = state_lib.abstract_train_state(state_sh, init_params, optimizer)
     # config.train.preflight: the steps of the stages this run reaches, compiled and checked
     # against the memory limit before the workdir is touched; the loop runs them
+    def compile_stage(stage):   # curriculum.remat 'auto': the lightest policy that fits
+      return startup_checks.compile_fitting_remat(stage, lambda s: compile_stage_step(
+          _stage_model(config, s, ft), optimizer, schedule, s, abstract_state, state_sh, mesh,
+          memory_limit, memory, config.train.max_update_ratio))
+
     ahead = startup_checks.preflight_stages(
         config.train.preflight, stages, startup_checks.newest_checkpoint_step(checkpoint_dir),
-        config.train.stop_at_step, memory_limit,
-        lambda stage: compile_stage_step(_stage_model(config, stage, ft), optimizer, schedule,
-                                         stage, abstract_state, state_sh, mesh, memory_limit,
-                                         memory, config.train.max_update_ratio),
+        config.train.stop_at_step, memory_limit, compile_stage,
         say=(lambda line: print(line, flush=True)) if is_writer else None)
 
   if is_writer:
@@ -293,9 +289,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
     try:
       result = _run_stages(config, workdir, stages, n_steps, state, data_state, redo_eval,
-                           tokenizer, optimizer, schedule, abstract_state, state_sh, mesh,
-                           memory_limit, memory, checkpointer, writer, stop, is_writer, ft,
-                           ahead)
+                           tokenizer, mesh, memory, checkpointer, writer, stop, is_writer, ft,
+                           ahead, compile_stage)
     except BaseException:
       _commit_pending(checkpointer)
       writer.close()
@@ -319,10 +314,11 @@ def _commit_pending(checkpointer) -> None:
 
 
 def _run_stages(config, workdir, stages, n_steps, state, data_state, redo_eval, tokenizer,
-                optimizer, schedule, abstract_state, state_sh, mesh, memory_limit, memory,
-                checkpointer, writer, stop, is_writer, ft=None, ahead=None) -> RunResult:
+                mesh, memory, checkpointer, writer, stop, is_writer, ft, ahead,
+                compile_stage) -> RunResult:
   """The curriculum from `state`'s step to the end (or a stop); see `train`. ahead: {stage
-  index: (compiled, info)} of the stages the preflight compiled."""
+  index: (compiled, info)} of the stages the preflight compiled; compile_stage(stage) compiles
+  the others (with the memory check and curriculum.remat 'auto' resolved)."""
   step = int(jax.device_get(state.step))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   writer.write(step, {"num_params": num_params, "devices": jax.device_count(),
@@ -354,14 +350,12 @@ def _run_stages(config, workdir, stages, n_steps, state, data_state, redo_eval, 
     if step >= stage.end_step:
       continue
     model = _stage_model(config, stage, ft)
-    compiled, compile_info = (ahead or {}).pop(stage.index, None) or compile_stage_step(
-        model, optimizer, schedule, stage, abstract_state, state_sh, mesh, memory_limit, memory,
-        config.train.max_update_ratio)
+    compiled, compile_info = (ahead or {}).pop(stage.index, None) or compile_stage(stage)
     writer.write(step, {"stage": stage.index, "seq_len": stage.seq_len,
                         "global_batch": stage.global_batch, **compile_info}, kind="stage")
     if is_writer:
       bar.write(f"{stage.name}: {stage.global_batch} sequences per step in {stage.grad_accum} "
-                f"micro-batch(es), remat '{stage.remat}'; compiled in "
+                f"micro-batch(es), remat '{compile_info['remat']}'; compiled in "
                 f"{compile_info['compile_seconds']:.1f}s" +
                 (f", {compile_info['compiled_memory_gib']:.2f} GiB per device"
                  if "compiled_memory_gib" in compile_info else ""))

@@ -9,11 +9,13 @@ fix, instead of after hours of the stages before it.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 from etils import epath
 
 from sosm_jax.train import aot
+from sosm_jax.train import curriculum as curriculum_lib
 
 # train.preflight: 'auto' | 'all_stages' | 'off' (see preflight_stages)
 PREFLIGHT_SETTINGS = ("auto", "all_stages", "off")
@@ -148,3 +150,22 @@ def newest_checkpoint_step(checkpoint_dir: str) -> int:
   if not root.is_dir():
     return 0
   return max((int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()), default=0)
+
+
+def compile_fitting_remat(stage, compile_with: Callable[[Any], tuple]) -> tuple[Any, dict]:
+  """compile_with(stage) for the stage's remat policy, or for 'auto' for each policy of
+  `curriculum.AUTO_REMAT_ORDER` until one fits: (compiled, info with 'remat': the policy).
+
+  compile_with raises StageDoesNotFit for a policy that does not fit; the last one's error is
+  raised when none fits (its message names the remaining fixes).
+  """
+  policies = curriculum_lib.remat_candidates(stage)
+  for i, policy in enumerate(policies):
+    try:
+      compiled, info = compile_with(dataclasses.replace(stage, remat=policy))
+    except StageDoesNotFit:
+      if i == len(policies) - 1:
+        raise
+      continue
+    return compiled, {**info, "remat": policy}
+  raise AssertionError("unreachable")
