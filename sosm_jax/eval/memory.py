@@ -23,15 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from sosm_jax.eval import scoring
+from sosm_jax.memory.segments import SegmentRunner, memory_layer_indices
+from sosm_jax.train.memory_train import store_config
 from sosm_jax.eval.scoring import _BATCH_KEYS, Batch, TokenScores, _nll_and_argmax, check_batch
 
 MODES = ("auto", "on", "off")
 
 
 def trained_with_memory(config) -> bool:
-  """Whether the config trained with host memory (config.memory.enabled)."""
-  memory = config.get("memory") if hasattr(config, "get") else None
-  return bool(memory is not None and memory.get("enabled"))
+  """Whether the trainer config trained with host memory (config.memory.enabled)."""
+  return bool(config.memory.enabled)
 
 
 def memory_window(config) -> int:
@@ -49,7 +50,6 @@ def resolve_memory(config, mode: str) -> bool:
   if mode == "auto":
     return trained_with_memory(config)
   if mode == "on":
-    from sosm_jax.memory.segments import memory_layer_indices  # pylint: disable=import-outside-toplevel
     try:
       memory_layer_indices(config.model, _layers(config))
     except ValueError as e:
@@ -59,7 +59,7 @@ def resolve_memory(config, mode: str) -> bool:
 
 def model_scorer(loaded, *, batch_size: int = 8, mode: str = "auto"):
   """(scorer, used) for a loaded checkpoint (eval/loading.py): a `MemoryScorer` when
-  `resolve_memory(config, mode)` says so, else today's `scoring.model_scorer`."""
+  `resolve_memory(config, mode)` says so, else the plain `scoring.model_scorer`."""
   used = resolve_memory(loaded.config, mode)
   if used:
     return MemoryScorer(loaded.model, loaded.params, loaded.config, batch_size=batch_size), True
@@ -67,17 +67,14 @@ def model_scorer(loaded, *, batch_size: int = 8, mode: str = "auto"):
 
 
 def _layers(config):
-  memory = config.get("memory")
-  return tuple(memory.layers) if memory is not None and memory.get("layers") else None
+  """config.memory.layers, or None for every 'graph' layer."""
+  return tuple(config.memory.layers) or None
 
 
 def make_runner(model, config, num_streams: int):
   """A `SegmentRunner` with the config's memory settings (index, top_k, layers, ...)."""
-  from sosm_jax.memory.segments import SegmentRunner  # pylint: disable=import-outside-toplevel
-  from sosm_jax.memory.store import MEMORY_DEFAULTS  # pylint: disable=import-outside-toplevel
-  memory = config.get("memory")
-  store = {k: memory[k] for k in MEMORY_DEFAULTS if memory is not None and k in memory}
-  return SegmentRunner(model, store, num_streams=num_streams, layers=_layers(config))
+  return SegmentRunner(model, store_config(config.memory), num_streams=num_streams,
+                       layers=_layers(config))
 
 
 def memory_description(config, used: bool, mode: str) -> str:

@@ -51,8 +51,8 @@ def to_markdown(report: dict) -> str:
   mem = report.get("memory")
   if mem:
     out += [f"Host memory: {mem['windows']} windows of {mem['window']} tokens scored, "
-            f"{mem['memory_edges']} memory edges retrieved ({fmt(mem['valid_fraction'], pct=True)}% "
-            f"of the top-{mem['top_k']} slots).", ""]
+            f"{mem['memory_edges']} memory edges retrieved "
+            f"({fmt(mem['valid_fraction'], pct=True)}% of the top-{mem['top_k']} slots).", ""]
   ppl = report.get("perplexity")
   if ppl:
     out += [f"## Loss by position (held-out text, {ppl['tokens']} tokens)", "",
