@@ -288,7 +288,7 @@ def test_masked_sums_and_its_gradient_equal_plain_autodiff(dtype, tol):
 
 def test_bfloat16_logits_loss_is_close_to_float32():
   """logits_dtype='bfloat16' changes the loss and gradients only by logit rounding."""
-  cfg = dict(num_layers=2, pattern=("hgrn2", "attn"), dtype="bfloat16")
+  cfg = dict(num_layers=1, pattern=("attn",), dtype="bfloat16")
   f32, b16 = (build_model(tiny_config("hybrid", logits_dtype=d, **cfg))
               for d in ("float32", "bfloat16"))
   params = nn.unbox(f32.init(_key(0), 2, 16))
@@ -296,8 +296,8 @@ def test_bfloat16_logits_loss_is_close_to_float32():
   batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1),
            "loss_mask": jnp.ones((2, 16), jnp.float32)}
   assert b16.apply(params, tokens).dtype == jnp.bfloat16
-  (a, _), ga = jax.value_and_grad(f32.loss, has_aux=True)(params, batch)
-  (b, _), gb = jax.value_and_grad(b16.loss, has_aux=True)(params, batch)
+  (a, _), ga = jax.jit(jax.value_and_grad(f32.loss, has_aux=True))(params, batch)
+  (b, _), gb = jax.jit(jax.value_and_grad(b16.loss, has_aux=True))(params, batch)
   np.testing.assert_allclose(a, b, rtol=1e-2)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     assert float(jnp.linalg.norm(x - y)) <= 0.05 * float(jnp.linalg.norm(x)) + 1e-6
