@@ -15,6 +15,7 @@ from sosm_jax.data.tokenizers import ByteTokenizer
 from sosm_jax.models.config import default_model_config
 from sosm_jax.serve import engine as engine_lib
 from sosm_jax.serve import layout
+from test_serve_engine import until_done
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -101,14 +102,8 @@ def _texts(model, params, tokenizer, requests, decode_steps, serving_layout=True
     engine.submit(prompt, sampling, q.put)
   out = []
   for q in queues:
-    text = ""
-    while True:
-      e = q.get(timeout=300)
-      assert e.kind != "error", e.error
-      text += e.text
-      if e.kind == "done":
-        out.append((text, e.finish_reason, e.completion_tokens))
-        break
+    text, done = until_done(q)
+    out.append((text, done.finish_reason, done.completion_tokens))
   engine.stop()
   return out
 

@@ -100,6 +100,17 @@ def test_text_stream_holds_back_partial_characters_and_cuts_at_stop():
 # ----------------------------------------------------------------------------- engine
 
 
+def until_done(events: queue.Queue):
+  """(streamed text, the 'done' event) of one request's engine events; fails on an error."""
+  text = ""
+  while True:
+    e = events.get(timeout=300)
+    assert e.kind != "error", e.error
+    text += e.text
+    if e.kind == "done":
+      return text, e
+
+
 def _tiny(pattern):
   cfg = default_model_config("sosm" if "graph" in pattern else "hybrid")
   cfg.update(num_layers=len(pattern), d_model=32, mlp_dim=64, vocab_size=260, attn_num_heads=2,
@@ -126,16 +137,7 @@ def test_engine_greedy_text_is_generate_with_chunked_prefill_and_batching(patter
   events = [queue.Queue() for _ in prompts]
   for p, q in zip(prompts, events):
     engine.submit(p, engine_lib.SamplingParams(max_tokens=n, temperature=0.0), q.put)
-  texts = []
-  for q in events:
-    text = ""
-    while True:
-      e = q.get(timeout=300)
-      assert e.kind != "error", e.error
-      text += e.text
-      if e.kind == "done":
-        break
-    texts.append(text)
+  texts = [until_done(q)[0] for q in events]
   engine.stop()
   for p, text in zip(prompts, texts):
     ids = jnp.asarray([engine.encode(p)])
