@@ -165,7 +165,8 @@ def stage_model_config(config, stage: curriculum_lib.Stage) -> ml_collections.Co
   """The model config a stage trains with: its remat policy and RoPE base.
 
   A stage whose remat is still 'auto' (chosen when its train step compiles, see
-  `startup_checks.compile_fitting_remat`) gets 'none': forward-only uses keep no activations for a backward.
+  `startup_checks.compile_fitting_remat`) gets 'none': forward-only uses keep no activations
+  for a backward.
   """
   cfg = ml_collections.ConfigDict(config.model.to_dict())
   cfg.remat = "none" if stage.remat == "auto" else stage.remat
