@@ -114,6 +114,16 @@ def _peak_gib() -> float | None:
   return peak / 2**30 if peak else None
 
 
+def greedy_decode(step, params, first, cache, num_steps: int):
+  """`num_steps` greedy tokens from `first` in one scan (a timed decode loop) -> the last token."""
+  def body(carry, _):
+    token, cache = carry
+    logits, cache = step(params, token, cache)
+    return (jnp.argmax(logits, -1).astype(jnp.int32), cache), None
+  (token, _), _ = jax.lax.scan(body, (first, cache), None, length=num_steps)
+  return token
+
+
 def measure_length(model, params, length: int, decode_steps: int, repeats: int,
                    serving: bool = False) -> dict:
   """Prefill and decode timings of one model at one context length (batch 1).
@@ -128,12 +138,7 @@ def measure_length(model, params, length: int, decode_steps: int, repeats: int,
     return logits[:, -1], cache  # only the last position is needed to continue
 
   def decode(p, first, cache):
-    def body(carry, _):
-      token, cache = carry
-      logits, cache = step(p, token, cache)
-      return (jnp.argmax(logits, -1).astype(jnp.int32), cache), None
-    (token, cache), _ = jax.lax.scan(body, (first, cache), None, length=decode_steps)
-    return token
+    return greedy_decode(step, p, first, cache, decode_steps)
 
   tokens = jnp.asarray(np.random.default_rng(length).integers(
       0, model.cfg.vocab_size, (1, length)), jnp.int32)

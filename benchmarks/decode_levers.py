@@ -144,13 +144,7 @@ def measure(model, params, step, length: int, steps: int, repeats: int, profile:
             hlo_path: str = "") -> dict:
   cache = random_cache(model, length, length - steps, jax.random.key(length))
 
-  def decode(p, first, cache):
-    def body(carry, _):
-      token, cache = carry
-      logits, cache = step(p, token, cache)
-      return (jnp.argmax(logits, -1).astype(jnp.int32), cache), None
-    (token, _), _ = jax.lax.scan(body, (first, cache), None, length=steps)
-    return token
+  decode = functools.partial(context_scaling.greedy_decode, step, num_steps=steps)
 
   first = jnp.zeros((1,), jnp.int32)
   start = time.perf_counter()
