@@ -91,6 +91,11 @@ def jax_impls(op, maxtext_wheel):
   `implementation` ('pallas' = the Pallas kernels, 'xla' = the chunked XLA form)."""
   fn = ops.gated_delta_rule if op == "gdn" else ops.gla
   impls = {f"ours_{impl}": functools.partial(fn, implementation=impl) for impl in ("pallas", "xla")}
+  if op == "gdn":  # each WY-preparation choice of the Pallas path by name: ours_pallas_<name>
+    from sosm_jax.ops.gated_delta.pallas import gated_delta_rule_pallas  # pylint: disable=import-outside-toplevel
+    from sosm_jax.ops.gated_delta.pallas_kernels import PREP_OPTIONS  # pylint: disable=import-outside-toplevel
+    impls.update({f"ours_pallas_{p}": functools.partial(gated_delta_rule_pallas, wy_prep=p)
+                  for p in PREP_OPTIONS})
   impls = {k: (lambda f: lambda *a: f(*a)[0])(f) for k, f in impls.items()}
   if op == "gdn" and maxtext_wheel and os.path.exists(maxtext_wheel):
     mt = load_maxtext_gdn(maxtext_wheel)
@@ -247,10 +252,11 @@ def profile_kernels(op, fn, inputs, do, top=30, hlo_path=None):
 
 
 def check_gradients(t=200, b=2, h=2, d=128, chunk=64, seed=0, op_names=("gdn", "gla"),
-                    dtypes=("bfloat16", "float32"), with_xla=True):
+                    dtypes=("bfloat16", "float32"), with_xla=True, gdn_wy_prep=None):
   """Relative errors of ours (Pallas kernels, compiled on a GPU; and the XLA chunked form) against
   the sequential reference, forward and all gradients (loss = <o, R1> + <final state, R2>), bf16
-  and fp32 inputs, with an initial state; t is not a multiple of the chunk."""
+  and fp32 inputs, with an initial state; t is not a multiple of the chunk. gdn_wy_prep: the
+  gated delta rule's Pallas path with that WY preparation (`gated_delta_rule_pallas(wy_prep=)`)."""
   out = []
   pallas = "pallas" if jax.default_backend() == "gpu" else "pallas_interpret"
   for op in op_names:
@@ -259,8 +265,14 @@ def check_gradients(t=200, b=2, h=2, d=128, chunk=64, seed=0, op_names=("gdn", "
     fn = ops.gated_delta_rule if op == "gdn" else ops.gla
 
     def run(impl, args, h0, fn=fn):
+      call = functools.partial(fn, implementation=impl)
+      if op == "gdn" and gdn_wy_prep and impl.startswith("pallas"):
+        from sosm_jax.ops.gated_delta.pallas import gated_delta_rule_pallas  # pylint: disable=import-outside-toplevel
+        call = functools.partial(gated_delta_rule_pallas, interpret=impl == "pallas_interpret",
+                                 wy_prep=gdn_wy_prep)
+
       def loss(args, h0):
-        o, s = fn(*args, initial_state=h0, chunk_size=chunk, implementation=impl)
+        o, s = call(*args, initial_state=h0, chunk_size=chunk)
         r1 = jax.random.normal(jax.random.PRNGKey(1), o.shape)
         r2 = jax.random.normal(jax.random.PRNGKey(2), s.shape)
         return jnp.sum(o.astype(jnp.float32) * r1) + jnp.sum(s * r2), (o, s)
@@ -273,10 +285,96 @@ def check_gradients(t=200, b=2, h=2, d=128, chunk=64, seed=0, op_names=("gdn", "
         t0 = time.perf_counter()
         errs = [_rel(x, y) for x, y in zip(run(impl, args, h0), want)]
         entry = {"op": op, "impl": impl, "dtype": jnp.dtype(dtype).name, "T": t, "B": b,
+                 "wy_prep": gdn_wy_prep if op == "gdn" and impl != "xla" else None,
                  "chunk": chunk, "max_rel_err": max(errs), "rel_err_o_state_grads": errs,
                  "seconds_incl_compile": round(time.perf_counter() - t0, 1)}
         print("check", json.dumps(entry), flush=True)
         out.append(entry)
+  return out
+
+
+# --gdn-stages: the gated delta rule's forward kernels timed one by one (bf16). Each entry:
+# (label, settings). WY preparation (`pallas_kernels.prep_forward`; 'fused' is the measured
+# issue-15 kernel, 'inverse'/'apply' the two kernels of the 'split' form alone):
+GDN_PREP_SWEEP = (
+    ("prep_fused", dict(form="fused")),
+    ("prep_blocks", dict(form="blocks")),
+    ("prep_split_w1", dict(form="split", inverse_warps=1)),
+    ("prep_split_w2", dict(form="split", inverse_warps=2)),
+    ("prep_split_w4", dict(form="split", inverse_warps=4)),
+    ("prep_split_w2_neumann", dict(form="split", inverse_warps=2, diag="neumann")),
+    ("prep_split_w2_no_kd", dict(form="split", inverse_warps=2, with_kd=False)),
+    ("inverse_w2", dict(stage="inverse", warps=2)),
+    ("apply_w4", dict(stage="apply")),
+)
+# the recurrence: 'fwd_out*' the forward-only kernel with the output stage in its loop
+# (`pallas_recurrence.forward_output`; kd=False: kd formed from k in the loop), 'rec_fwd' and
+# 'output_fwd' the two kernels of the forward that the backward runs.
+GDN_REC_SWEEP = (
+    ("fwd_out_kd", dict(kd=True)),
+    ("fwd_out", dict(kd=False)),
+    ("fwd_out_bv32", dict(kd=False, block_v=32)),
+    ("fwd_out_stages3", dict(kd=False, num_stages=3)),
+    ("rec_fwd", dict(stage="rec_fwd")),
+    ("output_fwd", dict(stage="output_fwd")),
+)
+
+
+def time_gdn_stages(t, b, h, d, iters, record, chunk=64):
+  """Median ms of each --gdn-stages entry on the inputs of `make_inputs` (bf16), laid out as
+  `gated_delta_rule_pallas` lays them out. A failing entry is recorded with its error. Off a GPU
+  the kernels run in interpret mode (a smoke test of this function, not a timing)."""
+  ip = dict(interpret=jax.default_backend() != "gpu")
+  from sosm_jax.ops.common.chunks import to_chunks  # pylint: disable=import-outside-toplevel
+  from sosm_jax.ops.gated_delta import pallas_kernels as kern  # pylint: disable=import-outside-toplevel
+  from sosm_jax.ops.gated_delta import pallas_recurrence as rec  # pylint: disable=import-outside-toplevel
+  (q, k, v, g, beta), _ = make_inputs("gdn", t, b, h, d, jnp.bfloat16)
+  bh, n = b * h, t // chunk
+  bhs = lambda x: to_chunks(x.astype(jnp.float32), chunk).reshape(bh, t)
+  gam = jnp.cumsum(to_chunks(g.astype(jnp.float32), chunk), axis=-1).reshape(bh, t)
+  beta = bhs(beta)
+  scale = d ** -0.5
+  w, u, kd, _ = kern.prep_forward(k, v, beta, gam, chunk=chunk, **ip)
+  tmat16 = kern.wy_inverse(k, beta, gam, chunk=chunk, **ip)
+  per_chunk = lambda x: x.reshape(bh, n, chunk, x.shape[-1])
+  w, u, kd = per_chunk(w), per_chunk(u), per_chunk(kd)
+  a = jnp.broadcast_to(jnp.exp(gam.reshape(bh, n, chunk)[..., -1])[..., None], (bh, n, d))
+  h0 = jnp.zeros((bh, d, d), jnp.float32)
+  h_in, vn, _ = rec.forward(w, u, kd, a, h0, **ip)
+
+  def prep(opts):
+    opts = dict(opts)
+    stage = opts.pop("stage", None)
+    if stage == "inverse":
+      return lambda: kern.wy_inverse(k, beta, gam, chunk=chunk, **opts, **ip)
+    if stage == "apply":
+      return lambda: kern.wy_apply(k, v, beta, gam, tmat16, chunk=chunk, **opts, **ip)
+    return lambda: kern.prep_forward(k, v, beta, gam, chunk=chunk, **opts, **ip)
+
+  def recurrence(opts):
+    opts = dict(opts)
+    stage = opts.pop("stage", None)
+    if stage == "rec_fwd":
+      return lambda: rec.forward(w, u, kd, a, h0, **ip)
+    if stage == "output_fwd":
+      return lambda: kern.output_forward(q, k, gam, h_in, vn, scale=scale, **ip)
+    kd_in = kd if opts.pop("kd") else None
+    return lambda: rec.forward_output(w, u, kd_in, a, h0, q, k, gam, scale=scale, **opts, **ip)
+
+  out = []
+  for sweep, make in ((GDN_PREP_SWEEP, prep), (GDN_REC_SWEEP, recurrence)):
+    for label, opts in sweep:
+      entry = {"op": "gdn_stage", "stage": label, "T": t, "B": b, "settings": repr(opts)}
+      try:
+        fn = make(opts)
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        entry["first_call_s"] = round(time.perf_counter() - t0, 2)
+        entry["ms"] = _median_ms(lambda: fn(), (), max(iters, 20))
+      except Exception as e:  # pylint: disable=broad-except
+        entry["error"] = repr(e)[:500]
+      record(entry)
+      out.append(entry)
   return out
 
 
@@ -308,6 +406,12 @@ def main(argv=None):
                       "gradients) for --ops")
   p.add_argument("--check-dtypes", default="bfloat16,float32", help="dtypes of --check, in order")
   p.add_argument("--check-xla", type=int, default=1, help="0: --check only the Pallas path")
+  p.add_argument("--check-wy-prep", default="",
+                 help="--check the gated delta rule's Pallas path with this wy_prep "
+                      "(pallas_kernels.PREP_OPTIONS; default: the dispatcher's)")
+  p.add_argument("--gdn-stages", action="store_true",
+                 help="after the rows: time the gated delta rule's forward kernels one by one "
+                      "(GDN_PREP_SWEEP, GDN_REC_SWEEP) at the first row")
   args = p.parse_args(argv)
   wanted = set(args.impls.split(","))
   modes = tuple(args.modes.split(","))
@@ -319,7 +423,8 @@ def main(argv=None):
   if args.check:
     report["check"] = check_gradients(op_names=tuple(args.ops.split(",")),
                                       dtypes=tuple(args.check_dtypes.split(",")),
-                                      with_xla=bool(args.check_xla))
+                                      with_xla=bool(args.check_xla),
+                                      gdn_wy_prep=args.check_wy_prep or None)
 
   def record(entry):
     report["results"].append(entry)
@@ -359,6 +464,11 @@ def main(argv=None):
       except Exception as e:  # pylint: disable=broad-except
         record({"op": "attn", "impl": "cudnn", "T": t, "B": b, "error": repr(e)[:500]})
 
+  stage_rows = [r for r in args.rows.split(",") if r][:1]
+  if args.gdn_stages and stage_rows:
+    t, b = (int(x) for x in stage_rows[0].split("x"))
+    report["gdn_stages"] = time_gdn_stages(t, b, h, d, args.iters, record)
+
   for b in [int(x) for x in args.decode.split(",") if x]:
     entry = {"B": b, "ours_step_ms": time_ours_decode(b, h, d, args.iters)}
     if have_fla:
@@ -373,6 +483,10 @@ def main(argv=None):
 def print_table(report):
   rows = {}
   for r in report["results"]:
+    if r["op"] == "gdn_stage":
+      ms = f"{r['ms']:.3f} ms" if "ms" in r else "ERR " + r.get("error", "")[:100]
+      print(f"gdn stage {r['T']}x{r['B']} {r['stage']:24s} {ms}")
+      continue
     rows.setdefault((r["op"], r["T"], r["B"]), []).append(r)
   for (op, t, b), rs in rows.items():
     cells = []

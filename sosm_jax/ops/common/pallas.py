@@ -28,9 +28,12 @@ def compiler_params(interpret, num_warps, num_stages=1):
 # rule's kernels took 14 to over 18 s each to compile on an H200 (ops/NOTES.md). 'bf16x6': six
 # bf16 tensor-core products of the operands' bf16 parts (lax.DotAlgorithmPreset.BF16_BF16_F32_X6;
 # there its fp32 forward+backward compiled and ran in 22 s, errors <= 5.4e-7). XLA:CPU
-# (interpret mode) runs both as plain fp32 products.
+# (interpret mode) runs both as plain fp32 products. 'tf32': one tf32 tensor-core product (10-bit
+# mantissas), for fp32 operands whose result is rounded to bf16 anyway (the gated delta rule's WY
+# inverse blocks with bf16 inputs); XLA:CPU runs it as a plain fp32 product too.
 F32_DOTS = {"ieee": (lax.Precision.HIGHEST, lax.Precision.HIGHEST),
-            "bf16x6": lax.DotAlgorithmPreset.BF16_BF16_F32_X6}
+            "bf16x6": lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
+            "tf32": (lax.Precision.DEFAULT, lax.Precision.DEFAULT)}
 
 
 def dot(a, b, *, ta=False, tb=False, f32="ieee"):

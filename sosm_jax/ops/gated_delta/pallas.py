@@ -33,17 +33,19 @@ from sosm_jax.ops.gated_delta.reference import check_inputs, default_scale
 _F32 = jnp.float32
 
 
-def _prep(k, v, beta, gam, chunk, interpret):
+def _prep(k, v, beta, gam, chunk, interpret, wy_prep, with_kd=True):
   bh, t = gam.shape
   n, c = t // chunk, chunk
-  w, u, kd, tmat = kern.prep_forward(k, v, beta, gam, chunk=c, interpret=interpret)
-  per_chunk = lambda x: x.reshape(bh, n, c, x.shape[-1])
+  w, u, kd, tmat = kern.prep_forward(k, v, beta, gam, chunk=c, interpret=interpret,
+                                     with_kd=with_kd, **kern.PREP_OPTIONS[wy_prep])
+  per_chunk = lambda x: None if x is None else x.reshape(bh, n, c, x.shape[-1])
   a = jnp.broadcast_to(jnp.exp(gam.reshape(bh, n, c)[..., -1])[..., None], (bh, n, k.shape[-1]))
   return per_chunk(w), per_chunk(u), per_chunk(kd), a, tmat
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def gdn_core(q, k, v, beta, gam, h0, scale, chunk, interpret=False, block_v=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def gdn_core(q, k, v, beta, gam, h0, scale, chunk, interpret=False, block_v=None,
+             wy_prep="fused"):
   """q, k `[B,T,H,K]`, v `[B,T,H,V]` (T a multiple of chunk, one dtype), beta, gam `[B*H,T]` f32
   (gam: within-chunk cumulative log-decay), h0 `[B*H,K,V]` f32 ->
   (o `[B,T,H,V]` in v's dtype, h_last `[B*H,K,V]` f32).
@@ -51,22 +53,25 @@ def gdn_core(q, k, v, beta, gam, h0, scale, chunk, interpret=False, block_v=None
   Without a backward, bf16 inputs run the output stage inside the recurrence's loop (no h_in in
   memory: 0.15 ms less at 4096 x 16 on an H200); fp32 inputs, and the forward of the backward
   (which needs h_in; there the fused kernel writing h_in measured slower), run recurrence and
-  output stage as two kernels (NOTES.md)."""
+  output stage as two kernels (NOTES.md). wy_prep: `pallas_kernels.PREP_OPTIONS` name."""
   if q.dtype != jnp.bfloat16:
-    return _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v)[0]
-  w, u, kd, a, _ = _prep(k, v, beta, gam, chunk, interpret)
+    return _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v, wy_prep)[0]
+  # the new prep forms also leave kd to the fused kernel (it loads k anyway); 'fused' as measured
+  w, u, kd, a, _ = _prep(k, v, beta, gam, chunk, interpret, wy_prep,
+                         with_kd=wy_prep == "fused")
   return rec.forward_output(w, u, kd, a, h0, q, k, gam, scale=scale, interpret=interpret,
                             block_v=block_v)
 
 
-def _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v):
-  w, u, kd, a, tmat = _prep(k, v, beta, gam, chunk, interpret)
+def _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v, wy_prep):
+  w, u, kd, a, tmat = _prep(k, v, beta, gam, chunk, interpret, wy_prep)
   h_in, vn, h_last = rec.forward(w, u, kd, a, h0, interpret=interpret, block_v=block_v)
   o = kern.output_forward(q, k, gam, h_in, vn, scale=scale, interpret=interpret)
   return (o, h_last), (q, k, v, beta, gam, tmat, w, kd, a, h_in, vn)
 
 
-def _core_bwd(scale, chunk, interpret, block_v, res, cts):
+def _core_bwd(scale, chunk, interpret, block_v, wy_prep, res, cts):
+  del wy_prep  # T (the residual) is read the same way whichever form wrote it
   q, k, v, beta, gam, tmat, w, kd, a, h_in, vn = res
   do, dh_last = cts
   bh, n, c, _ = vn.shape
@@ -86,7 +91,7 @@ gdn_core.defvjp(_core_fwd, _core_bwd)
 
 
 def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_size=64,
-                            interpret=False, block_v=None):
+                            interpret=False, block_v=None, wy_prep="fused"):
   """Chunked gated delta rule on the Pallas kernels (contract of `gated_delta_rule_chunked`).
 
   Args:
@@ -95,6 +100,9 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None,
     scale: default key_dim**-0.5. initial_state: `[batch, heads, key_dim, value_dim]` or None.
     chunk_size: a power of two >= 16 (static). interpret: Pallas interpret mode (any platform).
     block_v: V block of the recurrence programs (None: chosen from the shapes).
+    wy_prep: the WY-preparation kernels, `pallas_kernels.PREP_OPTIONS` ('fused': the measured
+      issue-15 kernel; 'split' and 'blocks' are candidates, timed by benchmarks/kernels.py
+      --gdn-stages; with them a bf16 forward without a backward forms kd in the recurrence).
   Returns:
     (o `[batch, time, heads, value_dim]` in v's dtype, final_state f32
     `[batch, heads, key_dim, value_dim]`).
@@ -104,6 +112,9 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None,
   """
   check_inputs(q, k, v, g, beta, initial_state)
   check_tile_chunk_size("gated_delta_rule (pallas)", chunk_size)
+  if wy_prep not in kern.PREP_OPTIONS:
+    raise ValueError(f"gated_delta_rule (pallas): wy_prep={wy_prep!r}; choose one of "
+                     f"{tuple(kern.PREP_OPTIONS)}.")
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   scale = default_scale(scale, dk)
@@ -116,6 +127,6 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None,
   gam = jnp.cumsum(to_chunks(pad_time(g, pad, _F32), c), axis=-1).reshape(b * h, t + pad)
   h0 = padded_state(initial_state, b, h, kp, vp)
   o, h_last = gdn_core(prep(q, kp), prep(k, kp), prep(v, vp), bhs(beta), gam, h0, float(scale), c,
-                       interpret, block_v)
+                       interpret, block_v, wy_prep)
   h_last = h_last.reshape(b, h, kp, vp)[:, :, :dk, :dv]
   return o[:, :t, :, :dv].astype(v.dtype), h_last

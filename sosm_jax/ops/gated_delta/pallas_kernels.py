@@ -150,12 +150,35 @@ def _neumann16(x, mm):
   return inv
 
 
-def _prep_kernel(k_ref, v_ref, b_ref, g_ref, w_ref, u_ref, kd_ref, t_ref, *, sub, barriers):
-  def barrier():  # L and T pass through t_ref: make each thread's stores visible to the others
-    if barriers:
-      from jax.experimental.pallas import triton as plt  # pylint: disable=import-outside-toplevel
-      plt.debug_barrier()
+def _wu_body(k_ref, v_ref, b_ref, g_ref, t_ref, w_ref, u_ref, kd_ref):
+  """w = T (b e^gam k), u = T (b v), kd = k e^(gam_C - gam) (kd_ref None: not written), from T
+  in t_ref (any dtype)."""
+  dt = k_ref.dtype
+  c = k_ref.shape[0]
+  beta, g = b_ref[...], g_ref[...]
+  t = t_ref[...].astype(dt)
+  eg = jnp.exp(g)[:, None]
+  kf = k_ref[...].astype(_F32)
+  w_ref[...] = _dot(t, (kf * (beta[:, None] * eg)).astype(dt)).astype(w_ref.dtype)
+  u_ref[...] = _dot(t, (v_ref[...].astype(_F32) * beta[:, None]).astype(dt)).astype(u_ref.dtype)
+  if kd_ref is not None:
+    kd_ref[...] = (kf * jnp.exp(g_ref[c - 1] - g)[:, None]).astype(kd_ref.dtype)
 
+
+def _outs(refs, with_kd):
+  """(w_ref, u_ref, kd_ref or None, rest...) of a prep kernel's output refs."""
+  return refs if with_kd else refs[:2] + (None,) + refs[2:]
+
+
+def _barrier(enabled):
+  """Makes each thread's stores to a ref visible to the program's other threads (compiled only)."""
+  if enabled:
+    from jax.experimental.pallas import triton as plt  # pylint: disable=import-outside-toplevel
+    plt.debug_barrier()
+
+
+def _prep_kernel(k_ref, v_ref, b_ref, g_ref, *outs, sub, barriers, with_kd):
+  w_ref, u_ref, kd_ref, t_ref = _outs(outs, with_kd)
   dt = k_ref.dtype
   inv_dot = _inverse_dot(dt)
   c = k_ref.shape[0]
@@ -163,8 +186,8 @@ def _prep_kernel(k_ref, v_ref, b_ref, g_ref, w_ref, u_ref, kd_ref, t_ref, *, sub
   strict = (lax.broadcasted_iota(jnp.int32, (c, c), 0)
             > lax.broadcasted_iota(jnp.int32, (c, c), 1))
   lower = jnp.where(strict, beta[:, None] * _dot(k, k, tb=True) * decay(g), 0.0)
-  t_ref[...] = lower
-  barrier()
+  t_ref[...] = lower  # L and T pass through t_ref
+  _barrier(barriers)
   nb = c // sub
   blk = lambda i: slice(i * sub, (i + 1) * sub)
   tb = {}
@@ -177,19 +200,88 @@ def _prep_kernel(k_ref, v_ref, b_ref, g_ref, w_ref, u_ref, kd_ref, t_ref, *, sub
         part = inv_dot(t_ref[blk(i), blk(m)], tb[m, j])
         acc = part if acc is None else acc + part
       tb[i, j] = -inv_dot(tii, acc)
-  barrier()
+  _barrier(barriers)
   for (i, j), tij in tb.items():
     t_ref[blk(i), blk(j)] = tij
   for i in range(nb):
     for j in range(i + 1, nb):
       t_ref[blk(i), blk(j)] = jnp.zeros((sub, sub), _F32)
-  barrier()
-  t = t_ref[...].astype(dt)
-  eg = jnp.exp(g)[:, None]
-  kf = k.astype(_F32)
-  w_ref[...] = _dot(t, (kf * (beta[:, None] * eg)).astype(dt)).astype(w_ref.dtype)
-  u_ref[...] = _dot(t, (v_ref[...].astype(_F32) * beta[:, None]).astype(dt)).astype(u_ref.dtype)
-  kd_ref[...] = (kf * jnp.exp(g_ref[c - 1] - g)[:, None]).astype(kd_ref.dtype)
+  _barrier(barriers)
+  _wu_body(k_ref, v_ref, b_ref, g_ref, t_ref, w_ref, u_ref, kd_ref)
+
+
+# The 'blocks' and 'split' forms: T from register blocks, no L round trip through memory.
+# L's [sub, sub] blocks come from the key rows' own [sub, K] loads (Triton cannot slice a register
+# tensor); each diagonal block is inverted by forward substitution row by row (exact fp32, a
+# masked row pick and a column sum per row: no products); the blocks below the diagonal follow
+# by block substitution, T_ij = -T_ii sum_{j<=m<i} L_im T_mj, whose [sub, sub] products run on
+# tensor cores ('tf32' for bf16 inputs, whose T is rounded to bf16 anyway; bf16x6 for fp32).
+# T is written in the matmul dtype (the w/u products and the backward read it as such).
+
+
+def _substitute(lo):
+  """(I + lo)^{-1} of a strictly lower-triangular f32 [s, s] block by forward substitution.
+
+  With n = (I + lo)^{-1} - I: n_i = -lo_i - sum_{m<i} lo_im n_m. Row i of -lo is n's row i until
+  step i replaces it, and it is zero from column i on, so the sum over all rows of n only sees the
+  finished rows m < i. Rows 0 and 1 are final from the start."""
+  s = lo.shape[0]
+  rows = lax.broadcasted_iota(jnp.int32, (s, s), 0)
+  n = -lo
+  for i in range(2, s):
+    pick = rows == i
+    a = jnp.sum(jnp.where(pick, n, 0.0), axis=0)                   # -lo_i
+    a = a + jnp.sum(a[:, None] * n, axis=0)
+    n = jnp.where(pick, a[None, :], n)
+  return n + (rows == lax.broadcasted_iota(jnp.int32, (s, s), 1)).astype(_F32)
+
+
+def _inverse_body(k_ref, b_ref, g_ref, t_ref, *, sub, merge, diag):
+  """T = (I + L)^{-1} into t_ref from k, beta, gam (comment above); diag: how the diagonal
+  blocks are inverted, 'substitute' (`_substitute`) or 'neumann' (`_neumann16`, as 'fused')."""
+  dt = k_ref.dtype
+  mm = functools.partial(dot, f32="bf16x6" if dt == _F32 else merge)
+  c = k_ref.shape[0]
+  nb = c // sub
+  blk = lambda i: pl.ds(i * sub, sub)
+  ks = [k_ref[blk(i), :] for i in range(nb)]
+  bs = [b_ref[blk(i)] for i in range(nb)]
+  gs = [g_ref[blk(i)] for i in range(nb)]
+  strict = _strict(sub)
+  lo = {}
+  for i in range(nb):
+    for j in range(i + 1):
+      diff = gs[i][:, None] - gs[j][None, :]
+      if i == j:  # mask before exp: the upper triangle's exponents are positive
+        dec = jnp.exp(jnp.where(strict, diff, -jnp.inf))
+      else:       # row block after column block: gam non-increasing, exponents <= 0
+        dec = jnp.exp(diff)
+      lo[i, j] = bs[i][:, None] * _dot(ks[i], ks[j], tb=True) * dec
+  tb = {}
+  for i in range(nb):
+    tb[i, i] = (_substitute(lo[i, i]) if diag == "substitute"
+                else _neumann16(lo[i, i], _inverse_dot(dt)))
+    for j in range(i - 1, -1, -1):
+      acc = None
+      for m in range(j, i):
+        part = mm(lo[i, m], tb[m, j])
+        acc = part if acc is None else acc + part
+      tb[i, j] = -mm(tb[i, i], acc)
+  zero = jnp.zeros((sub, sub), t_ref.dtype)
+  for i in range(nb):
+    for j in range(nb):
+      t_ref[blk(i), blk(j)] = tb[i, j].astype(t_ref.dtype) if j <= i else zero
+
+
+def _blocks_kernel(k_ref, v_ref, b_ref, g_ref, *outs, barriers, with_kd, **inverse):
+  w_ref, u_ref, kd_ref, t_ref = _outs(outs, with_kd)
+  _inverse_body(k_ref, b_ref, g_ref, t_ref, **inverse)
+  _barrier(barriers)
+  _wu_body(k_ref, v_ref, b_ref, g_ref, t_ref, w_ref, u_ref, kd_ref)
+
+
+def _inverse_kernel(k_ref, b_ref, g_ref, t_ref, **inverse):
+  _inverse_body(k_ref, b_ref, g_ref, t_ref, **inverse)
 
 
 def _prep_specs(heads, c, kdim, vdim):
@@ -198,24 +290,109 @@ def _prep_specs(heads, c, kdim, vdim):
   return sp["qk"], _specs(heads, c, vdim, vdim)["qk"], sp["g"], row
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "interpret"))
-def prep_forward(k, v, beta, gam, *, chunk, interpret=False):
+# WY-preparation forms (`prep_forward(form=...)`): 'fused' one kernel, L and T through T's f32
+# output buffer, inverse blocks by Neumann products (the measured issue-15 kernel); 'blocks' one
+# kernel, T from register blocks (above) written in the matmul dtype, then w, u, kd; 'split' the
+# same two steps as two kernels (the inverse kernel at its own warp count, `inverse_warps`).
+PREP_FORMS = ("fused", "blocks", "split")
+MERGES = ("tf32", "ieee")
+DIAGS = ("substitute", "neumann")
+# The named choices of `gated_delta_rule_pallas(wy_prep=...)`: prep_forward's settings.
+PREP_OPTIONS = {"fused": dict(form="fused"),
+                "blocks": dict(form="blocks", merge="tf32"),
+                "split": dict(form="split", merge="tf32", inverse_warps=2)}
+
+
+def check_prep(form, merge="tf32", diag="substitute"):
+  for name, x, allowed in (("form", form, PREP_FORMS), ("merge", merge, MERGES),
+                           ("diag", diag, DIAGS)):
+    if x not in allowed:
+      raise ValueError(f"gdn prep_forward: {name}={x!r}; choose one of {allowed}.")
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "form", "inverse_warps",
+                                             "merge", "diag", "warps", "with_kd"))
+def prep_forward(k, v, beta, gam, *, chunk, interpret=False, form="fused", inverse_warps=None,
+                 merge="tf32", diag="substitute", warps=WARPS, with_kd=True):
   """k `[B, T, H, K]`, v `[B, T, H, V]`, beta, gam `[B*H, T]` f32 ->
-  (w `[B*H, T, K]`, u `[B*H, T, V]`, kd `[B*H, T, K]` in k's dtype, T `[B*H, T, C]` f32)."""
+  (w `[B*H, T, K]`, u `[B*H, T, V]`, kd `[B*H, T, K]` in k's dtype, T `[B*H, T, C]`: f32 for
+  form 'fused', k's dtype otherwise).
+
+  form: PREP_FORMS (comment above). merge: the precision of the 'blocks'/'split' inverse's
+  below-diagonal products for bf16 inputs ('tf32' or 'ieee'; fp32 inputs always bf16x6); diag:
+  how they invert the diagonal blocks (DIAGS). with_kd False: kd is not written (None; the
+  forward-only recurrence forms it from k).
+  inverse_warps: warps of the 'split' inverse kernel (None: `warps`); warps: the other kernels'."""
+  check_prep(form, merge, diag)
   b, t, heads, kdim = k.shape
   vdim = v.shape[-1]
   kspec, vspec, gspec, row = _prep_specs(heads, chunk, kdim, vdim)
   bh = b * heads
   dt = k.dtype
-  out_shape = [jax.ShapeDtypeStruct((bh, t, kdim), dt), jax.ShapeDtypeStruct((bh, t, vdim), dt),
-               jax.ShapeDtypeStruct((bh, t, kdim), dt), jax.ShapeDtypeStruct((bh, t, chunk), _F32)]
+  sub = min(16, chunk)
+  wukd_shape = [jax.ShapeDtypeStruct((bh, t, kdim), dt), jax.ShapeDtypeStruct((bh, t, vdim), dt),
+                jax.ShapeDtypeStruct((bh, t, kdim), dt)][:3 if with_kd else 2]
+  wukd_specs = [row(kdim), row(vdim), row(kdim)][:3 if with_kd else 2]
+  with_none = lambda outs: tuple(outs) if with_kd else tuple(outs[:2]) + (None,) + tuple(outs[2:])
+  params = compiler_params(interpret, warps)
+  args = (k, v.astype(dt), beta, gam)
+  if form == "fused":
+    return with_none(pl.pallas_call(
+        functools.partial(_prep_kernel, sub=sub, barriers=not interpret, with_kd=with_kd),
+        grid=(bh, t // chunk), in_specs=[kspec, vspec, gspec, gspec],
+        out_specs=wukd_specs + [row(chunk)],
+        out_shape=wukd_shape + [jax.ShapeDtypeStruct((bh, t, chunk), _F32)],
+        interpret=interpret, compiler_params=params, name="gdn_prep_fwd")(*args))
+  t_shape = jax.ShapeDtypeStruct((bh, t, chunk), dt)
+  if form == "blocks":
+    return with_none(pl.pallas_call(
+        functools.partial(_blocks_kernel, sub=sub, merge=merge, diag=diag,
+                          barriers=not interpret, with_kd=with_kd),
+        grid=(bh, t // chunk), in_specs=[kspec, vspec, gspec, gspec],
+        out_specs=wukd_specs + [row(chunk)], out_shape=wukd_shape + [t_shape],
+        interpret=interpret, compiler_params=params, name="gdn_prep_blocks_fwd")(*args))
+  tmat = wy_inverse(k, beta, gam, chunk=chunk, interpret=interpret, merge=merge, diag=diag,
+                    warps=inverse_warps or warps)
+  return with_none(tuple(wy_apply(k, v, beta, gam, tmat, chunk=chunk, interpret=interpret,
+                                  warps=warps, with_kd=with_kd)) + (tmat,))
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "merge", "diag", "warps"))
+def wy_inverse(k, beta, gam, *, chunk, interpret=False, merge="tf32", diag="substitute",
+               warps=WARPS):
+  """The 'split' form's first kernel: k `[B, T, H, K]`, beta, gam `[B*H, T]` f32 ->
+  T `[B*H, T, C]` in k's dtype."""
+  check_prep("split", merge, diag)
+  b, t, heads, kdim = k.shape
+  kspec, _, gspec, row = _prep_specs(heads, chunk, kdim, kdim)
   return pl.pallas_call(
-      functools.partial(_prep_kernel, sub=min(16, chunk), barriers=not interpret),
-      grid=(bh, t // chunk),
-      in_specs=[kspec, vspec, gspec, gspec],
-      out_specs=[row(kdim), row(vdim), row(kdim), row(chunk)], out_shape=out_shape,
-      interpret=interpret, compiler_params=_params(interpret), name="gdn_prep_fwd")(
-          k, v.astype(dt), beta, gam)
+      functools.partial(_inverse_kernel, sub=min(16, chunk), merge=merge, diag=diag),
+      grid=(b * heads, t // chunk), in_specs=[kspec, gspec, gspec], out_specs=row(chunk),
+      out_shape=jax.ShapeDtypeStruct((b * heads, t, chunk), k.dtype), interpret=interpret,
+      compiler_params=compiler_params(interpret, warps), name="gdn_wy_inverse_fwd")(k, beta, gam)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "warps", "with_kd"))
+def wy_apply(k, v, beta, gam, tmat, *, chunk, interpret=False, warps=WARPS, with_kd=True):
+  """The 'split' form's second kernel: T `[B*H, T, C]` (any dtype) -> (w, u, kd) as
+  `prep_forward` (kd only with `with_kd`)."""
+  b, t, heads, kdim = k.shape
+  vdim = v.shape[-1]
+  kspec, vspec, gspec, row = _prep_specs(heads, chunk, kdim, vdim)
+  dt = k.dtype
+  bh = b * heads
+  shapes = [jax.ShapeDtypeStruct((bh, t, kdim), dt), jax.ShapeDtypeStruct((bh, t, vdim), dt),
+            jax.ShapeDtypeStruct((bh, t, kdim), dt)][:3 if with_kd else 2]
+  return pl.pallas_call(
+      functools.partial(_wu_kernel, with_kd=with_kd), grid=(bh, t // chunk),
+      in_specs=[kspec, vspec, gspec, gspec, row(chunk)],
+      out_specs=[row(kdim), row(vdim), row(kdim)][:3 if with_kd else 2], out_shape=shapes,
+      interpret=interpret, compiler_params=compiler_params(interpret, warps),
+      name="gdn_wy_wu_fwd")(k, v.astype(dt), beta, gam, tmat)
+
+
+def _wu_kernel(k_ref, v_ref, b_ref, g_ref, t_ref, *outs, with_kd):
+  _wu_body(k_ref, v_ref, b_ref, g_ref, t_ref, *_outs(outs, with_kd))
 
 
 # --------------------------------------------------------------------------- backward post kernel
