@@ -5,7 +5,8 @@ Checkpoints in the work directory are looked at newest first:
   memory saved beside it) -> skipped with one line and, once a readable one is found, moved to
   `<checkpoints>/corrupt/<step>` so the step can be written again later;
 - readable but from another model (a model key that changes what the parameters are, the
-  tokenizer, or any array's shape) -> the run is refused with the differing keys named;
+  tokenizer, or any array's shape) or another optimizer-state layout (`optimizer.fused`) -> the
+  run is refused with the differing keys named;
 - readable and matching -> resumed.
 If checkpoints exist and none is readable the run is refused too. `restart=True` turns both
 refusals into: move the earlier run aside (`<workdir>/previous/<time>/`, nothing deleted) and
@@ -22,6 +23,11 @@ from sosm_jax.train import checkpoint as ckpt_lib
 # mean: a run may resume with other values (e.g. another kernel path on another machine).
 EXECUTION_KEYS = ("remat", "attn_impl", "attn_block_size", "linear_impl", "chunk_size",
                   "loss_chunk_size", "rope_base", "graph.query_chunk", "graph.key_chunk")
+
+
+# Optimizer keys that change the layout of the optimizer state in a checkpoint (a key missing from
+# an older checkpoint counts as its default, False).
+OPTIMIZER_LAYOUT_KEYS = ("fused",)
 
 
 class ResumeRefused(RuntimeError):
@@ -89,6 +95,14 @@ def shape_differences(saved: dict, wanted: dict, limit: int = 6) -> list[str]:
   return diffs
 
 
+def optimizer_differences(saved: dict, current: dict) -> list[str]:
+  """'optimizer.fused: saved X, now Y' for the OPTIMIZER_LAYOUT_KEYS that differ."""
+  return [f"optimizer.{k}: saved {saved.get(k, False)!r}, now {current.get(k, False)!r} (the "
+          f"optimizer state is stored per parameter with False, as flat buffers with True; "
+          f"resume with --config.optimizer.{k}={str(saved.get(k, False)).lower()})"
+          for k in OPTIMIZER_LAYOUT_KEYS if saved.get(k, False) != current.get(k, False)]
+
+
 def _choices(workdir: str) -> str:
   return (f"Either resume with the settings the run was started with (its config.json in "
           f"{workdir}), or train in a new --workdir, or add --config.train.restart=true to move "
@@ -97,10 +111,12 @@ def _choices(workdir: str) -> str:
 
 def decide(checkpointer: ckpt_lib.Checkpointer, abstract_state, *, workdir: str, model: dict,
            tokenizer: dict, restart: bool,
-           verify: Callable[[int, dict], None] | None = None) -> Resumed | None:
+           verify: Callable[[int, dict], None] | None = None,
+           optimizer: dict | None = None) -> Resumed | None:
   """Restores the newest usable checkpoint, or returns None to start fresh (see module doc).
 
-  model: the requested `config.model` as a dict; tokenizer: the tokenizer's identity().
+  model: the requested `config.model` as a dict; tokenizer: the tokenizer's identity();
+  optimizer: `config.optimizer` as a dict (its OPTIMIZER_LAYOUT_KEYS must match the checkpoint's).
   verify(step, meta): raises CorruptCheckpoint if something saved beside the checkpoint is bad.
   Raises ResumeRefused (naming keys and choices) when the run must not start.
   """
@@ -113,14 +129,22 @@ def decide(checkpointer: ckpt_lib.Checkpointer, abstract_state, *, workdir: str,
     except Exception as e:  # pylint: disable=broad-except
       unreadable.append((step, ckpt_lib.first_line(e)))
       continue
+    layout = (optimizer_differences(meta.get("config", {}).get("optimizer", {}), optimizer)
+              if optimizer is not None else [])
+    if layout:   # the optimizer state's arrays differ by design: name the key, not the arrays
+      params_only = lambda shapes: {k: v for k, v in shapes.items()
+                                    if not k.startswith("opt_state/")}
+      shapes = shape_differences(params_only(saved_shapes), params_only(wanted))
+    else:
+      shapes = shape_differences(saved_shapes, wanted)
     diffs = (model_differences(meta.get("config", {}).get("model", {}), model)
-             + tokenizer_differences(meta.get("tokenizer", {}), tokenizer)
-             + shape_differences(saved_shapes, wanted))
+             + tokenizer_differences(meta.get("tokenizer", {}), tokenizer) + layout + shapes)
     if diffs:
       return _refuse_or_restart(
           checkpointer, workdir, restart,
-          f"checkpoint {step} in {checkpointer.directory} was written by a different model, so "
-          f"this run cannot continue it:\n  " + "\n  ".join(diffs) + "\n" + _choices(workdir))
+          f"checkpoint {step} in {checkpointer.directory} was written by a different model"
+          f"{' or optimizer layout' if layout else ''}, so this run cannot continue it:\n  "
+          + "\n  ".join(diffs) + "\n" + _choices(workdir))
     try:
       state, meta = checkpointer.restore(step, abstract_state)
       if verify is not None:

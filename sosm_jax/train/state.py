@@ -11,6 +11,7 @@ import optax
 from jax.sharding import Mesh
 
 from sosm_jax.parallel import logical_shardings, replicated_sharding, unbox_values
+from sosm_jax.train import optimizer as optimizer_lib
 
 
 @flax.struct.dataclass
@@ -28,15 +29,20 @@ def state_shardings(init_params: Callable[[], Any], optimizer: optax.GradientTra
   """Shardings of the TrainState, derived from the logical axis names on the parameters.
 
   `init_params()` returns boxed parameters; it is only traced (eval_shape), never run.
-  Optimizer moments get their parameter's sharding; counters are replicated.
+  Optimizer moments get their parameter's sharding; counters are replicated. The fused
+  optimizer's flat moments are replicated (it refuses parameters that are not).
   """
   boxed = jax.eval_shape(init_params)
   param_sh = logical_shardings(boxed, mesh)
   abstract_opt = jax.eval_shape(optimizer.init, unbox_values(boxed))
   replicated = replicated_sharding(mesh)
-  opt_sh = optax.tree_utils.tree_map_params(
-      optimizer, lambda _, sharding: sharding, abstract_opt, param_sh,
-      transform_non_params=lambda _: replicated)
+  if isinstance(optimizer, optimizer_lib.FusedAdamW):   # flat moments of replicated parameters
+    optimizer_lib.check_fused_shardings(param_sh)
+    opt_sh = jax.tree.map(lambda _: replicated, abstract_opt)
+  else:
+    opt_sh = optax.tree_utils.tree_map_params(
+        optimizer, lambda _, sharding: sharding, abstract_opt, param_sh,
+        transform_non_params=lambda _: replicated)
   return TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
                     nonfinite_streak=replicated, nonfinite_total=replicated)
 

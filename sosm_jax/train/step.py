@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from sosm_jax.parallel import batch_sharding, replicated_sharding
+from sosm_jax.train import optimizer as optimizer_lib
 from sosm_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -65,21 +66,31 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
   def train_step(state: TrainState, batch: Batch):
     loss, metrics, grads = _loss_and_grads(loss_fn, state.params, batch, grad_accum)
-    grad_norm = optax.tree.norm(grads)
-    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    update_norm = optax.tree.norm(updates)
-    param_norm = optax.tree.norm(state.params)
-    # finite parameters plus a finite update give finite new parameters: no pass over them
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-    if max_update_ratio > 0:
-      finite &= update_norm <= max_update_ratio * param_norm
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    def accept(grad_norm, update_norm, param_norm):
+      # finite parameters plus a finite update give finite new parameters: no pass over them
+      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+      if max_update_ratio > 0:
+        ok &= update_norm <= max_update_ratio * param_norm
+      return ok
+
+    if isinstance(optimizer, optimizer_lib.FusedAdamW):   # norms and selects on flat buffers
+      params, opt_state, grad_norm, update_norm, param_norm, finite = optimizer.guarded_update(
+          grads, state.opt_state, state.params, accept)
+    else:
+      grad_norm = optax.tree.norm(grads)
+      updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+      new_params = optax.apply_updates(state.params, updates)
+      update_norm = optax.tree.norm(updates)
+      param_norm = optax.tree.norm(state.params)
+      finite = accept(grad_norm, update_norm, param_norm)
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      params, opt_state = keep(new_params, state.params), keep(new_opt_state, state.opt_state)
     streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
+        params=params,
+        opt_state=opt_state,
         nonfinite_streak=streak.astype(jnp.int32),
         nonfinite_total=(state.nonfinite_total + (~finite).astype(jnp.int32)),
     )
