@@ -5,6 +5,10 @@ Variants:
   (none)  the full recipe for accelerators: ~150M parameters (hidden 768, 12 layers, attention at
           layers 3, 7, 11, vocabulary 32000), stages 4K, 8K, 16K, 32K, 64K, 100K (102,400 tokens)
           at 524,288 tokens per step (4 x 102,400 in the last stage).
+  long_small  a 25.3M-parameter hybrid (hidden 512, 8 layers, attention at layers 3 and 7,
+          bytes) through 4K -> 16K -> 64K -> 100K (102,400) in an estimated 5 minutes of one H200
+          with compiles, on stdlib text mixed with passkey, NIAH and MQAR rows (each task example
+          fills a whole row), RoPE base 500,000 throughout; for launch/evaluate.py to 100K.
   smoke   a small hybrid on the CPU in a few minutes: 256 -> 512 -> 1024 tokens, byte-level data.
   tiny    the smallest runnable model, for tests.
   memory  memory beyond the window on the CPU in ~1-2 minutes: a small HGRN-2 + graph model
@@ -49,6 +53,32 @@ def get_config(arg: str | None = None):
         rope_base=(10000.0, 20000.0, 40000.0, 80000.0, 160000.0, 250000.0))
     c.optimizer.update(learning_rate=1e-3, warmup_steps=500)
     c.train.update(log_every=20, checkpoint_every=250)
+  elif variant == "long_small":
+    c.model.update(num_layers=8, d_model=512, mlp_dim=1408, vocab_size=260,
+                   attn_num_heads=8, attn_num_kv_heads=4, attn_head_dim=64, hgrn2_head_dim=128,
+                   pattern=("hgrn2", "hgrn2", "hgrn2", "attn"), dtype="bfloat16",
+                   scan_layers=False, logits_dtype="bfloat16",
+                   # One base for every stage: a few dozen steps per long stage leave no room to
+                   # re-learn positions after a base change; 500K keeps 100K inside one period
+                   # of the slowest rotary frequencies, and evaluation uses the same base.
+                   rope_base=500000.0)
+    # Documents are drawn by weight, and a task example fills a whole row at every length, so
+    # task rows are ~30% of the 4K rows (stdlib files average 17.6 KB) and most 64K/100K rows.
+    c.data.update(source="mix:stdlib=0.35,synthetic:passkey=0.2,synthetic:niah=0.3,"
+                         "synthetic:mqar=0.15",
+                  # 256 queries a row: dense recall answers (a 100K row asks them across 100K)
+                  mqar_num_pairs=64, mqar_num_queries=256, passkey_digits=5, niah_num_needles=4,
+                  niah_digits=7)
+    c.curriculum.update(
+        seq_lens=(4096, 16384, 65536, 102400),
+        steps=(1500, 200, 60, 50),
+        tokens_per_step=65536,
+        global_batch=(0, 0, 2, 2),      # 16 x 4K, 4 x 16K, then 2 sequences of 64K / 100K
+        remat=("auto",) * 4)
+    # constant through the 4K stage, then decayed over the long stages (the last 18% of steps)
+    c.optimizer.update(learning_rate=1.5e-3, warmup_steps=100, schedule="wsd", decay_fraction=0.18)
+    # the end-of-stage checks would compile two more functions per stage: evaluate.py does it once
+    c.train.update(log_every=25, checkpoint_every=0, eval_batches=0, passkey_examples=0)
   elif variant == "smoke":
     c.model.update(num_layers=4, d_model=128, mlp_dim=384, vocab_size=260,
                    attn_num_heads=4, attn_num_kv_heads=2, attn_head_dim=32, hgrn2_head_dim=32,
@@ -79,7 +109,7 @@ def get_config(arg: str | None = None):
                    passkey_examples=0)
   else:
     raise ValueError(f"unknown variant {variant!r} of configs/curriculum.py: use one of "
-                     f"'' (full), 'smoke', 'tiny', 'memory', 'long_cp'")
+                     f"'' (full), 'long_small', 'smoke', 'tiny', 'memory', 'long_cp'")
   return c
 
 

@@ -5,7 +5,7 @@ import ml_collections
 
 from sosm_jax.data import sources
 
-_TASKS = ("mqar", "passkey", "copy")
+_TASKS = ("mqar", "passkey", "copy", "niah")
 _RECORD_FORMATS = ("text", "int32", "uint16")
 
 
@@ -14,7 +14,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # What to read. '' or 'stdlib' = this Python's standard library source (no download);
       # 'text:<dir|glob|file>'; 'tfds:<name>[/<config>][:<version>][:<split>]';
-      # 'array_record:<glob>'; 'synthetic:mqar|passkey|copy';
+      # 'array_record:<glob>'; 'synthetic:mqar|passkey|copy|niah';
       # 'mix:<source>=<weight>,<source>=<weight>' (e.g. 'mix:stdlib=0.9,synthetic:passkey=0.1').
       source="",
       eval_source="",         # split='validation' reads this instead; '' = held-out part of source
@@ -35,6 +35,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       mqar_num_queries=0,     # queries after the context; 0 = one per pair
       passkey_digits=5,       # digits of the hidden number
       passkey_depth=-1.0,     # where the needle sits in [0, 1]; <0 = uniformly random per example
+      niah_num_needles=4,     # niah: needles of the multi-needle kinds (as evaluate.py's default)
+      niah_digits=7,          # niah: digits of number needles
       eval_examples=256,      # size of a synthetic validation set
   ))
 
@@ -78,4 +80,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
            "use e.g. 5")
   _require(cfg.passkey_depth <= 1.0, "passkey_depth", f"{cfg.passkey_depth} > 1",
            "use a depth in [0, 1], or <0 for random depths")
+  _require(1 <= cfg.niah_num_needles <= 24, "niah_num_needles",
+           f"{cfg.niah_num_needles} outside 1..24", "use e.g. 4")
+  _require(1 <= cfg.niah_digits <= 18, "niah_digits", f"{cfg.niah_digits} outside 1..18",
+           "use e.g. 7")
   _require(cfg.eval_examples >= 1, "eval_examples", "must be positive", "use e.g. 256")

@@ -70,6 +70,8 @@ class _TaskOptions:
   task_vocab_size: int
   passkey_digits: int
   passkey_depth: float
+  niah_num_needles: int
+  niah_digits: int
 
 
 class _TaskDocs:
@@ -97,9 +99,11 @@ def _component(comp: sources.Component, index: int, data_cfg, tokenizer, *, spli
   if comp.kind == "synthetic":
     options = _TaskOptions(data_cfg.mqar_num_pairs, data_cfg.mqar_num_queries,
                            data_cfg.task_vocab_size, data_cfg.passkey_digits,
-                           data_cfg.passkey_depth)
+                           data_cfg.passkey_depth, data_cfg.niah_num_needles,
+                           data_cfg.niah_digits)
     make = _TaskDocs(comp.arg, tokenizer, task_length, cseed, 0 if training else 1, options)
-    make(0)  # bad task settings fail here, not later inside a reader thread
+    # bad task settings fail here, not later inside a reader thread
+    tasks.check_task_length(comp.arg, tokenizer, task_length, options)
     n = _INFINITE if training else data_cfg.eval_examples
     return grain.MapDataset.range(n).map(make), {"source": f"synthetic:{comp.arg}",
                                                 "documents": n, "task_length": task_length}

@@ -16,6 +16,10 @@ evaluation examples, so training and evaluation see one format.
   for these sentences (under ~200 bytes) use a terse form: filler, "#NNNNN" at the depth, filler,
   "#" and the digits.
 - copy: random tokens, SEP, the same tokens again (the second copy is the answer).
+- niah: one RULER-style needle-in-a-haystack example (sosm_jax/eval/niah.py) of a kind (single,
+  multikey, multivalue, multiquery) and needle (number, word) drawn per example, the target
+  needle at a uniform depth, in the 'prose' haystack: the evaluation's generator, so a model can
+  be trained on the format it is tested on (with other seeds).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import dataclasses
 
 import numpy as np
 
-TASKS = ("mqar", "passkey", "copy")
+TASKS = ("mqar", "passkey", "copy", "niah")
 
 _HEADER = "A pass key is hidden somewhere in the long text below. Find it and remember it.\n"
 _FILLER = ("Rivers run to the sea. Leaves turn in autumn. Clocks tick and the day goes on. "
@@ -142,6 +146,28 @@ def copy_example(tokenizer, length: int, *, seed, vocab_size: int = 256) -> Task
   return _example(tokens, mask)
 
 
+def niah_training_example(tokenizer, length: int, *, seed, num_needles: int = 4, digits: int = 7,
+                          spec_index: int | None = None) -> TaskExample:
+  """A NIAH example of a random kind and needle (spec_index: that one of the 8, kinds outer)."""
+  # The generator lives with the evaluation (which imports this module), hence the late import.
+  from sosm_jax.eval import niah  # pylint: disable=g-import-not-at-top
+  rng = _rng(seed)
+  specs = niah.task_specs(num_needles=num_needles, digits=digits)
+  spec = specs[int(rng.integers(len(specs))) if spec_index is None else spec_index]
+  return niah.niah_example(tokenizer, length, spec, seed=rng, depth=float(rng.uniform())).example
+
+
+def check_task_length(task: str, tokenizer, length: int, data_cfg) -> None:
+  """ValueError when an example of `task` cannot be made at `length` (niah: any of its kinds)."""
+  if task != "niah":
+    make_example(task, tokenizer, length, np.random.default_rng(0), data_cfg)
+    return
+  from sosm_jax.eval import niah  # pylint: disable=g-import-not-at-top
+  for index in range(len(niah.KINDS) * len(niah.NEEDLES)):
+    niah_training_example(tokenizer, length, seed=0, num_needles=data_cfg.niah_num_needles,
+                          digits=data_cfg.niah_digits, spec_index=index)
+
+
 def make_example(task: str, tokenizer, length: int, seed, data_cfg) -> TaskExample:
   """The example of `task` configured by data_cfg's task keys (see config.py)."""
   if task == "mqar":
@@ -153,6 +179,9 @@ def make_example(task: str, tokenizer, length: int, seed, data_cfg) -> TaskExamp
                            digits=data_cfg.passkey_digits)
   if task == "copy":
     return copy_example(tokenizer, length, seed=seed, vocab_size=data_cfg.task_vocab_size)
+  if task == "niah":
+    return niah_training_example(tokenizer, length, seed=seed,
+                                 num_needles=data_cfg.niah_num_needles, digits=data_cfg.niah_digits)
   raise ValueError(f"unknown synthetic task {task!r}; use one of {TASKS}")
 
 
