@@ -6,6 +6,7 @@ plain and a memory run (resumed runs end bit-identical to uninterrupted ones).
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,22 @@ def _final(workdir):
   return step, jax.tree.map(np.asarray, state["state"]["params"])
 
 
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+  """The _SMALL run trained straight, once for the module: tests read it, or copy it to change it.
+  Trained in this process, it also fills the compile cache for the subprocesses of the kill -9
+  test."""
+  workdir = str(tmp_path_factory.mktemp("small") / "run")
+  result = loop.train(_config(**_SMALL), workdir)
+  assert result.status == "finished" and result.step == 10
+  return workdir
+
+
+def _copy_run(workdir, to):
+  shutil.copytree(workdir, to)
+  return str(to)
+
+
 def _assert_identical(a, b):
   flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
   assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
@@ -79,11 +96,11 @@ def _assert_identical(a, b):
 
 # ---------------------------------------------------------------- resume is a decision
 
-def test_changed_model_is_refused_and_restart_moves_the_run_aside(tmp_path):
-  workdir = str(tmp_path / "run")
-  assert loop.train(_config(**_SMALL), workdir).step == 10
+def test_changed_model_is_refused_and_restart_moves_the_run_aside(small_run, tmp_path):
+  with open(os.path.join(small_run, "config.json")) as f:
+    assert json.load(f)["workdir"] == small_run                   # the real workdir
+  workdir = _copy_run(small_run, tmp_path / "run")
   config_json = (tmp_path / "run" / "config.json").read_text()
-  assert json.loads(config_json)["workdir"] == workdir          # the real workdir
   checkpoints = tmp_path / "run" / "checkpoints"
   before = sorted(os.listdir(checkpoints))
   with pytest.raises(resume_lib.ResumeRefused,
@@ -98,12 +115,15 @@ def test_changed_model_is_refused_and_restart_moves_the_run_aside(tmp_path):
   with pytest.raises(resume_lib.ResumeRefused, match=r"(?s)no checkpoint .* can be read"):
     loop.train(_config(**_SMALL), workdir)
   assert sorted(os.listdir(checkpoints)) == before
-  assert loop.train(_config(**_SMALL, **{"train.restart": True}), workdir).step == 10
+  # the fresh run only has to start: 2 steps show it began at step 0 with a new metrics file
+  restarted = loop.train(_config(**_SMALL, **{"train.restart": True, "train.stop_at_step": 2}),
+                         workdir)
+  assert restarted.status == "interrupted" and restarted.step == 2
   (previous,) = os.listdir(tmp_path / "run" / "previous")
   moved = tmp_path / "run" / "previous" / previous
   assert {"6", "8", "10"} <= set(os.listdir(moved / "checkpoints"))   # nothing deleted
   assert json.loads((moved / "config.json").read_text()) == json.loads(config_json)
-  assert [r["step"] for r in _records(workdir)] == list(range(1, 11))   # a fresh metrics file
+  assert [r["step"] for r in _records(workdir)] == [1, 2]   # a fresh metrics file
 
 
 def test_error_right_after_the_stage_end_save_keeps_it_and_the_eval_is_redone(tmp_path,
@@ -272,19 +292,32 @@ def _memory_updates(**extra):
           "train.eval_batches": 0, "train.passkey_examples": 0, **extra}
 
 
-def test_damaged_memory_falls_back_to_an_older_checkpoint(tmp_path, capsys):
-  workdir = str(tmp_path / "run")
-  # steps 3 (window 3 of row 1) and 6 (window 2 of row 2) both continue a row: they need memory
-  first = loop.train(_config("memory", **_memory_updates(**{"train.stop_at_step": 7})), workdir)
-  assert first.step == 7
-  stream = tmp_path / "run" / "checkpoints" / "memory" / "7" / "layer_1" / "stream_0"
+@pytest.fixture(scope="module")
+def memory_run(tmp_path_factory):
+  """The memory run of _memory_updates() trained straight (10 steps; checkpoints 6, 9 and 10
+  kept), once for the module; as small_run, it fills the compile cache for the subprocesses."""
+  workdir = str(tmp_path_factory.mktemp("memory") / "run")
+  result = loop.train(_config("memory", **_memory_updates()), workdir)
+  assert result.status == "finished" and result.step == 10
+  return workdir
+
+
+def test_damaged_memory_falls_back_to_an_older_checkpoint(memory_run, tmp_path, capsys):
+  workdir = _copy_run(memory_run, tmp_path / "run")
+  # checkpoint 9 ends window 1 of row 3 (4 windows per row): step 10, window 2, reads the memory
+  # saved with it
+  stream = tmp_path / "run" / "checkpoints" / "memory" / "10" / "layer_1" / "stream_0"
   (stream / "shard_0.npz").write_bytes(b"damaged")
   result = loop.train(_config("memory", **_memory_updates()), workdir)
   assert result.status == "finished" and result.step == 10
   out = capsys.readouterr().out
-  assert f"Checkpoint 7 is unreadable (CorruptCheckpoint: {stream / 'shard_0.npz'}" in out
-  assert "Resuming from step 6" in out
-  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "corrupt" / "7")
+  assert f"Checkpoint 10 is unreadable (CorruptCheckpoint: {stream / 'shard_0.npz'}" in out
+  assert "Resuming from step 9" in out
+  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "corrupt" / "10")
+  # step 10 trained again from checkpoint 9 and its memory: the straight run's parameters
+  straight, again = _final(memory_run), _final(workdir)
+  assert straight[0] == again[0] == 10
+  _assert_identical(straight[1], again[1])
 
 
 # ---------------------------------------------------------------- kill -9 at random points
@@ -326,26 +359,25 @@ def _kill_and_resume(variant, workdir, overrides, total_steps, rng, kills):
   assert done.returncode == 0 and "finished at step" in done.stdout, done.stdout + done.stderr
 
 
-def _kill9_case(tmp_path, variant, updates, stages, seed, kills):
-  """The run straight (in this process: the same compiled programs as the subprocesses') and
-  the run killed `kills` times at random steps and resumed: final parameters bit-identical,
-  every step's and every stage's evaluation record written once."""
-  straight = str(tmp_path / "straight")
-  total = loop.train(_config(variant, **updates), straight).step
+def _kill9_case(tmp_path, straight, variant, updates, stages, seed, kills):
+  """The run `straight` (trained in this process: the same compiled programs as the
+  subprocesses') and the run killed `kills` times at random steps and resumed: final parameters
+  bit-identical, every step's and every stage's evaluation record written once."""
   reference = _final(straight)
+  total = reference[0]
   overrides = [f"--config.{k}={v}" for k, v in updates.items()]
   workdir = str(tmp_path / "killed")
   _kill_and_resume(variant, workdir, overrides, total, np.random.default_rng(seed), kills)
   step, params = _final(workdir)
-  assert step == reference[0] == total
+  assert step == total
   _assert_identical(reference[1], params)
   assert [r["step"] for r in _records(workdir)] == list(range(1, total + 1))
   assert sorted(r["stage"] for r in _records(workdir, "eval")) == list(range(stages))
 
 
-def test_kill9_plain_run_resumes_bit_identical(tmp_path):
-  _kill9_case(tmp_path, "tiny", _SMALL, 2, seed=0, kills=2)
+def test_kill9_plain_run_resumes_bit_identical(small_run, tmp_path):
+  _kill9_case(tmp_path, small_run, "tiny", _SMALL, 2, seed=0, kills=2)
 
 
-def test_kill9_memory_run_resumes_bit_identical(tmp_path):
-  _kill9_case(tmp_path, "memory", _memory_updates(), 1, seed=1, kills=1)
+def test_kill9_memory_run_resumes_bit_identical(memory_run, tmp_path):
+  _kill9_case(tmp_path, memory_run, "memory", _memory_updates(), 1, seed=1, kills=1)
