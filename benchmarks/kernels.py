@@ -293,28 +293,31 @@ def check_gradients(t=200, b=2, h=2, d=128, chunk=64, seed=0, op_names=("gdn", "
   return out
 
 
-# --gdn-stages: the gated delta rule's forward kernels timed one by one (bf16). Each entry:
-# (label, settings). WY preparation (`pallas_kernels.prep_forward`; 'fused' is the measured
-# issue-15 kernel, 'inverse'/'apply' the two kernels of the 'split' form alone):
-GDN_PREP_SWEEP = (
+# --gdn-stages: the gated delta rule's forward kernels timed one by one (bf16), most telling
+# first (a call that runs out of time loses the tail). Each entry: (label, settings).
+# 'prep_*': `pallas_kernels.prep_forward` ('fused' is the measured issue-15 kernel); 'inverse',
+# 'apply': the two kernels of the 'split' form alone ('apply_pre': also writing p, qg);
+# 'fwd_out*': the forward-only recurrence with the output stage in its loop
+# (`pallas_recurrence.forward_output`; kd=False: kd formed from k in the loop; 'fwd_out_pre':
+# `forward_output_pre`, p and qg read); 'rec_fwd', 'output_fwd': the backward's forward.
+GDN_STAGE_SWEEP = (
     ("prep_fused", dict(form="fused")),
-    ("prep_blocks", dict(form="blocks")),
-    ("prep_split_w1", dict(form="split", inverse_warps=1)),
     ("prep_split_w2", dict(form="split", inverse_warps=2)),
+    ("prep_blocks", dict(form="blocks")),
+    ("inverse_w2", dict(stage="inverse", warps=2)),
+    ("apply_w4", dict(stage="apply")),
+    ("apply_pre", dict(stage="apply_pre")),
+    ("fwd_out_kd", dict(stage="fwd_out", kd=True)),
+    ("fwd_out", dict(stage="fwd_out", kd=False)),
+    ("fwd_out_pre", dict(stage="fwd_out_pre")),
+    ("prep_split_w1", dict(form="split", inverse_warps=1)),
     ("prep_split_w4", dict(form="split", inverse_warps=4)),
     ("prep_split_w2_neumann", dict(form="split", inverse_warps=2, diag="neumann")),
     ("prep_split_w2_no_kd", dict(form="split", inverse_warps=2, with_kd=False)),
-    ("inverse_w2", dict(stage="inverse", warps=2)),
-    ("apply_w4", dict(stage="apply")),
-)
-# the recurrence: 'fwd_out*' the forward-only kernel with the output stage in its loop
-# (`pallas_recurrence.forward_output`; kd=False: kd formed from k in the loop), 'rec_fwd' and
-# 'output_fwd' the two kernels of the forward that the backward runs.
-GDN_REC_SWEEP = (
-    ("fwd_out_kd", dict(kd=True)),
-    ("fwd_out", dict(kd=False)),
-    ("fwd_out_bv32", dict(kd=False, block_v=32)),
-    ("fwd_out_stages3", dict(kd=False, num_stages=3)),
+    ("fwd_out_bv32", dict(stage="fwd_out", kd=False, block_v=32)),
+    ("fwd_out_stages3", dict(stage="fwd_out", kd=False, num_stages=3)),
+    ("fwd_out_bv128_w8", dict(stage="fwd_out", kd=False, block_v=128, num_warps=8)),
+    ("fwd_out_pre_bv32", dict(stage="fwd_out_pre", block_v=32)),
     ("rec_fwd", dict(stage="rec_fwd")),
     ("output_fwd", dict(stage="output_fwd")),
 )
@@ -334,47 +337,48 @@ def time_gdn_stages(t, b, h, d, iters, record, chunk=64):
   gam = jnp.cumsum(to_chunks(g.astype(jnp.float32), chunk), axis=-1).reshape(bh, t)
   beta = bhs(beta)
   scale = d ** -0.5
-  w, u, kd, _ = kern.prep_forward(k, v, beta, gam, chunk=chunk, **ip)
   tmat16 = kern.wy_inverse(k, beta, gam, chunk=chunk, **ip)
+  w, u, kd, p, qg = kern.wy_apply(k, v, beta, gam, tmat16, q, chunk=chunk, scale=scale, **ip)
   per_chunk = lambda x: x.reshape(bh, n, chunk, x.shape[-1])
   w, u, kd = per_chunk(w), per_chunk(u), per_chunk(kd)
   a = jnp.broadcast_to(jnp.exp(gam.reshape(bh, n, chunk)[..., -1])[..., None], (bh, n, d))
   h0 = jnp.zeros((bh, d, d), jnp.float32)
   h_in, vn, _ = rec.forward(w, u, kd, a, h0, **ip)
 
-  def prep(opts):
+  def make(opts):
     opts = dict(opts)
     stage = opts.pop("stage", None)
+    if stage is None:
+      return lambda: kern.prep_forward(k, v, beta, gam, chunk=chunk, **opts, **ip)
     if stage == "inverse":
       return lambda: kern.wy_inverse(k, beta, gam, chunk=chunk, **opts, **ip)
     if stage == "apply":
       return lambda: kern.wy_apply(k, v, beta, gam, tmat16, chunk=chunk, **opts, **ip)
-    return lambda: kern.prep_forward(k, v, beta, gam, chunk=chunk, **opts, **ip)
-
-  def recurrence(opts):
-    opts = dict(opts)
-    stage = opts.pop("stage", None)
+    if stage == "apply_pre":
+      return lambda: kern.wy_apply(k, v, beta, gam, tmat16, q, chunk=chunk, scale=scale, **ip)
+    if stage == "fwd_out":
+      kd_in = kd if opts.pop("kd") else None
+      return lambda: rec.forward_output(w, u, kd_in, a, h0, q, k, gam, scale=scale, **opts, **ip)
+    if stage == "fwd_out_pre":
+      return lambda: rec.forward_output_pre(w, u, kd, a, h0, p, qg, heads=h, **opts, **ip)
     if stage == "rec_fwd":
       return lambda: rec.forward(w, u, kd, a, h0, **ip)
-    if stage == "output_fwd":
-      return lambda: kern.output_forward(q, k, gam, h_in, vn, scale=scale, **ip)
-    kd_in = kd if opts.pop("kd") else None
-    return lambda: rec.forward_output(w, u, kd_in, a, h0, q, k, gam, scale=scale, **opts, **ip)
+    assert stage == "output_fwd", stage
+    return lambda: kern.output_forward(q, k, gam, h_in, vn, scale=scale, **ip)
 
   out = []
-  for sweep, make in ((GDN_PREP_SWEEP, prep), (GDN_REC_SWEEP, recurrence)):
-    for label, opts in sweep:
-      entry = {"op": "gdn_stage", "stage": label, "T": t, "B": b, "settings": repr(opts)}
-      try:
-        fn = make(opts)
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        entry["first_call_s"] = round(time.perf_counter() - t0, 2)
-        entry["ms"] = _median_ms(lambda: fn(), (), max(iters, 20))
-      except Exception as e:  # pylint: disable=broad-except
-        entry["error"] = repr(e)[:500]
-      record(entry)
-      out.append(entry)
+  for label, opts in GDN_STAGE_SWEEP:
+    entry = {"op": "gdn_stage", "stage": label, "T": t, "B": b, "settings": repr(opts)}
+    try:
+      fn = make(opts)
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      entry["first_call_s"] = round(time.perf_counter() - t0, 2)
+      entry["ms"] = _median_ms(fn, (), max(iters, 20))
+    except Exception as e:  # pylint: disable=broad-except
+      entry["error"] = repr(e)[:500]
+    record(entry)
+    out.append(entry)
   return out
 
 
@@ -411,7 +415,7 @@ def main(argv=None):
                       "(pallas_kernels.PREP_OPTIONS; default: the dispatcher's)")
   p.add_argument("--gdn-stages", action="store_true",
                  help="after the rows: time the gated delta rule's forward kernels one by one "
-                      "(GDN_PREP_SWEEP, GDN_REC_SWEEP) at the first row")
+                      "(GDN_STAGE_SWEEP) at the first row")
   args = p.parse_args(argv)
   wanted = set(args.impls.split(","))
   modes = tuple(args.modes.split(","))

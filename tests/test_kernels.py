@@ -179,12 +179,13 @@ def test_gla_extreme_decay_stays_finite():
     assert _rel(x, y) < 5e-4, f"d{name}"
 
 
-@pytest.mark.parametrize("wy_prep", ["blocks", "split"])
+@pytest.mark.parametrize("wy_prep", ["blocks", "split", "split_pre"])
 @pytest.mark.parametrize("chunk", [16, 64])
 def test_gated_delta_wy_prep_forms(wy_prep, chunk):
   """The WY-preparation candidates (T from register blocks, written in the matmul dtype; 'split':
-  two kernels; forward without backward: kd formed in the recurrence): fp32 values and every
-  gradient against the sequential reference, two chunks plus a partial one, an initial state."""
+  two kernels; forward without backward: kd formed in the recurrence, or with 'split_pre' the
+  output stage's state-free parts written by the prep): fp32 values and every gradient against
+  the sequential reference, two chunks plus a partial one, an initial state."""
   args, h0 = _inputs("gated_delta_rule", 9, b=1, t=150, h=2)
   (ro, rs), (rga, rgh) = _outputs_and_grads(_reference("gated_delta_rule"), 9)(args, h0)
   fn = functools.partial(_fast("gated_delta_rule", chunk=chunk), wy_prep=wy_prep)

@@ -31,15 +31,26 @@ from sosm_jax.ops.gated_delta import pallas_recurrence as rec
 from sosm_jax.ops.gated_delta.reference import check_inputs, default_scale
 
 _F32 = jnp.float32
+# How a bf16 forward without a backward feeds its fused recurrence+output kernel, by wy_prep:
+# 'kd' reads kd written by the prep (as measured); 'k' forms kd in the loop from the k rows it
+# loads anyway (no kd written); 'pre' reads kd and the output stage's state-free parts p, qg,
+# written by the 'split' form's w/u kernel (the loop keeps only the products with the state).
+_FORWARD_ONLY = {"fused": "kd", "blocks": "k", "split": "k", "split_pre": "pre"}
+
+
+def _per_chunk(gam, chunk, kdim):
+  """(x `[B*H, T, D]` or None -> `[B*H, N, C, D]`, a = e^gam_C `[B*H, N, K]` f32)."""
+  bh, t = gam.shape
+  n, c = t // chunk, chunk
+  per_chunk = lambda x: None if x is None else x.reshape(bh, n, c, x.shape[-1])
+  a = jnp.broadcast_to(jnp.exp(gam.reshape(bh, n, c)[..., -1])[..., None], (bh, n, kdim))
+  return per_chunk, a
 
 
 def _prep(k, v, beta, gam, chunk, interpret, wy_prep, with_kd=True):
-  bh, t = gam.shape
-  n, c = t // chunk, chunk
-  w, u, kd, tmat = kern.prep_forward(k, v, beta, gam, chunk=c, interpret=interpret,
+  w, u, kd, tmat = kern.prep_forward(k, v, beta, gam, chunk=chunk, interpret=interpret,
                                      with_kd=with_kd, **kern.PREP_OPTIONS[wy_prep])
-  per_chunk = lambda x: None if x is None else x.reshape(bh, n, c, x.shape[-1])
-  a = jnp.broadcast_to(jnp.exp(gam.reshape(bh, n, c)[..., -1])[..., None], (bh, n, k.shape[-1]))
+  per_chunk, a = _per_chunk(gam, chunk, k.shape[-1])
   return per_chunk(w), per_chunk(u), per_chunk(kd), a, tmat
 
 
@@ -56,9 +67,17 @@ def gdn_core(q, k, v, beta, gam, h0, scale, chunk, interpret=False, block_v=None
   output stage as two kernels (NOTES.md). wy_prep: `pallas_kernels.PREP_OPTIONS` name."""
   if q.dtype != jnp.bfloat16:
     return _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v, wy_prep)[0]
-  # the new prep forms also leave kd to the fused kernel (it loads k anyway); 'fused' as measured
-  w, u, kd, a, _ = _prep(k, v, beta, gam, chunk, interpret, wy_prep,
-                         with_kd=wy_prep == "fused")
+  mode = _FORWARD_ONLY[wy_prep]
+  if mode == "pre":
+    opts = kern.PREP_OPTIONS[wy_prep]
+    tmat = kern.wy_inverse(k, beta, gam, chunk=chunk, interpret=interpret, merge=opts["merge"],
+                           warps=opts["inverse_warps"])
+    w, u, kd, p, qg = kern.wy_apply(k, v, beta, gam, tmat, q, chunk=chunk, interpret=interpret,
+                                    scale=scale)
+    per_chunk, a = _per_chunk(gam, chunk, k.shape[-1])
+    return rec.forward_output_pre(per_chunk(w), per_chunk(u), per_chunk(kd), a, h0, p, qg,
+                                  heads=q.shape[2], interpret=interpret, block_v=block_v)
+  w, u, kd, a, _ = _prep(k, v, beta, gam, chunk, interpret, wy_prep, with_kd=mode == "kd")
   return rec.forward_output(w, u, kd, a, h0, q, k, gam, scale=scale, interpret=interpret,
                             block_v=block_v)
 
@@ -101,8 +120,9 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None,
     chunk_size: a power of two >= 16 (static). interpret: Pallas interpret mode (any platform).
     block_v: V block of the recurrence programs (None: chosen from the shapes).
     wy_prep: the WY-preparation kernels, `pallas_kernels.PREP_OPTIONS` ('fused': the measured
-      issue-15 kernel; 'split' and 'blocks' are candidates, timed by benchmarks/kernels.py
-      --gdn-stages; with them a bf16 forward without a backward forms kd in the recurrence).
+      issue-15 kernel; 'split', 'split_pre' and 'blocks' are candidates, timed by
+      benchmarks/kernels.py --gdn-stages; `_FORWARD_ONLY` says how each runs a bf16 forward
+      without a backward).
   Returns:
     (o `[batch, time, heads, value_dim]` in v's dtype, final_state f32
     `[batch, heads, key_dim, value_dim]`).

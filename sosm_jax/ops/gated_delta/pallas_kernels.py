@@ -300,7 +300,8 @@ DIAGS = ("substitute", "neumann")
 # The named choices of `gated_delta_rule_pallas(wy_prep=...)`: prep_forward's settings.
 PREP_OPTIONS = {"fused": dict(form="fused"),
                 "blocks": dict(form="blocks", merge="tf32"),
-                "split": dict(form="split", merge="tf32", inverse_warps=2)}
+                "split": dict(form="split", merge="tf32", inverse_warps=2),
+                "split_pre": dict(form="split", merge="tf32", inverse_warps=2)}
 
 
 def check_prep(form, merge="tf32", diag="substitute"):
@@ -372,10 +373,13 @@ def wy_inverse(k, beta, gam, *, chunk, interpret=False, merge="tf32", diag="subs
       compiler_params=compiler_params(interpret, warps), name="gdn_wy_inverse_fwd")(k, beta, gam)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "warps", "with_kd"))
-def wy_apply(k, v, beta, gam, tmat, *, chunk, interpret=False, warps=WARPS, with_kd=True):
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "warps", "with_kd", "scale"))
+def wy_apply(k, v, beta, gam, tmat, q=None, *, chunk, interpret=False, warps=WARPS, with_kd=True,
+             scale=None):
   """The 'split' form's second kernel: T `[B*H, T, C]` (any dtype) -> (w, u, kd) as
-  `prep_forward` (kd only with `with_kd`)."""
+  `prep_forward` (kd only with `with_kd`). With q `[B, T, H, K]` and scale it also returns the
+  output stage's parts that do not depend on the state, for `pallas_recurrence.forward_output`
+  (form 'pre'): p = scale (q k^T * D) `[B*H, T, C]` and qg = scale q e^gam `[B*H, T, K]`."""
   b, t, heads, kdim = k.shape
   vdim = v.shape[-1]
   kspec, vspec, gspec, row = _prep_specs(heads, chunk, kdim, vdim)
@@ -383,16 +387,35 @@ def wy_apply(k, v, beta, gam, tmat, *, chunk, interpret=False, warps=WARPS, with
   bh = b * heads
   shapes = [jax.ShapeDtypeStruct((bh, t, kdim), dt), jax.ShapeDtypeStruct((bh, t, vdim), dt),
             jax.ShapeDtypeStruct((bh, t, kdim), dt)][:3 if with_kd else 2]
+  specs = [row(kdim), row(vdim), row(kdim)][:3 if with_kd else 2]
+  args = [k, v.astype(dt), beta, gam, tmat]
+  in_specs = [kspec, vspec, gspec, gspec, row(chunk)]
+  with_q = q is not None
+  if with_q:
+    args.append(q.astype(dt))
+    in_specs.append(kspec)
+    shapes += [jax.ShapeDtypeStruct((bh, t, chunk), dt), jax.ShapeDtypeStruct((bh, t, kdim), dt)]
+    specs += [row(chunk), row(kdim)]
   return pl.pallas_call(
-      functools.partial(_wu_kernel, with_kd=with_kd), grid=(bh, t // chunk),
-      in_specs=[kspec, vspec, gspec, gspec, row(chunk)],
-      out_specs=[row(kdim), row(vdim), row(kdim)][:3 if with_kd else 2], out_shape=shapes,
+      functools.partial(_wu_kernel, with_kd=with_kd, with_q=with_q,
+                        scale=None if scale is None else float(scale)),
+      grid=(bh, t // chunk), in_specs=in_specs, out_specs=specs, out_shape=shapes,
       interpret=interpret, compiler_params=compiler_params(interpret, warps),
-      name="gdn_wy_wu_fwd")(k, v.astype(dt), beta, gam, tmat)
+      name="gdn_wy_wu_fwd")(*args)
 
 
-def _wu_kernel(k_ref, v_ref, b_ref, g_ref, t_ref, *outs, with_kd):
-  _wu_body(k_ref, v_ref, b_ref, g_ref, t_ref, *_outs(outs, with_kd))
+def _wu_kernel(k_ref, v_ref, b_ref, g_ref, t_ref, *refs, with_kd, with_q, scale):
+  if with_q:
+    q_ref, *outs = refs
+    *outs, p_ref, qg_ref = outs
+  else:
+    outs = refs
+  _wu_body(k_ref, v_ref, b_ref, g_ref, t_ref, *_outs(tuple(outs), with_kd))
+  if with_q:
+    dt = k_ref.dtype
+    q, g = q_ref[...], g_ref[...]
+    p_ref[...] = (_dot(q, k_ref[...], tb=True) * (scale * decay(g))).astype(p_ref.dtype)
+    qg_ref[...] = (q.astype(_F32) * (scale * jnp.exp(g))[:, None]).astype(dt)
 
 
 # --------------------------------------------------------------------------- backward post kernel

@@ -158,6 +158,59 @@ def forward_output(w, u, kd, a, h0, q, k, gam, *, scale, interpret=False, block_
   return o, h_last
 
 
+def _fwd_pre_kernel(w_ref, u_ref, kd_ref, a_ref, h0_ref, p_ref, qg_ref, o_ref, hl_ref, *,
+                    n_chunks, chunk):
+  """`_fwd_out_kernel` with the state-independent parts of the output stage read from memory
+  (p = scale (q k^T * D), qg = scale q e^gam: `pallas_kernels.wy_apply` with q): the serial loop
+  keeps only the four products that involve the state."""
+  dt = u_ref.dtype
+
+  def body(n, h):
+    rows = pl.ds(n * chunk, chunk)
+    hb = h.astype(dt)
+    vn = (u_ref[rows, :].astype(_F32) - _dot(w_ref[rows, :], hb)).astype(dt)
+    o_ref[rows, :] = (_dot(qg_ref[rows, :], hb) + _dot(p_ref[rows, :], vn)).astype(o_ref.dtype)
+    a = a_ref[n, :]                                                  # [K]
+    return a[:, None] * h + _dot(kd_ref[rows, :], vn, ta=True)
+
+  h = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(_F32))
+  hl_ref[...] = h
+
+
+@functools.partial(jax.jit, static_argnames=("heads", "interpret", "block_v", "num_warps",
+                                             "num_stages"))
+def forward_output_pre(w, u, kd, a, h0, p, qg, *, heads, interpret=False, block_v=None,
+                       num_warps=WARPS, num_stages=STAGES):
+  """`forward_output` from precomputed p `[B*H, T, C]`, qg `[B*H, T, K]` (scale folded in).
+
+  Args: w, kd `[BH, N, C, K]`, u `[BH, N, C, V]`, a `[BH, N, K]` f32, h0 `[BH, K, V]` f32;
+    heads: H of the output layout. Returns: (o `[B, T, H, V]` in u's dtype, h_N f32)."""
+  bh, n, c, kdim = w.shape
+  v = u.shape[-1]
+  t = n * c
+  bv = pick_block_v(bh, v, block_v)
+  dt = u.dtype
+  flat = lambda x: x.reshape(bh, n * c, x.shape[-1])
+  seq_k = pl.BlockSpec((None, n * c, kdim), lambda i, j: (i, 0, 0))
+  seq_v = pl.BlockSpec((None, n * c, bv), lambda i, j: (i, 0, j))
+  seq_c = pl.BlockSpec((None, n * c, c), lambda i, j: (i, 0, 0))
+  vec_a = pl.BlockSpec((None, n, kdim), lambda i, j: (i, 0, 0))
+  state = pl.BlockSpec((None, kdim, bv), lambda i, j: (i, 0, j))
+  out_tok = pl.BlockSpec((None, n * c, None, bv), lambda i, j: (i // heads, 0, i % heads, j))
+  kernel = functools.partial(_fwd_pre_kernel, n_chunks=n, chunk=c)
+  o, h_last = pl.pallas_call(
+      kernel, grid=(bh, v // bv),
+      in_specs=[seq_k, seq_v, seq_k, vec_a, state, seq_c, seq_k],
+      out_specs=[out_tok, state],
+      out_shape=[jax.ShapeDtypeStruct((bh // heads, t, heads, v), dt),
+                 jax.ShapeDtypeStruct((bh, kdim, v), _F32)],
+      interpret=interpret, compiler_params=compiler_params(interpret, num_warps, num_stages),
+      name="gdn_recurrence_output_pre_fwd")(
+          flat(w), flat(u), flat(kd), a.astype(_F32), h0.astype(_F32), p.astype(dt),
+          qg.astype(dt))
+  return o, h_last
+
+
 # --------------------------------------------------------------------------- backward
 
 
