@@ -150,15 +150,15 @@ def _neumann16(x, mm):
   return inv
 
 
-def _wu_body(k_ref, v_ref, b_ref, g_ref, t_ref, w_ref, u_ref, kd_ref):
+def _wu_body(k_ref, v_ref, b_ref, g_ref, t_ref, w_ref, u_ref, kd_ref, loaded=None):
   """w = T (b e^gam k), u = T (b v), kd = k e^(gam_C - gam) (kd_ref None: not written), from T
-  in t_ref (any dtype)."""
+  in t_ref (any dtype); loaded: (k, beta, g) already in registers ('fused', as measured)."""
   dt = k_ref.dtype
   c = k_ref.shape[0]
-  beta, g = b_ref[...], g_ref[...]
+  k, beta, g = loaded if loaded is not None else (k_ref[...], b_ref[...], g_ref[...])
   t = t_ref[...].astype(dt)
   eg = jnp.exp(g)[:, None]
-  kf = k_ref[...].astype(_F32)
+  kf = k.astype(_F32)
   w_ref[...] = _dot(t, (kf * (beta[:, None] * eg)).astype(dt)).astype(w_ref.dtype)
   u_ref[...] = _dot(t, (v_ref[...].astype(_F32) * beta[:, None]).astype(dt)).astype(u_ref.dtype)
   if kd_ref is not None:
@@ -207,7 +207,7 @@ def _prep_kernel(k_ref, v_ref, b_ref, g_ref, *outs, sub, barriers, with_kd):
     for j in range(i + 1, nb):
       t_ref[blk(i), blk(j)] = jnp.zeros((sub, sub), _F32)
   _barrier(barriers)
-  _wu_body(k_ref, v_ref, b_ref, g_ref, t_ref, w_ref, u_ref, kd_ref)
+  _wu_body(k_ref, v_ref, b_ref, g_ref, t_ref, w_ref, u_ref, kd_ref, loaded=(k, beta, g))
 
 
 # The 'blocks' and 'split' forms: T from register blocks, no L round trip through memory.
