@@ -83,19 +83,25 @@ def test_unknown_variant_is_named():
     _parse(variant="huge")
 
 
-def test_tiny_run_loss_falls_and_writes_metrics_and_checkpoints(tmp_path):
-  cfg = _tiny(**_RUN)
-  result = loop.train(cfg, str(tmp_path))
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """The _RUN curriculum trained straight once for the module (tests only read it)."""
+  workdir = tmp_path_factory.mktemp("tiny") / "run"
+  return workdir, loop.train(_tiny(**_RUN), str(workdir))
+
+
+def test_tiny_run_loss_falls_and_writes_metrics_and_checkpoints(tiny_run):
+  workdir, result = tiny_run
   assert result.status == "finished" and result.step == 22
-  records = _read_metrics(tmp_path)
+  records = _read_metrics(workdir)
   losses = [r["loss"] for r in records]
   assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
   logged = [r for r in records if "tokens_per_second" in r]
   assert logged and all(r["tokens_per_second"] > 0 for r in logged)
-  evals = _read_metrics(tmp_path, "eval")
+  evals = _read_metrics(workdir, "eval")
   assert [e["seq_len"] for e in evals] == [32, 64]
   assert all(np.isfinite(e["val_loss"]) and 0 <= e["passkey_accuracy"] <= 1 for e in evals)
-  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())[-1] == 22
+  assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())[-1] == 22
 
 
 def _final_params(workdir, cfg):
@@ -107,18 +113,17 @@ def _final_params(workdir, cfg):
   return step, jax.tree.map(np.asarray, state["state"]["params"])
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
-  steps = {**_RUN, "train.eval_batches": 0, "train.passkey_examples": 0}
-  straight = str(tmp_path / "straight")
-  loop.train(_tiny(**steps), straight)
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_run, tmp_path):
   # Resumed: a run that stops at step 19 (inside the second stage; its last checkpoint from the
-  # interval is step 18), then the rest from the checkpoint the stop wrote.
+  # interval is step 18), then the rest from the checkpoint the stop wrote. Without the
+  # stage-end evaluations, which must not change training: the straight run has them.
+  steps = {**_RUN, "train.eval_batches": 0, "train.passkey_examples": 0}
   pieces = str(tmp_path / "pieces")
   first = loop.train(_tiny(**{**steps, "train.stop_at_step": 19}), pieces)
   assert first.status == "interrupted" and first.step == 19
   result = loop.train(_tiny(**steps), pieces)
   assert result.step == 22
-  step_a, params_a = _final_params(straight, None)
+  step_a, params_a = _final_params(tiny_run[0], None)
   step_b, params_b = _final_params(pieces, None)
   assert step_a == step_b == 22
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params_a,
