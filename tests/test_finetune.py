@@ -14,6 +14,12 @@ from test_export import random_params, tiny_config
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
+def _config(**model):
+  """test_export's tiny model with one layer of each mixer kind that LoRA targets (hgrn2 and
+  attention): what these tests assert holds per layer, and each compile traces 2 layers, not 3."""
+  return tiny_config(**{**dict(num_layers=2, pattern=("hgrn2", "attn")), **model})
+
+
 def _ft(**kw):
   c = finetune.default_config()
   c.update(kw)
@@ -34,7 +40,7 @@ def _state(params, opt):
 
 
 def test_lora_merge_is_exact_and_training_moves_only_the_adapters():
-  config = tiny_config()
+  config = _config()
   model = models.build_model(config.model)
   base = jax.tree.map(jnp.asarray, random_params(config))
   ft = _ft(lora_rank=4, init_from="x")
@@ -83,7 +89,7 @@ def _reference_distill(student, s_params, teacher, t_params, batch, tau, alpha):
 
 
 def test_distillation_from_another_architecture_matches_the_full_logit_reference():
-  s_cfg = tiny_config()
+  s_cfg = _config()
   t_cfg = tiny_config(architecture="transformer", pattern=("attn",), num_layers=2, d_model=48,
                       attn_num_heads=3, attn_head_dim=16, mlp_dim=64, tie_embeddings=False)
   student, teacher = models.build_model(s_cfg.model), models.build_model(t_cfg.model)
@@ -127,6 +133,8 @@ def _trainer_config(**finetune_kw):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config("tiny")
+  # one layer of each mixer kind that LoRA targets: each run traces half the tiny model's layers
+  c.model.update(num_layers=2, pattern=("hgrn2", "attn"))
   c.curriculum.update(seq_lens=(32,), steps=(3,), tokens_per_step=256)
   c.train.update(eval_batches=0, passkey_examples=0, checkpoint_every=0, log_every=1)
   c.finetune.update(finetune_kw)
