@@ -4,21 +4,17 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sosm_jax import models
-from sosm_jax.data.tokenizers import ByteTokenizer
+import helpers
 from sosm_jax.eval import loading, runner, scoring
 from sosm_jax.eval import memory as memory_lib
 from sosm_jax.memory.segments import SegmentRunner
-from sosm_jax.train import checkpoint as ckpt_lib
 from sosm_jax.train import config as config_lib
 from sosm_jax.train.memory_train import store_config
-from sosm_jax.train.state import TrainState
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -42,20 +38,8 @@ def memory_config():
 
 def save_memory_checkpoint(workdir, config, seed=0):
   """Random parameters (memory gates 2: memory visibly matters) saved as the trainer saves."""
-  model = models.build_model(config.model)
-  shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), 1, 16)))
-  rng = np.random.default_rng(seed)
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, s: (np.full(s.shape, 2.0) if "memory_gate" in jax.tree_util.keystr(p)
-                    else 0.3 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-  zero = np.zeros((), np.int32)
-  state = TrainState(step=np.int32(3), params=params, opt_state={}, nonfinite_streak=zero,
-                     nonfinite_total=zero)
-  meta = {"config": config.to_dict(), "data_state": None, "stage": 0,
-          "tokenizer": ByteTokenizer().identity()}
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  ckpt.save(3, state, meta, wait=True)
-  ckpt.close()
+  params = helpers.random_params(config, seed, constants={"memory_gate": 2.0})
+  helpers.save_checkpoint(workdir, config, params, step=3)
   return params
 
 

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 
-import flax.linen as nn
 import httpx
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import uvicorn
 
+import helpers
 from sosm_jax import models
 from sosm_jax.data.tokenizers import ByteTokenizer
 from sosm_jax.serve import app as app_lib
@@ -27,9 +27,7 @@ from sosm_jax.serve import engine as engine_lib
 from sosm_jax.serve import loading as serve_loading
 from sosm_jax.serve import metrics as metrics_lib
 from sosm_jax.serve import registry as registry_lib
-from sosm_jax.train import checkpoint as ckpt_lib
 from sosm_jax.train import config as config_lib
-from sosm_jax.train.state import TrainState
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -49,20 +47,10 @@ def _config():
 
 
 def _save_checkpoint(workdir, config, seed):
-  """Random parameters saved through the trainer's checkpointer; returns them."""
-  model = models.build_model(config.model)
-  shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), 1, 16)))
-  rng = np.random.default_rng(seed)
-  params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-  zero = np.zeros((), np.int32)
-  state = TrainState(step=np.int32(1), params=params, opt_state={}, nonfinite_streak=zero,
-                     nonfinite_total=zero)
-  meta = {"config": config.to_dict(), "data_state": None, "stage": 0,
-          "tokenizer": ByteTokenizer().identity()}
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  ckpt.save(1, state, meta, wait=True)
-  ckpt.close()
-  return model, params
+  """Random parameters saved through the trainer's checkpointer; returns (model, parameters)."""
+  params = helpers.random_params(config, seed)
+  helpers.save_checkpoint(workdir, config, params, step=1)
+  return models.build_model(config.model), params
 
 
 def _free_port():
