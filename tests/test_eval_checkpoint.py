@@ -4,13 +4,12 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from sosm_jax import models
+import helpers
 from sosm_jax.data import tasks
 from sosm_jax.data.tokenizers import ByteTokenizer
 from sosm_jax.eval import loading, scoring
@@ -28,14 +27,6 @@ def _config(**model):
                          vocab_size=260, dtype="float32", chunk_size=16), **model})
   c.curriculum.update(seq_lens=(32,), steps=(1,), tokens_per_step=64)
   return c
-
-
-def _random_params(config, seed=0):
-  """Parameters of the config's model with random values (no slow init), as numpy."""
-  model = models.build_model(config.model)
-  shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), 1, 16)))
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
 
 
 def _save(workdir, config, params, step=5, meta_config=None, tokenizer=None):
@@ -64,7 +55,7 @@ def _sharded(params):
 def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("evalrun"))
   config = _config()
-  params = _random_params(config)
+  params = helpers.random_params(config)
   _save(workdir, config, _sharded(params))
   return workdir, config, params
 
@@ -106,7 +97,7 @@ def test_config_of_another_model_is_refused_naming_the_key(run):
 def test_checkpoint_whose_parameters_do_not_fit_is_refused(tmp_path):
   # The metadata says one model, the parameters are another's (e.g. a hand-edited config).
   saved_by = _config(mlp_dim=48)
-  _save(str(tmp_path), saved_by, _random_params(saved_by), meta_config=_config())
+  _save(str(tmp_path), saved_by, helpers.random_params(saved_by), meta_config=_config())
   with pytest.raises(ValueError, match=r"does not fit the model.*wi_gate/kernel: checkpoint "
                                        r"\(1, 32, 48\), model \(1, 32, 32\)"):
     loading.load_for_eval(str(tmp_path))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import random_params
 from sosm_jax import models
 from sosm_jax.eval import loading
 from sosm_jax.export import weights
@@ -32,14 +33,6 @@ def tiny_config(**model):
                          vocab_size=260, dtype="float32", chunk_size=8), **model})
   c.curriculum.update(seq_lens=(16,), steps=(2,), tokens_per_step=32)
   return c
-
-
-def random_params(config, seed=0):
-  """Parameters of the config's model with random values (no slow init), numpy float32."""
-  model = models.build_model(config.model)
-  shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), 1, 8)))
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
 
 
 @pytest.fixture(scope="module")
