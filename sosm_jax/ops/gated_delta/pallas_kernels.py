@@ -300,7 +300,7 @@ DIAGS = ("substitute", "neumann")
 # The named choices of `gated_delta_rule_pallas(wy_prep=...)`: prep_forward's settings.
 PREP_OPTIONS = {"fused": dict(form="fused"),
                 "blocks": dict(form="blocks", merge="tf32"),
-                "split": dict(form="split", merge="tf32", inverse_warps=2),
+                "split": dict(form="split", merge="tf32", inverse_warps=1),
                 "split_pre": dict(form="split", merge="tf32", inverse_warps=2)}
 
 
