@@ -30,13 +30,13 @@ def random_params(config, seed=0, constants=None):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def save_checkpoint(workdir, config, params, step, tokenizer=None):
+def save_checkpoint(workdir, config, params, step, tokenizer=None, stage=0):
   """`params` saved as the trainer saves them: <workdir>/checkpoints/<step> with the config and
-  tokenizer (bytes unless given) in its metadata, no optimizer state."""
+  tokenizer (bytes unless given) and the curriculum stage in its metadata, no optimizer state."""
   zero = np.zeros((), np.int32)
   state = TrainState(step=np.int32(step), params=params, opt_state={}, nonfinite_streak=zero,
                      nonfinite_total=zero)
-  meta = {"config": config.to_dict(), "data_state": None, "stage": 0,
+  meta = {"config": config.to_dict(), "data_state": None, "stage": stage,
           "tokenizer": (tokenizer or ByteTokenizer()).identity()}
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   ckpt.save(step, state, meta, wait=True)

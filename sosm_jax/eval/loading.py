@@ -23,6 +23,7 @@ from etils import epath
 from sosm_jax import data as data_lib
 from sosm_jax import models
 from sosm_jax.train import config as config_lib
+from sosm_jax.train import curriculum as curriculum_lib
 
 # Model keys that change how the same parameters are computed, not what they are: a config may
 # differ from the checkpoint's in these (e.g. a longer RoPE base or another kernel at eval time).
@@ -175,6 +176,11 @@ def load_for_eval(workdir: str, *, step: int | None = None,
   where = os.path.join(checkpoint_dir(workdir), str(step))
   if config is None:
     config = config_from_dict(saved_cfg)
+    if "stage" in meta:
+      # the curriculum may change the RoPE base per stage: evaluate with the one the checkpoint's
+      # stage trained with, not the model section's default
+      config.model.rope_base = curriculum_lib.stage_rope_base(
+          config.curriculum, int(meta["stage"]), config.model.rope_base)
   else:
     diffs = compare_model_configs(saved_cfg.get("model", {}), config.model.to_dict())
     if diffs:

@@ -58,6 +58,13 @@ def _per_stage(values: Sequence, n: int, key: str, default):
   return values
 
 
+def stage_rope_base(cur_cfg, stage_index: int, default_rope_base: float) -> float:
+  """The RoPE base stage `stage_index` trains with (`curriculum.rope_base`, else the model's)."""
+  bases = _per_stage(cur_cfg.rope_base, len(tuple(cur_cfg.seq_lens)), "rope_base",
+                     default_rope_base)
+  return float(bases[stage_index])
+
+
 def build_stages(cur_cfg, *, data_parallel: int, default_remat: str,
                  default_rope_base: float) -> list[Stage]:
   """Turns the `curriculum` config section into Stages, checking every stage's batch arithmetic.
