@@ -56,7 +56,7 @@ def _prep(k, v, beta, gam, chunk, interpret, wy_prep, with_kd=True):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
 def gdn_core(q, k, v, beta, gam, h0, scale, chunk, interpret=False, block_v=None,
-             wy_prep="fused"):
+             wy_prep="split"):
   """q, k `[B,T,H,K]`, v `[B,T,H,V]` (T a multiple of chunk, one dtype), beta, gam `[B*H,T]` f32
   (gam: within-chunk cumulative log-decay), h0 `[B*H,K,V]` f32 ->
   (o `[B,T,H,V]` in v's dtype, h_last `[B*H,K,V]` f32).
@@ -110,7 +110,7 @@ gdn_core.defvjp(_core_fwd, _core_bwd)
 
 
 def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_size=64,
-                            interpret=False, block_v=None, wy_prep="fused"):
+                            interpret=False, block_v=None, wy_prep="split"):
   """Chunked gated delta rule on the Pallas kernels (contract of `gated_delta_rule_chunked`).
 
   Args:
@@ -119,10 +119,10 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None,
     scale: default key_dim**-0.5. initial_state: `[batch, heads, key_dim, value_dim]` or None.
     chunk_size: a power of two >= 16 (static). interpret: Pallas interpret mode (any platform).
     block_v: V block of the recurrence programs (None: chosen from the shapes).
-    wy_prep: the WY-preparation kernels, `pallas_kernels.PREP_OPTIONS` ('fused': the measured
-      issue-15 kernel; 'split', 'split_pre' and 'blocks' are candidates, timed by
-      benchmarks/kernels.py --gdn-stages; `_FORWARD_ONLY` says how each runs a bf16 forward
-      without a backward).
+    wy_prep: the WY-preparation kernels, `pallas_kernels.PREP_OPTIONS` ('split', the default:
+      the inverse kernel at 1 warp, then w/u, fastest on the H200; 'fused' (issue 15),
+      'split_pre' and 'blocks' measured slower (NOTES.md); `_FORWARD_ONLY` says how each runs a
+      bf16 forward without a backward).
   Returns:
     (o `[batch, time, heads, value_dim]` in v's dtype, final_state f32
     `[batch, heads, key_dim, value_dim]`).
