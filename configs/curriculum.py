@@ -51,7 +51,9 @@ def get_config(arg: str | None = None):
         # 'full' (the preflight compiles them before step 1)
         remat=("auto",) * 6,
         rope_base=(10000.0, 20000.0, 40000.0, 80000.0, 160000.0, 250000.0))
-    c.optimizer.update(learning_rate=1e-3, warmup_steps=500)
+    # AdamW on flat buffers (replicated parameters: data parallelism only; with mesh.fsdp or
+    # mesh.tensor > 1 set --config.optimizer.fused=false): a 5% shorter step on an H200
+    c.optimizer.update(learning_rate=1e-3, warmup_steps=500, fused=True)
     c.train.update(log_every=20, checkpoint_every=250)
   elif variant == "long_small":
     c.model.update(num_layers=8, d_model=512, mlp_dim=1408, vocab_size=260,
