@@ -91,11 +91,6 @@ def jax_impls(op, maxtext_wheel):
   `implementation` ('pallas' = the Pallas kernels, 'xla' = the chunked XLA form)."""
   fn = ops.gated_delta_rule if op == "gdn" else ops.gla
   impls = {f"ours_{impl}": functools.partial(fn, implementation=impl) for impl in ("pallas", "xla")}
-  if op == "gdn":  # each WY-preparation choice of the Pallas path by name: ours_pallas_<name>
-    from sosm_jax.ops.gated_delta.pallas import gated_delta_rule_pallas  # pylint: disable=import-outside-toplevel
-    from sosm_jax.ops.gated_delta.pallas_kernels import PREP_OPTIONS  # pylint: disable=import-outside-toplevel
-    impls.update({f"ours_pallas_{p}": functools.partial(gated_delta_rule_pallas, wy_prep=p)
-                  for p in PREP_OPTIONS})
   impls = {k: (lambda f: lambda *a: f(*a)[0])(f) for k, f in impls.items()}
   if op == "gdn" and maxtext_wheel and os.path.exists(maxtext_wheel):
     mt = load_maxtext_gdn(maxtext_wheel)
@@ -252,11 +247,10 @@ def profile_kernels(op, fn, inputs, do, top=30, hlo_path=None):
 
 
 def check_gradients(t=200, b=2, h=2, d=128, chunk=64, seed=0, op_names=("gdn", "gla"),
-                    dtypes=("bfloat16", "float32"), with_xla=True, gdn_wy_prep=None):
+                    dtypes=("bfloat16", "float32"), with_xla=True):
   """Relative errors of ours (Pallas kernels, compiled on a GPU; and the XLA chunked form) against
   the sequential reference, forward and all gradients (loss = <o, R1> + <final state, R2>), bf16
-  and fp32 inputs, with an initial state; t is not a multiple of the chunk. gdn_wy_prep: the
-  gated delta rule's Pallas path with that WY preparation (`gated_delta_rule_pallas(wy_prep=)`)."""
+  and fp32 inputs, with an initial state; t is not a multiple of the chunk."""
   out = []
   pallas = "pallas" if jax.default_backend() == "gpu" else "pallas_interpret"
   for op in op_names:
@@ -265,14 +259,8 @@ def check_gradients(t=200, b=2, h=2, d=128, chunk=64, seed=0, op_names=("gdn", "
     fn = ops.gated_delta_rule if op == "gdn" else ops.gla
 
     def run(impl, args, h0, fn=fn):
-      call = functools.partial(fn, implementation=impl)
-      if op == "gdn" and gdn_wy_prep and impl.startswith("pallas"):
-        from sosm_jax.ops.gated_delta.pallas import gated_delta_rule_pallas  # pylint: disable=import-outside-toplevel
-        call = functools.partial(gated_delta_rule_pallas, interpret=impl == "pallas_interpret",
-                                 wy_prep=gdn_wy_prep)
-
       def loss(args, h0):
-        o, s = call(*args, initial_state=h0, chunk_size=chunk)
+        o, s = fn(*args, initial_state=h0, chunk_size=chunk, implementation=impl)
         r1 = jax.random.normal(jax.random.PRNGKey(1), o.shape)
         r2 = jax.random.normal(jax.random.PRNGKey(2), s.shape)
         return jnp.sum(o.astype(jnp.float32) * r1) + jnp.sum(s * r2), (o, s)
@@ -285,7 +273,6 @@ def check_gradients(t=200, b=2, h=2, d=128, chunk=64, seed=0, op_names=("gdn", "
         t0 = time.perf_counter()
         errs = [_rel(x, y) for x, y in zip(run(impl, args, h0), want)]
         entry = {"op": op, "impl": impl, "dtype": jnp.dtype(dtype).name, "T": t, "B": b,
-                 "wy_prep": gdn_wy_prep if op == "gdn" and impl != "xla" else None,
                  "chunk": chunk, "max_rel_err": max(errs), "rel_err_o_state_grads": errs,
                  "seconds_incl_compile": round(time.perf_counter() - t0, 1)}
         print("check", json.dumps(entry), flush=True)
@@ -295,31 +282,21 @@ def check_gradients(t=200, b=2, h=2, d=128, chunk=64, seed=0, op_names=("gdn", "
 
 # --gdn-stages: the gated delta rule's forward kernels timed one by one (bf16), most telling
 # first (a call that runs out of time loses the tail). Each entry: (label, settings).
-# 'prep_*': `pallas_kernels.prep_forward` ('fused' is the measured issue-15 kernel); 'inverse',
-# 'apply': the two kernels of the 'split' form alone ('apply_pre': also writing p, qg);
+# 'prep': `pallas_kernels.prep_forward` as the forward without a backward runs it (no kd);
+# 'inverse', 'apply': its two kernels alone ('apply' writes kd, as the backward's forward does);
 # 'fwd_out*': the forward-only recurrence with the output stage in its loop
-# (`pallas_recurrence.forward_output`; kd=False: kd formed from k in the loop; 'fwd_out_pre':
-# `forward_output_pre`, p and qg read); 'rec_fwd', 'output_fwd': the backward's forward.
+# (`pallas_recurrence.forward_output`), then with other launch settings; 'rec_fwd', 'output_fwd':
+# the backward's forward. Candidates that measured slower are in sosm_jax/ops/NOTES.md.
 GDN_STAGE_SWEEP = (
-    ("prep_fused", dict(form="fused")),
-    ("prep_split_w2", dict(form="split", inverse_warps=2)),
-    ("prep_blocks", dict(form="blocks")),
-    ("inverse_w2", dict(stage="inverse", warps=2)),
-    ("apply_w4", dict(stage="apply")),
-    ("apply_pre", dict(stage="apply_pre")),
-    ("fwd_out_kd", dict(stage="fwd_out", kd=True)),
-    ("fwd_out", dict(stage="fwd_out", kd=False)),
-    ("fwd_out_pre", dict(stage="fwd_out_pre")),
-    ("prep_split_w1", dict(form="split", inverse_warps=1)),
-    ("prep_split_w4", dict(form="split", inverse_warps=4)),
-    ("prep_split_w2_neumann", dict(form="split", inverse_warps=2, diag="neumann")),
-    ("prep_split_w2_no_kd", dict(form="split", inverse_warps=2, with_kd=False)),
-    ("fwd_out_bv32", dict(stage="fwd_out", kd=False, block_v=32)),
-    ("fwd_out_stages3", dict(stage="fwd_out", kd=False, num_stages=3)),
-    ("fwd_out_bv128_w8", dict(stage="fwd_out", kd=False, block_v=128, num_warps=8)),
-    ("fwd_out_pre_bv32", dict(stage="fwd_out_pre", block_v=32)),
+    ("prep", dict(stage="prep", with_kd=False)),
+    ("inverse", dict(stage="inverse")),
+    ("apply", dict(stage="apply")),
+    ("fwd_out", dict(stage="fwd_out")),
     ("rec_fwd", dict(stage="rec_fwd")),
     ("output_fwd", dict(stage="output_fwd")),
+    ("fwd_out_bv32", dict(stage="fwd_out", block_v=32)),
+    ("fwd_out_stages3", dict(stage="fwd_out", num_stages=3)),
+    ("fwd_out_bv128_w8", dict(stage="fwd_out", block_v=128, num_warps=8)),
 )
 
 
@@ -337,8 +314,7 @@ def time_gdn_stages(t, b, h, d, iters, record, chunk=64):
   gam = jnp.cumsum(to_chunks(g.astype(jnp.float32), chunk), axis=-1).reshape(bh, t)
   beta = bhs(beta)
   scale = d ** -0.5
-  tmat16 = kern.wy_inverse(k, beta, gam, chunk=chunk, **ip)
-  w, u, kd, p, qg = kern.wy_apply(k, v, beta, gam, tmat16, q, chunk=chunk, scale=scale, **ip)
+  w, u, kd, tmat = kern.prep_forward(k, v, beta, gam, chunk=chunk, **ip)
   per_chunk = lambda x: x.reshape(bh, n, chunk, x.shape[-1])
   w, u, kd = per_chunk(w), per_chunk(u), per_chunk(kd)
   a = jnp.broadcast_to(jnp.exp(gam.reshape(bh, n, chunk)[..., -1])[..., None], (bh, n, d))
@@ -347,24 +323,19 @@ def time_gdn_stages(t, b, h, d, iters, record, chunk=64):
 
   def make(opts):
     opts = dict(opts)
-    stage = opts.pop("stage", None)
-    if stage is None:
+    stage = opts.pop("stage")
+    if stage == "prep":
       return lambda: kern.prep_forward(k, v, beta, gam, chunk=chunk, **opts, **ip)
     if stage == "inverse":
       return lambda: kern.wy_inverse(k, beta, gam, chunk=chunk, **opts, **ip)
     if stage == "apply":
-      return lambda: kern.wy_apply(k, v, beta, gam, tmat16, chunk=chunk, **opts, **ip)
-    if stage == "apply_pre":
-      return lambda: kern.wy_apply(k, v, beta, gam, tmat16, q, chunk=chunk, scale=scale, **ip)
+      return lambda: kern.wy_apply(k, v, beta, gam, tmat, chunk=chunk, **opts, **ip)
     if stage == "fwd_out":
-      kd_in = kd if opts.pop("kd") else None
-      return lambda: rec.forward_output(w, u, kd_in, a, h0, q, k, gam, scale=scale, **opts, **ip)
-    if stage == "fwd_out_pre":
-      return lambda: rec.forward_output_pre(w, u, kd, a, h0, p, qg, heads=h, **opts, **ip)
+      return lambda: rec.forward_output(w, u, a, h0, q, k, gam, scale=scale, **opts, **ip)
     if stage == "rec_fwd":
-      return lambda: rec.forward(w, u, kd, a, h0, **ip)
+      return lambda: rec.forward(w, u, kd, a, h0, **opts, **ip)
     assert stage == "output_fwd", stage
-    return lambda: kern.output_forward(q, k, gam, h_in, vn, scale=scale, **ip)
+    return lambda: kern.output_forward(q, k, gam, h_in, vn, scale=scale, **opts, **ip)
 
   out = []
   for label, opts in GDN_STAGE_SWEEP:
@@ -410,9 +381,6 @@ def main(argv=None):
                       "gradients) for --ops")
   p.add_argument("--check-dtypes", default="bfloat16,float32", help="dtypes of --check, in order")
   p.add_argument("--check-xla", type=int, default=1, help="0: --check only the Pallas path")
-  p.add_argument("--check-wy-prep", default="",
-                 help="--check the gated delta rule's Pallas path with this wy_prep "
-                      "(pallas_kernels.PREP_OPTIONS; default: the dispatcher's)")
   p.add_argument("--gdn-stages", action="store_true",
                  help="after the rows: time the gated delta rule's forward kernels one by one "
                       "(GDN_STAGE_SWEEP) at the first row")
@@ -427,8 +395,7 @@ def main(argv=None):
   if args.check:
     report["check"] = check_gradients(op_names=tuple(args.ops.split(",")),
                                       dtypes=tuple(args.check_dtypes.split(",")),
-                                      with_xla=bool(args.check_xla),
-                                      gdn_wy_prep=args.check_wy_prep or None)
+                                      with_xla=bool(args.check_xla))
 
   def record(entry):
     report["results"].append(entry)

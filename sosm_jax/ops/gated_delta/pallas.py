@@ -1,9 +1,10 @@
-"""The gated delta rule on Pallas (Triton) kernels: one custom VJP over three forward and three
+"""The gated delta rule on Pallas (Triton) kernels: one custom VJP over four forward and three
 backward kernels.
 
-Forward (`pallas_kernels.py`, `pallas_recurrence.py`): WY preparation -> chunk recurrence ->
-output stage (without a backward and for bf16 inputs, recurrence and output stage are one
-kernel, `pallas_recurrence.forward_output`). Backward: output-stage kernel (dq, dk, dgam, dvn)
+Forward (`pallas_kernels.py`, `pallas_recurrence.py`): WY preparation (two kernels: T =
+(I + L)^{-1}, then w, u, kd) -> chunk recurrence -> output stage (without a backward and for
+bf16 inputs, recurrence and output stage are one kernel, `pallas_recurrence.forward_output`,
+which also forms kd itself). Backward: output-stage kernel (dq, dk, dgam, dvn)
 -> reverse recurrence kernel (dvn, lam_{n+1}, and the output stage's dh = scale (q e^gam)^T do
 formed in its loop, so dh never reaches memory) -> one post kernel per chunk that turns (h_n,
 lam_{n+1}, vn, dvn) into the recurrence's input cotangents and runs the WY-preparation backward
@@ -31,66 +32,46 @@ from sosm_jax.ops.gated_delta import pallas_recurrence as rec
 from sosm_jax.ops.gated_delta.reference import check_inputs, default_scale
 
 _F32 = jnp.float32
-# How a bf16 forward without a backward feeds its fused recurrence+output kernel, by wy_prep:
-# 'kd' reads kd written by the prep (as measured); 'k' forms kd in the loop from the k rows it
-# loads anyway (no kd written); 'pre' reads kd and the output stage's state-free parts p, qg,
-# written by the 'split' form's w/u kernel (the loop keeps only the products with the state).
-_FORWARD_ONLY = {"fused": "kd", "blocks": "k", "split": "k", "split_pre": "pre"}
 
 
-def _per_chunk(gam, chunk, kdim):
-  """(x `[B*H, T, D]` or None -> `[B*H, N, C, D]`, a = e^gam_C `[B*H, N, K]` f32)."""
-  bh, t = gam.shape
-  n, c = t // chunk, chunk
-  per_chunk = lambda x: None if x is None else x.reshape(bh, n, c, x.shape[-1])
-  a = jnp.broadcast_to(jnp.exp(gam.reshape(bh, n, c)[..., -1])[..., None], (bh, n, kdim))
-  return per_chunk, a
-
-
-def _prep(k, v, beta, gam, chunk, interpret, wy_prep, with_kd=True):
+def _prep(k, v, beta, gam, chunk, interpret, with_kd=True):
+  """WY preparation (`pallas_kernels.prep_forward`) -> (w, u, kd or None `[B*H, N, C, .]`,
+  a = e^gam_C `[B*H, N, K]` f32, T `[B*H, T, C]`)."""
   w, u, kd, tmat = kern.prep_forward(k, v, beta, gam, chunk=chunk, interpret=interpret,
-                                     with_kd=with_kd, **kern.PREP_OPTIONS[wy_prep])
-  per_chunk, a = _per_chunk(gam, chunk, k.shape[-1])
+                                     with_kd=with_kd)
+  bh, t = gam.shape
+  n = t // chunk
+  per_chunk = lambda x: None if x is None else x.reshape(bh, n, chunk, x.shape[-1])
+  a = jnp.broadcast_to(jnp.exp(gam.reshape(bh, n, chunk)[..., -1])[..., None],
+                       (bh, n, k.shape[-1]))
   return per_chunk(w), per_chunk(u), per_chunk(kd), a, tmat
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def gdn_core(q, k, v, beta, gam, h0, scale, chunk, interpret=False, block_v=None,
-             wy_prep="split"):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def gdn_core(q, k, v, beta, gam, h0, scale, chunk, interpret=False, block_v=None):
   """q, k `[B,T,H,K]`, v `[B,T,H,V]` (T a multiple of chunk, one dtype), beta, gam `[B*H,T]` f32
   (gam: within-chunk cumulative log-decay), h0 `[B*H,K,V]` f32 ->
   (o `[B,T,H,V]` in v's dtype, h_last `[B*H,K,V]` f32).
 
-  Without a backward, bf16 inputs run the output stage inside the recurrence's loop (no h_in in
-  memory: 0.15 ms less at 4096 x 16 on an H200); fp32 inputs, and the forward of the backward
-  (which needs h_in; there the fused kernel writing h_in measured slower), run recurrence and
-  output stage as two kernels (NOTES.md). wy_prep: `pallas_kernels.PREP_OPTIONS` name."""
+  Without a backward, bf16 inputs run the output stage inside the recurrence's loop, which also
+  forms kd from the k rows it loads (neither h_in nor kd in memory: NOTES.md); fp32 inputs, and
+  the forward of the backward (which needs h_in; there the fused kernel writing h_in measured
+  slower), run recurrence and output stage as two kernels (NOTES.md)."""
   if q.dtype != jnp.bfloat16:
-    return _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v, wy_prep)[0]
-  mode = _FORWARD_ONLY[wy_prep]
-  if mode == "pre":
-    opts = kern.PREP_OPTIONS[wy_prep]
-    tmat = kern.wy_inverse(k, beta, gam, chunk=chunk, interpret=interpret, merge=opts["merge"],
-                           warps=opts["inverse_warps"])
-    w, u, kd, p, qg = kern.wy_apply(k, v, beta, gam, tmat, q, chunk=chunk, interpret=interpret,
-                                    scale=scale)
-    per_chunk, a = _per_chunk(gam, chunk, k.shape[-1])
-    return rec.forward_output_pre(per_chunk(w), per_chunk(u), per_chunk(kd), a, h0, p, qg,
-                                  heads=q.shape[2], interpret=interpret, block_v=block_v)
-  w, u, kd, a, _ = _prep(k, v, beta, gam, chunk, interpret, wy_prep, with_kd=mode == "kd")
-  return rec.forward_output(w, u, kd, a, h0, q, k, gam, scale=scale, interpret=interpret,
+    return _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v)[0]
+  w, u, _, a, _ = _prep(k, v, beta, gam, chunk, interpret, with_kd=False)
+  return rec.forward_output(w, u, a, h0, q, k, gam, scale=scale, interpret=interpret,
                             block_v=block_v)
 
 
-def _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v, wy_prep):
-  w, u, kd, a, tmat = _prep(k, v, beta, gam, chunk, interpret, wy_prep)
+def _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v):
+  w, u, kd, a, tmat = _prep(k, v, beta, gam, chunk, interpret)
   h_in, vn, h_last = rec.forward(w, u, kd, a, h0, interpret=interpret, block_v=block_v)
   o = kern.output_forward(q, k, gam, h_in, vn, scale=scale, interpret=interpret)
   return (o, h_last), (q, k, v, beta, gam, tmat, w, kd, a, h_in, vn)
 
 
-def _core_bwd(scale, chunk, interpret, block_v, wy_prep, res, cts):
-  del wy_prep  # T (the residual) is read the same way whichever form wrote it
+def _core_bwd(scale, chunk, interpret, block_v, res, cts):
   q, k, v, beta, gam, tmat, w, kd, a, h_in, vn = res
   do, dh_last = cts
   bh, n, c, _ = vn.shape
@@ -110,7 +91,7 @@ gdn_core.defvjp(_core_fwd, _core_bwd)
 
 
 def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_size=64,
-                            interpret=False, block_v=None, wy_prep="split"):
+                            interpret=False, block_v=None):
   """Chunked gated delta rule on the Pallas kernels (contract of `gated_delta_rule_chunked`).
 
   Args:
@@ -119,10 +100,6 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None,
     scale: default key_dim**-0.5. initial_state: `[batch, heads, key_dim, value_dim]` or None.
     chunk_size: a power of two >= 16 (static). interpret: Pallas interpret mode (any platform).
     block_v: V block of the recurrence programs (None: chosen from the shapes).
-    wy_prep: the WY-preparation kernels, `pallas_kernels.PREP_OPTIONS` ('split', the default:
-      the inverse kernel at 1 warp, then w/u, fastest on the H200; 'fused' (issue 15),
-      'split_pre' and 'blocks' measured slower (NOTES.md); `_FORWARD_ONLY` says how each runs a
-      bf16 forward without a backward).
   Returns:
     (o `[batch, time, heads, value_dim]` in v's dtype, final_state f32
     `[batch, heads, key_dim, value_dim]`).
@@ -132,9 +109,6 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None,
   """
   check_inputs(q, k, v, g, beta, initial_state)
   check_tile_chunk_size("gated_delta_rule (pallas)", chunk_size)
-  if wy_prep not in kern.PREP_OPTIONS:
-    raise ValueError(f"gated_delta_rule (pallas): wy_prep={wy_prep!r}; choose one of "
-                     f"{tuple(kern.PREP_OPTIONS)}.")
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   scale = default_scale(scale, dk)
@@ -147,6 +121,6 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None,
   gam = jnp.cumsum(to_chunks(pad_time(g, pad, _F32), c), axis=-1).reshape(b * h, t + pad)
   h0 = padded_state(initial_state, b, h, kp, vp)
   o, h_last = gdn_core(prep(q, kp), prep(k, kp), prep(v, vp), bhs(beta), gam, h0, float(scale), c,
-                       interpret, block_v, wy_prep)
+                       interpret, block_v)
   h_last = h_last.reshape(b, h, kp, vp)[:, :, :dk, :dv]
   return o[:, :t, :, :dv].astype(v.dtype), h_last

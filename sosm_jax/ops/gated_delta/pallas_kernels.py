@@ -31,14 +31,10 @@ from sosm_jax.ops.common.pallas import compiler_params, dot
 _F32 = jnp.float32
 # Products of fp32 inputs on tensor cores (common/pallas.F32_DOTS; with IEEE fp32 products these
 # kernels took over 100 s to compile at head dim 128). With bf16 inputs the only fp32 operands are
-# the WY inverse's 16x16 blocks, which stay IEEE (`_inverse_dot`), as measured on the H200.
+# the WY inverse's 16x16 blocks below the diagonal, multiplied as tf32 (`_inverse_kernel`).
 tc_dot = functools.partial(dot, f32="bf16x6")
 _dot = tc_dot
-WARPS = 4  # launch setting of every kernel here (measured: NOTES.md)
-
-
-def _inverse_dot(dt):
-  return functools.partial(dot, f32="bf16x6" if dt == _F32 else "ieee")
+WARPS = 4  # launch setting of every kernel here but the WY inverse (measured: NOTES.md)
 
 
 def decay(g):
@@ -130,93 +126,20 @@ def output_backward(q, k, gam, h_in, vn, do, *, scale, interpret=False):
 # Per chunk, with b = beta, gam the cumulative log-decay and D as above:
 #   L = strictly_lower(b[:, None] * (k k^T) * D),  T = (I + L)^{-1},
 #   w = T (b e^gam k),  u = T (b v),  kd = k e^(gam_C - gam).
-# T is built from 16x16 blocks: Neumann products on the diagonal, block forward substitution
-# below it; L and T pass through T's output buffer (it is the residual for the backward).
+# Two kernels: `wy_inverse` builds T in registers and writes it in the matmul dtype (bf16: half
+# the bytes; w/u and the backward's post kernel multiply it as such), `wy_apply` reads it and
+# writes w, u, kd. L's [sub, sub] blocks come from the key rows' own [sub, K] loads (Triton cannot
+# slice a register tensor); each diagonal block is inverted by forward substitution row by row
+# (exact fp32, a masked row pick and a column sum per row: no products); the blocks below the
+# diagonal follow by block substitution, T_ij = -T_ii sum_{j<=m<i} L_im T_mj, whose [sub, sub]
+# products run on tensor cores ('tf32' for bf16 inputs, whose T is rounded to bf16 anyway;
+# bf16x6 for fp32). The inverse is a chain of small dependent steps: it ran fastest at 1 warp,
+# the w/u products at 4 (NOTES.md has the forms and warp counts that measured slower).
+INVERSE_WARPS = 1
 
 
-def _neumann16(x, mm):
-  """(I + L)^{-1} of a strictly lower [s, s] block (s <= 16): prod_j (I + (-L)^(2^j)); mm: the
-  fp32 matmul."""
-  s = x.shape[0]
-  eye = (lax.broadcasted_iota(jnp.int32, (s, s), 0)
-         == lax.broadcasted_iota(jnp.int32, (s, s), 1)).astype(_F32)
-  x = -x
-  inv = eye + x
-  m = 2
-  while m < s:
-    x = mm(x, x)
-    inv = mm(inv, eye + x)
-    m *= 2
-  return inv
-
-
-def _wu_body(k_ref, v_ref, b_ref, g_ref, t_ref, w_ref, u_ref, kd_ref, loaded=None):
-  """w = T (b e^gam k), u = T (b v), kd = k e^(gam_C - gam) (kd_ref None: not written), from T
-  in t_ref (any dtype); loaded: (k, beta, g) already in registers ('fused', as measured)."""
-  dt = k_ref.dtype
-  c = k_ref.shape[0]
-  k, beta, g = loaded if loaded is not None else (k_ref[...], b_ref[...], g_ref[...])
-  t = t_ref[...].astype(dt)
-  eg = jnp.exp(g)[:, None]
-  kf = k.astype(_F32)
-  w_ref[...] = _dot(t, (kf * (beta[:, None] * eg)).astype(dt)).astype(w_ref.dtype)
-  u_ref[...] = _dot(t, (v_ref[...].astype(_F32) * beta[:, None]).astype(dt)).astype(u_ref.dtype)
-  if kd_ref is not None:
-    kd_ref[...] = (kf * jnp.exp(g_ref[c - 1] - g)[:, None]).astype(kd_ref.dtype)
-
-
-def _outs(refs, with_kd):
-  """(w_ref, u_ref, kd_ref or None, rest...) of a prep kernel's output refs."""
-  return refs if with_kd else refs[:2] + (None,) + refs[2:]
-
-
-def _barrier(enabled):
-  """Makes each thread's stores to a ref visible to the program's other threads (compiled only)."""
-  if enabled:
-    from jax.experimental.pallas import triton as plt  # pylint: disable=import-outside-toplevel
-    plt.debug_barrier()
-
-
-def _prep_kernel(k_ref, v_ref, b_ref, g_ref, *outs, sub, barriers, with_kd):
-  w_ref, u_ref, kd_ref, t_ref = _outs(outs, with_kd)
-  dt = k_ref.dtype
-  inv_dot = _inverse_dot(dt)
-  c = k_ref.shape[0]
-  k, beta, g = k_ref[...], b_ref[...], g_ref[...]
-  strict = (lax.broadcasted_iota(jnp.int32, (c, c), 0)
-            > lax.broadcasted_iota(jnp.int32, (c, c), 1))
-  lower = jnp.where(strict, beta[:, None] * _dot(k, k, tb=True) * decay(g), 0.0)
-  t_ref[...] = lower  # L and T pass through t_ref
-  _barrier(barriers)
-  nb = c // sub
-  blk = lambda i: slice(i * sub, (i + 1) * sub)
-  tb = {}
-  for i in range(nb):
-    tii = _neumann16(t_ref[blk(i), blk(i)], inv_dot)
-    tb[i, i] = tii
-    for j in range(i - 1, -1, -1):
-      acc = None
-      for m in range(j, i):
-        part = inv_dot(t_ref[blk(i), blk(m)], tb[m, j])
-        acc = part if acc is None else acc + part
-      tb[i, j] = -inv_dot(tii, acc)
-  _barrier(barriers)
-  for (i, j), tij in tb.items():
-    t_ref[blk(i), blk(j)] = tij
-  for i in range(nb):
-    for j in range(i + 1, nb):
-      t_ref[blk(i), blk(j)] = jnp.zeros((sub, sub), _F32)
-  _barrier(barriers)
-  _wu_body(k_ref, v_ref, b_ref, g_ref, t_ref, w_ref, u_ref, kd_ref, loaded=(k, beta, g))
-
-
-# The 'blocks' and 'split' forms: T from register blocks, no L round trip through memory.
-# L's [sub, sub] blocks come from the key rows' own [sub, K] loads (Triton cannot slice a register
-# tensor); each diagonal block is inverted by forward substitution row by row (exact fp32, a
-# masked row pick and a column sum per row: no products); the blocks below the diagonal follow
-# by block substitution, T_ij = -T_ii sum_{j<=m<i} L_im T_mj, whose [sub, sub] products run on
-# tensor cores ('tf32' for bf16 inputs, whose T is rounded to bf16 anyway; bf16x6 for fp32).
-# T is written in the matmul dtype (the w/u products and the backward read it as such).
+def _strict(c):
+  return lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
 
 
 def _substitute(lo):
@@ -236,11 +159,10 @@ def _substitute(lo):
   return n + (rows == lax.broadcasted_iota(jnp.int32, (s, s), 1)).astype(_F32)
 
 
-def _inverse_body(k_ref, b_ref, g_ref, t_ref, *, sub, merge, diag):
-  """T = (I + L)^{-1} into t_ref from k, beta, gam (comment above); diag: how the diagonal
-  blocks are inverted, 'substitute' (`_substitute`) or 'neumann' (`_neumann16`, as 'fused')."""
+def _inverse_kernel(k_ref, b_ref, g_ref, t_ref, *, sub):
+  """T = (I + L)^{-1} into t_ref from k, beta, gam (comment above)."""
   dt = k_ref.dtype
-  mm = functools.partial(dot, f32="bf16x6" if dt == _F32 else merge)
+  mm = functools.partial(dot, f32="bf16x6" if dt == _F32 else "tf32")
   c = k_ref.shape[0]
   nb = c // sub
   blk = lambda i: pl.ds(i * sub, sub)
@@ -259,8 +181,7 @@ def _inverse_body(k_ref, b_ref, g_ref, t_ref, *, sub, merge, diag):
       lo[i, j] = bs[i][:, None] * _dot(ks[i], ks[j], tb=True) * dec
   tb = {}
   for i in range(nb):
-    tb[i, i] = (_substitute(lo[i, i]) if diag == "substitute"
-                else _neumann16(lo[i, i], _inverse_dot(dt)))
+    tb[i, i] = _substitute(lo[i, i])
     for j in range(i - 1, -1, -1):
       acc = None
       for m in range(j, i):
@@ -273,15 +194,17 @@ def _inverse_body(k_ref, b_ref, g_ref, t_ref, *, sub, merge, diag):
       t_ref[blk(i), blk(j)] = tb[i, j].astype(t_ref.dtype) if j <= i else zero
 
 
-def _blocks_kernel(k_ref, v_ref, b_ref, g_ref, *outs, barriers, with_kd, **inverse):
-  w_ref, u_ref, kd_ref, t_ref = _outs(outs, with_kd)
-  _inverse_body(k_ref, b_ref, g_ref, t_ref, **inverse)
-  _barrier(barriers)
-  _wu_body(k_ref, v_ref, b_ref, g_ref, t_ref, w_ref, u_ref, kd_ref)
-
-
-def _inverse_kernel(k_ref, b_ref, g_ref, t_ref, **inverse):
-  _inverse_body(k_ref, b_ref, g_ref, t_ref, **inverse)
+def _wu_kernel(k_ref, v_ref, b_ref, g_ref, t_ref, w_ref, u_ref, kd_ref=None):
+  """w = T (b e^gam k), u = T (b v), kd = k e^(gam_C - gam) (no kd_ref: not written)."""
+  dt = k_ref.dtype
+  c = k_ref.shape[0]
+  beta, g = b_ref[...], g_ref[...]
+  t = t_ref[...].astype(dt)
+  kf = k_ref[...].astype(_F32)
+  w_ref[...] = _dot(t, (kf * (beta * jnp.exp(g))[:, None]).astype(dt)).astype(w_ref.dtype)
+  u_ref[...] = _dot(t, (v_ref[...].astype(_F32) * beta[:, None]).astype(dt)).astype(u_ref.dtype)
+  if kd_ref is not None:
+    kd_ref[...] = (kf * jnp.exp(g_ref[c - 1] - g)[:, None]).astype(kd_ref.dtype)
 
 
 def _prep_specs(heads, c, kdim, vdim):
@@ -290,96 +213,32 @@ def _prep_specs(heads, c, kdim, vdim):
   return sp["qk"], _specs(heads, c, vdim, vdim)["qk"], sp["g"], row
 
 
-# WY-preparation forms (`prep_forward(form=...)`): 'fused' one kernel, L and T through T's f32
-# output buffer, inverse blocks by Neumann products (the measured issue-15 kernel); 'blocks' one
-# kernel, T from register blocks (above) written in the matmul dtype, then w, u, kd; 'split' the
-# same two steps as two kernels (the inverse kernel at its own warp count, `inverse_warps`).
-PREP_FORMS = ("fused", "blocks", "split")
-MERGES = ("tf32", "ieee")
-DIAGS = ("substitute", "neumann")
-# The named choices of `gated_delta_rule_pallas(wy_prep=...)`: prep_forward's settings.
-PREP_OPTIONS = {"fused": dict(form="fused"),
-                "blocks": dict(form="blocks", merge="tf32"),
-                "split": dict(form="split", merge="tf32", inverse_warps=1),
-                "split_pre": dict(form="split", merge="tf32", inverse_warps=2)}
-
-
-def check_prep(form, merge="tf32", diag="substitute"):
-  for name, x, allowed in (("form", form, PREP_FORMS), ("merge", merge, MERGES),
-                           ("diag", diag, DIAGS)):
-    if x not in allowed:
-      raise ValueError(f"gdn prep_forward: {name}={x!r}; choose one of {allowed}.")
-
-
-@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "form", "inverse_warps",
-                                             "merge", "diag", "warps", "with_kd"))
-def prep_forward(k, v, beta, gam, *, chunk, interpret=False, form="fused", inverse_warps=None,
-                 merge="tf32", diag="substitute", warps=WARPS, with_kd=True):
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "with_kd"))
+def prep_forward(k, v, beta, gam, *, chunk, interpret=False, with_kd=True):
   """k `[B, T, H, K]`, v `[B, T, H, V]`, beta, gam `[B*H, T]` f32 ->
-  (w `[B*H, T, K]`, u `[B*H, T, V]`, kd `[B*H, T, K]` in k's dtype, T `[B*H, T, C]`: f32 for
-  form 'fused', k's dtype otherwise).
-
-  form: PREP_FORMS (comment above). merge: the precision of the 'blocks'/'split' inverse's
-  below-diagonal products for bf16 inputs ('tf32' or 'ieee'; fp32 inputs always bf16x6); diag:
-  how they invert the diagonal blocks (DIAGS). with_kd False: kd is not written (None; the
-  forward-only recurrence forms it from k).
-  inverse_warps: warps of the 'split' inverse kernel (None: `warps`); warps: the other kernels'."""
-  check_prep(form, merge, diag)
-  b, t, heads, kdim = k.shape
-  vdim = v.shape[-1]
-  kspec, vspec, gspec, row = _prep_specs(heads, chunk, kdim, vdim)
-  bh = b * heads
-  dt = k.dtype
-  sub = min(16, chunk)
-  wukd_shape = [jax.ShapeDtypeStruct((bh, t, kdim), dt), jax.ShapeDtypeStruct((bh, t, vdim), dt),
-                jax.ShapeDtypeStruct((bh, t, kdim), dt)][:3 if with_kd else 2]
-  wukd_specs = [row(kdim), row(vdim), row(kdim)][:3 if with_kd else 2]
-  with_none = lambda outs: tuple(outs) if with_kd else tuple(outs[:2]) + (None,) + tuple(outs[2:])
-  params = compiler_params(interpret, warps)
-  args = (k, v.astype(dt), beta, gam)
-  if form == "fused":
-    return with_none(pl.pallas_call(
-        functools.partial(_prep_kernel, sub=sub, barriers=not interpret, with_kd=with_kd),
-        grid=(bh, t // chunk), in_specs=[kspec, vspec, gspec, gspec],
-        out_specs=wukd_specs + [row(chunk)],
-        out_shape=wukd_shape + [jax.ShapeDtypeStruct((bh, t, chunk), _F32)],
-        interpret=interpret, compiler_params=params, name="gdn_prep_fwd")(*args))
-  t_shape = jax.ShapeDtypeStruct((bh, t, chunk), dt)
-  if form == "blocks":
-    return with_none(pl.pallas_call(
-        functools.partial(_blocks_kernel, sub=sub, merge=merge, diag=diag,
-                          barriers=not interpret, with_kd=with_kd),
-        grid=(bh, t // chunk), in_specs=[kspec, vspec, gspec, gspec],
-        out_specs=wukd_specs + [row(chunk)], out_shape=wukd_shape + [t_shape],
-        interpret=interpret, compiler_params=params, name="gdn_prep_blocks_fwd")(*args))
-  tmat = wy_inverse(k, beta, gam, chunk=chunk, interpret=interpret, merge=merge, diag=diag,
-                    warps=inverse_warps or warps)
-  return with_none(tuple(wy_apply(k, v, beta, gam, tmat, chunk=chunk, interpret=interpret,
-                                  warps=warps, with_kd=with_kd)) + (tmat,))
+  (w `[B*H, T, K]`, u `[B*H, T, V]`, kd `[B*H, T, K]`, T `[B*H, T, C]`, all in k's dtype):
+  `wy_inverse` then `wy_apply`. with_kd False: kd is not written (None; the forward-only
+  recurrence forms it from k)."""
+  tmat = wy_inverse(k, beta, gam, chunk=chunk, interpret=interpret)
+  w, u, *kd = wy_apply(k, v, beta, gam, tmat, chunk=chunk, interpret=interpret, with_kd=with_kd)
+  return w, u, (kd[0] if with_kd else None), tmat
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "merge", "diag", "warps"))
-def wy_inverse(k, beta, gam, *, chunk, interpret=False, merge="tf32", diag="substitute",
-               warps=WARPS):
-  """The 'split' form's first kernel: k `[B, T, H, K]`, beta, gam `[B*H, T]` f32 ->
-  T `[B*H, T, C]` in k's dtype."""
-  check_prep("split", merge, diag)
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "warps"))
+def wy_inverse(k, beta, gam, *, chunk, interpret=False, warps=INVERSE_WARPS):
+  """k `[B, T, H, K]`, beta, gam `[B*H, T]` f32 -> T `[B*H, T, C]` in k's dtype."""
   b, t, heads, kdim = k.shape
   kspec, _, gspec, row = _prep_specs(heads, chunk, kdim, kdim)
   return pl.pallas_call(
-      functools.partial(_inverse_kernel, sub=min(16, chunk), merge=merge, diag=diag),
+      functools.partial(_inverse_kernel, sub=min(16, chunk)),
       grid=(b * heads, t // chunk), in_specs=[kspec, gspec, gspec], out_specs=row(chunk),
       out_shape=jax.ShapeDtypeStruct((b * heads, t, chunk), k.dtype), interpret=interpret,
       compiler_params=compiler_params(interpret, warps), name="gdn_wy_inverse_fwd")(k, beta, gam)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "warps", "with_kd", "scale"))
-def wy_apply(k, v, beta, gam, tmat, q=None, *, chunk, interpret=False, warps=WARPS, with_kd=True,
-             scale=None):
-  """The 'split' form's second kernel: T `[B*H, T, C]` (any dtype) -> (w, u, kd) as
-  `prep_forward` (kd only with `with_kd`). With q `[B, T, H, K]` and scale it also returns the
-  output stage's parts that do not depend on the state, for `pallas_recurrence.forward_output`
-  (form 'pre'): p = scale (q k^T * D) `[B*H, T, C]` and qg = scale q e^gam `[B*H, T, K]`."""
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "warps", "with_kd"))
+def wy_apply(k, v, beta, gam, tmat, *, chunk, interpret=False, warps=WARPS, with_kd=True):
+  """T `[B*H, T, C]` (any dtype) -> [w, u, kd] as `prep_forward` (kd only with `with_kd`)."""
   b, t, heads, kdim = k.shape
   vdim = v.shape[-1]
   kspec, vspec, gspec, row = _prep_specs(heads, chunk, kdim, vdim)
@@ -388,41 +247,14 @@ def wy_apply(k, v, beta, gam, tmat, q=None, *, chunk, interpret=False, warps=WAR
   shapes = [jax.ShapeDtypeStruct((bh, t, kdim), dt), jax.ShapeDtypeStruct((bh, t, vdim), dt),
             jax.ShapeDtypeStruct((bh, t, kdim), dt)][:3 if with_kd else 2]
   specs = [row(kdim), row(vdim), row(kdim)][:3 if with_kd else 2]
-  args = [k, v.astype(dt), beta, gam, tmat]
-  in_specs = [kspec, vspec, gspec, gspec, row(chunk)]
-  with_q = q is not None
-  if with_q:
-    args.append(q.astype(dt))
-    in_specs.append(kspec)
-    shapes += [jax.ShapeDtypeStruct((bh, t, chunk), dt), jax.ShapeDtypeStruct((bh, t, kdim), dt)]
-    specs += [row(chunk), row(kdim)]
   return pl.pallas_call(
-      functools.partial(_wu_kernel, with_kd=with_kd, with_q=with_q,
-                        scale=None if scale is None else float(scale)),
-      grid=(bh, t // chunk), in_specs=in_specs, out_specs=specs, out_shape=shapes,
-      interpret=interpret, compiler_params=compiler_params(interpret, warps),
-      name="gdn_wy_wu_fwd")(*args)
-
-
-def _wu_kernel(k_ref, v_ref, b_ref, g_ref, t_ref, *refs, with_kd, with_q, scale):
-  if with_q:
-    q_ref, *outs = refs
-    *outs, p_ref, qg_ref = outs
-  else:
-    outs = refs
-  _wu_body(k_ref, v_ref, b_ref, g_ref, t_ref, *_outs(tuple(outs), with_kd))
-  if with_q:
-    dt = k_ref.dtype
-    q, g = q_ref[...], g_ref[...]
-    p_ref[...] = (_dot(q, k_ref[...], tb=True) * (scale * decay(g))).astype(p_ref.dtype)
-    qg_ref[...] = (q.astype(_F32) * (scale * jnp.exp(g))[:, None]).astype(dt)
+      _wu_kernel, grid=(bh, t // chunk), in_specs=[kspec, vspec, gspec, gspec, row(chunk)],
+      out_specs=specs, out_shape=shapes, interpret=interpret,
+      compiler_params=compiler_params(interpret, warps), name="gdn_wy_wu_fwd")(
+          k, v.astype(dt), beta, gam, tmat)
 
 
 # --------------------------------------------------------------------------- backward post kernel
-
-
-def _strict(c):
-  return lax.broadcasted_iota(jnp.int32, (c, c), 0) > lax.broadcasted_iota(jnp.int32, (c, c), 1)
 
 
 def _post_kernel(k_ref, v_ref, b_ref, g_ref, t_ref, h_ref, lam_ref, vn_ref, dvn_ref, dko_ref,
@@ -481,7 +313,7 @@ def _post_specs(heads, c, kdim, vdim):
 
 
 def post_backward(k, v, beta, gam, tmat, h_in, lam_next, vn, dvn, dk_o, dg_o, *, interpret=False):
-  """k `[B,T,H,K]`, v `[B,T,H,V]`, beta, gam, dg_o `[B*H,T]`, tmat `[B*H,T,C]` f32, h_in,
+  """k `[B,T,H,K]`, v `[B,T,H,V]`, beta, gam, dg_o `[B*H,T]`, tmat `[B*H,T,C]` (k's dtype), h_in,
   lam_next `[B*H,N,K,V]`, vn, dvn `[B*H,N,C,V]`, dk_o `[B,T,H,K]` ->
   (dk `[B,T,H,K]`, dv `[B,T,H,V]`, dbeta, dgam `[B*H,T]` f32). dgam lacks the chunk decays'
   e^gam_C sum(h lam) term (the reverse recurrence gives it)."""
