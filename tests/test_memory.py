@@ -207,7 +207,9 @@ def test_layer_scan_takes_memory_stacked_like_the_unrolled_model():
   loop_model = build_model(cfg)
   cfg.scan_layers = True
   scan_model = build_model(cfg)
-  p_loop = jax.tree.map(np.asarray, nn.unbox(loop_model.init(jax.random.PRNGKey(1), 2, SEG)))
+  # jitted here and below: op by op, each primitive is compiled alone (most of the time on the CPU)
+  p_loop = jax.tree.map(np.asarray, nn.unbox(
+      jax.jit(loop_model.init, static_argnums=(1, 2))(jax.random.PRNGKey(1), 2, SEG)))
   for i in range(2):
     p_loop[f"layer_{i}"]["mixer"]["memory_gate"] = np.full((2,), 1.0 + i, np.float32)
   blocks = [p_loop[f"layer_{i}"] for i in range(2)]
@@ -218,12 +220,12 @@ def test_layer_scan_takes_memory_stacked_like_the_unrolled_model():
   mem = {1: (rng.standard_normal((2, SEG, 4, 1, 16)).astype(np.float32),
              rng.standard_normal((2, SEG, 4, 1, 16)).astype(np.float32),
              rng.random((2, SEG, 4)) < 0.7)}
-  a = np.asarray(loop_model.apply(p_loop, tokens, memory=mem))
-  b = np.asarray(scan_model.apply(p_scan, tokens, memory=mem))     # layer 0 gets an empty entry
+  a = np.asarray(jax.jit(loop_model.apply)(p_loop, tokens, memory=mem))
+  b = np.asarray(jax.jit(scan_model.apply)(p_scan, tokens, memory=mem))   # layer 0: an empty entry
   np.testing.assert_allclose(a, b, atol=1e-4)
-  assert np.abs(a - np.asarray(loop_model.apply(p_loop, tokens))).max() > 1e-3
-  probe = scan_model.memory_probe(p_scan, tokens)
-  want = loop_model.memory_probe(p_loop, tokens)
+  assert np.abs(a - np.asarray(jax.jit(loop_model.apply)(p_loop, tokens))).max() > 1e-3
+  probe = jax.jit(scan_model.memory_probe)(p_scan, tokens)
+  want = jax.jit(loop_model.memory_probe)(p_loop, tokens)
   assert sorted(probe) == [0, 1]
   for i in (0, 1):
     for x, y in zip(probe[i], want[i]):
