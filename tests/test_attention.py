@@ -222,7 +222,8 @@ def test_splash_layer_runs_per_device_shards_on_a_mesh():
   x = jax.random.normal(jax.random.PRNGKey(0), (4, t, 64))
   pos = jnp.broadcast_to(jnp.arange(t), (4, t))
   seg = jnp.asarray(np.repeat([[1, 2]], 4, 0).repeat(t // 2, 1), jnp.int32)
-  params = Attention(cfg("xla")).init(jax.random.PRNGKey(1), x, positions=pos, segment_ids=seg)
+  params = jax.jit(Attention(cfg("xla")).init)(jax.random.PRNGKey(1), x, positions=pos,
+                                               segment_ids=seg)
   mesh = make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
   outs, hlo = {}, ""
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):

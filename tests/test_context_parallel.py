@@ -221,7 +221,8 @@ class _MixerCase:
     x, seg, pos = layer_inputs
     # the recurrent mixers continue a stream: their cache (state, conv tails) is the initial state
     cache = None if cls is Attention else _random_cache(module, np.random.default_rng(3))
-    params = nn.unbox(module.init(jax.random.key(0), x, positions=pos, segment_ids=seg)["params"])
+    params = nn.unbox(jax.jit(module.init)(jax.random.key(0), x, positions=pos,
+                                          segment_ids=seg)["params"])
 
     def run(params, x, cache):
       return module.apply({"params": params}, x, positions=pos, segment_ids=seg, cache=cache)

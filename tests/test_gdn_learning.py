@@ -31,7 +31,8 @@ def _train_mqar(seed: int) -> list[float]:
                   task_vocab_size=64, prefetch=2)
   pipeline = data_lib.make_pipeline(data_cfg, data_lib.make_tokenizer(data_cfg), seq_len=24,
                                     batch_size=64, seed=seed, process_index=0, process_count=1)
-  params = nn.unbox(model.init(jax.random.key(seed), 1, 24))
+  # jitted: op by op, each primitive of the init would be compiled alone
+  params = nn.unbox(jax.jit(model.init, static_argnums=(1, 2))(jax.random.key(seed), 1, 24))
   opt_cfg = config_lib.base_config().optimizer
   opt_cfg.update(learning_rate=1e-2, warmup_steps=10, weight_decay=0.1)
   optimizer, _ = optimizer_lib.make_optimizer(opt_cfg, STEPS)

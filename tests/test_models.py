@@ -291,7 +291,7 @@ def test_bfloat16_logits_loss_is_close_to_float32():
   cfg = dict(num_layers=1, pattern=("attn",), dtype="bfloat16")
   f32, b16 = (build_model(tiny_config("hybrid", logits_dtype=d, **cfg))
               for d in ("float32", "bfloat16"))
-  params = nn.unbox(f32.init(_key(0), 2, 16))
+  params = nn.unbox(jax.jit(f32.init, static_argnums=(1, 2))(_key(0), 2, 16))
   tokens = jax.random.randint(_key(1), (2, 16), 0, f32.cfg.vocab_size)
   batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1),
            "loss_mask": jnp.ones((2, 16), jnp.float32)}
@@ -310,7 +310,7 @@ def test_chunked_loss_equals_plain_loss():
   plain = build_model(tiny_config("hybrid", num_layers=2, pattern=("hgrn2", "attn")))
   chunked = build_model(tiny_config("hybrid", num_layers=2, pattern=("hgrn2", "attn"),
                                     loss_chunk_size=5))
-  params = nn.unbox(plain.init(_key(0), 2, 12))
+  params = nn.unbox(jax.jit(plain.init, static_argnums=(1, 2))(_key(0), 2, 12))
   tokens = jax.random.randint(_key(1), (2, 12), 0, plain.cfg.vocab_size)
   batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1),
            "loss_mask": (jax.random.uniform(_key(2), (2, 12)) > 0.2).astype(jnp.float32)}

@@ -293,7 +293,8 @@ def _loss_and_grads_on(mesh, model, params, batch):
 def kernel_reference(batches):
   """One device: the kernel model, its initial parameters (host) and (loss, grads)."""
   model = models.build_model(_kernel_config().model)
-  params = jax.device_get(unbox_values(model.init(jax.random.key(0), 1, 16)))
+  params = jax.device_get(unbox_values(
+      jax.jit(model.init, static_argnums=(1, 2))(jax.random.key(0), 1, 16)))
   loss, grads = _loss_and_grads_on(_mesh(1, 1, 1, jax.devices()[:1]), model, params, batches[0])
   return model, params, loss, grads
 
