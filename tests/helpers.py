@@ -41,3 +41,27 @@ def save_checkpoint(workdir, config, params, step, tokenizer=None, stage=0):
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   ckpt.save(step, state, meta, wait=True)
   ckpt.close()
+
+
+# Trainer runs of configs/curriculum.py variants shared by test modules. The curriculum (its
+# learning-rate schedule is part of each step program) and the model are the same in each module
+# that uses them, so a step program compiled by one module is found by the next in the test
+# session's compile cache (tests/conftest.py). Dotted keys, as given to `update_config`.
+TINY_RUN = {"curriculum.seq_lens": (32, 64), "curriculum.steps": (6, 4)}   # variant 'tiny'
+MEMORY_RUN = {   # variant 'memory' made smaller: 2 layers, 32-token windows, 4 per stream row
+    "model.num_layers": 2, "model.d_model": 32, "model.mlp_dim": 64, "model.attn_num_heads": 2,
+    "model.attn_num_kv_heads": 1, "model.graph.window": 16, "model.graph.select_block_size": 8,
+    "model.graph.select_num_blocks": 1, "model.graph.query_chunk": 32,
+    "model.graph.key_chunk": 32, "curriculum.seq_lens": (32,), "curriculum.steps": (10,),
+    "curriculum.tokens_per_step": 256, "memory.top_k": 4}
+
+
+def update_config(cfg, updates):
+  """Sets {dotted key: value} in the ConfigDict `cfg`; returns it."""
+  for key, value in updates.items():
+    node = cfg
+    *path, name = key.split(".")
+    for part in path:
+      node = node[part]
+    node[name] = value
+  return cfg

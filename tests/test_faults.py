@@ -20,6 +20,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+import helpers
 from sosm_jax.memory.store import HostMemory
 from sosm_jax.train import checkpoint as ckpt_lib
 from sosm_jax.train import config as config_lib
@@ -34,9 +35,8 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 # One small run for every test here, in-process and in subprocesses, so that each stage's step
 # is compiled once and then loaded from the test session's persistent compilation cache.
-_SMALL = {"curriculum.steps": (6, 4), "curriculum.seq_lens": (32, 64),
-          "train.checkpoint_every": 2, "train.log_every": 1, "train.eval_batches": 1,
-          "train.passkey_examples": 0}
+_SMALL = {**helpers.TINY_RUN, "train.checkpoint_every": 2, "train.log_every": 1,
+          "train.eval_batches": 1, "train.passkey_examples": 0}
 
 
 def _config(variant="tiny", **updates):
@@ -45,14 +45,7 @@ def _config(variant="tiny", **updates):
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=False,
                                   sys_argv=argv)
   fv(argv)
-  cfg = fv.config
-  for key, value in updates.items():
-    node = cfg
-    *path, name = key.split(".")
-    for part in path:
-      node = node[part]
-    node[name] = value
-  return cfg
+  return helpers.update_config(fv.config, updates)
 
 
 def _records(workdir, kind="train"):
@@ -282,13 +275,8 @@ def test_damaged_memory_file_is_named(tmp_path, name):
 
 
 def _memory_updates(**extra):
-  """A smaller memory run than the 'memory' variant: 2 layers, 32-token windows, 4 per row."""
-  return {"model.num_layers": 2, "model.d_model": 32, "model.mlp_dim": 64,
-          "model.attn_num_heads": 2, "model.attn_num_kv_heads": 1, "model.graph.window": 16,
-          "model.graph.select_block_size": 8, "model.graph.select_num_blocks": 1,
-          "model.graph.query_chunk": 32, "model.graph.key_chunk": 32,
-          "curriculum.seq_lens": (32,), "curriculum.steps": (10,), "curriculum.tokens_per_step": 256,
-          "memory.top_k": 4, "train.log_every": 1, "train.checkpoint_every": 3,
+  """helpers.MEMORY_RUN: a smaller memory run than the 'memory' variant."""
+  return {**helpers.MEMORY_RUN, "train.log_every": 1, "train.checkpoint_every": 3,
           "train.eval_batches": 0, "train.passkey_examples": 0, **extra}
 
 

@@ -7,6 +7,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+import helpers
 from sosm_jax.train import config as config_lib
 from sosm_jax.train import loop
 from sosm_jax.train import memory_train
@@ -25,15 +26,9 @@ def _memory_config(**overrides):
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=False,
                                   sys_argv=argv)
   fv(argv)
-  cfg = fv.config
-  # smaller than the variant: 2 layers (hgrn2, graph), 32-token windows, 4 per stream row
-  cfg.model.update(num_layers=2, d_model=32, mlp_dim=64, attn_num_heads=2, attn_num_kv_heads=1)
-  cfg.model.graph.update(window=16, select_block_size=8, select_num_blocks=1, query_chunk=32,
-                         key_chunk=32)
-  # 8 streams; the curriculum (its schedule is part of the step program) and model of
-  # tests/test_faults.py's memory run, whose compiles this module finds in the session's cache
-  cfg.curriculum.update(seq_lens=(32,), steps=(10,), tokens_per_step=256)
-  cfg.memory.update(top_k=4)
+  # smaller than the variant (2 layers: hgrn2, graph; 32-token windows, 4 per stream row; 8
+  # streams), as tests/test_faults.py's memory run: its compiles are in the session's cache
+  cfg = helpers.update_config(fv.config, helpers.MEMORY_RUN)
   cfg.train.update(log_every=2, checkpoint_every=0, eval_batches=0, passkey_examples=0)
   for key, value in overrides.items():
     section, name = key.split(".")

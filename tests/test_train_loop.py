@@ -12,6 +12,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+import helpers
 from sosm_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,10 +41,9 @@ def _tiny(**updates):
   return cfg
 
 
-# One curriculum for every in-process run, so that identical step programs come from the cache;
-# the steps of tests/test_faults.py's runs (the schedule is part of the step program), whose
-# compiles this module then finds in the test session's cache.
-_RUN = {"curriculum.steps": (6, 4), "train.log_every": 2, "train.checkpoint_every": 3}
+# One curriculum for every in-process run, so that identical step programs come from the cache
+# (helpers.TINY_RUN: tests/test_faults.py compiles them first in a whole-suite session).
+_RUN = {**helpers.TINY_RUN, "train.log_every": 2, "train.checkpoint_every": 3}
 
 
 def _read_metrics(workdir, kind="train"):
