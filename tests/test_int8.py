@@ -44,9 +44,10 @@ def test_int8_model_equals_the_per_channel_reference():
   assert int8.size_bytes(qparams) < 0.5 * int8.size_bytes(params)
   ref_params, ref_cfg = _fake_quantized(params, config.model)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)), jnp.int32)
-  got = int8.int8_model(config.model).apply(qparams, tokens)
-  want = models.build_model(ref_cfg).apply(ref_params, tokens)
-  fp32 = models.build_model(config.model).apply(params, tokens)
+  # jitted: op by op, each primitive would be compiled alone (most of the time on the CPU)
+  got = jax.jit(int8.int8_model(config.model).apply)(qparams, tokens)
+  want = jax.jit(models.build_model(ref_cfg).apply)(ref_params, tokens)
+  fp32 = jax.jit(models.build_model(config.model).apply)(params, tokens)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
   assert float(jnp.max(jnp.abs(got - fp32))) > 1e-3   # the weights really are quantized
 
@@ -97,5 +98,5 @@ def test_int8_generation_decodes_like_the_prefill():
   out = qmodel.generate(qparams, prompt, jax.random.key(0), 4)
   assert out.shape == (2, 12)
   # Greedy decode steps pick the argmax of the full forward pass over the generated prefix.
-  logits = qmodel.apply(qparams, out[:, :-1])
+  logits = jax.jit(qmodel.apply)(qparams, out[:, :-1])
   np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, 7:], -1)), np.asarray(out[:, 8:]))
