@@ -80,8 +80,8 @@ def test_hgrn2_hybrid_round_trip_through_a_fla_folder_and_a_work_directory(tmp_p
   # Same parameters; the imported config has the default chunk size (64, the test's is 8), so
   # the chunked recurrence sums in another order.
   np.testing.assert_allclose(
-      np.asarray(loaded.model.apply(loaded.params, tokens)),
-      np.asarray(models.build_model(config.model).apply(params, tokens)), atol=1e-5)
+      np.asarray(jax.jit(loaded.model.apply)(loaded.params, tokens)),
+      np.asarray(jax.jit(models.build_model(config.model).apply)(params, tokens)), atol=1e-5)
 
 
 def test_differences_are_refused_with_their_name():

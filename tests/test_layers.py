@@ -136,8 +136,8 @@ def test_gated_deltanet_layer_matches_numpy(gate):
     p["gate_proj"]["kernel"] = np.asarray(
         jax.random.normal(jax.random.PRNGKey(5), p["gate_proj"]["kernel"].shape), np.float64)
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
-    y = np.asarray(GatedDeltaNet(cfg).apply({"params": params}, x, positions=pos,
-                                            segment_ids=seg)[0])
+    y = np.asarray(jax.jit(GatedDeltaNet(cfg).apply)({"params": params}, x, positions=pos,
+                                                     segment_ids=seg)[0])
   want = gdn_numpy(p, np.asarray(x, np.float64), np.asarray(seg), cfg.norm_eps, gate)
   np.testing.assert_allclose(y, want, rtol=2e-4, atol=2e-4)
 

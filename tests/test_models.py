@@ -295,7 +295,7 @@ def test_bfloat16_logits_loss_is_close_to_float32():
   tokens = jax.random.randint(_key(1), (2, 16), 0, f32.cfg.vocab_size)
   batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1),
            "loss_mask": jnp.ones((2, 16), jnp.float32)}
-  assert b16.apply(params, tokens).dtype == jnp.bfloat16
+  assert jax.eval_shape(b16.apply, params, tokens).dtype == jnp.bfloat16
   (a, _), ga = jax.jit(jax.value_and_grad(f32.loss, has_aux=True))(params, batch)
   (b, _), gb = jax.jit(jax.value_and_grad(b16.loss, has_aux=True))(params, batch)
   np.testing.assert_allclose(a, b, rtol=1e-2)
