@@ -112,6 +112,7 @@ def measure(config, shape: tuple[int, int, int, int], seq_len: int, per_device_b
   optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, 1000)
   init_params = lambda: model.init(jax.random.key(0), 1, model_cfg.chunk_size)
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    optimizer = state_lib.place_optimizer(init_params, optimizer, mesh)
     state_sh = state_lib.state_shardings(init_params, optimizer, mesh)
     abstract = state_lib.abstract_train_state(state_sh, init_params, optimizer)
     compiled, info = loop.compile_stage_step(model, optimizer, schedule, stage, abstract, state_sh,

@@ -1,5 +1,6 @@
 """optimizer.fused: the flat-buffer AdamW against the per-leaf optax chain, in the train step, on
-meshes (equal where parameters are replicated, refused where they are split) and in checkpoints."""
+meshes (replicated and split parameters: equal, and no data moved for the split ones) and in
+checkpoints."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -7,12 +8,14 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
 from configs import curriculum as recipe
 from sosm_jax import models
-from sosm_jax.parallel import LOGICAL_AXIS_RULES, make_mesh
+from sosm_jax.parallel import LOGICAL_AXIS_RULES, make_mesh, unbox_values
 from sosm_jax.train import checkpoint as ckpt_lib
 from sosm_jax.train import config as config_lib
+from sosm_jax.train import hlo_stats as hlo_lib
 from sosm_jax.train import optimizer as optimizer_lib
 from sosm_jax.train import resume as resume_lib
 from sosm_jax.train import state as state_lib
@@ -136,27 +139,37 @@ def test_train_step_guard_with_the_fused_optimizer():
   assert float(out["grad_norm"]) > 0 and not np.allclose(good.params["w"], 1.0)
 
 
-def _tiny_runs(mesh_shape, steps: int = 3):
-  """{fused: (losses, params)} of `steps` train steps of the tiny recipe (2 layers) on a mesh of
-  the CPU devices, from the same initial parameters."""
+@pytest.fixture(scope="module")
+def tiny():
+  """(config, model, init_params, its parameters on the host) of the tiny recipe with one HGRN-2
+  and one attention layer (of its four: the same parameter kinds, half the compile time); the
+  model's init compiled once for every mesh of the module."""
   cfg = recipe.get_config("tiny")
-  # one HGRN-2 and one attention layer (of the tiny recipe's four): the same parameter kinds,
-  # half the compile time
   cfg.model.update(num_layers=2, pattern=("hgrn2", "attn"))
   model = models.build_model(cfg.model)
-  mesh = make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), mesh_shape))),
-                   jax.devices()[:int(np.prod(mesh_shape))])
   init_params = lambda: model.init(jax.random.key(0), 1, cfg.model.chunk_size)
-  runs, params0 = {}, None
+  return cfg, model, init_params, jax.device_get(jax.jit(lambda: unbox_values(init_params()))())
+
+
+def _mesh(mesh_shape):
+  return make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), mesh_shape))))
+
+
+def _tiny_runs(tiny, mesh_shape, steps: int = 3):
+  """{fused: (losses, params, the step's collectives)} of `steps` train steps of the tiny model
+  on a mesh of the CPU devices, from the same initial parameters."""
+  cfg, model, init_params, host_params = tiny
+  mesh = _mesh(mesh_shape)
+  runs = {}
   for fused in (False, True):
     optimizer, schedule = optimizer_lib.make_optimizer(
         ml_collections.ConfigDict({**cfg.optimizer.to_dict(), "fused": fused, "warmup_steps": 1}),
         100)
     rng = np.random.default_rng(0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+      optimizer = state_lib.place_optimizer(init_params, optimizer, mesh)
       state_sh = state_lib.state_shardings(init_params, optimizer, mesh)
-      if params0 is None:   # one compile of the model's init for both runs
-        params0 = state_lib.create_train_state(init_params, optimizer, state_sh).params
+      params0 = jax.device_put(host_params, state_sh.params)
 
       def fresh(params, opt=optimizer):
         zero = jnp.zeros((), jnp.int32)
@@ -166,45 +179,210 @@ def _tiny_runs(mesh_shape, steps: int = 3):
       state = jax.jit(fresh, out_shardings=state_sh)(params0)
       step, batch_sh = step_lib.jit_train_step(model.loss, optimizer, schedule, 1, 1.0, state_sh,
                                                mesh)
-      losses = []
+      losses, compiled = [], None
       for _ in range(steps):
         tokens = rng.integers(0, cfg.model.vocab_size, size=(8, 33), dtype=np.int32)
-        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                 "loss_mask": np.ones((8, 32), np.float32),
-                 "segment_ids": np.ones((8, 32), np.int32),
-                 "positions": np.broadcast_to(np.arange(32, dtype=np.int32), (8, 32))}
-        state, out = step(state, jax.device_put(batch, batch_sh))
+        batch = jax.device_put(
+            {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+             "loss_mask": np.ones((8, 32), np.float32),
+             "segment_ids": np.ones((8, 32), np.int32),
+             "positions": np.broadcast_to(np.arange(32, dtype=np.int32), (8, 32))}, batch_sh)
+        compiled = compiled or step.lower(state, batch).compile()
+        state, out = compiled(state, batch)
         assert bool(out["finite"])
         losses.append(float(out["loss"]))
-    runs[fused] = losses, jax.device_get(state.params)
+    runs[fused] = (losses, jax.device_get(state.params),
+                   hlo_lib.hlo_stats(compiled.as_text()).collectives)
   return runs
 
 
-def test_train_step_fused_equals_default_on_a_data_parallel_mesh():
-  """Tiny recipe, 8 devices of pure data parallelism (parameters replicated), 3 steps."""
-  runs = _tiny_runs((8, 1, 1))
-  (losses, params), (fused_losses, fused_params) = runs[False], runs[True]
+# data parallelism (parameters replicated: the 1-D buffers) and fsdp (split: sharded buffers)
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1)])
+def test_train_step_fused_equals_default_on_a_mesh(tiny, mesh_shape):
+  """Tiny recipe (2 layers) on 8 devices, 3 steps: the same losses and parameters, and the
+  fused step moves no more data between devices than the per-leaf one (the same gathers of the
+  parameters for the model; all-reduces of no more bytes)."""
+  runs = _tiny_runs(tiny, mesh_shape)
+  (losses, params, collectives), (fused_losses, fused_params, fused_collectives) = (
+      runs[False], runs[True])
   np.testing.assert_allclose(fused_losses, losses, rtol=1e-5)
   assert losses[2] != losses[0]
   _assert_close(params, fused_params, rtol32=1e-5)
+  assert set(fused_collectives) == set(collectives)
+  for kind, (count, payload) in collectives.items():
+    if kind == "all-reduce":
+      assert fused_collectives[kind][1] <= payload
+    else:
+      assert fused_collectives[kind] == [count, payload], kind
+  if mesh_shape[1] > 1:    # the parameters are gathered for the model (the check has something)
+    assert collectives["all-gather"][0] > 0
+
+
+def test_split_layout_keeps_each_devices_blocks_on_it():
+  """Leaves split in several ways (two mesh axes on one dimension, in the spec's and against the
+  mesh's order; a dimension not first): each device's shard of a group buffer is its own blocks
+  of the group's leaves, flattened and concatenated; gathering and splitting move nothing and
+  give the leaves back exactly."""
+  mesh = _mesh((2, 2, 2))
+  specs = {"a": P(None, ("fsdp", "tensor"), None), "b": P("tensor", "fsdp"),
+           "c": P(("tensor", "fsdp")), "d": P(None, "fsdp"), "e_bias": P()}
+  shapes = {"a": (3, 8, 5), "b": (4, 6), "c": (8,), "d": (3, 4), "e_bias": (3, 5)}
+  sh = {k: jax.sharding.NamedSharding(mesh, spec) for k, spec in specs.items()}
+  rng = np.random.default_rng(0)
+  params = jax.device_put({k: rng.standard_normal(v).astype(np.float32)
+                           for k, v in shapes.items()}, sh)
+  groups, treedef = optimizer_lib._layout(params, False, sh)  # pylint: disable=protected-access
+  assert {g.name: (g.axes, g.shape) for g in groups} == {
+      "float32_decay_by_fsdp": (("fsdp",), (2, 6)),
+      "float32_decay_by_fsdp_tensor": (("fsdp", "tensor"), (2, 2, 3 * 2 * 5 + 2 * 3 + 2)),
+      "float32_no_decay": ((), (15,))}
+  concat = optimizer_lib._concat  # pylint: disable=protected-access
+  split = optimizer_lib._split  # pylint: disable=protected-access
+  gather = jax.jit(lambda p: {g.name: concat(treedef.flatten_up_to(p), g) for g in groups},
+                   in_shardings=(sh,))
+  flat = gather(params)
+  back = jax.jit(lambda f: split(f, groups, treedef, params), out_shardings=sh)
+  for program in (gather.lower(params).compile(), back.lower(flat).compile()):
+    assert not hlo_lib.hlo_stats(program.as_text()).collectives
+  jax.tree.map(np.testing.assert_array_equal, back(flat), params)
+  leaves = treedef.flatten_up_to(params)
+  for g in groups:
+    assert_sharding(flat[g.name], jax.sharding.NamedSharding(mesh, P(*g.axes, None)))
+    for shard in flat[g.name].addressable_shards:
+      own = [next(s.data for s in leaves[leaf.index].addressable_shards
+                  if s.device == shard.device) for leaf in g.leaves]
+      np.testing.assert_array_equal(np.asarray(shard.data).reshape(-1),
+                                    np.concatenate([np.asarray(o).reshape(-1) for o in own]))
+
+
+_SPLIT_MESHES = {"fsdp": (2, 4, 1), "fsdp_tensor": (2, 2, 2)}
+
+
+@pytest.mark.parametrize("mesh_name", sorted(_SPLIT_MESHES))
+def test_fused_on_split_parameters_is_local_and_equals_one_device_and_per_leaf(tiny, mesh_name):
+  """fsdp (and tensor) split parameters: the fused update keeps each device's shards in place
+  (no all-gather / all-to-all / permute in the compiled update: only the norms' all-reduces) and
+  gives the one-device fused update and the per-leaf chain over steps, clip acting or not."""
+  _, _, init_params, host_params = tiny
+  mesh = _mesh(_SPLIT_MESHES[mesh_name])
+  opt_cfg = _opt_cfg(fused=True)
+  fused, _ = optimizer_lib.make_optimizer(opt_cfg, 20)
+  ref, _ = optimizer_lib.make_optimizer(_opt_cfg(), 20)
+  accept = lambda *_: jnp.bool_(True)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    placed = state_lib.place_optimizer(init_params, fused, mesh)
+    state_sh = state_lib.state_shardings(init_params, placed, mesh)
+    param_sh, opt_sh = state_sh.params, state_sh.opt_state
+    params = jax.device_put(host_params, param_sh)
+    state = jax.jit(placed.init, out_shardings=opt_sh)(params)
+    step = jax.jit(lambda g, s, p: placed.guarded_update(g, s, p, accept),
+                   in_shardings=(param_sh, opt_sh, param_sh),
+                   out_shardings=(param_sh, opt_sh) + (None,) * 4)
+    grads0 = jax.device_put(_grads(params, 0), param_sh)
+    compiled = step.lower(grads0, state, params).compile()
+  # the layout: groups split over the mesh axes of their leaves, the buffers sharded so
+  layout = optimizer_lib._layout  # pylint: disable=protected-access
+  groups, treedef = layout(params, False, param_sh)
+  split_axes = {g.axes for g in groups}
+  assert ("fsdp",) in split_axes and () in split_axes
+  if mesh_name == "fsdp_tensor":
+    assert ("fsdp", "tensor") in split_axes and ("tensor",) in split_axes
+  for g in groups:
+    assert state.mu[g.name].shape == g.shape == tuple(mesh.shape[a] for a in g.axes) + (
+        g.shape[-1],)
+    assert state.mu[g.name].sharding.spec == P(*g.axes, None)
+    assert state.nu[g.name].sharding.spec == P(*g.axes, None)
+  assert state.mu["float32_no_decay"].ndim == 1    # the replicated leaves: the 1-D layout
+  # no data moves in the update: only all-reduces (of the three norms' partial sums)
+  collectives = hlo_lib.hlo_stats(compiled.as_text()).collectives
+  assert set(collectives) == {"all-reduce"}, collectives
+  count, payload = collectives["all-reduce"]
+  assert payload <= 64 * count, collectives     # scalars, not buffers
+  for kind in ("all-gather", "all-to-all", "collective-permute", "reduce-scatter"):
+    assert f" {kind}(" not in compiled.as_text() and f" {kind}-start(" not in compiled.as_text()
+
+  host = jax.device_get(params)
+  one, ref_step = jax.jit(lambda g, s, p: fused.guarded_update(g, s, p, accept)), jax.jit(
+      ref.update)
+  p_one = p_ref = p_split = host
+  s_one, s_ref, s_split = fused.init(host), ref.init(host), state
+  for i in range(4):
+    grads = _grads(host, i)
+    p_split, s_split, grad_norm, *_, ok = step(jax.device_put(grads, param_sh), s_split, p_split)
+    assert bool(ok)
+    p_one, s_one, one_norm, *_ = one(grads, s_one, p_one)
+    np.testing.assert_allclose(grad_norm, one_norm, rtol=1e-6)
+    updates, s_ref = ref_step(grads, s_ref, p_ref)
+    p_ref = optax.apply_updates(p_ref, updates)
+    got = jax.device_get(p_split)
+    _assert_close(p_one, got)
+    _assert_close(p_ref, got)
+  jax.tree.map(lambda a, s: assert_sharding(a, s), p_split, param_sh)
+  # the moments are the chain's, leaf by leaf
+  split = optimizer_lib._split  # pylint: disable=protected-access
+  _assert_close(s_ref[-1][0].mu, split(jax.device_get(s_split.mu), groups, treedef, host))
+  _assert_close(s_ref[-1][0].nu, split(jax.device_get(s_split.nu), groups, treedef, host))
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), host, p_ref)
+  assert min(jax.tree.leaves(moved)) > 1e-3
+
+
+def assert_sharding(array, sharding):
+  assert array.sharding.is_equivalent_to(sharding, array.ndim), (array.sharding, sharding)
+
+
+def test_fused_on_split_parameters_checkpoints_exactly_and_a_changed_split_is_refused(
+    tiny, tmp_path):
+  """The sharded buffers go through orbax unchanged (values and shardings); a resume with other
+  fsdp / tensor sizes names the mesh; an optimizer not laid out for the mesh is refused."""
+  init_params = tiny[2]
+  mesh = _mesh((2, 2, 2))
+  fused, _ = optimizer_lib.make_optimizer(_opt_cfg(fused=True), 20)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with pytest.raises(ValueError, match=r"optimizer.fused=True lays its buffers out .* "
+                                         r"\d+ parameters .*place_optimizer"):
+      state_lib.state_shardings(init_params, fused, mesh)   # not placed on this mesh
+    placed = state_lib.place_optimizer(init_params, fused, mesh)
+    state_sh = state_lib.state_shardings(init_params, placed, mesh)
+    # random moments (every element distinct) in the buffers' shardings
+    rng = np.random.default_rng(0)
+    abstract = state_lib.abstract_train_state(state_sh, init_params, placed)
+    state = jax.tree.map(lambda a: jax.device_put(
+        rng.standard_normal(a.shape).astype(a.dtype) if a.shape else np.ones((), a.dtype),
+        a.sharding), abstract)
+  config = {"model": {}, "optimizer": {"fused": True}, "mesh": {"fsdp": 2, "tensor": 2}}
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False)
+  ckpt.save(1, state, {"config": config})
+  with jax.set_mesh(mesh):
+    got = resume_lib.decide(ckpt, abstract, workdir=str(tmp_path), model={}, tokenizer={},
+                            restart=False, optimizer={"fused": True})
+  assert got.step == 1 and int(got.state.opt_state.count) == 1
+  for want, have in zip(jax.tree.leaves(state), jax.tree.leaves(got.state)):
+    np.testing.assert_array_equal(np.asarray(have), np.asarray(want))
+    assert_sharding(have, want.sharding)
+  assert any(len(a.sharding.spec) == 3 for a in jax.tree.leaves(got.state.opt_state.mu))
+  # the same parameters on fsdp=4: other buffers, refused naming the saved mesh
+  mesh4 = _mesh((2, 4, 1))
+  with jax.set_mesh(mesh4), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    placed4 = state_lib.place_optimizer(init_params, fused, mesh4)
+    abstract4 = state_lib.abstract_train_state(
+        state_lib.state_shardings(init_params, placed4, mesh4), init_params, placed4)
+  with pytest.raises(resume_lib.ResumeRefused,
+                     match=r"(?s)optimizer.fused=True lays its buffers out after the parameters' "
+                           r"sharding.*mesh.fsdp=2, mesh.tensor=2.*opt_state/mu/float32_decay"):
+    resume_lib.decide(ckpt, abstract4, workdir=str(tmp_path), model={}, tokenizer={},
+                      restart=False, optimizer={"fused": True})
+  ckpt.close()
 
 
 @pytest.mark.parametrize("mesh_shape", [(4, 2, 1), (4, 1, 2)])
-def test_fused_refuses_split_parameters(mesh_shape):
+def test_config_accepts_fused_with_split_parameters_but_not_lora(mesh_shape):
   cfg = recipe.get_config("tiny")
-  model = models.build_model(cfg.model)
-  optimizer, _ = optimizer_lib.make_optimizer(_opt_cfg(fused=True), 10)
-  mesh = make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), mesh_shape))))
-  init_params = lambda: model.init(jax.random.key(0), 1, cfg.model.chunk_size)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-    with pytest.raises(ValueError, match=r"optimizer.fused=True .* splits \d+ parameters .*"
-                                         r"fsdp=1 and tensor=1"):
-      state_lib.state_shardings(init_params, optimizer, mesh)
-  bad = recipe.get_config("tiny")
-  bad.optimizer.fused = True
-  bad.mesh.update(fsdp=mesh_shape[1], tensor=mesh_shape[2])
-  with pytest.raises(ValueError, match=r"config.optimizer.fused: needs replicated parameters"):
-    config_lib.validate_config(bad)
+  cfg.optimizer.fused = True
+  cfg.mesh.update(fsdp=mesh_shape[1], tensor=mesh_shape[2])
+  config_lib.validate_config(cfg)
+  cfg.finetune.lora_rank = 4
+  with pytest.raises(ValueError, match=r"config.optimizer.fused: is not supported with LoRA"):
+    config_lib.validate_config(cfg)
 
 
 def test_fused_state_checkpoints_and_a_changed_key_is_refused_by_name(tmp_path):

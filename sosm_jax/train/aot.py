@@ -331,6 +331,7 @@ def compile_stage(config, stage: curriculum_lib.Stage, mesh: Mesh, *,
   # which must not be placed on devices this host cannot run (a TPU topology).
   rules = nn.logical_axis_rules(LOGICAL_AXIS_RULES)
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), rules:
+    optimizer = state_lib.place_optimizer(init_params, optimizer, mesh)
     state_sh = state_lib.state_shardings(init_params, optimizer, mesh)
     abstract_state = state_lib.abstract_train_state(state_sh, init_params, optimizer)
     jitted, batch_sh = step_lib.jit_train_step(model.loss, optimizer, schedule, stage.grad_accum,

@@ -31,9 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
       learning_rate=3e-4, warmup_steps=200, schedule="cosine",  # 'cosine' | 'wsd' | 'constant'
       min_lr_ratio=0.1, decay_fraction=0.2,  # wsd: final fraction of steps spent decaying
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, decay_embeddings=False, clip_norm=1.0,
-      # True: the same AdamW on a few flat buffers (optimizer.FusedAdamW: fewer, larger kernels);
-      # replicated parameters only (fsdp = tensor = 1), and checkpoints of the other setting
-      # are not resumed
+      # True: the same AdamW on a few flat buffers (optimizer.FusedAdamW: fewer, larger kernels;
+      # sharded parameters keep their shards in place); checkpoints of the other setting, or of
+      # other mesh.fsdp / mesh.tensor sizes, are not resumed
       fused=False))
 
   c.curriculum = ml_collections.ConfigDict(dict(
@@ -113,10 +113,6 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _require(not finetune.wraps_params(c.finetune), "optimizer.fused",
              "is not supported with LoRA or distillation (their optimizer updates a subtree)",
              "use --config.optimizer.fused=false")
-    for axis in ("fsdp", "tensor"):
-      _require(c.mesh.get(axis, 1) == 1, "optimizer.fused",
-               f"needs replicated parameters, but mesh.{axis}={c.mesh.get(axis)} may split them",
-               f"use mesh.{axis}=1 (data parallelism only) or --config.optimizer.fused=false")
   cur = c.curriculum
   _require(cur.tokens_per_step > 0, "curriculum.tokens_per_step", "must be positive",
            "use e.g. 65536")

@@ -232,6 +232,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   memory_limit = (int(config.train.memory_limit_gib * 2**30) if config.train.memory_limit_gib > 0
                   else metrics_lib.device_memory_limit_bytes())
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    optimizer = state_lib.place_optimizer(init_params, optimizer, mesh)   # fused: its layout
     state_sh = (ft or state_lib).state_shardings(init_params, optimizer, mesh)
     abstract_state = state_lib.abstract_train_state(state_sh, init_params, optimizer)
     # config.train.preflight: the steps of the stages this run reaches, compiled and checked

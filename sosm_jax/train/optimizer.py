@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 # Parameters whose path contains one of these names get no weight decay: norm scales, biases, and
 # (by default) embeddings, which weight decay shrinks towards zero for rare tokens.
@@ -78,50 +79,139 @@ def make_optimizer(opt_cfg, total_steps: int
 
 class FusedAdamWState(NamedTuple):
   """The fused optimizer's state: one update count and, per group of parameters (name ->
-  buffer), the first and second moments as 1-D buffers in the group's dtype."""
+  buffer), the first and second moments in the group's dtype and layout (`_Group`)."""
   count: jax.Array          # int32: updates applied (rejected steps excluded), as optax's counts
   mu: dict[str, jax.Array]
   nu: dict[str, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
+class _Leaf:
+  """Where one parameter sits in its group's buffer, and how it gets there."""
+  index: int                # into jax.tree.leaves(params)
+  shape: tuple[int, ...]    # global
+  # the dimensions of `shape` split into (shards of each mesh axis, in the spec's order, major
+  # first; the rest): a reshape that keeps each device's block whole
+  split_shape: tuple[int, ...]
+  perm: tuple[int, ...]     # of split_shape: the group's mesh axes (its order) first
+  size: int                 # elements per device
+
+
+@dataclasses.dataclass(frozen=True)
 class _Group:
-  name: str                 # '<dtype>_decay' | '<dtype>_no_decay' (its key in mu / nu)
+  name: str                 # '<dtype>_<decay|no_decay>[_by_<axis>_<axis>...]' (its key in mu / nu)
   dtype: Any
   decay: bool
-  leaves: tuple[int, ...]   # indices into jax.tree.leaves(params), in that order
-  sizes: tuple[int, ...]
+  axes: tuple[str, ...]     # mesh axes that split the group, in the mesh's order (() replicated)
+  ways: tuple[int, ...]     # their sizes: the buffer is [*ways, sum of the leaves' sizes]
+  leaves: tuple[_Leaf, ...]
+  sharding: Any             # the buffer's NamedSharding (None: the optimizer has no mesh)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.ways + (sum(leaf.size for leaf in self.leaves),)
 
 
-def _layout(params, decay_embeddings: bool) -> tuple[list[_Group], Any]:
-  """The groups of a parameter tree (from its shapes and dtypes only) and its treedef."""
+def _leaf_axes(shape, sharding) -> tuple[tuple[tuple[str, ...], ...], dict[str, int]]:
+  """Per dimension of `shape`, the mesh axes (of size > 1) that split it; and the mesh's sizes."""
+  if sharding is None:
+    return ((),) * len(shape), {}
+  if not isinstance(sharding, NamedSharding):
+    if sharding.is_fully_replicated:
+      return ((),) * len(shape), {}
+    raise ValueError(f"the fused AdamW lays its buffers out after NamedShardings; a parameter "
+                     f"of shape {tuple(shape)} has {sharding}")
+  sizes = dict(sharding.mesh.shape)
+  spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+  dims = []
+  for entry in spec[:len(shape)]:
+    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    dims.append(tuple(n for n in names if sizes[n] > 1))
+  return tuple(dims), sizes
+
+
+def _layout(params, decay_embeddings: bool, param_shardings=None
+            ) -> tuple[list[_Group], Any]:
+  """The groups of a parameter tree (from its shapes, dtypes and shardings only) and its treedef.
+
+  A leaf split over mesh axes a1..ak (by its NamedSharding in `param_shardings`; None: all
+  replicated) joins the group of (dtype, decay, a1..ak); its buffer is [size(a1), ..., size(ak),
+  n] sharded as P(a1, ..., ak, None), so that every device holds exactly its own blocks of the
+  group's leaves: gathering the leaves into the buffer and splitting it again are local.
+  """
   leaves, treedef = jax.tree.flatten(params)
   mask = treedef.flatten_up_to(weight_decay_mask(params, decay_embeddings))
-  members: dict[tuple[str, bool], list[int]] = {}
-  for i, (leaf, decay) in enumerate(zip(leaves, mask)):
-    members.setdefault((jnp.dtype(leaf.dtype).name, bool(decay)), []).append(i)
-  groups = [_Group(f"{dtype}_{'decay' if decay else 'no_decay'}", jnp.dtype(dtype), decay,
-                   tuple(idx), tuple(math.prod(leaves[i].shape) for i in idx))
-            for (dtype, decay), idx in sorted(members.items())]
+  shardings = ([None] * len(leaves) if param_shardings is None
+               else treedef.flatten_up_to(param_shardings))
+  mesh_order, mesh = (), None
+  members: dict[tuple, list[_Leaf]] = {}
+  for i, (leaf, decay, sharding) in enumerate(zip(leaves, mask, shardings)):
+    shape = tuple(leaf.shape)
+    dims, sizes = _leaf_axes(shape, sharding)
+    if isinstance(sharding, NamedSharding):
+      mesh, mesh_order = sharding.mesh, tuple(sharding.mesh.axis_names)
+    split_shape, where = [], {}
+    for dim, axes in zip(shape, dims):
+      ways = math.prod(sizes[a] for a in axes)
+      if dim % ways:
+        raise ValueError(f"parameter {i} of shape {shape}: its sharding {sharding.spec} splits "
+                         f"a dimension of {dim} {ways} ways, which does not divide it")
+      for a in axes:
+        where[a] = len(split_shape)
+        split_shape.append(sizes[a])
+      split_shape.append(dim // ways)
+    axes = tuple(a for a in mesh_order if a in where)
+    front = tuple(where[a] for a in axes)
+    perm = front + tuple(d for d in range(len(split_shape)) if d not in front)
+    ways = tuple(sizes[a] for a in axes)
+    key = (jnp.dtype(leaf.dtype).name, bool(decay), axes)
+    members.setdefault(key, []).append(
+        _Leaf(i, shape, tuple(split_shape), perm, math.prod(shape) // math.prod(ways)))
+  groups = []
+  for (dtype, decay, axes), group_leaves in sorted(members.items()):
+    name = f"{dtype}_{'decay' if decay else 'no_decay'}" + ("_by_" + "_".join(axes) if axes
+                                                            else "")
+    ways = tuple(group_leaves[0].split_shape[d] for d in group_leaves[0].perm[:len(axes)])
+    sharding = None if mesh is None else NamedSharding(mesh, P(*axes, None))
+    groups.append(_Group(name, jnp.dtype(dtype), decay, axes, ways, tuple(group_leaves),
+                         sharding))
   return groups, treedef
 
 
 def _concat(leaves, group: _Group) -> jax.Array:
-  parts = [leaves[i].reshape(-1).astype(group.dtype) for i in group.leaves]
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+  """The group's buffer of `leaves` (a flat list of arrays shaped as the parameters)."""
+  rank = len(group.ways)
+  parts = [_transpose(leaves[leaf.index].reshape(leaf.split_shape), leaf.perm)
+           .reshape(group.ways + (leaf.size,)).astype(group.dtype) for leaf in group.leaves]
+  flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=rank)
+  return flat if group.sharding is None else jax.lax.with_sharding_constraint(flat, group.sharding)
 
 
 def _split(flat: dict[str, jax.Array], groups: list[_Group], treedef, like):
-  """The parameter tree from its groups' flat buffers (leaves shaped as `like`'s)."""
+  """The parameter tree (`like`'s structure) from its groups' buffers."""
   like_leaves = treedef.flatten_up_to(like)
   out = [None] * len(like_leaves)
   for g in groups:
-    offset = 0
-    for i, size in zip(g.leaves, g.sizes):
-      out[i] = jax.lax.slice(flat[g.name], (offset,), (offset + size,)).reshape(
-          like_leaves[i].shape)
-      offset += size
+    offset, rank = 0, len(g.ways)
+    for leaf in g.leaves:
+      part = jax.lax.slice_in_dim(flat[g.name], offset, offset + leaf.size, axis=rank)
+      moved = tuple(leaf.split_shape[d] for d in leaf.perm)
+      out[leaf.index] = _transpose(part.reshape(moved), _inverse(leaf.perm)).reshape(
+          leaf.shape)
+      offset += leaf.size
   return treedef.unflatten(out)
+
+
+def _transpose(x, perm):
+  # replicated leaves (identity): the plain reshapes of the 1-D layout, no transpose op at all
+  return x if perm == tuple(range(len(perm))) else jnp.transpose(x, perm)
+
+
+def _inverse(perm):
+  inverse = [0] * len(perm)
+  for position, d in enumerate(perm):
+    inverse[d] = position
+  return tuple(inverse)
 
 
 def _sq_norm(buffers) -> jax.Array:
@@ -132,21 +222,32 @@ class FusedAdamW(NamedTuple):
   """AdamW + global-norm clipping + masked weight decay on flat buffers (`optimizer.fused`).
 
   The same arithmetic as `make_optimizer`'s optax chain (clip_by_global_norm, adamw with the
-  schedule and the weight-decay mask), but with the parameters grouped by (dtype, decays) and
-  each group's gradients, parameters and moments handled as one 1-D buffer: the norms, the
-  clipping, the moment updates, the decay (a per-group constant: no mask array) and the finite
-  guard's selects are a few kernels per group instead of several per parameter leaf, which on a
-  GPU are hundreds of launches of tiny kernels (launch-bound; issue 20). The concatenation of
-  the gradients and the split of the new parameters back into the tree are one memory pass each.
+  schedule and the weight-decay mask), but with the parameters grouped by (dtype, decays, the
+  mesh axes that split them) and each group's gradients, parameters and moments handled as one
+  buffer: the norms, the clipping, the moment updates, the decay (a per-group constant: no mask
+  array) and the finite guard's selects are a few kernels per group instead of several per
+  parameter leaf, which on a GPU are hundreds of launches of tiny kernels (launch-bound; issue
+  20). The concatenation of the gradients and the split of the new parameters back into the tree
+  are one memory pass each.
 
   Decisions:
-  - The moments live as flat buffers (`FusedAdamWState`), so the checkpoint's optimizer state
+  - The moments live as group buffers (`FusedAdamWState`), so the checkpoint's optimizer state
     has another layout than the per-leaf one; `resume.decide` refuses a resume across a changed
     `optimizer.fused` naming the key (the arrays are the same numbers, in another order).
-  - Only for replicated parameters (one device, or a mesh with fsdp = tensor = 1: pure data
-    parallelism). A flat buffer of leaves sharded in different ways would need gathers or a
-    layout of its own per sharding; `check_fused_shardings` refuses other meshes with a clear
-    error before anything compiles.
+  - Sharded parameters (fsdp, tensor): `on_shardings(param_shardings)` lays the buffers out
+    after the parameters' NamedShardings (`state.place_optimizer` does it for a mesh). A leaf
+    whose dimensions are split over mesh axes a1..ak (in the mesh's order) has each split
+    dimension reshaped to (shards, rest), the shard dimensions moved to the front and the rest
+    flattened: [size(a1), ..., size(ak), n], so each device's block of the leaf stays whole and
+    in place; the leaves of a group are concatenated along the last axis into a buffer sharded
+    P(a1, ..., ak, None). Concatenation, split, moments and selects are then local to each
+    device: the update moves no data between devices (the norms are global sums: one small
+    all-reduce each, as in the per-leaf path). Replicated leaves keep the 1-D buffers named
+    '<dtype>_<decay|no_decay>' (the layout before sharding was supported: their checkpoints
+    resume). The buffers' shapes depend on the sizes of the splitting mesh axes, so a fused
+    checkpoint resumes on a mesh with the same fsdp and tensor sizes (data may change);
+    `resume.decide` names the mesh keys otherwise. Without `on_shardings` every parameter
+    counts as replicated, and `state.state_shardings` refuses a mesh that splits them.
   - The global gradient norm (clipping, metrics) is summed in float32 whatever the dtype (optax
     sums bfloat16 leaves in bfloat16); every elementwise step runs in the group's dtype, as
     optax's does per leaf, so float32 parameters get the per-leaf results to rounding.
@@ -158,22 +259,41 @@ class FusedAdamW(NamedTuple):
   init: Callable
   update: Callable
   guarded_update: Callable
+  # (param_shardings) -> the same optimizer with its buffers laid out after these shardings
+  on_shardings: Callable
+  # (abstract params) -> the FusedAdamWState of NamedShardings (its buffers' layout)
+  state_shardings: Callable
+  param_shardings: Any = None   # what the layout follows (None: every parameter replicated)
 
 
-def fused_adamw(opt_cfg, schedule: optax.Schedule) -> FusedAdamW:
-  """The `FusedAdamW` of `opt_cfg` (see its docstring); `schedule(count)` is the learning rate."""
+def fused_adamw(opt_cfg, schedule: optax.Schedule, param_shardings=None) -> FusedAdamW:
+  """The `FusedAdamW` of `opt_cfg` (see its docstring); `schedule(count)` is the learning rate.
+
+  param_shardings: the parameters' NamedShardings (a tree like the parameters); None: all
+  replicated (one device or data parallelism).
+  """
   b1, b2, eps = float(opt_cfg.b1), float(opt_cfg.b2), float(opt_cfg.eps)
   clip, wd = float(opt_cfg.clip_norm), float(opt_cfg.weight_decay)
   decay_embeddings = bool(opt_cfg.decay_embeddings)
+  layout = lambda params: _layout(params, decay_embeddings, param_shardings)
 
   def init(params):
-    groups, _ = _layout(params, decay_embeddings)
-    zeros = {g.name: jnp.zeros((sum(g.sizes),), g.dtype) for g in groups}
+    groups, _ = layout(params)
+    zeros = {g.name: jnp.zeros(g.shape, g.dtype) for g in groups}
     return FusedAdamWState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=dict(zeros))
+
+  def state_shardings(params):
+    groups, _ = layout(params)
+    if param_shardings is None:
+      raise ValueError("FusedAdamW.state_shardings needs an optimizer laid out for shardings "
+                       "(on_shardings)")
+    replicated = NamedSharding(groups[0].sharding.mesh, P()) if groups else None
+    by_name = {g.name: g.sharding for g in groups}
+    return FusedAdamWState(count=replicated, mu=by_name, nu=dict(by_name))
 
   def flat_update(grads, state: FusedAdamWState, params):
     """(flat updates, flat params, new state, grad_norm): optax's chain on the groups."""
-    groups, treedef = _layout(params, decay_embeddings)
+    groups, treedef = layout(params)
     g_leaves, p_leaves = treedef.flatten_up_to(grads), treedef.flatten_up_to(params)
     flat_g = {g.name: _concat(g_leaves, g) for g in groups}
     flat_p = {g.name: _concat(p_leaves, g) for g in groups}
@@ -220,18 +340,34 @@ def fused_adamw(opt_cfg, schedule: optax.Schedule) -> FusedAdamW:
     return (_split(new_flat, groups, treedef, params), keep(new_state, state), grad_norm,
             update_norm, param_norm, ok)
 
-  return FusedAdamW(init, update, guarded_update)
+  return FusedAdamW(init, update, guarded_update,
+                    lambda shardings: fused_adamw(opt_cfg, schedule, shardings),
+                    state_shardings, param_shardings)
 
 
-def check_fused_shardings(param_shardings) -> None:
-  """Raises ValueError unless every parameter is replicated (what `FusedAdamW` supports)."""
-  flat = traverse_util.flatten_dict(param_shardings) if isinstance(param_shardings, dict) else {
-      (str(i),): s for i, s in enumerate(jax.tree.leaves(param_shardings))}
-  split = [("/".join(map(str, k)), s) for k, s in flat.items() if not s.is_fully_replicated]
-  if split:
-    name, sharding = split[0]
+def check_fused_shardings(optimizer: FusedAdamW, param_shardings) -> None:
+  """Raises ValueError unless `optimizer`'s buffers are laid out for `param_shardings`: the
+  shardings it was given by `on_shardings` (or, without them, replicated parameters)."""
+  flat = lambda tree: (traverse_util.flatten_dict(tree) if isinstance(tree, dict) else
+                       {(str(i),): s for i, s in enumerate(jax.tree.leaves(tree))})
+  wanted = flat(param_shardings)
+  laid_out = ({} if optimizer.param_shardings is None else flat(optimizer.param_shardings))
+  differ = [k for k in sorted(set(wanted) | set(laid_out), key=str)
+            if _split_axes(wanted.get(k)) != _split_axes(laid_out.get(k))]
+  if differ:
+    name, sharding = "/".join(map(str, differ[0])), wanted.get(differ[0])
     raise ValueError(
-        f"config.optimizer.fused=True keeps the optimizer state as flat buffers of replicated "
-        f"parameters, but this mesh splits {len(split)} parameters (e.g. {name}: "
-        f"{getattr(sharding, 'spec', sharding)}); use a mesh with fsdp=1 and tensor=1 (data "
-        f"parallelism only) or --config.optimizer.fused=false")
+        f"config.optimizer.fused=True lays its buffers out after the parameters' shardings, but "
+        f"{len(differ)} parameters are sharded otherwise than it was laid out for (e.g. {name}: "
+        f"{getattr(sharding, 'spec', sharding)}); build it for these shardings with "
+        f"state.place_optimizer(init_params, optimizer, mesh) or "
+        f"optimizer.on_shardings(param_shardings)")
+
+
+def _split_axes(sharding):
+  """(mesh, (dimension, mesh axis, its size) for every split): what a leaf's layout follows."""
+  if sharding is None:
+    return None
+  dims, sizes = _leaf_axes((0,) * len(sharding.spec), sharding)
+  splits = tuple((d, a, sizes[a]) for d, axes in enumerate(dims) for a in axes)
+  return (sharding.mesh, splits) if splits else None

@@ -5,8 +5,9 @@ Checkpoints in the work directory are looked at newest first:
   memory saved beside it) -> skipped with one line and, once a readable one is found, moved to
   `<checkpoints>/corrupt/<step>` so the step can be written again later;
 - readable but from another model (a model key that changes what the parameters are, the
-  tokenizer, or any array's shape) or another optimizer-state layout (`optimizer.fused`) -> the
-  run is refused with the differing keys named;
+  tokenizer, or any array's shape) or another optimizer-state layout (`optimizer.fused`, or
+  with it other fsdp / tensor sizes of the mesh) -> the run is refused with the differing keys
+  named;
 - readable and matching -> resumed.
 If checkpoints exist and none is readable the run is refused too. `restart=True` turns both
 refusals into: move the earlier run aside (`<workdir>/previous/<time>/`, nothing deleted) and
@@ -129,14 +130,23 @@ def decide(checkpointer: ckpt_lib.Checkpointer, abstract_state, *, workdir: str,
     except Exception as e:  # pylint: disable=broad-except
       unreadable.append((step, ckpt_lib.first_line(e)))
       continue
-    layout = (optimizer_differences(meta.get("config", {}).get("optimizer", {}), optimizer)
-              if optimizer is not None else [])
+    saved_optimizer = meta.get("config", {}).get("optimizer", {})
+    layout = (optimizer_differences(saved_optimizer, optimizer) if optimizer is not None else [])
+    params_only = lambda shapes: {k: v for k, v in shapes.items()
+                                  if not k.startswith("opt_state/")}
     if layout:   # the optimizer state's arrays differ by design: name the key, not the arrays
-      params_only = lambda shapes: {k: v for k, v in shapes.items()
-                                    if not k.startswith("opt_state/")}
       shapes = shape_differences(params_only(saved_shapes), params_only(wanted))
     else:
       shapes = shape_differences(saved_shapes, wanted)
+      if (shapes and optimizer is not None and optimizer.get("fused", False)
+          and not shape_differences(params_only(saved_shapes), params_only(wanted))):
+        # the same parameters; the fused buffers' layout follows the mesh's parameter sharding
+        saved_mesh = meta.get("config", {}).get("mesh", {})
+        layout = [f"optimizer.fused=True lays its buffers out after the parameters' sharding, "
+                  f"which differs from the checkpoint's (saved with mesh.fsdp="
+                  f"{saved_mesh.get('fsdp', '?')}, mesh.tensor={saved_mesh.get('tensor', '?')}): "
+                  f"resume with the fsdp and tensor sizes it was saved with (mesh.data may "
+                  f"change)"]
     diffs = (model_differences(meta.get("config", {}).get("model", {}), model)
              + tokenizer_differences(meta.get("tokenizer", {}), tokenizer) + layout + shapes)
     if diffs:

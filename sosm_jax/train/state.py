@@ -24,21 +24,35 @@ class TrainState:
   nonfinite_total: jax.Array   # int32: all skipped steps so far
 
 
+def place_optimizer(init_params: Callable[[], Any], optimizer: optax.GradientTransformation,
+                    mesh: Mesh) -> optax.GradientTransformation:
+  """The optimizer as it runs on `mesh`: a `FusedAdamW` laid out after the parameters' shardings
+  there (its buffers keep each device's blocks where they are: no data moves in the update); any
+  other optimizer as it is. Call it before `state_shardings` and use the result everywhere."""
+  if not isinstance(optimizer, optimizer_lib.FusedAdamW):
+    return optimizer
+  return optimizer.on_shardings(logical_shardings(jax.eval_shape(init_params), mesh))
+
+
 def state_shardings(init_params: Callable[[], Any], optimizer: optax.GradientTransformation,
                     mesh: Mesh):
   """Shardings of the TrainState, derived from the logical axis names on the parameters.
 
   `init_params()` returns boxed parameters; it is only traced (eval_shape), never run.
   Optimizer moments get their parameter's sharding; counters are replicated. The fused
-  optimizer's flat moments are replicated (it refuses parameters that are not).
+  optimizer's buffers get the shardings of its layout (`place_optimizer` makes it for `mesh`;
+  without it only replicated parameters are accepted).
   """
   boxed = jax.eval_shape(init_params)
   param_sh = logical_shardings(boxed, mesh)
   abstract_opt = jax.eval_shape(optimizer.init, unbox_values(boxed))
   replicated = replicated_sharding(mesh)
-  if isinstance(optimizer, optimizer_lib.FusedAdamW):   # flat moments of replicated parameters
-    optimizer_lib.check_fused_shardings(param_sh)
-    opt_sh = jax.tree.map(lambda _: replicated, abstract_opt)
+  if isinstance(optimizer, optimizer_lib.FusedAdamW):   # buffers laid out after param_sh
+    optimizer_lib.check_fused_shardings(optimizer, param_sh)
+    if optimizer.param_shardings is None:   # replicated parameters: replicated buffers
+      opt_sh = jax.tree.map(lambda _: replicated, abstract_opt)
+    else:
+      opt_sh = optimizer.state_shardings(unbox_values(boxed))
   else:
     opt_sh = optax.tree_utils.tree_map_params(
         optimizer, lambda _, sharding: sharding, abstract_opt, param_sh,
