@@ -47,7 +47,9 @@ def save_checkpoint(workdir, config, params, step, tokenizer=None, stage=0):
 # learning-rate schedule is part of each step program) and the model are the same in each module
 # that uses them, so a step program compiled by one module is found by the next in the test
 # session's compile cache (tests/conftest.py). Dotted keys, as given to `update_config`.
-TINY_RUN = {"curriculum.seq_lens": (32, 64), "curriculum.steps": (6, 4)}   # variant 'tiny'
+TINY_RUN = {   # variant 'tiny' with one layer of each kind (half the layers: half the tracing)
+    "model.num_layers": 2, "model.pattern": ("hgrn2", "attn"), "curriculum.seq_lens": (32, 64),
+    "curriculum.steps": (6, 4)}
 MEMORY_RUN = {   # variant 'memory' made smaller: 2 layers, 32-token windows, 4 per stream row
     "model.num_layers": 2, "model.d_model": 32, "model.mlp_dim": 64, "model.attn_num_heads": 2,
     "model.attn_num_kv_heads": 1, "model.graph.window": 16, "model.graph.select_block_size": 8,
