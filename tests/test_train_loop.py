@@ -143,7 +143,8 @@ def test_sigterm_leaves_a_checkpoint_that_restores(tmp_path):
   workdir = str(tmp_path / "run")
   cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={CONFIG}:tiny",
          f"--workdir={workdir}", "--config.curriculum.steps=(100000,)",
-         "--config.curriculum.seq_lens=(32,)", "--config.train.log_every=1"]
+         "--config.curriculum.seq_lens=(32,)", "--config.train.log_every=1",
+         *(f"--config.{k}={v}" for k, v in helpers.TINY_RUN.items() if k.startswith("model."))]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
              JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
