@@ -1,6 +1,8 @@
 """optimizer.fused: the flat-buffer AdamW against the per-leaf optax chain, in the train step, on
 meshes (replicated and split parameters: equal, and no data moved for the split ones) and in
 checkpoints."""
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -330,10 +332,95 @@ def assert_sharding(array, sharding):
   assert array.sharding.is_equivalent_to(sharding, array.ndim), (array.sharding, sharding)
 
 
-def test_fused_on_split_parameters_checkpoints_exactly_and_a_changed_split_is_refused(
-    tiny, tmp_path):
-  """The sharded buffers go through orbax unchanged (values and shardings); a resume with other
-  fsdp / tensor sizes names the mesh; an optimizer not laid out for the mesh is refused."""
+def _placed_state(tiny, mesh, fused):
+  """(placed optimizer, state shardings, abstract TrainState) of the tiny model on `mesh`."""
+  init_params = tiny[2]
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    placed = state_lib.place_optimizer(init_params, fused, mesh)
+    state_sh = state_lib.state_shardings(init_params, placed, mesh)
+    return placed, state_sh, state_lib.abstract_train_state(state_sh, init_params, placed)
+
+
+def _resume(ckpt, abstract, mesh, tmp_path):
+  with jax.set_mesh(mesh):
+    return resume_lib.decide(ckpt, abstract, workdir=str(tmp_path), model={}, tokenizer={},
+                             restart=False, optimizer={"fused": True}).state
+
+
+def test_fused_checkpoint_resumes_on_other_meshes(tiny, tmp_path):
+  """Saved on data=2 x fsdp=4: the moments are stored per parameter, so the checkpoint resumes
+  there bit for bit and on data=4 x fsdp=2 and data=8 (other buffers) with the moments equal
+  element for element and the next update equal to continuing on the first mesh."""
+  host_params = tiny[3]
+  fused, _ = optimizer_lib.make_optimizer(_opt_cfg(fused=True), 20)
+  accept = lambda *_: jnp.bool_(True)
+  rng = np.random.default_rng(0)
+  # distinct random moments per element (nu > 0), as trees like the parameters
+  moments = {
+      "mu": jax.tree.map(lambda p: (rng.standard_normal(p.shape) * 1e-2).astype(p.dtype),
+                         host_params),
+      "nu": jax.tree.map(lambda p: (np.abs(rng.standard_normal(p.shape)) * 1e-4 + 1e-6).astype(
+          p.dtype), host_params)}
+  grads = _grads(host_params, 1)   # the clip acts
+  from_tree = optimizer_lib.fused_state_from_tree
+  runs = {}
+  for mesh_shape in ((2, 4, 1), (4, 2, 1), (8, 1, 1)):
+    mesh = _mesh(mesh_shape)
+    placed, state_sh, abstract = _placed_state(tiny, mesh, fused)
+    param_sh, opt_sh = state_sh.params, state_sh.opt_state
+    # as a run on this mesh saves and resumes: its own optimizer, placed here, gives the form
+    form = state_lib.checkpoint_form(placed)
+    if mesh_shape == (2, 4, 1):   # the saved state, its buffers packed from the moments
+      opt = jax.jit(lambda t, o=placed: from_tree(o, t, host_params), out_shardings=opt_sh)(
+          optimizer_lib.FusedAdamWState(jnp.int32(3), moments["mu"], moments["nu"]))
+      assert any(b.ndim == 2 for b in opt.mu.values())    # buffers split by fsdp
+      zero = jnp.zeros((), jnp.int32)
+      saved = state_lib.TrainState(step=zero + 3, params=jax.device_put(host_params, param_sh),
+                                   opt_state=opt, nonfinite_streak=zero, nonfinite_total=zero)
+      config = {"model": {}, "optimizer": {"fused": True}, "mesh": {"fsdp": 4, "tensor": 1}}
+      with contextlib.closing(ckpt_lib.Checkpointer(str(tmp_path), async_save=False,
+                                                    form=form)) as ckpt:
+        ckpt.save(3, saved, {"config": config})
+        shapes = ckpt.read_shapes(3)   # the moments under the parameters' own paths and shapes
+      saved_form = form
+      assert {k[len("opt_state/mu/"):]: v for k, v in shapes.items()
+              if k.startswith("opt_state/mu/")} == {
+                  k[len("params/"):]: v for k, v in shapes.items() if k.startswith("params/")}
+    with contextlib.closing(ckpt_lib.Checkpointer(str(tmp_path), async_save=False,
+                                                  form=form)) as ckpt:
+      got = _resume(ckpt, abstract, mesh, tmp_path)
+    jax.tree.map(assert_sharding, got, jax.tree.map(lambda a: a.sharding, abstract))
+    if mesh_shape == (2, 4, 1):   # the same mesh: every array bit for bit
+      jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                   got, saved)
+    else:
+      assert {k: b.shape for k, b in got.opt_state.mu.items()} != {
+          k: b.shape for k, b in saved.opt_state.mu.items()}
+      with pytest.raises(ValueError, match=r"lays its buffers out as .*checkpoint_form of the "
+                                           r"optimizer placed on the target's mesh"):
+        saved_form.from_saved(None, abstract)   # the saving mesh's form: the wrong buffers
+    as_trees = jax.device_get(form.to_saved(got).opt_state)    # jitted fused_state_to_tree
+    assert int(as_trees.count) == 3
+    for name in ("mu", "nu"):
+      jax.tree.map(np.testing.assert_array_equal, getattr(as_trees, name), moments[name])
+    step = jax.jit(lambda g, s, p, o=placed: o.guarded_update(g, s, p, accept)[:2],
+                   in_shardings=(param_sh, opt_sh, param_sh), out_shardings=(param_sh, opt_sh))
+    new_params, new_opt = step(jax.device_put(grads, param_sh), got.opt_state, got.params)
+    runs[mesh_shape] = jax.device_get(form.to_saved(got.replace(params=new_params,
+                                                                opt_state=new_opt)))
+  first = runs[(2, 4, 1)]
+  for mesh_shape in ((4, 2, 1), (8, 1, 1)):
+    _assert_close(first.params, runs[mesh_shape].params)
+    for name in ("mu", "nu"):
+      _assert_close(getattr(first.opt_state, name), getattr(runs[mesh_shape].opt_state, name))
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), host_params, first.params)
+  assert min(jax.tree.leaves(moved)) > 1e-4
+
+
+def test_fused_checkpoint_of_the_earlier_format_resumes_on_its_layout_only(tiny, tmp_path):
+  """A checkpoint holding the group buffers themselves (the format before the per-parameter
+  trees) resumes exactly on the fsdp / tensor sizes it was written on, and is refused elsewhere
+  naming them; an optimizer not laid out for the mesh is refused."""
   init_params = tiny[2]
   mesh = _mesh((2, 2, 2))
   fused, _ = optimizer_lib.make_optimizer(_opt_cfg(fused=True), 20)
@@ -341,37 +428,32 @@ def test_fused_on_split_parameters_checkpoints_exactly_and_a_changed_split_is_re
     with pytest.raises(ValueError, match=r"optimizer.fused=True lays its buffers out .* "
                                          r"\d+ parameters .*place_optimizer"):
       state_lib.state_shardings(init_params, fused, mesh)   # not placed on this mesh
-    placed = state_lib.place_optimizer(init_params, fused, mesh)
-    state_sh = state_lib.state_shardings(init_params, placed, mesh)
-    # random moments (every element distinct) in the buffers' shardings
-    rng = np.random.default_rng(0)
-    abstract = state_lib.abstract_train_state(state_sh, init_params, placed)
-    state = jax.tree.map(lambda a: jax.device_put(
-        rng.standard_normal(a.shape).astype(a.dtype) if a.shape else np.ones((), a.dtype),
-        a.sharding), abstract)
+  placed, _, abstract = _placed_state(tiny, mesh, fused)
+  rng = np.random.default_rng(0)
+  state = jax.tree.map(lambda a: jax.device_put(
+      rng.standard_normal(a.shape).astype(a.dtype) if a.shape else np.ones((), a.dtype),
+      a.sharding), abstract)
   config = {"model": {}, "optimizer": {"fused": True}, "mesh": {"fsdp": 2, "tensor": 2}}
-  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False)
-  ckpt.save(1, state, {"config": config})
-  with jax.set_mesh(mesh):
-    got = resume_lib.decide(ckpt, abstract, workdir=str(tmp_path), model={}, tokenizer={},
-                            restart=False, optimizer={"fused": True})
-  assert got.step == 1 and int(got.state.opt_state.count) == 1
-  for want, have in zip(jax.tree.leaves(state), jax.tree.leaves(got.state)):
+  earlier = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False)   # no form
+  earlier.save(1, state, {"config": config})
+  earlier.close()
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False,
+                               form=state_lib.checkpoint_form(placed))
+  got = _resume(ckpt, abstract, mesh, tmp_path)
+  assert any(len(a.sharding.spec) == 3 for a in jax.tree.leaves(got.opt_state.mu))
+  for want, have in zip(jax.tree.leaves(state), jax.tree.leaves(got)):
     np.testing.assert_array_equal(np.asarray(have), np.asarray(want))
     assert_sharding(have, want.sharding)
-  assert any(len(a.sharding.spec) == 3 for a in jax.tree.leaves(got.state.opt_state.mu))
-  # the same parameters on fsdp=4: other buffers, refused naming the saved mesh
   mesh4 = _mesh((2, 4, 1))
-  with jax.set_mesh(mesh4), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-    placed4 = state_lib.place_optimizer(init_params, fused, mesh4)
-    abstract4 = state_lib.abstract_train_state(
-        state_lib.state_shardings(init_params, placed4, mesh4), init_params, placed4)
+  placed4, _, abstract4 = _placed_state(tiny, mesh4, fused)
+  ckpt4 = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False,
+                                form=state_lib.checkpoint_form(placed4))
   with pytest.raises(resume_lib.ResumeRefused,
-                     match=r"(?s)optimizer.fused=True lays its buffers out after the parameters' "
-                           r"sharding.*mesh.fsdp=2, mesh.tensor=2.*opt_state/mu/float32_decay"):
-    resume_lib.decide(ckpt, abstract4, workdir=str(tmp_path), model={}, tokenizer={},
-                      restart=False, optimizer={"fused": True})
+                     match=r"(?s)earlier format .*mesh.fsdp=2, mesh.tensor=2.*resume once with "
+                           r"those fsdp and tensor sizes"):
+    _resume(ckpt4, abstract4, mesh4, tmp_path)
   ckpt.close()
+  ckpt4.close()
 
 
 @pytest.mark.parametrize("mesh_shape", [(4, 2, 1), (4, 1, 2)])

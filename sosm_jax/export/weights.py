@@ -171,7 +171,7 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, params, *,
   from sosm_jax import data as data_lib
   from sosm_jax.train import checkpoint as ckpt_lib
   from sosm_jax.train import optimizer as optimizer_lib
-  from sosm_jax.train.state import TrainState
+  from sosm_jax.train.state import TrainState, checkpoint_form
   workdir = os.path.abspath(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
@@ -192,7 +192,9 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, params, *,
           "config": config.to_dict()}
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=2))
-  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
+  # the trainer's form (fused moments as per-parameter trees): the import resumes on any mesh
+  checkpointer = ckpt_lib.Checkpointer(ckpt_dir, async_save=False,
+                                       form=checkpoint_form(optimizer))
   checkpointer.save(0, state, meta, wait=True)
   checkpointer.close()
   return workdir

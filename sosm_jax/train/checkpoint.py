@@ -71,11 +71,17 @@ class Checkpointer:
 
   A save that fails raises `SaveFailed` at the latest on the next `save`/`check`/`wait` call; the
   loop calls `check` every step, so training stops right after the failure.
+
+  form: how a state is stored, when not as it is in memory (`state.checkpoint_form(optimizer)`;
+  the fused optimizer's moments as per-parameter trees): `to_saved(state)` before a save,
+  `abstract(abstract_state)` the checkpoint's form of a restore target and
+  `from_saved(saved, abstract_state)` back after a restore.
   """
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, form=None):
     self.directory = os.path.abspath(directory) if "://" not in directory else directory
     self._keep, self._async = keep, async_save
+    self.form = form
     self._manager = self._open()
     self._unconfirmed = None    # step of an async save whose outcome `check` has not seen
     self.on_save = []   # callables(step) run after each save starts (e.g. the host memory)
@@ -101,7 +107,8 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return False
     try:
-      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+      saved = state if self.form is None else self.form.to_saved(state)
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved),
                                                        meta=ocp.args.JsonSave(meta)), force=True)
       self._unconfirmed = step
       for hook in self.on_save:
@@ -160,13 +167,30 @@ class Checkpointer:
       raise ValueError("no state metadata")
     return leaf_shapes(metadata)
 
+  def saved_abstract(self, abstract_state: Any) -> Any:
+    """What a checkpoint of states like `abstract_state` holds (its `form`'s abstract)."""
+    return abstract_state if self.form is None else self.form.abstract(abstract_state)
+
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """(state, meta) of checkpoint `step`, placed as `abstract_state` says (any mesh)."""
+    """(state, meta) of checkpoint `step`, placed as `abstract_state` says (any mesh).
+
+    With a `form`, a checkpoint that holds the state as it is in memory instead (written before
+    the form existed, e.g. the fused optimizer's earlier flat buffers on this very layout) is
+    restored as it is.
+    """
+    target = self.saved_abstract(abstract_state)
+    if target is not abstract_state:
+      as_it_is = leaf_shapes(abstract_state)
+      if leaf_shapes(target) != as_it_is and self.read_shapes(step) == as_it_is:
+        target = abstract_state
     with quiet_restore():
       restored = self._manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                         meta=ocp.args.JsonRestore()))
-    return restored.state, dict(restored.meta)
+    state = restored.state
+    if target is not abstract_state:
+      state = self.form.from_saved(state, abstract_state)
+    return state, dict(restored.meta)
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
     """(state, meta, step) of the newest checkpoint that restores, or None; for readers

@@ -249,7 +249,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
 
   if is_writer:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local folder or gs://BUCKET/PATH
-  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=config.train.keep_checkpoints)
+  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=config.train.keep_checkpoints,
+                                        form=state_lib.checkpoint_form(optimizer))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES), _StopSignal() as stop:
     try:
@@ -262,7 +263,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
       checkpointer.close()
       raise
     if resumed is not None and resumed.moved_to is not None:   # restart: a fresh directory
-      checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=config.train.keep_checkpoints)
+      checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=config.train.keep_checkpoints,
+                                        form=state_lib.checkpoint_form(optimizer))
       resumed = None
     redo_eval = None
     if resumed is not None:

@@ -231,9 +231,16 @@ class FusedAdamW(NamedTuple):
   are one memory pass each.
 
   Decisions:
-  - The moments live as group buffers (`FusedAdamWState`), so the checkpoint's optimizer state
-    has another layout than the per-leaf one; `resume.decide` refuses a resume across a changed
-    `optimizer.fused` naming the key (the arrays are the same numbers, in another order).
+  - The moments live as group buffers (`FusedAdamWState`) in memory; checkpoints store them as
+    trees like the parameters (`fused_state_to_tree`, `state.FusedCheckpointForm`: one array
+    per parameter in the parameter's sharding), so orbax reshards them on restore as it does
+    the parameters and `fused_state_from_tree` packs them into the layout of the mesh that
+    resumes: a fused checkpoint resumes on any mesh (fsdp / tensor sizes may change). The
+    checkpoint's state is still not the optax chain's (other tree), so `resume.decide` refuses
+    a resume across a changed `optimizer.fused` naming the key.
+    Checkpoints of the earlier fused format (the group buffers themselves) are still read where
+    the current layout is theirs (same fsdp and tensor sizes; always for replicated parameters),
+    and refused elsewhere naming the mesh they need; the next checkpoint is in the tree form.
   - Sharded parameters (fsdp, tensor): `on_shardings(param_shardings)` lays the buffers out
     after the parameters' NamedShardings (`state.place_optimizer` does it for a mesh). A leaf
     whose dimensions are split over mesh axes a1..ak (in the mesh's order) has each split
@@ -243,10 +250,8 @@ class FusedAdamW(NamedTuple):
     P(a1, ..., ak, None). Concatenation, split, moments and selects are then local to each
     device: the update moves no data between devices (the norms are global sums: one small
     all-reduce each, as in the per-leaf path). Replicated leaves keep the 1-D buffers named
-    '<dtype>_<decay|no_decay>' (the layout before sharding was supported: their checkpoints
-    resume). The buffers' shapes depend on the sizes of the splitting mesh axes, so a fused
-    checkpoint resumes on a mesh with the same fsdp and tensor sizes (data may change);
-    `resume.decide` names the mesh keys otherwise. Without `on_shardings` every parameter
+    '<dtype>_<decay|no_decay>'. The buffers' shapes depend on the sizes of the splitting mesh
+    axes, hence the checkpoints' tree form above. Without `on_shardings` every parameter
     counts as replicated, and `state.state_shardings` refuses a mesh that splits them.
   - The global gradient norm (clipping, metrics) is summed in float32 whatever the dtype (optax
     sums bfloat16 leaves in bfloat16); every elementwise step runs in the group's dtype, as
@@ -264,6 +269,8 @@ class FusedAdamW(NamedTuple):
   # (abstract params) -> the FusedAdamWState of NamedShardings (its buffers' layout)
   state_shardings: Callable
   param_shardings: Any = None   # what the layout follows (None: every parameter replicated)
+  # (params) -> (its groups, its treedef): the buffers' layout (`_layout` for these shardings)
+  layout: Callable | None = None
 
 
 def fused_adamw(opt_cfg, schedule: optax.Schedule, param_shardings=None) -> FusedAdamW:
@@ -342,7 +349,31 @@ def fused_adamw(opt_cfg, schedule: optax.Schedule, param_shardings=None) -> Fuse
 
   return FusedAdamW(init, update, guarded_update,
                     lambda shardings: fused_adamw(opt_cfg, schedule, shardings),
-                    state_shardings, param_shardings)
+                    state_shardings, param_shardings, layout)
+
+
+def fused_state_to_tree(optimizer: FusedAdamW, state: FusedAdamWState, params_like
+                        ) -> FusedAdamWState:
+  """The checkpoint form of a fused state: mu and nu as trees like `params_like` (one array per
+  parameter, of its shape and dtype), the count as it is. Pure data movement (slices, reshapes,
+  transposes; within each device's blocks for split groups): `fused_state_from_tree` gives the
+  buffers back bit for bit. params_like: the parameters or their ShapeDtypeStructs."""
+  groups, treedef = optimizer.layout(params_like)
+  return FusedAdamWState(state.count, _split(state.mu, groups, treedef, params_like),
+                         _split(state.nu, groups, treedef, params_like))
+
+
+def fused_state_from_tree(optimizer: FusedAdamW, tree_state: FusedAdamWState, params_like
+                          ) -> FusedAdamWState:
+  """The inverse of `fused_state_to_tree`: the per-parameter moments packed into `optimizer`'s
+  buffers (its layout, for the mesh it was placed on, whatever mesh wrote them)."""
+  groups, treedef = optimizer.layout(params_like)
+
+  def pack(tree):
+    leaves = treedef.flatten_up_to(tree)
+    return {g.name: _concat(leaves, g) for g in groups}
+
+  return FusedAdamWState(tree_state.count, pack(tree_state.mu), pack(tree_state.nu))
 
 
 def check_fused_shardings(optimizer: FusedAdamW, param_shardings) -> None:

@@ -5,9 +5,9 @@ Checkpoints in the work directory are looked at newest first:
   memory saved beside it) -> skipped with one line and, once a readable one is found, moved to
   `<checkpoints>/corrupt/<step>` so the step can be written again later;
 - readable but from another model (a model key that changes what the parameters are, the
-  tokenizer, or any array's shape) or another optimizer-state layout (`optimizer.fused`, or
-  with it other fsdp / tensor sizes of the mesh) -> the run is refused with the differing keys
-  named;
+  tokenizer, or any array's shape) or another optimizer-state layout (`optimizer.fused`; or a
+  fused checkpoint of the earlier format, the flat buffers, on other fsdp / tensor sizes) -> the
+  run is refused with the differing keys named;
 - readable and matching -> resumed.
 If checkpoints exist and none is readable the run is refused too. `restart=True` turns both
 refusals into: move the earlier run aside (`<workdir>/previous/<time>/`, nothing deleted) and
@@ -99,9 +99,17 @@ def shape_differences(saved: dict, wanted: dict, limit: int = 6) -> list[str]:
 def optimizer_differences(saved: dict, current: dict) -> list[str]:
   """'optimizer.fused: saved X, now Y' for the OPTIMIZER_LAYOUT_KEYS that differ."""
   return [f"optimizer.{k}: saved {saved.get(k, False)!r}, now {current.get(k, False)!r} (the "
-          f"optimizer state is stored per parameter with False, as flat buffers with True; "
-          f"resume with --config.optimizer.{k}={str(saved.get(k, False)).lower()})"
+          f"optimizer state is stored as optax's chain with False, as the fused AdamW's with "
+          f"True; resume with --config.optimizer.{k}={str(saved.get(k, False)).lower()})"
           for k in OPTIMIZER_LAYOUT_KEYS if saved.get(k, False) != current.get(k, False)]
+
+
+def _earlier_fused_format(shapes: dict) -> bool:
+  """Whether a checkpoint's `leaf_shapes` hold the fused moments as group buffers (named by
+  dtype and decay) rather than as trees like the parameters (the same paths under mu/nu)."""
+  mu = {k[len("opt_state/mu/"):] for k in shapes if k.startswith("opt_state/mu/")}
+  params = {k[len("params/"):] for k in shapes if k.startswith("params/")}
+  return bool(mu) and not mu & params
 
 
 def _choices(workdir: str) -> str:
@@ -121,7 +129,10 @@ def decide(checkpointer: ckpt_lib.Checkpointer, abstract_state, *, workdir: str,
   verify(step, meta): raises CorruptCheckpoint if something saved beside the checkpoint is bad.
   Raises ResumeRefused (naming keys and choices) when the run must not start.
   """
-  wanted = ckpt_lib.leaf_shapes(abstract_state)
+  # what the checkpoint holds (the fused moments as per-parameter trees: any mesh), and the
+  # state as it is in memory (what the fused optimizer's earlier checkpoints hold)
+  wanted = ckpt_lib.leaf_shapes(checkpointer.saved_abstract(abstract_state))
+  as_it_is = ckpt_lib.leaf_shapes(abstract_state)
   unreadable: list[tuple[int, str]] = []
   for step in reversed(checkpointer.all_steps()):
     try:
@@ -137,16 +148,18 @@ def decide(checkpointer: ckpt_lib.Checkpointer, abstract_state, *, workdir: str,
     if layout:   # the optimizer state's arrays differ by design: name the key, not the arrays
       shapes = shape_differences(params_only(saved_shapes), params_only(wanted))
     else:
-      shapes = shape_differences(saved_shapes, wanted)
+      shapes = [] if saved_shapes == as_it_is else shape_differences(saved_shapes, wanted)
       if (shapes and optimizer is not None and optimizer.get("fused", False)
+          and _earlier_fused_format(saved_shapes)
           and not shape_differences(params_only(saved_shapes), params_only(wanted))):
-        # the same parameters; the fused buffers' layout follows the mesh's parameter sharding
+        # the same parameters; the earlier format's buffers follow the saving mesh's sharding
         saved_mesh = meta.get("config", {}).get("mesh", {})
-        layout = [f"optimizer.fused=True lays its buffers out after the parameters' sharding, "
-                  f"which differs from the checkpoint's (saved with mesh.fsdp="
-                  f"{saved_mesh.get('fsdp', '?')}, mesh.tensor={saved_mesh.get('tensor', '?')}): "
-                  f"resume with the fsdp and tensor sizes it was saved with (mesh.data may "
-                  f"change)"]
+        layout = [f"optimizer.fused=True: this checkpoint holds the optimizer state in the "
+                  f"earlier format (flat buffers laid out after the parameters' sharding on the "
+                  f"mesh it was saved on: mesh.fsdp={saved_mesh.get('fsdp', '?')}, mesh.tensor="
+                  f"{saved_mesh.get('tensor', '?')}), which only that layout reads: resume once "
+                  f"with those fsdp and tensor sizes (mesh.data may change); the checkpoints it "
+                  f"writes then resume on any mesh"]
     diffs = (model_differences(meta.get("config", {}).get("model", {}), model)
              + tokenizer_differences(meta.get("tokenizer", {}), tokenizer) + layout + shapes)
     if diffs:

@@ -83,3 +83,70 @@ def abstract_train_state(shardings: TrainState, init_params: Callable[[], Any],
                         nonfinite_streak=zero, nonfinite_total=zero)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                       shardings)
+
+
+def checkpoint_form(optimizer) -> FusedCheckpointForm | None:
+  """How `ckpt_lib.Checkpointer` stores a TrainState of `optimizer` (its `form`): None (as it is)
+  but for a `FusedAdamW`, whose mesh-dependent buffers are stored as per-parameter trees."""
+  if isinstance(optimizer, optimizer_lib.FusedAdamW):
+    return FusedCheckpointForm(optimizer)
+  return None
+
+
+class FusedCheckpointForm:
+  """A TrainState with a `FusedAdamW` state as it is checkpointed: its moments as trees like the
+  parameters (`optimizer.fused_state_to_tree`), each array in its parameter's sharding. The
+  checkpoint is then mesh-independent, as the per-leaf optimizer's: orbax reshards the moments
+  on restore as it does the parameters, and `from_saved` packs them into the buffers of the
+  optimizer placed on the resuming mesh. Both ways are exact data movement, local to each
+  device; a save holds one more copy of the moments on the devices until orbax has read it.
+  """
+
+  def __init__(self, optimizer: optimizer_lib.FusedAdamW):
+    self.optimizer = optimizer
+    self._programs = {}   # jitted conversions by (direction, the parameters' avals + shardings)
+
+  def abstract(self, abstract_state: TrainState) -> TrainState:
+    """The checkpoint's form of `abstract_state` (ShapeDtypeStructs with shardings)."""
+    params = abstract_state.params
+    tree = lambda: jax.tree.map(
+        lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=getattr(p, "sharding", None)),
+        params)
+    return abstract_state.replace(opt_state=optimizer_lib.FusedAdamWState(
+        abstract_state.opt_state.count, tree(), tree()))
+
+  def to_saved(self, state: TrainState) -> TrainState:
+    convert = self._program("to_tree", state.params, state.opt_state)
+    return state.replace(opt_state=convert(state.opt_state))
+
+  def from_saved(self, saved: TrainState, abstract_state: TrainState) -> TrainState:
+    groups, _ = self.optimizer.layout(abstract_state.params)
+    laid_out = {g.name: g.shape for g in groups}
+    wanted = {k: tuple(b.shape) for k, b in abstract_state.opt_state.mu.items()}
+    if laid_out != wanted:   # else the buffers would come out in another mesh's layout
+      raise ValueError(f"the checkpoint form's optimizer lays its buffers out as {laid_out}, "
+                       f"the restore target as {wanted}: make the Checkpointer's form with "
+                       f"state.checkpoint_form of the optimizer placed on the target's mesh")
+    convert = self._program("from_tree", abstract_state.params, abstract_state.opt_state)
+    return saved.replace(opt_state=convert(saved.opt_state))
+
+  def _program(self, direction: str, params, opt_state):
+    """The jitted conversion for parameters of these shapes and shardings (compiled once a run,
+    not at every save); outputs in the parameters' shardings (to_tree) or the buffers' own."""
+    like = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    param_sh = jax.tree.map(lambda p: getattr(p, "sharding", None), params)
+    key = (direction, jax.tree.structure(like), tuple(jax.tree.leaves(like)),
+           tuple(jax.tree.leaves(param_sh)))
+    if key not in self._programs:
+      count_sh = getattr(opt_state.count, "sharding", None)
+      if direction == "to_tree":
+        fn = lambda s: optimizer_lib.fused_state_to_tree(self.optimizer, s, like)
+        out_sh = optimizer_lib.FusedAdamWState(count_sh, param_sh, param_sh)
+      else:
+        fn = lambda s: optimizer_lib.fused_state_from_tree(self.optimizer, s, like)
+        out_sh = optimizer_lib.FusedAdamWState(
+            count_sh, *(jax.tree.map(lambda b: getattr(b, "sharding", None), buffers)
+                        for buffers in (opt_state.mu, opt_state.nu)))
+      placed = all(s is not None for s in jax.tree.leaves(out_sh, is_leaf=lambda x: x is None))
+      self._programs[key] = jax.jit(fn, out_shardings=out_sh) if placed else jax.jit(fn)
+    return self._programs[key]
