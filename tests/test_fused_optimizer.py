@@ -1,6 +1,6 @@
 """optimizer.fused: the flat-buffer AdamW against the per-leaf optax chain, in the train step, on
-meshes (replicated and split parameters: equal, and no data moved for the split ones) and in
-checkpoints."""
+meshes (replicated and split parameters: equal, and no data moved for the split ones), in
+checkpoints and across a resume that changes optimizer.fused."""
 import contextlib
 
 import jax
@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import curriculum as recipe
 from sosm_jax import models
@@ -420,7 +420,8 @@ def test_fused_checkpoint_resumes_on_other_meshes(tiny, tmp_path):
 def test_fused_checkpoint_of_the_earlier_format_resumes_on_its_layout_only(tiny, tmp_path):
   """A checkpoint holding the group buffers themselves (the format before the per-parameter
   trees) resumes exactly on the fsdp / tensor sizes it was written on, and is refused elsewhere
-  naming them; an optimizer not laid out for the mesh is refused."""
+  and by the per-leaf optimizer naming them; an optimizer not laid out for the mesh is
+  refused."""
   init_params = tiny[2]
   mesh = _mesh((2, 2, 2))
   fused, _ = optimizer_lib.make_optimizer(_opt_cfg(fused=True), 20)
@@ -452,8 +453,20 @@ def test_fused_checkpoint_of_the_earlier_format_resumes_on_its_layout_only(tiny,
                      match=r"(?s)earlier format .*mesh.fsdp=2, mesh.tensor=2.*resume once with "
                            r"those fsdp and tensor sizes"):
     _resume(ckpt4, abstract4, mesh4, tmp_path)
+  # the per-leaf chain does not read the earlier format (its buffers are of one mesh's layout)
+  plain, _ = optimizer_lib.make_optimizer(_opt_cfg(), 20)
+  placed_plain, _, abstract_plain = _placed_state(tiny, mesh, plain)
+  ckpt_plain = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False,
+                                     form=state_lib.checkpoint_form(placed_plain))
+  with jax.set_mesh(mesh), pytest.raises(
+      resume_lib.ResumeRefused, match=r"(?s)optimizer.fused=False: .*earlier format .*"
+                                      r"mesh.fsdp=2, mesh.tensor=2.*resume once with "
+                                      r"--config.optimizer.fused=true and those fsdp"):
+    resume_lib.decide(ckpt_plain, abstract_plain, workdir=str(tmp_path), model={},
+                      tokenizer={}, restart=False, optimizer={"fused": False})
   ckpt.close()
   ckpt4.close()
+  ckpt_plain.close()
 
 
 @pytest.mark.parametrize("mesh_shape", [(4, 2, 1), (4, 1, 2)])
@@ -467,26 +480,143 @@ def test_config_accepts_fused_with_split_parameters_but_not_lora(mesh_shape):
     config_lib.validate_config(cfg)
 
 
-def test_fused_state_checkpoints_and_a_changed_key_is_refused_by_name(tmp_path):
-  params = {"w": jnp.arange(6.0).reshape(2, 3), "norm": {"scale": jnp.ones((3,))}}
-  fused, _ = optimizer_lib.make_optimizer(_opt_cfg(fused=True, warmup_steps=0), 10)
-  plain, _ = optimizer_lib.make_optimizer(_opt_cfg(warmup_steps=0), 10)
-  state = fused.init(params)
-  _, state = jax.jit(fused.update)(jax.tree.map(jnp.ones_like, params), state, params)
-  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False)
-  ckpt.save(1, {"params": params, "opt_state": state},
-            {"config": {"model": {}, "optimizer": {"fused": True}}})
-  abstract = lambda opt: jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-      {"params": params, "opt_state": jax.eval_shape(opt.init, params)})
-  got = resume_lib.decide(ckpt, abstract(fused), workdir=str(tmp_path), model={}, tokenizer={},
-                          restart=False, optimizer={"fused": True})
-  assert got.step == 1 and int(got.state["opt_state"].count) == 1
-  jax.tree.map(np.testing.assert_array_equal, got.state["opt_state"], state)
-  with pytest.raises(resume_lib.ResumeRefused,
-                     match=r"(?s)optimizer layout.*optimizer.fused: saved True, now False.*"
-                           r"--config.optimizer.fused=true") as refused:
-    resume_lib.decide(ckpt, abstract(plain), workdir=str(tmp_path), model={}, tokenizer={},
-                      restart=False, optimizer={"fused": False})
-  assert "opt_state/" not in str(refused.value) and "more arrays" not in str(refused.value)
-  ckpt.close()
+def _apply(optimizer, grads, opt_state, params):
+  """(params, opt_state) after one accepted update, as the train step applies it."""
+  if isinstance(optimizer, optimizer_lib.FusedAdamW):
+    return optimizer.guarded_update(grads, opt_state, params, lambda *_: jnp.bool_(True))[:2]
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def _as_trees(optimizer, opt_state, params):
+  """(count(s), mu, nu) of either optimizer's state, the moments as trees like the parameters."""
+  if isinstance(optimizer, optimizer_lib.FusedAdamW):
+    tree = optimizer_lib.fused_state_to_tree(optimizer, opt_state, params)
+    return (int(tree.count),), tree.mu, tree.nu
+  tree = optimizer_lib.chain_state_to_fused_tree(opt_state)
+  return tuple(int(c) for c in optimizer_lib.chain_counts(opt_state)), tree.mu, tree.nu
+
+
+def _train_state(params, opt_state, step):
+  zero = jnp.zeros((), jnp.int32)
+  return state_lib.TrainState(step=zero + step, params=params, opt_state=opt_state,
+                              nonfinite_streak=zero, nonfinite_total=zero)
+
+
+def _sharded_abstract(optimizer, params, mesh):
+  """(the optimizer placed on `mesh`, the abstract TrainState with shardings) for `params` with
+  each matrix split over fsdp along its first dimension divisible by 4 (the rest replicated)."""
+  def spec(p):
+    dims = [d for d in range(p.ndim) if p.ndim == 2 and p.shape[d] % 4 == 0][:1]
+    return NamedSharding(mesh, P(*(("fsdp" if d in dims else None) for d in range(p.ndim))))
+
+  param_sh = jax.tree.map(spec, params)
+  replicated = NamedSharding(mesh, P())
+  abstract_opt = jax.eval_shape(optimizer.init, params)
+  if isinstance(optimizer, optimizer_lib.FusedAdamW):
+    optimizer = optimizer.on_shardings(param_sh)
+    abstract_opt = jax.eval_shape(optimizer.init, params)
+    opt_sh = optimizer.state_shardings(params)
+  else:
+    opt_sh = optax.tree_utils.tree_map_params(optimizer, lambda _, sh: sh, abstract_opt, param_sh,
+                                              transform_non_params=lambda _: replicated)
+  shardings = state_lib.TrainState(replicated, param_sh, opt_sh, replicated, replicated)
+  abstract = _train_state(params, abstract_opt, 0)
+  abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          jax.eval_shape(lambda: abstract), shardings)
+  return optimizer, abstract
+
+
+# one device, and saved on data2 x fsdp4 and resumed on data4 x fsdp2 (other fused buffers)
+@pytest.mark.parametrize("meshes", [None, ((2, 4, 1), (4, 2, 1))], ids=["one_device", "meshes"])
+@pytest.mark.parametrize("saved_fused", [False, True], ids=["per_leaf_to_fused",
+                                                             "fused_to_per_leaf"])
+def test_resume_across_a_changed_fused_continues_exactly(saved_fused, meshes, tmp_path):
+  """A state of one optimizer after 3 updates (the clip acting on odd steps), saved through its
+  checkpoint form and resumed through the other's by resume.decide (the trainer's path): the
+  moments come back bit for bit as the other optimizer's state (its counts 3: the chain's two
+  and the fused one), placed as the target says, and 3 more updates with the other optimizer
+  give what the saving one gives continuing, to fp32 rounding."""
+  params = _params(mixed=False)
+  opts = {f: optimizer_lib.make_optimizer(_opt_cfg(fused=f), 20)[0] for f in (False, True)}
+  saver, resumer = opts[saved_fused], opts[not saved_fused]
+  p_saved, s_saved = params, saver.init(params)
+  saver_step = jax.jit(lambda g, s, p: _apply(saver, g, s, p))
+  for i in range(3):
+    p_saved, s_saved = saver_step(_grads(params, i), s_saved, p_saved)
+  saved, saving = _train_state(p_saved, s_saved, 3), saver
+  config = {"model": {}, "optimizer": {"fused": saved_fused}}
+  if meshes is None:
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), jax.eval_shape(
+        lambda: _train_state(params, resumer.init(params), 0)))
+    mesh = contextlib.nullcontext()
+  else:
+    placed_saver, saved_abstract = _sharded_abstract(saver, params, _mesh(meshes[0]))
+    if saved_fused:   # the same state in the buffers of the saving mesh's layout
+      saved = saved.replace(opt_state=optimizer_lib.fused_state_from_tree(
+          placed_saver, optimizer_lib.fused_state_to_tree(saver, s_saved, params), params))
+    saved = jax.device_put(jax.device_get(saved),
+                           jax.tree.map(lambda a: a.sharding, saved_abstract))
+    saving = placed_saver   # its form is the one of the mesh it saves on
+    mesh = _mesh(meshes[1])
+    resumer, abstract = _sharded_abstract(resumer, params, mesh)
+    mesh = jax.set_mesh(mesh)
+  with contextlib.closing(ckpt_lib.Checkpointer(str(tmp_path), async_save=False,
+                                                form=state_lib.checkpoint_form(saving))) as ckpt:
+    ckpt.save(3, saved, {"config": config})
+  with mesh, contextlib.closing(ckpt_lib.Checkpointer(
+      str(tmp_path), async_save=False, form=state_lib.checkpoint_form(resumer))) as ckpt:
+    got = resume_lib.decide(ckpt, abstract, workdir=str(tmp_path), model={}, tokenizer={},
+                            restart=False, optimizer={"fused": not saved_fused}).state
+  assert jax.tree.structure(got) == jax.tree.structure(abstract)
+  if meshes is not None:
+    jax.tree.map(assert_sharding, got, jax.tree.map(lambda a: a.sharding, abstract))
+  host = jax.device_get(got)
+  counts, mu, nu = _as_trees(resumer, host.opt_state, params)
+  saved_counts, saved_mu, saved_nu = _as_trees(saver, jax.device_get(s_saved), params)
+  assert set(counts) == set(saved_counts) == {3} and int(host.step) == 3
+  for want, have in ((p_saved, host.params), (saved_mu, mu), (saved_nu, nu)):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(b), np.asarray(a)),
+                 want, have)
+  # every leaf its own buffer (the chain's two counts too): a donating step takes it
+  got = jax.jit(lambda s: jax.tree.map(lambda x: x + 0, s), donate_argnums=0)(got)
+  resumer_step = jax.jit(lambda g, s, p: _apply(resumer, g, s, p))
+  place = ((lambda tree: tree) if meshes is None else
+           lambda tree: jax.device_put(tree, jax.tree.map(lambda a: a.sharding, abstract.params)))
+  p_ref, s_ref, p_got, s_got = p_saved, s_saved, got.params, got.opt_state
+  for i in range(3, 6):
+    grads = _grads(params, i)
+    p_ref, s_ref = saver_step(grads, s_ref, p_ref)
+    p_got, s_got = resumer_step(place(grads), s_got, p_got)
+  _assert_close(jax.device_get(p_ref), jax.device_get(p_got))
+  _, ref_mu, ref_nu = _as_trees(saver, jax.device_get(s_ref), params)
+  counts, got_mu, got_nu = _as_trees(resumer, jax.device_get(s_got), params)
+  assert set(counts) == {6}
+  _assert_close(ref_mu, got_mu)
+  _assert_close(ref_nu, got_nu)
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                       jax.device_get(p_ref), p_saved)
+  assert min(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_chain_state_conversions_are_inverse_and_name_other_states():
+  """The two pure conversions: the chain's exact structure for either clip setting (built by
+  hand from optax's classes), inverse of each other, and a clear error for another state."""
+  params = _params(mixed=True)
+  fused, _ = optimizer_lib.make_optimizer(_opt_cfg(fused=True), 20)
+  for clip_norm in (1.0, 0.0):
+    chain, _ = optimizer_lib.make_optimizer(_opt_cfg(clip_norm=clip_norm), 20)
+    state = chain.init(params)
+    tree = optimizer_lib.chain_state_to_fused_tree(state)
+    assert jax.tree.structure(tree) == jax.tree.structure(
+        optimizer_lib.fused_state_to_tree(fused, fused.init(params), params))
+    back = optimizer_lib.fused_tree_to_chain_state(tree)
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    assert optimizer_lib.is_chain_state(state) and not optimizer_lib.is_chain_state(tree)
+  with pytest.raises(ValueError, match=r"not a state of make_optimizer's per-leaf chain"):
+    optimizer_lib.chain_state_to_fused_tree(optax.adam(1e-3).init(params))
+  # counts that differ have no fused equivalent (one count for the moments and the schedule)
+  clip, (adam, masked, _) = state
+  with pytest.raises(ValueError, match=r"counts 0 adam updates but 2 schedule steps"):
+    state_lib._checked_counts(  # pylint: disable=protected-access
+        (clip, (adam, masked, optax.ScaleByScheduleState(jnp.int32(2)))))

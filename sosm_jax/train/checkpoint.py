@@ -72,10 +72,10 @@ class Checkpointer:
   A save that fails raises `SaveFailed` at the latest on the next `save`/`check`/`wait` call; the
   loop calls `check` every step, so training stops right after the failure.
 
-  form: how a state is stored, when not as it is in memory (`state.checkpoint_form(optimizer)`;
-  the fused optimizer's moments as per-parameter trees): `to_saved(state)` before a save,
-  `abstract(abstract_state)` the checkpoint's form of a restore target and
-  `from_saved(saved, abstract_state)` back after a restore.
+  form: how a state is stored and restored (`state.checkpoint_form(optimizer)`; None: as it is
+  in memory): `to_saved(state)` before a save, and `sources(abstract_state)` the forms it
+  restores, what it writes first (see `sources`; the fused optimizer's moments as per-parameter
+  trees, the per-leaf chain's state, ...).
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, form=None):
@@ -167,29 +167,27 @@ class Checkpointer:
       raise ValueError("no state metadata")
     return leaf_shapes(metadata)
 
-  def saved_abstract(self, abstract_state: Any) -> Any:
-    """What a checkpoint of states like `abstract_state` holds (its `form`'s abstract)."""
-    return abstract_state if self.form is None else self.form.abstract(abstract_state)
+  def sources(self, abstract_state: Any) -> list[tuple[Any, Any]]:
+    """What a checkpoint this run restores onto `abstract_state` may hold, what it writes first:
+    [(the checkpoint's state, abstract; how it becomes `abstract_state`'s: callable(restored
+    state) -> state, or None: as it is)]. The checkpoint's leaf shapes and paths say which it is
+    (e.g. the fused optimizer's moment trees, its earlier buffers, the per-leaf chain's state)."""
+    return [(abstract_state, None)] if self.form is None else self.form.sources(abstract_state)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """(state, meta) of checkpoint `step`, placed as `abstract_state` says (any mesh).
-
-    With a `form`, a checkpoint that holds the state as it is in memory instead (written before
-    the form existed, e.g. the fused optimizer's earlier flat buffers on this very layout) is
-    restored as it is.
-    """
-    target = self.saved_abstract(abstract_state)
-    if target is not abstract_state:
-      as_it_is = leaf_shapes(abstract_state)
-      if leaf_shapes(target) != as_it_is and self.read_shapes(step) == as_it_is:
-        target = abstract_state
+    """(state, meta) of checkpoint `step`, placed as `abstract_state` says (any mesh), from
+    whichever of `sources` the checkpoint holds (the first where its shapes match none)."""
+    sources = self.sources(abstract_state)
+    target, convert = sources[0]
+    if len(sources) > 1:
+      saved = self.read_shapes(step)
+      target, convert = next(((t, c) for t, c in sources if leaf_shapes(t) == saved),
+                             sources[0])
     with quiet_restore():
       restored = self._manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                         meta=ocp.args.JsonRestore()))
-    state = restored.state
-    if target is not abstract_state:
-      state = self.form.from_saved(state, abstract_state)
+    state = restored.state if convert is None else convert(restored.state)
     return state, dict(restored.meta)
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int] | None:

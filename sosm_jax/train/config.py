@@ -32,8 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
       min_lr_ratio=0.1, decay_fraction=0.2,  # wsd: final fraction of steps spent decaying
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, decay_embeddings=False, clip_norm=1.0,
       # True: the same AdamW on a few flat buffers (optimizer.FusedAdamW: fewer, larger kernels;
-      # sharded parameters keep their shards in place); its checkpoints resume on any mesh, but
-      # not with the other setting of this key
+      # sharded parameters keep their shards in place); checkpoints of either setting resume on
+      # any mesh and with either setting (the optimizer state is converted on restore, exactly)
       fused=False))
 
   c.curriculum = ml_collections.ConfigDict(dict(

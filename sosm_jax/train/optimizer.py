@@ -235,9 +235,11 @@ class FusedAdamW(NamedTuple):
     trees like the parameters (`fused_state_to_tree`, `state.FusedCheckpointForm`: one array
     per parameter in the parameter's sharding), so orbax reshards them on restore as it does
     the parameters and `fused_state_from_tree` packs them into the layout of the mesh that
-    resumes: a fused checkpoint resumes on any mesh (fsdp / tensor sizes may change). The
-    checkpoint's state is still not the optax chain's (other tree), so `resume.decide` refuses
-    a resume across a changed `optimizer.fused` naming the key.
+    resumes: a fused checkpoint resumes on any mesh (fsdp / tensor sizes may change). The per-leaf
+    chain holds the same moments (trees like the parameters) and counts equal to the fused
+    count, so a resume across a changed `optimizer.fused` converts the checkpoint's state at
+    the restore boundary (`chain_state_to_fused_tree` / `fused_tree_to_chain_state`, used by
+    both checkpoint forms in `state`), exactly, either way and on any mesh.
     Checkpoints of the earlier fused format (the group buffers themselves) are still read where
     the current layout is theirs (same fsdp and tensor sizes; always for replicated parameters),
     and refused elsewhere naming the mesh they need; the next checkpoint is in the tree form.
@@ -374,6 +376,60 @@ def fused_state_from_tree(optimizer: FusedAdamW, tree_state: FusedAdamWState, pa
     return {g.name: _concat(leaves, g) for g in groups}
 
   return FusedAdamWState(tree_state.count, pack(tree_state.mu), pack(tree_state.nu))
+
+
+def chain_state_to_fused_tree(chain_state) -> FusedAdamWState:
+  """The fused optimizer's checkpoint form (`fused_state_to_tree`'s) of a state of
+  `make_optimizer`'s per-leaf chain: its adam moments as they are (trees like the parameters, of
+  their dtypes) and its count. Pure restructuring (no arithmetic), so it also maps abstract
+  states (ShapeDtypeStructs with shardings).
+
+  The chain's state is (clip_by_global_norm or identity: EmptyState, adamw: (ScaleByAdamState(
+  count, mu, nu), MaskedState(EmptyState) of the masked decay, ScaleByScheduleState(count))). Its
+  two counts advance together (a rejected step keeps the whole state), as the fused count does
+  for both the bias correction and the schedule; `chain_counts` reads them for a check.
+  """
+  return FusedAdamWState(*_adam_state(chain_state))
+
+
+def fused_tree_to_chain_state(tree_state: FusedAdamWState):
+  """The per-leaf chain's state (see `chain_state_to_fused_tree`) of a fused checkpoint form:
+  the moments as they are, its count as both the adam and the schedule count. Pure
+  restructuring; the two counts are one value, so run it under jit (the checkpoint forms do) to
+  get the separate buffers a donating train step needs."""
+  count = tree_state.count
+  return (optax.EmptyState(),
+          (optax.ScaleByAdamState(count, tree_state.mu, tree_state.nu),
+           optax.MaskedState(inner_state=optax.EmptyState()), optax.ScaleByScheduleState(count)))
+
+
+def is_chain_state(state) -> bool:
+  """Whether `state` has the structure of `make_optimizer`'s per-leaf chain state."""
+  try:
+    _adam_state(state)
+  except ValueError:
+    return False
+  return True
+
+
+def chain_counts(chain_state) -> tuple[Any, Any]:
+  """(adam's count, the schedule's count) of a per-leaf chain state."""
+  _adam_state(chain_state)
+  return chain_state[1][0].count, chain_state[1][2].count
+
+
+def _adam_state(chain_state) -> optax.ScaleByAdamState:
+  pair = isinstance(chain_state, tuple) and len(chain_state) == 2
+  parts = chain_state[1] if pair else None
+  if not (pair and isinstance(chain_state[0], optax.EmptyState)
+          and isinstance(parts, tuple) and len(parts) == 3
+          and isinstance(parts[0], optax.ScaleByAdamState)
+          and isinstance(parts[1], optax.MaskedState)
+          and isinstance(parts[1].inner_state, optax.EmptyState)
+          and isinstance(parts[2], optax.ScaleByScheduleState)):
+    raise ValueError(f"not a state of make_optimizer's per-leaf chain (clip, adamw with a "
+                     f"masked decay and a schedule): {jax.tree.structure(chain_state)}")
+  return parts[0]
 
 
 def check_fused_shardings(optimizer: FusedAdamW, param_shardings) -> None:

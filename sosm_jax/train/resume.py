@@ -5,9 +5,10 @@ Checkpoints in the work directory are looked at newest first:
   memory saved beside it) -> skipped with one line and, once a readable one is found, moved to
   `<checkpoints>/corrupt/<step>` so the step can be written again later;
 - readable but from another model (a model key that changes what the parameters are, the
-  tokenizer, or any array's shape) or another optimizer-state layout (`optimizer.fused`; or a
-  fused checkpoint of the earlier format, the flat buffers, on other fsdp / tensor sizes) -> the
-  run is refused with the differing keys named;
+  tokenizer, or any array's shape) or a fused checkpoint of the earlier format (the flat
+  buffers) on other fsdp / tensor sizes or without `optimizer.fused` -> the run is refused with
+  the differing keys named; a changed `optimizer.fused` alone is no difference (the checkpoint
+  form converts the optimizer state, `state.checkpoint_form`);
 - readable and matching -> resumed.
 If checkpoints exist and none is readable the run is refused too. `restart=True` turns both
 refusals into: move the earlier run aside (`<workdir>/previous/<time>/`, nothing deleted) and
@@ -24,11 +25,6 @@ from sosm_jax.train import checkpoint as ckpt_lib
 # mean: a run may resume with other values (e.g. another kernel path on another machine).
 EXECUTION_KEYS = ("remat", "attn_impl", "attn_block_size", "linear_impl", "chunk_size",
                   "loss_chunk_size", "rope_base", "graph.query_chunk", "graph.key_chunk")
-
-
-# Optimizer keys that change the layout of the optimizer state in a checkpoint (a key missing from
-# an older checkpoint counts as its default, False).
-OPTIMIZER_LAYOUT_KEYS = ("fused",)
 
 
 class ResumeRefused(RuntimeError):
@@ -96,14 +92,6 @@ def shape_differences(saved: dict, wanted: dict, limit: int = 6) -> list[str]:
   return diffs
 
 
-def optimizer_differences(saved: dict, current: dict) -> list[str]:
-  """'optimizer.fused: saved X, now Y' for the OPTIMIZER_LAYOUT_KEYS that differ."""
-  return [f"optimizer.{k}: saved {saved.get(k, False)!r}, now {current.get(k, False)!r} (the "
-          f"optimizer state is stored as optax's chain with False, as the fused AdamW's with "
-          f"True; resume with --config.optimizer.{k}={str(saved.get(k, False)).lower()})"
-          for k in OPTIMIZER_LAYOUT_KEYS if saved.get(k, False) != current.get(k, False)]
-
-
 def _earlier_fused_format(shapes: dict) -> bool:
   """Whether a checkpoint's `leaf_shapes` hold the fused moments as group buffers (named by
   dtype and decay) rather than as trees like the parameters (the same paths under mu/nu)."""
@@ -125,14 +113,16 @@ def decide(checkpointer: ckpt_lib.Checkpointer, abstract_state, *, workdir: str,
   """Restores the newest usable checkpoint, or returns None to start fresh (see module doc).
 
   model: the requested `config.model` as a dict; tokenizer: the tokenizer's identity();
-  optimizer: `config.optimizer` as a dict (its OPTIMIZER_LAYOUT_KEYS must match the checkpoint's).
+  optimizer: `config.optimizer` as a dict (whether it is fused words the refusal of a fused
+  checkpoint of the earlier format).
   verify(step, meta): raises CorruptCheckpoint if something saved beside the checkpoint is bad.
   Raises ResumeRefused (naming keys and choices) when the run must not start.
   """
-  # what the checkpoint holds (the fused moments as per-parameter trees: any mesh), and the
-  # state as it is in memory (what the fused optimizer's earlier checkpoints hold)
-  wanted = ckpt_lib.leaf_shapes(checkpointer.saved_abstract(abstract_state))
-  as_it_is = ckpt_lib.leaf_shapes(abstract_state)
+  # what a checkpoint may hold for this run (its form's; the fused moments as per-parameter trees
+  # or the per-leaf chain's state, either for either setting of optimizer.fused; the fused
+  # optimizer's earlier format, its buffers on this layout), what it writes first
+  readable = [ckpt_lib.leaf_shapes(t) for t, _ in checkpointer.sources(abstract_state)]
+  fused = optimizer.get("fused", False) if optimizer is not None else None
   unreadable: list[tuple[int, str]] = []
   for step in reversed(checkpointer.all_steps()):
     try:
@@ -141,25 +131,27 @@ def decide(checkpointer: ckpt_lib.Checkpointer, abstract_state, *, workdir: str,
     except Exception as e:  # pylint: disable=broad-except
       unreadable.append((step, ckpt_lib.first_line(e)))
       continue
-    saved_optimizer = meta.get("config", {}).get("optimizer", {})
-    layout = (optimizer_differences(saved_optimizer, optimizer) if optimizer is not None else [])
     params_only = lambda shapes: {k: v for k, v in shapes.items()
                                   if not k.startswith("opt_state/")}
-    if layout:   # the optimizer state's arrays differ by design: name the key, not the arrays
-      shapes = shape_differences(params_only(saved_shapes), params_only(wanted))
-    else:
-      shapes = [] if saved_shapes == as_it_is else shape_differences(saved_shapes, wanted)
-      if (shapes and optimizer is not None and optimizer.get("fused", False)
-          and _earlier_fused_format(saved_shapes)
-          and not shape_differences(params_only(saved_shapes), params_only(wanted))):
+    layout, shapes = [], []
+    if saved_shapes not in readable:   # named against the nearest form
+      nearest = min(readable, key=lambda want: sum(
+          saved_shapes.get(k) != want.get(k) for k in set(saved_shapes) | set(want)))
+      shapes = shape_differences(saved_shapes, nearest)
+      if (_earlier_fused_format(saved_shapes)
+          and not shape_differences(params_only(saved_shapes), params_only(nearest))):
         # the same parameters; the earlier format's buffers follow the saving mesh's sharding
         saved_mesh = meta.get("config", {}).get("mesh", {})
-        layout = [f"optimizer.fused=True: this checkpoint holds the optimizer state in the "
-                  f"earlier format (flat buffers laid out after the parameters' sharding on the "
-                  f"mesh it was saved on: mesh.fsdp={saved_mesh.get('fsdp', '?')}, mesh.tensor="
-                  f"{saved_mesh.get('tensor', '?')}), which only that layout reads: resume once "
-                  f"with those fsdp and tensor sizes (mesh.data may change); the checkpoints it "
-                  f"writes then resume on any mesh"]
+        how = ("resume once with those fsdp and tensor sizes" if fused else
+               "resume once with --config.optimizer.fused=true and those fsdp and tensor sizes")
+        layout = [("" if fused is None else f"optimizer.fused={fused}: ") +
+                  f"this checkpoint holds the fused optimizer state in the earlier format (flat "
+                  f"buffers laid out after the parameters' sharding on the mesh it was saved on: "
+                  f"mesh.fsdp={saved_mesh.get('fsdp', '?')}, mesh.tensor="
+                  f"{saved_mesh.get('tensor', '?')}), which only that layout reads: {how} "
+                  f"(mesh.data may change); the checkpoints it writes then resume on any mesh, "
+                  f"fused or not"]
+        shapes = []
     diffs = (model_differences(meta.get("config", {}).get("model", {}), model)
              + tokenizer_differences(meta.get("tokenizer", {}), tokenizer) + layout + shapes)
     if diffs:

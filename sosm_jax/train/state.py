@@ -7,6 +7,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -85,12 +86,61 @@ def abstract_train_state(shardings: TrainState, init_params: Callable[[], Any],
                       shardings)
 
 
-def checkpoint_form(optimizer) -> FusedCheckpointForm | None:
-  """How `ckpt_lib.Checkpointer` stores a TrainState of `optimizer` (its `form`): None (as it is)
-  but for a `FusedAdamW`, whose mesh-dependent buffers are stored as per-parameter trees."""
+def checkpoint_form(optimizer) -> FusedCheckpointForm | ChainCheckpointForm:
+  """How `ckpt_lib.Checkpointer` stores and restores a TrainState of `optimizer` (its `form`):
+  a `FusedAdamW`'s mesh-dependent buffers as per-parameter trees; any other optimizer's state as
+  it is. Either form also restores the other's checkpoints of `make_optimizer`'s AdamW (a run
+  resumes across a change of `optimizer.fused`)."""
   if isinstance(optimizer, optimizer_lib.FusedAdamW):
     return FusedCheckpointForm(optimizer)
-  return None
+  return ChainCheckpointForm()
+
+
+def _shardings(tree):
+  """The shardings of an abstract tree's leaves, or None if any leaf has none (not placed)."""
+  shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), tree)
+  placed = all(s is not None for s in jax.tree.leaves(shardings, is_leaf=lambda x: x is None))
+  return shardings if placed else None
+
+
+def _checked_counts(chain_state):
+  """`chain_state` after checking that its adam and schedule counts agree (the fused optimizer
+  has one count for both; a chain whose counts differ was not written by `make_optimizer`'s
+  training)."""
+  # one device's copy of the replicated scalars (every process holds one)
+  adam, schedule = (int(np.asarray(c.addressable_data(0)) if hasattr(c, "addressable_data")
+                        else c) for c in optimizer_lib.chain_counts(chain_state))
+  if adam != schedule:
+    raise ValueError(f"the checkpoint's optimizer state counts {adam} adam updates but "
+                     f"{schedule} schedule steps; the fused AdamW keeps one count for both: "
+                     f"resume it with --config.optimizer.fused=false")
+  return chain_state
+
+
+class ChainCheckpointForm:
+  """A TrainState of an optax optimizer is checkpointed as it is; where the state is
+  `make_optimizer`'s per-leaf chain this form also restores a fused optimizer's checkpoint (the
+  moments as trees like the parameters, in their shardings: any mesh) into the chain's state
+  (`optimizer.fused_tree_to_chain_state`, exact, under jit: separate count buffers)."""
+
+  def to_saved(self, state: TrainState) -> TrainState:
+    return state
+
+  def sources(self, abstract_state: TrainState) -> list[tuple[Any, Callable | None]]:
+    """See `ckpt_lib.Checkpointer.sources`: as it is; a fused checkpoint where the chain is."""
+    out = [(abstract_state, None)]
+    opt_state = getattr(abstract_state, "opt_state", None)
+    if optimizer_lib.is_chain_state(opt_state):
+      tree = optimizer_lib.chain_state_to_fused_tree(opt_state)
+
+      def from_fused(saved):
+        shardings = _shardings(opt_state)
+        convert = jax.jit(optimizer_lib.fused_tree_to_chain_state,
+                          **({} if shardings is None else {"out_shardings": shardings}))
+        return saved.replace(opt_state=convert(saved.opt_state))
+
+      out.append((abstract_state.replace(opt_state=tree), from_fused))
+    return out
 
 
 class FusedCheckpointForm:
@@ -118,6 +168,18 @@ class FusedCheckpointForm:
   def to_saved(self, state: TrainState) -> TrainState:
     convert = self._program("to_tree", state.params, state.opt_state)
     return state.replace(opt_state=convert(state.opt_state))
+
+  def sources(self, abstract_state: TrainState) -> list[tuple[Any, Callable | None]]:
+    """See `ckpt_lib.Checkpointer.sources`: this form's trees; the earlier format (the buffers
+    as they are: only this very layout); the per-leaf chain's state (the same moment trees and
+    count: `optimizer.chain_state_to_fused_tree`, then packed as this form's)."""
+    tree = self.abstract(abstract_state)
+    chain = abstract_state.replace(
+        opt_state=optimizer_lib.fused_tree_to_chain_state(tree.opt_state))
+    from_tree = lambda saved: self.from_saved(saved, abstract_state)
+    from_chain = lambda saved: from_tree(saved.replace(
+        opt_state=optimizer_lib.chain_state_to_fused_tree(_checked_counts(saved.opt_state))))
+    return [(tree, from_tree), (abstract_state, None), (chain, from_chain)]
 
   def from_saved(self, saved: TrainState, abstract_state: TrainState) -> TrainState:
     groups, _ = self.optimizer.layout(abstract_state.params)
