@@ -344,7 +344,7 @@ def _placed_state(tiny, mesh, fused):
 def _resume(ckpt, abstract, mesh, tmp_path):
   with jax.set_mesh(mesh):
     return resume_lib.decide(ckpt, abstract, workdir=str(tmp_path), model={}, tokenizer={},
-                             restart=False, optimizer={"fused": True}).state
+                             restart=False).state
 
 
 def test_fused_checkpoint_resumes_on_other_meshes(tiny, tmp_path):
@@ -417,11 +417,7 @@ def test_fused_checkpoint_resumes_on_other_meshes(tiny, tmp_path):
   assert min(jax.tree.leaves(moved)) > 1e-4
 
 
-def test_fused_checkpoint_of_the_earlier_format_resumes_on_its_layout_only(tiny, tmp_path):
-  """A checkpoint holding the group buffers themselves (the format before the per-parameter
-  trees) resumes exactly on the fsdp / tensor sizes it was written on, and is refused elsewhere
-  and by the per-leaf optimizer naming them; an optimizer not laid out for the mesh is
-  refused."""
+def test_fused_optimizer_not_placed_on_a_splitting_mesh_is_refused(tiny):
   init_params = tiny[2]
   mesh = _mesh((2, 2, 2))
   fused, _ = optimizer_lib.make_optimizer(_opt_cfg(fused=True), 20)
@@ -429,55 +425,6 @@ def test_fused_checkpoint_of_the_earlier_format_resumes_on_its_layout_only(tiny,
     with pytest.raises(ValueError, match=r"optimizer.fused=True lays its buffers out .* "
                                          r"\d+ parameters .*place_optimizer"):
       state_lib.state_shardings(init_params, fused, mesh)   # not placed on this mesh
-  placed, _, abstract = _placed_state(tiny, mesh, fused)
-  rng = np.random.default_rng(0)
-  state = jax.tree.map(lambda a: jax.device_put(
-      rng.standard_normal(a.shape).astype(a.dtype) if a.shape else np.ones((), a.dtype),
-      a.sharding), abstract)
-  config = {"model": {}, "optimizer": {"fused": True}, "mesh": {"fsdp": 2, "tensor": 2}}
-  earlier = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False)   # no form
-  earlier.save(1, state, {"config": config})
-  earlier.close()
-  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False,
-                               form=state_lib.checkpoint_form(placed))
-  got = _resume(ckpt, abstract, mesh, tmp_path)
-  assert any(len(a.sharding.spec) == 3 for a in jax.tree.leaves(got.opt_state.mu))
-  for want, have in zip(jax.tree.leaves(state), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(np.asarray(have), np.asarray(want))
-    assert_sharding(have, want.sharding)
-  mesh4 = _mesh((2, 4, 1))
-  placed4, _, abstract4 = _placed_state(tiny, mesh4, fused)
-  ckpt4 = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False,
-                                form=state_lib.checkpoint_form(placed4))
-  with pytest.raises(resume_lib.ResumeRefused,
-                     match=r"(?s)earlier format .*mesh.fsdp=2, mesh.tensor=2.*resume once with "
-                           r"those fsdp and tensor sizes"):
-    _resume(ckpt4, abstract4, mesh4, tmp_path)
-  # the per-leaf chain does not read the earlier format (its buffers are of one mesh's layout)
-  plain, _ = optimizer_lib.make_optimizer(_opt_cfg(), 20)
-  placed_plain, _, abstract_plain = _placed_state(tiny, mesh, plain)
-  ckpt_plain = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False,
-                                     form=state_lib.checkpoint_form(placed_plain))
-  with jax.set_mesh(mesh), pytest.raises(
-      resume_lib.ResumeRefused, match=r"(?s)optimizer.fused=False: .*earlier format .*"
-                                      r"mesh.fsdp=2, mesh.tensor=2.*resume once with "
-                                      r"--config.optimizer.fused=true and those fsdp"):
-    resume_lib.decide(ckpt_plain, abstract_plain, workdir=str(tmp_path), model={},
-                      tokenizer={}, restart=False, optimizer={"fused": False})
-  ckpt.close()
-  ckpt4.close()
-  ckpt_plain.close()
-
-
-@pytest.mark.parametrize("mesh_shape", [(4, 2, 1), (4, 1, 2)])
-def test_config_accepts_fused_with_split_parameters_but_not_lora(mesh_shape):
-  cfg = recipe.get_config("tiny")
-  cfg.optimizer.fused = True
-  cfg.mesh.update(fsdp=mesh_shape[1], tensor=mesh_shape[2])
-  config_lib.validate_config(cfg)
-  cfg.finetune.lora_rank = 4
-  with pytest.raises(ValueError, match=r"config.optimizer.fused: is not supported with LoRA"):
-    config_lib.validate_config(cfg)
 
 
 def _apply(optimizer, grads, opt_state, params):
@@ -567,7 +514,7 @@ def test_resume_across_a_changed_fused_continues_exactly(saved_fused, meshes, tm
   with mesh, contextlib.closing(ckpt_lib.Checkpointer(
       str(tmp_path), async_save=False, form=state_lib.checkpoint_form(resumer))) as ckpt:
     got = resume_lib.decide(ckpt, abstract, workdir=str(tmp_path), model={}, tokenizer={},
-                            restart=False, optimizer={"fused": not saved_fused}).state
+                            restart=False).state
   assert jax.tree.structure(got) == jax.tree.structure(abstract)
   if meshes is not None:
     jax.tree.map(assert_sharding, got, jax.tree.map(lambda a: a.sharding, abstract))

@@ -171,7 +171,7 @@ class Checkpointer:
     """What a checkpoint this run restores onto `abstract_state` may hold, what it writes first:
     [(the checkpoint's state, abstract; how it becomes `abstract_state`'s: callable(restored
     state) -> state, or None: as it is)]. The checkpoint's leaf shapes and paths say which it is
-    (e.g. the fused optimizer's moment trees, its earlier buffers, the per-leaf chain's state)."""
+    (e.g. the fused optimizer's moment trees or the per-leaf chain's state)."""
     return [(abstract_state, None)] if self.form is None else self.form.sources(abstract_state)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:

@@ -257,8 +257,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
       resumed = resume_lib.decide(checkpointer, abstract_state, workdir=workdir,
                                   model=config.model.to_dict(), tokenizer=tokenizer.identity(),
                                   restart=config.train.restart,
-                                  verify=memory.verify if memory is not None else None,
-                                  optimizer=config.optimizer.to_dict())
+                                  verify=memory.verify if memory is not None else None)
     except BaseException:
       checkpointer.close()
       raise

@@ -240,9 +240,6 @@ class FusedAdamW(NamedTuple):
     count, so a resume across a changed `optimizer.fused` converts the checkpoint's state at
     the restore boundary (`chain_state_to_fused_tree` / `fused_tree_to_chain_state`, used by
     both checkpoint forms in `state`), exactly, either way and on any mesh.
-    Checkpoints of the earlier fused format (the group buffers themselves) are still read where
-    the current layout is theirs (same fsdp and tensor sizes; always for replicated parameters),
-    and refused elsewhere naming the mesh they need; the next checkpoint is in the tree form.
   - Sharded parameters (fsdp, tensor): `on_shardings(param_shardings)` lays the buffers out
     after the parameters' NamedShardings (`state.place_optimizer` does it for a mesh). A leaf
     whose dimensions are split over mesh axes a1..ak (in the mesh's order) has each split

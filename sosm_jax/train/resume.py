@@ -5,10 +5,9 @@ Checkpoints in the work directory are looked at newest first:
   memory saved beside it) -> skipped with one line and, once a readable one is found, moved to
   `<checkpoints>/corrupt/<step>` so the step can be written again later;
 - readable but from another model (a model key that changes what the parameters are, the
-  tokenizer, or any array's shape) or a fused checkpoint of the earlier format (the flat
-  buffers) on other fsdp / tensor sizes or without `optimizer.fused` -> the run is refused with
-  the differing keys named; a changed `optimizer.fused` alone is no difference (the checkpoint
-  form converts the optimizer state, `state.checkpoint_form`);
+  tokenizer, or any array's shape) -> the run is refused with the differing keys named; a
+  changed `optimizer.fused` is no difference (the checkpoint form converts the optimizer state,
+  `state.checkpoint_form`);
 - readable and matching -> resumed.
 If checkpoints exist and none is readable the run is refused too. `restart=True` turns both
 refusals into: move the earlier run aside (`<workdir>/previous/<time>/`, nothing deleted) and
@@ -92,14 +91,6 @@ def shape_differences(saved: dict, wanted: dict, limit: int = 6) -> list[str]:
   return diffs
 
 
-def _earlier_fused_format(shapes: dict) -> bool:
-  """Whether a checkpoint's `leaf_shapes` hold the fused moments as group buffers (named by
-  dtype and decay) rather than as trees like the parameters (the same paths under mu/nu)."""
-  mu = {k[len("opt_state/mu/"):] for k in shapes if k.startswith("opt_state/mu/")}
-  params = {k[len("params/"):] for k in shapes if k.startswith("params/")}
-  return bool(mu) and not mu & params
-
-
 def _choices(workdir: str) -> str:
   return (f"Either resume with the settings the run was started with (its config.json in "
           f"{workdir}), or train in a new --workdir, or add --config.train.restart=true to move "
@@ -108,21 +99,16 @@ def _choices(workdir: str) -> str:
 
 def decide(checkpointer: ckpt_lib.Checkpointer, abstract_state, *, workdir: str, model: dict,
            tokenizer: dict, restart: bool,
-           verify: Callable[[int, dict], None] | None = None,
-           optimizer: dict | None = None) -> Resumed | None:
+           verify: Callable[[int, dict], None] | None = None) -> Resumed | None:
   """Restores the newest usable checkpoint, or returns None to start fresh (see module doc).
 
-  model: the requested `config.model` as a dict; tokenizer: the tokenizer's identity();
-  optimizer: `config.optimizer` as a dict (whether it is fused words the refusal of a fused
-  checkpoint of the earlier format).
+  model: the requested `config.model` as a dict; tokenizer: the tokenizer's identity().
   verify(step, meta): raises CorruptCheckpoint if something saved beside the checkpoint is bad.
   Raises ResumeRefused (naming keys and choices) when the run must not start.
   """
-  # what a checkpoint may hold for this run (its form's; the fused moments as per-parameter trees
-  # or the per-leaf chain's state, either for either setting of optimizer.fused; the fused
-  # optimizer's earlier format, its buffers on this layout), what it writes first
+  # what a checkpoint may hold for this run (its form's, what it writes first; the fused moments
+  # as per-parameter trees or the per-leaf chain's state, for either setting of optimizer.fused)
   readable = [ckpt_lib.leaf_shapes(t) for t, _ in checkpointer.sources(abstract_state)]
-  fused = optimizer.get("fused", False) if optimizer is not None else None
   unreadable: list[tuple[int, str]] = []
   for step in reversed(checkpointer.all_steps()):
     try:
@@ -131,35 +117,18 @@ def decide(checkpointer: ckpt_lib.Checkpointer, abstract_state, *, workdir: str,
     except Exception as e:  # pylint: disable=broad-except
       unreadable.append((step, ckpt_lib.first_line(e)))
       continue
-    params_only = lambda shapes: {k: v for k, v in shapes.items()
-                                  if not k.startswith("opt_state/")}
-    layout, shapes = [], []
+    shapes = []
     if saved_shapes not in readable:   # named against the nearest form
       nearest = min(readable, key=lambda want: sum(
           saved_shapes.get(k) != want.get(k) for k in set(saved_shapes) | set(want)))
       shapes = shape_differences(saved_shapes, nearest)
-      if (_earlier_fused_format(saved_shapes)
-          and not shape_differences(params_only(saved_shapes), params_only(nearest))):
-        # the same parameters; the earlier format's buffers follow the saving mesh's sharding
-        saved_mesh = meta.get("config", {}).get("mesh", {})
-        how = ("resume once with those fsdp and tensor sizes" if fused else
-               "resume once with --config.optimizer.fused=true and those fsdp and tensor sizes")
-        layout = [("" if fused is None else f"optimizer.fused={fused}: ") +
-                  f"this checkpoint holds the fused optimizer state in the earlier format (flat "
-                  f"buffers laid out after the parameters' sharding on the mesh it was saved on: "
-                  f"mesh.fsdp={saved_mesh.get('fsdp', '?')}, mesh.tensor="
-                  f"{saved_mesh.get('tensor', '?')}), which only that layout reads: {how} "
-                  f"(mesh.data may change); the checkpoints it writes then resume on any mesh, "
-                  f"fused or not"]
-        shapes = []
     diffs = (model_differences(meta.get("config", {}).get("model", {}), model)
-             + tokenizer_differences(meta.get("tokenizer", {}), tokenizer) + layout + shapes)
+             + tokenizer_differences(meta.get("tokenizer", {}), tokenizer) + shapes)
     if diffs:
       return _refuse_or_restart(
           checkpointer, workdir, restart,
-          f"checkpoint {step} in {checkpointer.directory} was written by a different model"
-          f"{' or optimizer layout' if layout else ''}, so this run cannot continue it:\n  "
-          + "\n  ".join(diffs) + "\n" + _choices(workdir))
+          f"checkpoint {step} in {checkpointer.directory} was written by a different model, so "
+          f"this run cannot continue it:\n  " + "\n  ".join(diffs) + "\n" + _choices(workdir))
     try:
       state, meta = checkpointer.restore(step, abstract_state)
       if verify is not None:

@@ -170,16 +170,16 @@ class FusedCheckpointForm:
     return state.replace(opt_state=convert(state.opt_state))
 
   def sources(self, abstract_state: TrainState) -> list[tuple[Any, Callable | None]]:
-    """See `ckpt_lib.Checkpointer.sources`: this form's trees; the earlier format (the buffers
-    as they are: only this very layout); the per-leaf chain's state (the same moment trees and
-    count: `optimizer.chain_state_to_fused_tree`, then packed as this form's)."""
+    """See `ckpt_lib.Checkpointer.sources`: this form's trees; the per-leaf chain's state (the
+    same moment trees and count: `optimizer.chain_state_to_fused_tree`, then packed as this
+    form's)."""
     tree = self.abstract(abstract_state)
     chain = abstract_state.replace(
         opt_state=optimizer_lib.fused_tree_to_chain_state(tree.opt_state))
     from_tree = lambda saved: self.from_saved(saved, abstract_state)
     from_chain = lambda saved: from_tree(saved.replace(
         opt_state=optimizer_lib.chain_state_to_fused_tree(_checked_counts(saved.opt_state))))
-    return [(tree, from_tree), (abstract_state, None), (chain, from_chain)]
+    return [(tree, from_tree), (chain, from_chain)]
 
   def from_saved(self, saved: TrainState, abstract_state: TrainState) -> TrainState:
     groups, _ = self.optimizer.layout(abstract_state.params)
