@@ -6,9 +6,10 @@ Variants:
           layers 3, 7, 11, vocabulary 32000), stages 4K, 8K, 16K, 32K, 64K, 100K (102,400 tokens)
           at 524,288 tokens per step (4 x 102,400 in the last stage).
   long_small  a 25.3M-parameter hybrid (hidden 512, 8 layers, attention at layers 3 and 7,
-          bytes) through 4K -> 16K -> 64K -> 100K (102,400) in an estimated 5 minutes of one H200
-          with compiles, on stdlib text mixed with passkey, NIAH and MQAR rows (each task example
-          fills a whole row), RoPE base 500,000 throughout; for launch/evaluate.py to 100K.
+          bytes) through 4K -> 16K -> 64K -> 100K (102,400) in 4 minutes of one H200 with
+          compiles (235 s measured), on stdlib text mixed with passkey, NIAH and MQAR rows
+          (each task example fills a whole row), RoPE base 500,000 throughout; for
+          launch/evaluate.py to 100K.
   smoke   a small hybrid on the CPU in a few minutes: 256 -> 512 -> 1024 tokens, byte-level data.
   tiny    the smallest runnable model, for tests.
   memory  memory beyond the window on the CPU in ~1-2 minutes: a small HGRN-2 + graph model
