@@ -249,8 +249,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
 
   if is_writer:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local folder or gs://BUCKET/PATH
+  checkpoint_form = state_lib.checkpoint_form(optimizer)   # one per run: its compiled converts
   checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=config.train.keep_checkpoints,
-                                        form=state_lib.checkpoint_form(optimizer))
+                                        form=checkpoint_form)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES), _StopSignal() as stop:
     try:
@@ -263,7 +264,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
       raise
     if resumed is not None and resumed.moved_to is not None:   # restart: a fresh directory
       checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, keep=config.train.keep_checkpoints,
-                                        form=state_lib.checkpoint_form(optimizer))
+                                        form=checkpoint_form)
       resumed = None
     redo_eval = None
     if resumed is not None:

@@ -96,11 +96,12 @@ def checkpoint_form(optimizer) -> FusedCheckpointForm | ChainCheckpointForm:
   return ChainCheckpointForm()
 
 
-def _shardings(tree):
-  """The shardings of an abstract tree's leaves, or None if any leaf has none (not placed)."""
-  shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), tree)
+def _jit_placed(fn, like):
+  """jax.jit(fn) with its outputs in the shardings of `like`'s leaves (arrays or abstract
+  arrays shaped as fn's outputs), where every leaf has one (else XLA places them)."""
+  shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), like)
   placed = all(s is not None for s in jax.tree.leaves(shardings, is_leaf=lambda x: x is None))
-  return shardings if placed else None
+  return jax.jit(fn, out_shardings=shardings) if placed else jax.jit(fn)
 
 
 def _checked_counts(chain_state):
@@ -134,9 +135,7 @@ class ChainCheckpointForm:
       tree = optimizer_lib.chain_state_to_fused_tree(opt_state)
 
       def from_fused(saved):
-        shardings = _shardings(opt_state)
-        convert = jax.jit(optimizer_lib.fused_tree_to_chain_state,
-                          **({} if shardings is None else {"out_shardings": shardings}))
+        convert = _jit_placed(optimizer_lib.fused_tree_to_chain_state, opt_state)
         return saved.replace(opt_state=convert(saved.opt_state))
 
       out.append((abstract_state.replace(opt_state=tree), from_fused))
@@ -200,15 +199,11 @@ class FusedCheckpointForm:
     key = (direction, jax.tree.structure(like), tuple(jax.tree.leaves(like)),
            tuple(jax.tree.leaves(param_sh)))
     if key not in self._programs:
-      count_sh = getattr(opt_state.count, "sharding", None)
-      if direction == "to_tree":
+      if direction == "to_tree":   # out: the moments as trees like (and placed as) the params
         fn = lambda s: optimizer_lib.fused_state_to_tree(self.optimizer, s, like)
-        out_sh = optimizer_lib.FusedAdamWState(count_sh, param_sh, param_sh)
-      else:
+        out_like = optimizer_lib.FusedAdamWState(opt_state.count, params, params)
+      else:                        # out: the buffers as the restore target holds them
         fn = lambda s: optimizer_lib.fused_state_from_tree(self.optimizer, s, like)
-        out_sh = optimizer_lib.FusedAdamWState(
-            count_sh, *(jax.tree.map(lambda b: getattr(b, "sharding", None), buffers)
-                        for buffers in (opt_state.mu, opt_state.nu)))
-      placed = all(s is not None for s in jax.tree.leaves(out_sh, is_leaf=lambda x: x is None))
-      self._programs[key] = jax.jit(fn, out_shardings=out_sh) if placed else jax.jit(fn)
+        out_like = opt_state
+      self._programs[key] = _jit_placed(fn, out_like)
     return self._programs[key]
