@@ -6,10 +6,15 @@ Variants:
           layers 3, 7, 11, vocabulary 32000), stages 4K, 8K, 16K, 32K, 64K, 100K (102,400 tokens)
           at 524,288 tokens per step (4 x 102,400 in the last stage).
   long_small  a 25.3M-parameter hybrid (hidden 512, 8 layers, attention at layers 3 and 7,
-          bytes) through 4K -> 16K -> 64K -> 100K (102,400) in 4 minutes of one H200 with
-          compiles (235 s measured), on stdlib text mixed with passkey, NIAH and MQAR rows
-          (each task example fills a whole row), RoPE base 500,000 throughout; for
-          launch/evaluate.py to 100K.
+          bytes) through 4K -> 16K -> 64K -> 100K (102,400) in ~7 minutes of one H200 with
+          compiles (estimated from the 235 s measured run of 1,810 steps: 53 / 69 / 235 / 484
+          ms a step and ~100 s of start-up and compiles), on stdlib text mixed with passkey,
+          NIAH and MQAR examples, RoPE base 500,000 throughout; for launch/evaluate.py to 100K.
+          Retrieval signal: the mix weights count documents, so stdlib (17.6 KB a file) gets a
+          small weight; at 4K the task examples are 1,024 tokens, four to a task row
+          (data.task_length_by_seq_len), from 16K on each fills its row. Per 4K row that is
+          ~0.5 passkey and ~0.7 NIAH examples (0.08 / 0.12 with the earlier mix of whole-row
+          examples), about half the tokens stdlib.
   smoke   a small hybrid on the CPU in a few minutes: 256 -> 512 -> 1024 tokens, byte-level data.
   tiny    the smallest runnable model, for tests.
   memory  memory beyond the window on the CPU in ~1-2 minutes: a small HGRN-2 + graph model
@@ -65,16 +70,20 @@ def get_config(arg: str | None = None):
                    # re-learn positions after a base change; 500K keeps 100K inside one period
                    # of the slowest rotary frequencies, and evaluation uses the same base.
                    rope_base=500000.0)
-    # Documents are drawn by weight, and a task example fills a whole row at every length, so
-    # task rows are ~30% of the 4K rows (stdlib files average 17.6 KB) and most 64K/100K rows.
-    c.data.update(source="mix:stdlib=0.35,synthetic:passkey=0.2,synthetic:niah=0.3,"
-                         "synthetic:mqar=0.15",
+    # Documents are drawn by weight (a stdlib file is ~4 rows of 4K, a task example 1/4 row at
+    # 4K and one row later): about half the 4K tokens are stdlib, almost every long row a task.
+    c.data.update(source="mix:stdlib=0.1,synthetic:passkey=0.35,synthetic:niah=0.45,"
+                         "synthetic:mqar=0.1",
+                  # 4 examples a 4K row: 4x the answers of whole-row examples; the needle-to-
+                  # question distances beyond 1K are trained from 16K on (whole-row examples)
+                  task_length_by_seq_len=((4096, 1024),),
                   # 256 queries a row: dense recall answers (a 100K row asks them across 100K)
                   mqar_num_pairs=64, mqar_num_queries=256, passkey_digits=5, niah_num_needles=4,
                   niah_digits=7)
     c.curriculum.update(
         seq_lens=(4096, 16384, 65536, 102400),
-        steps=(1500, 200, 60, 50),
+        # 3,500 x 53 ms + 600 x 69 ms + 100 x 235 ms + 80 x 484 ms = 290 s of steps
+        steps=(3500, 600, 100, 80),
         tokens_per_step=65536,
         global_batch=(0, 0, 2, 2),      # 16 x 4K, 4 x 16K, then 2 sequences of 64K / 100K
         remat=("auto",) * 4)

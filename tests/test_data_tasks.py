@@ -126,6 +126,48 @@ def test_task_pipeline_fills_each_row_with_one_example_scoring_answers_only():
   p.close()
 
 
+def _task_rows(cfg, seq_len, batches=2):
+  with data.make_pipeline(cfg, BYTE, seq_len=seq_len, batch_size=3, seed=0, process_index=0,
+                          process_count=1) as p:
+    return [next(p) for _ in range(batches)]
+
+
+def test_task_length_by_seq_len_packs_short_examples_only_at_its_seq_len():
+  cfg = data.default_data_config()
+  cfg.update(source="synthetic:passkey", prefetch=0, task_length_by_seq_len=((512, 128),))
+  for batch in _task_rows(cfg, 512):
+    for row in range(3):
+      seg, inputs = batch["segment_ids"][row], batch["inputs"][row]
+      assert sorted(set(seg.tolist())) == [1, 2, 3, 4]   # four examples, each its own document
+      for s in (1, 2, 3, 4):
+        piece = np.flatnonzero(seg == s)
+        assert len(piece) == 128 and inputs[piece[0]] == BYTE.bos_id
+        np.testing.assert_array_equal(batch["positions"][row][piece], np.arange(128))
+        scored = piece[batch["loss_mask"][row][piece] > 0]   # the piece's own 5-digit answer
+        assert len(scored) == 5 and scored[-1] == piece[-1] - 1
+        key = BYTE.decode(batch["targets"][row][scored])
+        assert key.isdigit() and f"#{key}" in BYTE.decode(inputs[piece[0]:scored[0]])
+      assert batch["loss_mask"][row].sum() == 20
+  for batch in _task_rows(cfg, 256):   # other seq_lens keep task_length (0: one example a row)
+    assert (batch["segment_ids"] == 1).all() and (batch["loss_mask"].sum(axis=1) == 5).all()
+
+
+def test_task_length_by_seq_len_bad_values_name_the_key():
+  cfg = data.default_data_config()
+  for bad, problem in [(((512, 1024),), "exceeds its seq_len"), (((512, 128), (512, 64)), "twice"),
+                       (((512, 0),), "positive integers"), ((512, 128), "pairs"),
+                       (((512.0, 128),), "positive integers")]:
+    cfg.task_length_by_seq_len = bad
+    with pytest.raises(ValueError, match=f"config.data.task_length_by_seq_len: .*{problem}"):
+      data.validate_data_config(cfg)
+  cfg.update(source="mix:stdlib=0.5,synthetic:niah=0.5", prefetch=0,
+             task_length_by_seq_len=((1024, 300),))
+  with pytest.raises(ValueError, match="task_length_by_seq_len gives 300 at seq_len=1024, too "
+                                       "short for synthetic:niah"):
+    data.make_pipeline(cfg, BYTE, seq_len=1024, batch_size=2, seed=0, process_index=0,
+                       process_count=1)
+
+
 def test_byte_tokenizer_round_trips_and_marks_specials():
   text = "héllo\n\tworld ✓"
   ids = BYTE.encode(text)

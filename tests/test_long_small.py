@@ -40,6 +40,11 @@ def test_long_small_stages_size_and_data_mix():
   assert 20e6 <= params <= 60e6, params
   kinds = [c.arg for c in data.sources.parse_source(cfg.data.source) if c.kind == "synthetic"]
   assert sorted(kinds) == ["mqar", "niah", "passkey"]
+  # 4 task examples a 4K row, whole-row examples from 16K on; every task fits 1,024 tokens
+  lengths = [data.config.task_length_for(cfg.data, s.seq_len) for s in stages]
+  assert lengths == [1024, 16384, 65536, 102400]
+  for kind in kinds:
+    tasks.check_task_length(kind, BYTE, 1024, cfg.data)
 
 
 def test_niah_rows_are_the_evaluation_format_with_their_answer_last():

@@ -30,6 +30,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       prefetch=4,             # batches prepared ahead of the consumer
       # Synthetic tasks (alone or inside mix:).
       task_length=0,          # tokens per task example; 0 = seq_len (one example fills a row)
+      # ((seq_len, length), ...): rows of that seq_len get task examples of `length` tokens
+      # instead (each its own document, seq_len // length of them a row), e.g. ((4096, 1024),)
+      # packs 4 examples into each 4K task row of a curriculum while longer stages keep
+      # task_length; seq_lens not listed use task_length.
+      task_length_by_seq_len=(),
       task_vocab_size=256,    # ordinary ids the tasks draw from (mqar: half keys, half values)
       mqar_num_pairs=32,      # key-value pairs in the context
       mqar_num_queries=0,     # queries after the context; 0 = one per pair
@@ -44,6 +49,14 @@ def default_data_config() -> ml_collections.ConfigDict:
 def _require(ok: bool, key: str, problem: str, fix: str) -> None:
   if not ok:
     raise ValueError(f"config.data.{key}: {problem}; {fix}")
+
+
+def task_length_for(cfg: ml_collections.ConfigDict, seq_len: int) -> int:
+  """Tokens per task example in rows of seq_len (task_length_by_seq_len, else task_length)."""
+  for row, length in cfg.task_length_by_seq_len:
+    if int(row) == seq_len:
+      return int(length)
+  return cfg.task_length or seq_len
 
 
 def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
@@ -71,6 +84,18 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
   _require(cfg.read_threads >= 0, "read_threads", "is negative", "use e.g. 2")
   _require(cfg.prefetch >= 0, "prefetch", "is negative", "use e.g. 4")
   _require(cfg.task_length >= 0, "task_length", "is negative", "use 0 (= seq_len) or a length")
+  pairs = cfg.task_length_by_seq_len
+  _require(isinstance(pairs, (tuple, list)) and all(
+      isinstance(p, (tuple, list)) and len(p) == 2 and all(
+          isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in p) for p in pairs),
+      "task_length_by_seq_len", f"{pairs!r} is not a tuple of (seq_len, length) pairs of "
+      "positive integers", "write e.g. ((4096, 1024),) or () for none")
+  seen = [int(p[0]) for p in pairs]
+  _require(len(set(seen)) == len(seen), "task_length_by_seq_len",
+           f"lists a seq_len twice ({seen})", "give each seq_len one length")
+  for seq_len, length in pairs:
+    _require(length <= seq_len, "task_length_by_seq_len",
+             f"length {length} exceeds its seq_len {seq_len}", "use at most the seq_len")
   _require(cfg.task_vocab_size >= 2, "task_vocab_size", f"{cfg.task_vocab_size} < 2",
            "use e.g. 256")
   _require(cfg.mqar_num_pairs >= 1, "mqar_num_pairs", "must be positive", "use e.g. 32")

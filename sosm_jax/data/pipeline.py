@@ -252,12 +252,20 @@ def make_pipeline(data_cfg, tokenizer, *, seq_len: int, batch_size: int, seed: i
   source, source_split = data_cfg.source, split
   if not training and data_cfg.eval_source:
     source, source_split = data_cfg.eval_source, "all"
-  task_length = data_cfg.task_length or seq_len
+  task_length = config_lib.task_length_for(data_cfg, seq_len)
   has_tasks = any(c.kind == "synthetic" for c in sources.parse_source(source))
   if has_tasks and task_length > seq_len:
     raise ValueError(f"config.data.task_length={task_length} exceeds seq_len={seq_len}; a task "
                      f"example must fit one row: use 0 (= seq_len) or a smaller length")
 
+  if has_tasks and task_length != (data_cfg.task_length or seq_len):
+    for comp in sources.parse_source(source):   # name the key when its length is too short
+      if comp.kind == "synthetic":
+        try:
+          tasks.check_task_length(comp.arg, tokenizer, task_length, data_cfg)
+        except ValueError as e:
+          raise ValueError(f"config.data.task_length_by_seq_len gives {task_length} at seq_len="
+                           f"{seq_len}, too short for synthetic:{comp.arg}: {e}") from None
   docs, summaries = build_documents(source, data_cfg, tokenizer, split=source_split,
                                     training=training, seed=seed, task_length=task_length)
   docs = docs[process_index::process_count]
