@@ -75,7 +75,7 @@ def define_flags():
   flags.DEFINE_enum("layout", "checkpoint", ["checkpoint", "serving"],
                     "checkpoint: parameters as trained (float32, layer scan); serving: as the "
                     "serving engine runs them (sosm_jax/serve/layout.py: bfloat16 matmul weights, "
-                    "unrolled layers, batch-1 projections on two rows).")
+                    "unrolled layers, fused projections, batch-1 projections on two rows).")
 
 
 def model_configs(quick: bool, dtype: str):

@@ -6,9 +6,12 @@ ending at position L; the median per-token time over --repeats calls. A variant 
 LAYOUT:ATTENTION:
   LAYOUT     checkpoint  the parameters as trained (float32 weights, layers under nn.scan)
              cast        matmul weights in bfloat16 (serve/layout.cast_matmul_weights)
-             serving     cast, and the layers unrolled (serve/layout.serving_layout)
+             serving     cast, and the layers unrolled (serve/layout.serving_layout, fuse=False)
              rows2       serving, and each projection of the one row run on two rows
                          (serve/layout.decode_step: no multiply + reduce rewrite by XLA)
+             fused       rows2 with the projections that read one input fused into one matmul
+                         and the lower bounds precomputed (serve/layout.fuse_params: the
+                         serving layout's default, what the engine and context_scaling run)
   ATTENTION  ops         the model's decode attention (ops/attention.cached_attention: one
                          jax.nn.dot_product_attention (XLA) over the cache with a mask)
              split       blocks of --block keys as batched matmuls, merged
@@ -16,14 +19,21 @@ LAYOUT:ATTENTION:
              cudnn       jax.nn.dot_product_attention(implementation='cudnn') over the whole
                          cache with key_value_seq_lengths
 With --profile=N the N kernels with the most GPU time per token are printed and stored (CUPTI
-through torch.profiler, as benchmarks/scaling.py), with the kernel count per token.
+through torch.profiler, as benchmarks/scaling.py), with the kernel count per token. With
+--hlo_counts each variant's compiled one-token step is counted by opcode (its entry computation:
+fusions, dots, custom calls (GEMMs on a GPU), copies), a kernel count that needs no profiler and
+runs on a CPU too (`--quick --hlo_counts --repeats=1`).
 
   python benchmarks/decode_levers.py --quick                               # CPU smoke
+  python benchmarks/decode_levers.py --lengths=1024 --variants=rows2:ops,fused:ops --hlo_counts \
+      --steps=2 --repeats=1                                                # CPU: op counts
   python benchmarks/decode_levers.py --lengths=1024,131072 --profile=20 --out=/tmp/levers.json
 """
+import collections
 import functools
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -51,6 +61,7 @@ _PROFILE = flags.DEFINE_integer("profile", 0, "GPU: print and store the N costli
 _QUICK = flags.DEFINE_bool("quick", False, "The small model of context_scaling --quick.")
 _OUT = flags.DEFINE_string("out", "", "Write the result JSON here.")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", "", "Write each profiled program's HLO text here.")
+_HLO_COUNTS = flags.DEFINE_bool("hlo_counts", False, "Count the one-token step's ops (module doc).")
 
 _ORIGINAL = attn_ops.cached_attention
 
@@ -140,6 +151,24 @@ def profile_kernels(fn, steps: int, top: int) -> dict:
           "kernel_ms_per_token": sum(r[0] for r in rows), "top": rows[:top]}
 
 
+# instructions of a compiled entry computation that launch nothing
+_FREE_OPS = ("parameter", "get-tuple-element", "tuple", "constant", "bitcast")
+
+
+def hlo_op_counts(model, params, step, length: int) -> dict:
+  """{opcode: count} of the compiled one-token step's entry computation (a cache of `length`),
+  and 'launched': the instructions that are not free (`_FREE_OPS`)."""
+  cache = jax.eval_shape(lambda: model.init_cache(1, length))
+  text = jax.jit(step).lower(params, jax.ShapeDtypeStruct((1,), jnp.int32), cache).compile(
+      ).as_text()
+  entry = re.search(r"^ENTRY [^\n]*\n(.*?)^\}", text, re.S | re.M).group(1)
+  counts = collections.Counter(m.group(1) for m in re.finditer(
+      r"^\s*(?:ROOT )?%\S+ = .*? ([a-z][a-z0-9\-]*)\(", entry, re.M))
+  counts = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+  counts["launched"] = sum(n for op, n in counts.items() if op not in _FREE_OPS)
+  return counts
+
+
 def measure(model, params, step, length: int, steps: int, repeats: int, profile: int,
             hlo_path: str = "") -> dict:
   cache = random_cache(model, length, length - steps, jax.random.key(length))
@@ -175,9 +204,11 @@ def main(argv):
   forms = {"checkpoint": (base, base_params, base.decode_step),
            "cast": (base, layout.cast_matmul_weights(base_params, jnp.dtype(dtype)),
                     base.decode_step)}
-  serving, serving_params = layout.serving_layout(base, base_params)
+  serving, serving_params = layout.serving_layout(base, base_params, fuse=False)
   forms["serving"] = (serving, serving_params, serving.decode_step)
   forms["rows2"] = (serving, serving_params, functools.partial(layout.decode_step, serving))
+  fused, fused_params = layout.serving_layout(base, base_params)
+  forms["fused"] = (fused, fused_params, functools.partial(layout.decode_step, fused))
   results = []
   for variant in _VARIANTS.value:
     form, attention = variant.split(":")
@@ -189,6 +220,8 @@ def main(argv):
         hlo = (os.path.join(_HLO_DIR.value, f"{variant.replace(':', '_')}_{length}.hlo.txt")
                if _HLO_DIR.value and _PROFILE.value else "")
         row = measure(model, params, step, length, _STEPS.value, _REPEATS.value, _PROFILE.value, hlo)
+        if _HLO_COUNTS.value:
+          row["hlo_counts"] = hlo_op_counts(model, params, step, length)
       except Exception as e:  # pylint: disable=broad-except
         row = {"length": length, "error": f"{type(e).__name__}: {str(e)[:300]}"}
       row["variant"] = variant
@@ -198,12 +231,15 @@ def main(argv):
   report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "dtype": dtype,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "steps": _STEPS.value,
             "command": " ".join(sys.argv), "results": results}
-  print("| variant | tokens | decode ms/token | min | kernels/token | kernel ms/token |")
+  print("| variant | tokens | decode ms/token | min | kernels/token | kernel ms/token | "
+        "step's launched ops (fusion / dot / custom-call) |")
   for r in results:
-    prof = r.get("profile", {})
+    prof, ops = r.get("profile", {}), r.get("hlo_counts", {})
+    launched = (f"{ops['launched']} ({ops.get('fusion', 0)} / {ops.get('dot', 0)} / "
+                f"{ops.get('custom-call', 0)})" if ops else "")
     print(f"| {r['variant']} | {r['length']} | {r.get('decode_ms', r.get('error'))} | "
           f"{r.get('decode_ms_min', '')} | {prof.get('kernels_per_token', '')} | "
-          f"{prof.get('kernel_ms_per_token', '')} |", flush=True)
+          f"{prof.get('kernel_ms_per_token', '')} | {launched} |", flush=True)
   if _OUT.value:
     with open(_OUT.value, "w", encoding="utf-8") as f:
       json.dump(report, f, indent=1, default=str)

@@ -73,6 +73,32 @@ class Dense(nn.Module):
     return jnp.einsum(f"{xs},{ks}->{out}", x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
 
 
+def projections(x: jax.Array, specs, *, fused: str | None = None, **kw) -> list[jax.Array]:
+  """Projections of one input: `Dense(features, axes, name=name, kernel_init=init)(x)` for each
+  spec (name, features, axes[, init]) (inside a compact method; kw: Dense's dtype, param_dtype).
+
+  fused: the same outputs from one Dense of that name (the serving layout, `cfg.serving_params`)
+  whose kernel `[in, sum of prod(features)]` holds the members' kernels, each flattened to
+  `[in, prod(features)]`, side by side in specs' order (`fused_kernel`): one matmul, whose
+  columns are split and reshaped (the members' inits are not used: it is built from them).
+  """
+  if fused is None:
+    return [Dense(tuple(s[1]), tuple(s[2]), name=s[0], kernel_init=s[3] if len(s) > 3 else None,
+                  **kw)(x) for s in specs]
+  sizes = [num_elements(s[1]) for s in specs]
+  y = Dense((sum(sizes),), (specs[0][2][0], None), name=fused, **kw)(x)
+  outs, start = [], 0
+  for (_, features, *_), size in zip(specs, sizes):
+    outs.append(y[..., start:start + size].reshape(y.shape[:-1] + tuple(features)))
+    start += size
+  return outs
+
+
+def fused_kernel(kernels) -> jax.Array:
+  """The kernel of `projections(..., fused=...)` from its members' kernels `[in, *features]`."""
+  return jnp.concatenate([k.reshape(k.shape[0], -1) for k in kernels], axis=1)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:
   """RMS normalisation over the last axis in float32; returns float32."""
   xf = x.astype(_F32)
@@ -104,13 +130,20 @@ class MLP(nn.Module):
   """SwiGLU MLP: wo(silu(x wi_gate) * (x wi_up)). x `[B, T, D]` -> `[B, T, D]`."""
   cfg: Any
 
+  @staticmethod
+  def fused_groups(cfg) -> dict[str, tuple[str, ...]]:
+    """{fused kernel's module: its members' modules} under cfg.serving_params."""
+    del cfg
+    return {"wi": ("wi_gate", "wi_up")}
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.cfg
     kw = dict(dtype=compute_dtype(cfg), param_dtype=param_dtype(cfg))
     m = cfg.mlp_dim
-    gate = Dense((m,), ("embed", "mlp"), name="wi_gate", **kw)(x)
-    up = Dense((m,), ("embed", "mlp"), name="wi_up", **kw)(x)
+    gate, up = projections(x, [("wi_gate", (m,), ("embed", "mlp")),
+                               ("wi_up", (m,), ("embed", "mlp"))],
+                           fused="wi" if cfg.serving_params else None, **kw)
     h = nn.silu(gate) * up
     h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
     return Dense((cfg.d_model,), ("mlp", "embed"), name="wo", **kw)(h)

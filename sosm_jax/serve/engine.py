@@ -11,8 +11,8 @@ in a `lax.scan` with the sampling on the device, so the host dispatches, syncs a
 once per `decode_steps` tokens; inside the scan a slot stops emitting (its later tokens come back
 as -1) after EOS or when its token budget (max_tokens, the cache length) is spent; stop
 sequences are text and are cut on the host, which drops what a slot sampled after them. The
-model runs in the serving layout (`serve/layout.py`: bfloat16 matmul weights, unrolled layers;
-with one slot, projections on two rows).
+model runs in the serving layout (`serve/layout.py`: bfloat16 matmul weights, unrolled layers,
+projections of one input fused into one matmul; with one slot, projections on two rows).
 
 A background thread runs the loop: between two decode calls it frees the slots of finished or
 cancelled requests and runs up to `prefill_chunk` tokens of prefill (pieces of the oldest

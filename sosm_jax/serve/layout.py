@@ -11,7 +11,13 @@ same function in a faster form:
     that dtype, so the cast inside the model is the identity and results are bit-for-bit those
     of the original parameters; norm scales, gates and the lower-bound table stay as they are;
   - with `scan_layers`, the stacked layers are split into one module per layer
-    (`scan_layers=False`; caches are then a tuple over layers, built by the same model).
+    (`scan_layers=False`; caches are then a tuple over layers, built by the same model);
+  - projections that read the same input are one matmul (`fuse_params`, the model's
+    `serving_params`): each mixer's input projections (HGRN-2 q/f/i, attention q/k/v, Gated
+    DeltaNet q/k/v/gate/a/b) and the MLP's gate/up, their kernels side by side in one; and the
+    HGRN-2 lower bounds stored as the bounds (the table's softmax over depth and cumulative sum,
+    computed once here instead of in every step). Fewer, larger kernels per decoded token; the
+    same results up to the matmuls' summation order.
 The returned model and parameters go together (prefill and decode both through them).
 
 `decode_step` is `LanguageModel.decode_step` for such a model; with one row (batch 1, one
@@ -33,8 +39,10 @@ import jax
 import jax.numpy as jnp
 
 from sosm_jax import models
-from sosm_jax.layers.common import Dense, compute_dtype
-from sosm_jax.models.config import resolved_pattern
+from sosm_jax.layers import MIXERS
+from sosm_jax.layers.common import MLP, Dense, compute_dtype, fused_kernel
+from sosm_jax.layers.hgrn2 import cumulative_lower_bounds
+from sosm_jax.models.config import layer_mixers, resolved_pattern
 
 # parameter names that the layers read only as jnp.asarray(param, compute dtype)
 # (layers/common.py Dense; layers/embed.py Embedder)
@@ -67,24 +75,68 @@ def unstack_layers(cfg, params) -> dict:
   return out
 
 
-def serving_layout(model, params):
+def fuse_params(cfg, params) -> dict:
+  """Params of an unrolled model (`scan_layers=False`) -> those of the same model with
+  `serving_params=True` (module doc; `layers/common.py: projections`, `fused_kernel`).
+
+  A mixer without `fused_groups` (the graph layer) keeps its projections.
+  """
+  if cfg.scan_layers or cfg.serving_params:
+    raise ValueError("fuse_params: needs the parameters of an unrolled model as trained "
+                     f"(model.scan_layers={cfg.scan_layers}, model.serving_params="
+                     f"{cfg.serving_params}); unstack_layers first, and fuse only once.")
+  out = dict(params)
+  if "hgrn2_lower_bounds" in out:
+    out["hgrn2_cumulative_lower_bounds"] = cumulative_lower_bounds(
+        out.pop("hgrn2_lower_bounds")).astype(params["hgrn2_lower_bounds"].dtype)
+
+  def fuse(tree, groups):
+    tree = dict(tree)
+    for fused, members in groups.items():
+      tree[fused] = {"kernel": fused_kernel([tree.pop(m)["kernel"] for m in members])}
+    return tree
+
+  for i, name in enumerate(layer_mixers(cfg)):
+    layer = dict(out[f"layer_{i}"])
+    groups = getattr(MIXERS[name], "fused_groups", None)
+    if groups is not None:
+      layer["mixer"] = fuse(layer["mixer"], groups(cfg))
+    layer["mlp"] = fuse(layer["mlp"], MLP.fused_groups(cfg))
+    out[f"layer_{i}"] = layer
+  return out
+
+
+def _with(cfg, **changes):
+  c = ml_collections.ConfigDict(cfg.to_dict())
+  c.update(changes)
+  return models.build_model(c)
+
+
+def _check_tree(model, params, what: str) -> None:
+  want = jax.tree.structure(nn.unbox(jax.eval_shape(
+      lambda: model.init(jax.random.key(0), 1, model.cfg.chunk_size))))
+  if jax.tree.structure(params) != want:
+    raise ValueError(f"serving_layout: the {what} parameters do not match the tree of the model "
+                     f"they are for; the checkpoint's layout is not the one of models/hybrid.py.")
+
+
+def serving_layout(model, params, fuse: bool = True):
   """(model, params) -> (model, params) in the serving layout (module doc); same outputs.
 
-  params: unboxed (no `nn.LogicallyPartitioned` leaves).
+  params: unboxed (no `nn.LogicallyPartitioned` leaves). fuse=False: without `fuse_params`
+  (the layout before it, for comparisons).
   """
   cfg = model.cfg
   if cfg.scan_layers:
     params = unstack_layers(cfg, params)
-    unrolled = ml_collections.ConfigDict(cfg.to_dict())
-    unrolled.scan_layers = False
-    model = models.build_model(unrolled)
+    model = _with(cfg, scan_layers=False)
     cfg = model.cfg
-    want = jax.tree.structure(nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), 1,
-                                                                          cfg.chunk_size))))
-    if jax.tree.structure(params) != want:
-      raise ValueError("serving_layout: the unstacked parameters do not match the unrolled "
-                       "model's tree; the checkpoint's layer layout is not the one of "
-                       "models/hybrid.py.")
+    _check_tree(model, params, "unstacked")
+  if fuse and not cfg.serving_params:
+    params = fuse_params(cfg, params)
+    model = _with(cfg, serving_params=True)
+    cfg = model.cfg
+    _check_tree(model, params, "fused")
   return model, cast_matmul_weights(params, compute_dtype(cfg))
 
 
