@@ -1,6 +1,7 @@
 """configs/curriculum.py:long_small (issue 22's one-H200 long-context run) and its 'niah' task rows."""
 import importlib.util
 import os
+import re
 
 import jax
 import numpy as np
@@ -65,6 +66,73 @@ def test_niah_rows_are_the_evaluation_format_with_their_answer_last():
   first = tasks.make_example("niah", BYTE, 1024, np.random.default_rng(3), data.default_data_config())
   np.testing.assert_array_equal(again.tokens, first.tokens)
   assert len(names) == 8
+
+
+def test_niah_training_examples_are_the_evaluations_examples_of_each_task():
+  # the training generator draws the task, then the depth, and hands its rng to the evaluation's
+  # generator: the same rng state gives the identical example the evaluation would score
+  specs = niah.task_specs()
+  for index, spec in enumerate(specs):
+    for seed in range(2):
+      ex = tasks.niah_training_example(BYTE, 1024, seed=np.random.default_rng(seed),
+                                       spec_index=index)
+      rng = np.random.default_rng(seed)
+      depth = float(rng.uniform())
+      ref = niah.niah_example(BYTE, 1024, spec, seed=rng, depth=depth).example
+      np.testing.assert_array_equal(ex.tokens, ref.tokens)
+      np.testing.assert_array_equal(ex.answer_mask, ref.answer_mask)
+
+
+def _niah_answer_of(text: str) -> tuple[str, str]:
+  """(task name, the answer the evaluation expects), parsed from an example's prompt text."""
+  needle = "number" if text.lstrip().startswith("Some hidden numbers") else "word"
+  found = re.findall(r" The hidden (?:number|word) for ([a-z]+-[a-z]+) is ([a-z0-9]+)\.", text)
+  question = text[text.rindex("\n") + 1:]
+  if question.startswith("What are all"):     # multivalue: every value of the key, text order
+    key = re.search(r"for ([a-z]+-[a-z]+),", question).group(1)
+    return f"multivalue_{needle}", ", ".join(v for k, v in found if k == key) + "."
+  if question.startswith("What are the"):     # multiquery: the asked keys' values, asked order
+    keys = re.findall(r"[a-z]+-[a-z]+", question.split("?")[0])
+    table = dict(found)
+    return f"multiquery_{needle}", ", ".join(table[k] for k in keys) + "."
+  key = re.search(r"for ([a-z]+-[a-z]+)\?", question).group(1)
+  kind = "single" if len(found) == 1 else "multikey"
+  return f"{kind}_{needle}", dict(found)[key] + "."
+
+
+def test_long_small_4k_rows_train_all_eight_niah_tasks_on_the_answers_the_evaluation_scores():
+  cfg = _config().data
+  cfg.update(prefetch=0)
+  seen, scored_tokens, evaluated = {}, 0, 0
+  with data.make_pipeline(cfg, BYTE, seq_len=4096, batch_size=16, seed=0, process_index=0,
+                          process_count=1) as pipeline:
+    for _ in range(8):
+      batch = next(pipeline)
+      scored_tokens += int(batch["loss_mask"].sum())
+      for row in range(16):
+        seg, mask = batch["segment_ids"][row], batch["loss_mask"][row] > 0
+        for s in np.unique(seg[seg > 0]):
+          piece = np.flatnonzero(seg == s)
+          if mask[piece].sum() >= len(piece) // 2:
+            continue   # text: every token scored
+          text = BYTE.decode(batch["inputs"][row][piece])
+          answer = BYTE.decode(batch["targets"][row][piece][mask[piece]])
+          if "pass key" in text:
+            assert len(piece) == 1024 and re.fullmatch(r"\d{5}", answer)
+            evaluated += len(answer)
+          elif "hidden" in text:
+            assert len(piece) == 1024
+            # the answer is the span that closes the example, exactly as the evaluation scores it
+            assert text.endswith(answer)
+            name, expected = _niah_answer_of(text[:-len(answer)])
+            assert answer == expected, (name, answer, expected)
+            seen[name] = seen.get(name, 0) + 1
+            evaluated += len(answer)
+  assert sorted(seen) == sorted(s.name for s in niah.task_specs())
+  counts = np.array(list(seen.values()))
+  assert counts.sum() >= 150 and counts.min() >= counts.sum() / 8 / 2.5, seen   # in proportion
+  # the evaluated answers are a real share of the mean loss (0.6% at the second run's stdlib 0.1)
+  assert evaluated / scored_tokens > 0.025, (evaluated, scored_tokens)
 
 
 def test_niah_in_a_mix_marks_answers_and_refuses_a_length_too_short():
