@@ -12,6 +12,10 @@ LAYOUT:ATTENTION:
              fused       rows2 with the projections that read one input fused into one matmul
                          and the lower bounds precomputed (serve/layout.fuse_params: the
                          serving layout's default, what the engine and context_scaling run)
+             onerow      fused, through serve/onerow.decode_step: the norm scales folded into the
+                         projections after them, the residual stream carried as two equal rows
+                         (no copy of a row before each projection), the HGRN-2 state update and
+                         readout one expression
   ATTENTION  ops         the model's decode attention (ops/attention.cached_attention: one
                          jax.nn.dot_product_attention (XLA) over the cache with a mask)
              split       blocks of --block keys as batched matmuls, merged
@@ -49,7 +53,7 @@ from absl import app, flags
 import context_scaling
 from sosm_jax import models
 from sosm_jax.ops import attention as attn_ops
-from sosm_jax.serve import layout
+from sosm_jax.serve import layout, onerow
 
 _LENGTHS = flags.DEFINE_list("lengths", ["1024", "131072"], "Context lengths.")
 _VARIANTS = flags.DEFINE_list("variants", ["checkpoint:ops", "cast:ops", "serving:ops",
@@ -191,7 +195,10 @@ def measure(model, params, step, length: int, steps: int, repeats: int, profile:
     with open(hlo_path, "w", encoding="utf-8") as f:
       f.write(compiled.as_text())
   if profile:
-    row["profile"] = profile_kernels(lambda: compiled(params, first, cache), steps, profile)
+    try:   # the timings above stand without it (no torch, no CUPTI)
+      row["profile"] = profile_kernels(lambda: compiled(params, first, cache), steps, profile)
+    except Exception as e:  # pylint: disable=broad-except
+      row["profile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
   return row
 
 
@@ -209,9 +216,13 @@ def main(argv):
   forms["rows2"] = (serving, serving_params, functools.partial(layout.decode_step, serving))
   fused, fused_params = layout.serving_layout(base, base_params)
   forms["fused"] = (fused, fused_params, functools.partial(layout.decode_step, fused))
+  forms["onerow"] = (fused, onerow.fold_params(fused.cfg, fused_params),
+                     functools.partial(onerow.decode_step, fused.cfg))
   results = []
   for variant in _VARIANTS.value:
     form, attention = variant.split(":")
+    if form not in forms:
+      raise app.UsageError(f"unknown layout {form!r} in {variant!r}; use one of {sorted(forms)}")
     model, params, step = forms[form]
     attn_ops.cached_attention = _attention(attention)
     for length in (int(x) for x in _LENGTHS.value):

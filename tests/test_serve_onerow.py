@@ -1,0 +1,135 @@
+"""serve/onerow.py: the decode step written for one token per row over folded serving parameters
+is the model's decode step (logits within rounding, the same cache, the same greedy tokens), for
+the hybrid and the transformer, batch 1 (two-row residual stream) and batch 2; fewer launched
+ops than layout.decode_step; unsupported models are refused."""
+import functools
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sosm_jax import models
+from sosm_jax.models.config import default_model_config
+from sosm_jax.serve import layout, onerow
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
+_SMALL = dict(num_layers=4, d_model=32, mlp_dim=64, vocab_size=260, attn_num_heads=4,
+              attn_num_kv_heads=2, attn_head_dim=8, hgrn2_head_dim=16, chunk_size=8,
+              dtype="float32")
+_CASES = {"hybrid": dict(pattern=("hgrn2", "attn")), "transformer": dict(scan_layers=False)}
+
+
+def _model(case, **changes):
+  cfg = default_model_config("transformer" if case == "transformer" else "hybrid")
+  cfg.update({**_SMALL, **_CASES[case], **changes})
+  model = models.build_model(cfg)
+  shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), 1, 8)))
+  rng = np.random.default_rng(0)
+  # norm scales 1 +- 0.5, so that folding them is tested
+  def init(path, s):
+    offset = 1.0 if getattr(path[-1], "key", "") == "scale" else 0.0
+    return jnp.asarray(offset + 0.3 * rng.standard_normal(s.shape), s.dtype)
+  return model, jax.tree_util.tree_map_with_path(init, shapes)
+
+
+def _run(model, params, step, batch, n=6, step_params=None):
+  """Prefill a prompt (model, params), then n greedy steps through `step` (with step_params, by
+  default params) -> (logits `[n, B, V]`, tokens, cache)."""
+  prompt = jnp.asarray(np.random.default_rng(1).integers(0, 260, (batch, 11)), jnp.int32)
+  logits, cache = jax.jit(model.prefill, static_argnums=2)(params, prompt, 24)
+  params = params if step_params is None else step_params
+  step = jax.jit(step)
+  token, out = jnp.argmax(logits[:, -1], -1), []
+  for _ in range(n):
+    step_logits, cache = step(params, token, cache)
+    out.append(np.asarray(step_logits))
+    token = jnp.argmax(step_logits, -1)
+  out = np.stack(out)
+  return out, out.argmax(-1), cache
+
+
+@pytest.mark.parametrize("case,batch", [("hybrid", 1), ("hybrid", 2), ("transformer", 1)])
+def test_onerow_step_is_the_model_step(case, batch):
+  model, params = _model(case)
+  fast, fast_params = layout.serving_layout(model, params)
+  folded = onerow.fold_params(fast.cfg, fast_params)
+  want, want_tokens, want_cache = _run(fast, fast_params,
+                                       functools.partial(layout.decode_step, fast), batch)
+  got, got_tokens, got_cache = _run(fast, fast_params,
+                                    functools.partial(onerow.decode_step, fast.cfg), batch,
+                                    step_params=folded)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got_tokens, want_tokens)
+  assert jax.tree.structure(got_cache) == jax.tree.structure(want_cache)
+  for g, w in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+  # and the checkpoint model's own step (scan layers, unfused)
+  base, base_tokens, _ = _run(model, params, model.decode_step, batch)
+  np.testing.assert_allclose(got, base, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(got_tokens, base_tokens)
+
+
+def test_onerow_step_in_bfloat16_is_the_model_step_within_rounding():
+  model, params = _model("hybrid", dtype="bfloat16")
+  fast, fast_params = layout.serving_layout(model, params)
+  folded = onerow.fold_params(fast.cfg, fast_params)
+  want, _, _ = _run(fast, fast_params, functools.partial(layout.decode_step, fast), 1, n=1)
+  got, _, _ = _run(fast, fast_params, functools.partial(onerow.decode_step, fast.cfg), 1, n=1,
+                   step_params=folded)
+  scale = np.abs(want).max()
+  assert np.abs(got - want).max() < 0.03 * scale, (np.abs(got - want).max(), scale)
+
+
+def test_fold_params_moves_the_norm_scales_into_the_kernels():
+  model, params = _model("hybrid")
+  fast, fast_params = layout.serving_layout(model, params)
+  folded = onerow.fold_params(fast.cfg, fast_params)
+  layer = fast_params["layer_0"]
+  assert set(folded["layer_0"]) == {"mixer", "mlp"}
+  assert "o_norm" not in folded["layer_0"]["mixer"]
+  np.testing.assert_allclose(
+      folded["layer_0"]["mlp"]["wi"]["kernel"],
+      layer["mlp"]["wi"]["kernel"] * layer["mlp_norm"]["scale"][:, None], rtol=1e-6)
+  np.testing.assert_allclose(
+      folded["layer_0"]["mixer"]["o_proj"]["kernel"],
+      layer["mixer"]["o_proj"]["kernel"] * layer["mixer"]["o_norm"]["scale"][..., None],
+      rtol=1e-6)
+  np.testing.assert_allclose(folded["final_norm"]["scale"], fast_params["final_norm"]["scale"])
+
+
+def _launched(model, params, step):
+  cache = jax.eval_shape(lambda: model.init_cache(1, 16))
+  text = jax.jit(step).lower(params, jax.ShapeDtypeStruct((1,), jnp.int32), cache).compile(
+      ).as_text()
+  entry = re.search(r"^ENTRY [^\n]*\n(.*?)^\}", text, re.S | re.M).group(1)
+  ops = re.findall(r"^\s*(?:ROOT )?%\S+ = .*? ([a-z][a-z0-9\-]*)\(", entry, re.M)
+  free = ("parameter", "get-tuple-element", "tuple", "constant", "bitcast")
+  return sum(op not in free for op in ops), ops.count("concatenate")
+
+
+def test_onerow_step_launches_fewer_ops():
+  """No copy of the row before each projection: fewer launched ops (CPU compile) and no
+  unfused concatenate."""
+  model, params = _model("hybrid")
+  fast, fast_params = layout.serving_layout(model, params)
+  before, _ = _launched(fast, fast_params, functools.partial(layout.decode_step, fast))
+  after, concats = _launched(fast, onerow.fold_params(fast.cfg, fast_params),
+                             functools.partial(onerow.decode_step, fast.cfg))
+  assert after < before, (after, before)
+  assert concats == 0
+
+
+def test_unsupported_models_are_refused():
+  model, params = _model("hybrid", pattern=("hgrn2", "gdn"), gdn_num_heads=2, gdn_head_dim=16)
+  fast, fast_params = layout.serving_layout(model, params)
+  assert "gdn" in onerow.supports(fast.cfg)
+  with pytest.raises(ValueError, match="not supported"):
+    onerow.fold_params(fast.cfg, fast_params)
+  model, params = _model("hybrid")
+  assert "serving layout" in onerow.supports(model.cfg)
+  with pytest.raises(ValueError, match="serving layout"):
+    onerow.decode_step(model.cfg, params, jnp.zeros((1,), jnp.int32), model.init_cache(1, 16))
