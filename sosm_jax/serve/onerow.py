@@ -17,11 +17,18 @@ are one expression (a sum over the key axis instead of a dot: XLA can write the 
 read it out in one fusion). Attention (RoPE at the one position, the KV cache write, the
 attention over the cache) and the head are the model's own functions.
 
+With one row (batch 1) `layout.decode_step` runs each projection on a copy of its row made
+just before it (XLA:GPU would rewrite a one-row product; layout module doc); here the residual
+stream itself is two equal rows from the embedding to the final norm, so every projection reads
+it as it is. The state update reads the batch's row; its readout is done for both rows.
+The recipe hybrid's compiled step (CPU): 317 launched ops through `layout.decode_step`, 293
+here; on a GPU: `benchmarks/decode_levers.py`, variant 'onerow' against 'fused'.
+
 `fold_params(cfg, params)`: serving-layout parameters (`layout.serving_layout`: unrolled, fused
 projections) -> the folded ones; `decode_step(cfg, folded, token, cache)`: the model's
-`decode_step` (same cache tree, logits within rounding). Projections of one row run on the row
-twice as in `layout.decode_step`. Only HGRN-2 and attention layers (the recipe hybrid and the
-transformer); `supports(cfg)` says whether a config is one of those.
+`decode_step` (same cache tree, logits within rounding; the cache is filled by the model's own
+prefill with the unfolded parameters). Only HGRN-2 and attention layers (the recipe hybrid and
+the transformer); `supports(cfg)` says whether a config is one of those.
 """
 from __future__ import annotations
 
