@@ -6,6 +6,8 @@ checks the cuDNN packed path against the float32 reference (forward and gradient
 shape, and writes JSON (device, shapes, medians).
 
   python benchmarks/attention.py --rows=4096x8,16384x2,65536x1 --out=/tmp/attention.json
+  python benchmarks/attention.py --rows=4096x8,16384x2 --mean_doc=0 --max_segments=0,1,8 \\
+    --impls=cudnn_packed,cudnn_nomask --out=/tmp/segment_bound.json   # the packed layout's M
 """
 import argparse
 import json
@@ -24,7 +26,12 @@ from sosm_jax.ops import attention as att
 
 
 def packed_ids(batch: int, seq_len: int, mean_doc: int, seed: int = 0) -> np.ndarray:
-  """`[batch, seq_len]` segment ids: documents of random length (mean `mean_doc`), ids 1, 2, …"""
+  """`[batch, seq_len]` segment ids: documents of random length (mean `mean_doc`), ids 1, 2, …
+
+  `mean_doc=0`: one document per row (what `benchmarks/scaling.py` feeds the model).
+  """
+  if mean_doc == 0:
+    return np.ones((batch, seq_len), np.int32)
   rng = np.random.default_rng(seed)
   rows = []
   for _ in range(batch):
@@ -89,7 +96,11 @@ def main():
   p.add_argument("--heads", type=int, default=12)
   p.add_argument("--kv_heads", type=int, default=4)
   p.add_argument("--dim", type=int, default=64)
-  p.add_argument("--mean_doc", type=int, default=1024, help="mean document length (tokens)")
+  p.add_argument("--mean_doc", type=int, default=1024,
+                 help="mean document length (tokens); 0: one document per row")
+  p.add_argument("--max_segments", default="0",
+                 help="cudnn_packed's segment bounds M to time, comma-separated (0: the default "
+                      "bound for the length, `default_packed_segments`)")
   p.add_argument("--impls", default="cudnn_packed,cudnn_nomask,blockwise")
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--out", default="")
@@ -107,9 +118,12 @@ def main():
     t, b = (int(x) for x in row.split("x"))
     q, k, v, do = qkv(b, t, args.heads, args.kv_heads, args.dim, jnp.bfloat16)
     ids = jnp.asarray(packed_ids(b, t, args.mean_doc))
-    for name in args.impls.split(","):
+    runs = [(name, m) for name in args.impls.split(",")
+            for m in ([int(x) for x in args.max_segments.split(",")]
+                      if name == "cudnn_packed" else [0])]
+    for name, max_segments in runs:
       impl, segments = impls[name]
-      fn, inputs = fwd_bwd(impl, segments), (q, k, v, ids, do)
+      fn, inputs = fwd_bwd(impl, segments, max_segments), (q, k, v, ids, do)
       try:
         ms, temp = time_call(fn, inputs, args.iters), temp_gib(fn, inputs)
       except Exception as e:  # pylint: disable=broad-except
@@ -117,7 +131,8 @@ def main():
       else:
         err = None
       rec = {"seq_len": t, "batch": b, "impl": name, "fwd_bwd_ms": ms, "temp_gib": temp, "error": err,
-             "max_segments": att.default_packed_segments(t) if name == "cudnn_packed" else None}
+             "max_segments": (max_segments or att.default_packed_segments(t))
+                             if name == "cudnn_packed" else None}
       report["rows"].append(rec)
       print(json.dumps(rec), flush=True)
   if args.out:
