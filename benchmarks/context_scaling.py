@@ -10,7 +10,10 @@ transformer's MLP is widened to match), at every length L:
   *_ratio          the value divided by its value at 1K (or at the first length without 1K)
   compiled_gib     the compiled prefill's memory analysis (arguments + outputs + temporaries)
   peak_gib         the device's peak bytes in use so far (monotone over the run; GPU only)
---layout=serving runs both in the serving engine's layout (sosm_jax/serve/layout.py).
+--layout=serving runs both in the serving layout (sosm_jax/serve/layout.py: bfloat16 matmul
+weights, unrolled layers) with the batch-1 projections on two rows (`layout.decode_step`);
+--layout=onerow decodes that layout through sosm_jax/serve/onerow.py instead, what the engine runs
+with one slot (prefill stays the serving layout's model in both).
 A length whose prefill fails (out of memory) or takes longer than --max_seconds is marked and
 longer lengths are skipped for that model.
 
@@ -42,7 +45,7 @@ from sosm_jax import models
 from sosm_jax.eval import report as report_lib
 from sosm_jax.eval.sizing import count_params, match_mlp_dim
 from sosm_jax.models.config import default_model_config
-from sosm_jax.serve import layout
+from sosm_jax.serve import layout, onerow
 
 # The earlier baseline (background/sam2_baseline_limits.md): an 8B transformer served by Ollama,
 # seconds per request by prompt length; 32K timed out (>120 s). Its target: 64K with < 2x the
@@ -72,10 +75,11 @@ def define_flags():
   flags.DEFINE_integer("repeats", 3, "Timed repetitions (after one warm-up).")
   flags.DEFINE_float("max_seconds", 120.0, "A prefill slower than this is a timeout.")
   flags.DEFINE_string("dtype", "", "'' = bfloat16 on accelerators, float32 on CPU.")
-  flags.DEFINE_enum("layout", "checkpoint", ["checkpoint", "serving"],
-                    "checkpoint: parameters as trained (float32, layer scan); serving: as the "
-                    "serving engine runs them (sosm_jax/serve/layout.py: bfloat16 matmul weights, "
-                    "unrolled layers, fused projections, batch-1 projections on two rows).")
+  flags.DEFINE_enum("layout", "checkpoint", ["checkpoint", "serving", "onerow"],
+                    "checkpoint: parameters as trained (float32, layer scan); serving: "
+                    "sosm_jax/serve/layout.py (bfloat16 matmul weights, unrolled layers, batch-1 "
+                    "projections on two rows); onerow: serving, decoded through "
+                    "sosm_jax/serve/onerow.py (the engine's batch-1 step).")
 
 
 def model_configs(quick: bool, dtype: str):
@@ -125,13 +129,15 @@ def greedy_decode(step, params, first, cache, num_steps: int):
 
 
 def measure_length(model, params, length: int, decode_steps: int, repeats: int,
-                   serving: bool = False) -> dict:
+                   step=None, step_params=None) -> dict:
   """Prefill and decode timings of one model at one context length (batch 1).
 
-  serving: decode through `serve.layout.decode_step` (the model in the serving layout).
+  Prefill: `model.prefill` with params; decode: step(step_params, token, cache) (default
+  `model.decode_step` with params).
   """
   max_len = length + decode_steps
-  step = functools.partial(layout.decode_step, model) if serving else model.decode_step
+  step = model.decode_step if step is None else step
+  step_params = params if step_params is None else step_params
 
   def prefill(p, tokens):
     logits, cache = model.prefill(p, tokens, max_len)
@@ -150,9 +156,9 @@ def measure_length(model, params, length: int, decode_steps: int, repeats: int,
   jax.block_until_ready(cache)
   row["prefill_s"] = _median_time(lambda: prefill_c(params, tokens), repeats)
   first = jnp.argmax(logits, -1).astype(jnp.int32)
-  decode_c = jax.jit(decode).lower(params, first, cache).compile()
-  jax.block_until_ready(decode_c(params, first, cache))
-  row["decode_ms"] = 1e3 * _median_time(lambda: decode_c(params, first, cache),
+  decode_c = jax.jit(decode).lower(step_params, first, cache).compile()
+  jax.block_until_ready(decode_c(step_params, first, cache))
+  row["decode_ms"] = 1e3 * _median_time(lambda: decode_c(step_params, first, cache),
                                         repeats) / decode_steps
   row["peak_gib"] = _peak_gib()
   row["status"] = "ok"
@@ -163,14 +169,20 @@ def run_model(name: str, cfg, lengths, flags_) -> dict:
   """All lengths of one model, stopping at the first failure; ratios to the first length."""
   model = models.build_model(cfg)
   params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), 1, cfg.chunk_size)))()
-  if flags_.get("layout") == "serving":
+  kind = flags_.get("layout", "checkpoint")
+  step, step_params = None, None
+  if kind in ("serving", "onerow"):
     model, params = layout.serving_layout(model, params)
+    step = functools.partial(layout.decode_step, model)
+  if kind == "onerow":   # refuses a model onerow does not run (no silent fallback)
+    step_params = onerow.fold_params(model.cfg, params)
+    step = functools.partial(onerow.decode_step, model.cfg)
   rows = []
   for length in lengths:
     print(f"{name} @ {length} tokens", flush=True)
     try:
       row = measure_length(model, params, length, flags_["decode_steps"], flags_["repeats"],
-                           serving=flags_.get("layout") == "serving")
+                           step=step, step_params=step_params)
       if row["prefill_s"] > flags_["max_seconds"]:
         row["status"] = f"timeout (prefill {row['prefill_s']:.1f} s > {flags_['max_seconds']} s)"
     except Exception as e:  # pylint: disable=broad-except

@@ -6,16 +6,16 @@ ending at position L; the median per-token time over --repeats calls. A variant 
 LAYOUT:ATTENTION:
   LAYOUT     checkpoint  the parameters as trained (float32 weights, layers under nn.scan)
              cast        matmul weights in bfloat16 (serve/layout.cast_matmul_weights)
-             serving     cast, and the layers unrolled (serve/layout.serving_layout, fuse=False)
+             serving     cast, and the layers unrolled (serve/layout.serving_layout)
              rows2       serving, and each projection of the one row run on two rows
                          (serve/layout.decode_step: no multiply + reduce rewrite by XLA)
-             fused       rows2 with the projections that read one input fused into one matmul
-                         and the lower bounds precomputed (serve/layout.fuse_params: the
-                         serving layout's default, what the engine and context_scaling run)
-             onerow      fused, through serve/onerow.decode_step: the norm scales folded into the
-                         projections after them, the residual stream carried as two equal rows
-                         (no copy of a row before each projection), the HGRN-2 state update and
-                         readout one expression
+             onerow      serving, through serve/onerow.decode_step (the engine's one-slot step):
+                         the projections that read one input fused into one matmul
+                         (layout.fuse_params) with the norm scales folded into them, the residual
+                         stream carried as two equal rows (no copy of a row before each
+                         projection), the HGRN-2 state update and readout one expression
+             (the variant 'fused', rows2 with fused projections through the model's modules,
+             was measured slower than rows2 and removed: RESULTS.md, "Decode speed")
   ATTENTION  ops         the model's decode attention (ops/attention.cached_attention: one
                          jax.nn.dot_product_attention (XLA) over the cache with a mask)
              split       blocks of --block keys as batched matmuls, merged
@@ -29,7 +29,7 @@ fusions, dots, custom calls (GEMMs on a GPU), copies), a kernel count that needs
 runs on a CPU too (`--quick --hlo_counts --repeats=1`).
 
   python benchmarks/decode_levers.py --quick                               # CPU smoke
-  python benchmarks/decode_levers.py --lengths=1024 --variants=rows2:ops,fused:ops --hlo_counts \
+  python benchmarks/decode_levers.py --lengths=1024 --variants=rows2:ops,onerow:ops --hlo_counts \
       --steps=2 --repeats=1                                                # CPU: op counts
   python benchmarks/decode_levers.py --lengths=1024,131072 --profile=20 --out=/tmp/levers.json
 """
@@ -211,13 +211,11 @@ def main(argv):
   forms = {"checkpoint": (base, base_params, base.decode_step),
            "cast": (base, layout.cast_matmul_weights(base_params, jnp.dtype(dtype)),
                     base.decode_step)}
-  serving, serving_params = layout.serving_layout(base, base_params, fuse=False)
+  serving, serving_params = layout.serving_layout(base, base_params)
   forms["serving"] = (serving, serving_params, serving.decode_step)
   forms["rows2"] = (serving, serving_params, functools.partial(layout.decode_step, serving))
-  fused, fused_params = layout.serving_layout(base, base_params)
-  forms["fused"] = (fused, fused_params, functools.partial(layout.decode_step, fused))
-  forms["onerow"] = (fused, onerow.fold_params(fused.cfg, fused_params),
-                     functools.partial(onerow.decode_step, fused.cfg))
+  forms["onerow"] = (serving, onerow.fold_params(serving.cfg, serving_params),
+                     functools.partial(onerow.decode_step, serving.cfg))
   results = []
   for variant in _VARIANTS.value:
     form, attention = variant.split(":")

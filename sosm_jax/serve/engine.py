@@ -11,8 +11,11 @@ in a `lax.scan` with the sampling on the device, so the host dispatches, syncs a
 once per `decode_steps` tokens; inside the scan a slot stops emitting (its later tokens come back
 as -1) after EOS or when its token budget (max_tokens, the cache length) is spent; stop
 sequences are text and are cut on the host, which drops what a slot sampled after them. The
-model runs in the serving layout (`serve/layout.py`: bfloat16 matmul weights, unrolled layers,
-projections of one input fused into one matmul; with one slot, projections on two rows).
+model runs in the serving layout (`serve/layout.py`: bfloat16 matmul weights, unrolled layers);
+with one slot, decoding goes through `serve/onerow.py` where it supports the model (norm scales
+folded into fused projections, the row carried twice: the fastest batch-1 step measured on an
+H200, RESULTS.md "Decode speed"), else through `layout.decode_step` (projections on two rows);
+with more slots, through the model's own step.
 
 A background thread runs the loop: between two decode calls it frees the slots of finished or
 cancelled requests and runs up to `prefill_chunk` tokens of prefill (pieces of the oldest
@@ -47,7 +50,7 @@ import numpy as np
 
 from sosm_jax.models.config import resolved_pattern
 from sosm_jax.models.sampling import sample_tokens
-from sosm_jax.serve import layout
+from sosm_jax.serve import layout, onerow
 from sosm_jax.serve.text import TextStream
 
 
@@ -84,7 +87,8 @@ class EngineConfig:
   prefill_chunk: int = 512    # longest prefill piece (a power of two)
   add_bos: bool = True
   decode_steps: int = 8       # tokens decoded per dispatch (requests join and leave between)
-  serving_layout: bool = True  # serve/layout.py (False: the parameters exactly as given)
+  serving_layout: bool = True  # serve/layout.py and, for one slot, serve/onerow.py (False:
+                               # the parameters exactly as given, the model's decode step)
 
   def check(self) -> None:
     if self.num_slots < 1:
@@ -171,6 +175,7 @@ class Engine:
         model, params, tokenizer, config, name)
     eos = tokenizer.eos_id
     self._eos = -2 if eos is None else int(eos)   # -2: no token id, never matches
+    self.decode_path, self._step_params = self._choose_decode_step()
     self.continue_max = 1 if "graph" in resolved_pattern(model.cfg) else config.prefill_chunk
     s, max_len = config.num_slots, config.max_len
     one = model.init_cache(1, max_len)
@@ -194,6 +199,20 @@ class Engine:
     self._extend = jax.jit(self._extend_fn)
     self._sample = jax.jit(_sample_one)
 
+  def _choose_decode_step(self):
+    """('model' | 'two_rows' | 'onerow', the parameters the decode step reads).
+
+    One slot in the serving layout: onerow where it supports the model (its fused, folded
+    kernels: a second copy of the weights; prefill reads self.params), else projections on two
+    rows (module doc). Otherwise the model's step: with several slots every projection already
+    has a row per slot, and neither batch-1 lever was measured there.
+    """
+    if self.config.num_slots != 1 or not self.config.serving_layout:
+      return "model", self.params
+    if onerow.supports(self.model.cfg):
+      return "two_rows", self.params
+    return "onerow", onerow.fold_params(self.model.cfg, self.params)
+
   # ------------------------------------------------------------------ compiled pieces
 
   def _decode_fn(self, params, tokens, slots, seeds, steps, temperature, top_k, top_p, left,
@@ -205,7 +224,9 @@ class Engine:
     steps + j)), temperature, top_k, top_p, left (tokens it may still emit; 0 for a free slot),
     stop_at_eos (bool). A slot's tokens after its budget or after EOS are -1.
     """
-    if self.config.num_slots == 1 and self.config.serving_layout:   # layout.decode_step doc
+    if self.decode_path == "onerow":
+      step = lambda t, c: onerow.decode_step(self.model.cfg, params, t[None], c)
+    elif self.decode_path == "two_rows":
       step = lambda t, c: layout.decode_step(self.model, params, t[None], c)
     else:
       step = lambda t, c: self.model.decode_step(params, t[None], c)
@@ -327,7 +348,7 @@ class Engine:
     self._sample(logits, 0, 0, 0.0, 0, 1.0)
     self._slots = self._insert(self._slots, cache, 0)
     zeros = np.zeros((cfg.num_slots,), np.int32)
-    _, self._slots = self._decode(self.params, zeros, self._slots, zeros, zeros,
+    _, self._slots = self._decode(self._step_params, zeros, self._slots, zeros, zeros,
                                   zeros.astype(np.float32), zeros, np.ones_like(zeros, np.float32),
                                   zeros, zeros.astype(bool))
     jax.block_until_ready(self._slots)
@@ -419,7 +440,7 @@ class Engine:
         left[i] = min(r.params.max_tokens - len(r.generated),
                       self.config.max_len - len(r.prompt_ids) - len(r.generated))
         stop_at_eos[i] = not r.params.ignore_eos
-    tokens, self._slots = self._decode(self.params, self._tokens, self._slots, seeds, steps,
+    tokens, self._slots = self._decode(self._step_params, self._tokens, self._slots, seeds, steps,
                                        temperature, top_k, top_p, left, stop_at_eos)
     tokens = np.asarray(tokens)
     self.steps += self.config.decode_steps

@@ -11,14 +11,15 @@ same function in a faster form:
     that dtype, so the cast inside the model is the identity and results are bit-for-bit those
     of the original parameters; norm scales, gates and the lower-bound table stay as they are;
   - with `scan_layers`, the stacked layers are split into one module per layer
-    (`scan_layers=False`; caches are then a tuple over layers, built by the same model);
-  - projections that read the same input are one matmul (`fuse_params`, the model's
-    `serving_params`): each mixer's input projections (HGRN-2 q/f/i, attention q/k/v, Gated
-    DeltaNet q/k/v/gate/a/b) and the MLP's gate/up, their kernels side by side in one; and the
-    HGRN-2 lower bounds stored as the bounds (the table's softmax over depth and cumulative sum,
-    computed once here instead of in every step). Fewer, larger kernels per decoded token; the
-    same results up to the matmuls' summation order.
+    (`scan_layers=False`; caches are then a tuple over layers, built by the same model).
 The returned model and parameters go together (prefill and decode both through them).
+
+`fuse_params` puts the kernels of projections that read the same input side by side in one
+(each mixer's input projections, the MLP's gate/up; the HGRN-2 lower bounds stored as the
+bounds): the tree of the model's `serving_params` layout, and the kernels `serve/onerow.py`
+reads (its `fold_params` calls it). It is not part of `serving_layout`: through the model's own
+modules the fused decode step was slower on an H200 than the unfused one (0.461 against 0.438
+ms/token at 1K; RESULTS.md, "Decode speed"), and batch-1 serving decodes through onerow.
 
 `decode_step` is `LanguageModel.decode_step` for such a model; with one row (batch 1, one
 token) it runs every projection (`Dense`) on that row twice and keeps the first result. XLA:GPU
@@ -90,9 +91,14 @@ def fuse_params(cfg, params) -> dict:
     out["hgrn2_cumulative_lower_bounds"] = cumulative_lower_bounds(
         out.pop("hgrn2_lower_bounds")).astype(params["hgrn2_lower_bounds"].dtype)
 
-  def fuse(tree, groups):
+  def fuse(tree, groups, where):
     tree = dict(tree)
     for fused, members in groups.items():
+      missing = [m for m in members if m not in tree]
+      if missing:
+        raise ValueError(f"fuse_params: {where} has no {missing} (it has {sorted(tree)}); the "
+                         f"parameters are not those of an unrolled model as trained (fused "
+                         f"already?).")
       tree[fused] = {"kernel": fused_kernel([tree.pop(m)["kernel"] for m in members])}
     return tree
 
@@ -100,8 +106,8 @@ def fuse_params(cfg, params) -> dict:
     layer = dict(out[f"layer_{i}"])
     groups = getattr(MIXERS[name], "fused_groups", None)
     if groups is not None:
-      layer["mixer"] = fuse(layer["mixer"], groups(cfg))
-    layer["mlp"] = fuse(layer["mlp"], MLP.fused_groups(cfg))
+      layer["mixer"] = fuse(layer["mixer"], groups(cfg), f"layer_{i}/mixer")
+    layer["mlp"] = fuse(layer["mlp"], MLP.fused_groups(cfg), f"layer_{i}/mlp")
     out[f"layer_{i}"] = layer
   return out
 
@@ -120,11 +126,10 @@ def _check_tree(model, params, what: str) -> None:
                      f"they are for; the checkpoint's layout is not the one of models/hybrid.py.")
 
 
-def serving_layout(model, params, fuse: bool = True):
+def serving_layout(model, params):
   """(model, params) -> (model, params) in the serving layout (module doc); same outputs.
 
-  params: unboxed (no `nn.LogicallyPartitioned` leaves). fuse=False: without `fuse_params`
-  (the layout before it, for comparisons).
+  params: unboxed (no `nn.LogicallyPartitioned` leaves).
   """
   cfg = model.cfg
   if cfg.scan_layers:
@@ -132,11 +137,6 @@ def serving_layout(model, params, fuse: bool = True):
     model = _with(cfg, scan_layers=False)
     cfg = model.cfg
     _check_tree(model, params, "unstacked")
-  if fuse and not cfg.serving_params:
-    params = fuse_params(cfg, params)
-    model = _with(cfg, serving_params=True)
-    cfg = model.cfg
-    _check_tree(model, params, "fused")
   return model, cast_matmul_weights(params, compute_dtype(cfg))
 
 

@@ -21,14 +21,19 @@ With one row (batch 1) `layout.decode_step` runs each projection on a copy of it
 just before it (XLA:GPU would rewrite a one-row product; layout module doc); here the residual
 stream itself is two equal rows from the embedding to the final norm, so every projection reads
 it as it is. The state update reads the batch's row; its readout is done for both rows.
-The recipe hybrid's compiled step (CPU): 317 launched ops through `layout.decode_step`, 293
-here; on a GPU: `benchmarks/decode_levers.py`, variant 'onerow' against 'fused'.
+The projections that read one input are one matmul (`layout.fuse_params`'s kernels, with the
+norm scales folded in). On an H200 (RESULTS.md, "Decode speed") the recipe hybrid decoded in
+0.407 ms/token at 1K and 0.537 at 128K here, 0.438 / 0.587 through `layout.decode_step`
+(141.5 kernels per token against 176.5 at 1K): the engine decodes one slot through this step
+where `supports` says so.
 
-`fold_params(cfg, params)`: serving-layout parameters (`layout.serving_layout`: unrolled, fused
-projections) -> the folded ones; `decode_step(cfg, folded, token, cache)`: the model's
-`decode_step` (same cache tree, logits within rounding; the cache is filled by the model's own
-prefill with the unfolded parameters). Only HGRN-2 and attention layers (the recipe hybrid and
-the transformer); `supports(cfg)` says whether a config is one of those.
+`fold_params(cfg, params)`: serving-layout parameters (`layout.serving_layout`: unrolled, bf16
+matmul weights) -> the fused and folded ones; `decode_step(cfg, folded, token, cache)`: the
+model's `decode_step` (same cache tree, logits within rounding; the cache is filled by the
+model's own prefill with the serving-layout parameters). The folded kernels are a second copy
+of the weights next to the serving-layout ones that prefill reads. Only HGRN-2 and attention
+layers (the recipe hybrid and the transformer); `supports(cfg)` says whether a config is one of
+those.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from sosm_jax.layers.embed import head_matmul
 from sosm_jax.layers.hgrn2 import forget_gate, hgrn2_num_heads
 from sosm_jax.models.config import layer_mixers
 from sosm_jax.ops import attention as attn_ops
+from sosm_jax.serve import layout
 
 _F32 = jnp.float32
 _MIXERS = ("hgrn2", "attn")
@@ -50,8 +56,9 @@ def supports(cfg) -> str:
   mixers = set(layer_mixers(cfg))
   if not mixers <= set(_MIXERS):
     return f"mixers {sorted(mixers - set(_MIXERS))} (only {_MIXERS})"
-  if not cfg.serving_params or cfg.scan_layers:
-    return "not the serving layout (layout.serving_layout with fuse=True)"
+  if cfg.scan_layers or cfg.serving_params:
+    return ("not the serving layout (layout.serving_layout: unrolled layers, the parameter tree "
+            "as trained)")
   if cfg.embed_dim > 0:
     return "a factorized embedding (embed_dim > 0)"
   return ""
@@ -64,13 +71,15 @@ def _check(cfg) -> None:
 
 
 def fold_params(cfg, params) -> dict:
-  """Serving-layout params -> the same with each norm scale folded into the kernel after it.
+  """Serving-layout params -> their projections fused (`layout.fuse_params`) with each norm
+  scale folded into the kernel after it.
 
   mixer_norm into the mixer's fused input kernel, mlp_norm into the MLP's 'wi', HGRN-2's o_norm
   into its o_proj; the folded scales are removed (the final norm stays: the tied head is the
   embedding table). Kernels are multiplied in float32 and stored in their own dtype.
   """
   _check(cfg)
+  params = layout.fuse_params(cfg, params)
   out = dict(params)
   for i, name in enumerate(layer_mixers(cfg)):
     layer = params[f"layer_{i}"]
