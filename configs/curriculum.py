@@ -6,10 +6,10 @@ Variants:
           layers 3, 7, 11, vocabulary 32000), stages 4K, 8K, 16K, 32K, 64K, 100K (102,400 tokens)
           at 524,288 tokens per step (4 x 102,400 in the last stage).
   long_small  a 25.3M-parameter hybrid (hidden 512, 8 layers, attention at layers 3 and 7,
-          bytes) through 4K -> 16K -> 64K -> 100K (102,400) in ~6 minutes of one H200 with
-          start-up and compiles (365 s measured for these steps at 53 / 69 / 235 / 484 ms a
-          step; the data mix does not change the step), on stdlib text mixed with passkey,
-          NIAH and MQAR examples, RoPE base 500,000 throughout; for launch/evaluate.py to 100K.
+          bytes) through 4K -> 16K -> 64K -> 100K (102,400) in ~6.5 minutes of one H200 with
+          start-up and compiles (390 s measured in the third run, 51 / 70 / 247 / 510 ms a step;
+          these steps cost the same 287 s of steps), on stdlib text mixed with passkey, NIAH
+          and MQAR examples, RoPE base 500,000 throughout; for launch/evaluate.py to 100K.
           Retrieval signal: the loss is a mean over scored tokens, and stdlib scores every
           token while a task example scores only its answer, so the mix weights (which count
           documents; a stdlib file is 17.6 KB) keep stdlib at 0.02: ~27% of the 4K positions are
@@ -87,13 +87,19 @@ def get_config(arg: str | None = None):
                   niah_digits=7)
     c.curriculum.update(
         seq_lens=(4096, 16384, 65536, 102400),
-        # 3,500 x 53 ms + 600 x 69 ms + 100 x 235 ms + 80 x 484 ms = 290 s of steps
-        steps=(3500, 600, 100, 80),
+        # The third run (3,500 / 600 / 100 / 80): retrieval was learned at 4K step ~1,750-2,000
+        # (task-row loss 2.2 -> 0.4) and the last 1,000 4K steps moved it 0.41 -> 0.33, while
+        # each long stage opened with its task loss up 2-4x (longer distances) and ended still
+        # falling (64K: 0.98 -> 0.26 in 100 steps). So 700 steps of the 4K tail (36 s) pay for
+        # 50 more 64K and 45 more 100K steps (100K: 250 examples, not 160).
+        # 2,800 x 51.3 ms + 600 x 69.9 + 150 x 246.9 + 125 x 510.4 = 286 s of steps (287 before)
+        steps=(2800, 600, 150, 125),
         tokens_per_step=65536,
         global_batch=(0, 0, 2, 2),      # 16 x 4K, 4 x 16K, then 2 sequences of 64K / 100K
         remat=("auto",) * 4)
-    # constant through the 4K stage, then decayed over the long stages (the last 18% of steps)
-    c.optimizer.update(learning_rate=1.5e-3, warmup_steps=100, schedule="wsd", decay_fraction=0.18)
+    # constant through the 4K stage, then decayed over the long stages: 858 of the 3,575 steps
+    # after warmup, from step 2,817 (the third run: 752 of 4,180, from step 3,528)
+    c.optimizer.update(learning_rate=1.5e-3, warmup_steps=100, schedule="wsd", decay_fraction=0.24)
     # the end-of-stage checks would compile two more functions per stage: evaluate.py does it once
     c.train.update(log_every=25, checkpoint_every=0, eval_batches=0, passkey_examples=0)
   elif variant == "smoke":

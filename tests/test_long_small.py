@@ -9,9 +9,9 @@ import pytest
 
 from sosm_jax import data, models
 from sosm_jax.data import tasks, tokenizers
-from sosm_jax.eval import niah
+from sosm_jax.eval import niah, runner
 from sosm_jax.train import config as config_lib
-from sosm_jax.train import curriculum, loop
+from sosm_jax.train import curriculum, loop, optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BYTE = tokenizers.ByteTokenizer()
@@ -46,6 +46,16 @@ def test_long_small_stages_size_and_data_mix():
   assert lengths == [1024, 16384, 65536, 102400]
   for kind in kinds:
     tasks.check_task_length(kind, BYTE, 1024, cfg.data)
+  # the budget: the third run's measured step times (one H200) keep the steps within ~290 s
+  step_ms = {4096: 51.3, 16384: 69.9, 65536: 246.9, 102400: 510.4}
+  assert sum(s.steps * step_ms[s.seq_len] for s in stages) / 1e3 < 290
+  # WSD: constant through 4K, the decay starts within the 16K stage's first 5% of steps
+  schedule = optimizer.learning_rate_schedule(cfg.optimizer, stages[-1].end_step)
+  peak = cfg.optimizer.learning_rate
+  first_long = stages[1]
+  assert float(schedule(stages[0].end_step)) == pytest.approx(peak)
+  assert float(schedule(first_long.first_step + first_long.steps // 20)) < peak
+  assert float(schedule(stages[-1].end_step)) == pytest.approx(peak * cfg.optimizer.min_lr_ratio)
 
 
 def test_niah_rows_are_the_evaluation_format_with_their_answer_last():
@@ -133,6 +143,36 @@ def test_long_small_4k_rows_train_all_eight_niah_tasks_on_the_answers_the_evalua
   assert counts.sum() >= 150 and counts.min() >= counts.sum() / 8 / 2.5, seen   # in proportion
   # the evaluated answers are a real share of the mean loss (0.6% at the second run's stdlib 0.1)
   assert evaluated / scored_tokens > 0.025, (evaluated, scored_tokens)
+
+
+def test_long_small_perplexity_reads_held_out_stdlib_files_with_the_evaluation_override():
+  # The recipe's own validation split is the mix: at the third run's 8 x 102,400 it scored 6,397
+  # tokens, mostly text under 8K and task answers. The evaluation command overrides
+  # data.source=stdlib: the same hash split (val_fraction) keeps exactly the files the
+  # training mix held out, and every row is text ('--ppl_source=stdlib' would read all files).
+  cfg = _config()
+  shape = dict(seq_len=102400, batch_size=8, num_batches=1, seed=1234)
+  mix = next(iter(runner.text_batches(cfg, BYTE, **shape)))
+  assert mix["loss_mask"].mean() < 0.02
+  cfg.data.source = "stdlib"
+  assert runner.text_source(cfg) == ""   # the config's own validation split, not 'all'
+  batch = next(iter(runner.text_batches(cfg, BYTE, **shape)))
+  mask = batch["loss_mask"] > 0
+  assert mask.mean() > 0.99
+  assert mask[batch["positions"] >= 65536].sum() > 10000   # long held-out files: the 64K+ bucket
+  held = data.sources.text_documents("", split="validation", val_fraction=cfg.data.val_fraction,
+                                stdlib=True)
+  trained = data.sources.text_documents("", split="train", val_fraction=cfg.data.val_fraction,
+                                   stdlib=True)
+  held_bytes = [held[i][0].encode() for i in range(len(held))]
+  trained_bytes = [trained[i][0].encode() for i in range(min(len(trained), 300))]
+  for row in range(8):
+    seg = batch["segment_ids"][row]
+    for s in np.unique(seg[seg > 0]):
+      tokens = batch["inputs"][row][seg == s]
+      piece = bytes(tokens[tokens < 256].astype(np.uint8))[:400]   # drop BOS
+      assert any(piece in h for h in held_bytes), piece[:80]
+      assert not any(piece in t for t in trained_bytes), piece[:80]
 
 
 def test_niah_in_a_mix_marks_answers_and_refuses_a_length_too_short():
