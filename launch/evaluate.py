@@ -53,8 +53,9 @@ _PPL_LEN = flags.DEFINE_integer("ppl_seq_len", 0, "Perplexity sequence length (0
                                 "memory: window x config.memory.segments).")
 _PPL_BATCHES = flags.DEFINE_integer("ppl_batches", 8, "Held-out batches for perplexity.")
 _PPL_BS = flags.DEFINE_integer("ppl_batch_size", 4, "Rows per perplexity batch.")
-_PPL_SOURCE = flags.DEFINE_string("ppl_source", "", "Held-out text source (default: the "
-                                  "config's validation split), e.g. 'text:/data/books/*.txt'.")
+_PPL_SOURCE = flags.DEFINE_string("ppl_source", "", "Text source read whole for perplexity, "
+                                  "e.g. 'text:/data/books/*.txt' (default: the validation split "
+                                  "of the config's text, a mix's synthetic tasks dropped).")
 _MQAR_LENS = flags.DEFINE_list("mqar_lengths", ["64", "128", "256", "512", "1024"], "")
 _MQAR_PAIRS = flags.DEFINE_list("mqar_pairs", ["4", "8", "16", "32", "64", "128", "256"], "")
 _MQAR_N = flags.DEFINE_integer("mqar_examples", 16, "Examples per MQAR cell.")

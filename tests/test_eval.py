@@ -190,10 +190,17 @@ def test_perplexity_text_of_a_task_only_model_is_stdlib():
   from sosm_jax.train.config import base_config
   config = base_config()
   config.data.source = "mix:synthetic:mqar=0.6,synthetic:passkey=0.4"
-  assert runner.text_source(config) == "stdlib"  # answer-only loss masks say nothing of text
-  assert runner.text_source(config, "text:/data/*.txt") == "text:/data/*.txt"
+  assert runner.text_source(config) == ("stdlib", "all")  # answers say nothing of text
+  assert runner.text_source(config, "text:/data/*.txt") == ("text:/data/*.txt", "all")
+  # a mix's text: its held-out split, the tasks dropped (their rows score only answers)
   config.data.source = "mix:stdlib=0.9,synthetic:passkey=0.1"
-  assert runner.text_source(config) == ""  # the config's own held-out split
+  assert runner.text_source(config) == ("stdlib", "validation")
+  config.data.source = "mix:text:/a/*.txt=3,synthetic:niah=1,stdlib=1"
+  assert runner.text_source(config) == ("mix:text:/a/*.txt=3,stdlib=1", "validation")
+  config.data.source = "text:/a/*.txt"
+  assert runner.text_source(config) == ("text:/a/*.txt", "validation")
+  config.data.eval_source = "text:/held/*.txt"   # an evaluation source is read whole
+  assert runner.text_source(config) == ("text:/held/*.txt", "all")
 
 
 def _binder(num_pairs_of_row):

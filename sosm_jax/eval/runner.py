@@ -33,7 +33,7 @@ class EvalOptions:
   ppl_batches: int = 8
   ppl_batch_size: int = 4
   ppl_first_edge: int = 16             # buckets [0, 16), [16, 32), [32, 64), ...
-  ppl_source: str = ""                 # '' = config.data's held-out split (or data.eval_source)
+  ppl_source: str = ""                 # read whole; '' = `text_source`'s held-out text
   # MQAR (Zoology style: trained up to (256, 64), tested up to (1024, 256))
   mqar_lengths: tuple[int, ...] = (64, 128, 256, 512, 1024)
   mqar_pairs: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
@@ -91,23 +91,54 @@ def default_passkey_lengths(trained: int, minimum: int = 32) -> tuple[int, ...]:
   return tuple(lengths)
 
 
-def text_source(config, source: str = "") -> str:
-  """The held-out text of the perplexity task: `source`, else the config's validation data,
-  else (a model trained on synthetic tasks alone) the standard-library text source."""
+def _source_string(components) -> str:
+  """Components back to a source string (one: its spec; several: a 'mix:' with their weights)."""
+  specs = ["stdlib" if c.kind == "stdlib" else f"{c.kind}:{c.arg}" for c in components]
+  if len(specs) == 1:
+    return specs[0]
+  return "mix:" + ",".join(f"{spec}={c.weight:g}" for spec, c in zip(specs, components))
+
+
+def text_source(config, source: str = "") -> tuple[str, str]:
+  """(source, split) of the perplexity task's held-out text; split 'all' reads the source whole.
+
+  `source` (`--ppl_source`) or `data.eval_source` is read whole. Otherwise the validation split
+  of `data.source`'s text: a mix's synthetic tasks are dropped (their rows score only answers,
+  which say nothing about text), and each text component keeps its own hash split, so the
+  documents are the ones training held out. A model trained on synthetic tasks alone is read
+  against the standard library's text, whole (it trained on none of it).
+  """
   if source:
-    return source
-  comps = sources.parse_source(config.data.eval_source or config.data.source)
-  if all(c.kind == "synthetic" for c in comps):
-    return "stdlib"
-  return ""  # the config's own validation split
+    return source, "all"
+  if config.data.eval_source:
+    comps = sources.parse_source(config.data.eval_source)
+    whole = config.data.eval_source
+  else:
+    comps = sources.parse_source(config.data.source)
+    whole = ""
+  text = [c for c in comps if c.kind != "synthetic"]
+  if not text:
+    return "stdlib", "all"
+  if whole:
+    return whole, "all"
+  return _source_string(text), "validation"
+
+
+def describe_text_source(config, source: str = "") -> str:
+  """`text_source` in words, for the report."""
+  src, split = text_source(config, source)
+  return src if split == "all" else f"validation split of {src!r}"
 
 
 def text_batches(config, tokenizer, *, seq_len: int, batch_size: int, num_batches: int,
                  seed: int, source: str = "") -> Iterable[Batch]:
   """Up to `num_batches` held-out batches `[batch_size, seq_len]` (see `text_source`)."""
   data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-  if source:
-    data_cfg.eval_source = source
+  src, split = text_source(config, source)
+  if split == "all":
+    data_cfg.eval_source = src
+  else:
+    data_cfg.source, data_cfg.eval_source = src, ""
   data_cfg.num_workers = 0
   pipeline = data_lib.make_pipeline(data_cfg, tokenizer, seq_len=seq_len, batch_size=batch_size,
                                     seed=seed, split="validation", process_index=0,
@@ -166,11 +197,10 @@ def run_tasks(scorer: Scorer, tokenizer, config: ml_collections.ConfigDict,
       bar.set_description("perplexity")
       seq_len = options.ppl_seq_len or memory_span or trained
       if batches is None:
-        source = text_source(config, options.ppl_source)
-        report["meta"]["ppl_source"] = source or f"validation split of {config.data.source!r}"
+        report["meta"]["ppl_source"] = describe_text_source(config, options.ppl_source)
         batches = text_batches(config, tokenizer, seq_len=seq_len,
                                batch_size=options.ppl_batch_size, num_batches=options.ppl_batches,
-                               seed=options.seed, source=source)
+                               seed=options.seed, source=options.ppl_source)
       edges = perplexity.position_bucket_edges(seq_len, options.ppl_first_edge)
       report["perplexity"] = perplexity.loss_by_position(scorer, batches, edges, progress=step)
     if "mqar" in options.tasks:
