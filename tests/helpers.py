@@ -12,11 +12,16 @@ from sosm_jax.train.state import TrainState
 
 
 def random_params(config, seed=0, constants=None):
-  """Parameters of `config.model` with values 0.3 N(0, 1) (no slow init), as numpy.
+  """Parameters of `config.model` with values 0.3 N(0, 1): `random_model_params` of its model."""
+  return random_model_params(models.build_model(config.model), seed, constants=constants)
+
+
+def random_model_params(model, seed=0, *, constants=None, offsets=None):
+  """Parameters of `model` with values 0.3 N(0, 1) (no slow init), as numpy.
 
   constants: {path fragment: value}; a leaf whose path contains a fragment is filled with its value
-  instead (e.g. {"memory_gate": 2.0}: memory visibly matters)."""
-  model = models.build_model(config.model)
+  instead (e.g. {"memory_gate": 2.0}: memory visibly matters). offsets: {leaf name: value} added
+  to the leaves of that name (e.g. {"scale": 1.0}: norm scales 1 +- 0.3, so that they matter)."""
   shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), 1, 16)))
   rng = np.random.default_rng(seed)
 
@@ -25,7 +30,8 @@ def random_params(config, seed=0, constants=None):
     for fragment, value in (constants or {}).items():
       if fragment in name:
         return np.full(s.shape, value, s.dtype)
-    return (0.3 * rng.standard_normal(s.shape)).astype(s.dtype)
+    offset = (offsets or {}).get(getattr(path[-1], "key", None), 0.0)
+    return (offset + 0.3 * rng.standard_normal(s.shape)).astype(s.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
 

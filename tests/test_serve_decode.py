@@ -4,12 +4,12 @@ token budgets handled inside a dispatch."""
 import queue
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import random_model_params
 from sosm_jax import models
 from sosm_jax.data.tokenizers import ByteTokenizer
 from sosm_jax.models.config import default_model_config
@@ -26,11 +26,7 @@ def _model(dtype="float32", num_layers=4):
              attn_num_kv_heads=1, attn_head_dim=16, hgrn2_head_dim=16, chunk_size=8,
              pattern=("hgrn2", "attn"), dtype=dtype)
   model = models.build_model(cfg)
-  shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), 1, 8)))
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
-                        shapes)
-  return model, params
+  return model, random_model_params(model)
 
 
 _PROMPT = jnp.asarray(np.random.default_rng(1).integers(0, 260, (1, 11)), jnp.int32)

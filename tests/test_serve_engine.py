@@ -4,12 +4,12 @@ import asyncio
 import queue
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import random_model_params
 from sosm_jax import models
 from sosm_jax.data.tokenizers import ByteTokenizer
 from sosm_jax.models.config import default_model_config
@@ -117,11 +117,7 @@ def _tiny(pattern):
              attn_num_kv_heads=1, attn_head_dim=16, hgrn2_head_dim=16, gdn_num_heads=2,
              gdn_head_dim=16, chunk_size=8, pattern=pattern, dtype="float32")
   model = models.build_model(cfg)
-  shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), 1, 8)))
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
-                        shapes)
-  return model, params
+  return model, random_model_params(model)
 
 
 @pytest.mark.parametrize("pattern", [("gdn", "attn"), ("hgrn2", "graph")])

@@ -1,18 +1,19 @@
 """serve/onerow.py: the decode step written for one token per row over folded serving parameters
 is the model's decode step (logits within rounding, the same cache, the same greedy tokens), for
 the hybrid and the transformer, batch 1 (two-row residual stream) and batch 2; fewer launched
-ops than layout.decode_step; unsupported models are refused; the engine decodes one slot through
-it (generate's text) and falls back where it does not apply."""
+ops than layout.decode_step; the fused kernels (layout.fuse_params) hold their members side by
+side; unsupported models are refused; the engine decodes one slot through it (generate's text) and
+falls back where it does not apply."""
 import functools
 import queue
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import random_model_params
 from sosm_jax import models
 from sosm_jax.data.tokenizers import ByteTokenizer
 from sosm_jax.models.config import default_model_config
@@ -32,13 +33,8 @@ def _model(case, **changes):
   cfg = default_model_config("transformer" if case == "transformer" else "hybrid")
   cfg.update({**_SMALL, **_CASES[case], **changes})
   model = models.build_model(cfg)
-  shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), 1, 8)))
-  rng = np.random.default_rng(0)
-  # norm scales 1 +- 0.5, so that folding them is tested
-  def init(path, s):
-    offset = 1.0 if getattr(path[-1], "key", "") == "scale" else 0.0
-    return jnp.asarray(offset + 0.3 * rng.standard_normal(s.shape), s.dtype)
-  return model, jax.tree_util.tree_map_with_path(init, shapes)
+  # norm scales 1 +- 0.3, so that folding them is tested
+  return model, random_model_params(model, offsets={"scale": 1.0})
 
 
 def _run(model, params, step, batch, n=6, step_params=None):
@@ -109,6 +105,31 @@ def test_fold_params_fuses_the_projections_and_moves_the_norm_scales_into_the_ke
       layer["mixer"]["o_proj"]["kernel"] * layer["mixer"]["o_norm"]["scale"][..., None],
       rtol=1e-6)
   np.testing.assert_allclose(folded["final_norm"]["scale"], fast_params["final_norm"]["scale"])
+
+
+def test_fuse_params_puts_each_groups_kernels_side_by_side():
+  """layout.fuse_params (the steps above check the HGRN-2, attention and MLP kernels through
+  onerow's step): Gated DeltaNet's six input projections in their order, five without the output
+  gate; no cumulated bounds without HGRN-2; fusing twice or a scan_layers tree is refused."""
+  gdn = dict(pattern=("gdn", "attn"), gdn_num_heads=2, gdn_head_dim=16, scan_layers=False)
+  model, params = _model("hybrid", **gdn)
+  mixer = params["layer_0"]["mixer"]
+  fused = layout.fuse_params(model.cfg, params)
+  kernel = fused["layer_0"]["mixer"]["in_proj"]["kernel"]       # q, k, v, a, b, gate
+  assert kernel.shape == (32, 3 * 32 + 2 * 2 + 32) and "q_proj" not in fused["layer_0"]["mixer"]
+  np.testing.assert_array_equal(kernel[:, 32:64], mixer["k_proj"]["kernel"].reshape(32, 32))
+  np.testing.assert_array_equal(kernel[:, 96:98], mixer["a_proj"]["kernel"])
+  np.testing.assert_array_equal(kernel[:, 100:], mixer["gate_proj"]["kernel"].reshape(32, 32))
+  assert fused["layer_1"]["mixer"]["qkv_proj"]["kernel"].shape == (32, (4 + 2 + 2) * 8)
+  assert "hgrn2_cumulative_lower_bounds" not in fused
+  with pytest.raises(ValueError, match="fused already"):
+    layout.fuse_params(model.cfg, fused)
+  model, params = _model("hybrid", **gdn, gdn_output_gate="none")
+  assert layout.fuse_params(model.cfg, params)["layer_0"]["mixer"]["in_proj"]["kernel"].shape == (
+      32, 3 * 32 + 2 * 2)
+  model, params = _model("hybrid")
+  with pytest.raises(ValueError, match="unstack_layers first"):
+    layout.fuse_params(model.cfg, params)
 
 
 def _launched(model, params, step):

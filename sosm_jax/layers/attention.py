@@ -45,8 +45,7 @@ class Attention(nn.Module):
     h, kv, dh = cfg.attn_num_heads, cfg.attn_num_kv_heads, cfg.attn_head_dim
     q, k, v = projections(x, [("q_proj", (h, dh), ("embed", "heads", "head_dim")),
                               ("k_proj", (kv, dh), ("embed", "kv_heads", "head_dim")),
-                              ("v_proj", (kv, dh), ("embed", "kv_heads", "head_dim"))],
-                          fused="qkv_proj" if cfg.serving_params else None, **kw)
+                              ("v_proj", (kv, dh), ("embed", "kv_heads", "head_dim"))], **kw)
     q = constrain(attn_ops.apply_rope(q, positions, cfg.rope_base), BATCH_LENGTH_HEADS)
     k = constrain(attn_ops.apply_rope(k, positions, cfg.rope_base), BATCH_LENGTH_KV_HEADS)
     v = constrain(v, BATCH_LENGTH_KV_HEADS)
@@ -71,7 +70,7 @@ class Attention(nn.Module):
 
   @staticmethod
   def fused_groups(cfg) -> dict[str, tuple[str, ...]]:
-    """{fused kernel's module: its members' modules} under cfg.serving_params."""
+    """{fused kernel: its members' modules}: the kernels `serve/layout.fuse_params` joins."""
     del cfg
     return {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 

@@ -11,7 +11,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 _F32 = jnp.float32
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
@@ -73,29 +72,18 @@ class Dense(nn.Module):
     return jnp.einsum(f"{xs},{ks}->{out}", x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
 
 
-def projections(x: jax.Array, specs, *, fused: str | None = None, **kw) -> list[jax.Array]:
+def projections(x: jax.Array, specs, **kw) -> list[jax.Array]:
   """Projections of one input: `Dense(features, axes, name=name, kernel_init=init)(x)` for each
   spec (name, features, axes[, init]) (inside a compact method; kw: Dense's dtype, param_dtype).
-
-  fused: the same outputs from one Dense of that name (the serving layout, `cfg.serving_params`)
-  whose kernel `[in, sum of prod(features)]` holds the members' kernels, each flattened to
-  `[in, prod(features)]`, side by side in specs' order (`fused_kernel`): one matmul, whose
-  columns are split and reshaped (the members' inits are not used: it is built from them).
   """
-  if fused is None:
-    return [Dense(tuple(s[1]), tuple(s[2]), name=s[0], kernel_init=s[3] if len(s) > 3 else None,
-                  **kw)(x) for s in specs]
-  sizes = [num_elements(s[1]) for s in specs]
-  y = Dense((sum(sizes),), (specs[0][2][0], None), name=fused, **kw)(x)
-  outs, start = [], 0
-  for (_, features, *_), size in zip(specs, sizes):
-    outs.append(y[..., start:start + size].reshape(y.shape[:-1] + tuple(features)))
-    start += size
-  return outs
+  return [Dense(tuple(s[1]), tuple(s[2]), name=s[0], kernel_init=s[3] if len(s) > 3 else None,
+                **kw)(x) for s in specs]
 
 
 def fused_kernel(kernels) -> jax.Array:
-  """The kernel of `projections(..., fused=...)` from its members' kernels `[in, *features]`."""
+  """One kernel `[in, sum of prod(features)]` from kernels `[in, *features]` of projections of one
+  input, each flattened to `[in, prod(features)]`, side by side in their order: one matmul
+  computes them all (`serve/layout.fuse_params`, read by `serve/onerow.py`)."""
   return jnp.concatenate([k.reshape(k.shape[0], -1) for k in kernels], axis=1)
 
 
@@ -132,7 +120,7 @@ class MLP(nn.Module):
 
   @staticmethod
   def fused_groups(cfg) -> dict[str, tuple[str, ...]]:
-    """{fused kernel's module: its members' modules} under cfg.serving_params."""
+    """{fused kernel: its members' modules}: the kernels `serve/layout.fuse_params` joins."""
     del cfg
     return {"wi": ("wi_gate", "wi_up")}
 
@@ -142,8 +130,7 @@ class MLP(nn.Module):
     kw = dict(dtype=compute_dtype(cfg), param_dtype=param_dtype(cfg))
     m = cfg.mlp_dim
     gate, up = projections(x, [("wi_gate", (m,), ("embed", "mlp")),
-                               ("wi_up", (m,), ("embed", "mlp"))],
-                           fused="wi" if cfg.serving_params else None, **kw)
+                               ("wi_up", (m,), ("embed", "mlp"))], **kw)
     h = nn.silu(gate) * up
     h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
     return Dense((cfg.d_model,), ("mlp", "embed"), name="wo", **kw)(h)
@@ -181,7 +168,3 @@ def reset_log_decay(log_decay: jax.Array, segment_ids: jax.Array | None) -> jax.
     return log_decay
   starts = starts.reshape(starts.shape + (1,) * (log_decay.ndim - 2))
   return jnp.where(starts, jnp.asarray(RESET_LOG_DECAY, log_decay.dtype), log_decay)
-
-
-def num_elements(shape) -> int:
-  return int(np.prod(shape))

@@ -108,8 +108,7 @@ class GatedDeltaNet(nn.Module):
     if gated:
       init = nn.initializers.zeros if cfg.gdn_output_gate == "sigmoid2" else None
       specs.append(("gate_proj", (h, dk), heads, init))
-    q, k, v, a, b_logits, *gate = projections(
-        x, specs, fused="in_proj" if cfg.serving_params else None, **kw)
+    q, k, v, a, b_logits, *gate = projections(x, specs, **kw)
     q, conv_q = short_conv("conv_q", q)
     k, conv_k = short_conv("conv_k", k)
     v, conv_v = short_conv("conv_v", v)
@@ -148,7 +147,7 @@ class GatedDeltaNet(nn.Module):
 
   @staticmethod
   def fused_groups(cfg) -> dict[str, tuple[str, ...]]:
-    """{fused kernel's module: its members' modules} under cfg.serving_params."""
+    """{fused kernel: its members' modules}: the kernels `serve/layout.fuse_params` joins."""
     gate = () if cfg.gdn_output_gate == "none" else ("gate_proj",)
     return {"in_proj": ("q_proj", "k_proj", "v_proj", "a_proj", "b_proj") + gate}
 

@@ -76,7 +76,7 @@ class HGRN2(nn.Module):
     b, t, _ = x.shape
     axes = ("embed", "heads", "head_dim")
     q, f, i = projections(x, [(n, (h, dk), axes) for n in self.fused_groups(cfg)["qfi_proj"]],
-                          fused="qfi_proj" if cfg.serving_params else None, **kw)
+                          **kw)
     q = nn.silu(q)
     if lower_bound is None:
       lower_bound = jnp.asarray(self.layer_index, _F32) / cfg.num_layers
@@ -106,7 +106,7 @@ class HGRN2(nn.Module):
 
   @staticmethod
   def fused_groups(cfg) -> dict[str, tuple[str, ...]]:
-    """{fused kernel's module: its members' modules} under cfg.serving_params."""
+    """{fused kernel: its members' modules}: the kernels `serve/layout.fuse_params` joins."""
     del cfg
     return {"qfi_proj": ("q_proj", "f_proj", "i_proj")}
 

@@ -32,14 +32,6 @@ Keys (config.model, an ml_collections ConfigDict):
                     accumulates in float32 and the loss reduces in float32; half the logits'
                     memory traffic, ~3 significant digits per logit)
   remat             'none' | 'full' | 'dots' (save matmul outputs without batch dims)
-  serving_params    False: the parameter tree as trained. True: the serving layout's tree
-                    (sosm_jax/serve/layout.py `fuse_params` builds it from the trained one; the
-                    same function, fewer kernels per decoded token): the input projections of
-                    each mixer (HGRN-2 q/f/i, attention q/k/v, Gated DeltaNet q/k/v/gate/a/b)
-                    and the MLP's gate/up each one kernel `[d_model, sum of outputs]`
-                    (`layers/common.py: projections`), and the HGRN-2 lower bounds stored
-                    cumulated (`hgrn2_cumulative_lower_bounds`). Not for training: the
-                    cumulated bounds are not the trained parameterization.
   graph             the graph mixer's keys (sosm_jax/layers/graph.py: default_graph_config)
 """
 from __future__ import annotations
@@ -105,7 +97,6 @@ def default_model_config(architecture: str = "hybrid") -> ml_collections.ConfigD
   c.loss_chunk_size = 0
   c.logits_dtype = "float32"
   c.remat = "none"
-  c.serving_params = False
   c.graph = _graph_defaults()
   return c
 

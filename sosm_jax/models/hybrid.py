@@ -127,13 +127,10 @@ class HybridLM(nn.Module):
     lower_bounds = None
     if _uses_lower_bounds(cfg):
       width = cfg.d_model // cfg.hgrn2_head_dim * cfg.hgrn2_head_dim
-      # the serving layout stores the bounds themselves (a softmax and a cumsum fewer per step)
-      name = ("hgrn2_cumulative_lower_bounds" if cfg.serving_params else "hgrn2_lower_bounds")
-      table = self.param(name,
+      table = self.param("hgrn2_lower_bounds",
                          nn.with_logical_partitioning(nn.initializers.zeros, ("layers", "heads")),
                          (cfg.num_layers, width), param_dtype(cfg))
-      lower_bounds = (jnp.asarray(table) if cfg.serving_params
-                      else cumulative_lower_bounds(jnp.asarray(table)))   # [L, width]
+      lower_bounds = cumulative_lower_bounds(jnp.asarray(table))   # [L, width]
 
     layer_caches = None if cache is None else cache["layers"]
     if cfg.scan_layers:

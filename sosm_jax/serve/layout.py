@@ -16,10 +16,10 @@ The returned model and parameters go together (prefill and decode both through t
 
 `fuse_params` puts the kernels of projections that read the same input side by side in one
 (each mixer's input projections, the MLP's gate/up; the HGRN-2 lower bounds stored as the
-bounds): the tree of the model's `serving_params` layout, and the kernels `serve/onerow.py`
-reads (its `fold_params` calls it). It is not part of `serving_layout`: through the model's own
-modules the fused decode step was slower on an H200 than the unfused one (0.461 against 0.438
-ms/token at 1K; RESULTS.md, "Decode speed"), and batch-1 serving decodes through onerow.
+bounds): the kernels `serve/onerow.py` reads (its `fold_params` calls it). No model reads that
+tree: a model with fused projections decoded slower on an H200 than the unfused one (0.461
+against 0.438 ms/token at 1K; RESULTS.md, "Decode speed"), and batch-1 serving decodes through
+onerow.
 
 `decode_step` is `LanguageModel.decode_step` for such a model; with one row (batch 1, one
 token) it runs every projection (`Dense`) on that row twice and keeps the first result. XLA:GPU
@@ -77,15 +77,15 @@ def unstack_layers(cfg, params) -> dict:
 
 
 def fuse_params(cfg, params) -> dict:
-  """Params of an unrolled model (`scan_layers=False`) -> those of the same model with
-  `serving_params=True` (module doc; `layers/common.py: projections`, `fused_kernel`).
+  """Params of an unrolled model (`scan_layers=False`) -> the same with each layer's groups of
+  projections (the layers' `fused_groups`) one kernel (`layers/common.py: fused_kernel`) and the
+  HGRN-2 lower bounds cumulated (`hgrn2_cumulative_lower_bounds`; module doc).
 
   A mixer without `fused_groups` (the graph layer) keeps its projections.
   """
-  if cfg.scan_layers or cfg.serving_params:
+  if cfg.scan_layers:
     raise ValueError("fuse_params: needs the parameters of an unrolled model as trained "
-                     f"(model.scan_layers={cfg.scan_layers}, model.serving_params="
-                     f"{cfg.serving_params}); unstack_layers first, and fuse only once.")
+                     "(model.scan_layers=True); unstack_layers first.")
   out = dict(params)
   if "hgrn2_lower_bounds" in out:
     out["hgrn2_cumulative_lower_bounds"] = cumulative_lower_bounds(

@@ -56,9 +56,8 @@ def supports(cfg) -> str:
   mixers = set(layer_mixers(cfg))
   if not mixers <= set(_MIXERS):
     return f"mixers {sorted(mixers - set(_MIXERS))} (only {_MIXERS})"
-  if cfg.scan_layers or cfg.serving_params:
-    return ("not the serving layout (layout.serving_layout: unrolled layers, the parameter tree "
-            "as trained)")
+  if cfg.scan_layers:
+    return "not the serving layout (layout.serving_layout: unrolled layers)"
   if cfg.embed_dim > 0:
     return "a factorized embedding (embed_dim > 0)"
   return ""
