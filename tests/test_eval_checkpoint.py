@@ -94,6 +94,13 @@ def test_config_of_another_model_is_refused_naming_the_key(run):
   assert loading.load_for_eval(workdir, config=other).config.model.rope_base == 40000.0
 
 
+def test_a_model_key_removed_since_the_checkpoint_is_not_a_difference():
+  saved = {"d_model": 32, "serving_params": False}   # a key today's code no longer has
+  assert loading.compare_model_configs(saved, {"d_model": 32}) == []
+  assert loading.compare_model_configs(saved, {"d_model": 48}) == [
+      "model.d_model: checkpoint 32, given 48"]
+
+
 def test_checkpoint_whose_parameters_do_not_fit_is_refused(tmp_path):
   # The metadata says one model, the parameters are another's (e.g. a hand-edited config).
   saved_by = _config(mlp_dim=48)
