@@ -16,6 +16,7 @@ import pytest
 from helpers import random_model_params
 from sosm_jax import models
 from sosm_jax.data.tokenizers import ByteTokenizer
+from sosm_jax.layers import hgrn2
 from sosm_jax.models.config import default_model_config
 from sosm_jax.serve import engine as engine_lib
 from sosm_jax.serve import layout, onerow
@@ -108,25 +109,27 @@ def test_fold_params_fuses_the_projections_and_moves_the_norm_scales_into_the_ke
 
 
 def test_fuse_params_puts_each_groups_kernels_side_by_side():
-  """layout.fuse_params (the steps above check the HGRN-2, attention and MLP kernels through
-  onerow's step): Gated DeltaNet's six input projections in their order, five without the output
-  gate; no cumulated bounds without HGRN-2; fusing twice or a scan_layers tree is refused."""
-  gdn = dict(pattern=("gdn", "attn"), gdn_num_heads=2, gdn_head_dim=16, scan_layers=False)
-  model, params = _model("hybrid", **gdn)
-  mixer = params["layer_0"]["mixer"]
+  """layout.fuse_params (the steps above check the fused kernels through onerow's step): each
+  group's kernels side by side in the layers' order, the HGRN-2 bounds cumulated, a mixer
+  without groups (Gated DeltaNet) left as it is; fusing twice or a scan_layers tree is refused."""
+  model, params = _model("hybrid", pattern=("hgrn2", "attn", "gdn"), num_layers=3,
+                         gdn_num_heads=2, gdn_head_dim=16, scan_layers=False)
   fused = layout.fuse_params(model.cfg, params)
-  kernel = fused["layer_0"]["mixer"]["in_proj"]["kernel"]       # q, k, v, a, b, gate
-  assert kernel.shape == (32, 3 * 32 + 2 * 2 + 32) and "q_proj" not in fused["layer_0"]["mixer"]
-  np.testing.assert_array_equal(kernel[:, 32:64], mixer["k_proj"]["kernel"].reshape(32, 32))
-  np.testing.assert_array_equal(kernel[:, 96:98], mixer["a_proj"]["kernel"])
-  np.testing.assert_array_equal(kernel[:, 100:], mixer["gate_proj"]["kernel"].reshape(32, 32))
-  assert fused["layer_1"]["mixer"]["qkv_proj"]["kernel"].shape == (32, (4 + 2 + 2) * 8)
-  assert "hgrn2_cumulative_lower_bounds" not in fused
+  flat = lambda kernel: kernel.reshape(kernel.shape[0], -1)
+  for layer, group, members in (("layer_0", "qfi_proj", ("q_proj", "f_proj", "i_proj")),
+                                ("layer_1", "qkv_proj", ("q_proj", "k_proj", "v_proj"))):
+    expected = np.concatenate([flat(params[layer]["mixer"][m]["kernel"]) for m in members], 1)
+    np.testing.assert_array_equal(fused[layer]["mixer"][group]["kernel"], expected)
+    assert not set(members) & set(fused[layer]["mixer"])
+  mlp = params["layer_2"]["mlp"]
+  np.testing.assert_array_equal(fused["layer_2"]["mlp"]["wi"]["kernel"], np.concatenate(
+      [mlp["wi_gate"]["kernel"], mlp["wi_up"]["kernel"]], 1))
+  assert fused["layer_2"]["mixer"].keys() == params["layer_2"]["mixer"].keys()
+  np.testing.assert_allclose(fused["hgrn2_cumulative_lower_bounds"],
+                             np.asarray(hgrn2.cumulative_lower_bounds(
+                                 jnp.asarray(params["hgrn2_lower_bounds"]))))
   with pytest.raises(ValueError, match="fused already"):
     layout.fuse_params(model.cfg, fused)
-  model, params = _model("hybrid", **gdn, gdn_output_gate="none")
-  assert layout.fuse_params(model.cfg, params)["layer_0"]["mixer"]["in_proj"]["kernel"].shape == (
-      32, 3 * 32 + 2 * 2)
   model, params = _model("hybrid")
   with pytest.raises(ValueError, match="unstack_layers first"):
     layout.fuse_params(model.cfg, params)

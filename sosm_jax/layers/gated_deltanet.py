@@ -145,12 +145,6 @@ class GatedDeltaNet(nn.Module):
       cache = {"state": state, "conv_q": conv_q, "conv_k": conv_k, "conv_v": conv_v}
     return y, cache
 
-  @staticmethod
-  def fused_groups(cfg) -> dict[str, tuple[str, ...]]:
-    """{fused kernel: its members' modules}: the kernels `serve/layout.fuse_params` joins."""
-    gate = () if cfg.gdn_output_gate == "none" else ("gate_proj",)
-    return {"in_proj": ("q_proj", "k_proj", "v_proj", "a_proj", "b_proj") + gate}
-
   def init_cache(self, batch_size: int, max_len: int):
     del max_len  # constant-size state
     cfg = self.cfg

@@ -81,7 +81,8 @@ def fuse_params(cfg, params) -> dict:
   projections (the layers' `fused_groups`) one kernel (`layers/common.py: fused_kernel`) and the
   HGRN-2 lower bounds cumulated (`hgrn2_cumulative_lower_bounds`; module doc).
 
-  A mixer without `fused_groups` (the graph layer) keeps its projections.
+  A mixer without `fused_groups` (Gated DeltaNet, the graph layer: not in `onerow`) keeps its
+  projections.
   """
   if cfg.scan_layers:
     raise ValueError("fuse_params: needs the parameters of an unrolled model as trained "
