@@ -160,11 +160,11 @@ def test_onerow_step_launches_fewer_ops():
 def test_unsupported_models_are_refused():
   model, params = _model("hybrid", pattern=("hgrn2", "gdn"), gdn_num_heads=2, gdn_head_dim=16)
   fast, fast_params = layout.serving_layout(model, params)
-  assert "gdn" in onerow.supports(fast.cfg)
+  assert "gdn" in onerow.unsupported_reason(fast.cfg)
   with pytest.raises(ValueError, match="not supported"):
     onerow.fold_params(fast.cfg, fast_params)
   model, params = _model("hybrid")
-  assert "serving layout" in onerow.supports(model.cfg)
+  assert "serving layout" in onerow.unsupported_reason(model.cfg)
   with pytest.raises(ValueError, match="serving layout"):
     onerow.decode_step(model.cfg, params, jnp.zeros((1,), jnp.int32), model.init_cache(1, 16))
   fast, fast_params = layout.serving_layout(model, params)

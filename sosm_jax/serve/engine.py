@@ -209,7 +209,7 @@ class Engine:
     """
     if self.config.num_slots != 1 or not self.config.serving_layout:
       return "model", self.params
-    if onerow.supports(self.model.cfg):
+    if onerow.unsupported_reason(self.model.cfg):
       return "two_rows", self.params
     return "onerow", onerow.fold_params(self.model.cfg, self.params)
 

@@ -25,15 +25,15 @@ The projections that read one input are one matmul (`layout.fuse_params`'s kerne
 norm scales folded in). On an H200 (RESULTS.md, "Decode speed") the recipe hybrid decoded in
 0.407 ms/token at 1K and 0.537 at 128K here, 0.438 / 0.587 through `layout.decode_step`
 (141.5 kernels per token against 176.5 at 1K): the engine decodes one slot through this step
-where `supports` says so.
+where it takes the model (`unsupported_reason` is empty).
 
 `fold_params(cfg, params)`: serving-layout parameters (`layout.serving_layout`: unrolled, bf16
 matmul weights) -> the fused and folded ones; `decode_step(cfg, folded, token, cache)`: the
 model's `decode_step` (same cache tree, logits within rounding; the cache is filled by the
 model's own prefill with the serving-layout parameters). The folded kernels are a second copy
 of the weights next to the serving-layout ones that prefill reads. Only HGRN-2 and attention
-layers (the recipe hybrid and the transformer); `supports(cfg)` says whether a config is one of
-those.
+layers (the recipe hybrid and the transformer); `unsupported_reason(cfg)` says why a config is
+not one of those.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ _F32 = jnp.float32
 _MIXERS = ("hgrn2", "attn")
 
 
-def supports(cfg) -> str:
+def unsupported_reason(cfg) -> str:
   """'' if `decode_step` runs this model config, else why not."""
   mixers = set(layer_mixers(cfg))
   if not mixers <= set(_MIXERS):
@@ -64,7 +64,7 @@ def supports(cfg) -> str:
 
 
 def _check(cfg) -> None:
-  why = supports(cfg)
+  why = unsupported_reason(cfg)
   if why:
     raise ValueError(f"serve.onerow: this model is not supported: {why}.")
 
