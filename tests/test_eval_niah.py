@@ -192,6 +192,77 @@ def test_grid_reader_scores_100_a_near_miss_0_and_the_report_marks_the_trained_l
     assert json.load(f)["niah"]["tasks"]["multikey_number"]["mean_accuracy"] == 1.0
 
 
+def _reader_with(change):
+  """A scorer whose answers are the reader's with `change(values) -> values` applied."""
+  def answers(inputs, positions, segment_ids):
+    del positions, segment_ids
+    out = np.zeros(np.shape(inputs), np.int32)
+    for row, tokens in enumerate(np.asarray(inputs)):
+      answer, start = read_answer(TOK.decode(tokens[1:]))
+      ids = TOK.encode_array(", ".join(change(answer[:-1].split(", "))) + ".")
+      out[row, start:start + len(ids)] = ids[:len(tokens) - 1 - start]
+    return out
+  return scoring.scorer_from_answers(answers)
+
+
+def test_values_are_scored_one_by_one_and_a_wrong_needle_is_told_from_a_slip(tmp_path):
+  specs = [s for s in SPECS if s.kind in ("multivalue", "multiquery")]
+  grid_of = lambda change: niah.niah_grid(_reader_with(change), TOK, specs, lengths=(700,),
+                                          depths=(0.0, 1.0), num_examples=2, seed=5)
+  for task in grid_of(lambda v: v)["tasks"].values():
+    for c in task["cells"]:
+      assert c["value_accuracy"] == [1.0] * 4 and c["wrong_values"] == 0
+  begun_apart = []   # swapped values whose first characters differ: begun with a wrong token
+
+  def swap(v):
+    begun_apart.append(2 * (v[1][0] != v[2][0]))
+    return [v[0], v[2], v[1], v[3]]                # two needles in each other's places
+  swapped = grid_of(swap)
+  # numbers: values of one length, so the swap moves no other value
+  cells = [c for name, task in swapped["tasks"].items() for c in task["cells"]
+           if name.endswith("number")]
+  begun_apart = begun_apart[:2 * 2] + begun_apart[2 * 4:2 * 6]  # rows: tasks x depths x 2
+  assert all(c["value_accuracy"] == [1.0, 0.0, 0.0, 1.0] and c["accuracy"] == 0.0 for c in cells)
+  assert sum(c["wrong_values"] for c in cells) == sum(begun_apart) > 0
+  assert all(c["wrong_values_other_needle"] == c["wrong_values"] for c in cells)
+  slip = lambda v: [v[0][:2] + ("x" if v[0][2] != "x" else "y") + v[0][3:]] + v[1:]
+  for task in grid_of(slip)["tasks"].values():
+    for c in task["cells"]:   # a wrong character inside the first value: no value begun wrong
+      assert c["value_accuracy"] == [0.0, 1.0, 1.0, 1.0] and c["wrong_values"] == 0
+  begun_wrong = grid_of(lambda v: ["#" + v[0][1:]] + v[1:])   # '#' starts no value
+  for task in begun_wrong["tasks"].values():
+    for c in task["cells"]:
+      assert c["wrong_values"] == 2 and c["wrong_values_other_needle"] == 0
+  md = "\n".join(report._niah_values_markdown(swapped, str))   # pylint: disable=protected-access
+  assert "| multivalue_number | 700 | " in md and "| 100.0 / 0.0 / 0.0 / 100.0 |" in md
+
+
+def test_value_spans_follow_the_tokenizers_pieces():
+  spec = niah.NiahSpec("multiquery", "number", num_needles=3, digits=4)
+  ex = niah.niah_example(TOK, 400, spec, seed=3)
+  assert ex.answer_text == ", ".join(ex.answer_values) + "."
+  assert sorted(ex.answer_values) == sorted(ex.values)
+  spans = niah.value_token_spans(TOK, ex)
+  assert [TOK.decode(ex.example.answer[s]) for s in spans] == list(ex.answer_values)
+
+  class Pairs:
+    """Two bytes a token (the last may be one): pieces that straddle ', '."""
+    def decode(self, ids):
+      return "".join(chr(i // 256) + chr(i % 256) if i >= 256 else chr(i) for i in ids)
+  text = ex.answer_text
+  ids = [ord(text[i]) * 256 + ord(text[i + 1]) for i in range(0, len(text) - 1, 2)]
+  ids += [ord(text[-1])] if len(text) % 2 else []
+  pair_ex = niah.NiahExample(
+      example=ex.example.__class__(**{**ex.example.__dict__, "answer": np.asarray(ids)}),
+      needle_starts=ex.needle_starts, target=ex.target, depth=ex.depth, answer_text=text,
+      values=ex.values, answer_values=ex.answer_values)
+  for value, span in zip(ex.answer_values, niah.value_token_spans(Pairs(), pair_ex)):
+    start = text.index(value)
+    assert span[0] == start // 2 and span[-1] == (start + len(value) - 1) // 2
+  bad = niah.NiahExample(**{**pair_ex.__dict__, "answer_text": "z" + text})
+  assert niah.value_token_spans(Pairs(), bad) is None
+
+
 def _tiny_config():
   from sosm_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
   c = config_lib.base_config()

@@ -130,13 +130,16 @@ class NiahExample:
   needle_starts: int `[num_needles]` token index of each needle in `example.tokens`, in text
   order; target: index into needle_starts of the needle the depth refers to; depth: the
   fraction of the haystack before the target needle (the nearest sentence boundary to the
-  requested depth); answer_text: the answer as text.
+  requested depth); answer_text: the answer as text; values: every needle's value, in text
+  order; answer_values: the values the answer lists, in its order.
   """
   example: tasks_lib.TaskExample
   needle_starts: np.ndarray
   target: int
   depth: float
   answer_text: str
+  values: tuple[str, ...] = ()
+  answer_values: tuple[str, ...] = ()
 
 
 @functools.lru_cache(maxsize=4)
@@ -253,11 +256,12 @@ def niah_example(tokenizer, length: int, spec: NiahSpec, *, seed,
   depths[[i for i in range(n) if i != target]] = other_depths
   if spec.kind == "multiquery":
     question = _QUESTIONS["multiquery"].format(kind=kind, keys=_join([keys[i] for i in asked]))
-    answer_text = ", ".join(values[i] for i in asked) + "."
+    answer_values = [values[i] for i in asked]
   else:
     question = _QUESTIONS[spec.kind].format(kind=kind, key=keys[target])
-    answer_text = (", ".join(values[i] for i in np.argsort(depths, kind="stable")) + "."
-                   if spec.kind == "multivalue" else values[target] + ".")
+    answer_values = ([values[i] for i in np.argsort(depths, kind="stable")]
+                     if spec.kind == "multivalue" else [values[target]])
+  answer_text = ", ".join(answer_values) + "."
   question_ids, answer = enc(question), enc(answer_text)
   fill = length - fixed - len(question_ids) - len(answer)
   if fill < 0:
@@ -289,20 +293,80 @@ def niah_example(tokenizer, length: int, spec: NiahSpec, *, seed,
   text_order = np.asarray([starts[i] for i in order])
   return NiahExample(example=example, needle_starts=text_order,
                      target=int(np.flatnonzero(order == target)[0]),
-                     depth=float(cut[target] / fill) if fill else 0.0, answer_text=answer_text)
+                     depth=float(cut[target] / fill) if fill else 0.0, answer_text=answer_text,
+                     values=tuple(values[i] for i in order), answer_values=tuple(answer_values))
+
+
+def value_token_spans(tokenizer, ex: NiahExample) -> list[np.ndarray] | None:
+  """For each value the answer lists, the indices (into the answer's tokens) of the tokens that
+  carry its characters; None if the tokenizer's decoded prefixes of the answer are not prefixes
+  of its text (then values cannot be told apart)."""
+  answer, text = ex.example.answer, ex.answer_text
+  ends = []
+  for i in range(len(answer) + 1):
+    prefix = tokenizer.decode(answer[:i])
+    if not text.startswith(prefix):
+      return None
+    ends.append(len(prefix))
+  ends = np.asarray(ends)    # answer token i spans characters [ends[i], ends[i + 1])
+  spans, at = [], 0
+  for value in ex.answer_values:
+    start = text.index(value, at)
+    at = start + len(value)
+    spans.append(np.flatnonzero((ends[:-1] < at) & (ends[1:] > start)))
+  return spans
+
+
+def value_scores(tokenizer, ex: NiahExample, hits: np.ndarray, pred: np.ndarray) -> dict | None:
+  """Value by value, for one scored example (`hits`, `pred`: its row `[time]`, teacher forced).
+
+  Returns {'exact': [bool per answer value], 'wrong': values whose first token is wrong,
+  'other_needle': of those, how many the model began with the first token of another needle's
+  value (as the tokenizer encodes that value alone: exact for bytes)}; None when the answer's
+  tokens cannot be mapped to its values (`value_token_spans`).
+  """
+  spans = value_token_spans(tokenizer, ex)
+  if spans is None:
+    return None
+  at = ex.example.prompt_length - 1    # answer token j is predicted at position prompt_length-1+j
+  exact, wrong, other = [], 0, 0
+  for value, span in zip(ex.answer_values, spans):
+    exact.append(bool(hits[at + span].all()))
+    if not hits[at + span[0]]:
+      wrong += 1
+      firsts = {int(tokenizer.encode_array(v)[0]) for v in ex.values if v != value}
+      other += int(pred[at + span[0]]) in firsts
+  return {"exact": exact, "wrong": wrong, "other_needle": other}
 
 
 def _join(items: Sequence[str]) -> str:
   return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def niah_cell_examples(tokenizer, spec: NiahSpec, *, seq_len: int, num_examples: int, seed: int,
+                       depth: float) -> list[NiahExample]:
+  """The `num_examples` examples of one task at one (length, depth) cell."""
+  return [niah_example(tokenizer, seq_len, spec, depth=depth,
+                       seed=np.random.default_rng([seed, i])) for i in range(num_examples)]
+
+
 def niah_eval_batch(tokenizer, spec: NiahSpec, *, seq_len: int, num_examples: int, seed: int,
                     depth: float) -> dict[str, np.ndarray]:
   """`num_examples` rows `[num_examples, seq_len]` of one task at one depth (a model batch)."""
-  examples = [niah_example(tokenizer, seq_len, spec, depth=depth,
-                           seed=np.random.default_rng([seed, i])).example
-              for i in range(num_examples)]
-  return tasks_lib.example_batch(examples, tokenizer.pad_id)
+  examples = niah_cell_examples(tokenizer, spec, seq_len=seq_len, num_examples=num_examples,
+                                seed=seed, depth=depth)
+  return tasks_lib.example_batch([e.example for e in examples], tokenizer.pad_id)
+
+
+def _value_summary(scores: list[dict | None]) -> dict:
+  """A cell's value-by-value fields from its examples' `value_scores`."""
+  scored = [s for s in scores if s is not None]
+  if not scored:
+    return {}
+  exact = np.asarray([s["exact"] for s in scored], float)    # [examples, answer values]
+  return {"value_accuracy": [float(x) for x in exact.mean(axis=0)],
+          "wrong_values": int(sum(s["wrong"] for s in scored)),
+          "wrong_values_other_needle": int(sum(s["other_needle"] for s in scored))}
 
 
 def task_specs(kinds: Sequence[str] = KINDS, needles: Sequence[str] = NEEDLES, *,
@@ -321,9 +385,14 @@ def niah_grid(scorer: Scorer, tokenizer, specs: Sequence[NiahSpec], *, lengths: 
   """Exact-match accuracy of every task at every (length, depth).
 
   All cells of one length are scored in one scorer call (one compiled shape per length).
-  Returns {'tasks': {name: {'cells': [{'length', 'depth', 'accuracy', 'token_accuracy'} |
-  {..., 'accuracy': None, 'skipped': reason}], 'mean_accuracy'}}, 'mean_accuracy' (mean of the
-  task means), 'num_examples', 'lengths', 'depths'}. `progress(n)` counts finished cells.
+  Returns {'tasks': {name: {'cells': [{'length', 'depth', 'accuracy', 'token_accuracy',
+  'value_accuracy', 'wrong_values', 'wrong_values_other_needle'} | {..., 'accuracy': None,
+  'skipped': reason}], 'mean_accuracy'}}, 'mean_accuracy' (mean of the task means),
+  'num_examples', 'lengths', 'depths'}: value_accuracy is the exact-match rate of the answer's
+  1st, 2nd, ... value, wrong_values the values begun with a wrong token, of which
+  wrong_values_other_needle began as another needle's value (`value_scores`; the three are
+  absent when the tokenizer's tokens cannot be mapped to values). `progress(n)` counts finished
+  cells.
   """
   out = {s.name: [] for s in specs}
   for length in lengths:
@@ -332,21 +401,23 @@ def niah_grid(scorer: Scorer, tokenizer, specs: Sequence[NiahSpec], *, lengths: 
       for d_index, depth in enumerate(depths):
         cell = {"length": int(length), "depth": float(depth)}
         try:
-          batches.append(niah_eval_batch(
+          examples = niah_cell_examples(
               tokenizer, spec, seq_len=int(length), num_examples=num_examples,
-              seed=cell_seed(seed, length, t_index, d_index), depth=float(depth)))
+              seed=cell_seed(seed, length, t_index, d_index), depth=float(depth))
         except ValueError as e:  # the prompt does not fit this length
           out[spec.name].append({**cell, "accuracy": None, "skipped": str(e)})
           if progress:
             progress(1)
           continue
-        todo.append((spec.name, cell))
+        batches.append(tasks_lib.example_batch([e.example for e in examples], tokenizer.pad_id))
+        todo.append((spec.name, cell, examples))
     if not batches:
       continue
-    for (name, cell), (hits, batch) in zip(todo, score_cells(scorer, batches)):
+    for (name, cell, examples), (hits, batch, pred) in zip(todo, score_cells(scorer, batches)):
       mask = batch["loss_mask"] > 0
+      values = [value_scores(tokenizer, ex, hits[r], pred[r]) for r, ex in enumerate(examples)]
       out[name].append({**cell, "accuracy": float(np.all(hits | ~mask, axis=1).mean()),
-                        "token_accuracy": float(hits[mask].mean())})
+                        "token_accuracy": float(hits[mask].mean()), **_value_summary(values)})
       if progress:
         progress(1)
   result = {}

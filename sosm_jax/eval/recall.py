@@ -31,14 +31,17 @@ def mqar_queries_that_fit(length: int, num_pairs: int) -> int:
   return max(0, (length - 1 - 2 * num_pairs) // 2)
 
 
-def score_cells(scorer: Scorer, batches: list[Batch]) -> list[tuple[np.ndarray, Batch]]:
-  """Scores equal-length batches in one call (one compiled shape); returns per-batch hits."""
+def score_cells(scorer: Scorer, batches: list[Batch]
+                ) -> list[tuple[np.ndarray, Batch, np.ndarray]]:
+  """Scores equal-length batches in one call (one compiled shape); returns per batch (hits,
+  the batch, the argmax predictions), hits and predictions `[rows, time]`."""
   joined = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-  hits = answer_correct(scorer(joined), joined)
+  scores = scorer(joined)
+  hits, pred = answer_correct(scores, joined), np.asarray(scores.pred)
   out, start = [], 0
   for b in batches:
     n = b["inputs"].shape[0]
-    out.append((hits[start:start + n], b))
+    out.append((hits[start:start + n], b, pred[start:start + n]))
     start += n
   return out
 
@@ -83,7 +86,7 @@ def mqar_grid(scorer: Scorer, tokenizer, *, lengths: Sequence[int], num_pairs: S
       todo.append(cell)
     if not batches:
       continue
-    for cell, (hits, batch) in zip(todo, score_cells(scorer, batches)):
+    for cell, (hits, batch, _) in zip(todo, score_cells(scorer, batches)):
       mask = batch["loss_mask"] > 0
       per_example = np.all(hits | ~mask, axis=1)
       cells.append({**cell, "accuracy": float(hits[mask].mean()),
@@ -125,7 +128,7 @@ def passkey_grid(scorer: Scorer, tokenizer, *, lengths: Sequence[int], depths: S
       todo.append(cell)
     if not batches:
       continue
-    for cell, (hits, batch) in zip(todo, score_cells(scorer, batches)):
+    for cell, (hits, batch, _) in zip(todo, score_cells(scorer, batches)):
       mask = batch["loss_mask"] > 0
       cells.append({**cell, "accuracy": float(np.all(hits | ~mask, axis=1).mean()),
                     "digit_accuracy": float(hits[mask].mean())})

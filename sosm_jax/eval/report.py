@@ -120,7 +120,31 @@ def _niah_markdown(niah: dict, trained) -> list[str]:
     by_depth.append(row)
   out += ["By depth (mean over tasks):", "",
           markdown_table(["length"] + [f"{d:.2f}" for d in niah["depths"]], by_depth), ""]
-  return out
+  return out + _niah_values_markdown(niah, mark)
+
+
+def _niah_values_markdown(niah: dict, mark) -> list[str]:
+  """Answer tokens right, each listed value's exact match, and where wrong values came from."""
+  rows = []
+  for name, task in niah["tasks"].items():
+    for length in sorted({c["length"] for c in task["cells"]}):
+      cells = [c for c in task["cells"] if c["length"] == length and "value_accuracy" in c]
+      if not cells:
+        continue
+      per_value = np.mean([c["value_accuracy"] for c in cells], axis=0)
+      wrong = sum(c["wrong_values"] for c in cells)
+      other = sum(c["wrong_values_other_needle"] for c in cells)
+      rows.append([name, mark(length),
+                   fmt(float(np.mean([c["token_accuracy"] for c in cells])), pct=True),
+                   " / ".join(fmt(float(v), pct=True) for v in per_value), f"{other} of {wrong}"])
+  if not rows:
+    return []
+  return ["Value by value (mean over depths; teacher forced): answer tokens right, exact match "
+          "of the answer's 1st / 2nd / ... value, and of the values begun with a wrong token, "
+          "how many began as another needle's value (the needle chosen wrong; the rest are slips "
+          "or no needle):", "",
+          markdown_table(["task", "length", "answer tokens right %", "value exact %",
+                          "wrong values from another needle"], rows), ""]
 
 
 def _trend_sentence(ppl: dict) -> str:
