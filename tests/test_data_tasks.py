@@ -210,3 +210,36 @@ def test_tokenizer_mismatch_and_missing_model_are_errors(tmp_path):
   with pytest.raises(ValueError, match="different tokenizer"):
     p.set_state(state)
   p.close()
+
+
+def test_task_answer_weight_scales_answers_only_and_the_loss_is_their_weighted_mean():
+  import jax  # pylint: disable=import-outside-toplevel
+  from sosm_jax.models.lm import cross_entropy  # pylint: disable=import-outside-toplevel
+  cfg = data.default_data_config()
+  cfg.update(source="mix:stdlib=0.1,synthetic:passkey=0.9", prefetch=0,
+             task_length_by_seq_len=((512, 128),))
+  plain = _task_rows(cfg, 512, batches=4)
+  cfg.task_answer_weight = 4
+  data.validate_data_config(cfg)
+  weighted = _task_rows(cfg, 512, batches=4)
+  for a, b in zip(plain, weighted):
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])   # same rows, only weights differ
+    np.testing.assert_array_equal(a["loss_mask"] > 0, b["loss_mask"] > 0)
+  masks = np.stack([b["loss_mask"] for b in weighted])
+  targets = np.stack([b["targets"] for b in weighted])
+  assert set(np.unique(np.stack([a["loss_mask"] for a in plain]))) == {0.0, 1.0}
+  assert set(np.unique(masks)) == {0.0, 1.0, 4.0}           # text and answers both present
+  # weight 4 exactly at task answers: the digits closing each passkey example
+  assert all(chr(t).isdigit() for t in targets[masks == 4.0])
+  b = weighted[0]
+  logits = jax.random.normal(jax.random.key(0), b["inputs"].shape + (260,))
+  nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), b["targets"][..., None],
+                            -1)[..., 0]
+  loss, metrics = cross_entropy(logits, b["targets"], b["loss_mask"])
+  w = b["loss_mask"]
+  np.testing.assert_allclose(float(loss), (nll * w).sum() / w.sum(), rtol=1e-5)
+  assert float(metrics["tokens"]) == w.sum()
+  for bad in (0, 256):   # (a float is refused by the ConfigDict itself)
+    cfg.task_answer_weight = bad
+    with pytest.raises(ValueError, match="config.data.task_answer_weight: .*integer in"):
+      data.validate_data_config(cfg)

@@ -36,6 +36,10 @@ def default_data_config() -> ml_collections.ConfigDict:
       # task_length; seq_lens not listed use task_length.
       task_length_by_seq_len=(),
       task_vocab_size=256,    # ordinary ids the tasks draw from (mqar: half keys, half values)
+      # Loss weight of a task example's answer tokens (text tokens weigh 1), an integer in
+      # [1, 255]: the loss is the weighted mean over scored tokens, and the logged 'tokens' is
+      # their summed weight.
+      task_answer_weight=1,
       mqar_num_pairs=32,      # key-value pairs in the context
       mqar_num_queries=0,     # queries after the context; 0 = one per pair
       passkey_digits=5,       # digits of the hidden number
@@ -96,6 +100,10 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
   for seq_len, length in pairs:
     _require(length <= seq_len, "task_length_by_seq_len",
              f"length {length} exceeds its seq_len {seq_len}", "use at most the seq_len")
+  weight = cfg.task_answer_weight
+  _require(isinstance(weight, int) and not isinstance(weight, bool) and 1 <= weight <= 255,
+           "task_answer_weight", f"{weight!r} is not an integer in [1, 255]",
+           "use e.g. 1 (answers weigh as text tokens) or 4")
   _require(cfg.task_vocab_size >= 2, "task_vocab_size", f"{cfg.task_vocab_size} < 2",
            "use e.g. 256")
   _require(cfg.mqar_num_pairs >= 1, "mqar_num_pairs", "must be positive", "use e.g. 32")

@@ -31,7 +31,8 @@ class Doc:
   """One document of the stream.
 
   tokens: int32 `[n]` (n = 0: an empty document, skipped and counted).
-  mask: uint8 `[n]` (1 = score this token as a target) or None (score every token).
+  mask: uint8 `[n]` (> 0: score this token as a target, with that loss weight) or None (score
+    every token, weight 1).
   atomic: never split across rows (task examples).
   replaced: undecodable bytes that were replaced while reading it.
   """
@@ -166,8 +167,9 @@ def rows_to_batch(rows: dict[str, np.ndarray], *, batch_size: int, separate_docu
                   pad_id: int) -> dict[str, np.ndarray]:
   """Stacked rows `[b <= batch_size, T + 1]` -> the model batch, `[batch_size, T]` each.
 
-  inputs/targets int32; loss_mask float32 = the target is scoreable (task answers only, all text
-  tokens), neither side is padding, and (separate_documents) both are in the same document;
+  inputs/targets int32; loss_mask float32 = the target's loss weight (the row mask's value: task
+  answers only, all text tokens) where neither side is padding and (separate_documents) both are
+  in the same document, else 0;
   segment_ids/positions int32 per document (separate_documents) or one segment per row.
   A short final batch (finite validation data) is filled with empty rows (loss_mask 0).
   """
@@ -187,6 +189,6 @@ def rows_to_batch(rows: dict[str, np.ndarray], *, batch_size: int, separate_docu
     segment_ids = valid.astype(np.int32)
     positions = np.where(valid, np.arange(seg_in.shape[1], dtype=np.int32), 0).astype(np.int32)
   return {"inputs": np.ascontiguousarray(tok[:, :-1]), "targets": np.ascontiguousarray(tok[:, 1:]),
-          "loss_mask": loss_mask.astype(np.float32),
+          "loss_mask": np.where(loss_mask, mask[:, 1:], 0).astype(np.float32),
           "segment_ids": np.ascontiguousarray(segment_ids, dtype=np.int32),
           "positions": np.ascontiguousarray(positions, dtype=np.int32)}

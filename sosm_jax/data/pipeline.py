@@ -72,6 +72,7 @@ class _TaskOptions:
   passkey_depth: float
   niah_num_needles: int
   niah_digits: int
+  answer_weight: int
 
 
 class _TaskDocs:
@@ -85,7 +86,8 @@ class _TaskDocs:
   def __call__(self, index: int) -> Doc:
     rng = np.random.default_rng([self._seed, self._split_code, int(index)])
     ex = tasks.make_example(self._task, self._tok, self._len, rng, self._options)
-    return Doc(ex.tokens, mask=(ex.answer_mask > 0).astype(np.uint8), atomic=True)
+    mask = (ex.answer_mask > 0).astype(np.uint8) * np.uint8(self._options.answer_weight)
+    return Doc(ex.tokens, mask=mask, atomic=True)
 
 
 def _component_seed(seed: int, index: int) -> int:
@@ -100,7 +102,7 @@ def _component(comp: sources.Component, index: int, data_cfg, tokenizer, *, spli
     options = _TaskOptions(data_cfg.mqar_num_pairs, data_cfg.mqar_num_queries,
                            data_cfg.task_vocab_size, data_cfg.passkey_digits,
                            data_cfg.passkey_depth, data_cfg.niah_num_needles,
-                           data_cfg.niah_digits)
+                           data_cfg.niah_digits, data_cfg.task_answer_weight)
     make = _TaskDocs(comp.arg, tokenizer, task_length, cseed, 0 if training else 1, options)
     # bad task settings fail here, not later inside a reader thread
     tasks.check_task_length(comp.arg, tokenizer, task_length, options)
