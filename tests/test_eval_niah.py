@@ -6,13 +6,13 @@ import re
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
+from helpers import random_model_params
 from sosm_jax import models
 from sosm_jax.data import tasks
 from sosm_jax.data.tokenizers import ByteTokenizer
@@ -275,10 +275,7 @@ def _tiny_config():
 
 def _tiny_model():
   model = models.build_model(_tiny_config().model)
-  shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), 1, 16)))
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
-  return model, params
+  return model, random_model_params(model)
 
 
 def test_tiny_model_exact_match_is_greedy_generation():
