@@ -13,7 +13,7 @@ and times one forward pass at 2,048 tokens. Variants: HGRN-2 3:1 and 5:1, Gated 
   python benchmarks/backbone_study.py --out=/tmp/backbone                    # full grid, GPU
   python benchmarks/backbone_study.py --out=/tmp/backbone --variants=gdn_3to1,transformer
   # issue 22 item 2: 5 variants x 3 seeds, each variant's lr picked from a sweep on seed 0, in
-  # pieces that fit a device call (see .devrun/backbone/run.sh and benchmarks/RESULTS.md):
+  # pieces that fit a device call (benchmarks/RESULTS.md, "The firm study"):
   python benchmarks/backbone_study.py --setting=firm --out=/tmp/bb_firm --max_seconds=450 \
       --results_from=PIECES.json --export=$OUT
 
