@@ -11,7 +11,7 @@ LAYOUT:ATTENTION:
                          (serve/layout.decode_step: no multiply + reduce rewrite by XLA)
              onerow      serving, through serve/onerow.decode_step (the engine's one-slot step):
                          the projections that read one input fused into one matmul
-                         (layout.fuse_params) with the norm scales folded into them, the residual
+                         (onerow.fuse_params) with the norm scales folded into them, the residual
                          stream carried as two equal rows (no copy of a row before each
                          projection), the HGRN-2 state update and readout one expression
              (the variant 'fused', rows2 with fused projections through the model's modules,

@@ -1,7 +1,7 @@
 """serve/onerow.py: the decode step written for one token per row over folded serving parameters
 is the model's decode step (logits within rounding, the same cache, the same greedy tokens), for
 the hybrid and the transformer, batch 1 (two-row residual stream) and batch 2; fewer launched
-ops than layout.decode_step; the fused kernels (layout.fuse_params) hold their members side by
+ops than layout.decode_step; the fused kernels (onerow.fuse_params) hold their members side by
 side; unsupported models are refused; the engine decodes one slot through it (generate's text) and
 falls back where it does not apply."""
 import functools
@@ -109,12 +109,12 @@ def test_fold_params_fuses_the_projections_and_moves_the_norm_scales_into_the_ke
 
 
 def test_fuse_params_puts_each_groups_kernels_side_by_side():
-  """layout.fuse_params (the steps above check the fused kernels through onerow's step): each
+  """onerow.fuse_params (the steps above check the fused kernels through onerow's step): each
   group's kernels side by side in the layers' order, the HGRN-2 bounds cumulated, a mixer
   without groups (Gated DeltaNet) left as it is; fusing twice or a scan_layers tree is refused."""
   model, params = _model("hybrid", pattern=("hgrn2", "attn", "gdn"), num_layers=3,
                          gdn_num_heads=2, gdn_head_dim=16, scan_layers=False)
-  fused = layout.fuse_params(model.cfg, params)
+  fused = onerow.fuse_params(model.cfg, params)
   flat = lambda kernel: kernel.reshape(kernel.shape[0], -1)
   for layer, group, members in (("layer_0", "qfi_proj", ("q_proj", "f_proj", "i_proj")),
                                 ("layer_1", "qkv_proj", ("q_proj", "k_proj", "v_proj"))):
@@ -129,10 +129,10 @@ def test_fuse_params_puts_each_groups_kernels_side_by_side():
                              np.asarray(hgrn2.cumulative_lower_bounds(
                                  jnp.asarray(params["hgrn2_lower_bounds"]))))
   with pytest.raises(ValueError, match="fused already"):
-    layout.fuse_params(model.cfg, fused)
+    onerow.fuse_params(model.cfg, fused)
   model, params = _model("hybrid")
   with pytest.raises(ValueError, match="unstack_layers first"):
-    layout.fuse_params(model.cfg, params)
+    onerow.fuse_params(model.cfg, params)
 
 
 def _launched(model, params, step):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from sosm_jax.layers.common import (BATCH_LENGTH_HEADS, BATCH_LENGTH_KV_HEADS, Dense, compute_dtype,
-                                    param_dtype, constrain, projections)
+                                    param_dtype, constrain)
 from sosm_jax.ops import attention as attn_ops
 from sosm_jax.parallel.context import attention_across_context
 from sosm_jax.parallel.per_shard import per_shard
@@ -43,9 +43,9 @@ class Attention(nn.Module):
     cfg = self.cfg
     kw = dict(dtype=compute_dtype(cfg), param_dtype=param_dtype(cfg))
     h, kv, dh = cfg.attn_num_heads, cfg.attn_num_kv_heads, cfg.attn_head_dim
-    q, k, v = projections(x, [("q_proj", (h, dh), ("embed", "heads", "head_dim")),
-                              ("k_proj", (kv, dh), ("embed", "kv_heads", "head_dim")),
-                              ("v_proj", (kv, dh), ("embed", "kv_heads", "head_dim"))], **kw)
+    q = Dense((h, dh), ("embed", "heads", "head_dim"), name="q_proj", **kw)(x)
+    k = Dense((kv, dh), ("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)
+    v = Dense((kv, dh), ("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x)
     q = constrain(attn_ops.apply_rope(q, positions, cfg.rope_base), BATCH_LENGTH_HEADS)
     k = constrain(attn_ops.apply_rope(k, positions, cfg.rope_base), BATCH_LENGTH_KV_HEADS)
     v = constrain(v, BATCH_LENGTH_KV_HEADS)
@@ -67,12 +67,6 @@ class Attention(nn.Module):
     o = constrain(o, BATCH_LENGTH_HEADS)
     y = Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2, name="o_proj", **kw)(o)
     return y, cache
-
-  @staticmethod
-  def fused_groups(cfg) -> dict[str, tuple[str, ...]]:
-    """{fused kernel: its members' modules}: the kernels `serve/layout.fuse_params` joins."""
-    del cfg
-    return {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 
   def init_cache(self, batch_size: int, max_len: int):
     cfg = self.cfg

@@ -72,21 +72,6 @@ class Dense(nn.Module):
     return jnp.einsum(f"{xs},{ks}->{out}", x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
 
 
-def projections(x: jax.Array, specs, **kw) -> list[jax.Array]:
-  """Projections of one input: `Dense(features, axes, name=name, kernel_init=init)(x)` for each
-  spec (name, features, axes[, init]) (inside a compact method; kw: Dense's dtype, param_dtype).
-  """
-  return [Dense(tuple(s[1]), tuple(s[2]), name=s[0], kernel_init=s[3] if len(s) > 3 else None,
-                **kw)(x) for s in specs]
-
-
-def fused_kernel(kernels) -> jax.Array:
-  """One kernel `[in, sum of prod(features)]` from kernels `[in, *features]` of projections of one
-  input, each flattened to `[in, prod(features)]`, side by side in their order: one matmul
-  computes them all (`serve/layout.fuse_params`, read by `serve/onerow.py`)."""
-  return jnp.concatenate([k.reshape(k.shape[0], -1) for k in kernels], axis=1)
-
-
 def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:
   """RMS normalisation over the last axis in float32; returns float32."""
   xf = x.astype(_F32)
@@ -118,19 +103,13 @@ class MLP(nn.Module):
   """SwiGLU MLP: wo(silu(x wi_gate) * (x wi_up)). x `[B, T, D]` -> `[B, T, D]`."""
   cfg: Any
 
-  @staticmethod
-  def fused_groups(cfg) -> dict[str, tuple[str, ...]]:
-    """{fused kernel: its members' modules}: the kernels `serve/layout.fuse_params` joins."""
-    del cfg
-    return {"wi": ("wi_gate", "wi_up")}
-
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.cfg
     kw = dict(dtype=compute_dtype(cfg), param_dtype=param_dtype(cfg))
     m = cfg.mlp_dim
-    gate, up = projections(x, [("wi_gate", (m,), ("embed", "mlp")),
-                               ("wi_up", (m,), ("embed", "mlp"))], **kw)
+    gate = Dense((m,), ("embed", "mlp"), name="wi_gate", **kw)(x)
+    up = Dense((m,), ("embed", "mlp"), name="wi_up", **kw)(x)
     h = nn.silu(gate) * up
     h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
     return Dense((cfg.d_model,), ("mlp", "embed"), name="wo", **kw)(h)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from sosm_jax.layers.common import (BATCH_LENGTH_HEADS, Dense, RMSNorm, compute_dtype, constrain,
-                                    param_dtype, projections, reset_log_decay)
+                                    param_dtype, reset_log_decay)
 from sosm_jax.ops import conv as conv_ops
 from sosm_jax.ops import gated_delta as gd_ops
 from sosm_jax.parallel.context import conv_across_context, delta_rule_across_context
@@ -101,14 +101,9 @@ class GatedDeltaNet(nn.Module):
         out, c = conv_across_context(conv, flat, conv_positions, c, cfg.conv_width)
       return nn.silu(out).reshape(b, t, h, dk), c
 
-    gated = cfg.gdn_output_gate != "none"
-    heads = ("embed", "heads", "head_dim")
-    specs = [("q_proj", (h, dk), heads), ("k_proj", (h, dk), heads), ("v_proj", (h, dk), heads),
-             ("a_proj", (h,), ("embed", "heads")), ("b_proj", (h,), ("embed", "heads"))]
-    if gated:
-      init = nn.initializers.zeros if cfg.gdn_output_gate == "sigmoid2" else None
-      specs.append(("gate_proj", (h, dk), heads, init))
-    q, k, v, a, b_logits, *gate = projections(x, specs, **kw)
+    q = Dense((h, dk), ("embed", "heads", "head_dim"), name="q_proj", **kw)(x)
+    k = Dense((h, dk), ("embed", "heads", "head_dim"), name="k_proj", **kw)(x)
+    v = Dense((h, dk), ("embed", "heads", "head_dim"), name="v_proj", **kw)(x)
     q, conv_q = short_conv("conv_q", q)
     k, conv_k = short_conv("conv_k", k)
     v, conv_v = short_conv("conv_v", v)
@@ -120,10 +115,10 @@ class GatedDeltaNet(nn.Module):
                        param_dtype(cfg))
     dt_bias = self.param("dt_bias", nn.with_logical_partitioning(_dt_bias_init, ("heads",)), (h,),
                          param_dtype(cfg))
-    g = -jnp.exp(jnp.asarray(a_log, _F32)) * jax.nn.softplus(a.astype(_F32)
-                                                             + jnp.asarray(dt_bias, _F32))
+    a = Dense((h,), ("embed", "heads"), name="a_proj", **kw)(x).astype(_F32)
+    g = -jnp.exp(jnp.asarray(a_log, _F32)) * jax.nn.softplus(a + jnp.asarray(dt_bias, _F32))
     g = reset_log_decay(g, segment_ids)
-    beta = jax.nn.sigmoid(b_logits.astype(_F32))
+    beta = jax.nn.sigmoid(Dense((h,), ("embed", "heads"), name="b_proj", **kw)(x).astype(_F32))
 
     state = None if cache is None else cache["state"]
     if step:
@@ -137,8 +132,11 @@ class GatedDeltaNet(nn.Module):
           implementation=cfg.linear_impl)
       o, state = delta_rule_across_context(run, q, k, v, g, beta, state)
     o = RMSNorm(cfg.norm_eps, ("head_dim",), dt, param_dtype(cfg), name="o_norm")(o)
-    if gated:
-      o = o * output_gate(cfg.gdn_output_gate, gate[0])
+    if cfg.gdn_output_gate != "none":
+      init = nn.initializers.zeros if cfg.gdn_output_gate == "sigmoid2" else None
+      gate = Dense((h, dk), ("embed", "heads", "head_dim"), name="gate_proj", kernel_init=init,
+                   **kw)(x)
+      o = o * output_gate(cfg.gdn_output_gate, gate)
     o = constrain(o, BATCH_LENGTH_HEADS)
     y = Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2, name="o_proj", **kw)(o)
     if cache is not None:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from sosm_jax.layers.common import (BATCH_LENGTH_HEADS, Dense, RMSNorm, compute_dtype, constrain,
-                                    param_dtype, projections, reset_log_decay)
+                                    param_dtype, reset_log_decay)
 from sosm_jax.ops import gla, gla_step
 from sosm_jax.parallel.context import gla_across_context
 
@@ -74,10 +74,9 @@ class HGRN2(nn.Module):
     kw = dict(dtype=dt, param_dtype=param_dtype(cfg))
     h, dk = hgrn2_num_heads(cfg), cfg.hgrn2_head_dim
     b, t, _ = x.shape
-    axes = ("embed", "heads", "head_dim")
-    q, f, i = projections(x, [(n, (h, dk), axes) for n in self.fused_groups(cfg)["qfi_proj"]],
-                          **kw)
-    q = nn.silu(q)
+    q = nn.silu(Dense((h, dk), ("embed", "heads", "head_dim"), name="q_proj", **kw)(x))
+    f = Dense((h, dk), ("embed", "heads", "head_dim"), name="f_proj", **kw)(x)
+    i = Dense((h, dk), ("embed", "heads", "head_dim"), name="i_proj", **kw)(x)
     if lower_bound is None:
       lower_bound = jnp.asarray(self.layer_index, _F32) / cfg.num_layers
     else:
@@ -103,12 +102,6 @@ class HGRN2(nn.Module):
     o = constrain(o, BATCH_LENGTH_HEADS)
     y = Dense((cfg.d_model,), ("heads", "head_dim", "embed"), in_dims=2, name="o_proj", **kw)(o)
     return y, (None if cache is None else {"state": state})
-
-  @staticmethod
-  def fused_groups(cfg) -> dict[str, tuple[str, ...]]:
-    """{fused kernel: its members' modules}: the kernels `serve/layout.fuse_params` joins."""
-    del cfg
-    return {"qfi_proj": ("q_proj", "f_proj", "i_proj")}
 
   def init_cache(self, batch_size: int, max_len: int):
     del max_len

@@ -14,13 +14,6 @@ same function in a faster form:
     (`scan_layers=False`; caches are then a tuple over layers, built by the same model).
 The returned model and parameters go together (prefill and decode both through them).
 
-`fuse_params` puts the kernels of projections that read the same input side by side in one
-(each mixer's input projections, the MLP's gate/up; the HGRN-2 lower bounds stored as the
-bounds): the kernels `serve/onerow.py` reads (its `fold_params` calls it). No model reads that
-tree: a model with fused projections decoded slower on an H200 than the unfused one (0.461
-against 0.438 ms/token at 1K; RESULTS.md, "Decode speed"), and batch-1 serving decodes through
-onerow.
-
 `decode_step` is `LanguageModel.decode_step` for such a model; with one row (batch 1, one
 token) it runs every projection (`Dense`) on that row twice and keeps the first result. XLA:GPU
 rewrites a product of a single row with a weight matrix into an elementwise multiply and a
@@ -40,10 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from sosm_jax import models
-from sosm_jax.layers import MIXERS
-from sosm_jax.layers.common import MLP, Dense, compute_dtype, fused_kernel
-from sosm_jax.layers.hgrn2 import cumulative_lower_bounds
-from sosm_jax.models.config import layer_mixers, resolved_pattern
+from sosm_jax.layers.common import Dense, compute_dtype
+from sosm_jax.models.config import resolved_pattern
 
 # parameter names that the layers read only as jnp.asarray(param, compute dtype)
 # (layers/common.py Dense; layers/embed.py Embedder)
@@ -76,57 +67,6 @@ def unstack_layers(cfg, params) -> dict:
   return out
 
 
-def fuse_params(cfg, params) -> dict:
-  """Params of an unrolled model (`scan_layers=False`) -> the same with each layer's groups of
-  projections (the layers' `fused_groups`) one kernel (`layers/common.py: fused_kernel`) and the
-  HGRN-2 lower bounds cumulated (`hgrn2_cumulative_lower_bounds`; module doc).
-
-  A mixer without `fused_groups` (Gated DeltaNet, the graph layer: not in `onerow`) keeps its
-  projections.
-  """
-  if cfg.scan_layers:
-    raise ValueError("fuse_params: needs the parameters of an unrolled model as trained "
-                     "(model.scan_layers=True); unstack_layers first.")
-  out = dict(params)
-  if "hgrn2_lower_bounds" in out:
-    out["hgrn2_cumulative_lower_bounds"] = cumulative_lower_bounds(
-        out.pop("hgrn2_lower_bounds")).astype(params["hgrn2_lower_bounds"].dtype)
-
-  def fuse(tree, groups, where):
-    tree = dict(tree)
-    for fused, members in groups.items():
-      missing = [m for m in members if m not in tree]
-      if missing:
-        raise ValueError(f"fuse_params: {where} has no {missing} (it has {sorted(tree)}); the "
-                         f"parameters are not those of an unrolled model as trained (fused "
-                         f"already?).")
-      tree[fused] = {"kernel": fused_kernel([tree.pop(m)["kernel"] for m in members])}
-    return tree
-
-  for i, name in enumerate(layer_mixers(cfg)):
-    layer = dict(out[f"layer_{i}"])
-    groups = getattr(MIXERS[name], "fused_groups", None)
-    if groups is not None:
-      layer["mixer"] = fuse(layer["mixer"], groups(cfg), f"layer_{i}/mixer")
-    layer["mlp"] = fuse(layer["mlp"], MLP.fused_groups(cfg), f"layer_{i}/mlp")
-    out[f"layer_{i}"] = layer
-  return out
-
-
-def _with(cfg, **changes):
-  c = ml_collections.ConfigDict(cfg.to_dict())
-  c.update(changes)
-  return models.build_model(c)
-
-
-def _check_tree(model, params, what: str) -> None:
-  want = jax.tree.structure(nn.unbox(jax.eval_shape(
-      lambda: model.init(jax.random.key(0), 1, model.cfg.chunk_size))))
-  if jax.tree.structure(params) != want:
-    raise ValueError(f"serving_layout: the {what} parameters do not match the tree of the model "
-                     f"they are for; the checkpoint's layout is not the one of models/hybrid.py.")
-
-
 def serving_layout(model, params):
   """(model, params) -> (model, params) in the serving layout (module doc); same outputs.
 
@@ -135,9 +75,16 @@ def serving_layout(model, params):
   cfg = model.cfg
   if cfg.scan_layers:
     params = unstack_layers(cfg, params)
-    model = _with(cfg, scan_layers=False)
+    unrolled = ml_collections.ConfigDict(cfg.to_dict())
+    unrolled.scan_layers = False
+    model = models.build_model(unrolled)
     cfg = model.cfg
-    _check_tree(model, params, "unstacked")
+    want = jax.tree.structure(nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), 1,
+                                                                          cfg.chunk_size))))
+    if jax.tree.structure(params) != want:
+      raise ValueError("serving_layout: the unstacked parameters do not match the unrolled "
+                       "model's tree; the checkpoint's layer layout is not the one of "
+                       "models/hybrid.py.")
   return model, cast_matmul_weights(params, compute_dtype(cfg))
 
 

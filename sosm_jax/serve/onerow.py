@@ -21,11 +21,12 @@ With one row (batch 1) `layout.decode_step` runs each projection on a copy of it
 just before it (XLA:GPU would rewrite a one-row product; layout module doc); here the residual
 stream itself is two equal rows from the embedding to the final norm, so every projection reads
 it as it is. The state update reads the batch's row; its readout is done for both rows.
-The projections that read one input are one matmul (`layout.fuse_params`'s kernels, with the
-norm scales folded in). On an H200 (RESULTS.md, "Decode speed") the recipe hybrid decoded in
-0.407 ms/token at 1K and 0.537 at 128K here, 0.438 / 0.587 through `layout.decode_step`
-(141.5 kernels per token against 176.5 at 1K): the engine decodes one slot through this step
-where it takes the model (`unsupported_reason` is empty).
+The projections that read one input are one matmul (`fuse_params`: their kernels side by side, with
+the norm scales folded in; a model with such fused projections alone decoded slower than the
+unfused one, 0.461 against 0.438 ms/token at 1K: XLA had merged them already). On an H200
+(RESULTS.md, "Decode speed") the recipe hybrid decoded in 0.407 ms/token at 1K and 0.537 at 128K
+here, 0.438 / 0.587 through `layout.decode_step` (141.5 kernels per token against 176.5 at 1K): the
+engine decodes one slot through this step where it takes the model (`unsupported_reason` is empty).
 
 `fold_params(cfg, params)`: serving-layout parameters (`layout.serving_layout`: unrolled, bf16
 matmul weights) -> the fused and folded ones; `decode_step(cfg, folded, token, cache)`: the
@@ -42,13 +43,17 @@ import jax.numpy as jnp
 
 from sosm_jax.layers.common import compute_dtype, rms_norm
 from sosm_jax.layers.embed import head_matmul
-from sosm_jax.layers.hgrn2 import forget_gate, hgrn2_num_heads
+from sosm_jax.layers.hgrn2 import cumulative_lower_bounds, forget_gate, hgrn2_num_heads
 from sosm_jax.models.config import layer_mixers
 from sosm_jax.ops import attention as attn_ops
-from sosm_jax.serve import layout
 
 _F32 = jnp.float32
-_MIXERS = ("hgrn2", "attn")
+# The projections of one input that become one matmul: {fused kernel: its members, in order},
+# per mixer (the layers' Dense names) and for the MLP.
+_FUSED = {"hgrn2": {"qfi_proj": ("q_proj", "f_proj", "i_proj")},
+          "attn": {"qkv_proj": ("q_proj", "k_proj", "v_proj")}}
+_MLP_FUSED = {"wi": ("wi_gate", "wi_up")}
+_MIXERS = tuple(_FUSED)
 
 
 def unsupported_reason(cfg) -> str:
@@ -69,8 +74,43 @@ def _check(cfg) -> None:
     raise ValueError(f"serve.onerow: this model is not supported: {why}.")
 
 
+def fuse_params(cfg, params) -> dict:
+  """Params of an unrolled model (`scan_layers=False`) -> the same with each group of `_FUSED`
+  and `_MLP_FUSED` one kernel `[in, sum of the members' outputs]` (the members' kernels flattened
+  to `[in, outputs]`, side by side in order) and the HGRN-2 lower bounds cumulated
+  (`hgrn2_cumulative_lower_bounds`). Other mixers keep their projections.
+  """
+  if cfg.scan_layers:
+    raise ValueError("fuse_params: needs the parameters of an unrolled model as trained "
+                     "(model.scan_layers=True); unstack_layers first.")
+  out = dict(params)
+  if "hgrn2_lower_bounds" in out:
+    out["hgrn2_cumulative_lower_bounds"] = cumulative_lower_bounds(
+        out.pop("hgrn2_lower_bounds")).astype(params["hgrn2_lower_bounds"].dtype)
+
+  def fuse(tree, groups, where):
+    tree = dict(tree)
+    for fused, members in groups.items():
+      missing = [m for m in members if m not in tree]
+      if missing:
+        raise ValueError(f"fuse_params: {where} has no {missing} (it has {sorted(tree)}); the "
+                         f"parameters are not those of an unrolled model as trained (fused "
+                         f"already?).")
+      kernels = [tree.pop(m)["kernel"] for m in members]
+      tree[fused] = {"kernel": jnp.concatenate([k.reshape(k.shape[0], -1) for k in kernels], 1)}
+    return tree
+
+  for i, name in enumerate(layer_mixers(cfg)):
+    layer = dict(out[f"layer_{i}"])
+    if name in _FUSED:
+      layer["mixer"] = fuse(layer["mixer"], _FUSED[name], f"layer_{i}/mixer")
+    layer["mlp"] = fuse(layer["mlp"], _MLP_FUSED, f"layer_{i}/mlp")
+    out[f"layer_{i}"] = layer
+  return out
+
+
 def fold_params(cfg, params) -> dict:
-  """Serving-layout params -> their projections fused (`layout.fuse_params`) with each norm
+  """Serving-layout params -> their projections fused (`fuse_params`) with each norm
   scale folded into the kernel after it.
 
   mixer_norm into the mixer's fused input kernel, mlp_norm into the MLP's 'wi', HGRN-2's o_norm
@@ -78,7 +118,7 @@ def fold_params(cfg, params) -> dict:
   embedding table). Kernels are multiplied in float32 and stored in their own dtype.
   """
   _check(cfg)
-  params = layout.fuse_params(cfg, params)
+  params = fuse_params(cfg, params)
   out = dict(params)
   for i, name in enumerate(layer_mixers(cfg)):
     layer = params[f"layer_{i}"]
