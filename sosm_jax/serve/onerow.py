@@ -123,17 +123,22 @@ def fold_params(cfg, params) -> dict:
   for i, name in enumerate(layer_mixers(cfg)):
     layer = params[f"layer_{i}"]
     mixer = dict(layer["mixer"])
-    fused = "qfi_proj" if name == "hgrn2" else "qkv_proj"
-    scale_rows = lambda k, s: (k.astype(_F32) * s.astype(_F32).reshape(
-        s.shape + (1,) * (k.ndim - s.ndim))).astype(k.dtype)
-    mixer[fused] = {"kernel": scale_rows(mixer[fused]["kernel"], layer["mixer_norm"]["scale"])}
+    (fused,) = _FUSED[name]
+    mixer[fused] = {"kernel": _scale_rows(mixer[fused]["kernel"], layer["mixer_norm"]["scale"])}
     if name == "hgrn2":
-      mixer["o_proj"] = {"kernel": scale_rows(mixer["o_proj"]["kernel"],
-                                              mixer.pop("o_norm")["scale"])}
+      mixer["o_proj"] = {"kernel": _scale_rows(mixer["o_proj"]["kernel"],
+                                               mixer.pop("o_norm")["scale"])}
     mlp = dict(layer["mlp"])
-    mlp["wi"] = {"kernel": scale_rows(mlp["wi"]["kernel"], layer["mlp_norm"]["scale"])}
+    (wi,) = _MLP_FUSED
+    mlp[wi] = {"kernel": _scale_rows(mlp[wi]["kernel"], layer["mlp_norm"]["scale"])}
     out[f"layer_{i}"] = {"mixer": mixer, "mlp": mlp}
   return out
+
+
+def _scale_rows(kernel, scale):
+  """kernel `[in, ...]` with row r multiplied by scale[r] (in float32, stored in its dtype)."""
+  s = scale.astype(_F32).reshape(scale.shape + (1,) * (kernel.ndim - scale.ndim))
+  return (kernel.astype(_F32) * s).astype(kernel.dtype)
 
 
 def _matmul(x, kernel):
