@@ -329,13 +329,13 @@ def value_scores(tokenizer, ex: NiahExample, hits: np.ndarray, pred: np.ndarray)
   if spans is None:
     return None
   at = ex.example.prompt_length - 1    # answer token j is predicted at position prompt_length-1+j
+  first_token = {v: int(tokenizer.encode_array(v)[0]) for v in ex.values}
   exact, wrong, other = [], 0, 0
   for value, span in zip(ex.answer_values, spans):
     exact.append(bool(hits[at + span].all()))
     if not hits[at + span[0]]:
       wrong += 1
-      firsts = {int(tokenizer.encode_array(v)[0]) for v in ex.values if v != value}
-      other += int(pred[at + span[0]]) in firsts
+      other += int(pred[at + span[0]]) in {t for v, t in first_token.items() if v != value}
   return {"exact": exact, "wrong": wrong, "other_needle": other}
 
 
