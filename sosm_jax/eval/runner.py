@@ -112,15 +112,11 @@ def text_source(config, source: str = "") -> tuple[str, str]:
     return source, "all"
   if config.data.eval_source:
     comps = sources.parse_source(config.data.eval_source)
-    whole = config.data.eval_source
-  else:
-    comps = sources.parse_source(config.data.source)
-    whole = ""
-  text = [c for c in comps if c.kind != "synthetic"]
+    has_text = any(c.kind != "synthetic" for c in comps)
+    return (config.data.eval_source if has_text else "stdlib"), "all"
+  text = [c for c in sources.parse_source(config.data.source) if c.kind != "synthetic"]
   if not text:
     return "stdlib", "all"
-  if whole:
-    return whole, "all"
   return _source_string(text), "validation"
 
 
