@@ -236,18 +236,20 @@ def _signature_mismatch(row: dict, signature: dict) -> list[str]:
           if k in signature and theirs[k] != signature[k]]
 
 
-def train_curve(workdir: str, points: int = 20) -> list[dict]:
-  """Mean training loss and answer-token accuracy over each 1/points of the steps, from
-  metrics.jsonl (20 points: the stability check reads the windows ending at 50, 75, 100%)."""
+def _metrics_records(workdir: str) -> list[dict]:
+  """The trainer's records in workdir/metrics.jsonl ([] before it exists)."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
-  records = []
   with open(path, encoding="utf-8") as f:
-    for line in f:
-      r = json.loads(line)
-      if r.get("kind") == "train" and r.get("loss") is not None:
-        records.append(r)
+    return [json.loads(line) for line in f]
+
+
+def train_curve(workdir: str, points: int = 20) -> list[dict]:
+  """Mean training loss and answer-token accuracy over each 1/points of the steps, from
+  metrics.jsonl (20 points: the stability check reads the windows ending at 50, 75, 100%)."""
+  records = [r for r in _metrics_records(workdir)
+             if r.get("kind") == "train" and r.get("loss") is not None]
   if not records:
     return []
   last = max(r["step"] for r in records)
@@ -264,16 +266,12 @@ def train_curve(workdir: str, points: int = 20) -> list[dict]:
 
 def step_timing(workdir: str) -> dict:
   """Compile seconds and the steady seconds per step, from metrics.jsonl (for the budget)."""
-  path = os.path.join(workdir, "metrics.jsonl")
   compile_s, times = 0.0, []
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        r = json.loads(line)
-        if r.get("kind") == "stage":
-          compile_s += float(r.get("compile_seconds") or 0.0)
-        elif r.get("kind") == "train" and r.get("time") is not None:
-          times.append((r["step"], r["time"]))
+  for r in _metrics_records(workdir):
+    if r.get("kind") == "stage":
+      compile_s += float(r.get("compile_seconds") or 0.0)
+    elif r.get("kind") == "train" and r.get("time") is not None:
+      times.append((r["step"], r["time"]))
   step_s = None
   if len(times) > 2:  # from the second step on: the first one waits for the data's start
     (s0, t0), (s1, t1) = times[1], times[-1]
