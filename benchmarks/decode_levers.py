@@ -37,7 +37,6 @@ import collections
 import functools
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -54,6 +53,7 @@ import context_scaling
 from sosm_jax import models
 from sosm_jax.ops import attention as attn_ops
 from sosm_jax.serve import layout, onerow
+from sosm_jax.train import hlo_stats
 
 _LENGTHS = flags.DEFINE_list("lengths", ["1024", "131072"], "Context lengths.")
 _VARIANTS = flags.DEFINE_list("variants", ["checkpoint:ops", "cast:ops", "serving:ops",
@@ -165,9 +165,8 @@ def hlo_op_counts(model, params, step, length: int) -> dict:
   cache = jax.eval_shape(lambda: model.init_cache(1, length))
   text = jax.jit(step).lower(params, jax.ShapeDtypeStruct((1,), jnp.int32), cache).compile(
       ).as_text()
-  entry = re.search(r"^ENTRY [^\n]*\n(.*?)^\}", text, re.S | re.M).group(1)
-  counts = collections.Counter(m.group(1) for m in re.finditer(
-      r"^\s*(?:ROOT )?%\S+ = .*? ([a-z][a-z0-9\-]*)\(", entry, re.M))
+  comps, entry = hlo_stats.parse_computations(text)
+  counts = collections.Counter(instr.opcode for instr in comps[entry])
   counts = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
   counts["launched"] = sum(n for op, n in counts.items() if op not in _FREE_OPS)
   return counts

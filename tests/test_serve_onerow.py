@@ -6,7 +6,6 @@ side; unsupported models are refused; the engine decodes one slot through it (ge
 falls back where it does not apply."""
 import functools
 import queue
-import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ from sosm_jax.layers import hgrn2
 from sosm_jax.models.config import default_model_config
 from sosm_jax.serve import engine as engine_lib
 from sosm_jax.serve import layout, onerow
+from sosm_jax.train import hlo_stats
 from test_serve_engine import until_done
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -139,8 +139,8 @@ def _launched(model, params, step):
   cache = jax.eval_shape(lambda: model.init_cache(1, 16))
   text = jax.jit(step).lower(params, jax.ShapeDtypeStruct((1,), jnp.int32), cache).compile(
       ).as_text()
-  entry = re.search(r"^ENTRY [^\n]*\n(.*?)^\}", text, re.S | re.M).group(1)
-  ops = re.findall(r"^\s*(?:ROOT )?%\S+ = .*? ([a-z][a-z0-9\-]*)\(", entry, re.M)
+  comps, entry = hlo_stats.parse_computations(text)
+  ops = [instr.opcode for instr in comps[entry]]
   free = ("parameter", "get-tuple-element", "tuple", "constant", "bitcast")
   return sum(op not in free for op in ops), ops.count("concatenate")
 
