@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import functools
 import json
 import os
@@ -300,10 +301,11 @@ GDN_STAGE_SWEEP = (
 )
 
 
-def time_gdn_stages(t, b, h, d, iters, record, chunk=64):
-  """Median ms of each --gdn-stages entry on the inputs of `make_inputs` (bf16), laid out as
-  `gated_delta_rule_pallas` lays them out. A failing entry is recorded with its error. Off a GPU
-  the kernels run in interpret mode (a smoke test of this function, not a timing)."""
+def _gdn_stage_maker(t, b, h, d, chunk=64):
+  """make(settings) -> a no-argument function running one forward kernel (a GDN_STAGE_SWEEP or
+  GDN_LAUNCH_GRID entry) on the inputs of `make_inputs` (bf16), laid out as
+  `gated_delta_rule_pallas` lays them out. Off a GPU the kernels run in interpret mode (a smoke
+  test of the callers, not a timing)."""
   ip = dict(interpret=jax.default_backend() != "gpu")
   from sosm_jax.ops.common.chunks import to_chunks  # pylint: disable=import-outside-toplevel
   from sosm_jax.ops.gated_delta import pallas_kernels as kern  # pylint: disable=import-outside-toplevel
@@ -331,26 +333,128 @@ def time_gdn_stages(t, b, h, d, iters, record, chunk=64):
     if stage == "apply":
       return lambda: kern.wy_apply(k, v, beta, gam, tmat, chunk=chunk, **opts, **ip)
     if stage == "fwd_out":
-      return lambda: rec.forward_output(w, u, a, h0, q, k, gam, scale=scale, **opts, **ip)
+      # no initial state, as the op runs it on these inputs (zeros neither written nor read)
+      return lambda: rec.forward_output(w, u, None, q, k, gam, scale=scale, **opts, **ip)
     if stage == "rec_fwd":
       return lambda: rec.forward(w, u, kd, a, h0, **opts, **ip)
     assert stage == "output_fwd", stage
     return lambda: kern.output_forward(q, k, gam, h_in, vn, scale=scale, **opts, **ip)
+  return make
 
+
+def _time_stage(fn, iters, entry):
+  """Fills entry with first_call_s (compile + run) and ms (median), or error."""
+  try:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    entry["first_call_s"] = round(time.perf_counter() - t0, 2)
+    entry["ms"] = _median_ms(fn, (), max(iters, 20))
+  except Exception as e:  # pylint: disable=broad-except
+    entry["error"] = repr(e)[:500]
+  return entry
+
+
+def time_gdn_stages(t, b, h, d, iters, record, chunk=64):
+  """Median ms of each --gdn-stages entry (`_gdn_stage_maker`). A failing entry is recorded with
+  its error."""
+  make = _gdn_stage_maker(t, b, h, d, chunk)
   out = []
   for label, opts in GDN_STAGE_SWEEP:
     entry = {"op": "gdn_stage", "stage": label, "T": t, "B": b, "settings": repr(opts)}
     try:
       fn = make(opts)
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      entry["first_call_s"] = round(time.perf_counter() - t0, 2)
-      entry["ms"] = _median_ms(fn, (), max(iters, 20))
     except Exception as e:  # pylint: disable=broad-except
       entry["error"] = repr(e)[:500]
+    else:
+      _time_stage(fn, iters, entry)
     record(entry)
     out.append(entry)
   return out
+
+
+# --gdn-sweep: launch-setting grids of the three kernels of the bf16 forward without a backward,
+# each kernel timed alone (`_gdn_stage_maker`), today's defaults first in each grid; the fastest
+# of each is then plugged into the whole op (`pallas.ForwardLaunch`). 'apply' without kd, as
+# that forward runs it. num_stages only pipelines loops: wy_inverse and wy_apply have none (one
+# chunk per program), so they get one stages>1 probe each; the recurrence+output loop over chunks
+# gets the full range. wy_inverse's `sub`: its block size (16: 4x4 blocks; 32: 2x2).
+GDN_LAUNCH_GRID = {
+    "inverse": ([dict(warps=w, stages=1, sub=16) for w in (1, 2, 4)]
+                + [dict(warps=w, stages=1, sub=32) for w in (1, 2, 4)]
+                + [dict(warps=1, stages=2, sub=16)]),
+    "apply": ([dict(warps=w, stages=1, with_kd=False) for w in (4, 2, 8, 1)]
+              + [dict(warps=4, stages=2, with_kd=False)]),
+    "fwd_out": ([dict(block_v=64, num_warps=4, num_stages=2)]
+                + [dict(block_v=bv, num_warps=w, num_stages=st)
+                   for bv in (64, 32, 128) for w in (4, 8) for st in (1, 2, 3)
+                   if (bv, w, st) != (64, 4, 2)]
+                + [dict(block_v=bv, num_warps=2, num_stages=2) for bv in (16, 32, 64)]
+                + [dict(block_v=16, num_warps=4, num_stages=2)]),
+}
+# grid entry -> ForwardLaunch field
+_LAUNCH_FIELDS = {"inverse": dict(warps="inverse_warps", stages="inverse_stages",
+                                  sub="inverse_sub"),
+                  "apply": dict(warps="apply_warps", stages="apply_stages"),
+                  "fwd_out": dict(block_v="out_block_v", num_warps="out_warps",
+                                  num_stages="out_stages")}
+
+
+def time_gdn_sweep(t, b, h, d, iters, record, chunk=64, grid=None, budget_s=150.0, modes=("fwd",)):
+  """Each `grid` (default GDN_LAUNCH_GRID) entry timed alone (compiled once, median of
+  max(iters, 20) calls; failures recorded with their error; entries left when a kernel's share of
+  `budget_s` (by grid size, plus what earlier kernels left) is spent are recorded as skipped),
+  then the whole op (`gated_delta_rule_pallas`) with the default launch and with each kernel's
+  fastest entry: `modes` median ms, o's relative error against the fp32 chunked reference and
+  against the default launch's o. Returns {"kernels", "best", "best_launch", "whole_op"}."""
+  from sosm_jax.ops.gated_delta import pallas as gdn_pallas  # pylint: disable=import-outside-toplevel
+  grid = GDN_LAUNCH_GRID if grid is None else grid
+  make = _gdn_stage_maker(t, b, h, d, chunk)
+  t_start = time.perf_counter()
+  total, done = sum(len(e) for e in grid.values()), 0
+  kernels, best = {}, {}
+  for stage, entries in grid.items():
+    kernels[stage] = []
+    # each kernel's share of the budget (by grid size) plus what the ones before left unspent
+    done += len(entries)
+    deadline = t_start + budget_s * done / total
+    for opts in entries:
+      entry = {"op": "gdn_sweep", "stage": stage, "T": t, "B": b, "heads": h, "dim": d,
+               "chunk": chunk, "settings": dict(opts)}
+      if time.perf_counter() > deadline:
+        entry["skipped"] = f"skipped: {stage}'s share of the {budget_s} s sweep budget spent"
+      else:
+        _time_stage(make(dict(opts, stage=stage)), iters, entry)
+      record(entry)
+      kernels[stage].append(entry)
+    timed = [e for e in kernels[stage] if "ms" in e]
+    if timed:
+      best[stage] = min(timed, key=lambda e: e["ms"])["settings"]
+  fields = {_LAUNCH_FIELDS[st][k]: v for st, opts in best.items() for k, v in opts.items()
+            if k in _LAUNCH_FIELDS[st]}
+  launches = {"default": gdn_pallas.DEFAULT_LAUNCH, "best": gdn_pallas.ForwardLaunch(**fields)}
+  interpret = jax.default_backend() != "gpu"
+  inputs, do = make_inputs("gdn", t, b, h, d, jnp.bfloat16)
+  ref = reference_output("gdn", inputs)
+  whole, outs = [], {}
+  for name, launch in launches.items():
+    if name == "best" and launch == launches["default"]:
+      continue
+    fn = functools.partial(gdn_pallas.gated_delta_rule_pallas, chunk_size=chunk, launch=launch,
+                           interpret=interpret)
+    entry = {"op": "gdn", "impl": f"ours_pallas[{name}]", "T": t, "B": b,
+             "launch": dataclasses.asdict(launch)}
+    try:
+      times, o = time_jax(lambda *a, fn=fn: fn(*a)[0], inputs, do, modes, iters)
+      entry.update(times, rel_err=_rel(o, ref))
+      if "default" in outs:  # same math, other blocking: bf16-rounding-level differences only
+        entry["rel_diff_vs_default"] = _rel(o, outs["default"])
+      outs[name] = o
+    except Exception as e:  # pylint: disable=broad-except
+      entry["error"] = repr(e)[:500]
+    record(entry)
+    whole.append(entry)
+  return {"kernels": kernels, "best": best, "best_launch": dataclasses.asdict(launches["best"]),
+          "whole_op": whole}
 
 
 def reference_output(op, inputs):
@@ -384,6 +488,12 @@ def main(argv=None):
   p.add_argument("--gdn-stages", action="store_true",
                  help="after the rows: time the gated delta rule's forward kernels one by one "
                       "(GDN_STAGE_SWEEP) at the first row")
+  p.add_argument("--gdn-sweep", action="store_true",
+                 help="after the rows (and --gdn-stages): time GDN_LAUNCH_GRID (each forward "
+                      "kernel alone) at the first row, then the whole op with the default launch "
+                      "and with each kernel's fastest (--modes)")
+  p.add_argument("--sweep-budget-s", type=float, default=150.0,
+                 help="--gdn-sweep: grid entries left after this many seconds are skipped")
   args = p.parse_args(argv)
   wanted = set(args.impls.split(","))
   modes = tuple(args.modes.split(","))
@@ -439,6 +549,10 @@ def main(argv=None):
   if args.gdn_stages and stage_rows:
     t, b = (int(x) for x in stage_rows[0].split("x"))
     report["gdn_stages"] = time_gdn_stages(t, b, h, d, args.iters, record)
+  if args.gdn_sweep and stage_rows:
+    t, b = (int(x) for x in stage_rows[0].split("x"))
+    report["gdn_sweep"] = time_gdn_sweep(t, b, h, d, args.iters, record,
+                                         budget_s=args.sweep_budget_s, modes=modes)
 
   for b in [int(x) for x in args.decode.split(",") if x]:
     entry = {"B": b, "ours_step_ms": time_ours_decode(b, h, d, args.iters)}
@@ -451,14 +565,34 @@ def main(argv=None):
   print_table(report)
 
 
+def _stage_cell(r):
+  if "ms" in r:
+    return f"{r['ms']:.3f} ms (first call {r['first_call_s']:.1f} s)"
+  return r.get("skipped") or "ERR " + r.get("error", "")[:100]
+
+
 def print_table(report):
   rows = {}
   for r in report["results"]:
     if r["op"] == "gdn_stage":
-      ms = f"{r['ms']:.3f} ms" if "ms" in r else "ERR " + r.get("error", "")[:100]
-      print(f"gdn stage {r['T']}x{r['B']} {r['stage']:24s} {ms}")
+      print(f"gdn stage {r['T']}x{r['B']} {r['stage']:24s} {_stage_cell(r)}")
       continue
+    if r["op"] == "gdn_sweep":
+      continue  # printed below, fastest first
     rows.setdefault((r["op"], r["T"], r["B"]), []).append(r)
+  sweep = report.get("gdn_sweep")
+  for stage, entries in (sweep or {}).get("kernels", {}).items():
+    for r in sorted(entries, key=lambda r: r.get("ms", float("inf"))):
+      cfg = " ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "with_kd")
+      print(f"gdn sweep {r['T']}x{r['B']} {stage:8s} {cfg:40s} {_stage_cell(r)}")
+  if sweep:
+    print("gdn sweep best launch:", sweep["best_launch"])
+    for r in sweep["whole_op"]:
+      diff = r.get("rel_diff_vs_default")
+      print(f"gdn whole op {r['impl']:22s} fwd {r.get('fwd', float('nan')):.3f} ms  fwdbwd "
+            f"{r.get('fwdbwd', float('nan')):.3f} ms  rel_err {r.get('rel_err', float('nan')):.2e}"
+            + ("" if diff is None else f"  vs default {diff:.2e}") + (
+                f"  ERR {r['error'][:100]}" if "error" in r else ""))
   for (op, t, b), rs in rows.items():
     cells = []
     for r in rs:

@@ -149,11 +149,13 @@ def test_pallas_chunk64_every_sub_block(op):
     assert _rel(x, y) < 5e-4, f"d{name}"
 
 
-def test_gated_delta_forward_without_backward():
+@pytest.mark.parametrize("with_state", [True, False])
+def test_gated_delta_forward_without_backward(with_state):
   """The gated delta rule's forward alone, bf16 (its output stage inside the recurrence kernel,
-  no h_in written) against the reference and against the forward that the backward runs (two
-  kernels); chunk 32 (two sub-blocks), with an initial state."""
-  args, h0 = _inputs("gated_delta_rule", 13, b=1, t=70, h=2)
+  no h_in written; without an initial state that kernel starts from zeros instead of reading
+  them) against the reference and against the forward that the backward runs (two kernels);
+  chunk 32 (two sub-blocks)."""
+  args, h0 = _inputs("gated_delta_rule", 13, b=1, t=70, h=2, with_state=with_state)
   (ro, rs), _ = _outputs_and_grads(_reference("gated_delta_rule"), 13)(args, h0)
   args = [x.astype(jnp.bfloat16) for x in args[:3]] + list(args[3:])
   fn = _fast("gated_delta_rule", chunk=32)
@@ -179,11 +181,13 @@ def test_gla_extreme_decay_stays_finite():
     assert _rel(x, y) < 5e-4, f"d{name}"
 
 
-def test_gated_delta_wy_inverse_correlated_keys():
+@pytest.mark.parametrize("sub", [16, 32, 64])
+def test_gated_delta_wy_inverse_correlated_keys(sub):
   """T = (I + L)^{-1} of the WY inverse kernel against numpy's inverse when the keys of a chunk
   are nearly parallel and beta near 1 (every token couples to the earlier ones), fp32, chunk 64:
   row substitution on the diagonal blocks is exact to fp32 rounding (the Neumann products of the
-  deleted 'fused' prep cancelled large terms here: 3.5e-5 on CPU)."""
+  deleted 'fused' prep cancelled large terms here: 3.5e-5 on CPU); with 4x4, 2x2 and 1x1 blocks
+  (`sub`, a launch setting)."""
   from sosm_jax.ops.gated_delta import pallas_kernels as kern  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(21)
   c, dk = 64, 32
@@ -196,5 +200,39 @@ def test_gated_delta_wy_inverse_correlated_keys():
   want = np.linalg.inv(np.eye(c) + lower)
   assert np.abs(want - np.eye(c)).max() > 0.5  # strongly coupled, unlike random keys
   f = lambda x: jnp.asarray(x, jnp.float32)
-  tmat = kern.wy_inverse(f(k), f(beta), f(gam), chunk=c, interpret=True)
+  tmat = kern.wy_inverse(f(k), f(beta), f(gam), chunk=c, interpret=True, sub=sub)
   assert tmat.dtype == jnp.float32 and _rel(tmat[0], want) < 2e-6
+
+
+def test_gated_delta_launch_settings():
+  """A non-default `ForwardLaunch` (what `benchmarks/kernels.py --gdn-sweep` tries): the WY
+  inverse from 2x2 blocks of 32 and the forward-only recurrence+output kernel at block_v 16, with
+  other warp and stage counts (launch-only in interpret mode). fp32 values and every gradient
+  against the reference (the backward's forward runs the inverse too); the bf16 forward without a
+  backward against the default launch's (only the inverse's block order differs); bad settings
+  raise."""
+  from sosm_jax.ops.gated_delta.pallas import ForwardLaunch  # pylint: disable=import-outside-toplevel
+  launch = ForwardLaunch(inverse_warps=2, inverse_stages=2, inverse_sub=32, apply_warps=8,
+                         apply_stages=2, out_warps=8, out_stages=3, out_block_v=16)
+  args, h0 = _inputs("gated_delta_rule", 17, b=1, t=100, h=2)
+  (ro, rs), (rga, rgh) = _outputs_and_grads(_reference("gated_delta_rule"), 17)(args, h0)
+  fn = functools.partial(_fast("gated_delta_rule", chunk=64, block_v=32), launch=launch)
+  (o, s), (ga, gh) = _outputs_and_grads(fn, 17)(args, h0)
+  assert _rel(o, ro) < 2e-4 and _rel(s, rs) < 2e-4 and _rel(gh, rgh) < 5e-4
+  for name, x, y in zip("qkvgb", ga, rga):
+    assert _rel(x, y) < 5e-4, f"d{name}"
+  bf = [x.astype(jnp.bfloat16) for x in args[:3]] + list(args[3:])
+  fwd = lambda **kw: jax.jit(lambda a, h: _fast("gated_delta_rule", chunk=64, block_v=32)(
+      *a, initial_state=h, **kw))(bf, h0)
+  (o_l, s_l), (o_d, s_d) = fwd(launch=launch), fwd()
+  assert _rel(o_l, ro) < 3e-2 and _rel(s_l, rs) < 3e-2
+  assert _rel(o_l.astype(jnp.float32), o_d.astype(jnp.float32)) < 1e-2 and _rel(s_l, s_d) < 1e-2
+  with pytest.raises(ValueError, match="inverse_sub=24"):
+    gated_delta_rule_pallas(*args, initial_state=h0, chunk_size=64, interpret=True,
+                            launch=ForwardLaunch(inverse_sub=24))
+  with pytest.raises(ValueError, match="block_v=48 must divide"):
+    gated_delta_rule_pallas(*bf, initial_state=h0, chunk_size=64, interpret=True,
+                            launch=ForwardLaunch(out_block_v=48))
+  with pytest.raises(TypeError, match="ForwardLaunch"):
+    gated_delta_rule_pallas(*args, initial_state=h0, chunk_size=64, interpret=True,
+                            launch={"inverse_warps": 2})

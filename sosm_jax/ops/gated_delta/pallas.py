@@ -20,6 +20,7 @@ fp32 accumulation); fp32 inputs at fp32 accuracy through six bf16 tensor-core pr
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -34,11 +35,40 @@ from sosm_jax.ops.gated_delta.reference import check_inputs, default_scale
 _F32 = jnp.float32
 
 
-def _prep(k, v, beta, gam, chunk, interpret, with_kd=True):
+@dataclasses.dataclass(frozen=True)
+class ForwardLaunch:
+  """Triton launch settings of the forward kernels (defaults: the measured ones, NOTES.md).
+
+  inverse_*: `pallas_kernels.wy_inverse` (warps, stages, block size `sub`); apply_*:
+  `pallas_kernels.wy_apply` (both run in every forward, also the backward's); out_*: the
+  forward-only recurrence+output kernel `pallas_recurrence.forward_output` (bf16 forward without
+  a backward; out_block_v None: the op's `block_v`, which None chooses from the shapes).
+  `benchmarks/kernels.py --gdn-sweep` times a grid of these on a GPU.
+  """
+  inverse_warps: int = kern.INVERSE_WARPS
+  inverse_stages: int = 1
+  inverse_sub: int = kern.INVERSE_SUB
+  apply_warps: int = kern.WARPS
+  apply_stages: int = 1
+  out_warps: int = rec.WARPS
+  out_stages: int = rec.STAGES
+  out_block_v: int | None = None
+
+  def prep(self):
+    """`pallas_kernels.prep_forward`'s launch keywords."""
+    return dict(inverse_warps=self.inverse_warps, inverse_stages=self.inverse_stages,
+                inverse_sub=self.inverse_sub, apply_warps=self.apply_warps,
+                apply_stages=self.apply_stages)
+
+
+DEFAULT_LAUNCH = ForwardLaunch()
+
+
+def _prep(k, v, beta, gam, chunk, interpret, launch, with_kd=True):
   """WY preparation (`pallas_kernels.prep_forward`) -> (w, u, kd or None `[B*H, N, C, .]`,
   a = e^gam_C `[B*H, N, K]` f32, T `[B*H, T, C]`)."""
   w, u, kd, tmat = kern.prep_forward(k, v, beta, gam, chunk=chunk, interpret=interpret,
-                                     with_kd=with_kd)
+                                     with_kd=with_kd, **launch.prep())
   bh, t = gam.shape
   n = t // chunk
   per_chunk = lambda x: None if x is None else x.reshape(bh, n, chunk, x.shape[-1])
@@ -47,8 +77,9 @@ def _prep(k, v, beta, gam, chunk, interpret, with_kd=True):
   return per_chunk(w), per_chunk(u), per_chunk(kd), a, tmat
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def gdn_core(q, k, v, beta, gam, h0, scale, chunk, interpret=False, block_v=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
+def gdn_core(q, k, v, beta, gam, h0, scale, chunk, interpret=False, block_v=None,
+             launch=DEFAULT_LAUNCH, zero_h0=False):
   """q, k `[B,T,H,K]`, v `[B,T,H,V]` (T a multiple of chunk, one dtype), beta, gam `[B*H,T]` f32
   (gam: within-chunk cumulative log-decay), h0 `[B*H,K,V]` f32 ->
   (o `[B,T,H,V]` in v's dtype, h_last `[B*H,K,V]` f32).
@@ -56,22 +87,27 @@ def gdn_core(q, k, v, beta, gam, h0, scale, chunk, interpret=False, block_v=None
   Without a backward, bf16 inputs run the output stage inside the recurrence's loop, which also
   forms kd from the k rows it loads (neither h_in nor kd in memory: NOTES.md); fp32 inputs, and
   the forward of the backward (which needs h_in; there the fused kernel writing h_in measured
-  slower), run recurrence and output stage as two kernels (NOTES.md)."""
+  slower), run recurrence and output stage as two kernels (NOTES.md). zero_h0: h0 is zeros (no
+  initial state), which that fused kernel then neither reads nor needs XLA to write."""
   if q.dtype != jnp.bfloat16:
-    return _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v)[0]
-  w, u, _, a, _ = _prep(k, v, beta, gam, chunk, interpret, with_kd=False)
-  return rec.forward_output(w, u, a, h0, q, k, gam, scale=scale, interpret=interpret,
-                            block_v=block_v)
+    return _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v, launch,
+                     zero_h0)[0]
+  w, u, _, _, _ = _prep(k, v, beta, gam, chunk, interpret, launch, with_kd=False)
+  out_bv = block_v if launch.out_block_v is None else launch.out_block_v
+  return rec.forward_output(w, u, None if zero_h0 else h0, q, k, gam, scale=scale,
+                            interpret=interpret, block_v=out_bv, num_warps=launch.out_warps,
+                            num_stages=launch.out_stages)
 
 
-def _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v):
-  w, u, kd, a, tmat = _prep(k, v, beta, gam, chunk, interpret)
+def _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v, launch,
+              zero_h0):  # pylint: disable=unused-argument
+  w, u, kd, a, tmat = _prep(k, v, beta, gam, chunk, interpret, launch)
   h_in, vn, h_last = rec.forward(w, u, kd, a, h0, interpret=interpret, block_v=block_v)
   o = kern.output_forward(q, k, gam, h_in, vn, scale=scale, interpret=interpret)
   return (o, h_last), (q, k, v, beta, gam, tmat, w, kd, a, h_in, vn)
 
 
-def _core_bwd(scale, chunk, interpret, block_v, res, cts):
+def _core_bwd(scale, chunk, interpret, block_v, launch, zero_h0, res, cts):  # pylint: disable=unused-argument
   q, k, v, beta, gam, tmat, w, kd, a, h_in, vn = res
   do, dh_last = cts
   bh, n, c, _ = vn.shape
@@ -91,7 +127,7 @@ gdn_core.defvjp(_core_fwd, _core_bwd)
 
 
 def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None, chunk_size=64,
-                            interpret=False, block_v=None):
+                            interpret=False, block_v=None, launch=None):
   """Chunked gated delta rule on the Pallas kernels (contract of `gated_delta_rule_chunked`).
 
   Args:
@@ -100,6 +136,7 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None,
     scale: default key_dim**-0.5. initial_state: `[batch, heads, key_dim, value_dim]` or None.
     chunk_size: a power of two >= 16 (static). interpret: Pallas interpret mode (any platform).
     block_v: V block of the recurrence programs (None: chosen from the shapes).
+    launch: `ForwardLaunch` (None: `DEFAULT_LAUNCH`), the forward kernels' launch settings.
   Returns:
     (o `[batch, time, heads, value_dim]` in v's dtype, final_state f32
     `[batch, heads, key_dim, value_dim]`).
@@ -109,6 +146,10 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None,
   """
   check_inputs(q, k, v, g, beta, initial_state)
   check_tile_chunk_size("gated_delta_rule (pallas)", chunk_size)
+  launch = DEFAULT_LAUNCH if launch is None else launch
+  if not isinstance(launch, ForwardLaunch):
+    raise TypeError(f"gated_delta_rule (pallas): launch must be a ForwardLaunch, got {launch!r}.")
+  kern.check_inverse_sub(launch.inverse_sub, chunk_size)
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   scale = default_scale(scale, dk)
@@ -121,6 +162,6 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None,
   gam = jnp.cumsum(to_chunks(pad_time(g, pad, _F32), c), axis=-1).reshape(b * h, t + pad)
   h0 = padded_state(initial_state, b, h, kp, vp)
   o, h_last = gdn_core(prep(q, kp), prep(k, kp), prep(v, vp), bhs(beta), gam, h0, float(scale), c,
-                       interpret, block_v)
+                       interpret, block_v, launch, initial_state is None)
   h_last = h_last.reshape(b, h, kp, vp)[:, :, :dk, :dv]
   return o[:, :t, :, :dv].astype(v.dtype), h_last

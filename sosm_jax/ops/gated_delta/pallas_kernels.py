@@ -134,8 +134,10 @@ def output_backward(q, k, gam, h_in, vn, do, *, scale, interpret=False):
 # diagonal follow by block substitution, T_ij = -T_ii sum_{j<=m<i} L_im T_mj, whose [sub, sub]
 # products run on tensor cores ('tf32' for bf16 inputs, whose T is rounded to bf16 anyway;
 # bf16x6 for fp32). The inverse is a chain of small dependent steps: it ran fastest at 1 warp,
-# the w/u products at 4 (NOTES.md has the forms and warp counts that measured slower).
-INVERSE_WARPS = 1
+# the w/u products at 4 (NOTES.md has the forms and warp counts that measured slower). The block
+# size is a parameter (`sub`) so that launch sweeps (`benchmarks/kernels.py --gdn-sweep`) can try
+# fewer, larger blocks (more row steps, fewer block merges).
+INVERSE_WARPS, INVERSE_SUB = 1, 16
 
 
 def _strict(c):
@@ -213,31 +215,51 @@ def _prep_specs(heads, c, kdim, vdim):
   return sp["qk"], _specs(heads, c, vdim, vdim)["qk"], sp["g"], row
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "with_kd"))
-def prep_forward(k, v, beta, gam, *, chunk, interpret=False, with_kd=True):
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "with_kd", "inverse_warps",
+                                             "inverse_stages", "inverse_sub", "apply_warps",
+                                             "apply_stages"))
+def prep_forward(k, v, beta, gam, *, chunk, interpret=False, with_kd=True,
+                 inverse_warps=INVERSE_WARPS, inverse_stages=1, inverse_sub=INVERSE_SUB,
+                 apply_warps=WARPS, apply_stages=1):
   """k `[B, T, H, K]`, v `[B, T, H, V]`, beta, gam `[B*H, T]` f32 ->
   (w `[B*H, T, K]`, u `[B*H, T, V]`, kd `[B*H, T, K]`, T `[B*H, T, C]`, all in k's dtype):
-  `wy_inverse` then `wy_apply`. with_kd False: kd is not written (None; the forward-only
-  recurrence forms it from k)."""
-  tmat = wy_inverse(k, beta, gam, chunk=chunk, interpret=interpret)
-  w, u, *kd = wy_apply(k, v, beta, gam, tmat, chunk=chunk, interpret=interpret, with_kd=with_kd)
+  `wy_inverse` then `wy_apply` (launch settings: theirs, prefixed). with_kd False: kd is not
+  written (None; the forward-only recurrence forms it from k)."""
+  tmat = wy_inverse(k, beta, gam, chunk=chunk, interpret=interpret, warps=inverse_warps,
+                    stages=inverse_stages, sub=inverse_sub)
+  w, u, *kd = wy_apply(k, v, beta, gam, tmat, chunk=chunk, interpret=interpret, with_kd=with_kd,
+                       warps=apply_warps, stages=apply_stages)
   return w, u, (kd[0] if with_kd else None), tmat
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "warps"))
-def wy_inverse(k, beta, gam, *, chunk, interpret=False, warps=INVERSE_WARPS):
-  """k `[B, T, H, K]`, beta, gam `[B*H, T]` f32 -> T `[B*H, T, C]` in k's dtype."""
+def check_inverse_sub(sub, chunk):
+  """The WY inverse's block size: a power of two >= 16 (Triton tiles) that divides the chunk
+  (capped at the chunk), else a ValueError."""
+  sub = min(sub, chunk)
+  if not (sub >= 16 and sub & (sub - 1) == 0 and chunk % sub == 0):
+    raise ValueError(f"gated_delta_rule (pallas): inverse_sub={sub} must be a power of two >= 16 "
+                     f"dividing chunk_size={chunk}.")
+  return sub
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "warps", "stages", "sub"))
+def wy_inverse(k, beta, gam, *, chunk, interpret=False, warps=INVERSE_WARPS, stages=1,
+               sub=INVERSE_SUB):
+  """k `[B, T, H, K]`, beta, gam `[B*H, T]` f32 -> T `[B*H, T, C]` in k's dtype. `sub`: the
+  size of the blocks T is built from (capped at the chunk)."""
   b, t, heads, kdim = k.shape
   kspec, _, gspec, row = _prep_specs(heads, chunk, kdim, kdim)
   return pl.pallas_call(
-      functools.partial(_inverse_kernel, sub=min(16, chunk)),
+      functools.partial(_inverse_kernel, sub=check_inverse_sub(sub, chunk)),
       grid=(b * heads, t // chunk), in_specs=[kspec, gspec, gspec], out_specs=row(chunk),
       out_shape=jax.ShapeDtypeStruct((b * heads, t, chunk), k.dtype), interpret=interpret,
-      compiler_params=compiler_params(interpret, warps), name="gdn_wy_inverse_fwd")(k, beta, gam)
+      compiler_params=compiler_params(interpret, warps, stages),
+      name="gdn_wy_inverse_fwd")(k, beta, gam)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "warps", "with_kd"))
-def wy_apply(k, v, beta, gam, tmat, *, chunk, interpret=False, warps=WARPS, with_kd=True):
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret", "warps", "stages", "with_kd"))
+def wy_apply(k, v, beta, gam, tmat, *, chunk, interpret=False, warps=WARPS, stages=1,
+             with_kd=True):
   """T `[B*H, T, C]` (any dtype) -> [w, u, kd] as `prep_forward` (kd only with `with_kd`)."""
   b, t, heads, kdim = k.shape
   vdim = v.shape[-1]
@@ -250,7 +272,7 @@ def wy_apply(k, v, beta, gam, tmat, *, chunk, interpret=False, warps=WARPS, with
   return pl.pallas_call(
       _wu_kernel, grid=(bh, t // chunk), in_specs=[kspec, vspec, gspec, gspec, row(chunk)],
       out_specs=specs, out_shape=shapes, interpret=interpret,
-      compiler_params=compiler_params(interpret, warps), name="gdn_wy_wu_fwd")(
+      compiler_params=compiler_params(interpret, warps, stages), name="gdn_wy_wu_fwd")(
           k, v.astype(dt), beta, gam, tmat)
 
 

@@ -83,13 +83,17 @@ def forward(w, u, kd, a, h0, *, interpret=False, block_v=None, num_warps=WARPS, 
 # --------------------------------------------------------------------------- forward + output
 
 
-def _fwd_out_kernel(w_ref, u_ref, a_ref, h0_ref, q_ref, k_ref, g_ref, o_ref, hl_ref, *, n_chunks,
-                    chunk, scale):
+def _fwd_out_kernel(*refs, n_chunks, chunk, scale, has_h0):
   """The forward recurrence with the gated delta rule's output stage in its loop: per chunk
   o = scale ((q e^gam) h + (q k^T * D) vn) for this program's V block (module docstring of
   `pallas_kernels`); neither h_in nor vn reaches memory, and kd = k e^(gam_C - gam) is formed
   from the k rows the output stage loads anyway (reading kd from memory instead measured 0.35 ms
-  slower at 4096 x 16 on an H200: NOTES.md)."""
+  slower at 4096 x 16 on an H200: NOTES.md), as is the state's decay e^gam_C (no `[BH, N, K]`
+  broadcast of it written by XLA and read back here)."""
+  if has_h0:
+    w_ref, u_ref, h0_ref, q_ref, k_ref, g_ref, o_ref, hl_ref = refs
+  else:
+    w_ref, u_ref, q_ref, k_ref, g_ref, o_ref, hl_ref = refs
   dt = u_ref.dtype
 
   def body(n, h):
@@ -102,22 +106,23 @@ def _fwd_out_kernel(w_ref, u_ref, a_ref, h0_ref, q_ref, k_ref, g_ref, o_ref, hl_
     o_ref[rows, :] = ((_dot(qg, hb) + _dot(p, vn)) * scale).astype(o_ref.dtype)
     # gam_C picked by a masked sum (exact: the other terms are zeros) from the loaded rows
     last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
-    kd = (k.astype(_F32) * jnp.exp(jnp.sum(jnp.where(last, g, 0.0)) - g)[:, None]).astype(dt)
-    a = a_ref[n, :]                                                  # [K]
-    return a[:, None] * h + _dot(kd, vn, ta=True)
+    g_last = jnp.sum(jnp.where(last, g, 0.0))
+    kd = (k.astype(_F32) * jnp.exp(g_last - g)[:, None]).astype(dt)
+    return jnp.exp(g_last) * h + _dot(kd, vn, ta=True)
 
-  h = lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(_F32))
-  hl_ref[...] = h
+  h0 = h0_ref[...].astype(_F32) if has_h0 else jnp.zeros(hl_ref.shape, _F32)
+  hl_ref[...] = lax.fori_loop(0, n_chunks, body, h0)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_v", "num_warps",
                                              "num_stages"))
-def forward_output(w, u, a, h0, q, k, gam, *, scale, interpret=False, block_v=None,
+def forward_output(w, u, h0, q, k, gam, *, scale, interpret=False, block_v=None,
                    num_warps=WARPS, num_stages=STAGES):
   """Forward recurrence fused with the output stage, for a forward without a backward.
 
-  Args: w `[BH, N, C, K]`, u `[BH, N, C, V]`, a `[BH, N, K]` f32, h0 `[BH, K, V]` f32 (as
-    `forward`; kd is formed in the loop from k), q, k `[B, T, H, K]` and gam `[B*H, T]` f32 (as
+  Args: w `[BH, N, C, K]`, u `[BH, N, C, V]`, h0 `[BH, K, V]` f32 or None for zeros (as
+    `forward`; kd and the decay a = e^gam_C are formed in the loop from k and gam; a None h0 is
+    neither written by XLA nor read here), q, k `[B, T, H, K]` and gam `[B*H, T]` f32 (as
     `pallas_kernels.output_forward`).
   Returns: (o `[B, T, H, V]` in u's dtype, h_N `[BH, K, V]` f32).
   A variant that also wrote h_in and vn for the backward measured slower than `forward` followed
@@ -131,15 +136,16 @@ def forward_output(w, u, a, h0, q, k, gam, *, scale, interpret=False, block_v=No
   flat = lambda x: x.reshape(bh, n * c, x.shape[-1])
   seq_k = pl.BlockSpec((None, n * c, kdim), lambda i, j: (i, 0, 0))
   seq_v = pl.BlockSpec((None, n * c, bv), lambda i, j: (i, 0, j))
-  vec_a = pl.BlockSpec((None, n, kdim), lambda i, j: (i, 0, 0))
   state = pl.BlockSpec((None, kdim, bv), lambda i, j: (i, 0, j))
   tok = lambda width, jj: pl.BlockSpec((None, n * c, None, width),
                                        lambda i, j: (i // heads, 0, i % heads, j if jj else 0))
-  in_specs = [seq_k, seq_v, vec_a, state, tok(kdim, False), tok(kdim, False),
-              pl.BlockSpec((None, n * c), lambda i, j: (i, 0))]
-  args = [flat(w), flat(u), a.astype(_F32), h0.astype(_F32), q.astype(dt), k.astype(dt),
-          gam.astype(_F32)]
-  kernel = functools.partial(_fwd_out_kernel, n_chunks=n, chunk=c, scale=float(scale))
+  has_h0 = h0 is not None
+  in_specs = [seq_k, seq_v] + ([state] if has_h0 else []) + [
+      tok(kdim, False), tok(kdim, False), pl.BlockSpec((None, n * c), lambda i, j: (i, 0))]
+  args = [flat(w), flat(u)] + ([h0.astype(_F32)] if has_h0 else []) + [
+      q.astype(dt), k.astype(dt), gam.astype(_F32)]
+  kernel = functools.partial(_fwd_out_kernel, n_chunks=n, chunk=c, scale=float(scale),
+                             has_h0=has_h0)
   o, h_last = pl.pallas_call(
       kernel, grid=(bh, v // bv), in_specs=in_specs, out_specs=[tok(bv, True), state],
       out_shape=[jax.ShapeDtypeStruct((b, t, heads, v), dt),
