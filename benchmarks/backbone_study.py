@@ -16,6 +16,8 @@ and times one forward pass at 2,048 tokens. Variants: HGRN-2 3:1 and 5:1, Gated 
   # pieces that fit a device call (benchmarks/RESULTS.md, "The firm study"):
   python benchmarks/backbone_study.py --setting=firm --out=/tmp/bb_firm --max_seconds=450 \
       --results_from=PIECES.json --export=$OUT
+  # the same with 3 pieces at once on the one GPU, each in a child process of this script:
+  python benchmarks/backbone_study.py --setting=firm --out=/tmp/bb_firm --workers=3 ...
 
 A piece is one (variant, seed, learning rate) run, trained in OUT/<variant>/seed<k>/lr<lr>/
 (a re-run resumes it, or skips it once its result.json exists). The trainer seed and the data
@@ -23,7 +25,10 @@ seed are the piece's seed; evaluation uses the same fixed examples for every pie
 learning rates (--lrs), every variant first runs each of them on the first seed, then the other
 seeds at the one with the best average recall (ties: lower final loss). All finished pieces are
 also gathered into OUT/backbone_pieces.json after each piece: a device call returns that one file,
-and the next call passes it back with --results_from, so its pieces are skipped.
+and the next call passes it back with --results_from, so its pieces are skipped. With
+--workers=N, up to N pieces run at once, each as a child process (--single_piece) that writes
+only its piece's directory (its output in child.log there); this process plans, keeps the time
+budget and writes the report.
 (The single-seed layout of earlier runs, OUT/<variant>/result.json, is still read, as seed 0 at
 the setting's learning rate.) The report (OUT/backbone_study.{json,md,png}) gathers every piece:
 with one seed and one learning rate the per-variant table as before; else mean and 95%
@@ -35,7 +40,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -158,6 +165,10 @@ def define_flags():
                     "earlier invocations: their pieces count as done.")
   flags.DEFINE_string("export", "", f"Also copy {PIECES_FILE} and the report here after each "
                       "piece (e.g. a device call's $OUT).")
+  flags.DEFINE_integer("workers", 1, "Pieces run at once, each by a child process of this script "
+                       "on the same accelerator (1: one after another in this process).")
+  flags.DEFINE_bool("single_piece", False, "Run the one piece given by --variants, --seeds and "
+                    "--lrs and write its result.json, but no report (a --workers child).")
   flags.DEFINE_bool("report_only", False,
                     "Train nothing: rebuild the table and plot from the result.json files found "
                     "in OUT and the --results_from pieces (e.g. gathered from several machines).")
@@ -335,8 +346,11 @@ def run_variant(name: str, setting: dict, out: str, dtype: str, steps: int, task
   }
   if signature is not None:
     row["study"] = signature
-  with open(os.path.join(workdir, "result.json"), "w", encoding="utf-8") as f:
+  # atomically: with --workers, other processes gather OUT's result.json files at any time
+  path = os.path.join(workdir, "result.json")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(row, f, indent=2, default=str)
+  os.replace(path + ".tmp", path)
   return row
 
 
@@ -488,12 +502,9 @@ def run_pieces(variants, seeds, lrs, out: str, done: dict[str, dict], run_one,
       break
     variant, seed, lr = todo[0]
     key = piece_id(variant, seed, lr)
-    need = estimate_seconds(variant, timed, done, guess)
-    used = clock() - start
-    if max_seconds and used + need > max_seconds:
+    if not _fits(key, estimate_seconds(variant, timed, done, guess), clock() - start,
+                 max_seconds):
       deferred.append(key)  # a later (cheaper) piece may still fit
-      print(f"-- {key}: deferred (needs ~{need:.0f} s, {max_seconds - used:.0f} s left)",
-            flush=True)
       continue
     print(f"== {key}", flush=True)
     t0 = clock()
@@ -504,18 +515,219 @@ def run_pieces(variants, seeds, lrs, out: str, done: dict[str, dict], run_one,
       print(f"{key}: {e}; stopping (nothing recorded for it)", flush=True)
       break
     except Exception as e:  # pylint: disable=broad-except
-      failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-      traceback.print_exc()
-      print(f"{key} failed: {failed[key]}", flush=True)
+      _record_failure(key, e, failed)
       continue
     timed.setdefault(variant, []).append(clock() - t0)
-    done[key] = row
-    ran.append(key)
-    left, _ = plan_pieces(variants, seeds, lrs, done)
-    print(progress_line(row, len(ran), len(done), len(left), clock() - start, max_seconds),
+    _record_piece(key, row, done, ran, (variants, seeds, lrs), clock() - start, max_seconds,
+                  on_piece)
+  return {"ran": ran, "deferred": deferred, "failed": failed, "stopped": stopped}
+
+
+def _fits(key: str, need: float, used: float, max_seconds: float) -> bool:
+  """Whether a piece needing `need` seconds fits the budget (else says it is deferred)."""
+  if max_seconds and used + need > max_seconds:
+    print(f"-- {key}: deferred (needs ~{need:.0f} s, {max_seconds - used:.0f} s left)",
           flush=True)
-    if on_piece is not None:
-      on_piece(row, done)
+    return False
+  return True
+
+
+def _record_failure(key: str, e: Exception, failed: dict[str, str]) -> None:
+  """A failed piece: its reason into `failed` (the call goes on with the others)."""
+  if isinstance(e, ChildFailed):  # its traceback is in the child's log
+    failed[key] = e.reason
+    print(f"{key}: the end of its log ({e.log}):\n{e.log_tail}", flush=True)
+  else:
+    failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    traceback.print_exc()
+  print(f"{key} failed: {failed[key]}", flush=True)
+
+
+def _record_piece(key, row, done, ran, plan, used, max_seconds, on_piece) -> None:
+  """A finished piece: into `done` and `ran`, its progress line, then `on_piece`."""
+  done[key] = row
+  ran.append(key)
+  left, _ = plan_pieces(*plan, done)
+  print(progress_line(row, len(ran), len(done), len(left), used, max_seconds), flush=True)
+  if on_piece is not None:
+    on_piece(row, done)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several pieces at once (--workers): each in a child process of this script (--single_piece),
+# on the same accelerator. The model is small: one piece alone leaves the GPU mostly idle
+# (compiles, Python-driven evaluation), so N pieces at once take less than N times as long.
+
+CHILD_LOG = "child.log"   # in the piece's directory
+INTERRUPTED_EXIT = 3      # a child's exit status when its trainer stopped early (a signal)
+
+
+class ChildFailed(RuntimeError):
+  """A child piece failed: `reason` as the in-process path records it, and its log's end."""
+
+  def __init__(self, reason: str, log: str, log_tail: str):
+    super().__init__(reason)
+    self.reason, self.log, self.log_tail = reason, log, log_tail
+
+
+def child_argv(variant: str, seed: int, lr: float, out: str, setting_name: str, steps: int,
+               task_mix: str, eval_batch_size: int, dtype: str = "") -> list[str]:
+  """The command of a child that runs one piece: every flag that changes a piece's result or its
+  study signature, so the child's signature is the parent's. No --export, --results_from or
+  --max_seconds (the parent owns the report, the imports and the budget). dtype '': the child
+  picks it from its own backend, as the in-process path does."""
+  argv = [sys.executable, os.path.abspath(__file__), f"--setting={setting_name}",
+          f"--variants={variant}", f"--seeds={int(seed)}", f"--lrs={float(lr)!r}",
+          f"--steps={int(steps)}", f"--task_mix={task_mix}",
+          f"--eval_batch_size={int(eval_batch_size)}", f"--out={out}", "--single_piece"]
+  return argv + ([f"--dtype={dtype}"] if dtype else [])
+
+
+def child_env(workers: int, base=None) -> dict[str, str]:
+  """A child's environment: XLA's own limit on the share of accelerator memory one process
+  takes (default 75% each, so two children would not fit), and unbuffered output for its log."""
+  env = dict(os.environ if base is None else base)
+  env.update(XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / workers:.3f}", PYTHONUNBUFFERED="1")
+  return env
+
+
+def concurrent_guess(guess: float, workers: int) -> float:
+  """A piece's wall time with `workers` pieces at once, before any is timed: the setting's guess
+  is for a piece alone, and each other piece running beside it is taken to add half of that
+  (they share the GPU and the host's cores; the GPU is mostly idle for one piece). Deliberately
+  high: a piece cut by the time limit costs more than one deferred to the next call."""
+  return guess * (1 + (workers - 1) / 2)
+
+
+def child_failure_reason(log_text: str, key: str, returncode: int) -> str:
+  """The reason a child printed (run_pieces' 'KEY failed: REASON' line), else its exit status
+  and last line (it died before or outside the piece: a crash, a bad flag, a kill)."""
+  lines = [l for l in log_text.splitlines() if l.strip()]
+  said = [l[len(f"{key} failed: "):] for l in lines if l.startswith(f"{key} failed: ")]
+  if said:
+    return said[-1]
+  return f"child exited with status {returncode}" + (f": {lines[-1][:200]}" if lines else "")
+
+
+class ChildPiece:
+  """One piece run by a child process (`argv`, e.g. child_argv), its output in
+  <workdir>/child.log: the handle run_pieces_parallel drives (done, result, terminate, wait)."""
+
+  def __init__(self, argv: list[str], workdir: str, key: str, env: dict[str, str] | None = None):
+    os.makedirs(workdir, exist_ok=True)
+    self.workdir, self.key, self.log = workdir, key, os.path.join(workdir, CHILD_LOG)
+    with open(self.log, "a", encoding="utf-8") as log:   # appends: a resumed piece keeps both
+      log.write(f"$ {' '.join(argv)}\n")
+      log.flush()
+      self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+  def done(self) -> bool:
+    return self.proc.poll() is not None
+
+  def result(self) -> dict:
+    """The piece's row; raises PieceInterrupted (stopped by a signal: nothing recorded) or
+    ChildFailed, like run_one in the in-process path."""
+    rc, path = self.proc.returncode, os.path.join(self.workdir, "result.json")
+    if rc == 0 and os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        return json.load(f)
+    with open(self.log, encoding="utf-8", errors="replace") as f:
+      text = f.read()
+    if rc in (INTERRUPTED_EXIT, -signal.SIGTERM, -signal.SIGINT):
+      raise PieceInterrupted(f"{self.key}: its child stopped before the end (status {rc})")
+    raise ChildFailed(child_failure_reason(text, self.key, rc), self.log,
+                      "\n".join(text.splitlines()[-30:]))
+
+  def terminate(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.terminate()   # SIGTERM: the trainer stops at its next step
+
+  def wait(self, timeout: float) -> None:
+    """Waits up to `timeout` seconds for the child to exit, then kills it."""
+    try:
+      self.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      self.proc.wait()
+
+
+def stop_pieces(handles, grace: float) -> None:
+  """SIGTERM to every running child, then at most `grace` seconds (shared) before SIGKILL."""
+  for h in handles:
+    h.terminate()
+  deadline = time.monotonic() + grace
+  for h in handles:
+    h.wait(max(0.0, deadline - time.monotonic()))
+
+
+def _stop_with_parent() -> None:
+  """A --workers child gets SIGTERM when its parent dies, even by SIGKILL (Linux's
+  PR_SET_PDEATHSIG): no orphan keeps training on the accelerator."""
+  if sys.platform.startswith("linux"):
+    import ctypes  # pylint: disable=import-outside-toplevel
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
+
+
+def run_pieces_parallel(variants, seeds, lrs, out: str, done: dict[str, dict], launch,
+                        workers: int, max_seconds: float = 0.0, guess: float = 120.0,
+                        clock=time.monotonic, start: float | None = None, on_piece=None,
+                        sleep=time.sleep, poll: float = 1.0, stop_requested=lambda: None,
+                        grace: float = 10.0) -> dict:
+  """run_pieces with up to `workers` pieces at once. `launch(variant, seed, lr, workdir)` starts
+  one and returns a handle (ChildPiece): done() -> bool; result() -> row, raising as run_one
+  does; terminate(); wait(timeout). Free slots are filled from plan_pieces each time a piece
+  finishes, so a variant's other seeds start once its whole sweep has finished; a piece starts
+  only if its estimate (wall time under concurrency once timed here) fits `max_seconds`.
+  `stop_requested()` -> a reason (a signal came) or None: then, as when a child reports that it
+  was stopped, the running pieces are stopped and nothing is recorded for them. Returns
+  {'ran', 'deferred', 'failed', 'stopped'}.
+  """
+  start = clock() if start is None else start
+  timed, ran, failed, deferred, running = {}, [], {}, [], {}
+  stopped = None
+  try:
+    while True:
+      stopped = stopped or stop_requested()
+      if stopped:
+        break
+      todo, _ = plan_pieces(variants, seeds, lrs, done)
+      for variant, seed, lr in todo:
+        key = piece_id(variant, seed, lr)
+        if len(running) >= workers:
+          break
+        if key in failed or key in deferred or key in running:
+          continue
+        if not _fits(key, estimate_seconds(variant, timed, done, guess), clock() - start,
+                     max_seconds):
+          deferred.append(key)
+          continue
+        print(f"== {key} ({len(running) + 1} running)", flush=True)
+        running[key] = (launch(variant, seed, lr, os.path.join(out, key)), variant, clock())
+      if not running:
+        break
+      sleep(poll)
+      signalled = stop_requested()
+      for key, (handle, variant, t0) in list(running.items()):
+        if not handle.done():
+          continue
+        del running[key]
+        try:
+          row = handle.result()
+        except PieceInterrupted as e:
+          stopped = stopped or str(e)
+          print(f"{key}: {e}; stopping (nothing recorded for it)", flush=True)
+          continue
+        except Exception as e:  # pylint: disable=broad-except
+          if not signalled:   # else the signal ended it: nothing recorded, not a failure
+            _record_failure(key, e, failed)
+          continue
+        timed.setdefault(variant, []).append(clock() - t0)
+        _record_piece(key, row, done, ran, (variants, seeds, lrs), clock() - start,
+                      max_seconds, on_piece)
+  finally:  # whatever ends the loop (a signal, an error here), no child outlives it
+    if running:
+      print(f"stopping {', '.join(running)} (nothing recorded for them)", flush=True)
+      stop_pieces([h for h, _, _ in running.values()], grace)
   return {"ran": ran, "deferred": deferred, "failed": failed, "stopped": stopped}
 
 
@@ -902,8 +1114,19 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   setting_name = FLAGS.setting or ("quick" if FLAGS.quick else "full")
   setting, variants, seeds, lrs = _resolve(setting_name)
+  if FLAGS.workers < 1:
+    raise app.UsageError(f"--workers={FLAGS.workers}: at least 1")
+  if FLAGS.single_piece and (FLAGS.workers != 1 or len(variants) * len(seeds) * len(lrs) != 1):
+    raise app.UsageError("--single_piece runs one piece: one variant, one seed, one learning "
+                         "rate, --workers=1")
+  if FLAGS.single_piece:
+    _stop_with_parent()
+  parallel = FLAGS.workers > 1 and not FLAGS.report_only
+  if parallel:  # the parent only schedules: it leaves the accelerator's memory to its children
+    jax.config.update("jax_platforms", "cpu")
   out = os.path.abspath(FLAGS.out or f"/tmp/backbone_study_{setting_name}")
   os.makedirs(out, exist_ok=True)
+  # (the parent of --workers uses it only for the parameter count: its children pick their own)
   dtype = FLAGS.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   eval_batch_size = FLAGS.eval_batch_size or setting.get("eval_batch_size", 16)
   signature = study_signature(setting_name, setting, FLAGS.steps, FLAGS.task_mix)
@@ -927,11 +1150,33 @@ def main(argv):
                        eval_batch_size, seed=seed, learning_rate=lr, workdir=workdir,
                        signature=signature)
 
+  def launch(variant, seed, lr, workdir):
+    argv = child_argv(variant, seed, lr, out, setting_name, FLAGS.steps, FLAGS.task_mix,
+                      eval_batch_size, FLAGS.dtype)
+    return ChildPiece(argv, workdir, piece_id(variant, seed, lr), child_env(FLAGS.workers))
+
+  if FLAGS.single_piece:   # a --workers child: its piece's result.json, no report
+    status = run_pieces(variants, seeds, lrs, out, done, run_one)
+    return INTERRUPTED_EXIT if status["stopped"] else int(bool(status["failed"]))
   failures = {}
-  if not FLAGS.report_only:
+  guess = setting.get("piece_seconds_guess", 120)
+
+  def on_piece(row, done):
+    del row, done
+    report({}, echo=False)
+
+  if parallel:
+    received = []   # SIGTERM/SIGINT (e.g. from `timeout`): stop the children, then report
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, lambda signum, _: received.append(signal.Signals(signum).name))
+    status = run_pieces_parallel(
+        variants, seeds, lrs, out, done, launch, FLAGS.workers, max_seconds=FLAGS.max_seconds,
+        guess=concurrent_guess(guess, FLAGS.workers), start=start, on_piece=on_piece,
+        stop_requested=lambda: f"signal {received[0]}" if received else None)
+  elif not FLAGS.report_only:
     status = run_pieces(variants, seeds, lrs, out, done, run_one, max_seconds=FLAGS.max_seconds,
-                        guess=setting.get("piece_seconds_guess", 120), start=start,
-                        on_piece=lambda row, done: report({}, echo=False))
+                        guess=guess, start=start, on_piece=on_piece)
+  if not FLAGS.report_only:
     failures = status["failed"]
     left, _ = plan_pieces(variants, seeds, lrs, done)
     print(f"this call: {len(status['ran'])} pieces run, {len(status['deferred'])} deferred "

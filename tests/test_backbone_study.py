@@ -310,3 +310,219 @@ def test_single_seed_report_is_the_old_table(study, tmp_path):
   (tmp_path / "hgrn2_3to1" / "result.json").write_text(json.dumps(legacy))
   with pytest.raises(ValueError, match="d_model: 32 here 256"):
     study.gather_pieces(str(tmp_path), 1e-3, sig)
+
+
+class _FakeChild:
+  """A piece 'running' from its launch until the fake clock reaches its end."""
+
+  def __init__(self, now, seconds, row=None, error=None):
+    self.now, self.end, self.row, self.error = now, now[0] + seconds, row, error
+    self.terminated = self.waited = False
+
+  def done(self):
+    return self.now[0] >= self.end
+
+  def result(self):
+    if self.error is not None:
+      raise self.error
+    return self.row
+
+  def terminate(self):
+    self.terminated = True
+
+  def wait(self, timeout):
+    self.waited = True
+
+
+def _fake_launcher(study, now, seconds, log, errors=None):
+  """launch(variant, seed, lr, workdir) for run_pieces_parallel; `log` gets (event, key, time)."""
+  sig = _signature(study)
+  errors = errors or {}
+  children = {}
+
+  def launch(variant, seed, lr, workdir):
+    key = study.piece_id(variant, seed, lr)
+    log.append(("start", key, now[0]))
+    row = _row(study, variant, seed, lr, 0.8 if lr == 3e-3 else 0.4, signature=sig)
+    children[key] = _FakeChild(now, seconds(variant, seed, lr), row, errors.get(key))
+    return children[key]
+  return launch, children
+
+
+def test_parallel_pieces_respect_workers_and_sweep_dependencies(study, tmp_path):
+  variants, seeds, lrs = ["hgrn2_3to1", "gdn_3to1", "transformer"], [0, 1, 2], [1e-3, 3e-3]
+  now, log, seen = [0.0], [], []
+  # unequal durations, so pieces finish out of launch order
+  launch, children = _fake_launcher(
+      study, now, lambda v, s, lr: 30.0 + 10 * len(v) % 40 + 15 * s + (20 if lr == 3e-3 else 0),
+      log)
+
+  def sleep(seconds):
+    now[0] += seconds
+    for key, child in children.items():   # the scheduler notices a finish within one poll
+      if child.done() and ("end", key) not in [(e, k) for e, k, _ in log]:
+        log.append(("end", key, child.end))
+
+  done = {}
+  status = study.run_pieces_parallel(variants, seeds, lrs, str(tmp_path), done, launch, 3,
+                                     clock=lambda: now[0], start=0.0, sleep=sleep, poll=5.0,
+                                     on_piece=lambda row, d: seen.append(len(d)))
+  assert status["stopped"] is None and not status["failed"] and not status["deferred"]
+  assert len(status["ran"]) == len(done) == 3 * 4 and seen == list(range(1, 13))
+  events = sorted(log, key=lambda e: (e[2], e[0] == "start"))   # at one time: ends first
+  running, most = 0, 0
+  for event, _, _ in events:
+    running += 1 if event == "start" else -1
+    most = max(most, running)
+  assert most == 3                                    # never more than the 3 workers, and full
+  starts = {k: t for e, k, t in log if e == "start"}
+  ends = {k: t for e, k, t in log if e == "end"}
+  assert [k for e, k, _ in log if e == "start"][:3] == [
+      "hgrn2_3to1/seed0/lr0.001", "hgrn2_3to1/seed0/lr0.003", "gdn_3to1/seed0/lr0.001"]
+  for v in variants:   # the other seeds at 3e-3 (the sweep's pick), once both sweep pieces ended
+    sweep_end = max(ends[study.piece_id(v, 0, lr)] for lr in lrs)
+    for s in (1, 2):
+      assert starts[study.piece_id(v, s, 3e-3)] >= sweep_end
+    assert study.piece_id(v, 1, 1e-3) not in starts
+  # a later variant's sweep piece started before an earlier variant's seeds: slots never idle
+  assert starts["transformer/seed0/lr0.001"] < starts["hgrn2_3to1/seed1/lr0.003"]
+
+
+def test_parallel_pieces_defer_by_budget_and_record_failures(study, tmp_path):
+  variants, seeds, lrs = ["hgrn2_3to1", "transformer"], [0, 1, 2], [1e-3, 3e-3]
+  now, log = [0.0], []
+  boom = study.ChildFailed("RuntimeError: boom", "child.log", "Traceback ...\nRuntimeError: boom")
+  launch, _ = _fake_launcher(study, now, lambda v, s, lr: 50.0, log,
+                             errors={"transformer/seed0/lr0.003": boom})
+  done = {}
+  status = study.run_pieces_parallel(
+      variants, seeds, lrs, str(tmp_path), done, launch, 2, max_seconds=120, guess=40.0,
+      clock=lambda: now[0], start=0.0, sleep=lambda s: now.__setitem__(0, now[0] + s), poll=5.0)
+  # t=0: the hgrn2 sweep (40 s guess each); t=50: the transformer's (not timed: 40 s guess,
+  # 50 + 40 <= 120); t=100: hgrn2's seeds need 50 s (timed here): 150 > 120, deferred
+  assert [(k, t) for e, k, t in log] == [
+      ("hgrn2_3to1/seed0/lr0.001", 0.0), ("hgrn2_3to1/seed0/lr0.003", 0.0),
+      ("transformer/seed0/lr0.001", 50.0), ("transformer/seed0/lr0.003", 50.0)]
+  assert status["ran"] == ["hgrn2_3to1/seed0/lr0.001", "hgrn2_3to1/seed0/lr0.003",
+                           "transformer/seed0/lr0.001"]
+  assert status["failed"] == {"transformer/seed0/lr0.003": "RuntimeError: boom"}
+  assert status["deferred"] == ["hgrn2_3to1/seed1/lr0.003", "hgrn2_3to1/seed2/lr0.003"]
+  assert status["stopped"] is None and set(done) == set(status["ran"])
+  assert study.concurrent_guess(120, 1) == 120 and study.concurrent_guess(120, 3) == 240
+
+
+def test_parallel_pieces_stop_on_signal_records_nothing_running(study, tmp_path):
+  now, log = [0.0], []
+  launch, children = _fake_launcher(
+      study, now, lambda v, s, lr: 30.0 if v == "transformer" else 100.0, log)
+  done = {}
+  status = study.run_pieces_parallel(
+      ["transformer", "gdn_3to1"], [0], [1e-3], str(tmp_path), done, launch, 2,
+      clock=lambda: now[0], start=0.0, sleep=lambda s: now.__setitem__(0, now[0] + s),
+      poll=10.0, stop_requested=lambda: "signal SIGTERM" if now[0] >= 60 else None)
+  assert status["stopped"] == "signal SIGTERM" and status["ran"] == ["transformer/seed0/lr0.001"]
+  assert list(done) == ["transformer/seed0/lr0.001"]
+  gdn = children["gdn_3to1/seed0/lr0.001"]
+  assert gdn.terminated and gdn.waited and not children["transformer/seed0/lr0.001"].terminated
+  # a child that reports it was stopped (PieceInterrupted) stops the call the same way
+  now[0], log[:] = 0.0, []
+  launch, children = _fake_launcher(study, now, lambda v, s, lr: 20.0 if v == "gdn_3to1" else 90.0,
+                                    log, errors={"gdn_3to1/seed0/lr0.001": study.PieceInterrupted(
+                                        "stopped at step 3 of 500")})
+  status = study.run_pieces_parallel(
+      ["transformer", "gdn_3to1"], [0], [1e-3], str(tmp_path), {}, launch, 2,
+      clock=lambda: now[0], start=0.0, sleep=lambda s: now.__setitem__(0, now[0] + s), poll=10.0)
+  assert status["stopped"] == "stopped at step 3 of 500" and status["ran"] == []
+  assert children["transformer/seed0/lr0.001"].terminated and now[0] == 20.0
+
+
+def test_child_piece_statuses_and_kill(study, tmp_path):
+  """ChildPiece on real processes: a result, a failure's reason, a stop, a child that ignores
+  SIGTERM (killed after the grace)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  key = "gdn_3to1/seed1/lr0.003"
+  workdir = str(tmp_path / key)
+  result = os.path.join(workdir, "result.json")
+  ok = study.ChildPiece([sys.executable, "-c", "import json; json.dump({'variant': 'x'}, "
+                         f"open({result!r}, 'w'))"], workdir, key)
+  ok.proc.wait()
+  assert ok.done() and ok.result() == {"variant": "x"}
+  fail = study.ChildPiece([sys.executable, "-c", f"print('== {key}'); print('{key} failed: "
+                           "ValueError: bad width'); raise SystemExit(1)"], workdir, key)
+  fail.proc.wait()
+  with pytest.raises(study.ChildFailed) as info:
+    fail.result()
+  assert info.value.reason == "ValueError: bad width"
+  assert "== gdn_3to1/seed1/lr0.003" in info.value.log_tail   # the log keeps every attempt
+  assert study.child_failure_reason("x\nSegmentation fault\n", key, -11) == (
+      "child exited with status -11: Segmentation fault")
+  stop = study.ChildPiece([sys.executable, "-c", "raise SystemExit(3)"], workdir, key)
+  stop.proc.wait()
+  with pytest.raises(study.PieceInterrupted):
+    stop.result()
+  stubborn = study.ChildPiece([sys.executable, "-c", "import signal, time; signal.signal("
+                               "signal.SIGTERM, signal.SIG_IGN); print('rea' + 'dy', flush=True); "
+                               "time.sleep(60)"], workdir, key)
+  while "ready" not in open(stubborn.log).read():   # (not in the command line it logs)
+    time.sleep(0.05)
+  t0 = time.monotonic()
+  study.stop_pieces([stubborn], grace=0.5)
+  assert stubborn.proc.returncode == -9 and time.monotonic() - t0 < 5
+  assert subprocess.run(["kill", "-0", str(stubborn.proc.pid)], check=False).returncode != 0
+
+
+def test_child_command_carries_the_study(study):
+  argv = study.child_argv("gdn_3to1", 2, 3e-3, "/o", "firm", 0,
+                          "mix:synthetic:mqar=0.6,synthetic:passkey=0.4", 64)
+  assert argv[2:] == ["--setting=firm", "--variants=gdn_3to1", "--seeds=2", "--lrs=0.003",
+                      "--steps=0", "--task_mix=mix:synthetic:mqar=0.6,synthetic:passkey=0.4",
+                      "--eval_batch_size=64", "--out=/o", "--single_piece"]
+  assert study.child_argv("gdn_3to1", 0, 1e-3, "/o", "quick", 3, "m", 16, "bfloat16")[-1] == (
+      "--dtype=bfloat16")
+  env = study.child_env(3, base={"PATH": "/bin"})
+  assert env == {"PATH": "/bin", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.300",
+                 "PYTHONUNBUFFERED": "1"}
+
+
+def test_piece_in_a_child_equals_the_piece_in_process(tmp_path):
+  """--workers=2 (two pieces, each in a child process) and --workers=1 (in this process) record
+  the same numbers for one piece (the tiny quick setting, 3 steps; CPU runs are deterministic)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  common = [sys.executable, os.path.join(ROOT, "benchmarks", "backbone_study.py"),
+            "--setting=quick", "--variants=transformer", "--lrs=3e-3", "--steps=3"]
+  runs = {"children": ["--seeds=0,1", "--workers=2", "--max_seconds=600",
+                       f"--export={tmp_path / 'export'}"],
+          "in_process": ["--seeds=1", "--workers=1"]}
+  # one CPU device: the study's mesh is one device (conftest simulates 8 for other tests)
+  env = dict(os.environ, XLA_FLAGS=" ".join(
+      f for f in os.environ.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count")))
+  logs = {}
+  for name, extra in runs.items():
+    proc = subprocess.run(common + [f"--out={tmp_path / name}"] + extra, capture_output=True,
+                          text=True, timeout=600, check=False, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logs[name] = proc.stdout
+  assert "this call: 2 pieces run, 0 deferred (time budget), 0 failed" in logs["children"]
+  assert logs["children"].count("[piece ") == 2
+  piece = os.path.join("transformer", "seed1", "lr0.003")
+  rows = {}
+  for name in runs:
+    with open(tmp_path / name / piece / "result.json") as f:
+      rows[name] = json.load(f)
+  assert os.path.exists(tmp_path / "children" / piece / "child.log")
+  assert not os.path.exists(tmp_path / "in_process" / piece / "child.log")
+  a, b = rows["children"], rows["in_process"]
+  assert a["study"] == b["study"] and a["params"] == b["params"] and a["seed"] == 1
+  for k in ("final_loss", "average_recall", "mqar_accuracy", "passkey_accuracy"):
+    assert a[k] == b[k], k
+  assert [c["loss"] for c in a["curve"]] == [c["loss"] for c in b["curve"]]
+  assert ([c["accuracy"] for c in a["mqar"]["cells"]]
+          == [c["accuracy"] for c in b["mqar"]["cells"]])
+  # the parent's report and bundle hold both pieces
+  with open(tmp_path / "export" / "backbone_pieces.json") as f:
+    assert sorted(json.load(f)["pieces"]) == ["transformer/seed0/lr0.003",
+                                              "transformer/seed1/lr0.003"]
