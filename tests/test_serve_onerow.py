@@ -88,38 +88,6 @@ def test_onerow_step_in_bfloat16_is_the_model_step_within_rounding():
   assert np.abs(got - want).max() < 0.03 * scale, (np.abs(got - want).max(), scale)
 
 
-@pytest.mark.parametrize("case,batch,head", [("hybrid", 1, True), ("hybrid", 2, False),
-                                             ("transformer", 1, True)])
-def test_onerow_step_through_the_pallas_gemv_is_the_xla_step(case, batch, head):
-  """matmul='pallas_gemv_interpret': every projection (and with gemv_head the head) through
-  ops/gemv.py in interpret mode, some shapes with given blocks (split-K), the others with
-  gemv.default_blocks; the same logits within float32 rounding and the same tokens as XLA's dot.
-  Vocabulary 256: the kernel's blocks must divide N."""
-  model, params = _model(case, vocab_size=256)
-  fast, fast_params = layout.serving_layout(model, params)
-  folded = onerow.fold_params(fast.cfg, fast_params)
-  want, want_tokens, want_cache = _run(fast, fast_params,
-                                       functools.partial(onerow.decode_step, fast.cfg), batch,
-                                       step_params=folded)
-  blocks = {(32, 128, False): dict(block_n=16, block_k=16, split_k=2),
-            (32, 256, True): dict(block_n=64, block_k=16, split_k=2),
-            (64, 32, False): None}   # the MLP's down projection through XLA's dot
-  step = functools.partial(onerow.decode_step, fast.cfg, matmul="pallas_gemv_interpret",
-                           gemv_blocks=blocks, gemv_head=head)
-  got, got_tokens, got_cache = _run(fast, fast_params, step, batch, step_params=folded)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-5)
-  np.testing.assert_array_equal(got_tokens, want_tokens)
-  for g, w in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=5e-5)
-  # the kernel ran: one call per projection (mixer in and out, MLP in; the MLP's out is XLA's)
-  # and the head's
-  jaxpr = str(jax.make_jaxpr(step)(folded, jnp.zeros((batch,), jnp.int32), got_cache))
-  assert jaxpr.count("pallas_call[") == 3 * fast.cfg.num_layers + int(head)
-  with pytest.raises(ValueError, match="unknown matmul"):
-    onerow.decode_step(fast.cfg, folded, jnp.zeros((batch,), jnp.int32), got_cache,
-                       matmul="cublas")
-
-
 def test_fold_params_fuses_the_projections_and_moves_the_norm_scales_into_the_kernels():
   model, params = _model("hybrid")
   fast, fast_params = layout.serving_layout(model, params)

@@ -35,11 +35,6 @@ model's own prefill with the serving-layout parameters). The folded kernels are 
 of the weights next to the serving-layout ones that prefill reads. Only HGRN-2 and attention
 layers (the recipe hybrid and the transformer); `unsupported_reason(cfg)` says why a config is
 not one of those.
-
-`decode_step(..., matmul='pallas_gemv')` runs the projections (and with `gemv_head` the tied or
-untied head) through the Pallas GEMV kernel (`ops/gemv.py`: each weight spread over many
-programs) instead of XLA's dot; 'pallas_gemv_interpret' runs that kernel in interpret mode (CPU
-tests). The default 'xla' is what the engine runs.
 """
 from __future__ import annotations
 
@@ -51,7 +46,6 @@ from sosm_jax.layers.embed import head_matmul
 from sosm_jax.layers.hgrn2 import cumulative_lower_bounds, forget_gate, hgrn2_num_heads
 from sosm_jax.models.config import layer_mixers
 from sosm_jax.ops import attention as attn_ops
-from sosm_jax.ops import gemv as gemv_ops
 
 _F32 = jnp.float32
 # The projections of one input that become one matmul: {fused kernel: its members, in order},
@@ -60,7 +54,6 @@ _FUSED = {"hgrn2": {"qfi_proj": ("q_proj", "f_proj", "i_proj")},
           "attn": {"qkv_proj": ("q_proj", "k_proj", "v_proj")}}
 _MLP_FUSED = {"wi": ("wi_gate", "wi_up")}
 _MIXERS = tuple(_FUSED)
-MATMULS = ("xla", "pallas_gemv", "pallas_gemv_interpret")
 
 
 def unsupported_reason(cfg) -> str:
@@ -153,37 +146,18 @@ def _matmul(x, kernel):
   return jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=_F32)
 
 
-def _gemv_matmul(gemv_blocks, interpret):
-  """`_matmul` through the Pallas GEMV kernel, and the head's product (w `[N, K]` when
-  transposed) through it: blocks from gemv_blocks[(K, N, transposed)] (a shape mapped to None
-  runs through XLA's dot: where the kernel measured slower), else `gemv.default_blocks`."""
-  blocks = dict(gemv_blocks or {})
-
-  def run(x, kernel, transpose_w=False, out_dtype=_F32):
-    k, n = kernel.shape[::-1] if transpose_w else kernel.shape
-    key = (k, n, transpose_w)
-    if key in blocks and blocks[key] is None:
-      return jnp.einsum("rk,nk->rn" if transpose_w else "rk,kn->rn", x.astype(kernel.dtype),
-                        kernel, preferred_element_type=out_dtype)
-    opts = blocks.get(key) or gemv_ops.default_blocks(k, n)
-    return gemv_ops.gemv(x.astype(kernel.dtype), kernel, out_dtype=out_dtype,
-                         transpose_w=transpose_w, interpret=interpret, **opts)
-
-  return run
-
-
 def _inv_rms(x, eps):
   xf = x.astype(_F32)
   return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
 
 
-def _hgrn2(cfg, p, x, r, state, lower_bound, b, mm):
+def _hgrn2(cfg, p, x, r, state, lower_bound, b):
   """x `[R, D]` (the residual stream's rows), r their norm's reciprocal roots `[R, 1]`, the
   batch's rows the first b (R = 2 b: each row twice) -> (y `[R, D]` float32, cache)."""
   dt = compute_dtype(cfg)
   rows = x.shape[0]
   h, dk = hgrn2_num_heads(cfg), cfg.hgrn2_head_dim
-  y = (mm(x, p["qfi_proj"]["kernel"]) * r).astype(dt).reshape(rows, 3, h, dk)
+  y = (_matmul(x, p["qfi_proj"]["kernel"]) * r).astype(dt).reshape(rows, 3, h, dk)
   q, f, i = jax.nn.silu(y[:, 0]), y[:b, 1], y[:b, 2]
   log_f, k = forget_gate(f, lower_bound.reshape(h, dk))
   k = k.astype(dt)
@@ -193,7 +167,7 @@ def _hgrn2(cfg, p, x, r, state, lower_bound, b, mm):
   # `[R, H, Dk]` needs no copy of the batch's rows before o_proj
   o = jnp.sum(q.astype(_F32)[..., None] * new_state, axis=-2).astype(dt)
   o = o.astype(_F32) * _inv_rms(o, cfg.norm_eps)
-  return (mm(o.astype(dt).reshape(rows, h * dk), p["o_proj"]["kernel"].reshape(h * dk, -1)),
+  return (_matmul(o.astype(dt).reshape(rows, h * dk), p["o_proj"]["kernel"].reshape(h * dk, -1)),
           {"state": new_state})
 
 
@@ -201,11 +175,11 @@ def _repeat_rows(a, rows):
   return a if a.shape[0] == rows else jnp.concatenate([a] * (rows // a.shape[0]))
 
 
-def _attention(cfg, p, x, r, cache, position, b, mm):
+def _attention(cfg, p, x, r, cache, position, b):
   dt = compute_dtype(cfg)
   rows = x.shape[0]
   h, kv, dh = cfg.attn_num_heads, cfg.attn_num_kv_heads, cfg.attn_head_dim
-  y = (mm(x, p["qkv_proj"]["kernel"]) * r)[:b].astype(dt)
+  y = (_matmul(x, p["qkv_proj"]["kernel"]) * r)[:b].astype(dt)
   q = y[:, :h * dh].reshape(b, 1, h, dh)
   k = y[:, h * dh:(h + kv) * dh].reshape(b, 1, kv, dh)
   v = y[:, (h + kv) * dh:].reshape(b, 1, kv, dh)
@@ -214,28 +188,17 @@ def _attention(cfg, p, x, r, cache, position, b, mm):
   cache = attn_ops.update_kv_cache(cache, k, v)
   o = attn_ops.cached_attention(q, cache, window=cfg.attn_window)
   o = _repeat_rows(o.reshape(b, h * dh), rows)
-  return mm(o, p["o_proj"]["kernel"].reshape(h * dh, -1)), cache
+  return _matmul(o, p["o_proj"]["kernel"].reshape(h * dh, -1)), cache
 
 
-def decode_step(cfg, params, token, cache, *, matmul: str = "xla", gemv_blocks=None,
-                gemv_head: bool = True):
+def decode_step(cfg, params, token, cache):
   """`LanguageModel.decode_step` for folded params (`fold_params`): token `[B]` at position
   cache['index'] -> (logits `[B, V]` in cfg.logits_dtype, cache).
 
   With B = 1 the residual stream is carried as two equal rows from the embedding to the final
   norm (module doc): every projection is a two-row product without a copy of its input.
-  `matmul` (`MATMULS`): 'xla' (XLA's dot), 'pallas_gemv' (the projections through
-  `ops/gemv.gemv`, Triton; B <= 8: the kernel takes 1-8 rows), 'pallas_gemv_interpret' (the
-  same kernel in interpret mode). `gemv_blocks` {(K, N, transposed): gemv's block options, or
-  None for XLA's dot} per weight shape (others: `gemv.default_blocks`); `gemv_head` runs the
-  head through the kernel too (its table `[V, D]` transposed when tied), else through XLA's
-  einsum.
   """
   _check(cfg)
-  if matmul not in MATMULS:
-    raise ValueError(f"onerow.decode_step: unknown matmul {matmul!r}; choose one of {MATMULS}.")
-  gemv = None if matmul == "xla" else _gemv_matmul(gemv_blocks, matmul.endswith("_interpret"))
-  mm = _matmul if gemv is None else gemv
   dt = compute_dtype(cfg)
   b = token.shape[0]
   table = params["embed"]["embedding"]
@@ -250,22 +213,18 @@ def decode_step(cfg, params, token, cache, *, matmul: str = "xla", gemv_blocks=N
     r = _inv_rms(x, cfg.norm_eps)
     c = cache["layers"][i]
     if name == "hgrn2":
-      y, c = _hgrn2(cfg, p["mixer"], x, r, c["state"], bounds[i], b, mm)
+      y, c = _hgrn2(cfg, p["mixer"], x, r, c["state"], bounds[i], b)
     else:
-      y, c = _attention(cfg, p["mixer"], x, r, c, position, b, mm)
+      y, c = _attention(cfg, p["mixer"], x, r, c, position, b)
     layers.append(c)
     x = x + y.astype(dt)
     mlp = p["mlp"]
-    g = mm(x, mlp["wi"]["kernel"]) * _inv_rms(x, cfg.norm_eps)
+    g = _matmul(x, mlp["wi"]["kernel"]) * _inv_rms(x, cfg.norm_eps)
     gate, up = g[:, :cfg.mlp_dim].astype(dt), g[:, cfg.mlp_dim:].astype(dt)
-    x = x + mm(jax.nn.silu(gate) * up, mlp["wo"]["kernel"]).astype(dt)
+    x = x + _matmul(jax.nn.silu(gate) * up, mlp["wo"]["kernel"]).astype(dt)
   x = rms_norm(x[:b], params["final_norm"]["scale"], cfg.norm_eps).astype(dt)
   out_dtype = jnp.dtype(cfg.logits_dtype)
-  if gemv is not None and gemv_head:
-    tied = cfg.tie_embeddings
-    head = jnp.asarray(table if tied else params["embed"]["head"], dt)
-    logits = gemv(x, head, transpose_w=tied, out_dtype=out_dtype)
-  elif cfg.tie_embeddings:
+  if cfg.tie_embeddings:
     logits = head_matmul("bd,vd->bv", x, jnp.asarray(table, dt), out_dtype)
   else:
     logits = head_matmul("bd,dv->bv", x, jnp.asarray(params["embed"]["head"], dt), out_dtype)
