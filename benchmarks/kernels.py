@@ -382,8 +382,8 @@ GDN_LAUNCH_GRID = {
     "inverse": ([dict(warps=w, stages=1, sub=16) for w in (1, 2, 4)]
                 + [dict(warps=w, stages=1, sub=32) for w in (1, 2, 4)]
                 + [dict(warps=1, stages=2, sub=16)]),
-    "apply": ([dict(warps=w, stages=1, with_kd=False) for w in (4, 2, 8, 1)]
-              + [dict(warps=4, stages=2, with_kd=False)]),
+    "apply": ([dict(warps=4, stages=2, with_kd=False)]
+              + [dict(warps=w, stages=1, with_kd=False) for w in (4, 2, 8, 1)]),
     "fwd_out": ([dict(block_v=64, num_warps=4, num_stages=2)]
                 + [dict(block_v=bv, num_warps=w, num_stages=st)
                    for bv in (64, 32, 128) for w in (4, 8) for st in (1, 2, 3)

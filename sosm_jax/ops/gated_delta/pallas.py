@@ -49,7 +49,7 @@ class ForwardLaunch:
   inverse_stages: int = 1
   inverse_sub: int = kern.INVERSE_SUB
   apply_warps: int = kern.WARPS
-  apply_stages: int = 1
+  apply_stages: int = kern.APPLY_STAGES
   out_warps: int = rec.WARPS
   out_stages: int = rec.STAGES
   out_block_v: int | None = None

@@ -138,6 +138,8 @@ def output_backward(q, k, gam, h_in, vn, do, *, scale, interpret=False):
 # size is a parameter (`sub`) so that launch sweeps (`benchmarks/kernels.py --gdn-sweep`) can try
 # fewer, larger blocks (more row steps, fewer block merges).
 INVERSE_WARPS, INVERSE_SUB = 1, 16
+# w/u at 2 pipeline stages: 0.547 ms against 0.624 at 1 (H200 sweep, 4,096 x 16; NOTES.md)
+APPLY_STAGES = 2
 
 
 def _strict(c):
@@ -220,7 +222,7 @@ def _prep_specs(heads, c, kdim, vdim):
                                              "apply_stages"))
 def prep_forward(k, v, beta, gam, *, chunk, interpret=False, with_kd=True,
                  inverse_warps=INVERSE_WARPS, inverse_stages=1, inverse_sub=INVERSE_SUB,
-                 apply_warps=WARPS, apply_stages=1):
+                 apply_warps=WARPS, apply_stages=APPLY_STAGES):
   """k `[B, T, H, K]`, v `[B, T, H, V]`, beta, gam `[B*H, T]` f32 ->
   (w `[B*H, T, K]`, u `[B*H, T, V]`, kd `[B*H, T, K]`, T `[B*H, T, C]`, all in k's dtype):
   `wy_inverse` then `wy_apply` (launch settings: theirs, prefixed). with_kd False: kd is not
@@ -258,7 +260,7 @@ def wy_inverse(k, beta, gam, *, chunk, interpret=False, warps=INVERSE_WARPS, sta
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "interpret", "warps", "stages", "with_kd"))
-def wy_apply(k, v, beta, gam, tmat, *, chunk, interpret=False, warps=WARPS, stages=1,
+def wy_apply(k, v, beta, gam, tmat, *, chunk, interpret=False, warps=WARPS, stages=APPLY_STAGES,
              with_kd=True):
   """T `[B*H, T, C]` (any dtype) -> [w, u, kd] as `prep_forward` (kd only with `with_kd`)."""
   b, t, heads, kdim = k.shape
