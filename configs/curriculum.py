@@ -22,6 +22,11 @@ Variants:
   memory  memory beyond the window on the CPU in ~1-2 minutes: a small HGRN-2 + graph model
           trained on 64-token windows, each stream reading 4 consecutive windows of a row with
           the earlier ones in a host FAISS memory (HNSW) attended by the graph layers.
+  long_memory  long_small's model with attention layer 3 made a graph layer that reads a host
+          FAISS memory (flat, top-8, one kv head), on long_small's kind of data mix: windows of
+          2,048 tokens, each stream reading rows of 4 windows (8,192) with the earlier ones in
+          its memory; 2,500 steps of 8 x 2,048 (an estimate of ~280 s on one H200, not
+          measured). For launch/evaluate.py --memory=auto|off to 64K (.devrun/longmem/run.sh).
   long_cp the full recipe plus a stage of 262,144 tokens (2 sequences per step, one per
           micro-batch), every sequence split over 2 devices (mesh.context=2): needs exactly 2
           devices (e.g. 2 H200s).
@@ -128,10 +133,71 @@ def get_config(arg: str | None = None):
     c.optimizer.update(learning_rate=3e-3, warmup_steps=10)
     c.train.update(log_every=10, checkpoint_every=40, eval_batches=2, eval_batch_size=8,
                    passkey_examples=0)
+  elif variant == "long_memory":
+    _long_memory(c)
   else:
     raise ValueError(f"unknown variant {variant!r} of configs/curriculum.py: use one of "
-                     f"'' (full), 'long_small', 'smoke', 'tiny', 'memory', 'long_cp'")
+                     f"'' (full), 'long_small', 'smoke', 'tiny', 'memory', 'long_memory', "
+                     f"'long_cp'")
   return c
+
+
+def _long_memory(c):
+  """long_small's model and data with one graph layer reading a host memory (see the module doc).
+
+  Not yet run on a GPU: the step count is an estimate (benchmarks/RESULTS.md, "The memory
+  variant at long context"). What bounds it is the host, not the device: per step the trainer
+  probes the window, searches every stream's FAISS memory on the CPU and copies the top-k
+  keys/values ([streams, window, top_k, kv_heads, head_dim] float32) to the device.
+  """
+  c.model.update(architecture="sosm", num_layers=8, d_model=512, mlp_dim=1408, vocab_size=260,
+                 attn_num_heads=8, attn_num_kv_heads=4, attn_head_dim=64, hgrn2_head_dim=128,
+                 # long_small's layers with its first attention layer (3) made the memory layer:
+                 # one graph layer = one memory per stream (two would double the host work, and
+                 # the deeper one's probe is approximate); attention at 7 keeps in-window recall.
+                 pattern=("hgrn2", "hgrn2", "hgrn2", "graph", "hgrn2", "hgrn2", "hgrn2", "attn"),
+                 dtype="bfloat16", scan_layers=False, logits_dtype="bfloat16", rope_base=500000.0)
+  # One kv head: the memory's search vectors and stored keys/values are 64 wide, a quarter of
+  # the host search, gather and host-to-device copy of long_small's 4 kv heads (67 MB a step at
+  # 8 x 2,048 x top-8 x 2 arrays of float32 instead of 268 MB). Block mode, the defaults' 64-token
+  # local window and 8 selected blocks of 64 inside the window.
+  c.model.graph.update(num_heads=8, num_kv_heads=1, head_dim=64)
+  # Each stream reads a row of 4 windows of 2,048 tokens (8,192, the trained span); windows
+  # 1-3 search the earlier ones. 'flat' (exact inner product): at <= 6,144 entries a stream its
+  # search cost 10-14 us a query on one shared core of the development machine, while HNSW's add
+  # at efConstruction 200 cost 234 us a token (~4 s a step of 16,384 tokens). top_k 8 as the
+  # CPU 'memory' variant. capacity 131,072 (4 shards of 32K): evaluation beyond the span keeps
+  # every earlier window of a 64K or 100K document; training never fills more than 6,144.
+  c.memory.update(enabled=True, segments=4, index="flat", top_k=8, capacity=131072, num_shards=4,
+                  layers=(), prefetch=False)
+  # long_small's components. With memory the pipeline packs rows of segments x seq_len = 8,192
+  # tokens and a task example fills its row (no task_length_by_seq_len): the passkey or needle
+  # lies in windows 0-2 (memory) for ~75% of the examples, MQAR's 64 pairs open window 0 and ~75%
+  # of its 256 queries come in windows 1-3. A passkey / NIAH row is scored only in its last
+  # window (one answer per 4 steps of a stream: ~2 answers a step, against long_small's ~43 at
+  # 4K, which learned retrieval only after ~1,750 steps), so MQAR, ~190 answers a row that need
+  # the memory, goes from 0.06 to 0.18 (the dense memory signal; the same lookup: a key, then the
+  # value after it) and passkey, the simplest evaluated task, from 0.3 to 0.4. stdlib 0.02 (a
+  # file is ~2 rows) keeps text at ~4% of rows. A guess, not measured.
+  c.data.update(source="mix:stdlib=0.02,synthetic:passkey=0.4,synthetic:niah=0.4,"
+                       "synthetic:mqar=0.18",
+                task_length_by_seq_len=(), mqar_num_pairs=64, mqar_num_queries=256,
+                passkey_digits=5, niah_num_needles=4, niah_digits=7)
+  c.curriculum.update(
+      seq_lens=(2048,),
+      # 8 streams x 2,048 = 16,384 tokens a step (a quarter of long_small's: the host work grows
+      # with the tokens). ESTIMATE ~90 ms a step on one H200 host (not measured): device ~20 ms
+      # (long_small's 1.28M tokens/s at 4K plus the graph layer and the probe forward), host
+      # ~60 ms (search_vectors + flat search + gather measured 310 ms a step on one loaded core
+      # here, spread over 8 stream threads of 16 cores), host-to-device copy ~10 ms.
+      # 2,500 x 90 ms = 225 s of steps (+ start-up and a ~40 s compile: ~280 s);
+      # .devrun/longmem/run.sh stops training by time (SIGTERM: checkpoint, exit) at 300 s.
+      steps=(2500,),
+      tokens_per_step=16384,
+      global_batch=(8,),
+      remat=("auto",))
+  c.optimizer.update(learning_rate=1.5e-3, warmup_steps=100, schedule="wsd", decay_fraction=0.18)
+  c.train.update(log_every=25, checkpoint_every=0, eval_batches=0, passkey_examples=0)
 
 
 def _long_context_parallel():
