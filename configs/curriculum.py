@@ -25,7 +25,7 @@ Variants:
   long_memory  long_small's model with attention layer 3 made a graph layer that reads a host
           FAISS memory (flat, top-8, one kv head), on long_small's kind of data mix: windows of
           2,048 tokens, each stream reading rows of 4 windows (8,192) with the earlier ones in
-          its memory; 2,500 steps of 8 x 2,048 (an estimate of ~280 s on one H200, not
+          its memory; 2,400 steps of 8 x 2,048 (an estimate of ~270 s on one H200, not
           measured). For launch/evaluate.py --memory=auto|off to 64K (.devrun/longmem/run.sh).
   long_cp the full recipe plus a stage of 262,144 tokens (2 sequences per step, one per
           micro-batch), every sequence split over 2 devices (mesh.context=2): needs exactly 2
@@ -190,9 +190,9 @@ def _long_memory(c):
       # (long_small's 1.28M tokens/s at 4K plus the graph layer and the probe forward), host
       # ~60 ms (search_vectors + flat search + gather measured 310 ms a step on one loaded core
       # here, spread over 8 stream threads of 16 cores), host-to-device copy ~10 ms.
-      # 2,500 x 90 ms = 225 s of steps (+ start-up and a ~40 s compile: ~280 s);
-      # .devrun/longmem/run.sh stops training by time (SIGTERM: checkpoint, exit) at 300 s.
-      steps=(2500,),
+      # 2,400 x 90 ms = 216 s of steps (+ start-up and a ~40 s compile: ~270 s);
+      # .devrun/longmem/run.sh stops training by time (SIGTERM: checkpoint, exit) at 290 s.
+      steps=(2400,),
       tokens_per_step=16384,
       global_batch=(8,),
       remat=("auto",))
