@@ -186,8 +186,18 @@ def test_grid_reader_scores_100_a_near_miss_0_and_the_report_marks_the_trained_l
   md = open(paths["markdown"]).read()
   assert "| task | 350* | 700 |" in md and "| single_word | 100.0 | 100.0 |" in md
   assert "| 700 | 100.0 | 100.0 |" in md
-  assert report.trained_row_boundary([350, 700], 350) == 0.5
-  assert report.trained_row_boundary([100, 350], 350) is None
+  assert report.length_row_boundary([350, 700], 350) == 0.5
+  assert report.length_row_boundary([100, 350], 350) is None
+  assert report.length_marks({"trained_length": 2048, "memory_span": 8192}) == [
+      (2048, "trained"), (8192, "memory span")]
+  assert report.length_marks({"trained_length": 350}) == [(350, "trained")]
+  assert report.length_marks({}) == []
+  # a memory checkpoint's report marks its memory span too (here beyond the trained 350)
+  result["meta"]["memory_span"] = 700
+  marked = report.write_report(result, str(tmp_path / "eval_memory"))
+  for key in ("niah_heatmaps", "niah_by_length"):
+    with open(marked[key], "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with open(paths["json"]) as f:
     assert json.load(f)["niah"]["tasks"]["multikey_number"]["mean_accuracy"] == 1.0
 

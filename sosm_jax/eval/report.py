@@ -6,7 +6,8 @@ The report is a dict with optional sections 'perplexity' (from `loss_by_position
 puts `report.json`, `report.md`, `loss_by_position.png`, `passkey_heatmap.png`,
 `mqar_heatmap.png`, `niah_heatmaps.png` and `niah_by_length.png` (for the sections present) in a
 directory and returns their paths. Plots over lengths or positions mark
-the trained length (meta['trained_length']).
+the trained length (meta['trained_length']) and, for a checkpoint trained with host memory, the
+span its memory training read (meta['memory_span']).
 """
 from __future__ import annotations
 
@@ -155,42 +156,58 @@ def _trend_sentence(ppl: dict) -> str:
           f"and {falling} at the end.")
 
 
-def trained_row_boundary(rows, trained) -> float | None:
-  """y of the line between the rows (lengths, ascending) within and beyond the trained length;
-  None when every row is within it or trained is unknown."""
-  if not trained or not rows or rows[-1] <= trained:
+_MARK_STYLES = ("--", ":")  # the trained length, the memory span
+
+
+def length_row_boundary(rows, length) -> float | None:
+  """y of the line between the rows (lengths, ascending) within and beyond `length` (a marked
+  length: the trained one, the memory span); None when every row is within it or it is unknown."""
+  if not length or not rows or rows[-1] <= length:
     return None
-  return sum(r <= trained for r in rows) - 0.5
+  return sum(r <= length for r in rows) - 0.5
+
+
+def length_marks(meta: dict) -> list[tuple[int, str]]:
+  """The lengths the plots mark, [(length, label)]: the trained length and, for a checkpoint
+  trained with host memory, the span its memory training read (windows x segments)."""
+  marks = []
+  if meta.get("trained_length"):
+    marks.append((int(meta["trained_length"]), "trained"))
+  if meta.get("memory_span") and meta["memory_span"] != meta.get("trained_length"):
+    marks.append((int(meta["memory_span"]), "memory span"))
+  return marks
 
 
 def _heatmap(path: str, matrix: np.ndarray, rows, cols, xlabel: str, ylabel: str, title: str,
-             col_fmt=str, trained=None) -> None:
+             col_fmt=str, marks=()) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2.5, 0.55 * len(rows) + 1.8))
-  _heatmap_axes(ax, matrix, rows, cols, xlabel, ylabel, title, col_fmt, trained, colorbar=True)
+  _heatmap_axes(ax, matrix, rows, cols, xlabel, ylabel, title, col_fmt, marks, colorbar=True)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def _heatmap_axes(ax, matrix, rows, cols, xlabel, ylabel, title, col_fmt, trained, colorbar):
-  """One accuracy heatmap on `ax`: rows (lengths) bottom to top; the trained length marked."""
+def _heatmap_axes(ax, matrix, rows, cols, xlabel, ylabel, title, col_fmt, marks, colorbar):
+  """One accuracy heatmap on `ax`: rows (lengths) bottom to top; the `length_marks` marked."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   masked = np.ma.masked_invalid(100 * matrix)
   cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd")
   im = ax.imshow(masked, cmap=cmap, vmin=0, vmax=100, aspect="auto", origin="lower")
   ax.set_xticks(range(len(cols)), [col_fmt(c) for c in cols])
-  ax.set_yticks(range(len(rows)), [f"{r} (trained)" if r == trained else str(r) for r in rows])
+  labels = {length: label for length, label in marks}
+  ax.set_yticks(range(len(rows)), [f"{r} ({labels[r]})" if r in labels else str(r) for r in rows])
   for i in range(len(rows)):
     for j in range(len(cols)):
       text = "n/a" if np.isnan(matrix[i, j]) else f"{100 * matrix[i, j]:.0f}"
       ax.text(j, i, text, ha="center", va="center", fontsize=8)
-  boundary = trained_row_boundary(rows, trained)
-  if boundary is not None:
-    ax.axhline(boundary, color="black", linestyle="--", linewidth=1.2)
-    ax.text(len(cols) - 0.5, boundary, f" trained {trained}", va="bottom", ha="right", fontsize=7)
+  for (length, label), style in zip(marks, _MARK_STYLES):
+    boundary = length_row_boundary(rows, length)
+    if boundary is not None:
+      ax.axhline(boundary, color="black", linestyle=style, linewidth=1.2)
+      ax.text(len(cols) - 0.5, boundary, f" {label} {length}", va="bottom", ha="right", fontsize=7)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title)
@@ -198,7 +215,14 @@ def _heatmap_axes(ax, matrix, rows, cols, xlabel, ylabel, title, col_fmt, traine
     ax.figure.colorbar(im, ax=ax, label="accuracy %")
 
 
-def plot_niah(heatmaps_path: str, lines_path: str, niah: dict, trained=None) -> None:
+def _mark_lines(ax, marks, beyond=0) -> None:
+  """Vertical lines at the `length_marks` (those below `beyond` only, if given)."""
+  for (length, label), style in zip(marks, _MARK_STYLES):
+    if not beyond or beyond > length:
+      ax.axvline(length, color="black", linestyle=style, linewidth=1.2, label=f"{label} ({length})")
+
+
+def plot_niah(heatmaps_path: str, lines_path: str, niah: dict, marks=()) -> None:
   """A length x depth heatmap per task (one figure) and accuracy against length per task."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -214,7 +238,7 @@ def plot_niah(heatmaps_path: str, lines_path: str, niah: dict, trained=None) -> 
   for ax, name in zip(axes.ravel(), names):
     rows, cols, matrix = grid_matrix(niah["tasks"][name]["cells"], "length", "depth")
     _heatmap_axes(ax, matrix, rows, cols, "needle depth", "context length", name,
-                  lambda d: f"{d:.2f}", trained, colorbar=False)
+                  lambda d: f"{d:.2f}", marks, colorbar=False)
   for ax in axes.ravel()[len(names):]:
     ax.axis("off")
   fig.suptitle("Needle in a haystack: exact-match accuracy (%)")
@@ -226,8 +250,7 @@ def plot_niah(heatmaps_path: str, lines_path: str, niah: dict, trained=None) -> 
   fig, ax = plt.subplots(figsize=(6.5, 4))
   for i, name in enumerate(names):
     ax.plot(lengths, 100 * matrix[i], marker="o", label=name)
-  if trained:
-    ax.axvline(trained, color="black", linestyle="--", linewidth=1.2, label=f"trained ({trained})")
+  _mark_lines(ax, marks)
   ax.set_xscale("log", base=2)
   ax.set_ylim(-3, 103)
   ax.set_xlabel("context length (tokens)")
@@ -241,7 +264,7 @@ def plot_niah(heatmaps_path: str, lines_path: str, niah: dict, trained=None) -> 
 
 
 def plot_loss_by_position(path: str, ppl: dict, title: str = "Loss by position",
-                          trained=None) -> None:
+                          marks=()) -> None:
   """Mean loss per bucket against the bucket's centre position (log x axis)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -252,8 +275,8 @@ def plot_loss_by_position(path: str, ppl: dict, title: str = "Loss by position",
   if pts:
     x, y = zip(*pts)
     ax.plot(x, y, marker="o")
-  if trained and ppl["edges"][-1] > trained:  # positions beyond training are in the plot
-    ax.axvline(trained, color="black", linestyle="--", linewidth=1.2, label=f"trained ({trained})")
+  _mark_lines(ax, marks, beyond=ppl["edges"][-1])  # only lengths the plotted positions pass
+  if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=8)
   ax.set_xscale("log", base=2)
   ax.set_xlabel("position in document (bucket centre)")
@@ -277,15 +300,15 @@ def write_report(report: dict, out_dir: str) -> dict[str, str]:
   for name in _PLOTS.values():  # plots of an earlier run with other tasks would mislead
     if os.path.exists(os.path.join(out_dir, name)):
       os.remove(os.path.join(out_dir, name))
-  trained = report.get("meta", {}).get("trained_length")
+  marks = length_marks(report.get("meta", {}))
   if report.get("perplexity"):
     paths["loss_plot"] = os.path.join(out_dir, _PLOTS["loss_plot"])
-    plot_loss_by_position(paths["loss_plot"], report["perplexity"], trained=trained)
+    plot_loss_by_position(paths["loss_plot"], report["perplexity"], marks=marks)
   if report.get("passkey"):
     rows, cols, matrix = grid_matrix(report["passkey"]["cells"], "length", "depth")
     paths["passkey_heatmap"] = os.path.join(out_dir, _PLOTS["passkey_heatmap"])
     _heatmap(paths["passkey_heatmap"], matrix, rows, cols, "needle depth", "context length",
-             "Passkey accuracy (%)", col_fmt=lambda d: f"{d:.2f}", trained=trained)
+             "Passkey accuracy (%)", col_fmt=lambda d: f"{d:.2f}", marks=marks)
   if report.get("mqar"):
     rows, cols, matrix = grid_matrix(report["mqar"]["cells"], "length", "num_pairs")
     paths["mqar_heatmap"] = os.path.join(out_dir, _PLOTS["mqar_heatmap"])
@@ -294,5 +317,5 @@ def write_report(report: dict, out_dir: str) -> dict[str, str]:
   if report.get("niah"):
     paths["niah_heatmaps"] = os.path.join(out_dir, _PLOTS["niah_heatmaps"])
     paths["niah_by_length"] = os.path.join(out_dir, _PLOTS["niah_by_length"])
-    plot_niah(paths["niah_heatmaps"], paths["niah_by_length"], report["niah"], trained=trained)
+    plot_niah(paths["niah_heatmaps"], paths["niah_by_length"], report["niah"], marks=marks)
   return paths
