@@ -9,6 +9,7 @@ from flax import traverse_util
 from sosm_jax import models
 from sosm_jax.train import finetune, step as step_lib
 from sosm_jax.train.state import TrainState
+from recipe_configs import curriculum_config
 from test_export import random_params, tiny_config
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -125,14 +126,7 @@ def test_finetune_config_errors_name_their_key():
 
 
 def _trainer_config(**finetune_kw):
-  import importlib.util
-  import os
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location("curriculum", os.path.join(root, "configs",
-                                                                           "curriculum.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("tiny")
+  c = curriculum_config("tiny")
   # one layer of each mixer kind that LoRA targets: each run traces half the tiny model's layers
   c.model.update(num_layers=2, pattern=("hgrn2", "attn"))
   c.curriculum.update(seq_lens=(32,), steps=(3,), tokens_per_step=256)

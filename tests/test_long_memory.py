@@ -1,8 +1,6 @@
 """configs/curriculum.py:long_memory (issue 22 item 3: the memory variant at long context) is
 consistent: memory on one graph layer, windows and streams that divide the rows, task examples
 that put the needle in an earlier window, a memory that holds the evaluated lengths."""
-import importlib.util
-import os
 import re
 
 import jax
@@ -14,17 +12,13 @@ from sosm_jax.eval import memory as eval_memory
 from sosm_jax.memory.segments import memory_layer_indices
 from sosm_jax.train import config as config_lib
 from sosm_jax.train import curriculum
+from recipe_configs import curriculum_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BYTE = tokenizers.ByteTokenizer()
 
 
 def _config(variant="long_memory"):
-  spec = importlib.util.spec_from_file_location(
-      "curriculum_config", os.path.join(ROOT, "configs", "curriculum.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return curriculum_config(variant)
 
 
 def test_long_memory_model_memory_and_stages():

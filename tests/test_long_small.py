@@ -1,5 +1,4 @@
 """configs/curriculum.py:long_small (issue 22's one-H200 long-context run) and its 'niah' task rows."""
-import importlib.util
 import os
 import re
 
@@ -12,20 +11,16 @@ from sosm_jax.data import tasks, tokenizers
 from sosm_jax.eval import niah, runner
 from sosm_jax.train import config as config_lib
 from sosm_jax.train import curriculum, loop, optimizer
+from recipe_configs import curriculum_config
 from test_eval_niah import read_answer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BYTE = tokenizers.ByteTokenizer()
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _config(variant="long_small"):
-  spec = importlib.util.spec_from_file_location(
-      "curriculum_config", os.path.join(ROOT, "configs", "curriculum.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return curriculum_config(variant)
 
 
 def test_long_small_stages_size_and_data_mix():
