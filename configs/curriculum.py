@@ -26,7 +26,7 @@ Variants:
           FAISS memory (flat, top-8, one kv head), on long_small's kind of data mix: windows of
           2,048 tokens, each stream reading rows of 4 windows (8,192) with the earlier ones in
           its memory; 2,400 steps of 8 x 2,048 (an estimate of ~270 s on one H200, not
-          measured). For launch/evaluate.py --memory=auto|off to 64K (.devrun/longmem/run.sh).
+          measured). For launch/evaluate.py --memory=auto|off to 64K (commands: RESULTS.md).
   long_cp the full recipe plus a stage of 262,144 tokens (2 sequences per step, one per
           micro-batch), every sequence split over 2 devices (mesh.context=2): needs exactly 2
           devices (e.g. 2 H200s).
