@@ -308,6 +308,7 @@ def _gdn_stage_maker(t, b, h, d, chunk=64):
   test of the callers, not a timing)."""
   ip = dict(interpret=jax.default_backend() != "gpu")
   from sosm_jax.ops.common.chunks import to_chunks  # pylint: disable=import-outside-toplevel
+  from sosm_jax.ops.gated_delta import pallas as gdn_pallas  # pylint: disable=import-outside-toplevel
   from sosm_jax.ops.gated_delta import pallas_kernels as kern  # pylint: disable=import-outside-toplevel
   from sosm_jax.ops.gated_delta import pallas_recurrence as rec  # pylint: disable=import-outside-toplevel
   (q, k, v, g, beta), _ = make_inputs("gdn", t, b, h, d, jnp.bfloat16)
@@ -319,7 +320,7 @@ def _gdn_stage_maker(t, b, h, d, chunk=64):
   w, u, kd, tmat = kern.prep_forward(k, v, beta, gam, chunk=chunk, **ip)
   per_chunk = lambda x: x.reshape(bh, n, chunk, x.shape[-1])
   w, u, kd = per_chunk(w), per_chunk(u), per_chunk(kd)
-  a = jnp.broadcast_to(jnp.exp(gam.reshape(bh, n, chunk)[..., -1])[..., None], (bh, n, d))
+  a = gdn_pallas.chunk_state_decay(gam, chunk, d)
   h0 = jnp.zeros((bh, d, d), jnp.float32)
   h_in, vn, _ = rec.forward(w, u, kd, a, h0, **ip)
 
@@ -375,9 +376,9 @@ def time_gdn_stages(t, b, h, d, iters, record, chunk=64):
 # --gdn-sweep: launch-setting grids of the three kernels of the bf16 forward without a backward,
 # each kernel timed alone (`_gdn_stage_maker`), today's defaults first in each grid; the fastest
 # of each is then plugged into the whole op (`pallas.ForwardLaunch`). 'apply' without kd, as
-# that forward runs it. num_stages only pipelines loops: wy_inverse and wy_apply have none (one
-# chunk per program), so they get one stages>1 probe each; the recurrence+output loop over chunks
-# gets the full range. wy_inverse's `sub`: its block size (16: 4x4 blocks; 32: 2x2).
+# that forward runs it. wy_inverse and wy_apply have no loop over chunks (one chunk per program),
+# so they get one stages>1 probe each (yet wy_apply measured faster at 2 stages than at 1 on an
+# H200, 0.547 vs 0.624 ms, why not profiled); the recurrence+output loop gets the full range. wy_inverse's `sub`: its block size (16: 4x4 blocks; 32: 2x2).
 GDN_LAUNCH_GRID = {
     "inverse": ([dict(warps=w, stages=1, sub=16) for w in (1, 2, 4)]
                 + [dict(warps=w, stages=1, sub=32) for w in (1, 2, 4)]

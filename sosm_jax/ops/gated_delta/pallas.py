@@ -64,17 +64,23 @@ class ForwardLaunch:
 DEFAULT_LAUNCH = ForwardLaunch()
 
 
+def chunk_state_decay(gam, chunk, key_dim):
+  """a = e^gam_C, each chunk's decay of the carried state, `[B*H, N, key_dim]` f32 (broadcast
+  over the key axis, as `pallas_recurrence.forward` and `backward` read it)."""
+  bh, t = gam.shape
+  n = t // chunk
+  return jnp.broadcast_to(jnp.exp(gam.reshape(bh, n, chunk)[..., -1])[..., None],
+                          (bh, n, key_dim))
+
+
 def _prep(k, v, beta, gam, chunk, interpret, launch, with_kd=True):
   """WY preparation (`pallas_kernels.prep_forward`) -> (w, u, kd or None `[B*H, N, C, .]`,
-  a = e^gam_C `[B*H, N, K]` f32, T `[B*H, T, C]`)."""
+  T `[B*H, T, C]`)."""
   w, u, kd, tmat = kern.prep_forward(k, v, beta, gam, chunk=chunk, interpret=interpret,
                                      with_kd=with_kd, **launch.prep())
   bh, t = gam.shape
-  n = t // chunk
-  per_chunk = lambda x: None if x is None else x.reshape(bh, n, chunk, x.shape[-1])
-  a = jnp.broadcast_to(jnp.exp(gam.reshape(bh, n, chunk)[..., -1])[..., None],
-                       (bh, n, k.shape[-1]))
-  return per_chunk(w), per_chunk(u), per_chunk(kd), a, tmat
+  per_chunk = lambda x: None if x is None else x.reshape(bh, t // chunk, chunk, x.shape[-1])
+  return per_chunk(w), per_chunk(u), per_chunk(kd), tmat
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
@@ -92,7 +98,7 @@ def gdn_core(q, k, v, beta, gam, h0, scale, chunk, interpret=False, block_v=None
   if q.dtype != jnp.bfloat16:
     return _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v, launch,
                      zero_h0)[0]
-  w, u, _, _, _ = _prep(k, v, beta, gam, chunk, interpret, launch, with_kd=False)
+  w, u, _, _ = _prep(k, v, beta, gam, chunk, interpret, launch, with_kd=False)
   out_bv = block_v if launch.out_block_v is None else launch.out_block_v
   return rec.forward_output(w, u, None if zero_h0 else h0, q, k, gam, scale=scale,
                             interpret=interpret, block_v=out_bv, num_warps=launch.out_warps,
@@ -101,7 +107,8 @@ def gdn_core(q, k, v, beta, gam, h0, scale, chunk, interpret=False, block_v=None
 
 def _core_fwd(q, k, v, beta, gam, h0, scale, chunk, interpret, block_v, launch,
               zero_h0):  # pylint: disable=unused-argument
-  w, u, kd, a, tmat = _prep(k, v, beta, gam, chunk, interpret, launch)
+  w, u, kd, tmat = _prep(k, v, beta, gam, chunk, interpret, launch)
+  a = chunk_state_decay(gam, chunk, k.shape[-1])
   h_in, vn, h_last = rec.forward(w, u, kd, a, h0, interpret=interpret, block_v=block_v)
   o = kern.output_forward(q, k, gam, h_in, vn, scale=scale, interpret=interpret)
   return (o, h_last), (q, k, v, beta, gam, tmat, w, kd, a, h_in, vn)
