@@ -142,6 +142,10 @@ PIECES_FILE = "backbone_pieces.json"
 PIECES_FORMAT = "backbone_study.pieces/1"
 
 
+# the study's training data (--task_mix): 60% MQAR, 40% passkey examples
+TASK_MIX = "mix:synthetic:mqar=0.6,synthetic:passkey=0.4"
+
+
 def define_flags():
   """Command-line flags (defined only when run as a script, so tests can import it)."""
   flags.DEFINE_string("out", "", "Output directory (default /tmp/backbone_study_<setting>).")
@@ -154,8 +158,7 @@ def define_flags():
                     "at the best one (default: the setting's sweep, or its learning rate).")
   flags.DEFINE_integer("steps", 0, "Training steps per variant (0: the setting's).")
   flags.DEFINE_string("dtype", "", "Activation dtype ('': float32 on CPU, bfloat16 else).")
-  flags.DEFINE_string(
-      "task_mix", "mix:synthetic:mqar=0.6,synthetic:passkey=0.4", "Training data of every variant.")
+  flags.DEFINE_string("task_mix", TASK_MIX, "Training data of every variant.")
   flags.DEFINE_integer("eval_batch_size", 0, "Rows per evaluation forward pass (0: the "
                        "setting's, or 16).")
   flags.DEFINE_float("max_seconds", 0, "Start no piece that would not finish within this many "

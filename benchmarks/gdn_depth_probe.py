@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax
 import jax.numpy as jnp
-import numpy as np
+import optax
 from absl import app, flags
 
 from benchmarks import backbone_study as bb
@@ -38,12 +38,11 @@ def rms(x) -> float:
 
 def norm(tree) -> float:
   """Euclidean norm of all leaves of a gradient tree."""
-  return float(np.sqrt(sum(float(jnp.sum(jnp.square(l))) for l in jax.tree_util.tree_leaves(tree))))
+  return float(optax.global_norm(tree))
 
 
 def probe(name: str, setting: dict, rows: int, seed: int) -> None:
-  cfg = bb.variant_config(name, setting, "float32", 0,
-                          "mix:synthetic:mqar=0.6,synthetic:passkey=0.4", seed)
+  cfg = bb.variant_config(name, setting, "float32", 0, bb.TASK_MIX, seed)
   cfg.model.update(linear_impl="xla", scan_layers=False, remat="none")
   model = models.build_model(cfg.model)
   seq_len = setting["seq_lens"][0]
