@@ -173,8 +173,9 @@ def run_model(name: str, cfg, lengths, flags_) -> dict:
   step, step_params = None, None
   if kind in ("serving", "onerow"):
     model, params = layout.serving_layout(model, params)
+  if kind == "serving":
     step = functools.partial(layout.decode_step, model)
-  if kind == "onerow":   # refuses a model onerow does not run (no silent fallback)
+  elif kind == "onerow":   # refuses a model onerow does not run (no silent fallback)
     step_params = onerow.fold_params(model.cfg, params)
     step = functools.partial(onerow.decode_step, model.cfg)
   rows = []
