@@ -75,6 +75,8 @@ def define_flags():
   flags.DEFINE_integer("repeats", 3, "Timed repetitions (after one warm-up).")
   flags.DEFINE_float("max_seconds", 120.0, "A prefill slower than this is a timeout.")
   flags.DEFINE_string("dtype", "", "'' = bfloat16 on accelerators, float32 on CPU.")
+  flags.DEFINE_enum("kv_cache_dtype", "", ["", "int8"], "The attention layers' KV cache "
+                    "(model.attn_kv_cache_dtype): '' = the activations' dtype, 'int8'.")
   flags.DEFINE_enum("layout", "checkpoint", ["checkpoint", "serving", "onerow"],
                     "checkpoint: parameters as trained (float32, layer scan); serving: "
                     "sosm_jax/serve/layout.py (bfloat16 matmul weights, unrolled layers, batch-1 "
@@ -196,7 +198,8 @@ def run_model(name: str, cfg, lengths, flags_) -> dict:
     if row["status"] != "ok":
       break
   return {"model": name, "params": count_params(cfg), "config": cfg.to_dict(),
-          "layout": flags_.get("layout", "checkpoint"), "rows": rows}
+          "layout": flags_.get("layout", "checkpoint"),
+          "kv_cache_dtype": cfg.get("attn_kv_cache_dtype", ""), "rows": rows}
 
 
 def add_ratios(result: dict, gen_tokens: int) -> None:
@@ -289,6 +292,8 @@ def main(argv):
   dtype = FLAGS.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   lengths = tuple(int(x) for x in FLAGS.lengths) or (_QUICK_LENGTHS if quick else _FULL_LENGTHS)
   configs = model_configs(quick, dtype)
+  for cfg in configs.values():
+    cfg.attn_kv_cache_dtype = FLAGS.kv_cache_dtype
   settings = {"decode_steps": FLAGS.decode_steps, "repeats": FLAGS.repeats,
               "max_seconds": FLAGS.max_seconds, "layout": FLAGS.layout}
   for name in FLAGS.models:

@@ -22,6 +22,8 @@ LAYOUT:ATTENTION:
                          (`split_cached_attention`)
              cudnn       jax.nn.dot_product_attention(implementation='cudnn') over the whole
                          cache with key_value_seq_lengths
+             int8        the model's decode attention over an int8 KV cache
+                         (model.attn_kv_cache_dtype='int8': half the bytes of a bf16 cache)
 With --profile=N the N kernels with the most GPU time per token are printed and stored (CUPTI
 through torch.profiler, as benchmarks/scaling.py), with the kernel count per token. With
 --hlo_counts each variant's compiled one-token step is counted by opcode (its entry computation:
@@ -116,13 +118,13 @@ def cudnn_cached_attention(q, cache, *, window=0, scale=None):
 
 
 def _attention(name: str):
-  if name == "ops":
+  if name in ("ops", "int8"):
     return _ORIGINAL
   if name == "split":
     return lambda q, cache, **kw: split_cached_attention(q, cache, block=_BLOCK.value, **kw)
   if name == "cudnn":
     return cudnn_cached_attention
-  raise app.UsageError(f"unknown attention {name!r}; use ops, split or cudnn")
+  raise app.UsageError(f"unknown attention {name!r}; use ops, split, cudnn or int8")
 
 
 def random_cache(model, length: int, start: int, key):
@@ -201,12 +203,8 @@ def measure(model, params, step, length: int, steps: int, repeats: int, profile:
   return row
 
 
-def main(argv):
-  del argv
-  dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-  cfg = context_scaling.model_configs(_QUICK.value, dtype)["hybrid"]
-  base = models.build_model(cfg)
-  base_params = jax.jit(lambda: nn.unbox(base.init(jax.random.key(0), 1, cfg.chunk_size)))()
+def decode_forms(base, base_params, dtype) -> dict:
+  """LAYOUT -> (model, params, decode step) of the module doc, for one base model."""
   forms = {"checkpoint": (base, base_params, base.decode_step),
            "cast": (base, layout.cast_matmul_weights(base_params, jnp.dtype(dtype)),
                     base.decode_step)}
@@ -215,9 +213,24 @@ def main(argv):
   forms["rows2"] = (serving, serving_params, functools.partial(layout.decode_step, serving))
   forms["onerow"] = (serving, onerow.fold_params(serving.cfg, serving_params),
                      functools.partial(onerow.decode_step, serving.cfg))
+  return forms
+
+
+def main(argv):
+  del argv
+  dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  cfg = context_scaling.model_configs(_QUICK.value, dtype)["hybrid"]
+  base = models.build_model(cfg)
+  base_params = jax.jit(lambda: nn.unbox(base.init(jax.random.key(0), 1, cfg.chunk_size)))()
+  forms_by_cache = {"": decode_forms(base, base_params, dtype)}
   results = []
   for variant in _VARIANTS.value:
     form, attention = variant.split(":")
+    cache_dtype = "int8" if attention == "int8" else ""
+    if cache_dtype not in forms_by_cache:
+      forms_by_cache[cache_dtype] = decode_forms(
+          layout.with_kv_cache_dtype(base, cache_dtype), base_params, dtype)
+    forms = forms_by_cache[cache_dtype]
     if form not in forms:
       raise app.UsageError(f"unknown layout {form!r} in {variant!r}; use one of {sorted(forms)}")
     model, params, step = forms[form]

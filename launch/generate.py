@@ -32,6 +32,8 @@ _IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Keep generating past EOS."
 _MAX_LEN = flags.DEFINE_integer("max_len", 0, "Cache length (0: prompt + max_tokens).")
 _CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Longest prefill piece (power of two).")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 8, "Tokens decoded (and streamed) per call.")
+_KV_CACHE = flags.DEFINE_enum("kv_cache_dtype", "", ["", "int8"], "Attention KV cache: '' = as "
+                              "the checkpoint's model config, 'int8' = half a bf16 cache's bytes.")
 _MEMORY = flags.DEFINE_enum("memory", "auto", ["auto", "on", "off"],
                             "Host memory beyond the window: 'auto' = as the checkpoint trained.")
 
@@ -56,7 +58,8 @@ def _engine_events(loaded, prompt, params):
   engine = engine_lib.Engine(loaded.model, loaded.params, loaded.tokenizer,
                              engine_lib.EngineConfig(num_slots=1, max_len=max_len,
                                                      prefill_chunk=_CHUNK.value,
-                                                     decode_steps=_DECODE_STEPS.value)).start()
+                                                     decode_steps=_DECODE_STEPS.value,
+                                                     kv_cache_dtype=_KV_CACHE.value)).start()
   events = queue.Queue()
   try:
     engine.submit(prompt, params, events.put)
@@ -86,6 +89,9 @@ def main(argv):
     use_memory = memory_lib.resolve_memory(loaded.config, _MEMORY.value)
   except ValueError as e:
     raise app.UsageError(str(e))
+  if use_memory and _KV_CACHE.value:
+    raise app.UsageError("--kv_cache_dtype is for generation without host memory; this checkpoint "
+                         "generates with its memory: pass --memory=off, or drop --kv_cache_dtype")
   params = engine_lib.SamplingParams(max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
                                      top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
                                      stop=tuple(_STOP.value), ignore_eos=_IGNORE_EOS.value)

@@ -45,12 +45,14 @@ _COOLDOWN = flags.DEFINE_float("cooldown_s", 30.0, "A model that failed is unhea
 _STALL = flags.DEFINE_float("stall_s", 60.0, "A model whose engine finished no step for this long "
                             "while it had requests is unhealthy.")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every shape before listening.")
+_KV_CACHE = flags.DEFINE_enum("kv_cache_dtype", "", ["", "int8"], "Attention KV cache: '' = as "
+                              "the checkpoint's model config, 'int8' = half a bf16 cache's bytes.")
 
 
 def build_registry():
   """The started registry of the flags' models, with metrics."""
   config = engine_lib.EngineConfig(num_slots=_SLOTS.value, max_len=_MAX_LEN.value,
-                                   prefill_chunk=_CHUNK.value)
+                                   prefill_chunk=_CHUNK.value, kv_cache_dtype=_KV_CACHE.value)
   entries = []
   main_engine, info = loading.engine_from_workdir(_WORKDIR.value, config, name=_NAME.value or None)
   fallback = None

@@ -143,6 +143,46 @@ def test_kv_cache_decode_matches_full(window):
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_quantize_kv_is_within_half_a_step_of_the_input():
+  x = jax.random.normal(jax.random.PRNGKey(5), (3, 7, 2, D)) * jnp.array([1e-3, 1.0, 50.0])[:, None,
+                                                                                            None, None]
+  x = x.at[0, 0, 0].set(0.0)                                 # an all-zero vector: scale 1, zeros
+  values, scale = att.quantize_kv(x)
+  assert values.dtype == jnp.int8 and scale.shape == x.shape[:-1] + (1,)
+  assert int(jnp.max(jnp.abs(values.astype(jnp.int32)))) == 127   # each vector's absmax maps to 127
+  np.testing.assert_array_equal(values[0, 0, 0], 0)
+  err = jnp.abs(values.astype(jnp.float32) * scale - x)
+  assert bool(jnp.all(err <= scale / 2 * (1 + 1e-6)))
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_int8_kv_cache_is_attention_over_its_dequantized_values(window):
+  """Prefill of 10 tokens, then one at a time, through an int8 cache: exactly the attention over
+  the dequantized keys/values, and within quantization error of the float cache."""
+  q, k, v = _qkv(4)
+  k = k * jnp.linspace(0.1, 3.0, T)[None, :, None, None]     # scales that differ per token
+
+  @jax.jit
+  def step(q1, k1, v1, c):
+    c = att.update_kv_cache(c, k1, v1)
+    return att.cached_attention(q1, c, window=window), c
+
+  cache = att.init_kv_cache(B, T + 4, KV, D, quantized=True)
+  assert cache["k"].dtype == jnp.int8 and cache["v_scale"].shape == (B, T + 4, KV, 1)
+  o, cache = step(q[:, :10], k[:, :10], v[:, :10], cache)
+  outs = [o]
+  for t in range(10, T):
+    o, cache = step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], cache)
+    outs.append(o)
+  got = jnp.concatenate(outs, 1)
+  dequantized = lambda x: (lambda vals, s: vals.astype(jnp.float32) * s)(*att.quantize_kv(x))
+  exact = att.attention_reference(q, dequantized(k), dequantized(v), window=window)
+  np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5)
+  float_cache = att.attention_reference(q, k, v, window=window)
+  err = float(jnp.max(jnp.abs(got - float_cache)))
+  assert 0 < err < 0.05, err      # int8: ~1% of a value's range per element
+
+
 def test_rope_relative_and_restarts():
   """RoPE dot products depend only on position differences; positions restart per document."""
   x = jax.random.normal(jax.random.PRNGKey(3), (1, 2, 1, D))

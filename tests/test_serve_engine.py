@@ -15,6 +15,7 @@ from sosm_jax.data.tokenizers import ByteTokenizer
 from sosm_jax.models.config import default_model_config
 from sosm_jax.models.sampling import sample_tokens, top_k_filter
 from sosm_jax.serve import engine as engine_lib
+from sosm_jax.serve import layout
 from sosm_jax.serve import metrics as metrics_lib
 from sosm_jax.serve import registry as registry_lib
 from sosm_jax.serve.text import TextStream
@@ -140,6 +141,37 @@ def test_engine_greedy_text_is_generate_with_chunked_prefill_and_batching(patter
     out = list(np.asarray(model.generate(params, ids, jax.random.key(0), n)[0, ids.shape[1]:]))
     out = out[:out.index(tok.eos_id)] if tok.eos_id in out else out
     assert text == tok.decode(out), p
+
+
+@pytest.mark.parametrize("num_slots", [1, 2])     # 1: the onerow decode step, 2: the model's
+def test_engine_with_an_int8_kv_cache_is_generate_of_that_model(num_slots):
+  """kv_cache_dtype='int8': the engine's greedy text is generate's with the same int8 cache, and
+  its attention caches hold int8 values."""
+  model, params = _tiny(("hgrn2", "attn"))
+  tok = ByteTokenizer()
+  engine = engine_lib.Engine(model, params, tok, engine_lib.EngineConfig(
+      num_slots=num_slots, max_len=40, prefill_chunk=8, kv_cache_dtype="int8")).start()
+  assert engine.decode_path == ("onerow" if num_slots == 1 else "model")
+  assert engine._slots["layers"][1]["k"].dtype == jnp.int8      # pylint: disable=protected-access
+  prompt, n = "a prompt of 20 bytes", 12
+  events = queue.Queue()
+  engine.submit(prompt, engine_lib.SamplingParams(max_tokens=n, temperature=0.0), events.put)
+  text = until_done(events)[0]
+  engine.stop()
+  int8_model = layout.with_kv_cache_dtype(model, "int8")
+  ids = jnp.asarray([engine.encode(prompt)])
+  out = list(np.asarray(int8_model.generate(params, ids, jax.random.key(0), n)[0, ids.shape[1]:]))
+  out = out[:out.index(tok.eos_id)] if tok.eos_id in out else out
+  assert text == tok.decode(out)
+
+
+def test_kv_cache_dtype_is_checked_in_engine_and_model_configs():
+  with pytest.raises(ValueError, match="kv_cache_dtype"):
+    engine_lib.EngineConfig(kv_cache_dtype="fp8").check()
+  cfg = default_model_config("hybrid")
+  cfg.attn_kv_cache_dtype = "fp8"
+  with pytest.raises(ValueError, match="attn_kv_cache_dtype"):
+    models.build_model(cfg)
 
 
 def test_engine_refuses_bad_requests_before_queueing():

@@ -71,7 +71,8 @@ class Attention(nn.Module):
   def init_cache(self, batch_size: int, max_len: int):
     cfg = self.cfg
     return attn_ops.init_kv_cache(batch_size, max_len, cfg.attn_num_kv_heads, cfg.attn_head_dim,
-                                  compute_dtype(cfg))
+                                  compute_dtype(cfg),
+                                  quantized=cfg.get("attn_kv_cache_dtype", "") == "int8")
 
   @staticmethod
   def param_count(cfg) -> int:

@@ -10,6 +10,8 @@ Keys (config.model, an ml_collections ConfigDict):
                     2048 tokens and 'blockwise' beyond) | 'xla' | 'cudnn' | 'splash' |
                     'splash_interpret' | 'blockwise' | 'reference'           (added)
   attn_block_size   block length of the 'blockwise' (O(T)-memory) attention  (added)
+  attn_kv_cache_dtype  decoding's KV cache: '' (the activations' dtype) | 'int8' (per token and
+                    head absmax scales: half a bf16 cache's bytes; ops/attention.quantize_kv)
   hgrn2_head_dim    HGRN-2 key (state-expansion) dim per head; heads = d_model // hgrn2_head_dim
   gdn_num_heads, gdn_head_dim (key = value dim), conv_width (Gated DeltaNet short conv)
   gdn_output_gate   Gated DeltaNet output gate: 'sigmoid2' (2*sigmoid, zero-init: identity at
@@ -49,6 +51,8 @@ HYBRID_PATTERN = ("hgrn2", "hgrn2", "hgrn2", "attn")
 LINEAR_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret", "reference")
 # the names of sosm_jax.ops.attention.IMPLEMENTATIONS besides '' (auto)
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "splash_interpret", "blockwise", "reference")
+# sosm_jax.ops.attention.KV_CACHE_DTYPES
+KV_CACHE_DTYPES = ("", "int8")
 
 
 def _graph_defaults() -> ml_collections.ConfigDict:
@@ -80,6 +84,7 @@ def default_model_config(architecture: str = "hybrid") -> ml_collections.ConfigD
   c.attn_window = 0
   c.attn_impl = ""
   c.attn_block_size = 512
+  c.attn_kv_cache_dtype = ""
   c.hgrn2_head_dim = 128
   c.gdn_num_heads = 6
   c.gdn_head_dim = 128
@@ -188,6 +193,9 @@ def validate_model_config(cfg) -> None:
       _fail("attn_impl", f"unknown value {cfg.attn_impl!r}",
             f"use '' (auto) or one of {ATTENTION_IMPLEMENTATIONS}")
     _positive(cfg, "attn_block_size")
+    if cfg.get("attn_kv_cache_dtype", "") not in KV_CACHE_DTYPES:
+      _fail("attn_kv_cache_dtype", f"unknown value {cfg.attn_kv_cache_dtype!r}",
+            f"use one of {KV_CACHE_DTYPES} ('' = the activations' dtype)")
   if "hgrn2" in pattern:
     _positive(cfg, "hgrn2_head_dim")
     if cfg.d_model % cfg.hgrn2_head_dim:

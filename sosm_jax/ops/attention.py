@@ -321,24 +321,57 @@ def causal_attention(q, k, v, *, segment_ids=None, window=0, scale=None, impleme
 # --------------------------------------------------------------------------- KV cache
 
 
+# '' = the activations' dtype; 'int8' = one byte per element plus a float32 scale per token and
+# head (symmetric, absmax): half of a bf16 cache's bytes, the term that grows with context in decode.
+KV_CACHE_DTYPES = ("", "int8")
+_INT8_MAX = 127.0
+
+
 def init_kv_cache(batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
-                  dtype=jnp.float32) -> dict:
-  """Empty cache: {'k','v': `[batch, max_len, kv_heads, head_dim]`, 'index': int32 scalar}."""
+                  dtype=jnp.float32, *, quantized: bool = False) -> dict:
+  """Empty cache: {'k','v': `[batch, max_len, kv_heads, head_dim]`, 'index': int32 scalar}.
+
+  quantized: 'k', 'v' in int8 and 'k_scale', 'v_scale' `[batch, max_len, kv_heads, 1]` float32
+  (`quantize_kv`); `update_kv_cache` and `cached_attention` read the layout from the keys.
+  """
   shape = (batch_size, max_len, num_kv_heads, head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "index": jnp.zeros((), jnp.int32)}
+  if not quantized:
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "index": jnp.zeros((), jnp.int32)}
+  scales = jnp.ones(shape[:-1] + (1,), _F32)
+  return {"k": jnp.zeros(shape, jnp.int8), "v": jnp.zeros(shape, jnp.int8),
+          "k_scale": scales, "v_scale": scales, "index": jnp.zeros((), jnp.int32)}
+
+
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x `[..., head_dim]` -> (int8 values, float32 scale `[..., 1]`), x ~ values * scale.
+
+  Symmetric per vector (one token of one head): scale = max|x| / 127, so each element is off by
+  at most scale / 2; an all-zero vector gets scale 1.
+  """
+  x = x.astype(_F32)
+  amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+  scale = jnp.where(amax > 0, amax / _INT8_MAX, 1.0)
+  return jnp.clip(jnp.round(x / scale), -_INT8_MAX, _INT8_MAX).astype(jnp.int8), scale
 
 
 def update_kv_cache(cache: dict, k: jax.Array, v: jax.Array) -> dict:
   """Writes k, v `[batch, T, kv_heads, head_dim]` at slots index..index+T-1; advances index.
 
-  Writing past max_len is clamped by `dynamic_update_slice` (callers size the cache).
+  An int8 cache (`init_kv_cache(quantized=True)`) stores `quantize_kv` of each. Writing past
+  max_len is clamped by `dynamic_update_slice` (callers size the cache).
   """
   i = cache["index"]
   zero = jnp.zeros((), jnp.int32)
-  new_k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (zero, i, zero, zero))
-  new_v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (zero, i, zero, zero))
-  return {"k": new_k, "v": new_v, "index": i + k.shape[1]}
+
+  def write(name, x):
+    return jax.lax.dynamic_update_slice(cache[name], x.astype(cache[name].dtype), (zero, i, zero, zero))
+
+  if "k_scale" not in cache:
+    return {"k": write("k", k), "v": write("v", v), "index": i + k.shape[1]}
+  (k8, k_scale), (v8, v_scale) = quantize_kv(k), quantize_kv(v)
+  return {"k": write("k", k8), "v": write("v", v8), "k_scale": write("k_scale", k_scale),
+          "v_scale": write("v_scale", v_scale), "index": i + k.shape[1]}
 
 
 def cached_attention(q, cache, *, window=0, scale=None):
@@ -358,6 +391,29 @@ def cached_attention(q, cache, *, window=0, scale=None):
   q_index = cache["index"] - tq + jnp.broadcast_to(jnp.arange(tq), (b, tq))
   k_index = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
   mask = attention_mask(q_index, k_index, window=window)
+  if "k_scale" in cache:
+    return _int8_cached_attention(q, cache, mask, scale)
   k = cache["k"].astype(q.dtype)
   v = cache["v"].astype(q.dtype)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+
+
+def _int8_cached_attention(q, cache, mask, scale):
+  """Attention over an int8 cache without a dequantized copy of it.
+
+  The products read the int8 values (exact in bfloat16); a key's scale multiplies its scores and a
+  value's scale its probabilities, which is the same sum as over `values * scale`.
+  """
+  b, tq, h, dh = q.shape
+  kv_heads = cache["k"].shape[2]
+  groups = h // kv_heads
+  per_key = lambda s: jnp.transpose(s[..., 0], (0, 2, 1))[:, :, None, None, :]   # [b, K, 1, 1, T]
+  qg = q.reshape(b, tq, kv_heads, groups, dh)
+  scores = jnp.einsum("bqkgd,btkd->bkgqt", qg, cache["k"].astype(q.dtype),
+                      preferred_element_type=_F32)
+  scores = scores * (per_key(cache["k_scale"]) * (dh ** -0.5 if scale is None else scale))
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(_F32).min)
+  probs = jax.nn.softmax(scores, axis=-1) * per_key(cache["v_scale"])
+  o = jnp.einsum("bkgqt,btkd->bqkgd", probs.astype(q.dtype), cache["v"].astype(q.dtype),
+                 preferred_element_type=_F32)
+  return o.reshape(b, tq, h, dh).astype(q.dtype)

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sosm_jax.models.config import resolved_pattern
+from sosm_jax.models.config import KV_CACHE_DTYPES, resolved_pattern
 from sosm_jax.models.sampling import sample_tokens
 from sosm_jax.serve import layout, onerow
 from sosm_jax.serve.text import TextStream
@@ -89,6 +89,8 @@ class EngineConfig:
   decode_steps: int = 8       # tokens decoded per dispatch (requests join and leave between)
   serving_layout: bool = True  # serve/layout.py and, for one slot, serve/onerow.py (False:
                                # the parameters exactly as given, the model's decode step)
+  kv_cache_dtype: str = ""     # attention KV cache: '' = the model config's
+                               # (attn_kv_cache_dtype), 'int8' = half of a bf16 cache's bytes
 
   def check(self) -> None:
     if self.num_slots < 1:
@@ -99,6 +101,9 @@ class EngineConfig:
       raise ValueError(f"max_len must be >= 2, got {self.max_len}")
     if self.decode_steps < 1:
       raise ValueError(f"decode_steps must be >= 1, got {self.decode_steps}")
+    if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+      raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES} ('' = the model "
+                       f"config's), got {self.kv_cache_dtype!r}")
 
 
 @dataclasses.dataclass
@@ -169,6 +174,8 @@ class Engine:
   def __init__(self, model, params, tokenizer, config: EngineConfig = EngineConfig(), *,
                name: str = "model"):
     config.check()
+    if config.kv_cache_dtype:
+      model = layout.with_kv_cache_dtype(model, config.kv_cache_dtype)
     if config.serving_layout:
       model, params = layout.serving_layout(model, params)
     self.model, self.params, self.tokenizer, self.config, self.name = (

@@ -67,6 +67,16 @@ def unstack_layers(cfg, params) -> dict:
   return out
 
 
+def with_kv_cache_dtype(model, dtype: str):
+  """The same model (same parameters) with its attention layers' decode cache in `dtype`
+  ('' or 'int8', config key `model.attn_kv_cache_dtype`)."""
+  if model.cfg.get("attn_kv_cache_dtype", "") == dtype:
+    return model
+  cfg = ml_collections.ConfigDict(model.cfg.to_dict())
+  cfg.attn_kv_cache_dtype = dtype
+  return models.build_model(cfg)
+
+
 def serving_layout(model, params):
   """(model, params) -> (model, params) in the serving layout (module doc); same outputs.
 
