@@ -127,11 +127,16 @@ class SegmentRunner:
     """
     out = {}
     for i in self.layers:
+      # each stream's search vectors on the bank's threads (the same numbers as the whole batch's)
       keys, values, valid, _ = self.banks[i].retrieve(
-          search_vectors(probed[i][0], self.kv), self.top_k, key_shape=(self.kv, self.head_dim),
-          match=match)
-      out[i] = (keys.astype(np.float32), values.astype(np.float32), valid)
+          np.asarray(probed[i][0], np.float32), self.top_k, key_shape=(self.kv, self.head_dim),
+          match=match, to_search=self._stream_search_vectors)
+      out[i] = (np.asarray(keys, np.float32), np.asarray(values, np.float32), valid)
     return out
+
+  def _stream_search_vectors(self, q):
+    """search_vectors of one stream's queries `[T, heads, D]` -> `[T, kv_heads * D]`."""
+    return search_vectors(q[None], self.kv)[0]
 
   def add(self, probed, positions=None, segment=0, metadata=None, where=None):
     """Stores a probed segment's keys/values (numpy: no gradient) with metadata.

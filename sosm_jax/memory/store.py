@@ -198,30 +198,74 @@ class HostMemory:
     nq = qn.shape[0]
     scores = np.full((nq, k), -np.inf, np.float32)
     ids = np.full((nq, k), -1, np.int64)
-    for shard in self.shards:
-      if shard.size == 0:
-        continue
+    filled = [s for s in self.shards if s.size]
+    if len(filled) == 1:   # one shard (e.g. all of training): its own top-k order, no merge
+      shard = filled[0]
+      n = min(k, shard.size)
+      s, i = shard.index.search(qn, n)
+      scores[:, :n] = np.where(i >= 0, s, -np.inf)
+      ids[:, :n] = np.where(i >= 0, i + shard.first_id, -1)
+      return scores, ids
+    for shard in filled:
       s, i = shard.index.search(qn, min(k, shard.size))
       gid = np.where(i >= 0, i + shard.first_id, -1)
       s = np.where(i >= 0, s, -np.inf).astype(np.float32)
       scores, ids = _merge_topk(scores, ids, s, gid, k)
     return scores, ids
 
+  def stored_layout(self):
+    """((key shape, dtype), (value shape, dtype)) of one stored entry; None while empty."""
+    filled = [s for s in self.shards if s.size]
+    if not filled:
+      return None
+    keys, values = filled[-1].keys[0], filled[-1].values[0]
+    return (keys.shape[1:], keys.dtype), (values.shape[1:], values.dtype)
+
   def gather(self, ids):
     """Stored (keys, values, metadata, valid) for ids `[...]` (−1 or evicted -> zeros, invalid)."""
     ids = np.asarray(ids, np.int64)
+    layout = self.stored_layout()
+    if layout is None:
+      return None, None, {}, np.zeros(ids.shape, bool)
+    (ks, kd), (vs, vd) = layout
+    keys, values = np.empty(ids.shape + ks, kd), np.empty(ids.shape + vs, vd)
+    meta, valid = self.gather_into(ids, keys, values)
+    return keys, values, meta, valid
+
+  def gather_into(self, ids, keys_out, values_out, names=None):
+    """Writes the stored keys/values of ids `[...]` into keys_out/values_out `[..., *entry]`
+    (zeros where invalid) -> (metadata {name: `[...]`}, valid `[...]`).
+
+    names: the metadata to gather (default all). One fancy index per shard, straight into the
+    caller's arrays (no per-query loops, no intermediate copies).
+    """
+    ids = np.asarray(ids, np.int64)
     flat = ids.reshape(-1)
+    keys = keys_out.reshape((flat.size,) + keys_out.shape[ids.ndim:])
+    values = values_out.reshape((flat.size,) + values_out.shape[ids.ndim:])
+    filled = [s for s in self.shards if s.size]
     valid = np.zeros(flat.shape, bool)
-    keys = values = None
     meta: dict = {}
-    for shard in self.shards:
-      if shard.size == 0:
-        continue
+    if len(filled) == 1:   # the common case: one take per array, then zero the invalid rows
+      sk, sv, sm = filled[0].compact()
+      row = flat - filled[0].first_id
+      valid = (flat >= 0) & (row >= 0) & (row < filled[0].size)
+      row = np.where(valid, row, 0)
+      np.take(sk, row, axis=0, out=keys)
+      np.take(sv, row, axis=0, out=values)
+      meta = {n: np.where(valid, sm[n][row], 0).astype(sm[n].dtype)
+              for n in (sm if names is None else [n for n in names if n in sm])}
+      if not valid.all():
+        keys[~valid] = 0
+        values[~valid] = 0
+      return {n: a.reshape(ids.shape) for n, a in meta.items()}, valid.reshape(ids.shape)
+    keys[...] = 0
+    values[...] = 0
+    for shard in filled:
       sk, sv, sm = shard.compact()
-      if keys is None:
-        keys = np.zeros((flat.size,) + sk.shape[1:], sk.dtype)
-        values = np.zeros((flat.size,) + sv.shape[1:], sv.dtype)
-        meta = {name: np.zeros(flat.size, a.dtype) for name, a in sm.items()}
+      if not meta:
+        meta = {n: np.zeros(flat.size, sm[n].dtype)
+                for n in (sm if names is None else [n for n in names if n in sm])}
       row = flat - shard.first_id
       hit = (flat >= 0) & (row >= 0) & (row < shard.size)
       r = row[hit]
@@ -229,11 +273,7 @@ class HostMemory:
       for name in meta:
         meta[name][hit] = sm[name][r]
       valid |= hit
-    if keys is None:
-      return None, None, {}, valid.reshape(ids.shape)
-    shape = ids.shape
-    return (keys.reshape(shape + keys.shape[1:]), values.reshape(shape + values.shape[1:]),
-            {n: a.reshape(shape) for n, a in meta.items()}, valid.reshape(shape))
+    return {n: a.reshape(ids.shape) for n, a in meta.items()}, valid.reshape(ids.shape)
 
   # ------------------------------------------------------------------ persistence
 
@@ -371,42 +411,48 @@ class MemoryBank:
                            {k: np.asarray(v)[b][sel] for k, v in (metadata or {}).items()})
     self._map(one)
 
-  def retrieve(self, queries, k: int | None = None, key_shape=None, dtype=np.float32, match=None):
+  def retrieve(self, queries, k: int | None = None, key_shape=None, dtype=np.float32, match=None,
+               to_search=None):
     """Top-k stored entries per query.
 
     queries `[streams, q, dim]` -> keys, values `[streams, q, k, ...]`, valid `[streams, q, k]`,
     scores `[streams, q, k]`. key_shape (trailing shape of stored keys) is needed only while
     every memory is empty. match: optional {metadata name: `[streams, q]`}: an entry is valid for
     a query only where its metadata equals the query's (e.g. the same document).
+    to_search: optional function of one stream's queries `[q, ...]` -> its search vectors
+    `[q, dim]` (e.g. `search_vectors`), run on the bank's threads and skipped for empty memories.
+
+    Keys/values are the stored dtype (`dtype` while every memory is empty). Each stream's thread
+    writes its results straight into the outputs (no per-stream arrays stacked afterwards).
     """
     k = int(k or self.memories[0].cfg["top_k"])
+    nq = np.shape(queries)[1]
+    layout = next((lay for lay in (m.stored_layout() for m in self.memories) if lay is not None),
+                  None)
+    if layout is None:
+      if key_shape is None:
+        raise ValueError("all memories are empty: pass key_shape to get zero-filled keys/values.")
+      layout = ((tuple(key_shape), np.dtype(dtype)),) * 2
+    (ks, kd), (vs, vd) = layout
+    lead = (len(self.memories), nq, k)
+    keys, values = np.empty(lead + tuple(ks), kd), np.empty(lead + tuple(vs), vd)
+    valid, scores = np.empty(lead, bool), np.empty(lead, np.float32)
+    match = {name: np.asarray(want) for name, want in (match or {}).items()}
 
     def one(b):
       mem = self.memories[b]
-      s, ids = mem.search(queries[b], k)
-      kk, vv, meta, valid = mem.gather(ids)
-      for name, want in (match or {}).items():
-        if name in meta:
-          valid &= meta[name] == np.asarray(want)[b][:, None]
-        else:
-          valid &= False
-      return kk, vv, valid, s
+      if not len(mem):
+        keys[b], values[b], valid[b], scores[b] = 0, 0, False, -np.inf
+        return
+      q = queries[b] if to_search is None else to_search(queries[b])
+      s, ids = mem.search(q, k)
+      meta, ok = mem.gather_into(ids, keys[b], values[b], names=list(match))
+      for name, want in match.items():
+        ok &= meta[name] == want[b][:, None] if name in meta else False
+      valid[b], scores[b] = ok, s
 
-    out_k, out_v, out_m, out_s = [], [], [], []
-    for kk, vv, valid, s in self._map(one):
-      out_k.append(kk)
-      out_v.append(vv)
-      out_m.append(valid)
-      out_s.append(s)
-    template = next((x for x in out_k if x is not None), None)
-    if template is None:
-      if key_shape is None:
-        raise ValueError("all memories are empty: pass key_shape to get zero-filled keys/values.")
-      template = np.zeros(np.asarray(queries).shape[1:2] + (k,) + tuple(key_shape), dtype)
-    zeros = np.zeros_like(template)
-    keys = np.stack([zeros if x is None else x for x in out_k])
-    values = np.stack([zeros if x is None else x for x in out_v])
-    return keys, values, np.stack(out_m), np.stack(out_s)
+    self._map(one)
+    return keys, values, valid, scores
 
   def save(self, directory: str) -> None:
     """One sub-folder `stream_<i>` per stream (see `HostMemory.save`)."""
