@@ -17,6 +17,12 @@ and as the mean over a row's windows (the per-step host time of training), media
 
   python benchmarks/memory_host_path.py --output=/tmp/memory_host_path.json
   python benchmarks/memory_host_path.py --profile --rows=1      # cProfile of the feeder steps
+  python benchmarks/memory_host_path.py --busy_threads=1        # with a Python thread holding the GIL
+
+--busy_threads runs that many threads of pure Python loops while timing (as any busy Python
+thread of the trainer would): a thread that released the GIL (in FAISS, in a large numpy op)
+then waits up to the interpreter's switch interval (5 ms) to get it back, so the host path's cost
+grows with the number of GIL hand-offs it makes, not only with its arithmetic.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import os
 import platform
 import pstats
 import sys
+import threading
 import time
 
 import faiss
@@ -103,7 +110,7 @@ def make_feeder(args):
   cfg = memory_train.default_config()
   cfg.update(enabled=True, segments=args.windows, index="flat", top_k=args.top_k,
              capacity=args.capacity, num_shards=args.num_shards, prefetch=False,
-             stream_threads=args.stream_threads)
+             stream_threads=args.stream_threads, search_threads=args.search_threads)
   feeder = memory_train.SegmentFeeder(
       long_memory_model(args.heads, args.kv_heads, args.head_dim), cfg, seq_len=args.window,
       batch_size=args.streams, make_pipeline=lambda length, st: _Rows(row))
@@ -159,6 +166,27 @@ def medians(per_row):
   return by_window, {n: float(np.mean(v)) for n, v in by_window.items()}
 
 
+class _BusyPython:
+  """Threads spinning in pure Python (holding the GIL in turns) while the context is open."""
+
+  def __init__(self, n: int):
+    self.n, self.stop = n, threading.Event()
+
+  def _spin(self):
+    x = 0
+    while not self.stop.is_set():
+      for i in range(1000):
+        x += i
+
+  def __enter__(self):
+    for _ in range(self.n):
+      threading.Thread(target=self._spin, daemon=True).start()
+    return self
+
+  def __exit__(self, *exc):
+    self.stop.set()
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--streams", type=int, default=8)
@@ -171,6 +199,10 @@ def main(argv=None):
   ap.add_argument("--capacity", type=int, default=131072)
   ap.add_argument("--num_shards", type=int, default=4)
   ap.add_argument("--stream_threads", type=int, default=0, help="memory.stream_threads (0 = per core)")
+  ap.add_argument("--search_threads", type=int, default=1,
+                  help="memory.search_threads (FAISS OpenMP threads per search; 0 = its default)")
+  ap.add_argument("--busy_threads", type=int, default=0,
+                  help="threads of pure Python running while timing (GIL contention)")
   ap.add_argument("--rows", type=int, default=3, help="timed rows (after one warm-up row)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--profile", action="store_true", help="print a cProfile of the feeder steps")
@@ -178,8 +210,9 @@ def main(argv=None):
   args = ap.parse_args(argv)
   feeder, draws = make_feeder(args)
   time_feeder_steps(feeder)                                     # warm-up row (pools, compiles)
-  steps = [time_feeder_steps(feeder) for _ in range(args.rows)]
-  phases = [time_phases(feeder, draws, args) for _ in range(args.rows)]
+  with _BusyPython(args.busy_threads):
+    steps = [time_feeder_steps(feeder) for _ in range(args.rows)]
+    phases = [time_phases(feeder, draws, args) for _ in range(args.rows)]
   step_w, step_mean = medians(steps)
   phase_w, phase_mean = medians(phases)
   result = dict(

@@ -250,9 +250,9 @@ class HostMemory:
       sk, sv, sm = filled[0].compact()
       row = flat - filled[0].first_id
       valid = (flat >= 0) & (row >= 0) & (row < filled[0].size)
-      row = np.where(valid, row, 0)
-      np.take(sk, row, axis=0, out=keys)
-      np.take(sv, row, axis=0, out=values)
+      row = np.where(valid, row, 0)   # in range, so mode='clip' (unbuffered) changes nothing
+      np.take(sk, row, axis=0, out=keys, mode="clip")
+      np.take(sv, row, axis=0, out=values, mode="clip")
       meta = {n: np.where(valid, sm[n][row], 0).astype(sm[n].dtype)
               for n in (sm if names is None else [n for n in names if n in sm])}
       if not valid.all():
@@ -382,15 +382,15 @@ class MemoryBank:
   def __len__(self) -> int:
     return len(self.memories)
 
-  def _map(self, fn) -> list:
-    """[fn(b) for every stream b], on the bank's threads when there are several."""
-    n = len(self.memories)
-    cfg = self.memories[0].cfg if n else {}
+  def _map(self, fn, streams=None) -> list:
+    """[fn(b) for every stream b (or those given)], on the bank's threads when there are several."""
+    streams = range(len(self.memories)) if streams is None else streams
+    cfg = self.memories[0].cfg if self.memories else {}
     want = int(cfg.get("stream_threads", 1))
-    workers = min(n, want or (os.cpu_count() or 1))
+    workers = min(len(streams), want or (os.cpu_count() or 1))
     if workers <= 1:
-      return [fn(b) for b in range(n)]
-    return list(_pool(workers, int(cfg.get("search_threads", 0))).map(fn, range(n)))
+      return [fn(b) for b in streams]
+    return list(_pool(workers, int(cfg.get("search_threads", 0))).map(fn, streams))
 
   def reset(self, streams=None) -> None:
     """Resets the given streams (all when None), e.g. those whose document ended."""
@@ -420,7 +420,7 @@ class MemoryBank:
     every memory is empty. match: optional {metadata name: `[streams, q]`}: an entry is valid for
     a query only where its metadata equals the query's (e.g. the same document).
     to_search: optional function of one stream's queries `[q, ...]` -> its search vectors
-    `[q, dim]` (e.g. `search_vectors`), run on the bank's threads and skipped for empty memories.
+    `[q, dim]` (e.g. `search_vectors`), run on the bank's threads; never for an empty memory.
 
     Keys/values are the stored dtype (`dtype` while every memory is empty). Each stream's thread
     writes its results straight into the outputs (no per-stream arrays stacked afterwards).
@@ -435,15 +435,13 @@ class MemoryBank:
       layout = ((tuple(key_shape), np.dtype(dtype)),) * 2
     (ks, kd), (vs, vd) = layout
     lead = (len(self.memories), nq, k)
-    keys, values = np.empty(lead + tuple(ks), kd), np.empty(lead + tuple(vs), vd)
-    valid, scores = np.empty(lead, bool), np.empty(lead, np.float32)
+    # zeros cost nothing until written (fresh pages): empty memories' rows stay as allocated
+    keys, values = np.zeros(lead + tuple(ks), kd), np.zeros(lead + tuple(vs), vd)
+    valid, scores = np.zeros(lead, bool), np.full(lead, -np.inf, np.float32)
     match = {name: np.asarray(want) for name, want in (match or {}).items()}
 
     def one(b):
       mem = self.memories[b]
-      if not len(mem):
-        keys[b], values[b], valid[b], scores[b] = 0, 0, False, -np.inf
-        return
       q = queries[b] if to_search is None else to_search(queries[b])
       s, ids = mem.search(q, k)
       meta, ok = mem.gather_into(ids, keys[b], values[b], names=list(match))
@@ -451,7 +449,9 @@ class MemoryBank:
         ok &= meta[name] == want[b][:, None] if name in meta else False
       valid[b], scores[b] = ok, s
 
-    self._map(one)
+    filled = [b for b, mem in enumerate(self.memories) if len(mem)]
+    if filled:
+      self._map(one, filled)
     return keys, values, valid, scores
 
   def save(self, directory: str) -> None:
