@@ -123,7 +123,12 @@ def make_feeder(args):
 
 
 def time_phases(feeder, draws, args):
-  """Per window: seconds of each host phase called on its own (same memory as the feeder's)."""
+  """Per window: seconds of each host phase called on its own (same memory as the feeder's).
+
+  search_vectors: of the whole batch; search_only: the FAISS searches (HostMemory.search) of
+  those vectors on the bank's threads, the floor of retrieve; retrieve: SegmentRunner.retrieve
+  (search vectors, search, gather, same-document rule); add: SegmentRunner.add.
+  """
   runner = feeder.runner
   layer = runner.layers[0]
   doc = document_ids(args.streams, args.windows, args.window)
@@ -134,13 +139,18 @@ def time_phases(feeder, draws, args):
     win = doc[:, s * args.window:(s + 1) * args.window]
     probed = {layer: (q, k, v)}
     t0 = time.perf_counter()
-    search_vectors(q, runner.kv)
+    sv = search_vectors(q, runner.kv)
     t1 = time.perf_counter()
-    runner.retrieve(probed, match={"doc": win})
+    bank = runner.banks[layer]   # FAISS search alone (HostMemory.search) on the bank's threads
+    filled = [b for b, mem in enumerate(bank.memories) if len(mem)]
+    if filled:
+      bank._map(lambda b: bank.memories[b].search(sv[b], runner.top_k), filled)  # pylint: disable=protected-access,cell-var-from-loop
     t2 = time.perf_counter()
-    runner.add(probed, segment=s, metadata={"doc": win}, where=win > 0)
+    runner.retrieve(probed, match={"doc": win})
     t3 = time.perf_counter()
-    rows.append(dict(search_vectors=t1 - t0, retrieve=t2 - t1, add=t3 - t2))
+    runner.add(probed, segment=s, metadata={"doc": win}, where=win > 0)
+    t4 = time.perf_counter()
+    rows.append(dict(search_vectors=t1 - t0, search_only=t2 - t1, retrieve=t3 - t2, add=t4 - t3))
   return rows
 
 
