@@ -145,7 +145,7 @@ class SegmentRunner:
     any `metadata` {name: `[B, T]`}; where `[B, T]` bool selects the tokens stored.
     """
     for i in self.layers:
-      _, k, v = (np.asarray(a, np.float32) for a in probed[i])
+      k, v = (np.asarray(a, np.float32) for a in probed[i][1:])   # q is not stored
       b, t = k.shape[:2]
       pos = np.broadcast_to(np.arange(t) if positions is None else np.asarray(positions), (b, t))
       meta = {"position": pos, "segment": np.full((b, t), segment, np.int32), **(metadata or {})}
