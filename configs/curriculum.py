@@ -25,8 +25,8 @@ Variants:
   long_memory  long_small's model with attention layer 3 made a graph layer that reads a host
           FAISS memory (flat, top-8, one kv head), on long_small's kind of data mix: windows of
           2,048 tokens, each stream reading rows of 4 windows (8,192) with the earlier ones in
-          its memory; 2,400 steps of 8 x 2,048 (an estimate of ~270 s on one H200, not
-          measured). For launch/evaluate.py --memory=auto|off to 64K (commands: RESULTS.md).
+          its memory; 2,400 steps of 8 x 2,048 (307 ms a step on one H200: host-bound, more
+          than one device call). For launch/evaluate.py --memory=auto|off (RESULTS.md).
   long_cp the full recipe plus a stage of 262,144 tokens (2 sequences per step, one per
           micro-batch), every sequence split over 2 devices (mesh.context=2): needs exactly 2
           devices (e.g. 2 H200s).
@@ -145,10 +145,11 @@ def get_config(arg: str | None = None):
 def _long_memory(c):
   """long_small's model and data with one graph layer reading a host memory (see the module doc).
 
-  Not yet run on a GPU: the step count is an estimate (benchmarks/RESULTS.md, "The memory
-  variant at long context"). What bounds it is the host, not the device: per step the trainer
-  probes the window, searches every stream's FAISS memory on the CPU and copies the top-k
-  keys/values ([streams, window, top_k, kv_heads, head_dim] float32) to the device.
+  Run once on one H200 (benchmarks/RESULTS.md, "The memory variant at long context"): 307 ms a
+  step, host-bound (the estimate was 90 ms), so the 2,400 steps need ~740 s, more than one device
+  call; stopped by time at step 753 it had not learned retrieval. Per step the trainer probes the
+  window, searches every stream's FAISS memory on the CPU and copies the top-k keys/values
+  ([streams, window, top_k, kv_heads, head_dim] float32) to the device.
   """
   c.model.update(architecture="sosm", num_layers=8, d_model=512, mlp_dim=1408, vocab_size=260,
                  attn_num_heads=8, attn_num_kv_heads=4, attn_head_dim=64, hgrn2_head_dim=128,
@@ -186,12 +187,10 @@ def _long_memory(c):
   c.curriculum.update(
       seq_lens=(2048,),
       # 8 streams x 2,048 = 16,384 tokens a step (a quarter of long_small's: the host work grows
-      # with the tokens). ESTIMATE ~90 ms a step on one H200 host (not measured): device ~20 ms
-      # (long_small's 1.28M tokens/s at 4K plus the graph layer and the probe forward), host
-      # ~60 ms (search_vectors + flat search + gather measured 310 ms a step on one loaded core
-      # here, spread over 8 stream threads of 16 cores), host-to-device copy ~10 ms.
-      # 2,400 x 90 ms = 216 s of steps (+ start-up and a ~40 s compile: ~270 s);
-      # .devrun/longmem/run.sh stops training by time (SIGTERM: checkpoint, exit) at 290 s.
+      # with the tokens). Measured 307 ms a step on one H200 (53K tokens/s; estimated 90 ms),
+      # before the host path's rework (1.45x on the 2-core development machine,
+      # benchmarks/memory_host_path.py): 2,400 steps take more than one device call; the
+      # trainer's SIGTERM checkpoint (memory included) lets a second call resume.
       steps=(2400,),
       tokens_per_step=16384,
       global_batch=(8,),
