@@ -37,7 +37,9 @@ import sys
 import threading
 import time
 
-import faiss
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import faiss  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from sosm_jax.memory.segments import search_vectors
