@@ -144,6 +144,8 @@ def test_kv_cache_decode_matches_full(window):
 
 
 def test_quantize_kv_is_within_half_a_step_of_the_input():
+  from sosm_jax.models.config import KV_CACHE_DTYPES  # pylint: disable=import-outside-toplevel
+  assert KV_CACHE_DTYPES == att.KV_CACHE_DTYPES    # what config.model.attn_kv_cache_dtype accepts
   x = jax.random.normal(jax.random.PRNGKey(5), (3, 7, 2, D)) * jnp.array([1e-3, 1.0, 50.0])[:, None,
                                                                                             None, None]
   x = x.at[0, 0, 0].set(0.0)                                 # an all-zero vector: scale 1, zeros
