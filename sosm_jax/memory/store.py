@@ -154,6 +154,9 @@ class HostMemory:
   def __len__(self) -> int:
     return sum(s.size for s in self.shards)
 
+  def _filled_shards(self) -> list:
+    return [s for s in self.shards if s.size]
+
   def _new_shard(self):
     self.shards.append(_Shard(make_index(self.dim, self.cfg), self.next_id))
     if len(self.shards) > self.cfg["num_shards"]:
@@ -198,7 +201,7 @@ class HostMemory:
     nq = qn.shape[0]
     scores = np.full((nq, k), -np.inf, np.float32)
     ids = np.full((nq, k), -1, np.int64)
-    filled = [s for s in self.shards if s.size]
+    filled = self._filled_shards()
     if len(filled) == 1:   # one shard (e.g. all of training): its own top-k order, no merge
       shard = filled[0]
       n = min(k, shard.size)
@@ -215,7 +218,7 @@ class HostMemory:
 
   def stored_layout(self):
     """((key shape, dtype), (value shape, dtype)) of one stored entry; None while empty."""
-    filled = [s for s in self.shards if s.size]
+    filled = self._filled_shards()
     if not filled:
       return None
     keys, values = filled[-1].keys[0], filled[-1].values[0]
@@ -243,9 +246,10 @@ class HostMemory:
     flat = ids.reshape(-1)
     keys = keys_out.reshape((flat.size,) + keys_out.shape[ids.ndim:])
     values = values_out.reshape((flat.size,) + values_out.shape[ids.ndim:])
-    filled = [s for s in self.shards if s.size]
+    filled = self._filled_shards()
+    stored_meta = filled[0].compact()[2] if filled else {}
+    wanted = [n for n in (stored_meta if names is None else names) if n in stored_meta]
     valid = np.zeros(flat.shape, bool)
-    meta: dict = {}
     if len(filled) == 1:   # the common case: one take per array, then zero the invalid rows
       sk, sv, sm = filled[0].compact()
       row = flat - filled[0].first_id
@@ -253,19 +257,16 @@ class HostMemory:
       row = np.where(valid, row, 0)   # in range, so mode='clip' (unbuffered) changes nothing
       np.take(sk, row, axis=0, out=keys, mode="clip")
       np.take(sv, row, axis=0, out=values, mode="clip")
-      meta = {n: np.where(valid, sm[n][row], 0).astype(sm[n].dtype)
-              for n in (sm if names is None else [n for n in names if n in sm])}
+      meta = {n: np.where(valid, sm[n][row], 0).astype(sm[n].dtype) for n in wanted}
       if not valid.all():
         keys[~valid] = 0
         values[~valid] = 0
       return {n: a.reshape(ids.shape) for n, a in meta.items()}, valid.reshape(ids.shape)
     keys[...] = 0
     values[...] = 0
+    meta = {n: np.zeros(flat.size, stored_meta[n].dtype) for n in wanted}
     for shard in filled:
       sk, sv, sm = shard.compact()
-      if not meta:
-        meta = {n: np.zeros(flat.size, sm[n].dtype)
-                for n in (sm if names is None else [n for n in names if n in sm])}
       row = flat - shard.first_id
       hit = (flat >= 0) & (row >= 0) & (row < shard.size)
       r = row[hit]
