@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import optax
 import pytest
 from flax import traverse_util
@@ -164,3 +165,59 @@ def test_lora_and_distillation_through_the_trainer_and_export(tmp_path):
   student.model.update(d_model=48, mlp_dim=64, hgrn2_head_dim=16, attn_num_heads=3)
   result = loop.train(student, str(tmp_path / "distill"))
   assert result.status == "finished" and np.isfinite(result.last_metrics["loss"])
+
+
+def _flat(params):
+  return traverse_util.flatten_dict(jax.tree.map(np.asarray, nn.unbox(params)), sep="/")
+
+
+def test_init_by_name_loads_what_matches_and_keeps_the_rest_fresh():
+  saved = random_params(_config())                         # hgrn2, attn with one kv head
+  target = _config(num_layers=3, pattern=("hgrn2", "attn", "hgrn2"), attn_num_kv_heads=2)
+  model = models.build_model(target.model)
+  like = model.init(jax.random.key(3), 1, target.model.chunk_size)
+  params, match = finetune.match_by_name(saved, like)
+  got, fresh_init, old = _flat(params), _flat(like), _flat(saved)
+  assert set(got) == set(fresh_init)
+  # the attention's k/v (2 kv heads now) and the per-layer HGRN-2 lower bounds (2 layers now)
+  assert sorted(match.reshaped) == ["hgrn2_lower_bounds", "layers/block_1/mixer/k_proj/kernel",
+                                    "layers/block_1/mixer/v_proj/kernel"]
+  assert match.fresh and all(p.startswith("layers/block_2/") for p in match.fresh)
+  assert not match.unused
+  for path in match.loaded:
+    np.testing.assert_array_equal(got[path], old[path])
+  for path in match.fresh + match.reshaped:
+    np.testing.assert_array_equal(got[path], fresh_init[path])
+  assert 0 < match.loaded_values < match.total_values
+  assert "fresh (saved with another shape)" in match.summary()
+
+  # the other way round: the saved third layer has no place in a two-layer model
+  _, back = finetune.match_by_name(params, model_init := models.build_model(
+      _config().model).init(jax.random.key(0), 1, 8))
+  assert back.unused and not back.fresh
+  with pytest.raises(ValueError, match="no parameter of the saved weights"):
+    finetune.match_by_name({"something": {"else": np.zeros(3)}}, model_init)
+
+
+def test_init_match_config_errors_name_their_key():
+  for kw in [dict(init_match="shape", init_from="x"), dict(init_match="by_name"),
+             dict(init_match="by_name", init_from="x", lora_rank=2),
+             dict(init_match="by_name", init_from="x", teacher="y")]:
+    with pytest.raises(ValueError, match="config.finetune.init_match"):
+      finetune.validate_config(_ft(**kw))
+
+
+def test_init_by_name_through_the_trainer(tmp_path, capsys):
+  from sosm_jax.export import weights
+  from sosm_jax.train import loop
+  base_cfg = _trainer_config()
+  base_dir = weights.write_workdir(str(tmp_path / "base"), base_cfg, random_params(base_cfg))
+  other = _trainer_config(init_from=base_dir)          # the attention layer with 2 kv heads
+  other.model.update(attn_num_kv_heads=2)
+  with pytest.raises(ValueError, match="config.finetune.init_from: its model differs"):
+    loop.train(other, str(tmp_path / "same"))           # 'all' (default) checks the model
+  other.finetune.init_match = "by_name"
+  result = loop.train(other, str(tmp_path / "by_name"))
+  assert result.status == "finished" and np.isfinite(result.last_metrics["loss"])
+  out = capsys.readouterr().out
+  assert "init_from by name:" in out and "k_proj/kernel" in out

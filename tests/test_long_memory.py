@@ -85,3 +85,21 @@ def test_long_memory_passkeys_sit_in_earlier_windows_and_are_asked_in_the_last()
   # depth uniform: ~3/4 of the needles lie in windows 0-2, only reachable through the memory
   assert 0.6 <= counts[:-1].sum() / len(needle_windows) <= 0.9, counts
   assert (counts > 0).all(), counts
+
+
+def test_long_memory_starts_from_long_small_by_name():
+  """`--config.finetune.init_from=<long_small run> --config.finetune.init_match=by_name` (RESULTS:
+  the next long_memory run): every parameter but the memory layer's own comes from long_small."""
+  from sosm_jax.train import finetune   # pylint: disable=import-outside-toplevel
+
+  def zeros(variant):
+    c = _config(variant).model
+    m = models.build_model(c)
+    shapes = jax.eval_shape(lambda: m.init(jax.random.key(0), 1, c.chunk_size))
+    return jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), shapes)
+
+  _, match = finetune.match_by_name(zeros("long_small"), zeros("long_memory"))
+  assert not match.unused
+  assert all(p.startswith("layer_3/mixer/") for p in match.fresh + match.reshaped)
+  assert sorted(match.reshaped) == ["layer_3/mixer/k_proj/kernel", "layer_3/mixer/v_proj/kernel"]
+  assert match.loaded_values > 0.97 * match.total_values

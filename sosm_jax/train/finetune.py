@@ -3,6 +3,10 @@
 Config (`config.finetune`, `default_config`):
   init_from      '' | a work directory (newest checkpoint) or a safetensors export folder: the
                  starting weights (the frozen base with LoRA, else the weights trained further)
+  init_match     'all': init_from holds this very model (checked); 'by_name': another model, e.g.
+                 with one layer swapped: every parameter whose path and shape equal a saved one
+                 starts from it, the rest from the fresh initialisation (listed when training
+                 starts); without LoRA or a teacher
   lora_rank      0 = off; R > 0 trains only rank-R adapters on the kernels whose path (joined by
                  '/') matches `lora_targets` (default: every mixer projection and MLP matrix)
   lora_alpha     adapter scale alpha / R
@@ -45,12 +49,13 @@ from flax import traverse_util
 from sosm_jax.layers.embed import Embedder, masked_sums, mean_loss_metrics
 
 _F32 = jnp.float32
+INIT_MATCHES = ("all", "by_name")
 DEFAULT_TARGETS = r"(mixer/(q|k|v|o|f|i|gate)_proj|mlp/(wi_gate|wi_up|wo))/kernel$"
 
 
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      init_from="", lora_rank=0, lora_alpha=16.0, lora_targets=DEFAULT_TARGETS, teacher="",
+      init_from="", init_match="all", lora_rank=0, lora_alpha=16.0, lora_targets=DEFAULT_TARGETS, teacher="",
       distill_temperature=2.0, distill_weight=0.5, distill_chunk_size=256))
 
 
@@ -70,6 +75,13 @@ def validate_config(ft_cfg) -> None:
   need(ft_cfg.distill_chunk_size > 0, "distill_chunk_size", "must be positive", "use e.g. 256")
   need(not ft_cfg.lora_rank or ft_cfg.init_from, "init_from", "LoRA needs base weights",
        "set --config.finetune.init_from=<work directory or export folder>")
+  need(ft_cfg.init_match in INIT_MATCHES, "init_match", f"{ft_cfg.init_match!r} is not one of "
+       f"{INIT_MATCHES}", "use 'all' (the same model) or 'by_name' (parameters matched by path "
+       "and shape)")
+  need(ft_cfg.init_match == "all" or (ft_cfg.init_from and not wraps_params(ft_cfg)),
+       "init_match", "'by_name' starts a full training run from another model's weights",
+       "set init_from, and leave lora_rank at 0 and teacher empty (LoRA and distillation load "
+       "the same model: init_match='all')")
   try:
     re.compile(ft_cfg.lora_targets)
   except re.error as e:
@@ -306,6 +318,63 @@ def load_weights(state, ft_cfg, base_params=None, teacher_params=None):
   return state.replace(params=params)
 
 
+@dataclasses.dataclass(frozen=True)
+class NameMatch:
+  """Which parameters `match_by_name` took from the saved weights (paths joined by '/')."""
+  loaded: tuple[str, ...]
+  fresh: tuple[str, ...]            # in the model, not saved under that path
+  reshaped: tuple[str, ...]         # saved under that path with another shape: fresh
+  unused: tuple[str, ...]           # saved, not in the model
+  loaded_values: int
+  total_values: int
+
+  def summary(self) -> str:
+    def some(paths):
+      return ", ".join(paths[:6]) + (f" and {len(paths) - 6} more" if len(paths) > 6 else "")
+    parts = [f"init_from by name: {len(self.loaded)} of {len(self.loaded) + len(self.fresh) + len(self.reshaped)}"
+             f" parameters loaded ({100 * self.loaded_values / max(self.total_values, 1):.1f}% of "
+             f"the values)"]
+    if self.fresh:
+      parts.append(f"fresh (not saved): {some(self.fresh)}")
+    if self.reshaped:
+      parts.append(f"fresh (saved with another shape): {some(self.reshaped)}")
+    if self.unused:
+      parts.append(f"saved, not in this model: {some(self.unused)}")
+    return "; ".join(parts)
+
+
+def match_by_name(saved, like):
+  """(params shaped as `like`, NameMatch): each leaf of `like` replaced by the saved leaf of the
+  same path and shape, cast to its dtype and placed with its sharding.
+
+  ValueError when no parameter matches (init_from is then not a relative of this model).
+  """
+  saved_flat = traverse_util.flatten_dict(nn.unbox(saved), sep="/")
+  like_flat = traverse_util.flatten_dict(nn.unbox(like), sep="/")
+  loaded, fresh, reshaped, out = [], [], [], {}
+  loaded_values = 0
+  for path, leaf in like_flat.items():
+    value = saved_flat.get(path)
+    if value is None:
+      fresh.append(path)
+      out[path] = leaf
+    elif tuple(np.shape(value)) != tuple(leaf.shape):
+      reshaped.append(path)
+      out[path] = leaf
+    else:
+      loaded.append(path)
+      loaded_values += leaf.size
+      out[path] = jax.device_put(jnp.asarray(value, leaf.dtype), leaf.sharding)
+  match = NameMatch(tuple(loaded), tuple(fresh), tuple(reshaped),
+                    tuple(sorted(set(saved_flat) - set(like_flat))), loaded_values,
+                    sum(leaf.size for leaf in like_flat.values()))
+  if not loaded:
+    raise ValueError("config.finetune.init_from: no parameter of the saved weights has a path "
+                     "and shape of this model's (" + match.summary() + "); point init_from at a "
+                     "run of a related model")
+  return traverse_util.unflatten_dict(out, sep="/"), match
+
+
 def _put_like(values, like):
   values = nn.unbox(values)
   return jax.tree.map(lambda v, l: jax.device_put(jnp.asarray(v, l.dtype), l.sharding), values,
@@ -361,6 +430,10 @@ class Setup:
   def load(self, state):
     """A freshly created train state with the init_from / teacher weights put in."""
     if not wraps_params(self.ft):
+      if self.ft.init_match == "by_name":
+        params, match = match_by_name(self.base_weights, state.params)
+        print(match.summary(), flush=True)
+        return state.replace(params=params)
       return state.replace(params=_put_like(self.base_weights, state.params))
     return load_weights(state, self.ft, self.base_weights, self.teacher_weights)
 
@@ -386,7 +459,8 @@ def setup(config, model, init_params, optimizer) -> Setup | None:
   base = teacher = teacher_weights = None
   if ft.init_from:
     saved_cfg, base = read_weights(ft.init_from)
-    _check_same_model(saved_cfg, config.model, "init_from")
+    if ft.init_match == "all":
+      _check_same_model(saved_cfg, config.model, "init_from")
   teacher_init = None
   if ft.teacher:
     from sosm_jax import models  # pylint: disable=import-outside-toplevel
