@@ -25,8 +25,10 @@ Variants:
   long_memory  long_small's model with attention layer 3 made a graph layer that reads a host
           FAISS memory (flat, top-8, one kv head), on long_small's kind of data mix: windows of
           2,048 tokens, each stream reading rows of 4 windows (8,192) with the earlier ones in
-          its memory; 2,400 steps of 8 x 2,048 (307 ms a step on one H200: host-bound, more
-          than one device call). For launch/evaluate.py --memory=auto|off (RESULTS.md).
+          its memory; 2,400 steps of 8 x 2,048 (139 ms a step on one H200, host-bound, with the
+          search prefetched behind the step). From scratch it learned no retrieval in 5,200
+          steps: start it from a trained long_small run (--config.finetune.init_from=DIR
+          --config.finetune.init_match=by_name). For launch/evaluate.py --memory=auto|off.
   long_cp the full recipe plus a stage of 262,144 tokens (2 sequences per step, one per
           micro-batch), every sequence split over 2 devices (mesh.context=2): needs exactly 2
           devices (e.g. 2 H200s).
@@ -145,11 +147,12 @@ def get_config(arg: str | None = None):
 def _long_memory(c):
   """long_small's model and data with one graph layer reading a host memory (see the module doc).
 
-  Run once on one H200 (benchmarks/RESULTS.md, "The memory variant at long context"): 307 ms a
-  step, host-bound (the estimate was 90 ms), so the 2,400 steps need ~740 s, more than one device
-  call; stopped by time at step 753 it had not learned retrieval. Per step the trainer probes the
-  window, searches every stream's FAISS memory on the CPU and copies the top-k keys/values
-  ([streams, window, top_k, kv_heads, head_dim] float32) to the device.
+  Run twice on one H200 (benchmarks/RESULTS.md, "The memory variant at long context"): 307 ms a
+  step before the host path's rework, 139 ms after it with the search prefetched; neither run
+  learned retrieval, even inside a window (the second: 5,200 steps, 85M tokens), so the memory had
+  nothing to serve. Per step the trainer probes the window, searches every stream's FAISS memory
+  on the CPU and copies the top-k keys/values ([streams, window, top_k, kv_heads, head_dim]
+  float32) to the device.
   """
   c.model.update(architecture="sosm", num_layers=8, d_model=512, mlp_dim=1408, vocab_size=260,
                  attn_num_heads=8, attn_num_kv_heads=4, attn_head_dim=64, hgrn2_head_dim=128,
@@ -169,8 +172,10 @@ def _long_memory(c):
   # at efConstruction 200 cost 234 us a token (~4 s a step of 16,384 tokens). top_k 8 as the
   # CPU 'memory' variant. capacity 131,072 (4 shards of 32K): evaluation beyond the span keeps
   # every earlier window of a 64K or 100K document; training never fills more than 6,144.
+  # prefetch: window s+1's probe and search run behind step s (139 ms a step measured with it;
+  # queries one step stale, and a resume inside a row is not bit-identical)
   c.memory.update(enabled=True, segments=4, index="flat", top_k=8, capacity=131072, num_shards=4,
-                  layers=(), prefetch=False)
+                  layers=(), prefetch=True)
   # long_small's components. With memory the pipeline packs rows of segments x seq_len = 8,192
   # tokens and a task example fills its row (no task_length_by_seq_len): the passkey or needle
   # lies in windows 0-2 (memory) for ~75% of the examples, MQAR's 64 pairs open window 0 and ~75%
@@ -187,10 +192,9 @@ def _long_memory(c):
   c.curriculum.update(
       seq_lens=(2048,),
       # 8 streams x 2,048 = 16,384 tokens a step (a quarter of long_small's: the host work grows
-      # with the tokens). Measured 307 ms a step on one H200 (53K tokens/s; estimated 90 ms),
-      # before the host path's rework (1.45x on the 2-core development machine,
-      # benchmarks/memory_host_path.py): 2,400 steps take more than one device call; the
-      # trainer's SIGTERM checkpoint (memory included) lets a second call resume.
+      # with the tokens): 139 ms a step on one H200 (118K tokens/s), ~330 s for the 2,400 steps
+      # (the host path: benchmarks/memory_host_path.py). The trainer's SIGTERM checkpoint
+      # (memory included) lets a later call resume.
       steps=(2400,),
       tokens_per_step=16384,
       global_batch=(8,),
