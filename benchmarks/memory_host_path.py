@@ -19,6 +19,10 @@ and as the mean over a row's windows (the per-step host time of training), media
   python benchmarks/memory_host_path.py --profile --rows=1      # cProfile of the feeder steps
   python benchmarks/memory_host_path.py --busy_threads=1        # with a Python thread holding the GIL
 
+`thread_scaling_ms` (with `cpu_budget`: affinity and any cgroup CPU quota) times one stream's
+last-window work run by 1, 2, 4, 8, 16 threads at once: whether the host runs the stream threads
+in parallel at all, apart from the memory code.
+
 --busy_threads runs that many threads of pure Python loops while timing (as any busy Python
 thread of the trainer would): a thread that released the GIL (in FAISS, in a large numpy op)
 then waits up to the interpreter's switch interval (5 ms) to get it back, so the host path's cost
@@ -199,6 +203,55 @@ class _BusyPython:
     self.stop.set()
 
 
+def cpu_budget() -> dict:
+  """CPUs this process may use: affinity, and a cgroup quota if one is set (nproc shows only the first)."""
+  out = {"affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+  for path in ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):
+    try:
+      with open(path, encoding="utf-8") as f:
+        out[path] = f.read().strip()
+    except OSError:
+      pass
+  return out
+
+
+def thread_scaling(args, counts) -> dict:
+  """ms for n threads each running one stream's last-window work at once, n in `counts`.
+
+  The work: search vectors of one stream's queries (numpy) and a FAISS flat search of them over
+  (windows - 1) x window entries (one OpenMP thread per search, as the trainer's pool). On a host
+  whose threads run in parallel the time stays flat up to its core count; if it grows with n the
+  host (a CPU quota, a shared machine) or the library serialises them, not the memory code.
+  """
+  from concurrent.futures import ThreadPoolExecutor  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(args.seed)
+  d = args.kv_heads * args.head_dim
+  entries = max(args.windows - 1, 1) * args.window
+  q = rng.standard_normal((1, args.window, args.heads, args.head_dim), dtype=np.float32)
+  keys = search_vectors(rng.standard_normal((1, entries, args.kv_heads, args.head_dim),
+                                            dtype=np.float32), args.kv_heads)[0]
+  indexes = []
+  for _ in range(max(counts)):
+    index = faiss.IndexFlatIP(d)
+    index.add(keys)
+    indexes.append(index)
+
+  def work(i):
+    return indexes[i].search(search_vectors(q, args.kv_heads)[0], args.top_k)
+
+  out = {}
+  with ThreadPoolExecutor(max(counts), initializer=lambda: faiss.omp_set_num_threads(1)) as pool:
+    list(pool.map(work, range(max(counts))))                    # start the threads
+    for n in counts:
+      times = []
+      for _ in range(3):
+        t0 = time.perf_counter()
+        list(pool.map(work, range(n)))
+        times.append(time.perf_counter() - t0)
+      out[str(n)] = float(np.median(times) * 1e3)
+  return out
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--streams", type=int, default=8)
@@ -218,8 +271,11 @@ def main(argv=None):
   ap.add_argument("--rows", type=int, default=3, help="timed rows (after one warm-up row)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--profile", action="store_true", help="print a cProfile of the feeder steps")
+  ap.add_argument("--thread_counts", default="1,2,4,8,16",
+                  help="thread_scaling's counts ('' = skip): one stream's work run by n threads at once")
   ap.add_argument("--output", default="")
   args = ap.parse_args(argv)
+  counts = [int(n) for n in args.thread_counts.split(",") if n]
   feeder, draws = make_feeder(args)
   time_feeder_steps(feeder)                                     # warm-up row (pools, compiles)
   with _BusyPython(args.busy_threads):
@@ -236,7 +292,9 @@ def main(argv=None):
                   entries_per_stream_by_window=[s * args.window for s in range(args.windows)]),
       feeder_step_ms_by_window=step_w, feeder_step_ms_mean=step_mean,
       phase_ms_by_window=phase_w, phase_ms_mean=phase_mean,
-      memory_valid_fraction=feeder.stats().get("memory_valid_fraction"))
+      memory_valid_fraction=feeder.stats().get("memory_valid_fraction"),
+      cpu_budget=cpu_budget(),
+      thread_scaling_ms=thread_scaling(args, counts) if counts else None)
   print(json.dumps(result, indent=1))
   if args.profile:
     prof = cProfile.Profile()
