@@ -1,7 +1,8 @@
 """HTTP server: python launch/serve.py --workdir=DIR [--fallback_workdir=DIR2] [--host] [--port].
 
 Loads the newest checkpoint of each work directory, one generation engine per model (slots of
-per-request caches, continuous batching; sosm_jax/serve/engine.py), and serves with uvicorn
+per-request caches, continuous batching; sosm_jax/serve/engine.py; a checkpoint trained with host
+memory is served with it, one request at a time: serve/memory.py, --memory), and serves with uvicorn
   POST /v1/completions   OpenAI-compatible (stream=true: server-sent events)
   GET  /v1/models        the loaded models, the default, fallbacks and A/B weights
   GET  /health           200 when the default model (or any) is healthy, else 503
@@ -47,6 +48,9 @@ _STALL = flags.DEFINE_float("stall_s", 60.0, "A model whose engine finished no s
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every shape before listening.")
 _KV_CACHE = flags.DEFINE_enum("kv_cache_dtype", "", ["", "int8"], "Attention KV cache: '' = as "
                               "the checkpoint's model config, 'int8' = half a bf16 cache's bytes.")
+_MEMORY = flags.DEFINE_enum("memory", "auto", ["auto", "on", "off"], "Host memory beyond the "
+                            "window: 'auto' = as the checkpoint trained (then one request at a "
+                            "time), 'off' = the batching engine within --max_len.")
 
 
 def build_registry():
@@ -54,11 +58,17 @@ def build_registry():
   config = engine_lib.EngineConfig(num_slots=_SLOTS.value, max_len=_MAX_LEN.value,
                                    prefill_chunk=_CHUNK.value, kv_cache_dtype=_KV_CACHE.value)
   entries = []
-  main_engine, info = loading.engine_from_workdir(_WORKDIR.value, config, name=_NAME.value or None)
-  fallback = None
+  try:
+    main_engine, info = loading.engine_from_workdir(_WORKDIR.value, config, memory=_MEMORY.value,
+                                                    name=_NAME.value or None)
+    fallback = None
+    if _FALLBACK.value:
+      fb_engine, fb_info = loading.engine_from_workdir(_FALLBACK.value, config,
+                                                       memory=_MEMORY.value,
+                                                       name=_FALLBACK_NAME.value or None)
+  except ValueError as e:   # --memory=on for a model without graph layers, int8 with memory
+    raise app.UsageError(str(e)) from None
   if _FALLBACK.value:
-    fb_engine, fb_info = loading.engine_from_workdir(_FALLBACK.value, config,
-                                                     name=_FALLBACK_NAME.value or None)
     if fb_engine.name == main_engine.name:
       raise app.UsageError(f"both models are named {main_engine.name!r}; pass --name or "
                            f"--fallback_name")

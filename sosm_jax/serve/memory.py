@@ -6,7 +6,9 @@ FAISS memory. `MemoryGenerator` generates for one prompt at a time with
 `SegmentRunner.stream` (sosm_jax/memory/segments.py): the prompt's whole windows fill the
 memory, the last one is prefilled, and decoding moves to a fresh window (its predecessor stored)
 whenever one is full. The window is the trained length. Used by `launch/generate.py`
-(`--memory=auto|on|off`).
+(`--memory=auto|on|off`), and by the server through `MemoryEngine`: the engine's interface
+(submit, cancel, health, stats) over one MemoryGenerator, requests one at a time in arrival
+order (no batching: each request's memory is its own stream).
 
   gen = MemoryGenerator(loading.load_for_eval(workdir))
   for event in gen.events("Once upon a time", SamplingParams(max_tokens=64, temperature=0)):
@@ -14,13 +16,17 @@ whenever one is full. The window is the trained length. Used by `launch/generate
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import secrets
-from typing import Iterator
+import threading
+import time
+from typing import Callable, Iterator
 
 import jax
 
 from sosm_jax.eval.memory import make_runner, memory_window
-from sosm_jax.serve.engine import Event, SamplingParams
+from sosm_jax.serve.engine import EngineConfig, EngineError, Event, Request, SamplingParams
 from sosm_jax.serve.text import TextStream
 
 
@@ -86,3 +92,135 @@ class MemoryGenerator:
         reason = "stop"     # EOS
     yield Event("done", text=text.flush(), finish_reason=reason, prompt_tokens=len(ids),
                 completion_tokens=count)
+
+
+class MemoryEngine:
+  """`engine.Engine`'s interface for a checkpoint served with its host memory (module doc).
+
+  One thread runs the requests in arrival order, each to its end (no continuous batching: the
+  generator holds one stream's memory). config: its max_len bounds prompt + generated tokens,
+  add_bos as the engine's; the slot, prefill and cache settings do not apply.
+  """
+
+  def __init__(self, loaded, config: EngineConfig = EngineConfig(), *, name: str = "model",
+               window: int = 0):
+    config.check()
+    if config.kv_cache_dtype:
+      raise ValueError("kv_cache_dtype is for the engine without host memory; serve this "
+                       "checkpoint with memory 'off' to use it")
+    self.generator = MemoryGenerator(loaded, window=window, add_bos=config.add_bos)
+    self.config, self.name, self.tokenizer = config, name, loaded.tokenizer
+    self._pending: collections.deque[Request] = collections.deque()
+    self._current: Request | None = None
+    self._current_tokens = 0       # the running request's generated tokens so far
+    self._cv = threading.Condition()
+    self._thread: threading.Thread | None = None
+    self._stopping = False
+    self.steps = 0                 # tokens generated
+    self.failures = 0
+    self.last_failure: float | None = None
+    self.last_error = ""
+    self._last_progress = time.perf_counter()
+
+  @property
+  def max_prompt_tokens(self) -> int:
+    return self.config.max_len - 1
+
+  def submit(self, prompt: str | list[int], params: SamplingParams,
+             on_event: Callable[[Event], None]) -> Request:
+    """As `Engine.submit`; also ValueError for top_k (this path samples without it)."""
+    self.generator.check(params)
+    ids = self.generator.encode(prompt)
+    if len(ids) > self.max_prompt_tokens:
+      raise ValueError(f"prompt is {len(ids)} tokens (with BOS); model {self.name!r} takes at "
+                       f"most {self.max_prompt_tokens} (max_len {self.config.max_len} minus one "
+                       f"generated token)")
+    request = Request(ids, params, on_event, TextStream(self.tokenizer, params.stop))
+    if params.max_tokens == 0:
+      on_event(Event("done", finish_reason="length", prompt_tokens=len(ids)))
+      return request
+    with self._cv:
+      self._pending.append(request)
+      self._cv.notify()
+    return request
+
+  def start(self) -> "MemoryEngine":
+    if self._thread is None or not self._thread.is_alive():
+      self._stopping = False
+      self._thread = threading.Thread(target=self._loop, name=f"memory-engine-{self.name}",
+                                      daemon=True)
+      self._thread.start()
+    return self
+
+  def stop(self) -> None:
+    with self._cv:
+      self._stopping = True
+      self._cv.notify()
+    if self._thread is not None:
+      self._thread.join(timeout=30)
+
+  def alive(self) -> bool:
+    return self._thread is not None and self._thread.is_alive()
+
+  def stalled_for(self) -> float:
+    """Seconds since the last generated token while a request runs or waits (0 when idle)."""
+    if self._current is None and not self._pending:
+      return 0.0
+    return time.perf_counter() - self._last_progress
+
+  def stats(self) -> dict:
+    return {"slots": 1, "active": int(self._current is not None), "pending": len(self._pending),
+            "steps": self.steps, "failures": self.failures,
+            "mean_occupancy": 1.0 if self.steps else 0.0}
+
+  def warmup(self) -> None:
+    """Compiles what a request past one window runs: a full window's prefill, then decoding."""
+    ids = [self.tokenizer.bos_id] * (self.generator.window + 2)
+    list(self.generator.tokens(ids, SamplingParams(max_tokens=2, temperature=0.0,
+                                                   ignore_eos=True)))
+
+  def _loop(self) -> None:
+    while True:
+      with self._cv:
+        while not self._stopping and not self._pending:
+          self._cv.wait()
+        if self._stopping:
+          break
+        self._current = self._pending.popleft()
+      self._last_progress = time.perf_counter()
+      try:
+        self._run(self._current)
+      except Exception as e:  # pylint: disable=broad-except
+        self.failures += 1
+        self.last_failure = time.time()
+        self.last_error = f"{type(e).__name__}: {e}"
+        r = self._current
+        r.on_event(Event("error", error=EngineError(f"model {self.name!r} failed: "
+                                                    f"{self.last_error}"),
+                         prompt_tokens=len(r.prompt_ids), completion_tokens=self._current_tokens))
+      self._current, self._current_tokens = None, 0
+    stopped = EngineError(f"engine {self.name!r} stopped")
+    with self._cv:
+      waiting = list(self._pending)
+      self._pending.clear()
+    for r in waiting:
+      r.on_event(Event("error", error=stopped, prompt_tokens=len(r.prompt_ids)))
+
+  def _run(self, r: Request) -> None:
+    """One request to its end: its events as they come; cancelled between two of them."""
+    if r.cancelled.is_set():   # cancelled while it waited: no prefill for nobody
+      r.on_event(Event("done", finish_reason="cancelled", prompt_tokens=len(r.prompt_ids)))
+      return
+    room = self.config.max_len - len(r.prompt_ids)
+    params = dataclasses.replace(r.params, max_tokens=min(r.params.max_tokens, room))
+    counted = 0
+    for event in self.generator.events(r.prompt_ids, params):
+      if r.cancelled.is_set() or self._stopping:
+        r.on_event(Event("done", finish_reason="cancelled", prompt_tokens=len(r.prompt_ids),
+                         completion_tokens=counted))
+        return
+      self.steps += event.completion_tokens - counted
+      counted = event.completion_tokens
+      self._current_tokens = counted
+      self._last_progress = time.perf_counter()
+      r.on_event(event)
