@@ -89,3 +89,17 @@ def test_mqar_by_length_averages_over_pairs(study):
   md = study.mqar_by_length([{"variant": "sosm", "mqar": {"cells": cells}}])
   assert md.splitlines()[0] == "| variant | 512 | 4096 |"
   assert md.splitlines()[2] == "| sosm | 75.0 | 25.0 |"
+
+
+def test_memory_mqar_classes_answers_by_where_their_pair_is_visible():
+  mqar = _script("memory_mqar")
+  a, b, x, y, bos = 10, 11, 20, 21, 1
+  inputs = np.array([[bos, a, x, b, y, a, x, a, x, b, y, b]])   # windows of 4 tokens
+  mask = np.zeros_like(inputs, np.float32)
+  mask[0, [5, 7, 9, 11]] = 1                        # targets after keys a, a, b, b
+  classes = mqar.answer_classes(inputs, np.roll(inputs, -1, 1), mask, window=4)
+  # 5: a's pair only in window 0 (memory); 7: a x at 5-6 in its window; 9: b's pair in window 0
+  # and 1 only; 11: b y at 9-10 in its window
+  assert classes[0].tolist() == [0, 0, 0, 0, 0, 2, 0, 1, 0, 2, 0, 1]
+  ids = np.array([[1] * 10 + [0] * 2])
+  assert mqar.separate_windows(ids, 4)[0].tolist() == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 0, 0]
