@@ -204,7 +204,7 @@ class _BusyPython:
 
 
 def cpu_budget() -> dict:
-  """CPUs this process may use: affinity, and a cgroup quota if one is set (nproc shows only the first)."""
+  """CPUs this process may use: affinity and any cgroup quota (nproc shows only the first)."""
   out = {"affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
   for path in ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):
     try:
@@ -272,7 +272,7 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--profile", action="store_true", help="print a cProfile of the feeder steps")
   ap.add_argument("--thread_counts", default="1,2,4,8,16",
-                  help="thread_scaling's counts ('' = skip): one stream's work run by n threads at once")
+                  help="thread_scaling's counts ('' = skip): n threads each run one stream's work")
   ap.add_argument("--output", default="")
   args = ap.parse_args(argv)
   counts = [int(n) for n in args.thread_counts.split(",") if n]

@@ -83,7 +83,8 @@ def _serve(loaded, memory, name="mem", max_len=256):
   engine, info = serve_loading.engine_from_workdir(
       loaded.workdir, engine_lib.EngineConfig(num_slots=1, max_len=max_len, prefill_chunk=16),
       memory=memory, name=name)
-  return engine, info, registry_lib.ModelRegistry([registry_lib.ModelEntry(name, engine, info=info)])
+  entry = registry_lib.ModelEntry(name, engine, info=info)
+  return engine, info, registry_lib.ModelRegistry([entry])
 
 
 def test_server_serves_memory_checkpoints_with_their_memory(loaded, greedy_reference):

@@ -171,7 +171,7 @@ class MemoryEngine:
   def stats(self) -> dict:
     return {"slots": 1, "active": int(self._current is not None), "pending": len(self._pending),
             "steps": self.steps, "failures": self.failures,
-            "mean_occupancy": 1.0 if self.steps else 0.0}
+            "mean_occupancy": 1.0 if self.steps else 0.0}   # its one stream, whenever it ran
 
   def warmup(self) -> None:
     """Compiles what a request past one window runs: a full window's prefill, then decoding."""
@@ -208,7 +208,7 @@ class MemoryEngine:
 
   def _run(self, r: Request) -> None:
     """One request to its end: its events as they come; cancelled between two of them."""
-    if r.cancelled.is_set():   # cancelled while it waited: no prefill for nobody
+    if r.cancelled.is_set():   # cancelled while it waited: skip its prefill
       r.on_event(Event("done", finish_reason="cancelled", prompt_tokens=len(r.prompt_ids)))
       return
     room = self.config.max_len - len(r.prompt_ids)

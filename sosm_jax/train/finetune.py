@@ -55,8 +55,8 @@ DEFAULT_TARGETS = r"(mixer/(q|k|v|o|f|i|gate)_proj|mlp/(wi_gate|wi_up|wo))/kerne
 
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      init_from="", init_match="all", lora_rank=0, lora_alpha=16.0, lora_targets=DEFAULT_TARGETS, teacher="",
-      distill_temperature=2.0, distill_weight=0.5, distill_chunk_size=256))
+      init_from="", init_match="all", lora_rank=0, lora_alpha=16.0, lora_targets=DEFAULT_TARGETS,
+      teacher="", distill_temperature=2.0, distill_weight=0.5, distill_chunk_size=256))
 
 
 def enabled(ft_cfg) -> bool:
@@ -331,9 +331,9 @@ class NameMatch:
   def summary(self) -> str:
     def some(paths):
       return ", ".join(paths[:6]) + (f" and {len(paths) - 6} more" if len(paths) > 6 else "")
-    parts = [f"init_from by name: {len(self.loaded)} of {len(self.loaded) + len(self.fresh) + len(self.reshaped)}"
-             f" parameters loaded ({100 * self.loaded_values / max(self.total_values, 1):.1f}% of "
-             f"the values)"]
+    total = len(self.loaded) + len(self.fresh) + len(self.reshaped)
+    parts = [f"init_from by name: {len(self.loaded)} of {total} parameters loaded "
+             f"({100 * self.loaded_values / max(self.total_values, 1):.1f}% of the values)"]
     if self.fresh:
       parts.append(f"fresh (not saved): {some(self.fresh)}")
     if self.reshaped:
