@@ -163,7 +163,85 @@ def prefill_pieces(n: int, chunk: int, continue_max: int) -> list[int]:
   return [first] + [1] * (n - first)
 
 
-class Engine:
+class QueuedEngine:
+  """What every engine shows the registry and the server: `submit()` checks a request and queues
+  it, `start()` launches the loop thread that serves the queue (`_loop`, the subclass's),
+  `stop()` ends it; `alive`, `failures`, `last_failure` and `last_error` feed the health check.
+
+  tokenizer: with encode, decode, bos_id, eos_id; config: `EngineConfig` (max_len, add_bos).
+  """
+
+  def __init__(self, tokenizer, config: EngineConfig, name: str):
+    self.tokenizer, self.config, self.name = tokenizer, config, name
+    self._pending: collections.deque[Request] = collections.deque()
+    self._cv = threading.Condition()
+    self._thread: threading.Thread | None = None
+    self._stopping = False
+    self.steps = 0
+    self.failures = 0
+    self.last_failure: float | None = None
+    self.last_error: str = ""
+    self._last_progress = time.perf_counter()
+
+  def encode(self, prompt: str | list[int]) -> list[int]:
+    """Prompt text (or ids) -> ids with BOS first (when config.add_bos)."""
+    ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    if self.config.add_bos and (not ids or ids[0] != self.tokenizer.bos_id):
+      ids = [self.tokenizer.bos_id] + ids
+    return ids
+
+  @property
+  def max_prompt_tokens(self) -> int:
+    """The longest prompt (with BOS) that still leaves room for one generated token."""
+    return self.config.max_len - 1
+
+  def check(self, params: SamplingParams) -> None:
+    """ValueError naming a sampling parameter this engine cannot serve."""
+    params.check()
+
+  def submit(self, prompt: str | list[int], params: SamplingParams,
+             on_event: Callable[[Event], None]) -> Request:
+    """Queues a request; events go to on_event (called from the engine thread).
+
+    ValueError (before anything is queued) for bad parameters or a prompt that is too long.
+    """
+    self.check(params)
+    ids = self.encode(prompt)
+    if len(ids) > self.max_prompt_tokens:
+      raise ValueError(f"prompt is {len(ids)} tokens (with BOS); model {self.name!r} takes at "
+                       f"most {self.max_prompt_tokens} (max_len {self.config.max_len} minus one "
+                       f"generated token)")
+    request = Request(ids, params, on_event, TextStream(self.tokenizer, params.stop))
+    if params.max_tokens == 0:
+      on_event(Event("done", finish_reason="length", prompt_tokens=len(ids)))
+      return request
+    with self._cv:
+      self._pending.append(request)
+      self._cv.notify()
+    return request
+
+  def start(self):
+    if self._thread is None or not self._thread.is_alive():
+      self._stopping = False
+      self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
+      self._thread.start()
+    return self
+
+  def stop(self) -> None:
+    with self._cv:
+      self._stopping = True
+      self._cv.notify()
+    if self._thread is not None:
+      self._thread.join(timeout=30)
+
+  def alive(self) -> bool:
+    return self._thread is not None and self._thread.is_alive()
+
+  def _loop(self) -> None:
+    raise NotImplementedError
+
+
+class Engine(QueuedEngine):
   """Continuous-batching generation over one model (see the module doc).
 
   model: `LanguageModel`; params: its parameters (unboxed); tokenizer: with encode, decode,
@@ -178,8 +256,8 @@ class Engine:
       model = layout.with_kv_cache_dtype(model, config.kv_cache_dtype)
     if config.serving_layout:
       model, params = layout.serving_layout(model, params)
-    self.model, self.params, self.tokenizer, self.config, self.name = (
-        model, params, tokenizer, config, name)
+    super().__init__(tokenizer, config, name)
+    self.model, self.params = model, params
     eos = tokenizer.eos_id
     self._eos = -2 if eos is None else int(eos)   # -2: no token id, never matches
     self.decode_path, self._step_params = self._choose_decode_step()
@@ -189,17 +267,8 @@ class Engine:
     self._slots = jax.tree.map(lambda a: jnp.broadcast_to(a, (s,) + a.shape), one)
     self._tokens = np.zeros((s,), np.int32)
     self._active: list[Request | None] = [None] * s
-    self._pending: collections.deque[Request] = collections.deque()
     self._prefill: tuple[Request, Any, list[int], int] | None = None  # request, cache, pieces, done
-    self._cv = threading.Condition()
-    self._thread: threading.Thread | None = None
-    self._stopping = False
-    self.steps = 0
     self.occupied_slot_steps = 0
-    self.failures = 0
-    self.last_failure: float | None = None
-    self.last_error: str = ""
-    self._last_progress = time.perf_counter()
     self._decode = jax.jit(self._decode_fn, donate_argnums=(2,))
     self._insert = jax.jit(_insert_slot, donate_argnums=(0,))
     self._first = jax.jit(self._first_piece_fn)
@@ -269,56 +338,6 @@ class Engine:
     return logits[:, -1], cache
 
   # ------------------------------------------------------------------ public interface
-
-  def encode(self, prompt: str | list[int]) -> list[int]:
-    """Prompt text (or ids) -> ids with BOS first (when config.add_bos)."""
-    ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-    if self.config.add_bos and (not ids or ids[0] != self.tokenizer.bos_id):
-      ids = [self.tokenizer.bos_id] + ids
-    return ids
-
-  @property
-  def max_prompt_tokens(self) -> int:
-    """The longest prompt (with BOS) that still leaves room for one generated token."""
-    return self.config.max_len - 1
-
-  def submit(self, prompt: str | list[int], params: SamplingParams,
-             on_event: Callable[[Event], None]) -> Request:
-    """Queues a request; events go to on_event (called from the engine thread).
-
-    ValueError (before anything is queued) for bad parameters or a prompt that is too long.
-    """
-    params.check()
-    ids = self.encode(prompt)
-    if len(ids) > self.max_prompt_tokens:
-      raise ValueError(f"prompt is {len(ids)} tokens (with BOS); model {self.name!r} takes at "
-                       f"most {self.max_prompt_tokens} (max_len {self.config.max_len} minus one "
-                       f"generated token)")
-    request = Request(ids, params, on_event, TextStream(self.tokenizer, params.stop))
-    if params.max_tokens == 0:
-      on_event(Event("done", finish_reason="length", prompt_tokens=len(ids)))
-      return request
-    with self._cv:
-      self._pending.append(request)
-      self._cv.notify()
-    return request
-
-  def start(self) -> "Engine":
-    if self._thread is None or not self._thread.is_alive():
-      self._stopping = False
-      self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
-      self._thread.start()
-    return self
-
-  def stop(self) -> None:
-    with self._cv:
-      self._stopping = True
-      self._cv.notify()
-    if self._thread is not None:
-      self._thread.join(timeout=30)
-
-  def alive(self) -> bool:
-    return self._thread is not None and self._thread.is_alive()
 
   def stalled_for(self) -> float:
     """Seconds since the loop last finished an iteration while it has work (0 when idle)."""

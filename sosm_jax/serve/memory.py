@@ -16,17 +16,16 @@ order (no batching: each request's memory is its own stream).
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import secrets
-import threading
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import jax
 
 from sosm_jax.eval.memory import make_runner, memory_window
-from sosm_jax.serve.engine import EngineConfig, EngineError, Event, Request, SamplingParams
+from sosm_jax.serve.engine import (EngineConfig, EngineError, Event, QueuedEngine, Request,
+                                   SamplingParams)
 from sosm_jax.serve.text import TextStream
 
 
@@ -94,7 +93,7 @@ class MemoryGenerator:
                 completion_tokens=count)
 
 
-class MemoryEngine:
+class MemoryEngine(QueuedEngine):
   """`engine.Engine`'s interface for a checkpoint served with its host memory (module doc).
 
   One thread runs the requests in arrival order, each to its end (no continuous batching: the
@@ -108,59 +107,13 @@ class MemoryEngine:
     if config.kv_cache_dtype:
       raise ValueError("kv_cache_dtype is for the engine without host memory; serve this "
                        "checkpoint with memory 'off' to use it")
+    super().__init__(loaded.tokenizer, config, name)
     self.generator = MemoryGenerator(loaded, window=window, add_bos=config.add_bos)
-    self.config, self.name, self.tokenizer = config, name, loaded.tokenizer
-    self._pending: collections.deque[Request] = collections.deque()
     self._current: Request | None = None
     self._current_tokens = 0       # the running request's generated tokens so far
-    self._cv = threading.Condition()
-    self._thread: threading.Thread | None = None
-    self._stopping = False
-    self.steps = 0                 # tokens generated
-    self.failures = 0
-    self.last_failure: float | None = None
-    self.last_error = ""
-    self._last_progress = time.perf_counter()
 
-  @property
-  def max_prompt_tokens(self) -> int:
-    return self.config.max_len - 1
-
-  def submit(self, prompt: str | list[int], params: SamplingParams,
-             on_event: Callable[[Event], None]) -> Request:
-    """As `Engine.submit`; also ValueError for top_k (this path samples without it)."""
-    self.generator.check(params)
-    ids = self.generator.encode(prompt)
-    if len(ids) > self.max_prompt_tokens:
-      raise ValueError(f"prompt is {len(ids)} tokens (with BOS); model {self.name!r} takes at "
-                       f"most {self.max_prompt_tokens} (max_len {self.config.max_len} minus one "
-                       f"generated token)")
-    request = Request(ids, params, on_event, TextStream(self.tokenizer, params.stop))
-    if params.max_tokens == 0:
-      on_event(Event("done", finish_reason="length", prompt_tokens=len(ids)))
-      return request
-    with self._cv:
-      self._pending.append(request)
-      self._cv.notify()
-    return request
-
-  def start(self) -> "MemoryEngine":
-    if self._thread is None or not self._thread.is_alive():
-      self._stopping = False
-      self._thread = threading.Thread(target=self._loop, name=f"memory-engine-{self.name}",
-                                      daemon=True)
-      self._thread.start()
-    return self
-
-  def stop(self) -> None:
-    with self._cv:
-      self._stopping = True
-      self._cv.notify()
-    if self._thread is not None:
-      self._thread.join(timeout=30)
-
-  def alive(self) -> bool:
-    return self._thread is not None and self._thread.is_alive()
+  def check(self, params: SamplingParams) -> None:
+    self.generator.check(params)   # top_k is refused on this path
 
   def stalled_for(self) -> float:
     """Seconds since the last generated token while a request runs or waits (0 when idle)."""

@@ -17,7 +17,7 @@ import random
 import time
 from typing import AsyncIterator
 
-from sosm_jax.serve.engine import Engine, Event, SamplingParams
+from sosm_jax.serve.engine import Event, QueuedEngine, SamplingParams
 from sosm_jax.serve.metrics import ServeMetrics
 
 
@@ -40,7 +40,7 @@ class ServeError(RuntimeError):
 class ModelEntry:
   """One loaded model. weight: its share of the default route (A/B); fallback: a model name."""
   name: str
-  engine: Engine
+  engine: QueuedEngine
   fallback: str | None = None
   weight: float = 0.0
   info: dict = dataclasses.field(default_factory=dict)   # shown by /v1/models
