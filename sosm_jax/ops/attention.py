@@ -322,7 +322,8 @@ def causal_attention(q, k, v, *, segment_ids=None, window=0, scale=None, impleme
 
 
 # '' = the activations' dtype; 'int8' = one byte per element plus a float32 scale per token and
-# head (symmetric, absmax): half of a bf16 cache's bytes, the term that grows with context in decode.
+# head (symmetric, absmax): half of a bf16 cache's bytes (the term that grows with context in
+# decoding).
 KV_CACHE_DTYPES = ("", "int8")
 _INT8_MAX = 127.0
 
@@ -365,7 +366,8 @@ def update_kv_cache(cache: dict, k: jax.Array, v: jax.Array) -> dict:
   zero = jnp.zeros((), jnp.int32)
 
   def write(name, x):
-    return jax.lax.dynamic_update_slice(cache[name], x.astype(cache[name].dtype), (zero, i, zero, zero))
+    return jax.lax.dynamic_update_slice(cache[name], x.astype(cache[name].dtype),
+                                        (zero, i, zero, zero))
 
   if "k_scale" not in cache:
     return {"k": write("k", k), "v": write("v", v), "index": i + k.shape[1]}

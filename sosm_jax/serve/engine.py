@@ -51,7 +51,7 @@ import numpy as np
 from sosm_jax.models.config import KV_CACHE_DTYPES, resolved_pattern
 from sosm_jax.models.sampling import sample_tokens
 from sosm_jax.serve import layout, onerow
-from sosm_jax.serve.text import TextStream
+from sosm_jax.serve.text import TextStream, prompt_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,10 +185,7 @@ class QueuedEngine:
 
   def encode(self, prompt: str | list[int]) -> list[int]:
     """Prompt text (or ids) -> ids with BOS first (when config.add_bos)."""
-    ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-    if self.config.add_bos and (not ids or ids[0] != self.tokenizer.bos_id):
-      ids = [self.tokenizer.bos_id] + ids
-    return ids
+    return prompt_ids(self.tokenizer, prompt, self.config.add_bos)
 
   @property
   def max_prompt_tokens(self) -> int:

@@ -26,7 +26,7 @@ import jax
 from sosm_jax.eval.memory import make_runner, memory_window
 from sosm_jax.serve.engine import (EngineConfig, EngineError, Event, QueuedEngine, Request,
                                    SamplingParams)
-from sosm_jax.serve.text import TextStream
+from sosm_jax.serve.text import TextStream, prompt_ids
 
 
 class MemoryGenerator:
@@ -43,10 +43,7 @@ class MemoryGenerator:
 
   def encode(self, prompt: str | list[int]) -> list[int]:
     """Prompt text (or ids) -> ids with BOS first (when add_bos), as the engine does."""
-    ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-    if self.add_bos and (not ids or ids[0] != self.tokenizer.bos_id):
-      ids = [self.tokenizer.bos_id] + ids
-    return ids
+    return prompt_ids(self.tokenizer, prompt, self.add_bos)
 
   @staticmethod
   def check(params: SamplingParams) -> None:

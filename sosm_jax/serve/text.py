@@ -4,6 +4,14 @@ from __future__ import annotations
 _REPLACEMENT = "\ufffd"
 
 
+def prompt_ids(tokenizer, prompt: str | list[int], add_bos: bool) -> list[int]:
+  """Prompt text (or ids) -> ids, with the tokenizer's BOS first when add_bos (once)."""
+  ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+  if add_bos and (not ids or ids[0] != tokenizer.bos_id):
+    ids = [tokenizer.bos_id] + ids
+  return ids
+
+
 class TextStream:
   """Turns one request's generated ids into text pieces as they arrive.
 
