@@ -364,7 +364,7 @@ def match_by_name(saved, like):
     else:
       loaded.append(path)
       loaded_values += leaf.size
-      out[path] = jax.device_put(jnp.asarray(value, leaf.dtype), leaf.sharding)
+      out[path] = _put_leaf(value, leaf)
   match = NameMatch(tuple(loaded), tuple(fresh), tuple(reshaped),
                     tuple(sorted(set(saved_flat) - set(like_flat))), loaded_values,
                     sum(leaf.size for leaf in like_flat.values()))
@@ -375,10 +375,13 @@ def match_by_name(saved, like):
   return traverse_util.unflatten_dict(out, sep="/"), match
 
 
+def _put_leaf(value, like):
+  """value as an array of like's dtype, placed with like's sharding."""
+  return jax.device_put(jnp.asarray(value, like.dtype), like.sharding)
+
+
 def _put_like(values, like):
-  values = nn.unbox(values)
-  return jax.tree.map(lambda v, l: jax.device_put(jnp.asarray(v, l.dtype), l.sharding), values,
-                      like)
+  return jax.tree.map(_put_leaf, nn.unbox(values), like)
 
 
 def adapters(params) -> dict:
