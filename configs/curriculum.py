@@ -28,7 +28,9 @@ Variants:
           its memory; 2,400 steps of 8 x 2,048 (139 ms a step on one H200, host-bound, with the
           search prefetched behind the step). From scratch it learned no retrieval in 5,200
           steps: start it from a trained long_small run (--config.finetune.init_from=DIR
-          --config.finetune.init_match=by_name). For launch/evaluate.py --memory=auto|off.
+          --config.finetune.init_match=by_name; the graph layer's one kv head then starts as
+          the mean of long_small's four, finetune.pool_kv_heads). For launch/evaluate.py
+          --memory=auto|off.
   long_cp the full recipe plus a stage of 262,144 tokens (2 sequences per step, one per
           micro-batch), every sequence split over 2 devices (mesh.context=2): needs exactly 2
           devices (e.g. 2 H200s).
@@ -201,6 +203,11 @@ def _long_memory(c):
       remat=("auto",))
   c.optimizer.update(learning_rate=1.5e-3, warmup_steps=100, schedule="wsd", decay_fraction=0.18)
   c.train.update(log_every=25, checkpoint_every=0, eval_batches=0, passkey_examples=0)
+  # Started from long_small by name, the graph layer's k/v (1 kv head against long_small's 4)
+  # would start fresh, and that alone broke the retrieval long_small had learned: on one H200 the
+  # answers' accuracy was 6% from the first steps to step 2,400 (RESULTS, "long_memory from
+  # long_small by name"). The mean of each group of 4 heads keeps the layer close to long_small's.
+  c.finetune.update(pool_kv_heads=True)
 
 
 def _long_context_parallel():

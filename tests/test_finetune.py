@@ -199,6 +199,47 @@ def test_init_by_name_loads_what_matches_and_keeps_the_rest_fresh():
     finetune.match_by_name({"something": {"else": np.zeros(3)}}, model_init)
 
 
+def test_pooled_kv_heads_keep_the_layer_when_each_group_of_heads_is_equal():
+  """pool_kv_heads: a k/v kernel saved with 4 kv heads starts a 2-kv-head layer as the mean of heads
+  (0, 1) and (2, 3). Saved weights whose heads are equal in those pairs compute the very same
+  function with 2 kv heads, so the pooled model's logits equal the saved model's (a wrong grouping,
+  e.g. (0, 2) and (1, 3), would not); without pooling those kernels start fresh."""
+  four = _config(attn_num_heads=4, attn_num_kv_heads=4)
+  two = _config(attn_num_heads=4, attn_num_kv_heads=2)
+  saved = _flat(random_params(four, seed=5))
+  for name in ("k_proj", "v_proj"):
+    path = f"layers/block_1/mixer/{name}/kernel"
+    w = saved[path].copy()                   # [groups, embed, kv heads, head_dim]
+    w[..., 1, :], w[..., 3, :] = w[..., 0, :], w[..., 2, :]
+    saved[path] = w
+  saved = traverse_util.unflatten_dict(saved, sep="/")
+  model_two = models.build_model(two.model)
+  like = model_two.init(jax.random.key(1), 1, two.model.chunk_size)
+  pooled, match = finetune.match_by_name(saved, like, pool_kv_heads=True)
+  assert sorted(match.pooled) == ["layers/block_1/mixer/k_proj/kernel",
+                                  "layers/block_1/mixer/v_proj/kernel"]
+  assert not match.reshaped and not match.fresh and match.loaded_values == match.total_values
+  assert "kv heads pooled" in match.summary()
+  tokens = _batch(t=16)["inputs"]
+  np.testing.assert_allclose(model_two.apply(pooled, tokens),
+                             models.build_model(four.model).apply(saved, tokens),
+                             rtol=1e-5, atol=1e-5)
+  _, unpooled = finetune.match_by_name(saved, like)
+  assert sorted(unpooled.reshaped) == sorted(match.pooled) and not unpooled.pooled
+
+
+def test_pool_kv_kernel_takes_only_kv_kernels_with_a_multiple_of_the_heads():
+  w = np.arange(2 * 6 * 3, dtype=np.float32).reshape(2, 6, 3)       # [embed, 6 kv heads, dim]
+  np.testing.assert_array_equal(finetune.pool_kv_kernel("a/k_proj/kernel", w, (2, 2, 3)),
+                                w.reshape(2, 2, 3, 3).mean(axis=2))
+  for path, shape in [("a/q_proj/kernel", (2, 2, 3)),         # not k/v
+                      ("a/v_proj/kernel", (2, 4, 3)),         # 6 is no multiple of 4
+                      ("a/k_proj/kernel", (2, 6, 3)),         # same heads: a plain load
+                      ("a/k_proj/kernel", (2, 3, 2)),         # head_dim differs
+                      ("a/k_proj/kernel", (3, 2, 3))]:        # embed differs
+    assert finetune.pool_kv_kernel(path, w, shape) is None, (path, shape)
+
+
 def test_init_match_config_errors_name_their_key():
   for kw in [dict(init_match="shape", init_from="x"), dict(init_match="by_name"),
              dict(init_match="by_name", init_from="x", lora_rank=2),

@@ -55,7 +55,7 @@ DEFAULT_TARGETS = r"(mixer/(q|k|v|o|f|i|gate)_proj|mlp/(wi_gate|wi_up|wo))/kerne
 
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      init_from="", init_match="all", lora_rank=0, lora_alpha=16.0, lora_targets=DEFAULT_TARGETS,
+      init_from="", init_match="all", pool_kv_heads=False, lora_rank=0, lora_alpha=16.0, lora_targets=DEFAULT_TARGETS,
       teacher="", distill_temperature=2.0, distill_weight=0.5, distill_chunk_size=256))
 
 
@@ -324,6 +324,7 @@ class NameMatch:
   loaded: tuple[str, ...]
   fresh: tuple[str, ...]            # in the model, not saved under that path
   reshaped: tuple[str, ...]         # saved under that path with another shape: fresh
+  pooled: tuple[str, ...]           # k/v kernels saved with more kv heads: their group means
   unused: tuple[str, ...]           # saved, not in the model
   loaded_values: int
   total_values: int
@@ -331,9 +332,11 @@ class NameMatch:
   def summary(self) -> str:
     def some(paths):
       return ", ".join(paths[:6]) + (f" and {len(paths) - 6} more" if len(paths) > 6 else "")
-    total = len(self.loaded) + len(self.fresh) + len(self.reshaped)
+    total = len(self.loaded) + len(self.pooled) + len(self.fresh) + len(self.reshaped)
     parts = [f"init_from by name: {len(self.loaded)} of {total} parameters loaded "
              f"({100 * self.loaded_values / max(self.total_values, 1):.1f}% of the values)"]
+    if self.pooled:
+      parts.append(f"kv heads pooled: {some(self.pooled)}")
     if self.fresh:
       parts.append(f"fresh (not saved): {some(self.fresh)}")
     if self.reshaped:
@@ -343,29 +346,34 @@ class NameMatch:
     return "; ".join(parts)
 
 
-def match_by_name(saved, like):
+def match_by_name(saved, like, pool_kv_heads: bool = False):
   """(params shaped as `like`, NameMatch): each leaf of `like` replaced by the saved leaf of the
-  same path and shape, cast to its dtype and placed with its sharding.
+  same path and shape, cast to its dtype and placed with its sharding; with `pool_kv_heads`, a
+  k/v kernel saved with a multiple of the kv heads by its group means (`pool_kv_kernel`).
 
   ValueError when no parameter matches (init_from is then not a relative of this model).
   """
   saved_flat = traverse_util.flatten_dict(nn.unbox(saved), sep="/")
   like_flat = traverse_util.flatten_dict(nn.unbox(like), sep="/")
-  loaded, fresh, reshaped, out = [], [], [], {}
+  loaded, pooled, fresh, reshaped, out = [], [], [], [], {}
   loaded_values = 0
   for path, leaf in like_flat.items():
     value = saved_flat.get(path)
     if value is None:
       fresh.append(path)
       out[path] = leaf
-    elif tuple(np.shape(value)) != tuple(leaf.shape):
-      reshaped.append(path)
-      out[path] = leaf
-    else:
+    elif tuple(np.shape(value)) == tuple(leaf.shape):
       loaded.append(path)
       loaded_values += leaf.size
       out[path] = _put_leaf(value, leaf)
-  match = NameMatch(tuple(loaded), tuple(fresh), tuple(reshaped),
+    elif pool_kv_heads and (means := pool_kv_kernel(path, value, leaf.shape)) is not None:
+      pooled.append(path)
+      loaded_values += leaf.size
+      out[path] = _put_leaf(means, leaf)
+    else:
+      reshaped.append(path)
+      out[path] = leaf
+  match = NameMatch(tuple(loaded), tuple(fresh), tuple(reshaped), tuple(pooled),
                     tuple(sorted(set(saved_flat) - set(like_flat))), loaded_values,
                     sum(leaf.size for leaf in like_flat.values()))
   if not loaded:
@@ -373,6 +381,25 @@ def match_by_name(saved, like):
                      "and shape of this model's (" + match.summary() + "); point init_from at a "
                      "run of a related model")
   return traverse_util.unflatten_dict(out, sep="/"), match
+
+
+_KV_KERNEL = re.compile(r"(^|/)(k|v)_proj/kernel$")
+
+
+def pool_kv_kernel(path: str, value, shape):
+  """A k/v kernel `[..., H, head_dim]` as `[..., h, head_dim]` by the mean of each group of H / h
+  consecutive heads (kv head j of the new layer serves the query heads that used saved kv heads
+  j * H/h ... (j + 1) * H/h - 1: the ops repeat each kv head over consecutive query heads), or
+  None when `path` is not a k/v kernel or the shapes differ otherwise."""
+  saved = tuple(np.shape(value))
+  shape = tuple(shape)
+  if (not _KV_KERNEL.search(path) or len(saved) != len(shape) or len(shape) < 2
+      or saved[:-2] != shape[:-2] or saved[-1] != shape[-1] or saved[-2] <= shape[-2]
+      or saved[-2] % shape[-2]):
+    return None
+  groups = saved[-2] // shape[-2]
+  grouped = np.asarray(value, np.float32).reshape(*shape[:-1], groups, shape[-1])
+  return grouped.mean(axis=-2)
 
 
 def _put_leaf(value, like):
@@ -434,7 +461,7 @@ class Setup:
     """A freshly created train state with the init_from / teacher weights put in."""
     if not wraps_params(self.ft):
       if self.ft.init_match == "by_name":
-        params, match = match_by_name(self.base_weights, state.params)
+        params, match = match_by_name(self.base_weights, state.params, self.ft.pool_kv_heads)
         print(match.summary(), flush=True)
         return state.replace(params=params)
       return state.replace(params=_put_like(self.base_weights, state.params))
