@@ -55,7 +55,8 @@ DEFAULT_TARGETS = r"(mixer/(q|k|v|o|f|i|gate)_proj|mlp/(wi_gate|wi_up|wo))/kerne
 
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      init_from="", init_match="all", pool_kv_heads=False, lora_rank=0, lora_alpha=16.0, lora_targets=DEFAULT_TARGETS,
+      init_from="", init_match="all", pool_kv_heads=False, lora_rank=0, lora_alpha=16.0,
+      lora_targets=DEFAULT_TARGETS,
       teacher="", distill_temperature=2.0, distill_weight=0.5, distill_chunk_size=256))
 
 
