@@ -206,8 +206,9 @@ def _long_memory(c):
   c.train.update(log_every=25, checkpoint_every=0, eval_batches=0, passkey_examples=0)
   # Started from long_small by name, the graph layer's k/v (1 kv head against long_small's 4)
   # would start fresh, and that alone broke the retrieval long_small had learned: on one H200 the
-  # answers' accuracy was 6% from the first steps to step 2,400 (RESULTS, "long_memory started
-  # from long_small by name"). The mean of each group of 4 heads keeps the layer close to long_small's.
+  # answers' accuracy was 5.5-7% from the first steps to step 2,400 (RESULTS, "long_memory
+  # started from long_small by name"). The mean of each group of 4 heads keeps the layer close
+  # to long_small's.
   c.finetune.update(pool_kv_heads=True)
 
 
