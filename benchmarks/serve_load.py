@@ -13,6 +13,8 @@ The run is bounded by --requests and by --timeout_s.
   python benchmarks/serve_load.py --model=tiny --requests=32 --concurrency=8          # CPU, HTTP
   python benchmarks/serve_load.py --transport=engine --model=recipe --requests=64 \
       --concurrency=64 --num_slots=64 --prompt_tokens=1024 --max_tokens=256             # GPU
+With --max_len above prompt + max_tokens the engine's caches are that long (a long-context
+server's); --kv_read_bucket=0 makes its decode read the whole cache (no read-length buckets).
 """
 import asyncio
 import json
@@ -41,6 +43,11 @@ _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "Generated tokens per reque
 _SLOTS = flags.DEFINE_integer("num_slots", 8, "Engine slots (a server started here).")
 _CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Longest prefill piece.")
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 8, "Engine tokens decoded per dispatch.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 0, "Engine cache length per request (0: "
+                                "--prompt_tokens + --max_tokens); e.g. 131072 for a long-context "
+                                "server's price.")
+_KV_READ = flags.DEFINE_integer("kv_read_bucket", 1024, "Engine decode reads the KV cache in "
+                                "power-of-two multiples of this many positions (0 = all).")
 _LAYOUT = flags.DEFINE_bool("serving_layout", True, "Engine runs the model in the serving "
                             "layout (sosm_jax/serve/layout.py); False: parameters as trained.")
 _TIMEOUT = flags.DEFINE_float("timeout_s", 300.0, "Upper bound on the whole load.")
@@ -76,7 +83,7 @@ def _engine(max_len: int):
   from sosm_jax.serve import loading  # pylint: disable=import-outside-toplevel
   config = engine_lib.EngineConfig(num_slots=_SLOTS.value, max_len=max_len,
                                    prefill_chunk=_CHUNK.value, decode_steps=_DECODE_STEPS.value,
-                                   serving_layout=_LAYOUT.value)
+                                   serving_layout=_LAYOUT.value, kv_read_bucket=_KV_READ.value)
   if _WORKDIR.value:
     return loading.engine_from_workdir(_WORKDIR.value, config, name="load")[0]
   model, params, tokenizer = _random_model(_MODEL.value)
@@ -203,7 +210,7 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   logging.getLogger("httpx").setLevel(logging.WARNING)
   prompts = _prompts(_REQUESTS.value, _PROMPT.value)
-  max_len = _PROMPT.value + _MAX_TOKENS.value
+  max_len = _MAX_LEN.value or _PROMPT.value + _MAX_TOKENS.value
   engine, stop = None, lambda: None
   if not _URL.value:
     engine = _engine(max_len)
@@ -223,12 +230,15 @@ def main(argv):
   if engine is not None:
     result["mean_batch_occupancy"] = engine.stats()["mean_occupancy"]
     result["decode_steps"] = engine.stats()["steps"]
+    result["decode_dispatches_by_kv_read_length"] = {
+        str(n): c for n, c in sorted(getattr(engine, "dispatches_by_read_length", {}).items())}
     engine.stop()
   stop()
   result.update(transport=_TRANSPORT.value, model=_WORKDIR.value or _URL.value or _MODEL.value,
                 concurrency=_CONCURRENCY.value, num_slots=_SLOTS.value,
                 engine_decode_steps=_DECODE_STEPS.value, serving_layout=_LAYOUT.value,
-                prompt_tokens=_PROMPT.value, max_tokens=_MAX_TOKENS.value,
+                prompt_tokens=_PROMPT.value, max_tokens=_MAX_TOKENS.value, max_len=max_len,
+                kv_read_bucket=_KV_READ.value,
                 device=jax.devices()[0].device_kind, command=" ".join(sys.argv))
   print(json.dumps(result, indent=2))
   f = lambda x, d=3: "–" if x is None else f"{x:.{d}f}"

@@ -34,6 +34,8 @@ _CHUNK = flags.DEFINE_integer("prefill_chunk", 512, "Longest prefill piece (powe
 _DECODE_STEPS = flags.DEFINE_integer("decode_steps", 8, "Tokens decoded (and streamed) per call.")
 _KV_CACHE = flags.DEFINE_enum("kv_cache_dtype", "", ["", "int8"], "Attention KV cache: '' = as "
                               "the checkpoint's model config, 'int8' = half a bf16 cache's bytes.")
+_KV_READ = flags.DEFINE_integer("kv_read_bucket", 1024, "Decode reads the KV cache in power-of-"
+                               "two multiples of this many positions (0 = the whole --max_len).")
 _MEMORY = flags.DEFINE_enum("memory", "auto", ["auto", "on", "off"],
                             "Host memory beyond the window: 'auto' = as the checkpoint trained.")
 
@@ -59,7 +61,8 @@ def _engine_events(loaded, prompt, params):
                              engine_lib.EngineConfig(num_slots=1, max_len=max_len,
                                                      prefill_chunk=_CHUNK.value,
                                                      decode_steps=_DECODE_STEPS.value,
-                                                     kv_cache_dtype=_KV_CACHE.value)).start()
+                                                     kv_cache_dtype=_KV_CACHE.value,
+                                                     kv_read_bucket=_KV_READ.value)).start()
   events = queue.Queue()
   try:
     engine.submit(prompt, params, events.put)

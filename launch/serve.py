@@ -48,6 +48,8 @@ _STALL = flags.DEFINE_float("stall_s", 60.0, "A model whose engine finished no s
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every shape before listening.")
 _KV_CACHE = flags.DEFINE_enum("kv_cache_dtype", "", ["", "int8"], "Attention KV cache: '' = as "
                               "the checkpoint's model config, 'int8' = half a bf16 cache's bytes.")
+_KV_READ = flags.DEFINE_integer("kv_read_bucket", 1024, "Decode reads the KV cache in power-of-"
+                               "two multiples of this many positions (0 = the whole --max_len).")
 _MEMORY = flags.DEFINE_enum("memory", "auto", ["auto", "on", "off"], "Host memory beyond the "
                             "window: 'auto' = as the checkpoint trained (then one request at a "
                             "time), 'off' = the batching engine within --max_len.")
@@ -56,7 +58,8 @@ _MEMORY = flags.DEFINE_enum("memory", "auto", ["auto", "on", "off"], "Host memor
 def build_registry():
   """The started registry of the flags' models, with metrics."""
   config = engine_lib.EngineConfig(num_slots=_SLOTS.value, max_len=_MAX_LEN.value,
-                                   prefill_chunk=_CHUNK.value, kv_cache_dtype=_KV_CACHE.value)
+                                   prefill_chunk=_CHUNK.value, kv_cache_dtype=_KV_CACHE.value,
+                                   kv_read_bucket=_KV_READ.value)
   entries = []
   try:
     main_engine, info = loading.engine_from_workdir(_WORKDIR.value, config, memory=_MEMORY.value,

@@ -185,6 +185,29 @@ def test_int8_kv_cache_is_attention_over_its_dequantized_values(window):
   assert 0 < err < 0.05, err      # int8: ~1% of a value's range per element
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("window", [0, 5])
+def test_cached_attention_over_a_read_len_prefix_is_the_whole_caches(quantized, window):
+  """Queries at indices 10..12 of a 40-position cache whose every position holds random values:
+  reading the first 13 or 16 positions is the whole cache's result (the positions beyond are
+  masked); reading 12 drops a key the last query sees, so it differs."""
+  _, k, v = _qkv(6, t=40)
+  q = jax.random.normal(jax.random.PRNGKey(7), (B, 3, H, D))
+  cache = att.init_kv_cache(B, 40, KV, D, quantized=quantized)
+  cache = att.update_kv_cache(cache, k, v)
+  cache["index"] = jnp.asarray(13, jnp.int32)
+  attend = jax.jit(att.cached_attention, static_argnames=("window", "read_len"))
+  whole = attend(q, cache, window=window)
+  for read_len in (13, 16, 40):
+    np.testing.assert_allclose(attend(q, cache, window=window, read_len=read_len), whole,
+                               rtol=1e-6, atol=1e-6)
+  short = attend(q, cache, window=window, read_len=12)
+  assert float(jnp.max(jnp.abs(short[:, -1] - whole[:, -1]))) > 1e-3
+  np.testing.assert_allclose(short[:, :-1], whole[:, :-1], rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="read_len"):
+    att.cached_attention(q, cache, read_len=41)
+
+
 def test_rope_relative_and_restarts():
   """RoPE dot products depend only on position differences; positions restart per document."""
   x = jax.random.normal(jax.random.PRNGKey(3), (1, 2, 1, D))

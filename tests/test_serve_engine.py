@@ -165,6 +165,84 @@ def test_engine_with_an_int8_kv_cache_is_generate_of_that_model(num_slots):
   assert text == tok.decode(out)
 
 
+@pytest.mark.parametrize("num_slots", [1, 2])     # 1: the onerow decode step, 2: the model's
+def test_engine_reading_kv_cache_buckets_gives_the_whole_caches_text(num_slots):
+  """max_len 64, kv_read_bucket 8: decode programs read 8, 16, 32 or 64 cache positions; two
+  requests whose lengths cross all four get the greedy text of an engine that reads the whole
+  cache every time."""
+  model, params = _tiny(("hgrn2", "attn"))
+  tok = ByteTokenizer()
+  prompts, n = ["hi", "a prompt of 20 bytes"], 30    # 3 and 21 tokens with BOS, then 30 more
+
+  def serve(bucket):
+    engine = engine_lib.Engine(model, params, tok, engine_lib.EngineConfig(
+        num_slots=num_slots, max_len=64, prefill_chunk=8, decode_steps=4, kv_read_bucket=bucket))
+    events = [queue.Queue() for _ in prompts]
+    for p, q in zip(prompts, events):
+      engine.submit(p, engine_lib.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
+                    q.put)
+    engine.start()
+    done = [until_done(q) for q in events]
+    engine.stop()
+    assert all(d.completion_tokens == n for _, d in done)
+    return engine, [text for text, _ in done]
+
+  bucketed, texts = serve(8)
+  assert bucketed.decode_path == ("onerow" if num_slots == 1 else "model")
+  assert bucketed.read_lengths == [8, 16, 32, 64]
+  assert set(bucketed.dispatches_by_read_length) == {8, 16, 32, 64}
+  whole, want = serve(0)
+  assert whole.read_lengths == [64] and set(whole.dispatches_by_read_length) == {64}
+  assert texts == want
+
+
+@pytest.mark.parametrize("left", [4, 2])
+def test_kv_positions_read_is_what_a_dispatch_attends_to(left):
+  """A slot after a 5-token prompt and one generated token (cache index 5), 4 steps a dispatch
+  of which `left` are kept: the cache read up to kv_positions_read gives the whole cache's logits
+  at every kept step; one position fewer changes the last kept step's."""
+  model, params = _tiny(("hgrn2", "attn"))
+  _, cache = model.prefill(params, jnp.asarray([[1, 50, 60, 70, 80]], jnp.int32), 32)
+  n = engine_lib.kv_positions_read(5, 1, 4, left)
+
+  def logits(read_len):
+    step = jax.jit(layout.with_decode_read_len(model, read_len).decode_step)
+    c, out = cache, []
+    for token in (90, 91, 92, 93)[:left]:
+      x, c = step(params, jnp.asarray([token], jnp.int32), c)
+      out.append(np.asarray(x))
+    return np.stack(out)
+
+  whole, short = logits(0), logits(n - 1)
+  np.testing.assert_allclose(logits(n), whole, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(short[:-1], whole[:-1], rtol=1e-6, atol=1e-6)
+  assert np.max(np.abs(short[-1] - whole[-1])) > 1e-3
+
+
+def test_decode_read_lengths_and_their_choice():
+  assert engine_lib.decode_read_lengths(64, 8) == [8, 16, 32, 64]
+  assert engine_lib.decode_read_lengths(100, 32) == [32, 64, 100]
+  assert engine_lib.decode_read_lengths(64, 0) == engine_lib.decode_read_lengths(64, 128) == [64]
+  lengths = [8, 16, 32, 64]
+  assert [engine_lib.pick_read_length(need, lengths) for need in (1, 8, 9, 33, 64, 70)] == [
+      8, 8, 16, 64, 64, 64]
+
+
+@pytest.mark.parametrize("bad", [3, -1, 1000])
+def test_kv_read_bucket_must_be_zero_or_a_power_of_two(bad):
+  with pytest.raises(ValueError, match="kv_read_bucket"):
+    engine_lib.EngineConfig(kv_read_bucket=bad).check()
+  engine_lib.EngineConfig(kv_read_bucket=0).check()
+  engine_lib.EngineConfig(kv_read_bucket=1).check()
+
+
+def test_decode_read_len_is_checked_in_the_model_config():
+  cfg = default_model_config("hybrid")
+  cfg.attn_decode_read_len = -1
+  with pytest.raises(ValueError, match="attn_decode_read_len"):
+    models.build_model(cfg)
+
+
 def test_kv_cache_dtype_is_checked_in_engine_and_model_configs():
   with pytest.raises(ValueError, match="kv_cache_dtype"):
     engine_lib.EngineConfig(kv_cache_dtype="fp8").check()

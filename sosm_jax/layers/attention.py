@@ -2,7 +2,8 @@
 
 The math (masks, RoPE, backends) is in `sosm_jax/ops/attention.py`; this module holds parameters
 and the cache. Config keys: attn_num_heads, attn_num_kv_heads, attn_head_dim, rope_base,
-attn_window (0 = full causal), attn_impl ('' auto), attn_block_size (blockwise and splash block).
+attn_window (0 = full causal), attn_impl ('' auto), attn_block_size (blockwise and splash block),
+attn_decode_read_len (decode reads only that many cache positions; 0 = all).
 A Pallas kernel (splash attention) is opaque to XLA's partitioner, so it runs inside `jax.shard_map`
 over the mesh axes that the batch and heads are split over (`sosm_jax.parallel.per_shard`).
 With the time axis split over devices (mesh axis 'context') an all-to-all gives each device the
@@ -51,7 +52,8 @@ class Attention(nn.Module):
     v = constrain(v, BATCH_LENGTH_KV_HEADS)
     if cache is not None and decode:
       cache = attn_ops.update_kv_cache(cache, k, v)
-      o = attn_ops.cached_attention(q, cache, window=cfg.attn_window)
+      o = attn_ops.cached_attention(q, cache, window=cfg.attn_window,
+                                    read_len=cfg.get("attn_decode_read_len", 0))
     else:
       attend = lambda q, k, v, s: attn_ops.causal_attention(
           q, k, v, segment_ids=s, window=cfg.attn_window, implementation=cfg.attn_impl or None,

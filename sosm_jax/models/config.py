@@ -12,6 +12,9 @@ Keys (config.model, an ml_collections ConfigDict):
   attn_block_size   block length of the 'blockwise' (O(T)-memory) attention  (added)
   attn_kv_cache_dtype  decoding's KV cache: '' (the activations' dtype) | 'int8' (per token and
                     head absmax scales: half a bf16 cache's bytes; ops/attention.quantize_kv)
+  attn_decode_read_len  decoding (cache given, decode=True) attends over the first this many
+                    cache positions only, a static slice (0 = the whole cache): the serving
+                    engine sets it per dispatch to a bound on the filled positions
   hgrn2_head_dim    HGRN-2 key (state-expansion) dim per head; heads = d_model // hgrn2_head_dim
   gdn_num_heads, gdn_head_dim (key = value dim), conv_width (Gated DeltaNet short conv)
   gdn_output_gate   Gated DeltaNet output gate: 'sigmoid2' (2*sigmoid, zero-init: identity at
@@ -85,6 +88,7 @@ def default_model_config(architecture: str = "hybrid") -> ml_collections.ConfigD
   c.attn_impl = ""
   c.attn_block_size = 512
   c.attn_kv_cache_dtype = ""
+  c.attn_decode_read_len = 0
   c.hgrn2_head_dim = 128
   c.gdn_num_heads = 6
   c.gdn_head_dim = 128
@@ -196,6 +200,10 @@ def validate_model_config(cfg) -> None:
     if cfg.get("attn_kv_cache_dtype", "") not in KV_CACHE_DTYPES:
       _fail("attn_kv_cache_dtype", f"unknown value {cfg.attn_kv_cache_dtype!r}",
             f"use one of {KV_CACHE_DTYPES} ('' = the activations' dtype)")
+    read_len = cfg.get("attn_decode_read_len", 0)
+    if not isinstance(read_len, int) or isinstance(read_len, bool) or read_len < 0:
+      _fail("attn_decode_read_len", f"must be an int >= 0, got {read_len!r}",
+            "use 0 (the whole cache) or a cache length such as 1024")
   if "hgrn2" in pattern:
     _positive(cfg, "hgrn2_head_dim")
     if cfg.d_model % cfg.hgrn2_head_dim:

@@ -12,7 +12,8 @@ Forms with one meaning:
   `jax.nn.dot_product_attention` on XLA, or the O(T)-memory
   `blockwise_attention.blockwise_attention`.
 - `cached_attention` + `update_kv_cache`: queries at absolute positions `index .. index+T-1`
-  against a fixed-size KV cache (decode; jit-able, static shapes).
+  against a fixed-size KV cache (decode; jit-able, static shapes), or its first `read_len`
+  positions.
 
 Masks: token t sees token s when s <= t, (window > 0) t - s < window, and (segment ids given)
 segment_ids[s] == segment_ids[t]. Padding (segment id 0) only sees other padding, so its rows stay
@@ -376,7 +377,7 @@ def update_kv_cache(cache: dict, k: jax.Array, v: jax.Array) -> dict:
           "v_scale": write("v_scale", v_scale), "index": i + k.shape[1]}
 
 
-def cached_attention(q, cache, *, window=0, scale=None):
+def cached_attention(q, cache, *, window=0, scale=None, read_len=0):
   """Queries at absolute indices cache['index'] - Tq .. cache['index'] - 1 over the cache.
 
   Call after `update_kv_cache` has written this step's keys. XLA path with an explicit mask
@@ -385,13 +386,23 @@ def cached_attention(q, cache, *, window=0, scale=None):
   Args:
     q: `[batch, Tq, heads, head_dim]`.
     cache: as `init_kv_cache`, already holding this step's keys.
+    read_len: static int; > 0 reads only cache positions [0, read_len) (a static slice: a
+      decode step then costs what that many keys cost, not the whole cache's max_len). The
+      caller guarantees that every query's index is < read_len (keys beyond it would be
+      silently left out); 0 = the whole cache.
   Returns:
     `[batch, Tq, heads, head_dim]` in q's dtype.
   """
   b, tq = q.shape[:2]
   max_len = cache["k"].shape[1]
+  if not 0 <= read_len <= max_len:
+    raise ValueError(f"cached_attention: read_len {read_len} must be in [0, max_len {max_len}] "
+                     f"(0 = the whole cache); see model.attn_decode_read_len.")
+  if read_len:
+    cache = {name: x[:, :read_len] if name != "index" else x for name, x in cache.items()}
+  keys = read_len or max_len
   q_index = cache["index"] - tq + jnp.broadcast_to(jnp.arange(tq), (b, tq))
-  k_index = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
+  k_index = jnp.broadcast_to(jnp.arange(keys), (b, keys))
   mask = attention_mask(q_index, k_index, window=window)
   if "k_scale" in cache:
     return _int8_cached_attention(q, cache, mask, scale)

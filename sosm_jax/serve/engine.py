@@ -15,7 +15,12 @@ model runs in the serving layout (`serve/layout.py`: bfloat16 matmul weights, un
 with one slot, decoding goes through `serve/onerow.py` where it supports the model (norm scales
 folded into fused projections, the row carried twice: the fastest batch-1 step measured on an
 H200, RESULTS.md "Decode speed"), else through `layout.decode_step` (projections on two rows);
-with more slots, through the model's own step.
+with more slots, through the model's own step. A decode dispatch reads only a prefix of the
+slots' KV caches (`attn_decode_read_len`): the smallest of kv_read_bucket, 2 kv_read_bucket,
+4 kv_read_bucket, ..., max_len that holds every position the active slots attend to in it, so a
+short request on a server with a long max_len decodes at the price of its own length (the
+caches still take max_len of memory); at most ceil(log2(max_len / kv_read_bucket)) + 1 decode
+programs are compiled.
 
 A background thread runs the loop: between two decode calls it frees the slots of finished or
 cancelled requests and runs up to `prefill_chunk` tokens of prefill (pieces of the oldest
@@ -91,6 +96,8 @@ class EngineConfig:
                                # the parameters exactly as given, the model's decode step)
   kv_cache_dtype: str = ""     # attention KV cache: '' = the model config's
                                # (attn_kv_cache_dtype), 'int8' = half of a bf16 cache's bytes
+  kv_read_bucket: int = 1024   # decode reads the KV caches' first kv_read_bucket x 2^k positions
+                               # (capped at max_len; module doc); 0 = always the whole cache
 
   def check(self) -> None:
     if self.num_slots < 1:
@@ -104,6 +111,9 @@ class EngineConfig:
     if self.kv_cache_dtype not in KV_CACHE_DTYPES:
       raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES} ('' = the model "
                        f"config's), got {self.kv_cache_dtype!r}")
+    if self.kv_read_bucket < 0 or self.kv_read_bucket & (self.kv_read_bucket - 1):
+      raise ValueError(f"kv_read_bucket must be 0 (read the whole cache) or a power of two, "
+                       f"got {self.kv_read_bucket}; use e.g. 1024")
 
 
 @dataclasses.dataclass
@@ -161,6 +171,32 @@ def prefill_pieces(n: int, chunk: int, continue_max: int) -> list[int]:
     return pieces
   first = 1 << (n.bit_length() - 1)   # largest power of two <= n, from an empty cache
   return [first] + [1] * (n - first)
+
+
+def kv_positions_read(prompt_len: int, generated: int, decode_steps: int, left: int) -> int:
+  """How many cache positions, from 0, a slot's kept tokens attend to in one decode dispatch.
+
+  The cache holds the prompt and every generated token but the last (the dispatch's input), so
+  its index is prompt_len + generated - 1; step j writes and attends up to index + j, and only
+  the first min(decode_steps, left) steps' tokens are kept (what later steps, and free slots,
+  read does not matter: their tokens are discarded).
+  """
+  return prompt_len + generated - 1 + min(decode_steps, left)
+
+
+def decode_read_lengths(max_len: int, bucket: int) -> list[int]:
+  """The KV read lengths decode programs are compiled for, ascending: bucket, 2 bucket, ...
+  below max_len, then max_len (only max_len when bucket is 0)."""
+  lengths, n = [], bucket
+  while 0 < n < max_len:
+    lengths.append(n)
+    n *= 2
+  return lengths + [max_len]
+
+
+def pick_read_length(need: int, lengths: list[int]) -> int:
+  """The smallest of lengths (ascending) >= need; the last (max_len) when none is."""
+  return next((n for n in lengths if n >= need), lengths[-1])
 
 
 class QueuedEngine:
@@ -249,6 +285,7 @@ class Engine(QueuedEngine):
   def __init__(self, model, params, tokenizer, config: EngineConfig = EngineConfig(), *,
                name: str = "model"):
     config.check()
+    model = layout.with_decode_read_len(model, 0)   # prefill's continued pieces read it all
     if config.kv_cache_dtype:
       model = layout.with_kv_cache_dtype(model, config.kv_cache_dtype)
     if config.serving_layout:
@@ -266,7 +303,11 @@ class Engine(QueuedEngine):
     self._active: list[Request | None] = [None] * s
     self._prefill: tuple[Request, Any, list[int], int] | None = None  # request, cache, pieces, done
     self.occupied_slot_steps = 0
-    self._decode = jax.jit(self._decode_fn, donate_argnums=(2,))
+    self.read_lengths = decode_read_lengths(max_len, config.kv_read_bucket)
+    self._decode_models = {n: layout.with_decode_read_len(model, 0 if n == max_len else n)
+                           for n in self.read_lengths}
+    self.dispatches_by_read_length: collections.Counter[int] = collections.Counter()
+    self._decode = jax.jit(self._decode_fn, static_argnames=("read_len",), donate_argnums=(2,))
     self._insert = jax.jit(_insert_slot, donate_argnums=(0,))
     self._first = jax.jit(self._first_piece_fn)
     self._extend = jax.jit(self._extend_fn)
@@ -289,20 +330,23 @@ class Engine(QueuedEngine):
   # ------------------------------------------------------------------ compiled pieces
 
   def _decode_fn(self, params, tokens, slots, seeds, steps, temperature, top_k, top_p, left,
-                 stop_at_eos):
+                 stop_at_eos, read_len):
     """config.decode_steps decode steps of every slot -> (tokens `[S, decode_steps]`, slots).
 
     tokens `[S]` (each slot's last token), slots (caches stacked `[S, ...]`); per slot `[S]`:
     seeds, steps (tokens generated so far: the sampling key of step j is fold_in(key(seed),
     steps + j)), temperature, top_k, top_p, left (tokens it may still emit; 0 for a free slot),
     stop_at_eos (bool). A slot's tokens after its budget or after EOS are -1.
+    read_len (static, one of self.read_lengths): attention reads the caches' first read_len
+    positions, so every position a kept token attends to must be below it.
     """
+    model = self._decode_models[read_len]
     if self.decode_path == "onerow":
-      step = lambda t, c: onerow.decode_step(self.model.cfg, params, t[None], c)
+      step = lambda t, c: onerow.decode_step(model.cfg, params, t[None], c)
     elif self.decode_path == "two_rows":
-      step = lambda t, c: layout.decode_step(self.model, params, t[None], c)
+      step = lambda t, c: layout.decode_step(model, params, t[None], c)
     else:
-      step = lambda t, c: self.model.decode_step(params, t[None], c)
+      step = lambda t, c: model.decode_step(params, t[None], c)
     key = jax.vmap(jax.random.key)(seeds)
 
     def body(carry, j):
@@ -351,7 +395,8 @@ class Engine(QueuedEngine):
             "mean_occupancy": self.occupied_slot_steps / max(1, self.steps * self.config.num_slots)}
 
   def warmup(self, prompt_lengths: list[int] | None = None) -> None:
-    """Compiles the decode step and the prefill pieces now, not on the first requests.
+    """Compiles the decode steps (one per KV read length) and the prefill pieces now, not on the
+    first requests.
 
     prompt_lengths (with BOS): compile only the pieces these need; default every piece shape.
     """
@@ -371,9 +416,10 @@ class Engine(QueuedEngine):
     self._sample(logits, 0, 0, 0.0, 0, 1.0)
     self._slots = self._insert(self._slots, cache, 0)
     zeros = np.zeros((cfg.num_slots,), np.int32)
-    _, self._slots = self._decode(self._step_params, zeros, self._slots, zeros, zeros,
-                                  zeros.astype(np.float32), zeros, np.ones_like(zeros, np.float32),
-                                  zeros, zeros.astype(bool))
+    for n in self.read_lengths:
+      _, self._slots = self._decode(self._step_params, zeros, self._slots, zeros, zeros,
+                                    zeros.astype(np.float32), zeros,
+                                    np.ones_like(zeros, np.float32), zeros, zeros.astype(bool), n)
     jax.block_until_ready(self._slots)
 
   # ------------------------------------------------------------------ the loop
@@ -456,6 +502,7 @@ class Engine(QueuedEngine):
     temperature, top_p = np.zeros((s,), np.float32), np.ones((s,), np.float32)
     top_k, left = np.zeros((s,), np.int32), np.zeros((s,), np.int32)
     stop_at_eos = np.zeros((s,), bool)
+    need = 1   # cache positions [0, need) that the kept tokens attend to
     for i, r in enumerate(self._active):
       if r is not None:
         seeds[i], steps[i] = r.seed, len(r.generated)
@@ -463,8 +510,12 @@ class Engine(QueuedEngine):
         left[i] = min(r.params.max_tokens - len(r.generated),
                       self.config.max_len - len(r.prompt_ids) - len(r.generated))
         stop_at_eos[i] = not r.params.ignore_eos
+        need = max(need, kv_positions_read(len(r.prompt_ids), len(r.generated),
+                                           self.config.decode_steps, int(left[i])))
+    read_len = pick_read_length(need, self.read_lengths)
+    self.dispatches_by_read_length[read_len] += 1
     tokens, self._slots = self._decode(self._step_params, self._tokens, self._slots, seeds, steps,
-                                       temperature, top_k, top_p, left, stop_at_eos)
+                                       temperature, top_k, top_p, left, stop_at_eos, read_len)
     tokens = np.asarray(tokens)
     self.steps += self.config.decode_steps
     self.occupied_slot_steps += int((tokens >= 0).sum())

@@ -77,6 +77,16 @@ def with_kv_cache_dtype(model, dtype: str):
   return models.build_model(cfg)
 
 
+def with_decode_read_len(model, n: int):
+  """The same model (same parameters) with its attention decode reading only the first n cache
+  positions (0 = all; config key `model.attn_decode_read_len`)."""
+  if model.cfg.get("attn_decode_read_len", 0) == n:
+    return model
+  cfg = ml_collections.ConfigDict(model.cfg.to_dict())
+  cfg.attn_decode_read_len = n
+  return models.build_model(cfg)
+
+
 def serving_layout(model, params):
   """(model, params) -> (model, params) in the serving layout (module doc); same outputs.
 

@@ -23,7 +23,8 @@ from sosm_jax.train import checkpoint as ckpt_lib
 # Model keys that change how the model is computed, not which parameters it has or what they
 # mean: a run may resume with other values (e.g. another kernel path on another machine).
 EXECUTION_KEYS = ("remat", "attn_impl", "attn_block_size", "linear_impl", "chunk_size",
-                  "loss_chunk_size", "rope_base", "graph.query_chunk", "graph.key_chunk")
+                  "loss_chunk_size", "rope_base", "graph.query_chunk", "graph.key_chunk",
+                  "attn_decode_read_len")
 
 
 class ResumeRefused(RuntimeError):
