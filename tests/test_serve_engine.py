@@ -63,6 +63,19 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
   np.testing.assert_array_equal(freq(0.0, 4, 0.3), law(1.0, 1))
 
 
+def test_unfiltered_sampling_draws_the_filtered_paths_tokens():
+  """filtered=False (no sorts) gives exactly the tokens of the full path with top-k and top-p off."""
+  n = 64
+  logits = 3 * jax.random.normal(jax.random.key(2), (n, 50))
+  keys = jax.random.split(jax.random.key(3), n)
+  temperature = jnp.tile(jnp.array([0.0, 0.7, 1.3, 2.0]), n // 4)
+  off_k, off_p = jnp.zeros((n,), jnp.int32), jnp.ones((n,), jnp.float32)
+  full = sample_tokens(logits, keys, temperature, off_k, off_p)
+  fast = sample_tokens(logits, keys, temperature, off_k, off_p, filtered=False)
+  np.testing.assert_array_equal(np.asarray(full), np.asarray(fast))
+  assert len(set(np.asarray(full[1::4]).tolist())) > 5     # the draws are not all argmax
+
+
 # ----------------------------------------------------------------------------- prefill pieces
 
 
@@ -194,6 +207,33 @@ def test_engine_reading_kv_cache_buckets_gives_the_whole_caches_text(num_slots):
   whole, want = serve(0)
   assert whole.read_lengths == [64] and set(whole.dispatches_by_read_length) == {64}
   assert texts == want
+
+
+def test_a_filtered_neighbour_does_not_change_a_sampled_requests_text():
+  """A request with top-k and top-p off decodes through the program without the filters' sorts;
+  next to one with top-k (the filtered program for both) it samples the same text."""
+  model, params = _tiny(("hgrn2", "attn"))
+  tok = ByteTokenizer()
+  plain = engine_lib.SamplingParams(max_tokens=12, temperature=0.9, seed=7, ignore_eos=True)
+  top_k = engine_lib.SamplingParams(max_tokens=12, temperature=0.9, top_k=5, seed=8,
+                                    ignore_eos=True)
+
+  def serve(requests):
+    engine = engine_lib.Engine(model, params, tok, engine_lib.EngineConfig(
+        num_slots=2, max_len=40, prefill_chunk=8, decode_steps=4))
+    events = [queue.Queue() for _ in requests]
+    for r, q in zip(requests, events):
+      engine.submit("a prompt", r, q.put)
+    engine.start()
+    texts = [until_done(q)[0] for q in events]
+    engine.stop()
+    return engine, texts
+
+  alone, (want,) = serve([plain])
+  assert alone.filtered_dispatches == 0
+  paired, (text, _) = serve([plain, top_k])
+  assert paired.filtered_dispatches > 0
+  assert text == want
 
 
 @pytest.mark.parametrize("left", [4, 2])

@@ -12,13 +12,7 @@ def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
   """
   if top_p >= 1.0:
     return logits
-  order = jnp.argsort(-logits, axis=-1)
-  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep_sorted = mass_before < top_p
-  keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-  return jnp.where(keep, logits, -jnp.inf)
+  return nucleus_filter(logits, jnp.full((logits.shape[0],), top_p, jnp.float32))
 
 
 def sample_token(logits: jax.Array, rng, temperature: float, top_p: float) -> jax.Array:
@@ -42,23 +36,36 @@ def top_k_filter(logits: jax.Array, top_k: jax.Array) -> jax.Array:
   return jnp.where((top_k[:, None] <= 0) | (logits >= kth), logits, -jnp.inf)
 
 
+def nucleus_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Per row, the smallest set of most likely tokens whose mass reaches top_p; others -> -inf.
+
+  logits `[B, V]` float32 (may hold -inf), top_p `[B]` float (>= 1: keeps every token, so a row
+  without the filter is exactly its input). Result in vocabulary order.
+  """
+  order = jnp.argsort(-logits, axis=-1)
+  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  keep_sorted = ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1)
+  rows = jnp.arange(logits.shape[0])[:, None]
+  keep = jnp.zeros_like(keep_sorted).at[rows, order].set(keep_sorted)
+  return jnp.where(keep, logits, -jnp.inf)
+
+
 def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                  top_p: jax.Array) -> jax.Array:
+                  top_p: jax.Array, *, filtered: bool = True) -> jax.Array:
   """Per-row sampling with traced parameters (one compiled program serves every setting).
 
   logits `[B, V]`; keys `[B]` typed PRNG keys; temperature `[B]` float (<= 0: argmax);
   top_k `[B]` int (<= 0: off); top_p `[B]` float (>= 1: off) -> token ids `[B]` int32.
   Filters apply in the order temperature, top-k, top-p (the nucleus of the top-k set).
+  filtered=False (static) skips the two sorts over the vocabulary that the filters need: for
+  batches where every row has top-k and top-p off, with the same tokens as filtered=True (the
+  draw is over the vocabulary in its own order either way).
   """
   logits = logits.astype(jnp.float32)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-  scaled = top_k_filter(scaled, top_k)
-  order = jnp.argsort(-scaled, axis=-1)
-  sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
-  choice = jax.vmap(lambda k, l: jax.random.categorical(k, l))(
-      keys, jnp.where(keep_sorted, sorted_logits, -jnp.inf))
-  sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+  if filtered:
+    scaled = nucleus_filter(top_k_filter(scaled, top_k), top_p)
+  sampled = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, scaled).astype(jnp.int32)
   return jnp.where(temperature > 0, sampled, greedy)

@@ -307,7 +307,9 @@ class Engine(QueuedEngine):
     self._decode_models = {n: layout.with_decode_read_len(model, 0 if n == max_len else n)
                            for n in self.read_lengths}
     self.dispatches_by_read_length: collections.Counter[int] = collections.Counter()
-    self._decode = jax.jit(self._decode_fn, static_argnames=("read_len",), donate_argnums=(2,))
+    self.filtered_dispatches = 0   # dispatches that ran the top-k / top-p filters
+    self._decode = jax.jit(self._decode_fn, static_argnames=("read_len", "filtered"),
+                           donate_argnums=(2,))
     self._insert = jax.jit(_insert_slot, donate_argnums=(0,))
     self._first = jax.jit(self._first_piece_fn)
     self._extend = jax.jit(self._extend_fn)
@@ -330,7 +332,7 @@ class Engine(QueuedEngine):
   # ------------------------------------------------------------------ compiled pieces
 
   def _decode_fn(self, params, tokens, slots, seeds, steps, temperature, top_k, top_p, left,
-                 stop_at_eos, read_len):
+                 stop_at_eos, read_len, filtered):
     """config.decode_steps decode steps of every slot -> (tokens `[S, decode_steps]`, slots).
 
     tokens `[S]` (each slot's last token), slots (caches stacked `[S, ...]`); per slot `[S]`:
@@ -338,7 +340,8 @@ class Engine(QueuedEngine):
     steps + j)), temperature, top_k, top_p, left (tokens it may still emit; 0 for a free slot),
     stop_at_eos (bool). A slot's tokens after its budget or after EOS are -1.
     read_len (static, one of self.read_lengths): attention reads the caches' first read_len
-    positions, so every position a kept token attends to must be below it.
+    positions, so every position a kept token attends to must be below it. filtered (static):
+    False when no slot uses top-k or top-p, so the steps skip their sorts over the vocabulary.
     """
     model = self._decode_models[read_len]
     if self.decode_path == "onerow":
@@ -353,7 +356,7 @@ class Engine(QueuedEngine):
       tokens, slots, live = carry
       logits, slots = jax.vmap(step)(tokens, slots)
       keys = jax.vmap(jax.random.fold_in)(key, steps + j)
-      nxt = sample_tokens(logits[:, 0], keys, temperature, top_k, top_p)
+      nxt = sample_tokens(logits[:, 0], keys, temperature, top_k, top_p, filtered=filtered)
       out = jnp.where(live, nxt, -1)
       live = live & (j + 1 < left) & ~(stop_at_eos & (nxt == self._eos))
       return (nxt, slots, live), out
@@ -416,10 +419,11 @@ class Engine(QueuedEngine):
     self._sample(logits, 0, 0, 0.0, 0, 1.0)
     self._slots = self._insert(self._slots, cache, 0)
     zeros = np.zeros((cfg.num_slots,), np.int32)
-    for n in self.read_lengths:
+    for n, filtered in itertools.product(self.read_lengths, (False, True)):
       _, self._slots = self._decode(self._step_params, zeros, self._slots, zeros, zeros,
                                     zeros.astype(np.float32), zeros,
-                                    np.ones_like(zeros, np.float32), zeros, zeros.astype(bool), n)
+                                    np.ones_like(zeros, np.float32), zeros, zeros.astype(bool), n,
+                                    filtered)
     jax.block_until_ready(self._slots)
 
   # ------------------------------------------------------------------ the loop
@@ -514,8 +518,11 @@ class Engine(QueuedEngine):
                                            self.config.decode_steps, int(left[i])))
     read_len = pick_read_length(need, self.read_lengths)
     self.dispatches_by_read_length[read_len] += 1
+    filtered = bool(np.any((temperature > 0) & ((top_k > 0) | (top_p < 1))))
+    self.filtered_dispatches += filtered
     tokens, self._slots = self._decode(self._step_params, self._tokens, self._slots, seeds, steps,
-                                       temperature, top_k, top_p, left, stop_at_eos, read_len)
+                                       temperature, top_k, top_p, left, stop_at_eos, read_len,
+                                       filtered)
     tokens = np.asarray(tokens)
     self.steps += self.config.decode_steps
     self.occupied_slot_steps += int((tokens >= 0).sum())
