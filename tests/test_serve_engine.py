@@ -236,6 +236,39 @@ def test_a_filtered_neighbour_does_not_change_a_sampled_requests_text():
   assert text == want
 
 
+def _sampled_reference(model, params, ids, seed, n, temperature):
+  """Token m of a request is drawn with fold_in(key(seed), m) from the logits after token m - 1."""
+  logits, cache = model.prefill(params, jnp.asarray([ids]), 64)
+  logits, out = logits[:, -1], []
+  for m in range(n):
+    key = jax.random.fold_in(jax.random.key(seed), m)[None]
+    out.append(int(sample_tokens(logits, key, jnp.full((1,), temperature), jnp.zeros((1,), int),
+                                 jnp.ones((1,)))[0]))
+    logits, cache = model.decode_step(params, jnp.asarray(out[-1:]), cache)
+  return out
+
+
+def test_pipelined_dispatches_sample_each_token_with_its_own_step():
+  """Dispatch k + 1 is queued before dispatch k's tokens are read: its sampling steps and
+  budgets count the tokens in flight. Two seeded requests of different lengths in two slots
+  sample exactly the tokens of a one-token-at-a-time reference."""
+  model, params = _tiny(("hgrn2", "attn"))
+  tok = ByteTokenizer()
+  requests = [("a prompt", 13, 5), ("another prompt of more bytes", 7, 9)]   # text, tokens, seed
+  engine = engine_lib.Engine(model, params, tok, engine_lib.EngineConfig(
+      num_slots=2, max_len=64, prefill_chunk=8, decode_steps=4, serving_layout=False))
+  events = [queue.Queue() for _ in requests]
+  for (text, n, seed), q in zip(requests, events):
+    engine.submit(text, engine_lib.SamplingParams(max_tokens=n, temperature=1.0, seed=seed,
+                                                  ignore_eos=True), q.put)
+  engine.start()
+  texts = [until_done(q)[0] for q in events]
+  engine.stop()
+  for (text, n, seed), got in zip(requests, texts):
+    want = _sampled_reference(model, params, engine.encode(text), seed, n, 1.0)
+    assert got == tok.decode(want), text
+
+
 @pytest.mark.parametrize("left", [4, 2])
 def test_kv_positions_read_is_what_a_dispatch_attends_to(left):
   """A slot after a 5-token prompt and one generated token (cache index 5), 4 steps a dispatch

@@ -25,7 +25,10 @@ programs are compiled.
 A background thread runs the loop: between two decode calls it frees the slots of finished or
 cancelled requests and runs up to `prefill_chunk` tokens of prefill (pieces of the oldest
 waiting requests, while slots are free); when a prompt is done its cache is copied into a free
-slot and it joins the running batch.
+slot and it joins the running batch. Decode calls are pipelined: the next is queued before the
+host reads the previous one's tokens (counting them as generated), so the device does not wait
+for the host's part (the sync, text, events); tokens a request would get after it ended (EOS,
+stop sequence, cancel) in the call queued meanwhile are dropped.
 
 Prefill is exact, with no padding: a prompt of n tokens is cut into pieces whose lengths come
 from a fixed set (`prefill_chunk` repeated, then the binary digits of the rest: 256, 128, ...,
@@ -309,7 +312,8 @@ class Engine(QueuedEngine):
     self.dispatches_by_read_length: collections.Counter[int] = collections.Counter()
     self.filtered_dispatches = 0   # dispatches that ran the top-k / top-p filters
     self._decode = jax.jit(self._decode_fn, static_argnames=("read_len", "filtered"),
-                           donate_argnums=(2,))
+                           donate_argnums=(4,))
+    self._inflight: _Dispatch | None = None   # queued on the device, its tokens not read yet
     self._insert = jax.jit(_insert_slot, donate_argnums=(0,))
     self._first = jax.jit(self._first_piece_fn)
     self._extend = jax.jit(self._extend_fn)
@@ -331,11 +335,13 @@ class Engine(QueuedEngine):
 
   # ------------------------------------------------------------------ compiled pieces
 
-  def _decode_fn(self, params, tokens, slots, seeds, steps, temperature, top_k, top_p, left,
-                 stop_at_eos, read_len, filtered):
+  def _decode_fn(self, params, tokens, prev_out, from_host, slots, seeds, steps, temperature,
+                 top_k, top_p, left, stop_at_eos, read_len, filtered):
     """config.decode_steps decode steps of every slot -> (tokens `[S, decode_steps]`, slots).
 
-    tokens `[S]` (each slot's last token), slots (caches stacked `[S, ...]`); per slot `[S]`:
+    Each slot's input token is tokens `[S]` (host) where from_host `[S]`, else the last column of
+    prev_out `[S, decode_steps]` (the previous dispatch's output, still on the device: a slot
+    that continues it). slots: caches stacked `[S, ...]`; per slot `[S]`:
     seeds, steps (tokens generated so far: the sampling key of step j is fold_in(key(seed),
     steps + j)), temperature, top_k, top_p, left (tokens it may still emit; 0 for a free slot),
     stop_at_eos (bool). A slot's tokens after its budget or after EOS are -1.
@@ -350,6 +356,7 @@ class Engine(QueuedEngine):
       step = lambda t, c: layout.decode_step(model, params, t[None], c)
     else:
       step = lambda t, c: model.decode_step(params, t[None], c)
+    tokens = jnp.where(from_host, tokens, prev_out[:, -1])
     key = jax.vmap(jax.random.key)(seeds)
 
     def body(carry, j):
@@ -419,8 +426,10 @@ class Engine(QueuedEngine):
     self._sample(logits, 0, 0, 0.0, 0, 1.0)
     self._slots = self._insert(self._slots, cache, 0)
     zeros = np.zeros((cfg.num_slots,), np.int32)
+    no_out = np.zeros((cfg.num_slots, cfg.decode_steps), np.int32)
     for n, filtered in itertools.product(self.read_lengths, (False, True)):
-      _, self._slots = self._decode(self._step_params, zeros, self._slots, zeros, zeros,
+      _, self._slots = self._decode(self._step_params, zeros, no_out, zeros.astype(bool),
+                                    self._slots, zeros, zeros,
                                     zeros.astype(np.float32), zeros,
                                     np.ones_like(zeros, np.float32), zeros, zeros.astype(bool), n,
                                     filtered)
@@ -432,7 +441,7 @@ class Engine(QueuedEngine):
     while True:
       with self._cv:
         while (not self._stopping and not self._pending and self._prefill is None
-               and not any(self._active)):
+               and not any(self._active) and self._inflight is None):
           self._cv.wait()
         if self._stopping:
           break
@@ -445,7 +454,7 @@ class Engine(QueuedEngine):
           if not done:
             break
           budget -= done
-        if any(self._active):
+        if any(self._active) or self._inflight is not None:
           self._decode_once()
       except Exception as e:  # pylint: disable=broad-except
         self._fail_all(e)
@@ -501,34 +510,61 @@ class Engine(QueuedEngine):
     return size
 
   def _decode_once(self) -> None:
-    s = self.config.num_slots
+    """Queues the next decode dispatch, then reads the one queued before it.
+
+    Pipelined: the device runs dispatch k + 1 while the host reads dispatch k's tokens and hands
+    them out, so the host's part of a dispatch is not device idle time. Dispatch k + 1 assumes
+    every request still running in dispatch k emits all its decode_steps tokens there (the
+    sampling steps and budgets count them); a request that ends in dispatch k (EOS, a stop
+    sequence, its budget, a cancel) has its tokens from dispatch k + 1 dropped when they are read.
+    """
+    pending, self._inflight = self._inflight, None
+    if any(self._active):
+      self._inflight = self._dispatch(pending)
+    if pending is not None:
+      self._read(pending)
+
+  def _dispatch(self, pending: _Dispatch | None) -> _Dispatch | None:
+    """Queues decode_steps steps of the active slots (None when none has a token left)."""
+    s, n = self.config.num_slots, self.config.decode_steps
     seeds, steps = np.zeros((s,), np.int32), np.zeros((s,), np.int32)
     temperature, top_p = np.zeros((s,), np.float32), np.ones((s,), np.float32)
     top_k, left = np.zeros((s,), np.int32), np.zeros((s,), np.int32)
-    stop_at_eos = np.zeros((s,), bool)
+    stop_at_eos, from_host = np.zeros((s,), bool), np.ones((s,), bool)
     need = 1   # cache positions [0, need) that the kept tokens attend to
     for i, r in enumerate(self._active):
-      if r is not None:
-        seeds[i], steps[i] = r.seed, len(r.generated)
-        temperature[i], top_k[i], top_p[i] = r.params.temperature, r.params.top_k, r.params.top_p
-        left[i] = min(r.params.max_tokens - len(r.generated),
-                      self.config.max_len - len(r.prompt_ids) - len(r.generated))
-        stop_at_eos[i] = not r.params.ignore_eos
-        need = max(need, kv_positions_read(len(r.prompt_ids), len(r.generated),
-                                           self.config.decode_steps, int(left[i])))
+      if r is None:
+        continue
+      continued = pending is not None and pending.requests[i] is r
+      generated = len(r.generated) + (n if continued else 0)   # in flight counted
+      from_host[i] = not continued
+      seeds[i], steps[i] = r.seed, generated
+      temperature[i], top_k[i], top_p[i] = r.params.temperature, r.params.top_k, r.params.top_p
+      left[i] = max(0, min(r.params.max_tokens - generated,
+                           self.config.max_len - len(r.prompt_ids) - generated))
+      stop_at_eos[i] = not r.params.ignore_eos
+      if left[i]:
+        need = max(need, kv_positions_read(len(r.prompt_ids), generated, n, int(left[i])))
+    if not left.any():
+      return None
     read_len = pick_read_length(need, self.read_lengths)
     self.dispatches_by_read_length[read_len] += 1
     filtered = bool(np.any((temperature > 0) & ((top_k > 0) | (top_p < 1))))
     self.filtered_dispatches += filtered
-    tokens, self._slots = self._decode(self._step_params, self._tokens, self._slots, seeds, steps,
-                                       temperature, top_k, top_p, left, stop_at_eos, read_len,
-                                       filtered)
-    tokens = np.asarray(tokens)
+    prev_out = pending.tokens if pending is not None else np.zeros((s, n), np.int32)
+    tokens, self._slots = self._decode(self._step_params, self._tokens, prev_out, from_host,
+                                       self._slots, seeds, steps, temperature, top_k, top_p,
+                                       left, stop_at_eos, read_len, filtered)
+    return _Dispatch(tokens, list(self._active))
+
+  def _read(self, dispatch: _Dispatch) -> None:
+    """Hands a dispatch's tokens to the requests that still hold their slots."""
+    tokens = np.asarray(dispatch.tokens)
     self.steps += self.config.decode_steps
     self.occupied_slot_steps += int((tokens >= 0).sum())
-    for i, r in enumerate(self._active):
+    for i, r in enumerate(dispatch.requests):
       for token in tokens[i] if r is not None else ():
-        if token < 0 or self._active[i] is not r:   # budget spent, EOS or a stop sequence
+        if token < 0 or self._active[i] is not r:   # budget spent, EOS, a stop sequence, cancel
           break
         self._emit(i, int(token))
 
@@ -566,6 +602,7 @@ class Engine(QueuedEngine):
       error = EngineError(f"model {self.name!r} failed: {self.last_error}")
     victims = [r for r in self._active if r is not None]
     self._active = [None] * self.config.num_slots
+    self._inflight = None
     if self._prefill is not None:
       victims.append(self._prefill[0])
       self._prefill = None
@@ -579,6 +616,14 @@ class Engine(QueuedEngine):
       one = self.model.init_cache(1, self.config.max_len)   # a failed donated step lost them
       self._slots = jax.tree.map(
           lambda a: jnp.broadcast_to(a, (self.config.num_slots,) + a.shape), one)
+
+
+@dataclasses.dataclass
+class _Dispatch:
+  """A queued decode dispatch: its tokens `[S, decode_steps]` (a device array until read) and
+  the request each slot held when it was queued."""
+  tokens: Any
+  requests: list
 
 
 def _insert_slot(slots, cache, slot):
