@@ -238,13 +238,18 @@ def test_a_filtered_neighbour_does_not_change_a_sampled_requests_text():
 
 def _sampled_reference(model, params, ids, seed, n, temperature):
   """Token m of a request is drawn with fold_in(key(seed), m) from the logits after token m - 1."""
-  logits, cache = model.prefill(params, jnp.asarray([ids]), 64)
-  logits, out = logits[:, -1], []
-  for m in range(n):
+  @jax.jit
+  def draw(logits, m):
     key = jax.random.fold_in(jax.random.key(seed), m)[None]
-    out.append(int(sample_tokens(logits, key, jnp.full((1,), temperature), jnp.zeros((1,), int),
-                                 jnp.ones((1,)))[0]))
-    logits, cache = model.decode_step(params, jnp.asarray(out[-1:]), cache)
+    return sample_tokens(logits, key, jnp.full((1,), temperature), jnp.zeros((1,), jnp.int32),
+                         jnp.ones((1,)))
+
+  logits, cache = model.prefill(params, jnp.asarray([ids]), 64)
+  logits, out, step = logits[:, -1], [], jax.jit(model.decode_step)
+  for m in range(n):
+    token = draw(logits, m)
+    out.append(int(token[0]))
+    logits, cache = step(params, token, cache)
   return out
 
 
