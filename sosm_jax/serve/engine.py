@@ -552,7 +552,8 @@ class Engine(QueuedEngine):
     filtered = bool(np.any((temperature > 0) & ((top_k > 0) | (top_p < 1))))
     self.filtered_dispatches += filtered
     prev_out = pending.tokens if pending is not None else np.zeros((s, n), np.int32)
-    tokens, self._slots = self._decode(self._step_params, self._tokens, prev_out, from_host,
+    # a copy: _read's _emit writes self._tokens while this dispatch may still be reading it
+    tokens, self._slots = self._decode(self._step_params, self._tokens.copy(), prev_out, from_host,
                                        self._slots, seeds, steps, temperature, top_k, top_p,
                                        left, stop_at_eos, read_len, filtered)
     return _Dispatch(tokens, list(self._active))
