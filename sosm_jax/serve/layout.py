@@ -67,24 +67,25 @@ def unstack_layers(cfg, params) -> dict:
   return out
 
 
+def _with_model_key(model, key: str, value, default):
+  """The same model (same parameters) with config key `model.<key>` set to value."""
+  if model.cfg.get(key, default) == value:
+    return model
+  cfg = ml_collections.ConfigDict(model.cfg.to_dict())
+  cfg[key] = value
+  return models.build_model(cfg)
+
+
 def with_kv_cache_dtype(model, dtype: str):
   """The same model (same parameters) with its attention layers' decode cache in `dtype`
   ('' or 'int8', config key `model.attn_kv_cache_dtype`)."""
-  if model.cfg.get("attn_kv_cache_dtype", "") == dtype:
-    return model
-  cfg = ml_collections.ConfigDict(model.cfg.to_dict())
-  cfg.attn_kv_cache_dtype = dtype
-  return models.build_model(cfg)
+  return _with_model_key(model, "attn_kv_cache_dtype", dtype, "")
 
 
 def with_decode_read_len(model, n: int):
   """The same model (same parameters) with its attention decode reading only the first n cache
   positions (0 = all; config key `model.attn_decode_read_len`)."""
-  if model.cfg.get("attn_decode_read_len", 0) == n:
-    return model
-  cfg = ml_collections.ConfigDict(model.cfg.to_dict())
-  cfg.attn_decode_read_len = n
-  return models.build_model(cfg)
+  return _with_model_key(model, "attn_decode_read_len", n, 0)
 
 
 def serving_layout(model, params):
