@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import context_scaling
+from kernel_profile import profile_kernels
 from sosm_jax import models
 from sosm_jax.ops import attention as attn_ops
 from sosm_jax.serve import layout, onerow
@@ -136,25 +137,6 @@ def random_cache(model, length: int, start: int, key):
                        ).astype(a.dtype)
   cache = jax.tree.unflatten(tree, [fill(a, k) for a, k in zip(leaves, keys)])
   return jax.tree.map(lambda a: jnp.full_like(a, start) if a.ndim == 0 else a, cache)
-
-
-def profile_kernels(fn, steps: int, top: int) -> dict:
-  """{'kernels_per_token', 'kernel_ms_per_token', 'top': [(ms/token, count/token, name)]}."""
-  from torch.profiler import ProfilerActivity, profile  # pylint: disable=import-outside-toplevel
-  calls = 2
-  with profile(activities=[ProfilerActivity.CUDA]) as prof:
-    for _ in range(calls):
-      jax.block_until_ready(fn())
-  rows = []
-  for e in prof.key_averages():
-    dev = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-    if dev:
-      rows.append((dev / 1e3 / calls / steps, e.count / calls / steps, e.key[:90]))
-  rows.sort(reverse=True)
-  for ms, n, name in rows[:top]:
-    print(f"  {1e3 * ms:8.2f} us/token  x{n:6.2f}  {name}", flush=True)
-  return {"kernels_per_token": sum(r[1] for r in rows),
-          "kernel_ms_per_token": sum(r[0] for r in rows), "top": rows[:top]}
 
 
 # instructions of a compiled entry computation that launch nothing

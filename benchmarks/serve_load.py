@@ -15,6 +15,17 @@ The run is bounded by --requests and by --timeout_s.
       --concurrency=64 --num_slots=64 --prompt_tokens=1024 --max_tokens=256             # GPU
 With --max_len above prompt + max_tokens the engine's caches are that long (a long-context
 server's); --kv_read_bucket=0 makes its decode read the whole cache (no read-length buckets).
+
+With --breakdown (engine transport) the engine's decode program is first timed on its own, every
+slot live and decoding greedily, in milliseconds a decode step (a dispatch / --decode_steps):
+  step        one slot only: the engine's decode step (onerow, two rows or the model's) in a scan
+              of --decode_steps greedy steps, without the dispatch's vmap and sampling
+  dispatch    the decode program called back to back (each call queued before the previous one
+              ends): its device time
+  sync        the same, each call's tokens read to the host before the next is queued (what an
+              unpipelined loop pays)
+and with --profile=N its N costliest GPU kernels (benchmarks/kernel_profile.py), --hlo_dir its
+compiled HLO. The load that follows gives the engine end to end (latency / --max_tokens).
 """
 import asyncio
 import json
@@ -52,6 +63,13 @@ _LAYOUT = flags.DEFINE_bool("serving_layout", True, "Engine runs the model in th
                             "layout (sosm_jax/serve/layout.py); False: parameters as trained.")
 _TIMEOUT = flags.DEFINE_float("timeout_s", 300.0, "Upper bound on the whole load.")
 _OUT = flags.DEFINE_string("out", "", "Write the result JSON here.")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Engine transport: time the decode program "
+                               "alone first (module doc).")
+_BREAKDOWN_REPEATS = flags.DEFINE_integer("breakdown_repeats", 20, "Dispatches per breakdown row.")
+_PROFILE = flags.DEFINE_integer("profile", 0, "With --breakdown on a GPU: the N costliest kernels "
+                                "of the decode program.")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", "", "With --breakdown: write the decode program's "
+                               "compiled HLO text here.")
 
 
 def _random_model(name: str):
@@ -88,6 +106,79 @@ def _engine(max_len: int):
     return loading.engine_from_workdir(_WORKDIR.value, config, name="load")[0]
   model, params, tokenizer = _random_model(_MODEL.value)
   return engine_lib.Engine(model, params, tokenizer, config, name=_MODEL.value)
+
+
+def dispatch_breakdown(engine, repeats: int, profile: int, hlo_dir: str) -> dict:
+  """The module doc's breakdown rows (ms a decode step) of the engine's greedy decode program."""
+  import functools  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import context_scaling  # pylint: disable=import-outside-toplevel
+  from sosm_jax.serve import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  from sosm_jax.serve import layout, onerow  # pylint: disable=import-outside-toplevel
+  s, n = engine.config.num_slots, engine.config.decode_steps
+  read_len = engine_lib.pick_read_length(_PROMPT.value + n * (3 * repeats + 8),
+                                         engine.read_lengths)
+  zeros, prev_out = np.zeros((s,), np.int32), np.zeros((s, n), np.int32)
+  rest = (zeros, zeros, np.zeros((s,), np.float32), zeros, np.ones((s,), np.float32),
+          np.full((s,), 1 << 30, np.int32), np.zeros((s,), bool), read_len, False)
+
+  def dispatch(slots):   # -> (tokens, slots); the slots are donated
+    return engine._decode(engine._step_params, zeros, prev_out, np.ones((s,), bool), slots,
+                          *rest)
+
+  def per_step(run) -> float:
+    start = time.perf_counter()
+    run()
+    return 1e3 * (time.perf_counter() - start) / (repeats * n)
+
+  state = {"slots": engine._slots}
+
+  def queued(sync: bool):
+    for _ in range(repeats):
+      tokens, state["slots"] = dispatch(state["slots"])
+      if sync:
+        np.asarray(tokens)
+    jax.block_until_ready(tokens)
+
+  _, state["slots"] = dispatch(state["slots"])   # compiled by warmup(); this one warms the device
+  jax.block_until_ready(state["slots"])
+  row = {"read_len": read_len, "dispatch_ms": per_step(lambda: queued(False)),
+         "sync_ms": per_step(lambda: queued(True))}
+  if engine.decode_path == "onerow" or s == 1:
+    model = engine._decode_models[read_len]
+    step = {"onerow": functools.partial(onerow.decode_step, model.cfg),
+            "two_rows": functools.partial(layout.decode_step, model)}.get(engine.decode_path,
+                                                                         model.decode_step)
+    one = jax.tree.map(lambda a: a[0], state["slots"])
+    scan = jax.jit(functools.partial(context_scaling.greedy_decode, step, num_steps=n))
+    first = np.zeros((1,), np.int32)
+    jax.block_until_ready(scan(engine._step_params, first, one))
+
+    def steps():
+      for _ in range(repeats):
+        out = scan(engine._step_params, first, one)
+      jax.block_until_ready(out)
+    row["step_ms"] = per_step(steps)
+  if profile:
+    from kernel_profile import profile_kernels  # pylint: disable=import-outside-toplevel
+
+    def one_dispatch():
+      tokens, state["slots"] = dispatch(state["slots"])
+      return tokens
+    try:   # the timings stand without it (no torch, no CUPTI)
+      row["profile"] = profile_kernels(one_dispatch, n, profile)
+    except Exception as e:  # pylint: disable=broad-except
+      row["profile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    text = engine._decode.lower(engine._step_params, zeros, prev_out, np.ones((s,), bool),
+                                state["slots"], *rest).compile().as_text()
+    name = f"decode_{s}slots_{engine.config.max_len}_read{read_len}.hlo.txt"
+    with open(os.path.join(hlo_dir, name), "w", encoding="utf-8") as f:
+      f.write(text)
+  engine._slots = state["slots"]
+  print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+  return row
 
 
 def _prompts(n: int, tokens: int) -> list[str]:
@@ -220,6 +311,8 @@ def main(argv):
   if _TRANSPORT.value == "engine":
     if engine is None:
       raise app.UsageError("--transport=engine runs an engine here; drop --url")
+    breakdown = (dispatch_breakdown(engine, _BREAKDOWN_REPEATS.value, _PROFILE.value,
+                                    _HLO_DIR.value) if _BREAKDOWN.value else None)
     engine.start()
     result = run_engine(engine, prompts)
   else:
@@ -239,6 +332,7 @@ def main(argv):
                 engine_decode_steps=_DECODE_STEPS.value, serving_layout=_LAYOUT.value,
                 prompt_tokens=_PROMPT.value, max_tokens=_MAX_TOKENS.value, max_len=max_len,
                 kv_read_bucket=_KV_READ.value,
+                breakdown=breakdown if _TRANSPORT.value == "engine" else None,
                 device=jax.devices()[0].device_kind, command=" ".join(sys.argv))
   print(json.dumps(result, indent=2))
   f = lambda x, d=3: "–" if x is None else f"{x:.{d}f}"
