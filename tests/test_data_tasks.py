@@ -243,3 +243,55 @@ def test_task_answer_weight_scales_answers_only_and_the_loss_is_their_weighted_m
     cfg.task_answer_weight = bad
     with pytest.raises(ValueError, match="config.data.task_answer_weight: .*integer in"):
       data.validate_data_config(cfg)
+
+
+def _passkey_depth(ex) -> float:
+  """The relative depth of a long-form passkey needle in its filler."""
+  prompt = BYTE.decode(ex.tokens[:ex.prompt_length])
+  m = re.search(r" The pass key is \d{5}\. Remember it: \d{5} is the pass key\. ", prompt)
+  filler = len(prompt) - len(tasks._HEADER) - len(tasks._QUESTION) - (m.end() - m.start())
+  return (m.start() - len(tasks._HEADER)) / filler
+
+
+def test_arcsine_depths_put_more_needles_near_both_ends_than_uniform():
+  rng = np.random.default_rng(0)
+  edge = lambda d: (d < 0.02) | (d > 0.98)
+  arcsine = np.array([tasks.random_depth(rng, "arcsine") for _ in range(4000)])
+  uniform = np.array([tasks.random_depth(rng, "uniform") for _ in range(4000)])
+  assert arcsine.min() >= 0 and arcsine.max() <= 1
+  # Beta(1/2, 1/2): P(edge) = 4 asin(sqrt(0.02)) / pi = 18.0%; uniform 4%
+  assert 0.15 < edge(arcsine).mean() < 0.21 and 0.025 < edge(uniform).mean() < 0.055
+  assert 0.45 < np.mean(arcsine < 0.5) < 0.55   # symmetric
+  depths = np.array([_passkey_depth(tasks.passkey_example(BYTE, 600, seed=s, depths="arcsine"))
+                     for s in range(200)])
+  assert 0.1 < edge(depths).mean() < 0.3   # the passkey generator draws from it
+  with pytest.raises(ValueError, match="'edges'"):
+    tasks.random_depth(rng, "edges")
+
+
+def test_niah_kind_weights_choose_the_kinds_of_training_examples():
+  from sosm_jax.eval import niah  # pylint: disable=import-outside-toplevel
+  asks = {k: niah._QUESTIONS[k].split("{")[0] for k in niah.KINDS}   # the question's opening
+  kinds = lambda ex: {k for k, q in asks.items()
+                      if q in BYTE.decode(ex.tokens[:ex.prompt_length])}
+  only = [tasks.niah_training_example(BYTE, 800, seed=s, kind_weights=(0, 0, 1, 0))
+          for s in range(12)]
+  assert all("multivalue" in kinds(ex) and "multiquery" not in kinds(ex) for ex in only)
+  mixed = [tasks.niah_training_example(BYTE, 800, seed=s, kind_weights=(0, 0, 1, 3))
+           for s in range(60)]
+  share = np.mean(["multiquery" in kinds(ex) for ex in mixed])
+  assert 0.6 < share < 0.9   # 3 of 4 expected
+  assert all(kinds(ex) & {"multivalue", "multiquery"} for ex in mixed)   # no single / multikey
+  equal = [tasks.niah_training_example(BYTE, 800, seed=s) for s in range(60)]
+  assert 0.3 < np.mean([kinds(ex) == {"single", "multikey"} for ex in equal]) < 0.7   # () = equal
+
+
+def test_task_depths_and_niah_kind_weights_are_checked():
+  cfg = data.default_data_config()
+  for key, bad in [("task_depths", "edges"), ("niah_kind_weights", (1, 1)),
+                   ("niah_kind_weights", (1, -1, 1, 1)), ("niah_kind_weights", (0, 0, 0, 0))]:
+    bad_cfg = data.default_data_config()
+    bad_cfg[key] = bad
+    with pytest.raises(ValueError, match=f"config.data.{key}"):
+      data.validate_data_config(bad_cfg)
+  data.validate_data_config(cfg)

@@ -7,6 +7,7 @@ from sosm_jax.data import sources
 
 _TASKS = ("mqar", "passkey", "copy", "niah")
 _RECORD_FORMATS = ("text", "int32", "uint16")
+TASK_DEPTHS = ("uniform", "arcsine")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -43,9 +44,16 @@ def default_data_config() -> ml_collections.ConfigDict:
       mqar_num_pairs=32,      # key-value pairs in the context
       mqar_num_queries=0,     # queries after the context; 0 = one per pair
       passkey_digits=5,       # digits of the hidden number
-      passkey_depth=-1.0,     # where the needle sits in [0, 1]; <0 = uniformly random per example
+      passkey_depth=-1.0,     # where the needle sits in [0, 1]; <0 = random per example
+      # How random depths (passkey, and NIAH's asked needle) are drawn: 'uniform', or 'arcsine'
+      # (Beta(1/2, 1/2): 6.4% of needles in the first 1% of the filler and 6.4% in the last,
+      # against 1% each uniformly; the middle still at >= 0.64 of the uniform density).
+      task_depths="uniform",
       niah_num_needles=4,     # niah: needles of the multi-needle kinds (as evaluate.py's default)
       niah_digits=7,          # niah: digits of number needles
+      # niah: relative weights of the kinds (single, multikey, multivalue, multiquery) among the
+      # training examples; () = equal
+      niah_kind_weights=(),
       eval_examples=256,      # size of a synthetic validation set
   ))
 
@@ -115,6 +123,13 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
            "use a depth in [0, 1], or <0 for random depths")
   _require(1 <= cfg.niah_num_needles <= 24, "niah_num_needles",
            f"{cfg.niah_num_needles} outside 1..24", "use e.g. 4")
+  _require(cfg.task_depths in TASK_DEPTHS, "task_depths", f"{cfg.task_depths!r} is unknown",
+           f"use one of {TASK_DEPTHS}")
+  weights = tuple(cfg.niah_kind_weights)
+  _require(not weights or (len(weights) == 4 and all(w >= 0 for w in weights) and sum(weights) > 0),
+           "niah_kind_weights", f"{weights} is not 4 non-negative weights with a positive sum",
+           "use () for equal kinds or e.g. (1, 1, 2, 2) for single, multikey, multivalue, "
+           "multiquery")
   _require(1 <= cfg.niah_digits <= 18, "niah_digits", f"{cfg.niah_digits} outside 1..18",
            "use e.g. 7")
   _require(cfg.eval_examples >= 1, "eval_examples", "must be positive", "use e.g. 256")

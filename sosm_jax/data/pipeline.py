@@ -73,6 +73,8 @@ class _TaskOptions:
   niah_num_needles: int
   niah_digits: int
   answer_weight: int
+  task_depths: str
+  niah_kind_weights: tuple
 
 
 class _TaskDocs:
@@ -102,7 +104,8 @@ def _component(comp: sources.Component, index: int, data_cfg, tokenizer, *, spli
     options = _TaskOptions(data_cfg.mqar_num_pairs, data_cfg.mqar_num_queries,
                            data_cfg.task_vocab_size, data_cfg.passkey_digits,
                            data_cfg.passkey_depth, data_cfg.niah_num_needles,
-                           data_cfg.niah_digits, data_cfg.task_answer_weight)
+                           data_cfg.niah_digits, data_cfg.task_answer_weight,
+                           data_cfg.task_depths, tuple(data_cfg.niah_kind_weights))
     make = _TaskDocs(comp.arg, tokenizer, task_length, cseed, 0 if training else 1, options)
     # bad task settings fail here, not later inside a reader thread
     tasks.check_task_length(comp.arg, tokenizer, task_length, options)

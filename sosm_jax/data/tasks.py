@@ -102,12 +102,23 @@ def mqar_example(tokenizer, length: int, *, num_pairs: int, seed, num_queries: i
   return _example(tokens, mask)
 
 
+def random_depth(rng: np.random.Generator, distribution: str = "uniform") -> float:
+  """A needle's relative depth in [0, 1]: 'uniform', or 'arcsine' (Beta(1/2, 1/2): more needles
+  near both ends, where a uniform draw rarely puts them at long lengths)."""
+  if distribution == "uniform":
+    return float(rng.uniform())
+  if distribution == "arcsine":
+    return float(rng.beta(0.5, 0.5))
+  raise ValueError(f"unknown depth distribution {distribution!r}; use 'uniform' or 'arcsine'")
+
+
 def passkey_example(tokenizer, length: int, *, seed, depth: float | None = None,
-                    digits: int = 5) -> TaskExample:
-  """A `digits`-digit number hidden at relative `depth` in [0, 1] (None: random) of the filler."""
+                    digits: int = 5, depths: str = "uniform") -> TaskExample:
+  """A `digits`-digit number hidden at relative `depth` in [0, 1] of the filler (None: drawn
+  from the `depths` distribution, `random_depth`)."""
   rng = _rng(seed)
   key = str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
-  depth = float(rng.uniform()) if depth is None or depth < 0 else float(depth)
+  depth = random_depth(rng, depths) if depth is None or depth < 0 else float(depth)
   if not 0.0 <= depth <= 1.0:
     raise ValueError(f"passkey: depth {depth} is outside [0, 1]")
   enc = tokenizer.encode_array
@@ -147,14 +158,24 @@ def copy_example(tokenizer, length: int, *, seed, vocab_size: int = 256) -> Task
 
 
 def niah_training_example(tokenizer, length: int, *, seed, num_needles: int = 4, digits: int = 7,
-                          spec_index: int | None = None) -> TaskExample:
-  """A NIAH example of a random kind and needle (spec_index: that one of the 8, kinds outer)."""
+                          spec_index: int | None = None, depths: str = "uniform",
+                          kind_weights: tuple = ()) -> TaskExample:
+  """A NIAH example of a random kind (drawn by kind_weights, in niah.KINDS' order; () = equal)
+  and needle, its asked needle at a depth from `depths` (spec_index: that one of the 8 specs,
+  kinds outer)."""
   # The generator lives with the evaluation (which imports this module), hence the late import.
   from sosm_jax.eval import niah  # pylint: disable=g-import-not-at-top
   rng = _rng(seed)
   specs = niah.task_specs(num_needles=num_needles, digits=digits)
-  spec = specs[int(rng.integers(len(specs))) if spec_index is None else spec_index]
-  return niah.niah_example(tokenizer, length, spec, seed=rng, depth=float(rng.uniform())).example
+  if spec_index is None and not kind_weights:
+    spec_index = int(rng.integers(len(specs)))
+  elif spec_index is None:
+    kinds = np.asarray(kind_weights, np.float64)
+    kind = int(rng.choice(len(kinds), p=kinds / kinds.sum()))
+    spec_index = kind * len(niah.NEEDLES) + int(rng.integers(len(niah.NEEDLES)))
+  spec = specs[spec_index]
+  return niah.niah_example(tokenizer, length, spec, seed=rng,
+                           depth=random_depth(rng, depths)).example
 
 
 def check_task_length(task: str, tokenizer, length: int, data_cfg) -> None:
@@ -176,12 +197,14 @@ def make_example(task: str, tokenizer, length: int, seed, data_cfg) -> TaskExamp
   if task == "passkey":
     depth = data_cfg.passkey_depth if data_cfg.passkey_depth >= 0 else None
     return passkey_example(tokenizer, length, seed=seed, depth=depth,
-                           digits=data_cfg.passkey_digits)
+                           digits=data_cfg.passkey_digits, depths=data_cfg.task_depths)
   if task == "copy":
     return copy_example(tokenizer, length, seed=seed, vocab_size=data_cfg.task_vocab_size)
   if task == "niah":
     return niah_training_example(tokenizer, length, seed=seed,
-                                 num_needles=data_cfg.niah_num_needles, digits=data_cfg.niah_digits)
+                                 num_needles=data_cfg.niah_num_needles, digits=data_cfg.niah_digits,
+                                 depths=data_cfg.task_depths,
+                                 kind_weights=tuple(data_cfg.niah_kind_weights))
   raise ValueError(f"unknown synthetic task {task!r}; use one of {TASKS}")
 
 
