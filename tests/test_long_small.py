@@ -183,10 +183,11 @@ def test_niah_in_a_mix_marks_answers_and_refuses_a_length_too_short():
 
 def test_shrunk_long_small_trains_and_checkpoints(tmp_path):
   # its data mix (MQAR rows need 641 tokens) through the trainer; the stage changes are the
-  # trainer's own tests' (test_train_loop.py)
+  # trainer's own tests' (test_train_loop.py); one layer of each of its kinds (half the tracing)
   cfg = _config()
-  cfg.model.update(num_layers=4, d_model=32, mlp_dim=64, attn_num_heads=2, attn_num_kv_heads=1,
-                   attn_head_dim=16, hgrn2_head_dim=16, chunk_size=16, dtype="float32")
+  cfg.model.update(num_layers=2, pattern=("hgrn2", "attn"), d_model=32, mlp_dim=64,
+                   attn_num_heads=2, attn_num_kv_heads=1, attn_head_dim=16, hgrn2_head_dim=16,
+                   chunk_size=16, dtype="float32")
   cfg.curriculum.update(seq_lens=(768,), steps=(2,), tokens_per_step=6144, global_batch=(8,),
                         remat=("none",))
   result = loop.train(cfg, str(tmp_path))
