@@ -4,7 +4,8 @@ One engine serves one loaded model. It owns `num_slots` slots; a slot holds one 
 whole decode state (the model's cache at batch 1: recurrent states and conv tails of linear
 layers, the KV cache of attention layers, sized `max_len` tokens, and its own position). The
 slots are stacked on a leading axis and one jitted call decodes all of them at once
-(`jax.vmap` over `LanguageModel.decode_step`, so every slot keeps its own position), then
+(`jax.vmap` over `LanguageModel.decode_step`, so every slot keeps its own position; one slot
+runs the step itself, which launches fewer kernels than its vmap over a batch of one), then
 samples each slot's next token with that slot's parameters (temperature, top-k, top-p, seed:
 traced arrays, so no setting compiles a new program). One call runs `decode_steps` such steps
 in a `lax.scan` with the sampling on the device, so the host dispatches, syncs and handles text
@@ -359,9 +360,16 @@ class Engine(QueuedEngine):
     tokens = jnp.where(from_host, tokens, prev_out[:, -1])
     key = jax.vmap(jax.random.key)(seeds)
 
+    def all_slots(tokens, slots):   # -> (logits `[S, 1, V]`, slots)
+      if self.config.num_slots > 1:
+        return jax.vmap(step)(tokens, slots)
+      # one slot: the step itself, not a vmap of it over a batch of one
+      logits, cache = step(tokens[0], jax.tree.map(lambda a: a[0], slots))
+      return logits[None], jax.tree.map(lambda a: a[None], cache)
+
     def body(carry, j):
       tokens, slots, live = carry
-      logits, slots = jax.vmap(step)(tokens, slots)
+      logits, slots = all_slots(tokens, slots)
       keys = jax.vmap(jax.random.fold_in)(key, steps + j)
       nxt = sample_tokens(logits[:, 0], keys, temperature, top_k, top_p, filtered=filtered)
       out = jnp.where(live, nxt, -1)
