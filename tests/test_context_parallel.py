@@ -264,16 +264,21 @@ def test_train_step_with_context_equals_one_device():
   step = step_lib.make_train_step(model.loss, optimizer, optax.constant_schedule(1e-2))
   init = lambda: model.init(jax.random.key(0), 1, 16)
 
-  def one_step(mesh):
+  def one_step(mesh, initial=None):
+    """(loss, grad norm, new params) of one step on `mesh` from `initial` (host), placed with
+    the trainer's state shardings, or from a state created there."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
       sh = state_lib.state_shardings(init, optimizer, mesh)
-      state = state_lib.create_train_state(init, optimizer, sh)
+      state = (state_lib.create_train_state(init, optimizer, sh) if initial is None
+               else jax.device_put(initial, sh))
       placed = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
       new, metrics = jax.jit(step)(state, placed)
-      return float(metrics["loss"]), float(metrics["grad_norm"]), jax.device_get(new.params)
+      return (float(metrics["loss"]), float(metrics["grad_norm"]), jax.device_get(new.params),
+              jax.device_get(state))
 
   want = one_step(_mesh(1, 1))
-  got = one_step(_mesh(2, 2))
+  # the same initial state placed on the mesh (one compiled init, not one per mesh)
+  got = one_step(_mesh(2, 2), initial=want[3])
   assert got[0] == pytest.approx(want[0], rel=1e-5)
   assert got[1] == pytest.approx(want[1], rel=1e-4)
   _close(got[2], want[2], "parameters after one step")
