@@ -170,7 +170,7 @@ def test_int8_kv_cache_is_attention_over_its_dequantized_values(window):
     return att.cached_attention(q1, c, window=window), c
 
   cache = att.init_kv_cache(B, T + 4, KV, D, quantized=True)
-  assert cache["k"].dtype == jnp.int8 and cache["v_scale"].shape == (B, T + 4, KV, 1)
+  assert cache["k"].dtype == jnp.int8 and cache["v_scale"].shape == (B, KV, T + 4, 1)
   o, cache = step(q[:, :10], k[:, :10], v[:, :10], cache)
   outs = [o]
   for t in range(10, T):

@@ -331,12 +331,16 @@ _INT8_MAX = 127.0
 
 def init_kv_cache(batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
                   dtype=jnp.float32, *, quantized: bool = False) -> dict:
-  """Empty cache: {'k','v': `[batch, max_len, kv_heads, head_dim]`, 'index': int32 scalar}.
+  """Empty cache: {'k','v': `[batch, kv_heads, max_len, head_dim]`, 'index': int32 scalar}.
 
-  quantized: 'k', 'v' in int8 and 'k_scale', 'v_scale' `[batch, max_len, kv_heads, 1]` float32
+  Heads before positions: the decode products (`cached_attention`) batch over (batch, kv head)
+  and read each head's keys as one `[positions, head_dim]` matrix, so XLA needs no transpose of
+  the cache. With positions before heads XLA:GPU transposed every slot's whole cache into and out
+  of the engine's decode loop (its vmap over slots; benchmarks/RESULTS.md, "Serving").
+  quantized: 'k', 'v' in int8 and 'k_scale', 'v_scale' `[batch, kv_heads, max_len, 1]` float32
   (`quantize_kv`); `update_kv_cache` and `cached_attention` read the layout from the keys.
   """
-  shape = (batch_size, max_len, num_kv_heads, head_dim)
+  shape = (batch_size, num_kv_heads, max_len, head_dim)
   if not quantized:
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "index": jnp.zeros((), jnp.int32)}
@@ -366,9 +370,9 @@ def update_kv_cache(cache: dict, k: jax.Array, v: jax.Array) -> dict:
   i = cache["index"]
   zero = jnp.zeros((), jnp.int32)
 
-  def write(name, x):
-    return jax.lax.dynamic_update_slice(cache[name], x.astype(cache[name].dtype),
-                                        (zero, i, zero, zero))
+  def write(name, x):   # x `[batch, T, kv_heads, d]` into the cache's `[batch, kv_heads, L, d]`
+    x = jnp.swapaxes(x, 1, 2).astype(cache[name].dtype)
+    return jax.lax.dynamic_update_slice(cache[name], x, (zero, zero, i, zero))
 
   if "k_scale" not in cache:
     return {"k": write("k", k), "v": write("v", v), "index": i + k.shape[1]}
@@ -380,8 +384,9 @@ def update_kv_cache(cache: dict, k: jax.Array, v: jax.Array) -> dict:
 def cached_attention(q, cache, *, window=0, scale=None, read_len=0):
   """Queries at absolute indices cache['index'] - Tq .. cache['index'] - 1 over the cache.
 
-  Call after `update_kv_cache` has written this step's keys. XLA path with an explicit mask
-  (a decode step has Tq = 1, where flash kernels gain nothing).
+  Call after `update_kv_cache` has written this step's keys. Two products batched over
+  (batch, kv head) with an explicit mask (a decode step has Tq = 1, where flash kernels gain
+  nothing); float32 scores and softmax.
 
   Args:
     q: `[batch, Tq, heads, head_dim]`.
@@ -393,40 +398,29 @@ def cached_attention(q, cache, *, window=0, scale=None, read_len=0):
   Returns:
     `[batch, Tq, heads, head_dim]` in q's dtype.
   """
-  b, tq = q.shape[:2]
-  max_len = cache["k"].shape[1]
+  b, tq, h, dh = q.shape
+  kv_heads, max_len = cache["k"].shape[1:3]
   if not 0 <= read_len <= max_len:
     raise ValueError(f"cached_attention: read_len {read_len} must be in [0, max_len {max_len}] "
                      f"(0 = the whole cache); see model.attn_decode_read_len.")
   if read_len:
-    cache = {name: x[:, :read_len] if name != "index" else x for name, x in cache.items()}
+    cache = {name: x[:, :, :read_len] if name != "index" else x for name, x in cache.items()}
   keys = read_len or max_len
   q_index = cache["index"] - tq + jnp.broadcast_to(jnp.arange(tq), (b, tq))
   k_index = jnp.broadcast_to(jnp.arange(keys), (b, keys))
-  mask = attention_mask(q_index, k_index, window=window)
+  mask = attention_mask(q_index, k_index, window=window)   # [b, 1, tq, keys]
+  qg = q.reshape(b, tq, kv_heads, h // kv_heads, dh)
+  scores = jnp.einsum("bqkgd,bktd->bkgqt", qg, cache["k"].astype(q.dtype),
+                      preferred_element_type=_F32) * (dh ** -0.5 if scale is None else scale)
+  # An int8 cache: a key's scale multiplies its scores and a value's scale its probabilities,
+  # the same sums as over values * scale without a dequantized copy of the cache.
+  per_key = lambda s: s[:, :, None, None, :, 0]   # [b, kv, L, 1] -> [b, kv, 1, 1, L]
   if "k_scale" in cache:
-    return _int8_cached_attention(q, cache, mask, scale)
-  k = cache["k"].astype(q.dtype)
-  v = cache["v"].astype(q.dtype)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
-
-
-def _int8_cached_attention(q, cache, mask, scale):
-  """Attention over an int8 cache without a dequantized copy of it.
-
-  The products read the int8 values (exact in bfloat16); a key's scale multiplies its scores and a
-  value's scale its probabilities, which is the same sum as over `values * scale`.
-  """
-  b, tq, h, dh = q.shape
-  kv_heads = cache["k"].shape[2]
-  groups = h // kv_heads
-  per_key = lambda s: jnp.transpose(s[..., 0], (0, 2, 1))[:, :, None, None, :]   # [b, K, 1, 1, T]
-  qg = q.reshape(b, tq, kv_heads, groups, dh)
-  scores = jnp.einsum("bqkgd,btkd->bkgqt", qg, cache["k"].astype(q.dtype),
-                      preferred_element_type=_F32)
-  scores = scores * (per_key(cache["k_scale"]) * (dh ** -0.5 if scale is None else scale))
+    scores = scores * per_key(cache["k_scale"])
   scores = jnp.where(mask[:, :, None], scores, jnp.finfo(_F32).min)
-  probs = jax.nn.softmax(scores, axis=-1) * per_key(cache["v_scale"])
-  o = jnp.einsum("bkgqt,btkd->bqkgd", probs.astype(q.dtype), cache["v"].astype(q.dtype),
+  probs = jax.nn.softmax(scores, axis=-1)
+  if "v_scale" in cache:
+    probs = probs * per_key(cache["v_scale"])
+  o = jnp.einsum("bkgqt,bktd->bqkgd", probs.astype(q.dtype), cache["v"].astype(q.dtype),
                  preferred_element_type=_F32)
   return o.reshape(b, tq, h, dh).astype(q.dtype)
