@@ -114,7 +114,6 @@ def dispatch_breakdown(engine, repeats: int, profile: int, hlo_dir: str) -> dict
   import jax  # pylint: disable=import-outside-toplevel
   import context_scaling  # pylint: disable=import-outside-toplevel
   from sosm_jax.serve import engine as engine_lib  # pylint: disable=import-outside-toplevel
-  from sosm_jax.serve import layout, onerow  # pylint: disable=import-outside-toplevel
   s, n = engine.config.num_slots, engine.config.decode_steps
   read_len = engine_lib.pick_read_length(_PROMPT.value + n * (3 * repeats + 8),
                                          engine.read_lengths)
@@ -144,13 +143,10 @@ def dispatch_breakdown(engine, repeats: int, profile: int, hlo_dir: str) -> dict
   jax.block_until_ready(state["slots"])
   row = {"read_len": read_len, "dispatch_ms": per_step(lambda: queued(False)),
          "sync_ms": per_step(lambda: queued(True))}
-  if engine.decode_path == "onerow" or s == 1:
-    model = engine._decode_models[read_len]
-    step = {"onerow": functools.partial(onerow.decode_step, model.cfg),
-            "two_rows": functools.partial(layout.decode_step, model)}.get(engine.decode_path,
-                                                                         model.decode_step)
+  if s == 1:
     one = jax.tree.map(lambda a: a[0], state["slots"])
-    scan = jax.jit(functools.partial(context_scaling.greedy_decode, step, num_steps=n))
+    scan = jax.jit(functools.partial(context_scaling.greedy_decode,
+                                     engine.decode_step_fn(read_len), num_steps=n))
     first = np.zeros((1,), np.int32)
     jax.block_until_ready(scan(engine._step_params, first, one))
 

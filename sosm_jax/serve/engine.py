@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import secrets
 import threading
@@ -334,6 +335,16 @@ class Engine(QueuedEngine):
       return "two_rows", self.params
     return "onerow", onerow.fold_params(self.model.cfg, self.params)
 
+  def decode_step_fn(self, read_len: int):
+    """The one-slot decode step that decode_path names, reading read_len cache positions:
+    (step params, token `[1]`, one slot's cache) -> (logits `[1, V]`, cache)."""
+    model = self._decode_models[read_len]
+    if self.decode_path == "onerow":
+      return functools.partial(onerow.decode_step, model.cfg)
+    if self.decode_path == "two_rows":
+      return functools.partial(layout.decode_step, model)
+    return model.decode_step
+
   # ------------------------------------------------------------------ compiled pieces
 
   def _decode_fn(self, params, tokens, prev_out, from_host, slots, seeds, steps, temperature,
@@ -350,13 +361,8 @@ class Engine(QueuedEngine):
     positions, so every position a kept token attends to must be below it. filtered (static):
     False when no slot uses top-k or top-p, so the steps skip their sorts over the vocabulary.
     """
-    model = self._decode_models[read_len]
-    if self.decode_path == "onerow":
-      step = lambda t, c: onerow.decode_step(model.cfg, params, t[None], c)
-    elif self.decode_path == "two_rows":
-      step = lambda t, c: layout.decode_step(model, params, t[None], c)
-    else:
-      step = lambda t, c: model.decode_step(params, t[None], c)
+    one_slot_step = self.decode_step_fn(read_len)
+    step = lambda t, c: one_slot_step(params, t[None], c)
     tokens = jnp.where(from_host, tokens, prev_out[:, -1])
     key = jax.vmap(jax.random.key)(seeds)
 
