@@ -16,14 +16,18 @@ LAYOUT:ATTENTION:
                          projection), the HGRN-2 state update and readout one expression
              (the variant 'fused', rows2 with fused projections through the model's modules,
              was measured slower than rows2 and removed: RESULTS.md, "Decode speed")
-  ATTENTION  ops         the model's decode attention (ops/attention.cached_attention: one
-                         jax.nn.dot_product_attention (XLA) over the cache with a mask)
+  ATTENTION  ops         the model's decode attention (ops/attention.cached_attention, its
+                         implementation picked by model.attn_decode_impl = '' (auto))
+             xla         the same with attn_decode_impl='xla': two batched products over the
+                         cache with a mask
+             pallas      attn_decode_impl='pallas': the kernel of ops/decode_attention.py
              split       blocks of --block keys as batched matmuls, merged
                          (`split_cached_attention`)
              cudnn       jax.nn.dot_product_attention(implementation='cudnn') over the whole
                          cache with key_value_seq_lengths
              int8        the model's decode attention over an int8 KV cache
-                         (model.attn_kv_cache_dtype='int8': half the bytes of a bf16 cache)
+                         (model.attn_kv_cache_dtype='int8': half the bytes of a bf16 cache);
+                         int8-xla, int8-pallas with that attn_decode_impl
 With --profile=N the N kernels with the most GPU time per token are printed and stored (CUPTI
 through torch.profiler, as benchmarks/scaling.py), with the kernel count per token. With
 --hlo_counts each variant's compiled one-token step is counted by opcode (its entry computation:
@@ -73,7 +77,8 @@ _HLO_COUNTS = flags.DEFINE_bool("hlo_counts", False, "Count the one-token step's
 _ORIGINAL = attn_ops.cached_attention
 
 
-def split_cached_attention(q, cache, *, window=0, scale=None, read_len=0, block=1024):
+def split_cached_attention(q, cache, *, window=0, scale=None, read_len=0, implementation="xla",
+                           block=1024):
   """`cached_attention` for one query per row, over blocks of `block` keys merged exactly.
 
   q `[B, 1, H, D]`; cache k, v `[B, KV, S, D]` with S % block == 0 -> `[B, 1, H, D]`.
@@ -84,7 +89,8 @@ def split_cached_attention(q, cache, *, window=0, scale=None, read_len=0, block=
   k, v = jnp.swapaxes(cache["k"], 1, 2), jnp.swapaxes(cache["v"], 1, 2)   # [B, S, KV, D]
   s_len, kv = k.shape[1], k.shape[2]
   if tq != 1 or s_len % block or read_len:   # this benchmark's caches are read whole
-    return _ORIGINAL(q, cache, window=window, scale=scale, read_len=read_len)
+    return _ORIGINAL(q, cache, window=window, scale=scale, read_len=read_len,
+                     implementation=implementation)
   g, nb = h // kv, s_len // block
   scale = d ** -0.5 if scale is None else scale
   qg = q.reshape(b, kv, g, d)
@@ -108,24 +114,31 @@ def split_cached_attention(q, cache, *, window=0, scale=None, read_len=0, block=
   return out.reshape(b, 1, h, d).astype(q.dtype)
 
 
-def cudnn_cached_attention(q, cache, *, window=0, scale=None, read_len=0):
+def cudnn_cached_attention(q, cache, *, window=0, scale=None, read_len=0, implementation="xla"):
   """The whole cache through cuDNN with the filled length as key_value_seq_lengths."""
   if q.shape[1] != 1 or window or read_len:
-    return _ORIGINAL(q, cache, window=window, scale=scale, read_len=read_len)
+    return _ORIGINAL(q, cache, window=window, scale=scale, read_len=read_len,
+                     implementation=implementation)
   lengths = jnp.broadcast_to(cache["index"], (q.shape[0],)).astype(jnp.int32)
   k, v = (jnp.swapaxes(cache[n], 1, 2).astype(q.dtype) for n in ("k", "v"))   # [B, S, KV, D]
   return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths,
                                       implementation="cudnn")
 
 
+# ATTENTION of the module doc -> (KV cache dtype, model.attn_decode_impl)
+_MODEL_ATTENTION = {"ops": ("", ""), "xla": ("", "xla"), "pallas": ("", "pallas"),
+                    "int8": ("int8", ""), "int8-xla": ("int8", "xla"),
+                    "int8-pallas": ("int8", "pallas"), "split": ("", "xla"), "cudnn": ("", "xla")}
+
+
 def _attention(name: str):
-  if name in ("ops", "int8"):
-    return _ORIGINAL
+  if name not in _MODEL_ATTENTION:
+    raise app.UsageError(f"unknown attention {name!r}; use one of {sorted(_MODEL_ATTENTION)}")
   if name == "split":
     return lambda q, cache, **kw: split_cached_attention(q, cache, block=_BLOCK.value, **kw)
   if name == "cudnn":
     return cudnn_cached_attention
-  raise app.UsageError(f"unknown attention {name!r}; use ops, split, cudnn or int8")
+  return _ORIGINAL
 
 
 def random_cache(model, length: int, start: int, key):
@@ -204,19 +217,22 @@ def main(argv):
   cfg = context_scaling.model_configs(_QUICK.value, dtype)["hybrid"]
   base = models.build_model(cfg)
   base_params = jax.jit(lambda: nn.unbox(base.init(jax.random.key(0), 1, cfg.chunk_size)))()
-  forms_by_cache = {"": decode_forms(base, base_params, dtype)}
+  forms_by_cache = {}
   results = []
   for variant in _VARIANTS.value:
     form, attention = variant.split(":")
-    cache_dtype = "int8" if attention == "int8" else ""
-    if cache_dtype not in forms_by_cache:
-      forms_by_cache[cache_dtype] = decode_forms(
-          layout.with_kv_cache_dtype(base, cache_dtype), base_params, dtype)
-    forms = forms_by_cache[cache_dtype]
+    patched = _attention(attention)
+    model_attention = _MODEL_ATTENTION[attention]
+    if model_attention not in forms_by_cache:
+      cache_dtype, impl = model_attention
+      forms_by_cache[model_attention] = decode_forms(
+          layout.with_decode_impl(layout.with_kv_cache_dtype(base, cache_dtype), impl),
+          base_params, dtype)
+    forms = forms_by_cache[model_attention]
     if form not in forms:
       raise app.UsageError(f"unknown layout {form!r} in {variant!r}; use one of {sorted(forms)}")
     model, params, step = forms[form]
-    attn_ops.cached_attention = _attention(attention)
+    attn_ops.cached_attention = patched
     for length in (int(x) for x in _LENGTHS.value):
       print(f"{variant} @ {length}", flush=True)
       try:

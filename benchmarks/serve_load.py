@@ -61,6 +61,8 @@ _KV_READ = flags.DEFINE_integer("kv_read_bucket", 1024, "Engine decode reads the
                                 "power-of-two multiples of this many positions (0 = all).")
 _LAYOUT = flags.DEFINE_bool("serving_layout", True, "Engine runs the model in the serving "
                             "layout (sosm_jax/serve/layout.py); False: parameters as trained.")
+_DECODE_IMPL = flags.DEFINE_enum("attn_decode_impl", "", ["", "xla", "pallas"], "Random --model: "
+                                  "its model.attn_decode_impl ('' = auto).")
 _TIMEOUT = flags.DEFINE_float("timeout_s", 300.0, "Upper bound on the whole load.")
 _OUT = flags.DEFINE_string("out", "", "Write the result JSON here.")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Engine transport: time the decode program "
@@ -91,6 +93,7 @@ def _random_model(name: str):
     cfg.update(num_layers=2, d_model=32, mlp_dim=64, vocab_size=260, attn_num_heads=2,
                attn_num_kv_heads=1, attn_head_dim=16, hgrn2_head_dim=16, chunk_size=16,
                pattern=("hgrn2", "attn"), dtype="float32")
+  cfg.attn_decode_impl = _DECODE_IMPL.value
   model = models.build_model(cfg)
   params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), 1, cfg.chunk_size)))()
   return model, params, ByteTokenizer()

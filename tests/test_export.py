@@ -122,6 +122,8 @@ def test_stablehlo_forward_and_decode_match_jax(trained, tmp_path):
   paths = programs.export_stablehlo(config.model, params, out, **shapes)
   assert "stablehlo" in open(os.path.join(out, "forward.mlir")).read()
   assert set(paths) == {"forward", "decode"}
+  portable = programs.export_model_config(config.model)   # no Triton kernel even on a GPU
+  assert (portable.attn_impl, portable.attn_decode_impl) == ("xla", "xla")
   diffs = programs.compare(config.model, params, out, kind="stablehlo", **shapes)
   assert diffs["forward_logits"] <= STABLEHLO_ATOL, diffs
   assert diffs["decode_logits"] <= STABLEHLO_ATOL and diffs["decode_cache"] <= STABLEHLO_ATOL, diffs

@@ -209,6 +209,33 @@ def test_engine_reading_kv_cache_buckets_gives_the_whole_caches_text(num_slots):
   assert texts == want
 
 
+@pytest.mark.parametrize("num_slots", [1, 2])     # 1: the onerow decode step, 2: the model's
+def test_engine_with_the_decode_attention_kernel_gives_the_xla_forms_text(num_slots):
+  """model.attn_decode_impl='pallas_interpret' (the Triton kernel's code, interpreted): two
+  requests decoding across a 128-key block boundary, through read lengths 128 and 256, get the
+  text of the same engine with the XLA attention."""
+  model, params = _tiny(("hgrn2", "attn"))
+  tok = ByteTokenizer()
+  prompts, n = ["hi", "a prompt of 120 bytes " * 5 + "<end>"], 20   # 3 and 116 tokens with BOS
+
+  def serve(impl):
+    engine = engine_lib.Engine(layout.with_decode_impl(model, impl), params, tok,
+                               engine_lib.EngineConfig(num_slots=num_slots, max_len=256,
+                                                       prefill_chunk=64, decode_steps=4,
+                                                       kv_read_bucket=128))
+    events = [queue.Queue() for _ in prompts]
+    for p, q in zip(prompts, events):
+      engine.submit(p, engine_lib.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
+                    q.put)
+    engine.start()
+    texts = [until_done(q)[0] for q in events]
+    engine.stop()
+    assert set(engine.dispatches_by_read_length) == {128, 256}
+    return texts
+
+  assert serve("pallas_interpret") == serve("xla")
+
+
 def test_a_filtered_neighbour_does_not_change_a_sampled_requests_text():
   """A request with top-k and top-p off decodes through the program without the filters' sorts;
   next to one with top-k (the filtered program for both) it samples the same text."""

@@ -34,7 +34,7 @@ class Attention(nn.Module):
 
   Modes: cache=None (training); cache given, decode=False (prefill: the chunk starts the
   stream, cache empty); cache given, decode=True (the chunk, usually one token, continues
-  the cached stream). Cache: {'k','v': `[B, max_len, kv_heads, head_dim]`, 'index': int32}.
+  the cached stream). Cache: {'k','v': `[B, kv_heads, max_len, head_dim]`, 'index': int32}.
   """
   cfg: Any
   layer_index: Any = 0
@@ -53,7 +53,8 @@ class Attention(nn.Module):
     if cache is not None and decode:
       cache = attn_ops.update_kv_cache(cache, k, v)
       o = attn_ops.cached_attention(q, cache, window=cfg.attn_window,
-                                    read_len=cfg.get("attn_decode_read_len", 0))
+                                    read_len=cfg.get("attn_decode_read_len", 0),
+                                    implementation=cfg.get("attn_decode_impl", ""))
     else:
       attend = lambda q, k, v, s: attn_ops.causal_attention(
           q, k, v, segment_ids=s, window=cfg.attn_window, implementation=cfg.attn_impl or None,

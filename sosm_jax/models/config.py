@@ -15,6 +15,9 @@ Keys (config.model, an ml_collections ConfigDict):
   attn_decode_read_len  decoding (cache given, decode=True) attends over the first this many
                     cache positions only, a static slice (0 = the whole cache): the serving
                     engine sets it per dispatch to a bound on the filled positions
+  attn_decode_impl  decoding's attention over the cache: '' auto (a Pallas kernel that reads
+                    the cache in place on a GPU, for one-token steps; the XLA form otherwise)
+                    | 'xla' | 'pallas' | 'pallas_interpret' (ops/decode_attention.py)
   hgrn2_head_dim    HGRN-2 key (state-expansion) dim per head; heads = d_model // hgrn2_head_dim
   gdn_num_heads, gdn_head_dim (key = value dim), conv_width (Gated DeltaNet short conv)
   gdn_output_gate   Gated DeltaNet output gate: 'sigmoid2' (2*sigmoid, zero-init: identity at
@@ -56,6 +59,8 @@ LINEAR_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret", "referenc
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "splash_interpret", "blockwise", "reference")
 # sosm_jax.ops.attention.KV_CACHE_DTYPES
 KV_CACHE_DTYPES = ("", "int8")
+# sosm_jax.ops.attention.DECODE_IMPLEMENTATIONS
+DECODE_IMPLEMENTATIONS = ("", "xla", "pallas", "pallas_interpret")
 
 
 def _graph_defaults() -> ml_collections.ConfigDict:
@@ -89,6 +94,7 @@ def default_model_config(architecture: str = "hybrid") -> ml_collections.ConfigD
   c.attn_block_size = 512
   c.attn_kv_cache_dtype = ""
   c.attn_decode_read_len = 0
+  c.attn_decode_impl = ""
   c.hgrn2_head_dim = 128
   c.gdn_num_heads = 6
   c.gdn_head_dim = 128
@@ -200,6 +206,9 @@ def validate_model_config(cfg) -> None:
     if cfg.get("attn_kv_cache_dtype", "") not in KV_CACHE_DTYPES:
       _fail("attn_kv_cache_dtype", f"unknown value {cfg.attn_kv_cache_dtype!r}",
             f"use one of {KV_CACHE_DTYPES} ('' = the activations' dtype)")
+    if cfg.get("attn_decode_impl", "") not in DECODE_IMPLEMENTATIONS:
+      _fail("attn_decode_impl", f"unknown value {cfg.attn_decode_impl!r}",
+            f"use one of {DECODE_IMPLEMENTATIONS} ('' = auto)")
     read_len = cfg.get("attn_decode_read_len", 0)
     if not isinstance(read_len, int) or isinstance(read_len, bool) or read_len < 0:
       _fail("attn_decode_read_len", f"must be an int >= 0, got {read_len!r}",

@@ -13,7 +13,7 @@ Forms with one meaning:
   `blockwise_attention.blockwise_attention`.
 - `cached_attention` + `update_kv_cache`: queries at absolute positions `index .. index+T-1`
   against a fixed-size KV cache (decode; jit-able, static shapes), or its first `read_len`
-  positions.
+  positions; on a GPU a one-token step reads the cache in place (`decode_attention`, Pallas).
 
 Masks: token t sees token s when s <= t, (window > 0) t - s < window, and (segment ids given)
 segment_ids[s] == segment_ids[t]. Padding (segment id 0) only sees other padding, so its rows stay
@@ -25,10 +25,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sosm_jax.ops import decode_attention
 from sosm_jax.ops.blockwise_attention import blockwise_attention
 
 _F32 = jnp.float32
 IMPLEMENTATIONS = ("xla", "cudnn", "splash", "splash_interpret", "blockwise", "reference")
+# How `cached_attention` computes ('' = auto; `decode_implementation`).
+DECODE_IMPLEMENTATIONS = ("", "xla", "pallas", "pallas_interpret")
 # Splash attention works on blocks of whole 128-lane tiles; the sequence is padded to a block.
 _TPU_LANES = 128
 # Above this length the auto choice avoids XLA's T x T logits (blockwise, or cuDNN on GPU).
@@ -381,12 +384,37 @@ def update_kv_cache(cache: dict, k: jax.Array, v: jax.Array) -> dict:
           "v_scale": write("v_scale", v_scale), "index": i + k.shape[1]}
 
 
-def cached_attention(q, cache, *, window=0, scale=None, read_len=0):
+def decode_implementation(implementation: str, q_shape, cache: dict, read_len: int) -> str:
+  """'xla' | 'pallas' | 'pallas_interpret': how `cached_attention` computes this call.
+
+  '' (auto) is 'pallas' on a GPU and 'xla' elsewhere; a call the kernel does not take
+  (`decode_attention.supports`: a prefill piece of several tokens, a read length that is not
+  whole blocks) uses 'xla' under any choice.
+  """
+  if implementation not in DECODE_IMPLEMENTATIONS:
+    raise ValueError(f"cached_attention: unknown implementation {implementation!r}; choose one "
+                     f"of {DECODE_IMPLEMENTATIONS} (config key model.attn_decode_impl).")
+  on_gpu = jax.default_backend() == "gpu"
+  if implementation == "pallas" and not on_gpu:
+    raise ValueError("cached_attention: implementation 'pallas' compiles a Triton kernel, which "
+                     f"needs a GPU; the backend is {jax.default_backend()!r}. Use '' or 'xla' "
+                     "(or 'pallas_interpret' to run the kernel in interpret mode).")
+  _, tq, h, _ = q_shape
+  kv_heads, max_len = cache["k"].shape[1:3]
+  if not decode_attention.supports(tq, h // kv_heads, read_len or max_len):
+    return "xla"
+  if implementation == "":
+    return "pallas" if on_gpu else "xla"
+  return implementation
+
+
+def cached_attention(q, cache, *, window=0, scale=None, read_len=0, implementation=""):
   """Queries at absolute indices cache['index'] - Tq .. cache['index'] - 1 over the cache.
 
-  Call after `update_kv_cache` has written this step's keys. Two products batched over
-  (batch, kv head) with an explicit mask (a decode step has Tq = 1, where flash kernels gain
-  nothing); float32 scores and softmax.
+  Call after `update_kv_cache` has written this step's keys. 'xla': two products batched over
+  (batch, kv head) with an explicit mask, float32 scores and softmax; 'pallas': one token's
+  step read in place by `decode_attention` (no copy of the read part of the cache);
+  `decode_implementation` picks.
 
   Args:
     q: `[batch, Tq, heads, head_dim]`.
@@ -395,6 +423,8 @@ def cached_attention(q, cache, *, window=0, scale=None, read_len=0):
       decode step then costs what that many keys cost, not the whole cache's max_len). The
       caller guarantees that every query's index is < read_len (keys beyond it would be
       silently left out); 0 = the whole cache.
+    implementation: '' (auto) | 'xla' | 'pallas' | 'pallas_interpret' (config key
+      model.attn_decode_impl).
   Returns:
     `[batch, Tq, heads, head_dim]` in q's dtype.
   """
@@ -403,6 +433,11 @@ def cached_attention(q, cache, *, window=0, scale=None, read_len=0):
   if not 0 <= read_len <= max_len:
     raise ValueError(f"cached_attention: read_len {read_len} must be in [0, max_len {max_len}] "
                      f"(0 = the whole cache); see model.attn_decode_read_len.")
+  impl = decode_implementation(implementation, q.shape, cache, read_len)
+  if impl != "xla":
+    return decode_attention.decode_attention(q, cache, window=window, scale=scale,
+                                             read_len=read_len,
+                                             interpret=impl == "pallas_interpret")
   if read_len:
     cache = {name: x[:, :, :read_len] if name != "index" else x for name, x in cache.items()}
   keys = read_len or max_len

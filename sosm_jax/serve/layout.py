@@ -88,6 +88,12 @@ def with_decode_read_len(model, n: int):
   return _with_model_key(model, "attn_decode_read_len", n, 0)
 
 
+def with_decode_impl(model, implementation: str):
+  """The same model (same parameters) with its attention decode computed by `implementation`
+  ('' auto, 'xla', 'pallas' or 'pallas_interpret'; config key `model.attn_decode_impl`)."""
+  return _with_model_key(model, "attn_decode_impl", implementation, "")
+
+
 def serving_layout(model, params):
   """(model, params) -> (model, params) in the serving layout (module doc); same outputs.
 

@@ -187,7 +187,8 @@ def _attention(cfg, p, x, r, cache, position, b):
   k = attn_ops.apply_rope(k, position, cfg.rope_base)
   cache = attn_ops.update_kv_cache(cache, k, v)
   o = attn_ops.cached_attention(q, cache, window=cfg.attn_window,
-                                read_len=cfg.get("attn_decode_read_len", 0))
+                                read_len=cfg.get("attn_decode_read_len", 0),
+                                implementation=cfg.get("attn_decode_impl", ""))
   o = _repeat_rows(o.reshape(b, h * dh), rows)
   return _matmul(o, p["o_proj"]["kernel"].reshape(h * dh, -1)), cache
 

@@ -24,7 +24,7 @@ from sosm_jax.train import checkpoint as ckpt_lib
 # mean: a run may resume with other values (e.g. another kernel path on another machine).
 EXECUTION_KEYS = ("remat", "attn_impl", "attn_block_size", "linear_impl", "chunk_size",
                   "loss_chunk_size", "rope_base", "graph.query_chunk", "graph.key_chunk",
-                  "attn_decode_read_len")
+                  "attn_decode_read_len", "attn_decode_impl")
 
 
 class ResumeRefused(RuntimeError):

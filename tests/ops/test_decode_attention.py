@@ -1,0 +1,83 @@
+"""The decode-attention Pallas kernel (interpret mode) against cached_attention's XLA form."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sosm_jax.ops import attention as att
+from sosm_jax.ops import decode_attention as da
+
+H, KV, D = 6, 2, 16
+
+
+def _filled_cache(seed, batch, max_len, index, quantized):
+  """A cache whose every position holds random keys/values (beyond index too: must be masked),
+  keys scaled per position so the softmax is far from uniform."""
+  kk, kv, kq = jax.random.split(jax.random.PRNGKey(seed), 3)
+  spread = jnp.linspace(0.2, 3.0, max_len)[:, None, None]
+  k = jax.random.normal(kk, (batch, max_len, KV, D)) * spread
+  v = jax.random.normal(kv, (batch, max_len, KV, D))
+  cache = att.update_kv_cache(att.init_kv_cache(batch, max_len, KV, D, quantized=quantized), k, v)
+  cache["index"] = jnp.asarray(index, jnp.int32)
+  return jax.random.normal(kq, (batch, 1, H, D)), cache
+
+
+def _attend(impl, **static):
+  return jax.jit(lambda q, c: att.cached_attention(q, c, implementation=impl, **static))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("window", [0, 200])
+def test_kernel_equals_the_xla_form(quantized, window):
+  """One token at several fill levels (first key only, inside the first block, across blocks and
+  splits, the last position), the whole cache and a read_len prefix, float and int8 caches."""
+  for index in (1, 77, 600, 1024):
+    q, cache = _filled_cache(index, 2, 1024, index, quantized)
+    for read_len in (0, 768) if index <= 768 else (0,):
+      want = _attend("xla", window=window, read_len=read_len)(q, cache)
+      got = _attend("pallas_interpret", window=window, read_len=read_len)(q, cache)
+      np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_kernel_under_vmap_over_slots_with_their_own_fill():
+  """The engine's form: a vmap over slots of a one-slot step, each slot's cache at its own index."""
+  qs, caches = zip(*[_filled_cache(s, 1, 512, i, False) for s, i in enumerate((3, 130, 512))])
+  q = jnp.stack(qs)
+  cache = jax.tree.map(lambda *x: jnp.stack(x), *caches)
+  want = jax.vmap(_attend("xla"))(q, cache)
+  got = jax.vmap(_attend("pallas_interpret"))(q, cache)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  assert float(jnp.max(jnp.abs(got[0] - got[1]))) > 1e-2    # the slots differ
+
+
+def test_splits_fill_the_gpu_and_keep_whole_spans():
+  assert da.num_splits(1, 4, 131072) == 64          # 256 programs of 2,048 keys
+  assert da.num_splits(64, 4, 2048) == 1             # 256 programs already
+  assert da.num_splits(1, 4, 1024) == 2              # no split below 512 keys
+  assert da.num_splits(1, 4, 384) == 1               # 3 blocks: no power-of-two split
+  assert da.supports(1, 3, 1024) and not da.supports(2, 3, 1024)
+  assert not da.supports(1, 3, 1000) and not da.supports(1, 32, 1024)
+
+
+def test_calls_the_kernel_does_not_take_use_the_xla_form_and_bad_names_are_refused():
+  q, cache = _filled_cache(0, 1, 1000, 40, False)       # 1,000 is not whole blocks
+  assert att.decode_implementation("pallas_interpret", q.shape, cache, 0) == "xla"
+  assert att.decode_implementation("pallas_interpret", (1, 4, H, D), cache, 896) == "xla"
+  assert att.decode_implementation("pallas_interpret", q.shape, cache, 896) == "pallas_interpret"
+  assert att.decode_implementation("", q.shape, cache, 896) == (
+      "pallas" if jax.default_backend() == "gpu" else "xla")
+  with pytest.raises(ValueError, match="attn_decode_impl"):
+    att.cached_attention(q, cache, implementation="triton")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="needs a GPU"):
+      att.cached_attention(q, cache, read_len=896, implementation="pallas")
+
+
+def test_the_model_config_key_takes_the_implementations_and_names_itself():
+  from sosm_jax import models  # pylint: disable=import-outside-toplevel
+  from sosm_jax.models import config  # pylint: disable=import-outside-toplevel
+  assert config.DECODE_IMPLEMENTATIONS == att.DECODE_IMPLEMENTATIONS
+  cfg = config.default_model_config("hybrid")
+  cfg.attn_decode_impl = "cuda"
+  with pytest.raises(ValueError, match="attn_decode_impl"):
+    models.build_model(cfg)
