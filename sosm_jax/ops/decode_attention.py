@@ -5,7 +5,8 @@ the filled part of a long cache (`read_len` < max_len), XLA:GPU first copies tha
 slice of every slot's K and V: the GEMM needs its operand contiguous), which at 64 slots with
 131,072-position caches cost a quarter of the decode step (benchmarks/RESULTS.md, "Serving").
 This kernel reads the keys in place, block by block, and only the blocks that hold keys the query
-may see (positions <= the query's, and within the sliding window), whatever read_len is.
+may see (positions <= the query's, and within the sliding window), whatever read_len is; a read length
+that is not whole blocks ends with a block that overlaps the one before it, masked.
 
 Grid (batch, kv head, split): a program takes one kv head's query group (its `H / K` query heads,
 padded to 16 rows for the tensor cores) over one contiguous span of the cache with an online
@@ -40,42 +41,45 @@ _NO_MAX = -1e30
 
 def supports(tq: int, group: int, keys: int) -> bool:
   """Whether the kernel takes this call: one query token, a query group of at most 16 heads, and
-  a read length that is whole blocks."""
-  return tq == 1 and group <= _ROWS and keys % BLOCK == 0
+  at least one block of keys to read."""
+  return tq == 1 and group <= _ROWS and keys >= BLOCK
 
 
 def num_splits(batch: int, kv_heads: int, keys: int) -> int:
-  """Splits of the read length: enough programs to fill the GPU, each at least _MIN_SPAN keys
-  (a power of two that divides the number of blocks)."""
-  blocks = keys // BLOCK
+  """Splits of the read length (a power of two): enough programs to fill the GPU, each at least
+  _MIN_SPAN keys."""
+  blocks = -(-keys // BLOCK)
   splits = 1
-  while (batch * kv_heads * splits < _TARGET_PROGRAMS and blocks % (2 * splits) == 0
-         and keys // (2 * splits) >= _MIN_SPAN):
+  while (batch * kv_heads * splits < _TARGET_PROGRAMS
+         and blocks // (2 * splits) * BLOCK >= _MIN_SPAN):
     splits *= 2
   return splits
 
 
-def _kernel(index_ref, q_ref, k_ref, v_ref, *rest, span, window, scale, quantized):
+def _kernel(index_ref, q_ref, k_ref, v_ref, *rest, keys, span_blocks, window, scale, quantized):
   if quantized:
     ks_ref, vs_ref, o_ref, m_ref, l_ref = rest
   else:
     o_ref, m_ref, l_ref = rest
   query = index_ref[0] - 1                      # the query's position: the newest key
-  start = pl.program_id(2) * span
   lowest = jnp.maximum(query - window + 1, 0) if window else 0
-  first = jnp.maximum(start, lowest) // BLOCK
-  stop = (jnp.minimum(start + span, query + 1) + BLOCK - 1) // BLOCK
+  first_block = pl.program_id(2) * span_blocks
+  first = jnp.maximum(first_block, lowest // BLOCK)
+  stop = jnp.minimum(first_block + span_blocks, query // BLOCK + 1)
   q = q_ref[...]
   cdt = q.dtype
 
   def body(j, carry):
     m, l, acc = carry
-    pos = j * BLOCK + jax.lax.broadcasted_iota(jnp.int32, (1, BLOCK), 1)
-    at = pl.ds(pl.multiple_of(j * BLOCK, BLOCK), BLOCK)
+    # A read length that is not whole blocks: its last block is loaded from keys - BLOCK (inside
+    # the cache) and the positions its neighbour holds are masked.
+    start = jnp.minimum(j * BLOCK, keys - BLOCK)
+    pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, BLOCK), 1)
+    at = pl.ds(start, BLOCK)
     s = dot(q, k_ref[at, :].astype(cdt), tb=True) * scale              # [rows, BLOCK]
     if quantized:
       s = s * ks_ref[at][None, :]
-    visible = (pos <= query) & (pos >= lowest)
+    visible = (pos >= j * BLOCK) & (pos <= query) & (pos >= lowest)
     s = jnp.where(visible, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.exp(s - m_new[:, None])
@@ -114,11 +118,11 @@ def decode_attention(q, cache, *, window=0, scale=None, read_len=0, interpret=Fa
   group = h // kv_heads
   if not supports(tq, group, keys):
     raise ValueError(f"decode_attention: takes one query token (got {tq}), at most {_ROWS} "
-                     f"query heads per kv head (got {group}) and a read length that is a multiple "
-                     f"of {BLOCK} (got {keys}); use ops.attention.cached_attention's XLA form.")
+                     f"query heads per kv head (got {group}) and a read length of at least "
+                     f"{BLOCK} (got {keys}); use ops.attention.cached_attention's XLA form.")
   quantized = "k_scale" in cache
   splits = num_splits(b, kv_heads, keys)
-  span = keys // splits
+  span_blocks = -(-(-(-keys // BLOCK)) // splits)      # ceil(ceil(keys / BLOCK) / splits)
   qg = q.reshape(b, kv_heads, group, dh)
   qg = jnp.pad(qg, ((0, 0), (0, 0), (0, _ROWS - group), (0, 0)))
   index = jnp.broadcast_to(cache["index"].astype(jnp.int32), (1,))
@@ -132,7 +136,8 @@ def decode_attention(q, cache, *, window=0, scale=None, read_len=0, interpret=Fa
     args += [cache["k_scale"][..., 0], cache["v_scale"][..., 0]]
   part = lambda *tail: pl.BlockSpec((None, None, None, _ROWS, *tail),
                                     lambda i, j, s: (i, j, s, 0, *[0] * len(tail)))
-  kernel = functools.partial(_kernel, span=span, window=window, quantized=quantized,
+  kernel = functools.partial(_kernel, keys=keys, span_blocks=span_blocks, window=window,
+                             quantized=quantized,
                              scale=dh ** -0.5 if scale is None else scale)
   o, m, l = pl.pallas_call(
       kernel, grid=(b, kv_heads, splits), in_specs=in_specs,

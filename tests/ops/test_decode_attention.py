@@ -26,14 +26,15 @@ def _attend(impl, **static):
   return jax.jit(lambda q, c: att.cached_attention(q, c, implementation=impl, **static))
 
 
+@pytest.mark.parametrize("max_len", [1024, 1000])   # 1,000: its last block overlaps the one before
 @pytest.mark.parametrize("quantized", [False, True])
 @pytest.mark.parametrize("window", [0, 200])
-def test_kernel_equals_the_xla_form(quantized, window):
+def test_kernel_equals_the_xla_form(max_len, quantized, window):
   """One token at several fill levels (first key only, inside the first block, across blocks and
   splits, the last position), the whole cache and a read_len prefix, float and int8 caches."""
-  for index in (1, 77, 600, 1024):
-    q, cache = _filled_cache(index, 2, 1024, index, quantized)
-    for read_len in (0, 768) if index <= 768 else (0,):
+  for index in (1, 77, 600, 900, max_len):
+    q, cache = _filled_cache(index, 2, max_len, index, quantized)
+    for read_len in (0, 700) if index <= 700 else (0,):
       want = _attend("xla", window=window, read_len=read_len)(q, cache)
       got = _attend("pallas_interpret", window=window, read_len=read_len)(q, cache)
       np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
@@ -54,14 +55,15 @@ def test_splits_fill_the_gpu_and_keep_whole_spans():
   assert da.num_splits(1, 4, 131072) == 64          # 256 programs of 2,048 keys
   assert da.num_splits(64, 4, 2048) == 1             # 256 programs already
   assert da.num_splits(1, 4, 1024) == 2              # no split below 512 keys
-  assert da.num_splits(1, 4, 384) == 1               # 3 blocks: no power-of-two split
-  assert da.supports(1, 3, 1024) and not da.supports(2, 3, 1024)
-  assert not da.supports(1, 3, 1000) and not da.supports(1, 32, 1024)
+  assert da.num_splits(1, 4, 131104) == 64          # 1,025 blocks: the last split one block less
+  assert da.num_splits(1, 4, 384) == 1               # spans of 1 block are too short
+  assert da.supports(1, 3, 1000) and not da.supports(2, 3, 1024)
+  assert not da.supports(1, 3, 100) and not da.supports(1, 32, 1024)
 
 
 def test_calls_the_kernel_does_not_take_use_the_xla_form_and_bad_names_are_refused():
-  q, cache = _filled_cache(0, 1, 1000, 40, False)       # 1,000 is not whole blocks
-  assert att.decode_implementation("pallas_interpret", q.shape, cache, 0) == "xla"
+  q, cache = _filled_cache(0, 1, 1000, 40, False)
+  assert att.decode_implementation("pallas_interpret", q.shape, cache, 100) == "xla"  # < a block
   assert att.decode_implementation("pallas_interpret", (1, 4, H, D), cache, 896) == "xla"
   assert att.decode_implementation("pallas_interpret", q.shape, cache, 896) == "pallas_interpret"
   assert att.decode_implementation("", q.shape, cache, 896) == (
