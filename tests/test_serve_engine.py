@@ -211,9 +211,10 @@ def test_engine_reading_kv_cache_buckets_gives_the_whole_caches_text(num_slots):
 
 @pytest.mark.parametrize("num_slots", [1, 2])     # 1: the onerow decode step, 2: the model's
 def test_engine_with_the_decode_attention_kernel_gives_the_xla_forms_text(num_slots):
-  """model.attn_decode_impl='pallas_interpret' (the Triton kernel's code, interpreted): two
-  requests decoding across a 128-key block boundary, through read lengths 128 and 256, get the
-  text of the same engine with the XLA attention."""
+  """model.attn_decode_impl='pallas_interpret' (the Triton kernels' code, interpreted): two
+  requests, one prefilled in pieces that continue its cache (64 + 32 + 16 + 4 tokens), decoding
+  across a 128-key block boundary through read lengths 128 and 256, get the text of the same
+  engine with the XLA attention."""
   model, params = _tiny(("hgrn2", "attn"))
   tok = ByteTokenizer()
   prompts, n = ["hi", "a prompt of 120 bytes " * 5 + "<end>"], 20   # 3 and 116 tokens with BOS

@@ -387,9 +387,10 @@ def update_kv_cache(cache: dict, k: jax.Array, v: jax.Array) -> dict:
 def decode_implementation(implementation: str, q_shape, cache: dict, read_len: int) -> str:
   """'xla' | 'pallas' | 'pallas_interpret': how `cached_attention` computes this call.
 
-  '' (auto) is 'pallas' on a GPU and 'xla' elsewhere; a call the kernel does not take
-  (`decode_attention.supports`: a prefill piece of several tokens, a read length that is not
-  whole blocks) uses 'xla' under any choice.
+  '' (auto) is 'pallas' on a GPU for one-token steps and 'xla' otherwise: prefill pieces that
+  continue a cache (Tq > 1) take the kernel only when asked for by name, since that path is not
+  measured on a GPU yet. A call the kernels do not take (`decode_attention.supports`, e.g. a
+  cache shorter than one block) uses 'xla' under any choice.
   """
   if implementation not in DECODE_IMPLEMENTATIONS:
     raise ValueError(f"cached_attention: unknown implementation {implementation!r}; choose one "
@@ -404,7 +405,7 @@ def decode_implementation(implementation: str, q_shape, cache: dict, read_len: i
   if not decode_attention.supports(tq, h // kv_heads, read_len or max_len):
     return "xla"
   if implementation == "":
-    return "pallas" if on_gpu else "xla"
+    return "pallas" if on_gpu and tq == 1 else "xla"
   return implementation
 
 
@@ -412,8 +413,8 @@ def cached_attention(q, cache, *, window=0, scale=None, read_len=0, implementati
   """Queries at absolute indices cache['index'] - Tq .. cache['index'] - 1 over the cache.
 
   Call after `update_kv_cache` has written this step's keys. 'xla': two products batched over
-  (batch, kv head) with an explicit mask, float32 scores and softmax; 'pallas': one token's
-  step read in place by `decode_attention` (no copy of the read part of the cache);
+  (batch, kv head) with an explicit mask, float32 scores and softmax; 'pallas': the cache read
+  in place by `decode_attention` (no copy of the read part, only blocks with visible keys);
   `decode_implementation` picks.
 
   Args:

@@ -1,4 +1,6 @@
 """The decode-attention Pallas kernel (interpret mode) against cached_attention's XLA form."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,20 +12,23 @@ from sosm_jax.ops import decode_attention as da
 H, KV, D = 6, 2, 16
 
 
-def _filled_cache(seed, batch, max_len, index, quantized):
+def _filled_cache(seed, batch, max_len, index, quantized, tq=1):
   """A cache whose every position holds random keys/values (beyond index too: must be masked),
-  keys scaled per position so the softmax is far from uniform."""
+  keys scaled per position so the softmax is far from uniform; tq queries."""
   kk, kv, kq = jax.random.split(jax.random.PRNGKey(seed), 3)
   spread = jnp.linspace(0.2, 3.0, max_len)[:, None, None]
   k = jax.random.normal(kk, (batch, max_len, KV, D)) * spread
   v = jax.random.normal(kv, (batch, max_len, KV, D))
   cache = att.update_kv_cache(att.init_kv_cache(batch, max_len, KV, D, quantized=quantized), k, v)
   cache["index"] = jnp.asarray(index, jnp.int32)
-  return jax.random.normal(kq, (batch, 1, H, D)), cache
+  return jax.random.normal(kq, (batch, tq, H, D)), cache
 
 
-def _attend(impl, **static):
-  return jax.jit(lambda q, c: att.cached_attention(q, c, implementation=impl, **static))
+@functools.lru_cache(maxsize=None)
+def _attend(impl, window=0, read_len=0):
+  """cached_attention jitted once per choice (the fill level is a traced value)."""
+  return jax.jit(lambda q, c: att.cached_attention(q, c, implementation=impl, window=window,
+                                                   read_len=read_len))
 
 
 @pytest.mark.parametrize("max_len", [1024, 1000])   # 1,000: its last block overlaps the one before
@@ -38,6 +43,18 @@ def test_kernel_equals_the_xla_form(max_len, quantized, window):
       want = _attend("xla", window=window, read_len=read_len)(q, cache)
       got = _attend("pallas_interpret", window=window, read_len=read_len)(q, cache)
       np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("window", [0, 100])
+def test_prefill_piece_kernel_equals_the_xla_form(quantized, window):
+  """Pieces of 2, 37 and 300 tokens continuing a cache (ending at its first block, across
+  blocks, at its ragged end), with and without a read_len bound."""
+  for tq, index, read_len in ((2, 128, 0), (37, 700, 0), (300, 1000, 0), (37, 500, 640)):
+    q, cache = _filled_cache(tq + index, 2, 1000, index, quantized, tq=tq)
+    want = _attend("xla", window=window, read_len=read_len)(q, cache)
+    got = _attend("pallas_interpret", window=window, read_len=read_len)(q, cache)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 def test_kernel_under_vmap_over_slots_with_their_own_fill():
@@ -57,17 +74,19 @@ def test_splits_fill_the_gpu_and_keep_whole_spans():
   assert da.num_splits(1, 4, 1024) == 2              # no split below 512 keys
   assert da.num_splits(1, 4, 131104) == 64          # 1,025 blocks: the last split one block less
   assert da.num_splits(1, 4, 384) == 1               # spans of 1 block are too short
-  assert da.supports(1, 3, 1000) and not da.supports(2, 3, 1024)
+  assert da.supports(1, 3, 1000) and da.supports(512, 3, 1024) and not da.supports(2000, 3, 1024)
   assert not da.supports(1, 3, 100) and not da.supports(1, 32, 1024)
 
 
 def test_calls_the_kernel_does_not_take_use_the_xla_form_and_bad_names_are_refused():
   q, cache = _filled_cache(0, 1, 1000, 40, False)
   assert att.decode_implementation("pallas_interpret", q.shape, cache, 100) == "xla"  # < a block
-  assert att.decode_implementation("pallas_interpret", (1, 4, H, D), cache, 896) == "xla"
   assert att.decode_implementation("pallas_interpret", q.shape, cache, 896) == "pallas_interpret"
+  assert att.decode_implementation("pallas_interpret", (1, 4, H, D), cache, 896) == (
+      "pallas_interpret")
   assert att.decode_implementation("", q.shape, cache, 896) == (
       "pallas" if jax.default_backend() == "gpu" else "xla")
+  assert att.decode_implementation("", (1, 4, H, D), cache, 896) == "xla"   # pieces: by name
   with pytest.raises(ValueError, match="attn_decode_impl"):
     att.cached_attention(q, cache, implementation="triton")
   if jax.default_backend() != "gpu":
