@@ -5,9 +5,9 @@ Both programs are traced at fixed shapes: forward tokens `[batch, seq_len]` int3
 `[batch, vocab]`, cache), the cache holding `max_len` tokens (see `LanguageModel.init_cache`).
 The model is traced with its portable paths (`export_model_config`: attn_impl and
 attn_decode_impl 'xla', linear_impl 'xla' for StableHLO, no Pallas or cuDNN custom calls) so the
-program runs wherever StableHLO / ONNX does. ONNX uses the linear ops' sequential 'reference' form (the same math, a loop over
-time): jax2onnx 0.17 cannot trace the custom-VJP triangular inverse inside the chunked gated
-delta rule (it converts the traced argument to numpy).
+program runs wherever StableHLO / ONNX does. ONNX uses the linear ops' sequential 'reference'
+form (the same math, a loop over time): jax2onnx 0.17 cannot trace the custom-VJP triangular
+inverse inside the chunked gated delta rule (it converts the traced argument to numpy).
 
 StableHLO (`export_stablehlo`): parameters are arguments (the folder also holds them as
 model.safetensors); files forward.jax_exported / decode.jax_exported (`jax.export` serialized,
