@@ -167,6 +167,11 @@ def test_lora_and_distillation_through_the_trainer_and_export(tmp_path):
   assert result.status == "finished" and np.isfinite(result.last_metrics["loss"])
 
 
+def _init(model, seed, seq_len):
+  """model.init jitted (op by op, each primitive would be compiled alone)."""
+  return jax.jit(model.init, static_argnums=(1, 2))(jax.random.key(seed), 1, seq_len)
+
+
 def _flat(params):
   return traverse_util.flatten_dict(jax.tree.map(np.asarray, nn.unbox(params)), sep="/")
 
@@ -175,7 +180,7 @@ def test_init_by_name_loads_what_matches_and_keeps_the_rest_fresh():
   saved = random_params(_config())                         # hgrn2, attn with one kv head
   target = _config(num_layers=3, pattern=("hgrn2", "attn", "hgrn2"), attn_num_kv_heads=2)
   model = models.build_model(target.model)
-  like = model.init(jax.random.key(3), 1, target.model.chunk_size)
+  like = _init(model, 3, target.model.chunk_size)
   params, match = finetune.match_by_name(saved, like)
   got, fresh_init, old = _flat(params), _flat(like), _flat(saved)
   assert set(got) == set(fresh_init)
@@ -192,8 +197,8 @@ def test_init_by_name_loads_what_matches_and_keeps_the_rest_fresh():
   assert "fresh (saved with another shape)" in match.summary()
 
   # the other way round: the saved third layer has no place in a two-layer model
-  _, back = finetune.match_by_name(params, model_init := models.build_model(
-      _config().model).init(jax.random.key(0), 1, 8))
+  _, back = finetune.match_by_name(params, model_init := _init(
+      models.build_model(_config().model), 0, 8))
   assert back.unused and not back.fresh
   with pytest.raises(ValueError, match="no parameter of the saved weights"):
     finetune.match_by_name({"something": {"else": np.zeros(3)}}, model_init)
@@ -214,15 +219,15 @@ def test_pooled_kv_heads_keep_the_layer_when_each_group_of_heads_is_equal():
     saved[path] = w
   saved = traverse_util.unflatten_dict(saved, sep="/")
   model_two = models.build_model(two.model)
-  like = model_two.init(jax.random.key(1), 1, two.model.chunk_size)
+  like = _init(model_two, 1, two.model.chunk_size)
   pooled, match = finetune.match_by_name(saved, like, pool_kv_heads=True)
   assert sorted(match.pooled) == ["layers/block_1/mixer/k_proj/kernel",
                                   "layers/block_1/mixer/v_proj/kernel"]
   assert not match.reshaped and not match.fresh and match.loaded_values == match.total_values
   assert "kv heads pooled" in match.summary()
   tokens = _batch(t=16)["inputs"]
-  np.testing.assert_allclose(model_two.apply(pooled, tokens),
-                             models.build_model(four.model).apply(saved, tokens),
+  np.testing.assert_allclose(jax.jit(model_two.apply)(pooled, tokens),
+                             jax.jit(models.build_model(four.model).apply)(saved, tokens),
                              rtol=1e-5, atol=1e-5)
   _, unpooled = finetune.match_by_name(saved, like)
   assert sorted(unpooled.reshaped) == sorted(match.pooled) and not unpooled.pooled
