@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 
+import helpers
 from sosm_jax import models
 from sosm_jax.layers.attention import Attention
 from sosm_jax.layers.gated_deltanet import GatedDeltaNet
@@ -263,22 +264,23 @@ def test_train_step_with_context_equals_one_device():
   optimizer = optax.sgd(1e-2)
   step = step_lib.make_train_step(model.loss, optimizer, optax.constant_schedule(1e-2))
   init = lambda: model.init(jax.random.key(0), 1, 16)
+  # random parameters on the host (no init compiled), placed with each mesh's state shardings
+  params = helpers.random_model_params(model)
+  zero = np.zeros((), np.int32)
+  initial = state_lib.TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+                                 nonfinite_streak=zero, nonfinite_total=zero)
 
-  def one_step(mesh, initial=None):
-    """(loss, grad norm, new params) of one step on `mesh` from `initial` (host), placed with
-    the trainer's state shardings, or from a state created there."""
+  def one_step(mesh):
+    """(loss, grad norm, new params) of one step on `mesh` from `initial`, placed with the
+    trainer's state shardings."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-      sh = state_lib.state_shardings(init, optimizer, mesh)
-      state = (state_lib.create_train_state(init, optimizer, sh) if initial is None
-               else jax.device_put(initial, sh))
+      state = jax.device_put(initial, state_lib.state_shardings(init, optimizer, mesh))
       placed = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
       new, metrics = jax.jit(step)(state, placed)
-      return (float(metrics["loss"]), float(metrics["grad_norm"]), jax.device_get(new.params),
-              jax.device_get(state))
+      return float(metrics["loss"]), float(metrics["grad_norm"]), jax.device_get(new.params)
 
   want = one_step(_mesh(1, 1))
-  # the same initial state placed on the mesh (one compiled init, not one per mesh)
-  got = one_step(_mesh(2, 2), initial=want[3])
+  got = one_step(_mesh(2, 2))
   assert got[0] == pytest.approx(want[0], rel=1e-5)
   assert got[1] == pytest.approx(want[1], rel=1e-4)
   _close(got[2], want[2], "parameters after one step")
