@@ -15,11 +15,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+import helpers
 import sosm_jax.ops as ops
 from sosm_jax import models
 from sosm_jax.parallel import (LOGICAL_AXIS_RULES, batch_sharding, distributed_init_args,
-                               logical_shardings, make_mesh, per_shard, process_batch_shard,
-                               unbox_values)
+                               logical_shardings, make_mesh, per_shard, process_batch_shard)
 from sosm_jax.parallel import mesh as mesh_lib
 from sosm_jax.parallel.per_shard import shard_axes
 from sosm_jax.train import checkpoint as ckpt_lib
@@ -293,8 +293,7 @@ def _loss_and_grads_on(mesh, model, params, batch):
 def kernel_reference(batches):
   """One device: the kernel model, its initial parameters (host) and (loss, grads)."""
   model = models.build_model(_kernel_config().model)
-  params = jax.device_get(unbox_values(
-      jax.jit(model.init, static_argnums=(1, 2))(jax.random.key(0), 1, 16)))
+  params = helpers.random_model_params(model)   # on the host, no init compiled
   loss, grads = _loss_and_grads_on(_mesh(1, 1, 1, jax.devices()[:1]), model, params, batches[0])
   return model, params, loss, grads
 
