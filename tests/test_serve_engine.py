@@ -209,12 +209,13 @@ def test_engine_reading_kv_cache_buckets_gives_the_whole_caches_text(num_slots):
   assert texts == want
 
 
-@pytest.mark.parametrize("num_slots", [1, 2])     # 1: the onerow decode step, 2: the model's
-def test_engine_with_the_decode_attention_kernel_gives_the_xla_forms_text(num_slots):
+def test_engine_with_the_decode_attention_kernel_gives_the_xla_forms_text():
   """model.attn_decode_impl='pallas_interpret' (the Triton kernels' code, interpreted): two
-  requests, one prefilled in pieces that continue its cache (64 + 32 + 16 + 4 tokens), decoding
+  requests in two slots (the model's step under a vmap over slots; onerow's single slot calls the
+  same op), one prefilled in pieces that continue its cache (64 + 32 + 16 + 4 tokens), decoding
   across a 128-key block boundary through read lengths 128 and 256, get the text of the same
   engine with the XLA attention."""
+  num_slots = 2
   model, params = _tiny(("hgrn2", "attn"))
   tok = ByteTokenizer()
   prompts, n = ["hi", "a prompt of 120 bytes " * 5 + "<end>"], 20   # 3 and 116 tokens with BOS
