@@ -168,6 +168,8 @@ def define_flags():
                     "earlier invocations: their pieces count as done.")
   flags.DEFINE_string("export", "", f"Also copy {PIECES_FILE} and the report here after each "
                       "piece (e.g. a device call's $OUT).")
+  flags.DEFINE_integer("forward_repeats", -1, "Timed forward passes of forward_len tokens per "
+                       "piece (-1: the setting's; 0: none).")
   flags.DEFINE_integer("workers", 1, "Pieces run at once, each by a child process of this script "
                        "on the same accelerator (1: one after another in this process).")
   flags.DEFINE_bool("single_piece", False, "Run the one piece given by --variants, --seeds and "
@@ -574,7 +576,8 @@ class ChildFailed(RuntimeError):
 
 
 def child_argv(variant: str, seed: int, lr: float, out: str, setting_name: str, steps: int,
-               task_mix: str, eval_batch_size: int, dtype: str = "") -> list[str]:
+               task_mix: str, eval_batch_size: int, dtype: str = "",
+               forward_repeats: int = -1) -> list[str]:
   """The command of a child that runs one piece: every flag that changes a piece's result or its
   study signature, so the child's signature is the parent's. No --export, --results_from or
   --max_seconds (the parent owns the report, the imports and the budget). dtype '': the child
@@ -583,6 +586,8 @@ def child_argv(variant: str, seed: int, lr: float, out: str, setting_name: str, 
           f"--variants={variant}", f"--seeds={int(seed)}", f"--lrs={float(lr)!r}",
           f"--steps={int(steps)}", f"--task_mix={task_mix}",
           f"--eval_batch_size={int(eval_batch_size)}", f"--out={out}", "--single_piece"]
+  if forward_repeats >= 0:
+    argv.append(f"--forward_repeats={int(forward_repeats)}")
   return argv + ([f"--dtype={dtype}"] if dtype else [])
 
 
@@ -1095,6 +1100,8 @@ def plot_seeds(summary: dict, path: str) -> None:
 def _resolve(setting_name: str):
   """The run's setting, variants, seeds and learning rates from the flags and the setting."""
   setting = SETTINGS[setting_name]
+  if FLAGS.forward_repeats >= 0:   # timing only: not part of the study's signature
+    setting = dict(setting, forward_repeats=FLAGS.forward_repeats)
   variants = FLAGS.variants or list(setting.get("variants", VARIANTS))
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown:
@@ -1155,7 +1162,7 @@ def main(argv):
 
   def launch(variant, seed, lr, workdir):
     argv = child_argv(variant, seed, lr, out, setting_name, FLAGS.steps, FLAGS.task_mix,
-                      eval_batch_size, FLAGS.dtype)
+                      eval_batch_size, FLAGS.dtype, FLAGS.forward_repeats)
     return ChildPiece(argv, workdir, piece_id(variant, seed, lr), child_env(FLAGS.workers))
 
   if FLAGS.single_piece:   # a --workers child: its piece's result.json, no report

@@ -481,6 +481,8 @@ def test_child_command_carries_the_study(study):
                       "--eval_batch_size=64", "--out=/o", "--single_piece"]
   assert study.child_argv("gdn_3to1", 0, 1e-3, "/o", "quick", 3, "m", 16, "bfloat16")[-1] == (
       "--dtype=bfloat16")
+  assert study.child_argv("gdn_3to1", 0, 1e-3, "/o", "quick", 3, "m", 16, "", 0)[-1] == (
+      "--forward_repeats=0")
   env = study.child_env(3, base={"PATH": "/bin"})
   assert env == {"PATH": "/bin", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.300",
                  "PYTHONUNBUFFERED": "1"}
@@ -492,7 +494,8 @@ def test_piece_in_a_child_equals_the_piece_in_process(tmp_path):
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   common = [sys.executable, os.path.join(ROOT, "benchmarks", "backbone_study.py"),
-            "--setting=quick", "--variants=transformer", "--lrs=3e-3", "--steps=3"]
+            "--setting=quick", "--variants=transformer", "--lrs=3e-3", "--steps=3",
+            "--forward_repeats=0"]   # no forward timing: nothing here reads it
   runs = {"children": ["--seeds=0,1", "--workers=2", "--max_seconds=600",
                        f"--export={tmp_path / 'export'}"],
           "in_process": ["--seeds=1", "--workers=1"]}
