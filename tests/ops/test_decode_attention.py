@@ -31,9 +31,9 @@ def _attend(impl, window=0, read_len=0):
                                                    read_len=read_len))
 
 
-@pytest.mark.parametrize("max_len", [1024, 1000])   # 1,000: its last block overlaps the one before
-@pytest.mark.parametrize("quantized", [False, True])
-@pytest.mark.parametrize("window", [0, 200])
+# 1,000 positions: the last block overlaps the one before it
+@pytest.mark.parametrize("max_len,quantized,window", [(1024, False, 0), (1000, False, 200),
+                                                      (1024, True, 200), (1000, True, 0)])
 def test_kernel_equals_the_xla_form(max_len, quantized, window):
   """One token at several fill levels (first key only, inside the first block, across blocks and
   splits, the last position), the whole cache and a read_len prefix, float and int8 caches."""
