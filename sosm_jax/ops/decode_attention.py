@@ -68,7 +68,7 @@ def _softmax_blocks(q, k_ref, v_ref, scale_refs, first, stop, *, keys, visible, 
   (running max `[rows]`, sum `[rows]`, unnormalised output `[rows, head_dim]`), float32.
 
   visible(pos `[1, BLOCK]`) -> bool mask broadcastable to `[rows, BLOCK]`: the keys a row sees.
-  scale_refs: (key scales, value scales) of an int8 cache, or None.
+  scale_refs: (key scales, value scales) of an int8 cache; () for a float cache.
   """
   cdt = q.dtype
 
