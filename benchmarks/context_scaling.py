@@ -142,7 +142,7 @@ def measure_length(model, params, length: int, decode_steps: int, repeats: int,
   step_params = params if step_params is None else step_params
 
   def prefill(p, tokens):
-    logits, cache = model.prefill(p, tokens, max_len)
+    logits, cache = model.prefill(p, tokens, max_len, last_only=True)
     return logits[:, -1], cache  # only the last position is needed to continue
 
   def decode(p, first, cache):

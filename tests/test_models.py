@@ -80,6 +80,17 @@ def test_prefill_then_decode_matches_full_forward(arch):
   np.testing.assert_allclose(jnp.concatenate(steps, 1), full, rtol=1e-4, atol=1e-4)
 
 
+def test_prefill_last_only_is_the_last_row_of_the_full_prefill():
+  """last_only skips the head on all but the last position: same last logits, same cache."""
+  s = setup("hybrid")
+  full_logits, full_cache = s.model._jit_prefill(s.params, s.tokens[:, :PROMPT], T)
+  last = jax.jit(functools.partial(s.model.prefill, last_only=True), static_argnums=(2,))
+  logits, cache = last(s.params, s.tokens[:, :PROMPT], T)
+  assert logits.shape == (B, 1, V)
+  np.testing.assert_array_equal(logits[:, 0], full_logits[:, -1])
+  jax.tree.map(np.testing.assert_array_equal, cache, full_cache)
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_future_tokens_do_not_change_past_logits(arch):
   s = setup(arch)

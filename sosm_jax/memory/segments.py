@@ -21,6 +21,8 @@ Overlap: step 3 is dispatched asynchronously; step 4 (host FAISS add) runs while
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -106,7 +108,8 @@ class SegmentRunner:
 
   def _jitted(self, name):
     if name not in self._jit:
-      fns = {"apply": self.apply, "prefill": self.model.prefill,
+      fns = {"apply": self.apply,
+             "prefill": functools.partial(self.model.prefill, last_only=True),
              "decode": self.model.decode_step}
       self._jit[name] = jax.jit(fns[name], static_argnums=(2,) if name == "prefill" else ())
     return self._jit[name]

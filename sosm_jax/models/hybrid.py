@@ -108,12 +108,15 @@ class HybridLM(nn.Module):
   memory {layer: (keys, values, mask)} for graph layers (module doc) or None. With
   loss_targets=(targets, loss_mask) `[B, T]` it returns (loss, metrics) instead of logits, the
   head's logits computed in chunks of cfg.loss_chunk_size tokens (`Embedder.cross_entropy`).
+  With last_logits_only the logits are those of the last position only, `[B, 1, V]`: what a
+  prefill continues from, without the head's product over every prompt position (at 64K tokens
+  and a 32K vocabulary, 3.2 TFLOP and a 4 GB array that XLA does not slice away by itself).
   """
   cfg: Any
 
   @nn.compact
   def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, decode=False,
-               memory=None, loss_targets=None):
+               memory=None, loss_targets=None, last_logits_only=False):
     cfg = self.cfg
     check_memory_layers(cfg, memory)
     b, t = tokens.shape
@@ -140,6 +143,8 @@ class HybridLM(nn.Module):
       x, layer_caches = self._loop(x, positions, segment_ids, layer_caches, lower_bounds, decode,
                                    memory)
 
+    if last_logits_only:
+      x = x[:, -1:]
     x = RMSNorm(cfg.norm_eps, ("norm",), compute_dtype(cfg), param_dtype(cfg), name="final_norm")(x)
     if loss_targets is not None:
       return embedder.cross_entropy(x, *loss_targets, max(1, cfg.loss_chunk_size))

@@ -78,17 +78,19 @@ class LanguageModel:
   def init_cache(self, batch_size: int, max_len: int):
     return init_cache(self.cfg, batch_size, max_len)
 
-  def prefill(self, params, tokens, max_len: int, memory=None):
+  def prefill(self, params, tokens, max_len: int, memory=None, *, last_only: bool = False):
     """Runs the prompt tokens `[B, T]` (positions 0..T-1) -> (logits `[B, T, V]`, cache).
 
     The cache holds up to `max_len` tokens (prompt plus everything decoded later). memory as in
-    `apply`.
+    `apply`. last_only: logits of the last position only, `[B, 1, V]` (all that generation
+    continues from; the head is then not applied to the other T - 1 positions).
     """
     b, t = tokens.shape
     if t > max_len:
       raise ValueError(f"prefill: prompt length {t} exceeds max_len {max_len}; raise max_len.")
     cache = self.init_cache(b, max_len)
-    return self.module.apply({"params": params}, tokens, cache=cache, decode=False, memory=memory)
+    return self.module.apply({"params": params}, tokens, cache=cache, decode=False, memory=memory,
+                             last_logits_only=last_only)
 
   def decode_step(self, params, token, cache, memory=None):
     """One token `[B]` at position cache['index'] -> (logits `[B, V]`, cache). Jit-able.
@@ -141,7 +143,7 @@ class LanguageModel:
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
 def _generate(model, params, prompt, rng, max_new_tokens, temperature, top_p):
   b, t = prompt.shape
-  logits, cache = model.prefill(params, prompt, t + max_new_tokens)
+  logits, cache = model.prefill(params, prompt, t + max_new_tokens, last_only=True)
   rng, sub = jax.random.split(rng)
   first = sample_token(logits[:, -1], sub, temperature, top_p)
 

@@ -388,7 +388,7 @@ class Engine(QueuedEngine):
 
   def _first_piece_fn(self, params, tokens):
     """tokens `[1, T]` from an empty cache -> (last logits `[1, V]`, cache)."""
-    logits, cache = self.model.prefill(params, tokens, self.config.max_len)
+    logits, cache = self.model.prefill(params, tokens, self.config.max_len, last_only=True)
     return logits[:, -1], cache
 
   def _extend_fn(self, params, tokens, cache):
@@ -399,7 +399,7 @@ class Engine(QueuedEngine):
     t = tokens.shape[1]
     positions = (cache["index"] + jnp.arange(t, dtype=jnp.int32))[None]
     logits, cache = self.model.module.apply({"params": params}, tokens, positions=positions,
-                                            cache=cache, decode=True)
+                                            cache=cache, decode=True, last_logits_only=True)
     return logits[:, -1], cache
 
   # ------------------------------------------------------------------ public interface
