@@ -14,6 +14,8 @@ transformer's MLP is widened to match), at every length L:
 weights, unrolled layers) with the batch-1 projections on two rows (`layout.decode_step`);
 --layout=onerow decodes that layout through sosm_jax/serve/onerow.py instead, what the engine runs
 with one slot (prefill stays the serving layout's model in both).
+--profile_prefill=N prints and stores the N kernels with the most GPU time in one prefill
+(CUPTI through torch.profiler, benchmarks/kernel_profile.py), to see what a long prefill spends.
 A length whose prefill fails (out of memory) or takes longer than --max_seconds is marked and
 longer lengths are skipped for that model.
 
@@ -34,6 +36,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax
@@ -46,6 +49,7 @@ from sosm_jax.eval import report as report_lib
 from sosm_jax.eval.sizing import count_params, match_mlp_dim
 from sosm_jax.models.config import default_model_config
 from sosm_jax.serve import layout, onerow
+from kernel_profile import profile_kernels
 
 # The earlier baseline (background/sam2_baseline_limits.md): an 8B transformer served by Ollama,
 # seconds per request by prompt length; 32K timed out (>120 s). Its target: 64K with < 2x the
@@ -82,6 +86,8 @@ def define_flags():
                     "sosm_jax/serve/layout.py (bfloat16 matmul weights, unrolled layers, batch-1 "
                     "projections on two rows); onerow: serving, decoded through "
                     "sosm_jax/serve/onerow.py (the engine's batch-1 step).")
+  flags.DEFINE_integer("profile_prefill", 0, "GPU: print and store the N costliest kernels of "
+                       "one prefill at every length (needs torch with CUDA).")
 
 
 def model_configs(quick: bool, dtype: str):
@@ -131,7 +137,7 @@ def greedy_decode(step, params, first, cache, num_steps: int):
 
 
 def measure_length(model, params, length: int, decode_steps: int, repeats: int,
-                   step=None, step_params=None) -> dict:
+                   step=None, step_params=None, profile_prefill: int = 0) -> dict:
   """Prefill and decode timings of one model at one context length (batch 1).
 
   Prefill: `model.prefill` with params; decode: step(step_params, token, cache) (default
@@ -157,6 +163,9 @@ def measure_length(model, params, length: int, decode_steps: int, repeats: int,
   logits, cache = prefill_c(params, tokens)   # warm-up, and the cache the decode starts from
   jax.block_until_ready(cache)
   row["prefill_s"] = _median_time(lambda: prefill_c(params, tokens), repeats)
+  if profile_prefill:
+    row["prefill_profile"] = profile_kernels(lambda: prefill_c(params, tokens), 1,
+                                             profile_prefill)
   first = jnp.argmax(logits, -1).astype(jnp.int32)
   decode_c = jax.jit(decode).lower(step_params, first, cache).compile()
   jax.block_until_ready(decode_c(step_params, first, cache))
@@ -185,7 +194,8 @@ def run_model(name: str, cfg, lengths, flags_) -> dict:
     print(f"{name} @ {length} tokens", flush=True)
     try:
       row = measure_length(model, params, length, flags_["decode_steps"], flags_["repeats"],
-                           step=step, step_params=step_params)
+                           step=step, step_params=step_params,
+                           profile_prefill=flags_.get("profile_prefill", 0))
       if row["prefill_s"] > flags_["max_seconds"]:
         row["status"] = f"timeout (prefill {row['prefill_s']:.1f} s > {flags_['max_seconds']} s)"
     except Exception as e:  # pylint: disable=broad-except
@@ -295,7 +305,8 @@ def main(argv):
   for cfg in configs.values():
     cfg.attn_kv_cache_dtype = FLAGS.kv_cache_dtype
   settings = {"decode_steps": FLAGS.decode_steps, "repeats": FLAGS.repeats,
-              "max_seconds": FLAGS.max_seconds, "layout": FLAGS.layout}
+              "max_seconds": FLAGS.max_seconds, "layout": FLAGS.layout,
+              "profile_prefill": FLAGS.profile_prefill}
   for name in FLAGS.models:
     result = run_model(name, configs[name], lengths, settings)
     result = merge(os.path.join(out, f"{name}.json"), result)
