@@ -26,11 +26,21 @@ answer token is the argmax given the true prefix. The answer is the last span of
 so this is exactly "greedy generation from the prompt starts with the answer" (the greedy
 tokens are then the true ones at every step); tests/test_eval_niah.py checks it against the
 model's own greedy generation. Examples are deterministic in (seed, length, depth, task).
+
+Opt-in, RULER's own order-free metric (`niah_grid(..., generator=...)`; evaluate.py
+--niah_generate): every example's continuation is greedy-generated from its prompt (at most the
+answer's tokens + GENERATE_MARGIN, stopping after the first '.'; `EngineGenerator` runs it through
+the serving engine, whose bucketed prefill compiles a bounded set of shapes whatever the prompt
+lengths) and scored as RULER's `string_match_all`: the fraction of the answer's values that occur,
+case-insensitively, anywhere in the generated text (`ruler_match_all`). A multi-value or
+multi-query answer with every value right but in another order scores 1 there and 0 under exact
+match. The exact metric stays the primary one.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import queue
 import re
 from typing import Callable, Sequence
 
@@ -40,6 +50,7 @@ from sosm_jax.data import sources
 from sosm_jax.data import tasks as tasks_lib
 from sosm_jax.eval.recall import cell_seed, score_cells
 from sosm_jax.eval.scoring import Scorer
+from sosm_jax.serve import engine as engine_lib
 
 KINDS = ("single", "multikey", "multivalue", "multiquery")
 NEEDLES = ("number", "word")
@@ -47,6 +58,7 @@ HAYSTACKS = ("prose", "repeat", "text:<dir|glob|file>")
 MAX_TEXT_BYTES = 16 << 20   # read at most this much of a 'text:' haystack
 
 Progress = Callable[[int], None] | None
+GENERATE_MARGIN = 8   # tokens a generation may run past the answer's length
 
 # Haystack grammar: subject, action, place, time. None of these words is a key or a value word.
 _SUBJECTS = ("The old miller", "A young sailor", "The baker's daughter", "Our neighbour",
@@ -339,6 +351,106 @@ def value_scores(tokenizer, ex: NiahExample, hits: np.ndarray, pred: np.ndarray)
   return {"exact": exact, "wrong": wrong, "other_needle": other}
 
 
+def ruler_match_all(generated_text: str, answer_values: Sequence[str]) -> float:
+  """RULER's string_match_all for one example: the fraction of `answer_values` that occur in
+  `generated_text`, case-insensitively, as substrings (in any order, anywhere; a value inside
+  another value's text counts as found, as RULER counts it)."""
+  text = generated_text.lower()
+  return sum(v.lower() in text for v in answer_values) / len(answer_values)
+
+
+def text_through_stop(text: str, stop: str = ".") -> str:
+  """`text` up to and including the first `stop` (all of it when there is none): the answer a
+  generation gave before it ran on."""
+  at = text.find(stop)
+  return text if at < 0 else text[:at + len(stop)]
+
+
+def generation_budget(ex: NiahExample) -> int:
+  """Tokens a generation for `ex` may produce: its answer's and GENERATE_MARGIN more."""
+  return len(ex.example.answer) + GENERATE_MARGIN
+
+
+def engine_generate(engine, examples: Sequence[NiahExample]) -> list[str]:
+  """Greedy continuation of every example's prompt (`tokens[:prompt_length]`, BOS first) on a
+  started serving engine (`serve.engine.Engine`), at most `generation_budget` tokens and through
+  the first '.'; the texts in the order of `examples`. All requests are queued at once, so the
+  engine decodes them together in its slots. EngineError when the engine fails one."""
+  done = queue.Queue()
+  requests = []
+  for i, ex in enumerate(examples):
+    params = engine_lib.SamplingParams(max_tokens=generation_budget(ex), temperature=0.0,
+                                       stop=(".",))
+    prompt = [int(t) for t in ex.example.tokens[:ex.example.prompt_length]]
+    requests.append(engine.submit(prompt, params, lambda e, i=i: done.put((i, e))))
+  finished = {}
+  while len(finished) < len(requests):
+    i, event = done.get()
+    if event.kind == "error":
+      raise engine_lib.EngineError(f"NIAH generation failed: {event.error}") from event.error
+    if event.kind == "done":
+      finished[i] = event
+  # The token ids, not the streamed text: the engine's text leaves out the stop '.' it cut at.
+  return [text_through_stop(engine.tokenizer.decode(r.generated)) for r in requests]
+
+
+class EngineGenerator:
+  """A NIAH generator (`niah_grid(generator=...)`): greedy continuations through a serving
+  engine of its own over `model` and `params` exactly as given (no serving layout, the model's
+  KV cache dtype), so they are the model's `generate`.
+
+  max_len: the longest prompt + generation it serves (the longest NIAH length +
+  GENERATE_MARGIN); every slot holds a cache of that many tokens. Prefill runs in pieces of
+  prefill_chunk, prefill_chunk / 2, ..., 1 tokens: at most 2 (log2(prefill_chunk) + 1) compiled
+  prefill shapes whatever the prompt lengths (a model with a 'graph' layer continues a prompt
+  one token at a time after its first power-of-two piece: slow on long prompts).
+  """
+
+  def __init__(self, model, params, tokenizer, *, max_len: int, num_slots: int = 4,
+               prefill_chunk: int = 512):
+    self.config = engine_lib.EngineConfig(num_slots=num_slots, max_len=max_len,
+                                          prefill_chunk=prefill_chunk, serving_layout=False)
+    self.config.check()   # a bad setting fails now, not after the scoring
+    self.model, self.params, self.tokenizer = model, params, tokenizer
+    self.engine = None    # made on the first call: its slot caches take memory the scorer may need
+
+  def __call__(self, examples: Sequence[NiahExample]) -> list[str]:
+    longest = max((e.example.prompt_length + generation_budget(e) for e in examples), default=0)
+    if longest > self.config.max_len:
+      raise ValueError(f"NIAH generation needs max_len >= {longest} (prompt + answer + "
+                       f"{GENERATE_MARGIN}); the generator has {self.config.max_len}")
+    if self.engine is None:
+      self.engine = engine_lib.Engine(self.model, self.params, self.tokenizer, self.config,
+                                      name="niah").start()
+    return engine_generate(self.engine, examples)
+
+  def close(self) -> None:
+    if self.engine is not None:
+      self.engine.stop()
+
+
+Generator = Callable[[Sequence[NiahExample]], list[str]]
+
+
+def _generate_cells(generator: Generator, cells: Sequence[Sequence[NiahExample]]
+                    ) -> list[list[str]]:
+  """The generated texts of every cell's examples, from one generator call over all of them."""
+  flat = [ex for examples in cells for ex in examples]
+  texts = list(generator(flat))
+  if len(texts) != len(flat):
+    raise ValueError(f"the NIAH generator returned {len(texts)} texts for {len(flat)} examples")
+  starts = np.cumsum([0] + [len(examples) for examples in cells])
+  return [texts[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _ruler_summary(texts: Sequence[str], examples: Sequence[NiahExample]) -> dict:
+  """A cell's RULER fields: mean string_match_all, rate of answers with every value found, and
+  the generated texts."""
+  scores = [ruler_match_all(t, ex.answer_values) for t, ex in zip(texts, examples)]
+  return {"ruler_score": float(np.mean(scores)), "ruler_all": float(np.mean(np.equal(scores, 1))),
+          "generated": list(texts)}
+
+
 def _join(items: Sequence[str]) -> str:
   return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -381,7 +493,7 @@ def task_specs(kinds: Sequence[str] = KINDS, needles: Sequence[str] = NEEDLES, *
 
 def niah_grid(scorer: Scorer, tokenizer, specs: Sequence[NiahSpec], *, lengths: Sequence[int],
               depths: Sequence[float], num_examples: int = 2, seed: int = 2468,
-              progress: Progress = None) -> dict:
+              progress: Progress = None, generator: Generator | None = None) -> dict:
   """Exact-match accuracy of every task at every (length, depth).
 
   All cells of one length are scored in one scorer call (one compiled shape per length).
@@ -393,6 +505,12 @@ def niah_grid(scorer: Scorer, tokenizer, specs: Sequence[NiahSpec], *, lengths: 
   wrong_values_other_needle began as another needle's value (`value_scores`; the three are
   absent when the tokenizer's tokens cannot be mapped to values). `progress(n)` counts finished
   cells.
+
+  generator (opt-in, e.g. `EngineGenerator`): `generator(examples) -> generated texts`, called
+  once per length with every example of it; then every scored cell also has 'ruler_score' (mean
+  `ruler_match_all`: RULER's string_match_all), 'ruler_all' (rate of answers with every value
+  found) and 'generated' (the texts), every task 'ruler_mean' (mean of its cells' ruler_score),
+  and the result 'ruler_mean' (mean of the task means).
   """
   out = {s.name: [] for s in specs}
   for length in lengths:
@@ -413,11 +531,15 @@ def niah_grid(scorer: Scorer, tokenizer, specs: Sequence[NiahSpec], *, lengths: 
         todo.append((spec.name, cell, examples))
     if not batches:
       continue
-    for (name, cell, examples), (hits, batch, pred) in zip(todo, score_cells(scorer, batches)):
+    texts = _generate_cells(generator, [exs for _, _, exs in todo]) if generator else None
+    for c_index, ((name, cell, examples), (hits, batch, pred)) in enumerate(
+        zip(todo, score_cells(scorer, batches))):
       mask = batch["loss_mask"] > 0
       values = [value_scores(tokenizer, ex, hits[r], pred[r]) for r, ex in enumerate(examples)]
+      ruler = _ruler_summary(texts[c_index], examples) if texts is not None else {}
       out[name].append({**cell, "accuracy": float(np.all(hits | ~mask, axis=1).mean()),
-                        "token_accuracy": float(hits[mask].mean()), **_value_summary(values)})
+                        "token_accuracy": float(hits[mask].mean()), **_value_summary(values),
+                        **ruler})
       if progress:
         progress(1)
   result = {}
@@ -425,7 +547,14 @@ def niah_grid(scorer: Scorer, tokenizer, specs: Sequence[NiahSpec], *, lengths: 
     cells.sort(key=lambda c: (c["length"], c["depth"]))
     scored = [c["accuracy"] for c in cells if c["accuracy"] is not None]
     result[name] = {"cells": cells, "mean_accuracy": float(np.mean(scored)) if scored else None}
+    if generator:
+      ruler = [c["ruler_score"] for c in cells if "ruler_score" in c]
+      result[name]["ruler_mean"] = float(np.mean(ruler)) if ruler else None
   means = [r["mean_accuracy"] for r in result.values() if r["mean_accuracy"] is not None]
-  return {"tasks": result, "mean_accuracy": float(np.mean(means)) if means else None,
+  grid = {"tasks": result, "mean_accuracy": float(np.mean(means)) if means else None,
           "num_examples": num_examples, "lengths": [int(x) for x in lengths],
           "depths": [float(d) for d in depths]}
+  if generator:
+    ruler_means = [r["ruler_mean"] for r in result.values() if r["ruler_mean"] is not None]
+    grid["ruler_mean"] = float(np.mean(ruler_means)) if ruler_means else None
+  return grid
