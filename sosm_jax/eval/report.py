@@ -1,8 +1,9 @@
 """Evaluation reports: JSON, a Markdown summary with tables, and PNG plots.
 
 The report is a dict with optional sections 'perplexity' (from `loss_by_position`), 'mqar'
-(from `mqar_grid`), 'passkey' (from `passkey_grid`), 'niah' (from `niah.niah_grid`), 'memory'
-(what host memory did, from `memory.report_section`) and free-form 'meta'. `write_report`
+(from `mqar_grid`), 'passkey' (from `passkey_grid`), 'niah' (from `niah.niah_grid`; with its
+opt-in RULER fields, a table of RULER's string_match_all too), 'memory' (what host memory did,
+from `memory.report_section`) and free-form 'meta'. `write_report`
 puts `report.json`, `report.md`, `loss_by_position.png`, `passkey_heatmap.png`,
 `mqar_heatmap.png`, `niah_heatmaps.png` and `niah_by_length.png` (for the sections present) in a
 directory and returns their paths. Plots over lengths or positions mark
@@ -17,6 +18,7 @@ import os
 
 import numpy as np
 
+from sosm_jax.eval.niah import GENERATE_MARGIN
 from sosm_jax.eval.recall import grid_matrix
 
 _PLOTS = {"loss_plot": "loss_by_position.png", "passkey_heatmap": "passkey_heatmap.png",
@@ -86,15 +88,16 @@ def to_markdown(report: dict) -> str:
   return "\n".join(out)
 
 
-def niah_by_length(niah: dict) -> tuple[list[str], list[int], np.ndarray]:
-  """(task names, lengths, accuracy [tasks, lengths] averaged over depths; NaN if none scored)."""
+def niah_by_length(niah: dict, field: str = "accuracy") -> tuple[list[str], list[int], np.ndarray]:
+  """(task names, lengths, the cells' `field` [tasks, lengths] averaged over depths; NaN if none
+  scored)."""
   names = list(niah["tasks"])
   lengths = sorted({c["length"] for t in niah["tasks"].values() for c in t["cells"]})
   matrix = np.full((len(names), len(lengths)), np.nan)
   for i, name in enumerate(names):
     for j, length in enumerate(lengths):
-      accs = [c["accuracy"] for c in niah["tasks"][name]["cells"]
-              if c["length"] == length and c["accuracy"] is not None]
+      accs = [c[field] for c in niah["tasks"][name]["cells"]
+              if c["length"] == length and c.get(field) is not None]
       if accs:
         matrix[i, j] = float(np.mean(accs))
   return names, lengths, matrix
@@ -121,7 +124,24 @@ def _niah_markdown(niah: dict, trained) -> list[str]:
     by_depth.append(row)
   out += ["By depth (mean over tasks):", "",
           markdown_table(["length"] + [f"{d:.2f}" for d in niah["depths"]], by_depth), ""]
-  return out + _niah_values_markdown(niah, mark)
+  return out + _niah_values_markdown(niah, mark) + _niah_ruler_markdown(niah, mark)
+
+
+def _niah_ruler_markdown(niah: dict, mark) -> list[str]:
+  """RULER's string_match_all (greedy generation, values in any order) per task x length, when
+  the grid generated (niah_grid's generator); [] otherwise."""
+  if niah.get("ruler_mean") is None:
+    return []
+  names, lengths, matrix = niah_by_length(niah, "ruler_score")
+  return ["## NIAH, RULER's order-free metric (string_match_all)", "",
+          f"Greedy generation from each prompt (at most the answer's tokens + {GENERATE_MARGIN}, "
+          "through the first '.'), scored per example as the fraction of the answer's values "
+          "found in it (case-insensitive, any order), as RULER scores these tasks; % per task x "
+          "length, mean over depths.", "",
+          f"Mean over tasks: {fmt(niah['ruler_mean'], pct=True)}%.", "",
+          markdown_table(["task"] + [mark(n) for n in lengths],
+                         [[name] + [fmt(v, pct=True) for v in matrix[i]]
+                          for i, name in enumerate(names)]), ""]
 
 
 def _niah_values_markdown(niah: dict, mark) -> list[str]:

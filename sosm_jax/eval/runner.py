@@ -52,6 +52,7 @@ class EvalOptions:
   niah_num_needles: int = 4
   niah_digits: int = 7
   niah_haystack: str = "prose"
+  niah_generate: bool = False          # also RULER's string_match_all on greedy generations
 
   def niah_specs(self) -> list[niah.NiahSpec]:
     return niah.task_specs(self.niah_kinds, self.niah_needles, num_needles=self.niah_num_needles,
@@ -157,6 +158,27 @@ def count_units(options: EvalOptions, passkey_lengths, niah_lengths=()) -> int:
   return n
 
 
+def niah_lengths(options: EvalOptions, config: ml_collections.ConfigDict,
+                 memory_span: int = 0) -> tuple[int, ...]:
+  """The NIAH lengths run_tasks evaluates: options.niah_lengths, else the passkey lengths."""
+  trained = trained_length(config)
+  pk_lengths = tuple(options.passkey_lengths) or memory_lengths(trained, memory_span)
+  return tuple(options.niah_lengths) or pk_lengths
+
+
+def check_niah_generate(options: EvalOptions, *, memory: bool, predictor: str = "model") -> None:
+  """ValueError, naming the flags, when options.niah_generate cannot run: generation needs the
+  model itself (not a stand-in predictor) and does not read host memory."""
+  if not (options.niah_generate and "niah" in options.tasks):
+    return
+  if predictor != "model":
+    raise ValueError(f"--niah_generate generates with the model; the '{predictor}' stand-in "
+                     f"predictor cannot generate (drop --niah_generate or use --predictor=model)")
+  if memory:
+    raise ValueError("--niah_generate does not support host memory (the serving engine reads "
+                     "no memory); evaluate with --memory=off or drop --niah_generate")
+
+
 def memory_lengths(trained: int, memory_span: int) -> tuple[int, ...]:
   """Default passkey lengths with memory: those of `default_passkey_lengths` plus the memory
   span (the document length memory training read: windows x segments) and twice it."""
@@ -166,26 +188,35 @@ def memory_lengths(trained: int, memory_span: int) -> tuple[int, ...]:
 
 def run_tasks(scorer: Scorer, tokenizer, config: ml_collections.ConfigDict,
               options: EvalOptions, *, batches: Iterable[Batch] | None = None,
-              show_progress: bool | None = None, memory_span: int = 0) -> dict:
+              show_progress: bool | None = None, memory_span: int = 0,
+              generator: niah.Generator | None = None) -> dict:
   """Evaluates `scorer` on options.tasks; returns the report dict (see report.py).
 
   `batches` replaces the held-out text of the perplexity task (tests pass their own).
   memory_span: for a scorer with host memory (eval/memory.py), the tokens memory training read
   per stream (window x config.memory.segments): the default perplexity length, and with twice it
   among the default passkey lengths; 0 = no memory.
+  generator: with options.niah_generate, what generates the NIAH answers (`niah.niah_grid`'s
+  generator, e.g. `niah.EngineGenerator` sized for `niah_lengths`); required then.
   """
   options.check()
+  check_niah_generate(options, memory=bool(memory_span))
+  if options.niah_generate and "niah" in options.tasks and generator is None:
+    raise ValueError("niah_generate needs a generator (e.g. niah.EngineGenerator over the model)")
   trained = trained_length(config)
   pk_lengths = tuple(options.passkey_lengths) or memory_lengths(trained, memory_span)
-  niah_lengths = tuple(options.niah_lengths) or pk_lengths
+  nh_lengths = niah_lengths(options, config, memory_span)
   disable = (not sys.stderr.isatty()) if show_progress is None else not show_progress
-  bar = tqdm(total=count_units(options, pk_lengths, niah_lengths), unit="cell", dynamic_ncols=True,
+  bar = tqdm(total=count_units(options, pk_lengths, nh_lengths), unit="cell", dynamic_ncols=True,
              disable=disable)
   step = lambda n=1: bar.update(n)
   report = {"meta": {"trained_length": trained, "tasks": ",".join(options.tasks),
                      "scoring": "teacher-forced argmax; passkey and niah: exact match of the "
                                 "whole answer (= greedy generation starts with it)"},
             "options": dataclasses.asdict(options)}
+  if options.niah_generate and "niah" in options.tasks:
+    report["meta"]["scoring"] += ("; niah also greedy generation scored as RULER's "
+                                  "string_match_all (values found in any order)")
   if memory_span:
     report["meta"]["memory_span"] = memory_span
   try:
@@ -214,9 +245,9 @@ def run_tasks(scorer: Scorer, tokenizer, config: ml_collections.ConfigDict,
     if "niah" in options.tasks:
       bar.set_description("niah")
       report["niah"] = niah.niah_grid(
-          scorer, tokenizer, options.niah_specs(), lengths=niah_lengths,
+          scorer, tokenizer, options.niah_specs(), lengths=nh_lengths,
           depths=options.niah_depths, num_examples=options.niah_examples, seed=options.seed + 2,
-          progress=step)
+          progress=step, generator=generator if options.niah_generate else None)
   finally:
     bar.close()
   means = [report[t]["mean_accuracy"] for t in ("mqar", "passkey", "niah")
