@@ -11,6 +11,14 @@ niah_heatmaps.png, niah_by_length.png to DIR/eval/<step>/ (or --out); plots mark
 length. Scoring is teacher-forced argmax (see sosm_jax/eval/scoring.py); passkey and niah count
 an example when its whole answer is right, which is exactly greedy generation starting with it.
 
+--niah_generate (opt-in) also greedy-generates every NIAH answer (through the serving engine,
+sosm_jax/serve/engine.py: a bounded set of compiled prefill shapes) and scores it as RULER does,
+string_match_all: the fraction of the answer's values found in the generated text, in any order
+(a multi-value / multi-query answer with its values in another order counts in full). The
+report adds a table of it per task x length ('ruler_score' per cell, 'ruler_mean' per task and
+overall in report.json); exact match stays the primary metric. It needs the model itself (not
+--predictor=oracle|random) and no host memory (--memory=off for a checkpoint trained with it).
+
 A checkpoint trained with host memory (config.memory.enabled) is scored with it, window by
 window as it trained (sosm_jax/eval/memory.py); --memory=off scores it without, so two reports
 show what memory adds. The report says which (meta 'host_memory', section 'memory').
@@ -19,6 +27,8 @@ show what memory adds. The report says which (meta 'host_memory', section 'memor
       --passkey_lengths=256,512,1024,2048 --passkey_depths=0,0.5,1
   python launch/evaluate.py --workdir=DIR --tasks=niah --niah_lengths=4096,16384,65536,131072 \
       --niah_depths=0,0.1,0.25,0.5,0.75,0.9,1 --niah_examples=4
+  python launch/evaluate.py --workdir=DIR --tasks=niah --niah_kinds=multivalue,multiquery \
+      --niah_lengths=4096,16384 --niah_generate          # + RULER's string_match_all
   python launch/evaluate.py --workdir=DIR --memory=off --out=DIR/eval/no-memory
   python launch/evaluate.py --workdir=DIR --predictor=oracle   # checks the evaluator: ~100%
                                      # (niah: single and multikey only; the oracle copies)
@@ -71,6 +81,15 @@ _NIAH_DEPTHS = flags.DEFINE_list("niah_depths", ["0", "0.25", "0.5", "0.75", "1"
 _NIAH_N = flags.DEFINE_integer("niah_examples", 2, "Examples per NIAH cell.")
 _NIAH_NUM = flags.DEFINE_integer("niah_num_needles", 4, "Needles of the multi-needle tasks.")
 _NIAH_DIGITS = flags.DEFINE_integer("niah_digits", 7, "Digits of number needles.")
+_NIAH_GEN = flags.DEFINE_bool(
+    "niah_generate", False, "Also greedy-generate the NIAH answers and score them with RULER's "
+    "order-free string_match_all (needs --predictor=model, no host memory).")
+_NIAH_SLOTS = flags.DEFINE_integer("niah_generate_slots", 4, "With --niah_generate: answers "
+                                   "decoded together (each slot holds a cache of the longest "
+                                   "length).")
+_NIAH_CHUNK = flags.DEFINE_integer("niah_prefill_chunk", 512, "With --niah_generate: longest "
+                                   "prefill piece (a power of two; attention's scores of a piece "
+                                   "span the whole cache).")
 _NIAH_HAY = flags.DEFINE_string(
     "niah_haystack", "prose", "'prose': generated sentences; 'repeat': four sentences repeated; "
     "'text:<dir|glob|file>': sentences of your text files (e.g. books).")
@@ -104,7 +123,7 @@ def options_from_flags() -> runner.EvalOptions:
       niah_lengths=_ints(_NIAH_LENS.value, "niah_lengths"),
       niah_depths=_floats(_NIAH_DEPTHS.value, "niah_depths"), niah_examples=_NIAH_N.value,
       niah_num_needles=_NIAH_NUM.value, niah_digits=_NIAH_DIGITS.value,
-      niah_haystack=_NIAH_HAY.value)
+      niah_haystack=_NIAH_HAY.value, niah_generate=_NIAH_GEN.value)
 
 
 def make_scorer(kind: str, loaded, batch_size: int, memory: str):
@@ -115,6 +134,17 @@ def make_scorer(kind: str, loaded, batch_size: int, memory: str):
   if kind == "oracle":
     return scoring.scorer_from_answers(standins.induction_oracle()), False
   return scoring.scorer_from_logits(standins.random_logits(loaded.config.model.vocab_size)), False
+
+
+def make_generator(loaded, options: runner.EvalOptions):
+  """The NIAH answers' generator: a serving engine over the model, sized for the longest length."""
+  longest = max(runner.niah_lengths(options, loaded.config))
+  try:
+    return niah.EngineGenerator(loaded.model, loaded.params, loaded.tokenizer,
+                                max_len=longest + niah.GENERATE_MARGIN,
+                                num_slots=_NIAH_SLOTS.value, prefill_chunk=_NIAH_CHUNK.value)
+  except ValueError as e:   # a bad slot count or prefill chunk
+    raise app.UsageError(f"--niah_generate: {e}")
 
 
 def main(argv):
@@ -130,8 +160,15 @@ def main(argv):
     options.check()
   except ValueError as e:
     raise app.UsageError(str(e))
+  try:
+    runner.check_niah_generate(options, memory=False, predictor=_PREDICTOR.value)  # no stand-in
+  except ValueError as e:
+    raise app.UsageError(str(e))
   loaded = loading.load_for_eval(_WORKDIR.value, step=_STEP.value, config=_CONFIG.value)
   try:
+    # before any compile: generation cannot read host memory
+    runner.check_niah_generate(options, predictor=_PREDICTOR.value,
+                               memory=memory_lib.resolve_memory(loaded.config, _MEMORY.value))
     scorer, use_memory = make_scorer(_PREDICTOR.value, loaded, _BATCH.value, _MEMORY.value)
   except ValueError as e:
     raise app.UsageError(str(e))
@@ -140,7 +177,14 @@ def main(argv):
   print(f"Evaluating {loaded.workdir} checkpoint {loaded.step} ({_PREDICTOR.value}; host memory "
         f"{described}): {', '.join(options.tasks)}", flush=True)
   span = memory_lib.memory_span(loaded.config) if use_memory else 0
-  result = runner.run_tasks(scorer, loaded.tokenizer, loaded.config, options, memory_span=span)
+  generating = options.niah_generate and "niah" in options.tasks
+  generator = make_generator(loaded, options) if generating else None
+  try:
+    result = runner.run_tasks(scorer, loaded.tokenizer, loaded.config, options, memory_span=span,
+                              generator=generator)
+  finally:
+    if generator is not None:
+      generator.close()
   result["meta"].update(workdir=loaded.workdir, step=loaded.step, predictor=_PREDICTOR.value,
                         architecture=loaded.config.model.architecture, host_memory=described)
   if use_memory:
