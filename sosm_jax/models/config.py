@@ -16,7 +16,8 @@ Keys (config.model, an ml_collections ConfigDict):
                     cache positions only, a static slice (0 = the whole cache): the serving
                     engine sets it per dispatch to a bound on the filled positions
   attn_decode_impl  decoding's attention over the cache: '' auto (a Pallas kernel that reads
-                    the cache in place on a GPU, for one-token steps; the XLA form otherwise)
+                    the cache in place on a GPU, for one-token steps and for prefill pieces that
+                    continue a cache; the XLA form elsewhere)
                     | 'xla' | 'pallas' | 'pallas_interpret' (ops/decode_attention.py)
   hgrn2_head_dim    HGRN-2 key (state-expansion) dim per head; heads = d_model // hgrn2_head_dim
   gdn_num_heads, gdn_head_dim (key = value dim), conv_width (Gated DeltaNet short conv)

@@ -387,10 +387,9 @@ def update_kv_cache(cache: dict, k: jax.Array, v: jax.Array) -> dict:
 def decode_implementation(implementation: str, q_shape, cache: dict, read_len: int) -> str:
   """'xla' | 'pallas' | 'pallas_interpret': how `cached_attention` computes this call.
 
-  '' (auto) is 'pallas' on a GPU for one-token steps and 'xla' otherwise: prefill pieces that
-  continue a cache (Tq > 1) take the kernel only when asked for by name, since that path is not
-  measured on a GPU yet. A call the kernels do not take (`decode_attention.supports`, e.g. a
-  cache shorter than one block) uses 'xla' under any choice.
+  '' (auto) is 'pallas' on a GPU (one-token steps and prefill pieces that continue a cache) and
+  'xla' elsewhere. A call the kernels do not take (`decode_attention.supports`, e.g. a cache
+  shorter than one block) uses 'xla' under any choice.
   """
   if implementation not in DECODE_IMPLEMENTATIONS:
     raise ValueError(f"cached_attention: unknown implementation {implementation!r}; choose one "
@@ -405,7 +404,7 @@ def decode_implementation(implementation: str, q_shape, cache: dict, read_len: i
   if not decode_attention.supports(tq, h // kv_heads, read_len or max_len):
     return "xla"
   if implementation == "":
-    return "pallas" if on_gpu and tq == 1 else "xla"
+    return "pallas" if on_gpu else "xla"
   return implementation
 
 
