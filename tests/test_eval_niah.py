@@ -273,7 +273,7 @@ def test_value_spans_follow_the_tokenizers_pieces():
   assert niah.value_token_spans(Pairs(), bad) is None
 
 
-def _tiny_config():
+def tiny_config():
   from sosm_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
   c = config_lib.base_config()
   c.model.update(architecture="transformer", pattern=("attn",), num_layers=1, d_model=32,
@@ -283,14 +283,14 @@ def _tiny_config():
   return c
 
 
-def _tiny_model():
-  model = models.build_model(_tiny_config().model)
+def tiny_model():
+  model = models.build_model(tiny_config().model)
   return model, random_model_params(model)
 
 
 def test_tiny_model_exact_match_is_greedy_generation():
   """The scorer's exact match on a real model equals 'greedy generation gives the answer'."""
-  model, params = _tiny_model()
+  model, params = tiny_model()
   scorer = scoring.model_scorer(model, params, batch_size=4)
   spec = niah.NiahSpec("single", "number", digits=4)
   batch = niah.niah_eval_batch(TOK, spec, seq_len=256, num_examples=4, seed=1, depth=0.5)
@@ -318,8 +318,8 @@ def test_tiny_model_exact_match_is_greedy_generation():
 def test_evaluate_cli_runs_niah_on_a_checkpoint(tmp_path):
   from sosm_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from sosm_jax.train.state import TrainState  # pylint: disable=import-outside-toplevel
-  _, params = _tiny_model()
-  config = _tiny_config()
+  _, params = tiny_model()
+  config = tiny_config()
   zero = np.zeros((), np.int32)
   state = TrainState(step=np.int32(3), params=params, opt_state={"mu": params},
                      nonfinite_streak=zero, nonfinite_total=zero)

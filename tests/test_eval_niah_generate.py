@@ -12,10 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from helpers import random_model_params
-from sosm_jax import models
 from sosm_jax.data.tokenizers import ByteTokenizer
 from sosm_jax.eval import niah, report, runner, scoring
+from test_eval_niah import tiny_config, tiny_model
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -24,8 +23,10 @@ TOK = ByteTokenizer()
 
 
 def ruler_string_match_all(pred: str, ref: list[str]) -> float:
-  """RULER's own line (scripts/eval/synthetic/constants.py), for one example."""
-  return sum([1.0 if r.lower() in pred.lower() else 0.0 for r in ref]) / len(ref)
+  """RULER's string_match_all as its evaluation defines it, for one example: the share of the
+  references that occur in the prediction, ignoring case."""
+  found = [r.lower() in pred.lower() for r in ref]
+  return float(np.mean(found))
 
 
 def test_ruler_match_all_counts_values_found_in_any_order_case_insensitively():
@@ -44,25 +45,10 @@ def test_ruler_match_all_counts_values_found_in_any_order_case_insensitively():
   assert niah.text_through_stop("1234, 56") == "1234, 56"
 
 
-def _tiny_config():
-  from sosm_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
-  c = config_lib.base_config()
-  c.model.update(architecture="transformer", pattern=("attn",), num_layers=1, d_model=32,
-                 mlp_dim=32, attn_num_heads=2, attn_num_kv_heads=1, attn_head_dim=16,
-                 vocab_size=260, dtype="float32", chunk_size=16)
-  c.curriculum.update(seq_lens=(256,), steps=(1,), tokens_per_step=512)
-  return c
-
-
-def _tiny_model():
-  model = models.build_model(_tiny_config().model)
-  return model, random_model_params(model)
-
-
 @pytest.fixture(scope="module")
 def tiny():
   """(model, params, a generator over them), the engine stopped afterwards."""
-  model, params = _tiny_model()
+  model, params = tiny_model()
   generator = niah.EngineGenerator(model, params, TOK, max_len=448 + niah.GENERATE_MARGIN,
                                    num_slots=2, prefill_chunk=64)
   yield model, params, generator
@@ -169,8 +155,8 @@ def test_evaluate_cli_refuses_generation_with_host_memory_before_compiling(tmp_p
   """A checkpoint trained with host memory: --niah_generate names --memory=off; nothing runs."""
   from sosm_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from sosm_jax.train.state import TrainState  # pylint: disable=import-outside-toplevel
-  _, params = _tiny_model()
-  config = _tiny_config()
+  _, params = tiny_model()
+  config = tiny_config()
   config.memory.enabled = True
   zero = np.zeros((), np.int32)
   state = TrainState(step=np.int32(3), params=params, opt_state={"mu": params},
