@@ -315,19 +315,23 @@ def test_tiny_model_exact_match_is_greedy_generation():
   assert len(cells) == 4 and all(c["accuracy"] in (0.0, 0.5, 1.0) for c in cells)
 
 
-def test_evaluate_cli_runs_niah_on_a_checkpoint(tmp_path):
+def save_tiny_checkpoint(workdir: str, config) -> None:
+  """The tiny model's random parameters as step 3 of a run in workdir, with `config`."""
   from sosm_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from sosm_jax.train.state import TrainState  # pylint: disable=import-outside-toplevel
   _, params = tiny_model()
-  config = tiny_config()
   zero = np.zeros((), np.int32)
   state = TrainState(step=np.int32(3), params=params, opt_state={"mu": params},
                      nonfinite_streak=zero, nonfinite_total=zero)
-  workdir = str(tmp_path / "run")
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   ckpt.save(3, state, {"config": config.to_dict(), "data_state": None, "stage": 0,
                        "tokenizer": TOK.identity()}, wait=True)
   ckpt.close()
+
+
+def test_evaluate_cli_runs_niah_on_a_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  save_tiny_checkpoint(workdir, tiny_config())
   out = str(tmp_path / "report")
   cmd = [sys.executable, os.path.join(ROOT, "launch", "evaluate.py"), f"--workdir={workdir}",
          f"--out={out}", "--tasks=niah", "--batch_size=4", "--niah_lengths=256,512",

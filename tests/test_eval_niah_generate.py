@@ -14,7 +14,7 @@ import pytest
 
 from sosm_jax.data.tokenizers import ByteTokenizer
 from sosm_jax.eval import niah, report, runner, scoring
-from test_eval_niah import tiny_config, tiny_model
+from test_eval_niah import save_tiny_checkpoint, tiny_config, tiny_model
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -153,19 +153,10 @@ def test_generation_is_refused_with_host_memory_a_stand_in_or_no_generator():
 
 def test_evaluate_cli_refuses_generation_with_host_memory_before_compiling(tmp_path):
   """A checkpoint trained with host memory: --niah_generate names --memory=off; nothing runs."""
-  from sosm_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from sosm_jax.train.state import TrainState  # pylint: disable=import-outside-toplevel
-  _, params = tiny_model()
   config = tiny_config()
   config.memory.enabled = True
-  zero = np.zeros((), np.int32)
-  state = TrainState(step=np.int32(3), params=params, opt_state={"mu": params},
-                     nonfinite_streak=zero, nonfinite_total=zero)
   workdir = str(tmp_path / "run")
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  ckpt.save(3, state, {"config": config.to_dict(), "data_state": None, "stage": 0,
-                       "tokenizer": TOK.identity()}, wait=True)
-  ckpt.close()
+  save_tiny_checkpoint(workdir, config)
   out = str(tmp_path / "report")
   cmd = [sys.executable, os.path.join(ROOT, "launch", "evaluate.py"), f"--workdir={workdir}",
          f"--out={out}", "--tasks=niah", "--niah_lengths=512", "--niah_generate"]
