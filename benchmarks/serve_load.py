@@ -8,6 +8,8 @@ Transports:
 Every request has a prompt of --prompt_tokens tokens (BOS included; random printable bytes for
 the byte tokenizer) and generates exactly --max_tokens tokens (ignore_eos). Reported: requests/s,
 generated tokens/s, time to first token and request latency (p50, p99), mean batch occupancy.
+Time to first token is the engine's first token event (engine transport; one per sampled token)
+or the first streamed chunk with text (HTTP transport: the server streams text only).
 The run is bounded by --requests and by --timeout_s.
 
   python benchmarks/serve_load.py --model=tiny --requests=32 --concurrency=8          # CPU, HTTP

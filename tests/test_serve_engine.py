@@ -115,13 +115,18 @@ def test_text_stream_holds_back_partial_characters_and_cuts_at_stop():
 
 
 def until_done(events: queue.Queue):
-  """(streamed text, the 'done' event) of one request's engine events; fails on an error."""
-  text = ""
+  """(streamed text, the 'done' event) of one request's engine events; fails on an error, or
+  when the 'token' events are not one per generated token (1, 2, ... completion_tokens)."""
+  text, counts = "", []
   while True:
     e = events.get(timeout=300)
     assert e.kind != "error", e.error
     text += e.text
+    if e.kind == "token":
+      counts.append(e.completion_tokens)
     if e.kind == "done":
+      assert counts == list(range(1, len(counts) + 1)), counts
+      assert e.completion_tokens == len(counts), (e, counts)
       return text, e
 
 

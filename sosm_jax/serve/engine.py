@@ -125,7 +125,8 @@ class EngineConfig:
 class Event:
   """What the engine tells a request's consumer. kind: 'token' | 'done' | 'error'."""
   kind: str
-  text: str = ""                      # new text ('token'; 'done' may carry the flushed tail)
+  text: str = ""                      # new text ('token', one per sampled token: '' while the
+                                      # stream holds back bytes; 'done' may carry the flushed tail)
   finish_reason: str | None = None    # 'stop' | 'length' | 'cancelled' ('done')
   prompt_tokens: int = 0
   completion_tokens: int = 0
@@ -592,9 +593,10 @@ class Engine(QueuedEngine):
       return
     r.generated.append(token)
     text, stopped = r.text.push(token)
-    if text:
-      r.on_event(Event("token", text=text, prompt_tokens=len(r.prompt_ids),
-                       completion_tokens=len(r.generated)))
+    # one event per token, also while the text stream holds back an incomplete character (text
+    # ''): time to first token is the first event, whatever the tokenizer makes of it
+    r.on_event(Event("token", text=text, prompt_tokens=len(r.prompt_ids),
+                     completion_tokens=len(r.generated)))
     if stopped:
       self._finish(slot, "stop")
     elif (len(r.generated) >= r.params.max_tokens

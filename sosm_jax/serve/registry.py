@@ -207,14 +207,14 @@ class Completion:
       self.prompt_tokens = event.prompt_tokens
     self.completion_tokens = self._tokens_at_move + event.completion_tokens
     metrics = self.registry.metrics
-    if event.text:
+    if event.kind == "token":   # one per sampled token (its text may be '')
       if metrics is not None:
         if self._last_piece is None:
           metrics.ttft.labels(self.model).observe(now - self.start)
         else:
           metrics.token_latency.labels(self.model).observe(now - self._last_piece)
       self._last_piece = now
-      self.text += event.text
+    self.text += event.text
     if event.kind == "done" and metrics is not None:
       metrics.tokens_in.labels(self.model).inc(self.prompt_tokens)
       metrics.tokens_out.labels(self.model).inc(self.completion_tokens)
