@@ -71,15 +71,15 @@ class MemoryGenerator:
       yield token
 
   def events(self, prompt: str | list[int], params: SamplingParams) -> Iterator[Event]:
-    """'token' events with new text as it is generated, then one 'done' (as the engine's)."""
+    """A 'token' event per generated token (its new text, '' while held back), then one 'done'
+    (as the engine's)."""
     ids = self.encode(prompt)
     text = TextStream(self.tokenizer, params.stop)
     count, reason = 0, "length"
     for token in self.tokens(ids, params):
       count += 1
       piece, stopped = text.push(token)
-      if piece:
-        yield Event("token", text=piece, prompt_tokens=len(ids), completion_tokens=count)
+      yield Event("token", text=piece, prompt_tokens=len(ids), completion_tokens=count)
       if stopped:
         reason = "stop"
         break
