@@ -503,12 +503,19 @@ def test_piece_in_a_child_equals_the_piece_in_process(tmp_path):
   env = dict(os.environ, XLA_FLAGS=" ".join(
       f for f in os.environ.get("XLA_FLAGS", "").split()
       if not f.startswith("--xla_force_host_platform_device_count")))
+  # both runs at once (wall time about the longer one's, not the sum): they write apart
+  procs = {name: subprocess.Popen(common + [f"--out={tmp_path / name}"] + extra, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+           for name, extra in runs.items()}
   logs = {}
-  for name, extra in runs.items():
-    proc = subprocess.run(common + [f"--out={tmp_path / name}"] + extra, capture_output=True,
-                          text=True, timeout=600, check=False, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    logs[name] = proc.stdout
+  try:
+    for name, proc in procs.items():
+      out, err = proc.communicate(timeout=600)
+      assert proc.returncode == 0, out[-3000:] + err[-3000:]
+      logs[name] = out
+  finally:
+    for proc in procs.values():
+      proc.kill()
   assert "this call: 2 pieces run, 0 deferred (time budget), 0 failed" in logs["children"]
   assert logs["children"].count("[piece ") == 2
   piece = os.path.join("transformer", "seed1", "lr0.003")
