@@ -149,7 +149,10 @@ def test_onnx_forward_and_decode_match_jax_in_onnxruntime(trained, tmp_path):
 
 
 def _cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  # one CPU device, compiled as the test session compiles (tests/conftest.py's XLA flags)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
+      f for f in os.environ.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count")))
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "export.py"), *args],
                         env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
