@@ -140,7 +140,8 @@ def two_process_run(tmp_path_factory):
   os.makedirs(out_dir)
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2 "   # else as tests/conftest.py's
+                       "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false",
              JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # compile fast: nothing here is timed
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), out_dir,
                              *_train_flags(workdir, port, i)],
