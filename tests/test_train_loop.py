@@ -145,8 +145,8 @@ def test_sigterm_leaves_a_checkpoint_that_restores(tmp_path):
          f"--workdir={workdir}", "--config.curriculum.steps=(100000,)",
          "--config.curriculum.seq_lens=(32,)", "--config.train.log_every=1",
          *(f"--config.{k}={v}" for k, v in helpers.TINY_RUN.items() if k.startswith("model."))]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+             XLA_FLAGS="--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 240
